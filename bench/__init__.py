@@ -1,0 +1,1 @@
+"""stream-bench: benchmarks and studies on top of the public engine API."""

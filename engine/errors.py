@@ -1,0 +1,21 @@
+"""Errors the engine raises; package errors are re-exported so callers need one import."""
+
+from __future__ import annotations
+
+from cache import BudgetError
+from engine.tokenizer import ChatTemplateError
+from loaders import FormatError, MissingTensorError, ReadError
+
+
+class EngineError(RuntimeError):
+    """A generation failed (a read error mid-stream, a context overflow...)."""
+
+
+class ContextLengthError(ValueError):
+    """The prompt plus max_tokens do not fit the model's context."""
+
+
+__all__ = [
+    "BudgetError", "ChatTemplateError", "ContextLengthError", "EngineError", "FormatError",
+    "MissingTensorError", "ReadError",
+]

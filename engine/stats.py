@@ -1,0 +1,56 @@
+"""Per-generation statistics the CLI prints, the API returns and the benchmarks record."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import asdict, dataclass
+
+import psutil
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (ru_maxrss; psutil has no peak on Linux)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def rss_bytes() -> int:
+    return psutil.Process().memory_info().rss
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prompt_s: float = 0.0
+    generation_tokens: int = 0
+    generation_s: float = 0.0
+    ttft_s: float = 0.0
+    bytes_read: int = 0
+    units_read: int = 0
+    io_stall_s: float = 0.0
+    read_s: float = 0.0
+    compute_s: float = 0.0
+    unit_hits: int = 0
+    unit_misses: int = 0
+    peak_rss_bytes: int = 0
+    prefetch_depth: int = 0
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_s if self.prompt_s > 0 else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        return self.generation_tokens / self.generation_s if self.generation_s > 0 else 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.unit_hits + self.unit_misses
+        return self.unit_hits / total if total else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(prompt_tps=self.prompt_tps, generation_tps=self.generation_tps,
+                 hit_rate=self.hit_rate)
+        return d

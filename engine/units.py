@@ -1,0 +1,34 @@
+"""The UnitLoader the scheduler uses: loaders' reads + the backend's host->compute conversion."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kernels.backend import Backend
+from kernels.sizes import prepared_nbytes
+from loaders import HostTensor, LayerIndex, UnitReader
+
+
+class BackendUnitLoader:
+    def __init__(self, index: LayerIndex, reader: UnitReader, backend: Backend) -> None:
+        self.index = index
+        self.reader = reader
+        self.backend = backend
+        self.prepare_off_compute_thread = backend.prepare_off_compute_thread
+        self._sizes = {
+            key: sum(prepared_nbytes(t.dtype, t.shape) for t in unit.tensors.values())
+            for key, unit in index.units.items()
+        }
+
+    def read(self, key: str) -> dict[str, HostTensor]:
+        return self.reader.read(key)
+
+    def prepare(self, key: str, raw: dict[str, HostTensor]) -> tuple[Any, int]:
+        value = self.backend.prepare(raw, self.index.units[key].quantization)
+        return value, self._sizes[key]
+
+    def raw_nbytes(self, key: str) -> int:
+        return self.index.units[key].nbytes
+
+    def prepared_nbytes(self, key: str) -> int:
+        return self._sizes[key]

@@ -1,0 +1,104 @@
+"""The small ops interface both compute backends implement.
+
+The model code (engine/models) is written once against these ops. Arrays are the backend's
+native type (numpy.ndarray or mlx.core.array); the engine converts only token ids in and
+logits out. Shapes: B batch, L sequence, H heads, D head dim, E hidden size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class RawTensor(Protocol):
+    """What prepare() reads: any object with these attributes (loaders.HostTensor is one)."""
+
+    dtype: str  # "F32" | "F16" | "BF16" | "U32" | "I8" | "Q4_0" | "Q4_1" | "Q8_0"
+    shape: tuple[int, ...]  # logical shape; (out, in) for linears
+    data: np.ndarray  # uint8 raw bytes
+
+
+class KVCache(Protocol):
+    """Per-sequence attention state for all layers, preallocated, written in place."""
+
+    offset: int  # tokens already stored (same for every layer once a step completes)
+
+    def update(self, layer_idx: int, k: Any, v: Any) -> tuple[Any, Any]:
+        """Store k, v (B, Hkv, L, D) at [offset, offset+L) and return all keys/values so far.
+
+        Called once per layer per step, in layer order; `advance(L)` follows after the last
+        layer.
+        """
+        ...
+
+    def advance(self, n: int) -> None: ...
+
+    def trim(self, n: int) -> None:
+        """Drop the last n tokens (used to roll back a cancelled step)."""
+        ...
+
+
+class Backend(Protocol):
+    name: str
+    # True when prepare() may run on an I/O thread (numpy); False when it must run on the
+    # compute thread (MLX arrays are bound to the thread that made them).
+    prepare_off_compute_thread: bool
+
+    def prepare(
+        self, tensors: Mapping[str, RawTensor], quantization: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        """Turn one unit's raw tensors into compute form (dense arrays, QuantizedWeight).
+
+        MLX-quantized triples "x.weight"(U32) + "x.scales" + "x.biases" become one entry
+        "x.weight"; GGUF blocks become the same affine packed form. `quantization` is the
+        model's {"bits", "group_size"} for U32 weights (None for unquantized models).
+        """
+        ...
+
+    def nbytes(self, prepared: Mapping[str, Any]) -> int: ...
+
+    def from_numpy(self, a: np.ndarray) -> Any: ...
+    def to_numpy(self, x: Any) -> np.ndarray: ...
+
+    def embed(self, table: Any, ids: np.ndarray) -> Any:
+        """Rows of table (dense or quantized) for int ids (B, L) -> (B, L, E) float32."""
+        ...
+
+    def linear(self, x: Any, w: Any, bias: Any | None = None) -> Any:
+        """x (..., in) @ w.T (w (out, in), dense or quantized) + bias -> (..., out)."""
+        ...
+
+    def rms_norm(self, x: Any, weight: Any, eps: float) -> Any: ...
+
+    def rope(self, x: Any, offset: int, inv_freq: np.ndarray) -> Any:
+        """Rotate-half (NeoX/HF) RoPE on x (B, H, L, D) for positions offset..offset+L-1.
+
+        inv_freq (D/2,) float32 already includes any rope scaling.
+        """
+        ...
+
+    def attention(self, q: Any, k: Any, v: Any, scale: float, offset: int) -> Any:
+        """Causal attention. q (B, Hq, L, D); k, v (B, Hkv, T, D) with T = offset + L.
+
+        GQA: Hq is a multiple of Hkv. Query i attends to keys 0..offset+i. -> (B, Hq, L, D).
+        """
+        ...
+
+    def silu_mul(self, gate: Any, up: Any) -> Any: ...
+
+    def add(self, a: Any, b: Any) -> Any: ...
+
+    def reshape(self, x: Any, shape: tuple[int, ...]) -> Any: ...
+
+    def transpose(self, x: Any, axes: tuple[int, ...]) -> Any: ...
+
+    def make_kv_cache(
+        self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int
+    ) -> KVCache: ...
+
+    def synchronize(self, x: Any) -> None:
+        """Force evaluation of x (MLX is lazy); a no-op for numpy."""
+        ...

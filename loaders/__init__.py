@@ -1,0 +1,54 @@
+"""Model files: configs into a ModelSpec, the LayerIndex of byte ranges, tokenizers, reads."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from loaders.errors import FormatError, MissingTensorError, ReadError
+from loaders.index import EMBED, HEAD, HostTensor, LayerIndex, TensorRef, Unit, layer_key
+from loaders.reader import READ_MODES, LoaderConfig, UnitReader
+from loaders.spec import SUPPORTED_MODEL_TYPES, ModelSpec
+from loaders.tokenizer import TokenizerData
+
+__all__ = [
+    "EMBED", "HEAD", "READ_MODES", "SUPPORTED_MODEL_TYPES", "FormatError", "HostTensor",
+    "LayerIndex", "LoaderConfig", "MissingTensorError", "ModelSource", "ModelSpec", "ReadError",
+    "TensorRef", "TokenizerData", "Unit", "UnitReader", "layer_key", "open_model",
+]
+
+
+@dataclass
+class ModelSource:
+    path: str
+    index: LayerIndex
+    tokenizer: TokenizerData
+
+
+def open_model(path: str) -> ModelSource:
+    """Open a model directory or .gguf file: spec, unit index and tokenizer; no tensor data.
+
+    Raises:
+        FormatError / MissingTensorError: with the path and what is wrong.
+    """
+    from loaders.gguf_file import open_gguf
+    from loaders.hf import open_hf_dir
+    from loaders.tokenizer import load_tokenizer_dir, tokenizer_from_gguf
+
+    if not os.path.exists(path):
+        raise FormatError(f"{path}: no such file or directory")
+    if os.path.isdir(path):
+        if not os.access(path, os.R_OK | os.X_OK):
+            raise FormatError(f"{path}: directory is not readable")
+        ggufs = sorted(n for n in os.listdir(path) if n.endswith(".gguf"))
+        if not os.path.exists(os.path.join(path, "config.json")) and len(ggufs) == 1:
+            path = os.path.join(path, ggufs[0])
+        else:
+            index = open_hf_dir(path)
+            return ModelSource(path, index, load_tokenizer_dir(path))
+    if not os.access(path, os.R_OK):
+        raise FormatError(f"{path}: file is not readable")
+    if not path.endswith(".gguf"):
+        raise FormatError(f"{path}: expected a model directory or a .gguf file")
+    index, metadata = open_gguf(path)
+    return ModelSource(path, index, tokenizer_from_gguf(metadata, path))

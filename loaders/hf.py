@@ -1,0 +1,121 @@
+"""HF model directories (safetensors, single or sharded; MLX-quantized) -> LayerIndex."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from loaders.errors import FormatError
+from loaders.index import EMBED, HEAD, LayerIndex, TensorRef, Unit, layer_key
+from loaders.safetensors_file import read_safetensors_header
+from loaders.schema import check_index
+from loaders.spec import ModelSpec
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.rotary_emb\.)")
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FormatError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise FormatError(f"{path}: expected a JSON object")
+    return data
+
+
+def weight_files(model_dir: str) -> list[str]:
+    """The safetensors files of a model dir: the sharded index's files, or all *.safetensors."""
+    index_path = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index_path):
+        weight_map = read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise FormatError(f"{index_path}: missing or empty 'weight_map'")
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not os.path.exists(os.path.join(model_dir, name)):
+                raise FormatError(
+                    f"{os.path.join(model_dir, name)}: shard listed in "
+                    "model.safetensors.index.json is missing"
+                )
+        return [os.path.join(model_dir, n) for n in files]
+    files = sorted(n for n in os.listdir(model_dir) if n.endswith(".safetensors"))
+    if not files:
+        raise FormatError(
+            f"{model_dir}: no weights found (expected model.safetensors, sharded "
+            "model-*.safetensors with model.safetensors.index.json, or a .gguf file)"
+        )
+    return [os.path.join(model_dir, n) for n in files]
+
+
+def unit_of(name: str) -> tuple[str, str] | None:
+    """Map a full HF tensor name to (unit key, name inside the unit); None if ignored."""
+    if _IGNORED.search(name):
+        return None
+    m = _LAYER.match(name)
+    if m:
+        return layer_key(int(m.group(1))), m.group(2)
+    if name.startswith("model.embed_tokens."):
+        return EMBED, name.removeprefix("model.")
+    if name.startswith("model.norm."):
+        return HEAD, name.removeprefix("model.")
+    if name.startswith("lm_head."):
+        return HEAD, name
+    raise FormatError(f"unexpected tensor name {name!r}")
+
+
+def open_hf_dir(model_dir: str) -> LayerIndex:
+    """Index an HF (or MLX-quantized) model directory without reading tensor data.
+
+    Raises:
+        FormatError: missing config, no weights, bad header, unknown tensor, wrong shape.
+        MissingTensorError: a tensor the architecture needs is absent.
+    """
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.exists(config_path):
+        raise FormatError(f"{model_dir}: no config.json (not an HF model directory)")
+    cfg = read_json(config_path)
+    spec = ModelSpec.from_dict(cfg, source=config_path)
+    units: dict[str, Unit] = {EMBED: Unit(EMBED)}
+    units.update({k: Unit(k) for k in (layer_key(i) for i in range(spec.num_hidden_layers))})
+    units[HEAD] = Unit(HEAD)
+    for path in weight_files(model_dir):
+        for name, e in read_safetensors_header(path).items():
+            try:
+                where = unit_of(name)
+            except FormatError as exc:
+                raise FormatError(f"{path}: {exc}") from None
+            if where is None:
+                continue
+            key, rel = where
+            if key not in units:
+                raise FormatError(
+                    f"{path}: tensor {name!r} is for a layer beyond num_hidden_layers="
+                    f"{spec.num_hidden_layers} in config.json"
+                )
+            if key == HEAD and rel.startswith("lm_head.") and spec.tie_word_embeddings:
+                continue  # some tied checkpoints still carry a copy of the embedding
+            units[key].tensors[rel] = TensorRef(rel, path, e.offset, e.nbytes, e.dtype, e.shape)
+    if spec.quantization:
+        for unit in units.values():
+            unit.quantization = _unit_quantization(spec.quantization, unit.key)
+    index = LayerIndex(spec=spec, units=units, source=model_dir)
+    check_index(index)
+    return index
+
+
+def _unit_quantization(quant: dict, key: str) -> dict:
+    """Global bits/group_size plus mlx-lm per-module overrides, re-keyed relative to a unit."""
+    out = {"bits": quant.get("bits", 4), "group_size": quant.get("group_size", 64)}
+    prefix = "model." + (key + "." if key.startswith("layers.") else "")
+    for name, val in quant.items():
+        if isinstance(val, dict) and name.startswith(prefix):
+            out[name.removeprefix(prefix)] = val
+        elif isinstance(val, dict) and key == HEAD and name == "lm_head":
+            out[name] = val
+    return out

@@ -1,0 +1,160 @@
+"""Reading a unit's bytes from disk: large preads into one host buffer, or mmap views."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from loaders.errors import ReadError
+from loaders.index import HostTensor, LayerIndex, TensorRef
+
+READ_MODES = ("pread", "mmap")
+_CHUNK_BYTES = 64 * 1024 * 1024  # one pread at most; keeps each syscall interruptible
+_HAS_PREADV = hasattr(os, "preadv")
+
+# A test hook called before every read: (path, offset, nbytes). It may raise OSError.
+FaultHook = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    read_mode: str = "pread"
+
+    def __post_init__(self) -> None:
+        if self.read_mode not in READ_MODES:
+            raise ValueError(f"read_mode must be one of {READ_MODES}, got {self.read_mode!r}")
+
+
+@dataclass
+class _Span:
+    path: str
+    start: int
+    end: int
+    refs: list[TensorRef]
+
+
+class UnitReader:
+    """Reads units of a LayerIndex. Thread-safe: read() runs on the I/O pool."""
+
+    def __init__(self, index: LayerIndex, config: LoaderConfig | None = None) -> None:
+        self.index = index
+        self.config = config or LoaderConfig()
+        self.fault_hook: FaultHook | None = None
+        self._fds: dict[str, int] = {}
+        self._maps: dict[str, mmap.mmap] = {}
+        self._lock = threading.Lock()
+
+    def read(self, key: str) -> dict[str, HostTensor]:
+        """Read all tensors of unit `key` (blocking).
+
+        Raises:
+            ReadError: the file is gone, truncated or the read failed; names file and unit.
+        """
+        unit = self.index.units[key]
+        if self.config.read_mode == "mmap":
+            return {n: self._host(r, self._map(r.path, key)[r.offset:r.offset + r.nbytes])
+                    for n, r in unit.tensors.items()}
+        spans = _coalesce(list(unit.tensors.values()))
+        buf = np.empty(sum(s.end - s.start for s in spans), dtype=np.uint8)
+        out: dict[str, HostTensor] = {}
+        pos = 0
+        for span in spans:
+            size = span.end - span.start
+            self._pread_into(span.path, span.start, buf[pos:pos + size], key)
+            for r in span.refs:
+                lo = pos + r.offset - span.start
+                out[r.name] = self._host(r, buf[lo:lo + r.nbytes])
+            pos += size
+        return out
+
+    def _host(self, ref: TensorRef, data: np.ndarray) -> HostTensor:
+        if ref.unpermute_heads:
+            from loaders.gguf_file import unpermute_rows
+
+            rows = ref.shape[0]
+            data = unpermute_rows(data.reshape(rows, -1), ref.unpermute_heads).reshape(-1)
+        return HostTensor(ref.dtype, ref.shape, data)
+
+    def _fd(self, path: str, key: str) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as exc:
+                    raise ReadError(f"{path}: cannot open for unit {key!r}: {exc.strerror}") from None
+                self._fds[path] = fd
+            return fd
+
+    def _map(self, path: str, key: str) -> np.ndarray:
+        with self._lock:
+            m = self._maps.get(path)
+            if m is None:
+                try:
+                    with open(path, "rb") as f:
+                        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                except OSError as exc:
+                    raise ReadError(f"{path}: cannot map for unit {key!r}: {exc}") from None
+                self._maps[path] = m
+        return np.frombuffer(m, dtype=np.uint8)
+
+    def _pread_into(self, path: str, offset: int, dest: np.ndarray, key: str) -> None:
+        fd = self._fd(path, key)
+        view = memoryview(dest)
+        done = 0
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook(path, offset, len(view))
+            while done < len(view):
+                chunk = view[done:done + _CHUNK_BYTES]
+                if _HAS_PREADV:
+                    n = os.preadv(fd, [chunk], offset + done)
+                else:  # pragma: no cover - platforms without preadv
+                    data = os.pread(fd, len(chunk), offset + done)
+                    chunk[: len(data)] = data
+                    n = len(data)
+                if n == 0:
+                    raise ReadError(
+                        f"{path}: unexpected end of file at byte {offset + done} while reading "
+                        f"unit {key!r} (the file was truncated or replaced)"
+                    )
+                done += n
+        except ReadError:
+            raise
+        except OSError as exc:
+            raise ReadError(
+                f"{path}: read of unit {key!r} failed at byte {offset + done}: "
+                f"{exc.strerror or exc}"
+            ) from None
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+            for m in self._maps.values():
+                try:
+                    m.close()
+                except BufferError:  # a view is still alive; the GC will unmap it
+                    pass
+            self._maps.clear()
+
+
+def _coalesce(refs: list[TensorRef], max_waste: float = 0.1) -> list[_Span]:
+    """Merge a unit's tensors into few large contiguous reads, per file."""
+    spans: list[_Span] = []
+    for r in sorted(refs, key=lambda r: (r.path, r.offset)):
+        last = spans[-1] if spans else None
+        if last and last.path == r.path:
+            gap = r.offset - last.end
+            if 0 <= gap <= max_waste * (last.end - last.start + r.nbytes):
+                last.end = max(last.end, r.offset + r.nbytes)
+                last.refs.append(r)
+                continue
+        spans.append(_Span(r.path, r.offset, r.offset + r.nbytes, [r]))
+    return spans

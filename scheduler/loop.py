@@ -1,0 +1,230 @@
+"""The asyncio layer loop: acquire each step's units, prefetch the next ones, run compute.
+
+A forward pass is a list of Steps (embed, each block, head). For step i the scheduler awaits
+its units in the compute tier, runs the step on the single compute thread, and meanwhile keeps
+reads for the units of steps i+1..i+depth in flight on the I/O pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cache import BudgetError, WeightCache
+
+
+class UnitLoader(Protocol):
+    """What the scheduler needs to bring a unit into the compute tier (engine provides it)."""
+
+    prepare_off_compute_thread: bool
+
+    def read(self, key: str) -> Any:
+        """Read the unit's raw bytes from disk. Called on an I/O thread; blocking."""
+        ...
+
+    def prepare(self, key: str, raw: Any) -> tuple[Any, int]:
+        """Convert raw bytes to compute form; returns (value, nbytes). Called on the compute
+        thread, or on an I/O thread when prepare_off_compute_thread is true."""
+        ...
+
+    def raw_nbytes(self, key: str) -> int:
+        """Bytes read from disk for the unit."""
+        ...
+
+    def prepared_nbytes(self, key: str) -> int:
+        """Bytes the unit takes in the compute tier, known before reading it."""
+        ...
+
+
+@dataclass(frozen=True)
+class Step:
+    """One piece of the forward pass: `run(weights)` on the compute thread, where weights maps
+    each of `units` to its compute-tier value."""
+
+    units: tuple[str, ...]
+    run: Callable[[Mapping[str, Any]], None]
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    prefetch_depth: int = 2
+    io_workers: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.prefetch_depth <= 16:
+            raise ValueError(f"prefetch_depth must be in 0..16, got {self.prefetch_depth}")
+        if not 1 <= self.io_workers <= 64:
+            raise ValueError(f"io_workers must be in 1..64, got {self.io_workers}")
+
+
+@dataclass
+class RunStats:
+    """Timings and bytes of one scheduler run (one forward pass)."""
+
+    compute_s: float = 0.0
+    io_stall_s: float = 0.0  # compute thread idle, waiting for units
+    read_s: float = 0.0  # summed over reads (may exceed wall time when reads overlap)
+    prepare_s: float = 0.0
+    bytes_read: int = 0
+    units_read: int = 0
+    hits: int = 0
+    misses: int = 0
+    # (kind, label, start, end) with kind "read" | "compute", perf_counter seconds
+    intervals: list[tuple[str, str, float, float]] = field(default_factory=list)
+
+    def add(self, other: RunStats) -> None:
+        for name in ("compute_s", "io_stall_s", "read_s", "prepare_s", "bytes_read",
+                     "units_read", "hits", "misses"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class _RunState:
+    stats: RunStats
+    held: list[str] = field(default_factory=list)  # pins owned by this run
+    loaded: set[str] = field(default_factory=set)  # loaded for a step that has not run yet
+
+
+class LayerScheduler:
+    """Runs forward passes as step lists; owns the I/O pool, the compute thread and the
+    prefetch window. The cache is touched only from the event loop thread."""
+
+    def __init__(self, cache: WeightCache, loader: UnitLoader, config: SchedulerConfig) -> None:
+        self.cache = cache
+        self.loader = loader
+        self.config = config
+        self.record_intervals = False
+        self._io = ThreadPoolExecutor(config.io_workers, thread_name_prefix="stream-io")
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="stream-compute")
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+
+    def min_budget_bytes(self, steps: Sequence[Step]) -> int:
+        """The smallest compute budget that can run these steps (the largest step's units)."""
+        return max(sum(self.loader.prepared_nbytes(k) for k in set(s.units)) for s in steps)
+
+    async def run_on_compute(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn on the compute thread (for work outside a step list, e.g. sampling)."""
+        return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
+
+    async def run(self, steps: Sequence[Step]) -> RunStats:
+        """Run the steps in order with prefetch. On error or cancellation, in-flight reads are
+        cancelled and awaited and every pin taken by this run is released."""
+        stats = RunStats()
+        rs = _RunState(stats)
+        compute_future: asyncio.Future[Any] | None = None
+        loop = asyncio.get_running_loop()
+        try:
+            for idx, step in enumerate(steps):
+                self._schedule(steps, idx, rs)
+                t0 = time.perf_counter()
+                weights = {k: await self._acquire(k, rs) for k in step.units}
+                t1 = time.perf_counter()
+                stats.io_stall_s += t1 - t0
+                self._schedule(steps, idx + 1, rs)
+                compute_future = loop.run_in_executor(self._compute, step.run, weights)
+                await asyncio.shield(compute_future)
+                compute_future = None
+                t2 = time.perf_counter()
+                stats.compute_s += t2 - t1
+                if self.record_intervals:
+                    stats.intervals.append(("compute", step.name, t1, t2))
+                for k in step.units:
+                    rs.held.remove(k)
+                    self.cache.compute.unpin(k)
+        finally:
+            if compute_future is not None:  # a cancelled step finishes its layer first
+                await asyncio.gather(compute_future, return_exceptions=True)
+            await self._cancel_inflight()
+            for k in rs.held:
+                self.cache.compute.unpin(k)
+        return stats
+
+    def _schedule(self, steps: Sequence[Step], start: int, rs: _RunState) -> None:
+        """Start loads for the units of steps start..start+depth, in order, while they fit.
+
+        Loads start in step order and stop at the first unit that does not fit, so units that
+        are pinned for later are never in the way of an earlier step.
+        """
+        tier = self.cache.compute
+        for step in steps[start:start + self.config.prefetch_depth + 1]:
+            for key in step.units:
+                if key in tier or key in self._inflight:
+                    continue
+                if not tier.can_fit(self.loader.prepared_nbytes(key)):
+                    return
+                self._start_load(key, rs)
+
+    def _start_load(self, key: str, rs: _RunState) -> None:
+        size = self.loader.prepared_nbytes(key)
+        self.cache.compute.reserve(size)
+        task = asyncio.get_running_loop().create_task(self._load(key, size, rs))
+        self._inflight[key] = task
+
+    async def _acquire(self, key: str, rs: _RunState) -> Any:
+        """The unit's compute-tier value, pinned once for the current step."""
+        tier = self.cache.compute
+        if key in rs.loaded:  # prefetched and already landed: its load pin is the step's pin
+            rs.loaded.discard(key)
+            rs.stats.misses += 1
+            return tier.peek(key)
+        task = self._inflight.get(key)
+        if task is None:
+            value = tier.get(key)
+            if value is not None:
+                rs.stats.hits += 1
+                tier.pin(key)
+                rs.held.append(key)
+                return value
+            self._start_load(key, rs)  # raises BudgetError if it cannot fit
+            task = self._inflight[key]
+        else:
+            tier.stats.misses += 1
+        rs.stats.misses += 1
+        await asyncio.shield(task)
+        rs.loaded.discard(key)
+        return tier.peek(key)
+
+    async def _load(self, key: str, size: int, rs: _RunState) -> None:
+        loop = asyncio.get_running_loop()
+        stats = rs.stats
+        try:
+            raw = self.cache.host.get(key)
+            if raw is None:
+                t0 = time.perf_counter()
+                raw = await loop.run_in_executor(self._io, self.loader.read, key)
+                t1 = time.perf_counter()
+                nbytes = self.loader.raw_nbytes(key)
+                stats.read_s += t1 - t0
+                stats.bytes_read += nbytes
+                stats.units_read += 1
+                self.cache.record_read(nbytes)
+                if self.record_intervals:
+                    stats.intervals.append(("read", key, t0, t1))
+                if self.cache.host.can_fit(nbytes):
+                    self.cache.host.put(key, raw, nbytes)
+            pool = self._io if self.loader.prepare_off_compute_thread else self._compute
+            t2 = time.perf_counter()
+            value, nbytes = await loop.run_in_executor(pool, self.loader.prepare, key, raw)
+            stats.prepare_s += time.perf_counter() - t2
+        finally:
+            self.cache.compute.release(size)
+            del self._inflight[key]
+        self.cache.compute.put(key, value, nbytes, pins=1)
+        rs.held.append(key)
+        rs.loaded.add(key)
+
+    async def _cancel_inflight(self) -> None:
+        tasks = list(self._inflight.values())
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True, cancel_futures=True)
+        self._compute.shutdown(wait=True, cancel_futures=True)

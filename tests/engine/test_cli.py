@@ -1,0 +1,76 @@
+"""The stream-run CLI: output, stats lines, and one-line errors with exit code 2."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.tiny_models import write_tiny_model
+
+CLI = [sys.executable, "-m", "engine.cli"]
+
+
+def run_cli(*args, stdin=None):
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, input=stdin,
+                          timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)) + "/..")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    write_tiny_model(path, "llama")
+    return path
+
+
+def test_generates_and_prints_stats(tiny):
+    r = run_cli(tiny, "--prompt", "hello world", "--max-tokens", "8", "--ignore-chat-template")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert any(line.startswith("Prompt: ") and "tokens-per-sec" in line for line in lines)
+    assert any(line.startswith("Generation: 8 tokens") for line in lines)
+    assert any(line.startswith("Peak memory: ") for line in lines)
+    assert any(line.startswith("Disk: ") and "hit rate" in line for line in lines)
+
+
+def test_prompt_from_stdin_with_chat_template(tiny):
+    r = run_cli(tiny, "--prompt", "-", "--max-tokens", "4", stdin="hi there")
+    assert r.returncode == 0, r.stderr
+    assert "Prompt: " in r.stderr
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--max-tokens", "-1"], "--max-tokens must be >= 0"),
+    (["--top-p", "0"], "--top-p"),
+    (["--top-p", "1.5"], "--top-p"),
+    (["--temp", "-0.5"], "--temp"),
+    (["--memory-budget", "lots"], "--memory-budget: not a size"),
+    (["--memory-budget", "1KB"], "memory budget 1.00 KB is smaller than"),
+    (["--prefetch-depth", "99"], "--prefetch-depth"),
+    (["--backend", "cuda"], "invalid choice: 'cuda'"),
+])
+def test_bad_flags_one_line_exit_2(tiny, args, match):
+    r = run_cli(tiny, "--prompt", "x", *args)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert match in r.stderr
+
+
+def test_bad_model_paths_one_line_exit_2(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all" * 10)
+    bad_cfg = tmp_path / "badcfg"
+    bad_cfg.mkdir()
+    (bad_cfg / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    for path, match in [(tmp_path / "missing", "no such file or directory"),
+                        (tmp_path / "empty", "no config.json"),
+                        (tmp_path / "junk.gguf", "junk.gguf"),
+                        (bad_cfg, "unsupported model_type 'bert'")]:
+        r = run_cli(path, "--prompt", "x")
+        assert r.returncode == 2, (path, r.stderr)
+        assert "Traceback" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert match in r.stderr

@@ -1,0 +1,138 @@
+"""HF directory indexing and its boundary errors (STYLE.md F.35)."""
+
+import json
+import os
+import struct
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from loaders import EMBED, HEAD, FormatError, MissingTensorError, UnitReader, layer_key, open_model
+from loaders.hf import open_hf_dir
+from tests.tiny_models import write_tiny_model
+
+
+def rewrite_weights(model_dir, edit):
+    """Load model.safetensors, apply edit(dict), write it back (the test's own copy)."""
+    from safetensors.numpy import load_file
+
+    path = os.path.join(model_dir, "model.safetensors")
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+def test_index_groups_tensors_into_units_without_reading_data(tmp_path):
+    cfg, weights = write_tiny_model(tmp_path, "llama")
+    index = open_hf_dir(str(tmp_path))
+    assert list(index.units) == [EMBED, layer_key(0), layer_key(1), HEAD]
+    assert "self_attn.q_proj.weight" in index.units[layer_key(0)].tensors
+    assert index.units[HEAD].tensors.keys() == {"norm.weight", "lm_head.weight"}
+    ref = index.units[layer_key(1)].tensors["mlp.down_proj.weight"]
+    assert ref.shape == (cfg["hidden_size"], cfg["intermediate_size"])
+    host = UnitReader(index).read(layer_key(1))["mlp.down_proj.weight"]
+    got = host.data.view(np.float32).reshape(ref.shape)
+    np.testing.assert_array_equal(got, weights["model.layers.1.mlp.down_proj.weight"])
+
+
+def test_mmap_and_pread_read_the_same_bytes(tmp_path):
+    write_tiny_model(tmp_path, "qwen3")
+    index = open_hf_dir(str(tmp_path))
+    from loaders import LoaderConfig
+
+    a = UnitReader(index, LoaderConfig("pread")).read(layer_key(0))
+    b = UnitReader(index, LoaderConfig("mmap")).read(layer_key(0))
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name].data, b[name].data)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(FormatError, match="no such file or directory"):
+        open_model(str(tmp_path / "nope"))
+
+
+def test_dir_without_weights(tmp_path):
+    write_tiny_model(tmp_path, "llama")
+    os.remove(tmp_path / "model.safetensors")
+    with pytest.raises(FormatError, match="no weights found"):
+        open_model(str(tmp_path))
+
+
+def test_unknown_model_type_lists_supported(tmp_path):
+    write_tiny_model(tmp_path, "llama")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model_type"] = "gpt_neox"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FormatError, match=r"unsupported model_type 'gpt_neox'; supported: llama"):
+        open_model(str(tmp_path))
+
+
+def test_truncated_header(tmp_path):
+    write_tiny_model(tmp_path, "llama")
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:100])
+    with pytest.raises(FormatError, match=r"model\.safetensors: corrupt safetensors header"):
+        open_model(str(tmp_path))
+
+
+def test_corrupt_header_json(tmp_path):
+    write_tiny_model(tmp_path, "llama")
+    path = tmp_path / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    data[8:8 + n] = b"{" * n
+    path.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match="invalid JSON"):
+        open_model(str(tmp_path))
+
+
+def test_truncated_tensor_data(tmp_path):
+    write_tiny_model(tmp_path, "llama")
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[:-64])
+    with pytest.raises(FormatError, match="the file is truncated"):
+        open_model(str(tmp_path))
+
+
+def test_missing_tensor_is_named(tmp_path):
+    write_tiny_model(tmp_path, "llama")
+    rewrite_weights(tmp_path, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(MissingTensorError, match=r"unit 'layers\.1' is missing .*mlp\.up_proj"):
+        open_model(str(tmp_path))
+
+
+def test_wrong_shape_is_named(tmp_path):
+    write_tiny_model(tmp_path, "llama")
+
+    def edit(t):
+        w = t["model.layers.0.self_attn.k_proj.weight"]
+        t["model.layers.0.self_attn.k_proj.weight"] = np.zeros((w.shape[0] + 1, w.shape[1]),
+                                                               np.float32)
+    rewrite_weights(tmp_path, edit)
+    with pytest.raises(FormatError, match=r"'self_attn\.k_proj\.weight' of unit 'layers\.0' has "
+                                          r"shape \[\d+, \d+\], expected"):
+        open_model(str(tmp_path))
+
+
+def test_unexpected_tensor_is_named(tmp_path):
+    write_tiny_model(tmp_path, "llama")
+    rewrite_weights(tmp_path, lambda t: t.update(
+        {"model.layers.0.mlp.extra.weight": np.zeros(3, np.float32)}))
+    with pytest.raises(FormatError, match=r"unexpected tensor\(s\) \['mlp\.extra\.weight'\]"):
+        open_model(str(tmp_path))
+
+
+def test_inputs_are_never_modified(tmp_path):
+    write_tiny_model(tmp_path, "llama")
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir()}
+    index = open_hf_dir(str(tmp_path))
+    reader = UnitReader(index)
+    for key in index.units:
+        reader.read(key)
+    reader.close()
+    after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir()}
+    assert before == after

@@ -1,0 +1,137 @@
+"""Scheduler behaviour with a fake loader: overlap, budgets, cancellation, errors."""
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from cache import BudgetError, CacheConfig, WeightCache
+from scheduler import LayerScheduler, SchedulerConfig, Step
+
+
+class FakeLoader:
+    prepare_off_compute_thread = True
+
+    def __init__(self, sizes, read_s=0.0, fail=None):
+        self.sizes = sizes
+        self.read_s = read_s
+        self.fail = fail
+        self.reads = []
+        self.lock = threading.Lock()
+
+    def read(self, key):
+        time.sleep(self.read_s)
+        if key == self.fail:
+            raise OSError(f"injected failure reading {key}")
+        with self.lock:
+            self.reads.append(key)
+        return key.upper()
+
+    def prepare(self, key, raw):
+        return raw, self.sizes[key]
+
+    def raw_nbytes(self, key):
+        return self.sizes[key]
+
+    def prepared_nbytes(self, key):
+        return self.sizes[key]
+
+
+def make_steps(keys, compute_s=0.0, log=None):
+    def run(key, weights):
+        time.sleep(compute_s)
+        if log is not None:
+            log.append((key, weights[key]))
+    return [Step((k,), lambda w, k=k: run(k, w), k) for k in keys]
+
+
+KEYS = [f"u{i}" for i in range(8)]
+
+
+def make(budget=None, depth=2, **kw):
+    loader = FakeLoader({k: 100 for k in KEYS}, **kw)
+    cache = WeightCache(CacheConfig(compute_bytes=budget))
+    sched = LayerScheduler(cache, loader, SchedulerConfig(prefetch_depth=depth))
+    return sched, cache, loader
+
+
+@pytest.mark.asyncio
+async def test_runs_steps_in_order_with_their_weights():
+    sched, cache, loader = make()
+    log = []
+    stats = await sched.run(make_steps(KEYS, log=log))
+    assert log == [(k, k.upper()) for k in KEYS]
+    assert stats.bytes_read == 800 and stats.units_read == 8
+    stats = await sched.run(make_steps(KEYS))  # all resident now
+    assert stats.bytes_read == 0 and stats.hits == 8
+    assert cache.compute.pinned() == []
+    sched.close()
+
+
+@pytest.mark.asyncio
+async def test_prefetch_overlaps_compute_and_hides_reads():
+    sched, cache, loader = make(depth=2, read_s=0.03)
+    sched.record_intervals = True
+    t0 = time.perf_counter()
+    stats = await sched.run(make_steps(KEYS, compute_s=0.03))
+    wall = time.perf_counter() - t0
+    reads = [(s, e) for kind, _, s, e in stats.intervals if kind == "read"]
+    computes = [(s, e) for kind, _, s, e in stats.intervals if kind == "compute"]
+    overlapping = sum(1 for rs, re_ in reads for cs, ce in computes if rs < ce and cs < re_)
+    assert overlapping >= len(KEYS) - 2
+    # Serial would be 8 * (0.03 + 0.03) = 0.48 s; overlapped it approaches 8 * 0.03 + 0.03.
+    assert wall < 0.48
+    sched.close()
+
+
+@pytest.mark.asyncio
+async def test_budget_smaller_than_model_streams_and_holds_budget():
+    sched, cache, loader = make(budget=300, depth=2)
+    log = []
+    for _ in range(3):
+        await sched.run(make_steps(KEYS, log=log))
+        assert cache.compute.used_bytes <= 300
+        assert cache.compute.stats.peak_bytes <= 300
+    assert [k for k, _ in log] == KEYS * 3
+    assert cache.compute.pinned() == []
+    sched.close()
+
+
+@pytest.mark.asyncio
+async def test_budget_below_one_unit_raises():
+    sched, cache, loader = make(budget=50)
+    with pytest.raises(BudgetError, match="cannot fit 100 bytes"):
+        await sched.run(make_steps(KEYS))
+    assert cache.compute.reserved_bytes == 0
+    sched.close()
+
+
+@pytest.mark.asyncio
+async def test_cancel_mid_run_leaves_nothing_pinned_or_pending():
+    sched, cache, loader = make(budget=400, depth=3, read_s=0.02)
+    task = asyncio.create_task(sched.run(make_steps(KEYS, compute_s=0.02)))
+    await asyncio.sleep(0.07)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cache.compute.pinned() == []
+    assert cache.compute.reserved_bytes == 0
+    assert sched._inflight == {}
+    log = []
+    await sched.run(make_steps(KEYS, log=log))  # still usable
+    assert [k for k, _ in log] == KEYS
+    sched.close()
+
+
+@pytest.mark.asyncio
+async def test_read_error_propagates_and_engine_stays_usable():
+    sched, cache, loader = make(budget=400, depth=2, fail="u5")
+    with pytest.raises(OSError, match="injected failure reading u5"):
+        await sched.run(make_steps(KEYS))
+    assert cache.compute.pinned() == [] and cache.compute.reserved_bytes == 0
+    loader.fail = None
+    log = []
+    await sched.run(make_steps(KEYS, log=log))
+    assert len(log) == 8
+    sched.close()

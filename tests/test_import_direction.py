@@ -1,0 +1,49 @@
+"""The import graph runs one way: engine -> scheduler -> cache -> loaders; kernels is a leaf
+used by engine. A new upward import fails here (STYLE.md A.1)."""
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGES = ("engine", "scheduler", "cache", "loaders", "kernels", "bench")
+ALLOWED = {
+    "engine": {"scheduler", "cache", "loaders", "kernels"},
+    "scheduler": {"cache"},
+    "cache": set(),
+    "loaders": set(),
+    "kernels": set(),
+    "bench": {"engine", "scheduler", "cache", "loaders", "kernels"},
+}
+
+
+def imported_packages(path: pathlib.Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found |= {n.split(".")[0] for n in names} & set(PACKAGES)
+    return found
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_imports_run_one_way(package):
+    bad = []
+    for path in sorted((ROOT / package).rglob("*.py")):
+        for dep in imported_packages(path) - ALLOWED[package] - {package}:
+            bad.append(f"{path.relative_to(ROOT)} imports {dep}")
+    assert bad == []
+
+
+def test_nothing_imports_bench():
+    for package in PACKAGES:
+        if package == "bench":
+            continue
+        for path in (ROOT / package).rglob("*.py"):
+            assert "bench" not in imported_packages(path), path
