@@ -87,7 +87,6 @@ class RunStats:
 class _RunState:
     stats: RunStats
     held: list[str] = field(default_factory=list)  # pins owned by this run
-    loaded: set[str] = field(default_factory=set)  # loaded for a step that has not run yet
 
 
 class LayerScheduler:
@@ -166,12 +165,12 @@ class LayerScheduler:
         self._inflight[key] = task
 
     async def _acquire(self, key: str, rs: _RunState) -> Any:
-        """The unit's compute-tier value, pinned once for the current step."""
+        """The unit's compute-tier value, pinned once for the current step.
+
+        A load task stays in the in-flight map until its step consumes it, so a failed
+        prefetch surfaces here instead of being silently retried.
+        """
         tier = self.cache.compute
-        if key in rs.loaded:  # prefetched and already landed: its load pin is the step's pin
-            rs.loaded.discard(key)
-            rs.stats.misses += 1
-            return tier.peek(key)
         task = self._inflight.get(key)
         if task is None:
             value = tier.get(key)
@@ -185,8 +184,8 @@ class LayerScheduler:
         else:
             tier.stats.misses += 1
         rs.stats.misses += 1
-        await asyncio.shield(task)
-        rs.loaded.discard(key)
+        await asyncio.shield(task)  # the load's pin becomes this step's pin
+        del self._inflight[key]
         return tier.peek(key)
 
     async def _load(self, key: str, size: int, rs: _RunState) -> None:
@@ -213,13 +212,12 @@ class LayerScheduler:
             stats.prepare_s += time.perf_counter() - t2
         finally:
             self.cache.compute.release(size)
-            del self._inflight[key]
         self.cache.compute.put(key, value, nbytes, pins=1)
         rs.held.append(key)
-        rs.loaded.add(key)
 
     async def _cancel_inflight(self) -> None:
         tasks = list(self._inflight.values())
+        self._inflight.clear()
         for t in tasks:
             t.cancel()
         if tasks:

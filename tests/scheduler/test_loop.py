@@ -135,3 +135,16 @@ async def test_read_error_propagates_and_engine_stays_usable():
     await sched.run(make_steps(KEYS, log=log))
     assert len(log) == 8
     sched.close()
+
+
+@pytest.mark.asyncio
+async def test_host_tier_serves_units_evicted_from_compute():
+    loader = FakeLoader({k: 100 for k in KEYS})
+    cache = WeightCache(CacheConfig(compute_bytes=300, host_bytes=10_000))
+    sched = LayerScheduler(cache, loader, SchedulerConfig(prefetch_depth=1))
+    await sched.run(make_steps(KEYS))
+    first = len(loader.reads)
+    stats = await sched.run(make_steps(KEYS))
+    assert first == 8 and len(loader.reads) == 8  # second pass: no disk reads
+    assert stats.bytes_read == 0 and cache.host.stats.hits >= 5
+    sched.close()

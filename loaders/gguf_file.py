@@ -1,0 +1,287 @@
+"""GGUF files (llama.cpp) -> LayerIndex: header and metadata only, never tensor data.
+
+gguf-py's GGUFReader memory-maps the file and parses the header; we keep only, per tensor,
+the absolute data offset, byte count, type and shape, then drop the reader (and its map).
+GGUF names are translated to HF names in the one table below, gguf-py style with {bid}.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from loaders.errors import FormatError, MissingTensorError
+from loaders.index import EMBED, HEAD, LayerIndex, TensorRef, Unit, layer_key
+from loaders.schema import check_index, expected_shapes
+from loaders.spec import ModelSpec
+
+GGUF_MAGIC = b"GGUF"
+BLOCK = "layers.{bid}"  # == layer_key(bid)
+
+# GGUF tensor name -> (unit, HF name inside the unit).
+TENSOR_MAP: dict[str, tuple[str, str]] = {
+    "token_embd.weight": (EMBED, "embed_tokens.weight"),
+    "blk.{bid}.attn_norm.weight": (BLOCK, "input_layernorm.weight"),
+    "blk.{bid}.attn_q.weight": (BLOCK, "self_attn.q_proj.weight"),
+    "blk.{bid}.attn_k.weight": (BLOCK, "self_attn.k_proj.weight"),
+    "blk.{bid}.attn_v.weight": (BLOCK, "self_attn.v_proj.weight"),
+    "blk.{bid}.attn_output.weight": (BLOCK, "self_attn.o_proj.weight"),
+    "blk.{bid}.attn_q.bias": (BLOCK, "self_attn.q_proj.bias"),
+    "blk.{bid}.attn_k.bias": (BLOCK, "self_attn.k_proj.bias"),
+    "blk.{bid}.attn_v.bias": (BLOCK, "self_attn.v_proj.bias"),
+    "blk.{bid}.attn_output.bias": (BLOCK, "self_attn.o_proj.bias"),
+    "blk.{bid}.attn_q_norm.weight": (BLOCK, "self_attn.q_norm.weight"),
+    "blk.{bid}.attn_k_norm.weight": (BLOCK, "self_attn.k_norm.weight"),
+    "blk.{bid}.ffn_norm.weight": (BLOCK, "post_attention_layernorm.weight"),
+    "blk.{bid}.ffn_gate.weight": (BLOCK, "mlp.gate_proj.weight"),
+    "blk.{bid}.ffn_up.weight": (BLOCK, "mlp.up_proj.weight"),
+    "blk.{bid}.ffn_down.weight": (BLOCK, "mlp.down_proj.weight"),
+    "output_norm.weight": (HEAD, "norm.weight"),
+    "output.weight": (HEAD, "lm_head.weight"),
+}
+
+# general.architecture -> HF model_type
+ARCH_TO_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
+# llama.cpp's llama converter permuted these rows (see unpermute_rows); "k" uses the kv heads
+_PERMUTED = {"self_attn.q_proj.weight": "q", "self_attn.q_proj.bias": "q",
+             "self_attn.k_proj.weight": "k", "self_attn.k_proj.bias": "k"}
+_BLK = re.compile(r"^blk\.(\d+)\.")
+_REQUIRED = object()
+
+
+def unpermute_rows(data: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation on whole rows of raw bytes.
+
+    convert_hf_to_gguf.py (LlamaModel.permute) reorders the rows of q_proj/k_proj (weights and
+    biases) so that ggml's interleaved ("normal") RoPE equals HF's rotate-half RoPE:
+    HF -> GGUF is `w.reshape(n_head, 2, rows//n_head//2, *rest).swapaxes(1, 2).reshape(w.shape)`,
+    i.e. within each head the two halves are interleaved: GGUF row 2*i + j = HF row j*half + i.
+    This applies the inverse. Quant blocks run along a row, so rows move as opaque bytes.
+
+    Args:
+        data: (rows, row_bytes) uint8, one tensor's bytes as stored in the GGUF file.
+        n_head: heads the rows were permuted by (n_head for q, n_head_kv for k).
+
+    Returns:
+        A new contiguous (rows, row_bytes) array with the rows in HF order.
+    """
+    rows = data.shape[0]
+    half = rows // n_head // 2
+    # (n_head, half, 2, row_bytes) -> (n_head, 2, half, row_bytes)
+    return data.reshape(n_head, half, 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
+
+
+def hf_name(gguf_name: str) -> tuple[str, str] | None:
+    """(unit key, HF name inside the unit) for a GGUF tensor name; None if not in the table."""
+    m = _BLK.match(gguf_name)
+    template = _BLK.sub("blk.{bid}.", gguf_name, count=1) if m else gguf_name
+    entry = TENSOR_MAP.get(template)
+    if entry is None:
+        return None
+    unit, rel = entry
+    return (layer_key(int(m.group(1))) if m else unit), rel
+
+
+def open_gguf(path: str | os.PathLike[str]) -> tuple[LayerIndex, dict[str, Any]]:
+    """Index a .gguf file without reading tensor data.
+
+    Returns:
+        The LayerIndex and the file's metadata as plain Python values (tokenizer.*, etc.).
+
+    Raises:
+        FormatError: not a GGUF file, truncated, unsupported architecture or tensor type,
+            unknown tensor names, or shapes that disagree with the metadata.
+        MissingTensorError: a tensor the architecture needs is absent.
+    """
+    path = os.fspath(path)
+    metadata, infos = _read_header(path)
+    spec = spec_from_metadata(metadata, infos, path)
+    arch = metadata["general.architecture"]
+    units: dict[str, Unit] = {EMBED: Unit(EMBED)}
+    units.update({k: Unit(k) for k in (layer_key(i) for i in range(spec.num_hidden_layers))})
+    units[HEAD] = Unit(HEAD)
+    unknown = []
+    for name, (type_name, shape, offset, nbytes) in infos.items():
+        where = hf_name(name)
+        if where is None:
+            unknown.append(name)
+            continue
+        key, rel = where
+        if key not in units:
+            raise FormatError(
+                f"{path}: tensor {name!r} is for a layer beyond {arch}.block_count="
+                f"{spec.num_hidden_layers}"
+            )
+        unpermute = None
+        if spec.model_type == "llama" and rel in _PERMUTED:
+            q = _PERMUTED[rel] == "q"
+            unpermute = spec.num_attention_heads if q else spec.num_key_value_heads
+            if shape[0] % (2 * unpermute):
+                raise FormatError(
+                    f"{path}: tensor {name!r} has {shape[0]} rows, not divisible by "
+                    f"2 * {unpermute} heads; cannot undo llama.cpp's q/k permutation"
+                )
+        units[key].tensors[rel] = TensorRef(rel, path, offset, nbytes, type_name, shape, unpermute)
+    if unknown:
+        raise FormatError(
+            f"{path}: unknown tensor name(s) {unknown[:4]} ({len(unknown)} in all) for "
+            f"architecture {arch!r}; supported GGUF names: {', '.join(TENSOR_MAP)}"
+        )
+    index = LayerIndex(spec=spec, units=units, source=path)
+    _check_complete(index)
+    check_index(index)
+    return index, metadata
+
+
+def _read_header(path: str) -> tuple[dict[str, Any], dict[str, tuple]]:
+    """Metadata as Python values, and per tensor (type name, HF-order shape, offset, nbytes)."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        size = os.path.getsize(path)
+    except OSError as exc:
+        raise FormatError(f"{path}: cannot read: {exc.strerror}") from None
+    if magic != GGUF_MAGIC:
+        raise FormatError(
+            f"{path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r}); "
+            "hint: pass a .gguf produced by llama.cpp's convert_hf_to_gguf.py or a model directory"
+        )
+    import gguf  # deferred: only GGUF users pay for the import
+
+    try:
+        reader = gguf.GGUFReader(path, "r")
+        metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        tensors = [(t.name, int(t.tensor_type), [int(d) for d in t.shape], int(t.data_offset),
+                    int(t.n_bytes)) for t in reader.tensors]
+    except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError) as exc:
+        raise FormatError(
+            f"{path}: cannot parse the GGUF header ({type(exc).__name__}: {exc}); the file is "
+            "truncated or corrupt; hint: re-download or re-convert it"
+        ) from None
+    del reader  # releases the memory map; we keep no view of tensor data
+    infos = {}
+    for name, raw_type, ne, offset, nbytes in tensors:
+        type_name = _type_name(gguf, raw_type)
+        if type_name not in SUPPORTED_TYPES:
+            raise FormatError(
+                f"{path}: tensor {name!r} has unsupported type {type_name}; supported: "
+                f"{', '.join(SUPPORTED_TYPES)}; hint: use a GGUF quantized to one of those"
+            )
+        block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][0]
+        if not ne or ne[0] % block:
+            raise FormatError(f"{path}: tensor {name!r} of type {type_name} has shape {ne}, "
+                              f"whose first dim is not a multiple of the block size {block}")
+        if offset + nbytes > size:
+            raise FormatError(
+                f"{path}: tensor {name!r} needs bytes [{offset}, {offset + nbytes}) but the file "
+                f"has {size} bytes; the file is truncated; hint: re-download it"
+            )
+        infos[name] = (type_name, tuple(reversed(ne)), offset, nbytes)  # GGUF ne is innermost first
+    return metadata, infos
+
+
+def _type_name(gguf: Any, raw_type: int) -> str:
+    try:
+        return gguf.GGMLQuantizationType(raw_type).name
+    except ValueError:
+        return f"<unknown ggml type {raw_type}>"
+
+
+def spec_from_metadata(meta: dict[str, Any], infos: dict[str, tuple], path: str) -> ModelSpec:
+    """Map GGUF metadata ({arch}.*, tokenizer.ggml.*) onto HF config.json fields.
+
+    Raises:
+        FormatError: unsupported architecture, a missing required key, or unsupported RoPE.
+    """
+    arch = meta.get("general.architecture")
+    if arch not in ARCH_TO_MODEL_TYPE:
+        raise FormatError(
+            f"{path}: unsupported GGUF architecture {arch!r}; supported: "
+            f"{', '.join(ARCH_TO_MODEL_TYPE)}"
+        )
+
+    def get(key: str, default: Any = _REQUIRED) -> Any:
+        val = meta.get(f"{arch}.{key}", default)
+        if val is _REQUIRED:
+            raise FormatError(f"{path}: missing GGUF metadata key {arch}.{key!s}")
+        return float(str(np.float32(val))) if isinstance(val, float) else val  # f32 -> 1e-05
+
+    n_heads = get("attention.head_count")
+    embd = infos.get("token_embd.weight")
+    vocab = embd[1][0] if embd else get("vocab_size", len(meta.get("tokenizer.ggml.tokens", [])))
+    cfg: dict[str, Any] = {
+        "model_type": ARCH_TO_MODEL_TYPE[arch],
+        "hidden_size": get("embedding_length"),
+        "intermediate_size": get("feed_forward_length"),
+        "num_hidden_layers": get("block_count"),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": get("attention.head_count_kv", n_heads),
+        "head_dim": get("attention.key_length", None),
+        "vocab_size": vocab,
+        "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
+        "rope_theta": get("rope.freq_base", 10000.0),
+        "rope_scaling": _rope_scaling(meta, arch, infos, path),
+        "max_position_embeddings": get("context_length", 4096),
+        "tie_word_embeddings": "output.weight" not in infos,
+        "attention_bias": "blk.0.attn_q.bias" in infos,
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": eos_token_ids(meta),
+    }
+    value_length = get("attention.value_length", None)
+    if value_length is not None and value_length != cfg["head_dim"]:
+        raise FormatError(f"{path}: {arch}.attention.value_length={value_length} differs from "
+                          f"key_length={cfg['head_dim']}; unsupported")
+    spec = ModelSpec.from_dict(cfg, source=path)
+    rope_dims = get("rope.dimension_count", None)
+    if rope_dims is not None and rope_dims != spec.head_dim:
+        raise FormatError(f"{path}: {arch}.rope.dimension_count={rope_dims} but head_dim="
+                          f"{spec.head_dim}; partial rotary embeddings are not supported")
+    return spec
+
+
+def eos_token_ids(meta: dict[str, Any]) -> list[int]:
+    """End-of-generation ids: eos plus llama.cpp's eot/eom when the file sets them."""
+    ids: list[int] = []
+    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
+        val = meta.get(f"tokenizer.ggml.{key}")
+        if isinstance(val, int) and val not in ids:
+            ids.append(val)
+    return ids
+
+
+def _rope_scaling(meta: dict, arch: str, infos: dict, path: str) -> dict[str, Any] | None:
+    if "rope_freqs.weight" in infos:
+        raise FormatError(
+            f"{path}: RoPE frequency factors stored as tensor 'rope_freqs.weight' (llama3-style "
+            "scaling) are not supported from GGUF; hint: use the HF model directory instead"
+        )
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    factor = meta.get(f"{arch}.rope.scaling.factor", meta.get(f"{arch}.rope.scale_linear"))
+    if kind is None and factor is not None:
+        kind = "linear"  # old files only had rope.scale_linear
+    if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
+        return None
+    out: dict[str, Any] = {"rope_type": kind, "factor": float(str(np.float32(factor or 1.0)))}
+    orig = meta.get(f"{arch}.rope.scaling.original_context_length")
+    if orig is not None:
+        out["original_max_position_embeddings"] = orig
+    return out
+
+
+def _check_complete(index: LayerIndex) -> None:
+    """Name a missing tensor by its GGUF name too, before check_index's shape checks."""
+    gguf_of = {rel: g for g, (_, rel) in TENSOR_MAP.items()}
+    for key, shapes in expected_shapes(index.spec).items():
+        have = index.units[key].tensors
+        missing = [n for n in shapes if n not in have]
+        if missing:
+            bid = key.removeprefix("layers.")
+            names = [gguf_of[n].replace("{bid}", bid) for n in missing[:4]]
+            raise MissingTensorError(
+                f"{index.source}: unit {key!r} is missing tensor(s) {missing[:4]} (GGUF {names}), "
+                f"expected for model_type {index.spec.model_type!r}"
+            )

