@@ -129,7 +129,8 @@ def open_gguf(path: str | os.PathLike[str]) -> tuple[LayerIndex, dict[str, Any]]
     if unknown:
         raise FormatError(
             f"{path}: unknown tensor name(s) {unknown[:4]} ({len(unknown)} in all) for "
-            f"architecture {arch!r}; supported GGUF names: {', '.join(TENSOR_MAP)}"
+            f"architecture {arch!r}; only dense llama/qwen2/qwen3 blocks are supported "
+            "(see TENSOR_MAP in loaders/gguf_file.py)"
         )
     index = LayerIndex(spec=spec, units=units, source=path)
     _check_complete(index)
@@ -155,17 +156,16 @@ def _read_header(path: str) -> tuple[dict[str, Any], dict[str, tuple]]:
     try:
         reader = gguf.GGUFReader(path, "r")
         metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
-        tensors = [(t.name, int(t.tensor_type), [int(d) for d in t.shape], int(t.data_offset),
+        tensors = [(t.name, t.tensor_type.name, [int(d) for d in t.shape], int(t.data_offset),
                     int(t.n_bytes)) for t in reader.tensors]
     except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError) as exc:
         raise FormatError(
-            f"{path}: cannot parse the GGUF header ({type(exc).__name__}: {exc}); the file is "
-            "truncated or corrupt; hint: re-download or re-convert it"
+            f"{path}: not a valid GGUF file ({type(exc).__name__}: {exc}); it is truncated "
+            f"({size} bytes) or corrupt; hint: re-download or re-convert it"
         ) from None
     del reader  # releases the memory map; we keep no view of tensor data
     infos = {}
-    for name, raw_type, ne, offset, nbytes in tensors:
-        type_name = _type_name(gguf, raw_type)
+    for name, type_name, ne, offset, nbytes in tensors:
         if type_name not in SUPPORTED_TYPES:
             raise FormatError(
                 f"{path}: tensor {name!r} has unsupported type {type_name}; supported: "
@@ -182,13 +182,6 @@ def _read_header(path: str) -> tuple[dict[str, Any], dict[str, tuple]]:
             )
         infos[name] = (type_name, tuple(reversed(ne)), offset, nbytes)  # GGUF ne is innermost first
     return metadata, infos
-
-
-def _type_name(gguf: Any, raw_type: int) -> str:
-    try:
-        return gguf.GGMLQuantizationType(raw_type).name
-    except ValueError:
-        return f"<unknown ggml type {raw_type}>"
 
 
 def spec_from_metadata(meta: dict[str, Any], infos: dict[str, tuple], path: str) -> ModelSpec:
@@ -208,6 +201,8 @@ def spec_from_metadata(meta: dict[str, Any], infos: dict[str, tuple], path: str)
         val = meta.get(f"{arch}.{key}", default)
         if val is _REQUIRED:
             raise FormatError(f"{path}: missing GGUF metadata key {arch}.{key!s}")
+        if isinstance(val, list):
+            raise FormatError(f"{path}: {arch}.{key} is a per-layer array; unsupported")
         return float(str(np.float32(val))) if isinstance(val, float) else val  # f32 -> 1e-05
 
     n_heads = get("attention.head_count")
