@@ -70,7 +70,10 @@ class Engine:
         self.units = BackendUnitLoader(source.index, self.reader, self.backend)
         self.scheduler = LayerScheduler(self.cache, self.units, config.scheduler)
         self._lock = asyncio.Lock()
-        self._check_budget()
+        # the unit walk of one forward pass (closures over a dummy state), for planning
+        steps = self.model.steps(ForwardState(np.zeros((1, 1), np.int64), kv=None))  # type: ignore[arg-type]
+        self._check_budget(steps)
+        self.scheduler.plan_residency(steps)
 
     @classmethod
     async def open(cls, model: str, config: EngineConfig | None = None) -> Engine:
@@ -103,11 +106,10 @@ class Engine:
     def max_context(self) -> int:
         return self.config.max_context or self.spec.max_position_embeddings
 
-    def _check_budget(self) -> None:
+    def _check_budget(self, steps: list) -> None:
         budget = self.config.memory_budget_bytes
         if budget is None:
             return
-        steps = self.model.steps(ForwardState(np.zeros((1, 1), np.int64), kv=None))  # type: ignore[arg-type]
         need = self.scheduler.min_budget_bytes(steps)
         if budget < need:
             raise BudgetError(

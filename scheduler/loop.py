@@ -83,6 +83,16 @@ class RunStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
+def _fit(keys: set[str], order: list[str], size: Callable[[str], int], room: int) -> set[str]:
+    """Drop keys (last in order first) until their sizes fit in room."""
+    keep = set(keys)
+    for k in reversed(order):
+        if sum(size(x) for x in keep) <= room:
+            break
+        keep.discard(k)
+    return keep
+
+
 @dataclass
 class _RunState:
     stats: RunStats
@@ -101,6 +111,39 @@ class LayerScheduler:
         self._io = ThreadPoolExecutor(config.io_workers, thread_name_prefix="stream-io")
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="stream-compute")
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self.resident: set[str] = set()  # units kept pinned across runs (plan_residency)
+
+    def plan_residency(self, steps: Sequence[Step]) -> set[str]:
+        """Choose which units stay resident when the steps are walked cyclically (decoding).
+
+        LRU on a cycle evicts exactly the unit needed soonest and re-reads everything; instead
+        a fixed set stays pinned and the rest streams through a ring of (depth + 1) slots, so
+        disk bytes per pass = streamed bytes. Units used more than once per pass (a tied
+        embedding) go first; streamed blocks are spread evenly so their reads hide behind the
+        compute of the resident blocks between them.
+        """
+        budget = self.cache.compute.budget_bytes
+        size = self.loader.prepared_nbytes
+        order = list(dict.fromkeys(k for s in steps for k in s.units))
+        if budget is None or sum(size(k) for k in order) <= budget:
+            self.resident = set(order)
+            return self.resident
+        uses = {k: sum(k in s.units for s in steps) for k in order}
+        ring = (self.config.prefetch_depth + 1) * self.min_budget_bytes(steps)
+        room = budget - ring
+        resident: set[str] = set()
+        for k in sorted(order, key=lambda k: -uses[k]):
+            if uses[k] > 1 and size(k) <= room:
+                resident.add(k)
+                room -= size(k)
+        rest = [k for k in order if k not in resident]
+        smallest_first = sorted(map(size, rest))
+        n_keep = sum(1 for i in range(len(rest)) if sum(smallest_first[: i + 1]) <= room)
+        n_stream = len(rest) - n_keep
+        streamed = {rest[int((i + 0.5) * len(rest) / n_stream)] for i in range(n_stream)}
+        resident |= set(rest) - streamed
+        self.resident = _fit(resident, order, size, budget - ring)
+        return self.resident
 
     def min_budget_bytes(self, steps: Sequence[Step]) -> int:
         """The smallest compute budget that can run these steps (the largest step's units)."""
@@ -212,7 +255,8 @@ class LayerScheduler:
             stats.prepare_s += time.perf_counter() - t2
         finally:
             self.cache.compute.release(size)
-        self.cache.compute.put(key, value, nbytes, pins=1)
+        # one pin for the step that consumes it; one more, never released, if resident
+        self.cache.compute.put(key, value, nbytes, pins=2 if key in self.resident else 1)
         rs.held.append(key)
 
     async def _cancel_inflight(self) -> None:

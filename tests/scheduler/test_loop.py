@@ -148,3 +148,31 @@ async def test_host_tier_serves_units_evicted_from_compute():
     assert first == 8 and len(loader.reads) == 8  # second pass: no disk reads
     assert stats.bytes_read == 0 and cache.host.stats.hits >= 5
     sched.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("budget", [800, 600, 400, 300])
+async def test_cyclic_plan_reads_only_streamed_units_each_pass(budget):
+    sched, cache, loader = make(budget=budget, depth=1)
+    steps = make_steps(KEYS)
+    resident = sched.plan_residency(steps)
+    streamed = [k for k in KEYS if k not in resident]
+    assert len(resident) * 100 <= max(budget - 200, 0) or budget >= 800
+    await sched.run(steps)  # first pass: cold
+    for _ in range(3):
+        before = list(loader.reads)
+        stats = await sched.run(steps)
+        assert sorted(loader.reads[len(before):]) == sorted(streamed)
+        assert stats.bytes_read == 100 * len(streamed)
+        assert cache.compute.used_bytes <= budget
+    assert sorted(cache.compute.pinned()) == sorted(resident)
+    sched.close()
+
+
+def test_plan_spreads_streamed_units_evenly():
+    sched, cache, loader = make(budget=600, depth=1)
+    resident = sched.plan_residency(make_steps(KEYS))
+    streamed = [i for i, k in enumerate(KEYS) if k not in resident]
+    assert len(streamed) == 4  # 600 - ring of 2 slots = 400 -> 4 resident
+    assert streamed == [1, 3, 5, 7]
+    sched.close()

@@ -1,0 +1,126 @@
+"""Raw stored bytes (uint8 arrays) to compute arrays: dense floats, and GGUF blocks to affine form.
+
+GGUF Q4_0, Q4_1 and Q8_0 are affine with 32-element groups, so they map onto MLX's packed form
+losslessly: dequantize(gguf_to_affine(raw)) equals GGUF's own dequantization bit for bit (the
+products d * q are exact in float32, so scales * q + biases rounds the same way).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from kernels.quant import QuantizedWeight
+
+DENSE_DTYPES = ("F32", "F16", "BF16")
+GGUF_BLOCK = 32
+# dtype -> (bits, bytes per 32-element block)
+GGUF_TYPES = {"Q4_0": (4, 18), "Q4_1": (4, 20), "Q8_0": (8, 34)}
+
+
+def _check_size(data: np.ndarray, nbytes: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    if data.size != nbytes:
+        raise ValueError(
+            f"{dtype} tensor of shape {tuple(shape)}: got {data.size} bytes, expected {nbytes}; "
+            "hint: the file is truncated or its header is wrong"
+        )
+    return data
+
+
+def to_float32(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """F32/F16/BF16 little-endian bytes -> a new float32 array of `shape` (never a view of data).
+
+    Raises:
+        ValueError: unknown dtype, or the byte count does not match the shape.
+    """
+    n = math.prod(shape)
+    if dtype == "F32":
+        raw = _check_size(data, 4 * n, dtype, shape)
+        return raw.view("<f4").astype(np.float32).reshape(shape)  # astype copies
+    if dtype == "F16":
+        raw = _check_size(data, 2 * n, dtype, shape)
+        return raw.view("<f2").astype(np.float32).reshape(shape)
+    if dtype == "BF16":
+        raw = _check_size(data, 2 * n, dtype, shape)
+        return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    raise ValueError(f"dtype {dtype!r} is not a dense float type; expected one of {DENSE_DTYPES}")
+
+
+def _blocks(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Raw bytes -> (out * in / 32, block bytes) uint8, after checking shape and size."""
+    if dtype not in GGUF_TYPES:
+        raise ValueError(f"dtype {dtype!r} is not a GGUF block type; expected one of "
+                         f"{tuple(GGUF_TYPES)}")
+    if len(shape) != 2 or shape[1] % GGUF_BLOCK:
+        raise ValueError(
+            f"{dtype} tensor of shape {tuple(shape)}: expected 2-D (out, in) with in a multiple "
+            f"of {GGUF_BLOCK}"
+        )
+    block_bytes = GGUF_TYPES[dtype][1]
+    n_blocks = shape[0] * shape[1] // GGUF_BLOCK
+    raw = _check_size(data, n_blocks * block_bytes, dtype, shape)
+    return raw.reshape(n_blocks, block_bytes)
+
+
+def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The little-endian f16 at byte `at` of every block -> (n_blocks,) float32."""
+    return np.ascontiguousarray(blocks[:, at:at + 2]).view("<f2")[:, 0].astype(np.float32)
+
+
+def gguf_to_affine(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> QuantizedWeight:
+    """GGUF Q4_0/Q4_1/Q8_0 bytes of an (out, in) tensor -> QuantizedWeight (group size 32).
+
+    Raises:
+        ValueError: unsupported dtype, shape not (out, in) with in % 32 == 0, or wrong size.
+    """
+    blocks = _blocks(data, dtype, shape)
+    out, n_in = shape
+    d = _f16(blocks, 0)
+    if dtype == "Q8_0":
+        q_bytes = blocks[:, 2:] ^ np.uint8(0x80)  # int8 q -> q + 128 as uint8: 8-bit stream
+        scales, biases = d, np.float32(-128) * d
+    else:
+        qs = blocks[:, -16:]
+        # GGUF: low nibbles are elements 0..15, high nibbles 16..31; affine packs element j at
+        # bits 4j, i.e. byte t holds elements 2t (low) and 2t+1 (high).
+        vals = np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=1)  # (nb, 32)
+        q_bytes = vals[:, 0::2] | (vals[:, 1::2] << np.uint8(4))  # (nb, 16)
+        if dtype == "Q4_0":
+            scales, biases = d, np.float32(-8) * d
+        else:
+            scales, biases = d, _f16(blocks, 2)
+    packed = np.ascontiguousarray(q_bytes).reshape(out, -1).view("<u4")
+    groups = n_in // GGUF_BLOCK
+    return QuantizedWeight(
+        packed.astype(np.uint32, copy=False),
+        scales.reshape(out, groups).astype(np.float32),
+        biases.reshape(out, groups).astype(np.float32),
+        bits=GGUF_TYPES[dtype][0],
+        group_size=GGUF_BLOCK,
+    )
+
+
+_REFERENCE_BLOCKS = {
+    "Q4_0": np.dtype([("d", "<f2"), ("qs", "u1", 16)]),
+    "Q4_1": np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)]),
+    "Q8_0": np.dtype([("d", "<f2"), ("qs", "i1", 32)]),
+}
+
+
+def dequantize_gguf_reference(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """GGUF blocks -> float32 (out, in), straight from the ggml block structs (test reference).
+
+    Independent of the affine path: Q4_0 w = d * (q - 8); Q4_1 w = d * q + m; Q8_0 w = d * q.
+    """
+    blocks = _blocks(data, dtype, shape)
+    b = np.ascontiguousarray(blocks).view(_REFERENCE_BLOCKS[dtype])[:, 0]
+    d = b["d"].astype(np.float32)[:, None]
+    if dtype == "Q8_0":
+        w = d * b["qs"].astype(np.float32)
+    else:
+        qs = b["qs"]
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)  # (nb, 32)
+        w = d * (q - 8) if dtype == "Q4_0" else d * q + b["m"].astype(np.float32)[:, None]
+    return w.astype(np.float32).reshape(shape)

@@ -1,0 +1,175 @@
+"""MLX's affine group-wise quantization, defined once: constants, packed layout, reference code.
+
+Layout (as mx.quantize writes it): the packed weight is uint32 of shape (out, in * bits // 32).
+Each row is a little-endian bitstream: element j occupies bits [j * bits, (j + 1) * bits) of the
+row's bytes read as uint8 little-endian (for 2/4/8 bits that is "the k-th element sits at bits
+k * bits of each word"; 3/5/6-bit elements straddle bytes and words). scales and biases have
+shape (out, in // group_size), and w = scales * q + biases per group.
+
+Everything here is plain numpy and is the reference the numba and MLX kernels are tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
+SUPPORTED_GROUP_SIZES = (32, 64, 128)
+CHUNK = 8  # 8 elements of any bit width fill exactly `bits` whole bytes
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    """A (out, in) weight in MLX affine form. Arrays are numpy (numpy backend) or mx (MLX).
+
+    packed (out, in * bits // 32) uint32; scales, biases (out, in // group_size) float32.
+    """
+
+    packed: Any
+    scales: Any
+    biases: Any
+    bits: int
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.packed.shape[0]), int(self.packed.shape[1]) * 32 // self.bits
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.packed.nbytes + self.scales.nbytes + self.biases.nbytes)
+
+
+def check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits!r} is not supported; expected one of {SUPPORTED_BITS}")
+
+
+def check_group_size(group_size: int) -> None:
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        raise ValueError(
+            f"group_size={group_size!r} is not supported; expected one of {SUPPORTED_GROUP_SIZES}"
+        )
+
+
+def pack(q: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned ints q (..., n) < 2**bits into uint32 words (..., n * bits // 32).
+
+    Raises:
+        ValueError: unsupported bits, or n not a multiple of 32.
+    """
+    check_bits(bits)
+    q = np.asarray(q)
+    n = q.shape[-1]
+    if n % 32:
+        raise ValueError(f"q: last dimension {n} must be a multiple of 32 to pack whole words")
+    lead = q.shape[:-1]
+    chunks = q.reshape(-1, n // CHUNK, CHUNK).astype(np.uint64)  # (R, n/8, 8)
+    shifts = np.arange(CHUNK, dtype=np.uint64) * np.uint64(bits)
+    words = np.bitwise_or.reduce(chunks << shifts, axis=-1)  # (R, n/8) uint64, `bits` bytes used
+    as_bytes = words[..., None].astype("<u8").view(np.uint8)[..., :bits]  # (R, n/8, bits)
+    flat = np.ascontiguousarray(as_bytes).reshape(-1, n * bits // 8)  # (R, row bytes)
+    return flat.view("<u4").reshape(*lead, n * bits // 32)
+
+
+def unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    """Inverse of pack: uint32 words (..., n * bits // 32) -> uint8 values (..., n).
+
+    Raises:
+        ValueError: unsupported bits, or packed's last dimension does not hold n elements.
+    """
+    check_bits(bits)
+    packed = np.ascontiguousarray(packed, dtype="<u4")
+    if n % 32 or packed.shape[-1] * 32 != n * bits:
+        raise ValueError(
+            f"packed: last dimension {packed.shape[-1]} does not hold n={n} {bits}-bit elements "
+            f"(expected {n * bits // 32} words, n a multiple of 32)"
+        )
+    lead = packed.shape[:-1]
+    as_bytes = packed.view(np.uint8).reshape(-1, n // CHUNK, bits)  # (R, n/8, bits)
+    padded = np.zeros(as_bytes.shape[:-1] + (8,), dtype=np.uint8)
+    padded[..., :bits] = as_bytes
+    words = padded.view("<u8")  # (R, n/8, 1)
+    shifts = np.arange(CHUNK, dtype=np.uint64) * np.uint64(bits)
+    q = (words >> shifts) & np.uint64((1 << bits) - 1)  # (R, n/8, 8)
+    return q.astype(np.uint8).reshape(*lead, n)
+
+
+def _check_matrix(w: np.ndarray, group_size: int, name: str = "w") -> None:
+    if w.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D (out, in) array, got shape {w.shape}")
+    if w.shape[1] % group_size:
+        raise ValueError(
+            f"{name}: in={w.shape[1]} is not divisible by group_size={group_size}; "
+            "hint: choose a group size that divides the input dimension"
+        )
+
+
+def quantize(w: np.ndarray, bits: int = 4, group_size: int = 64) -> QuantizedWeight:
+    """Affine-quantize w (out, in) exactly as mx.quantize does on float32 input.
+
+    Per group: the edge is the endpoint with the larger magnitude (min or max); the scale is
+    (max - min) / (2**bits - 1), at least 1e-7, signed so that the edge maps to q=0, then
+    refined to edge / round(edge / scale) so the edge is exactly representable. q is
+    round-half-even((w - bias) / scale) clipped to [0, 2**bits - 1].
+
+    Raises:
+        ValueError: unsupported bits or group_size, w not 2-D, in not divisible by group_size.
+    """
+    check_bits(bits)
+    check_group_size(group_size)
+    w = np.asarray(w, dtype=np.float32)
+    _check_matrix(w, group_size)
+    out, n_in = w.shape
+    groups = w.reshape(out, n_in // group_size, group_size)
+    n_bins = np.float32((1 << bits) - 1)
+    w_max = groups.max(axis=-1)
+    w_min = groups.min(axis=-1)
+    mask = np.abs(w_min) > np.abs(w_max)
+    scales = np.maximum((w_max - w_min) / n_bins, np.float32(1e-7))
+    scales = np.where(mask, scales, -scales)
+    edge = np.where(mask, w_min, w_max)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q0 = np.rint(edge / scales)
+        scales = np.where(q0 != 0, edge / q0, scales).astype(np.float32)
+    biases = np.where(q0 != 0, edge, np.float32(0)).astype(np.float32)
+    q = np.rint((groups - biases[..., None]) / scales[..., None])
+    q = np.clip(q, 0, n_bins).astype(np.uint8).reshape(out, n_in)
+    return QuantizedWeight(pack(q, bits), scales, biases, bits, group_size)
+
+
+def dequantize(qw: QuantizedWeight) -> np.ndarray:
+    """w = scales * q + biases per group, in float32 (two roundings, no fused multiply-add)."""
+    out, n_in = qw.shape
+    q = unpack(np.asarray(qw.packed), qw.bits, n_in).astype(np.float32)
+    q = q.reshape(out, n_in // qw.group_size, qw.group_size)
+    scales = np.asarray(qw.scales, dtype=np.float32)[..., None]
+    biases = np.asarray(qw.biases, dtype=np.float32)[..., None]
+    return (scales * q + biases).reshape(out, n_in)
+
+
+def check_quantized(qw: QuantizedWeight, name: str = "weight") -> None:
+    """Check a triple's shapes agree with bits and group_size.
+
+    Raises:
+        ValueError: names the tensor, the expected and the actual shapes.
+    """
+    check_bits(qw.bits)
+    check_group_size(qw.group_size)
+    if len(qw.packed.shape) != 2 or (qw.packed.shape[1] * 32) % qw.bits:
+        raise ValueError(
+            f"{name}: packed shape {tuple(qw.packed.shape)} is not (out, in * {qw.bits} // 32)"
+        )
+    out, n_in = qw.shape
+    want = (out, n_in // qw.group_size)
+    for part in ("scales", "biases"):
+        got = tuple(getattr(qw, part).shape)
+        if n_in % qw.group_size or got != want:
+            raise ValueError(
+                f"{name}: {part} shape {got} does not match packed {tuple(qw.packed.shape)} at "
+                f"{qw.bits} bits, group_size {qw.group_size} (expected {want}); hint: check the "
+                "model's quantization bits/group_size"
+            )
