@@ -129,13 +129,12 @@ class LayerScheduler:
             self.resident = set(order)
             return self.resident
         uses = {k: sum(k in s.units for s in steps) for k in order}
-        ring = (self.config.prefetch_depth + 1) * self.min_budget_bytes(steps)
-        room = budget - ring
         resident: set[str] = set()
         for k in sorted(order, key=lambda k: -uses[k]):
-            if uses[k] > 1 and size(k) <= room:
+            if uses[k] > 1 and size(k) + self._ring_bytes(steps, resident | {k}) <= budget:
                 resident.add(k)
-                room -= size(k)
+        ring = self._ring_bytes(steps, resident)
+        room = budget - ring - sum(size(k) for k in resident)
         rest = [k for k in order if k not in resident]
         smallest_first = sorted(map(size, rest))
         n_keep = sum(1 for i in range(len(rest)) if sum(smallest_first[: i + 1]) <= room)
@@ -144,6 +143,13 @@ class LayerScheduler:
         resident |= set(rest) - streamed
         self.resident = _fit(resident, order, size, budget - ring)
         return self.resident
+
+    def _ring_bytes(self, steps: Sequence[Step], resident: set[str]) -> int:
+        """Room the streamed units need: depth + 1 of the largest, and at least one step."""
+        size = self.loader.prepared_nbytes
+        streamed = [size(k) for s in steps for k in s.units if k not in resident] or [0]
+        step_need = max(sum(size(k) for k in set(s.units) - resident) for s in steps)
+        return max(step_need, (self.config.prefetch_depth + 1) * max(streamed))
 
     def min_budget_bytes(self, steps: Sequence[Step]) -> int:
         """The smallest compute budget that can run these steps (the largest step's units)."""
