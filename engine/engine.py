@@ -68,7 +68,8 @@ class Engine:
         self.cache = WeightCache(config.cache)
         self.reader = UnitReader(source.index, config.loader)
         self.units = BackendUnitLoader(source.index, self.reader, self.backend)
-        self.scheduler = LayerScheduler(self.cache, self.units, config.scheduler)
+        self.scheduler = LayerScheduler(self.cache, self.units, config.scheduler,
+                                        getattr(self.backend, "init_compute_thread", None))
         self._lock = asyncio.Lock()
         # the unit walk of one forward pass (closures over a dummy state), for planning
         steps = self.model.steps(ForwardState(np.zeros((1, 1), np.int64), kv=None))  # type: ignore[arg-type]

@@ -103,13 +103,17 @@ class LayerScheduler:
     """Runs forward passes as step lists; owns the I/O pool, the compute thread and the
     prefetch window. The cache is touched only from the event loop thread."""
 
-    def __init__(self, cache: WeightCache, loader: UnitLoader, config: SchedulerConfig) -> None:
+    def __init__(self, cache: WeightCache, loader: UnitLoader, config: SchedulerConfig,
+                 compute_init: Callable[[], None] | None = None) -> None:
+        """compute_init runs once on the compute thread before any step (e.g. to give the
+        thread its own MLX stream)."""
         self.cache = cache
         self.loader = loader
         self.config = config
         self.record_intervals = False
         self._io = ThreadPoolExecutor(config.io_workers, thread_name_prefix="stream-io")
-        self._compute = ThreadPoolExecutor(1, thread_name_prefix="stream-compute")
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="stream-compute",
+                                           initializer=compute_init)
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self.resident: set[str] = set()  # units kept pinned across runs (plan_residency)
 
