@@ -143,7 +143,7 @@ class Engine:
         """Logits (L, V) for every position of ids, in one streamed pass (tests, perplexity)."""
         arr = np.asarray(ids, dtype=np.int64)[None, :]
         async with self._lock:
-            kv = self.model.make_kv_cache(1, arr.shape[1])
+            kv = await self.scheduler.run_on_compute(self.model.make_kv_cache, 1, arr.shape[1])
             logits, _ = await self.forward(arr, kv, all_logits=True)
         return logits[0]
 
@@ -174,7 +174,8 @@ class Engine:
         stats = GenerationStats(prompt_tokens=len(ids),
                                 prefetch_depth=self.config.scheduler.prefetch_depth)
         run = RunStats()
-        kv = self.model.make_kv_cache(1, len(ids) + params.max_tokens)
+        kv = await self.scheduler.run_on_compute(
+            self.model.make_kv_cache, 1, len(ids) + params.max_tokens)
         sampler = Sampler(params.sampling)
         stops = set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
         detok = self.tokenizer.detokenizer()

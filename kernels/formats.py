@@ -8,10 +8,12 @@ products d * q are exact in float32, so scales * q + biases rounds the same way)
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
-from kernels.quant import QuantizedWeight
+from kernels.quant import QuantizedWeight, check_quantized
 
 DENSE_DTYPES = ("F32", "F16", "BF16")
 GGUF_BLOCK = 32
@@ -51,8 +53,9 @@ def to_float32(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarr
 def _blocks(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     """Raw bytes -> (out * in / 32, block bytes) uint8, after checking shape and size."""
     if dtype not in GGUF_TYPES:
-        raise ValueError(f"dtype {dtype!r} is not a GGUF block type; expected one of "
-                         f"{tuple(GGUF_TYPES)}")
+        raise ValueError(
+            f"dtype {dtype!r} is not a GGUF block type; expected one of {tuple(GGUF_TYPES)}"
+        )
     if len(shape) != 2 or shape[1] % GGUF_BLOCK:
         raise ValueError(
             f"{dtype} tensor of shape {tuple(shape)}: expected 2-D (out, in) with in a multiple "
@@ -66,7 +69,7 @@ def _blocks(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
 
 def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
     """The little-endian f16 at byte `at` of every block -> (n_blocks,) float32."""
-    return np.ascontiguousarray(blocks[:, at:at + 2]).view("<f2")[:, 0].astype(np.float32)
+    return np.ascontiguousarray(blocks[:, at : at + 2]).view("<f2")[:, 0].astype(np.float32)
 
 
 def gguf_to_affine(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> QuantizedWeight:
@@ -124,3 +127,82 @@ def dequantize_gguf_reference(data: np.ndarray, dtype: str, shape: tuple[int, ..
         q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)  # (nb, 32)
         w = d * (q - 8) if dtype == "Q4_0" else d * q + b["m"].astype(np.float32)[:, None]
     return w.astype(np.float32).reshape(shape)
+
+
+def _quant_params(
+    quantization: Mapping[str, Any] | None, prefix: str, name: str
+) -> tuple[int, int]:
+    """bits, group_size for the MLX-quantized weight `prefix`.weight (per-tensor override first)."""
+    if not quantization:
+        raise ValueError(
+            f"{name}: MLX-quantized (U32) weight but the model has no quantization config; "
+            "hint: config.json needs a 'quantization' section with bits and group_size"
+        )
+    override = quantization.get(prefix)
+    source = override if isinstance(override, Mapping) else quantization
+    try:
+        return int(source["bits"]), int(source["group_size"])
+    except KeyError as exc:
+        raise ValueError(f"{name}: quantization config lacks {exc.args[0]!r}") from None
+
+
+def _dense(name: str, t: Any) -> np.ndarray:
+    try:
+        return to_float32(t.data, t.dtype, t.shape)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
+def _packed_u32(name: str, t: Any) -> np.ndarray:
+    n = math.prod(t.shape)
+    raw = _check_size(t.data, 4 * n, f"{name}: U32", t.shape)
+    return raw.view("<u4").astype(np.uint32).reshape(t.shape)  # astype copies off the buffer
+
+
+def prepare_unit(
+    tensors: Mapping[str, Any], quantization: Mapping[str, Any] | None
+) -> dict[str, np.ndarray | QuantizedWeight]:
+    """One unit's raw tensors -> host compute form (float32 arrays, numpy QuantizedWeights).
+
+    MLX triples "x.weight" (U32) + "x.scales" + "x.biases" become one QuantizedWeight under
+    "x.weight"; GGUF Q4_0/Q4_1/Q8_0 become QuantizedWeights; F32/F16/BF16 become float32.
+    Nothing returned is a view of the raw buffers, so they can be freed.
+
+    Raises:
+        ValueError: names the tensor: unknown dtype, missing scales/biases, bad shapes or sizes.
+    """
+    out: dict[str, np.ndarray | QuantizedWeight] = {}
+    consumed: set[str] = set()
+    for name, t in tensors.items():
+        if t.dtype != "U32":
+            continue
+        prefix = name.removesuffix(".weight")
+        parts = {p: tensors.get(f"{prefix}.{p}") for p in ("scales", "biases")}
+        missing = [f"{prefix}.{p}" for p, v in parts.items() if v is None]
+        if not name.endswith(".weight") or missing:
+            raise ValueError(
+                f"{name}: U32 tensor without its MLX quantization companions (missing "
+                f"{missing or ['a .weight name']}); hint: the checkpoint is incomplete"
+            )
+        bits, group_size = _quant_params(quantization, prefix, name)
+        scales, biases = (_dense(f"{prefix}.{p}", parts[p]) for p in ("scales", "biases"))
+        qw = QuantizedWeight(_packed_u32(name, t), scales, biases, bits, group_size)
+        check_quantized(qw, name)
+        out[name] = qw
+        consumed |= {f"{prefix}.scales", f"{prefix}.biases"}
+    for name, t in tensors.items():
+        if name in consumed or name in out:
+            continue
+        if t.dtype in GGUF_TYPES:
+            try:
+                out[name] = gguf_to_affine(t.data, t.dtype, t.shape)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        elif t.dtype in DENSE_DTYPES:
+            out[name] = _dense(name, t)
+        else:
+            raise ValueError(
+                f"{name}: dtype {t.dtype!r} has no compute form; expected one of "
+                f"{(*DENSE_DTYPES, 'U32', *GGUF_TYPES)}"
+            )
+    return out

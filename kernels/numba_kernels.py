@@ -1,120 +1,134 @@
-"""Numba CPU kernels on MLX-packed affine weights (layout in kernels/quant.py).
+"""Numba CPU kernels on MLX-packed affine weights (layout and reference in kernels/quant.py).
 
-qmatvec reads the packed words directly, so decode never materialises a float32 weight.
-Per group it computes dot(x, q) and folds the affine terms in once:
+qmatvec reads the packed bytes directly, so decode never materialises a float32 weight. Per
+group it computes dot(x, q) and folds the affine terms in once:
 sum_k x_k (s q_k + b) = s * dot(x, q) + b * sum(x), with sum(x) per group shared by all rows.
-Eight independent accumulators per group stand in for the SIMD lanes fastmath would allow.
+
+4- and 8-bit (and 2-bit) elements never straddle a byte, so those paths decode byte-wise, which
+LLVM vectorises; 3/5/6-bit elements take a generic path that reads two words per element.
+Each path is its own kernel: one body with a switch on bits defeats the vectoriser. Loops are
+written `for i in range(n): j = start + i` for the same reason (range(start, stop) does not
+vectorise here). Kernels compile lazily on first use and are cached on disk (cache=True).
 """
 
 from __future__ import annotations
 
-import numpy as np
-from numba import njit, prange
+import os
 
-from kernels.quant import CHUNK
+# Numba's OpenMP workers spin after each parallel region by default, starving OpenBLAS's
+# threads that run next (and vice versa): on 2 cores a prefill layer took 12x longer.
+# Sleeping workers cost ~0.3 ms per short-context decode layer instead. Set before libgomp loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
+
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
 
 _JIT = {"parallel": True, "cache": True, "fastmath": False, "nogil": True}
+# Reassociation only (no nnan/ninf/contract): lets LLVM split each group's dot product across
+# SIMD lanes, ~3x faster than a strictly sequential sum. NaN/Inf still propagate.
+_JIT_DOT = {**_JIT, "fastmath": {"reassoc"}}
 
 
 @njit(inline="always")
-def _decode_chunk(row_bytes, chunk, bits):
-    """The `bits` little-endian bytes of 8-element chunk `chunk` -> one uint64."""
-    v = np.uint64(0)
-    base = chunk * bits
-    for t in range(bits):
-        v |= np.uint64(row_bytes[base + t]) << np.uint64(8 * t)
-    return v
+def _element(words, k, bits):
+    """Element k of a `bits`-bit little-endian stream stored in uint32 words."""
+    bit = k * bits
+    lo = bit >> 5
+    hi = min(lo + 1, words.shape[0] - 1)  # the row's last element never straddles a word
+    v = (np.int64(words[lo]) | (np.int64(words[hi]) << 32)) >> (bit & 31)
+    return v & ((1 << bits) - 1)
 
 
 @njit(inline="always")
-def _dot_group_4(words, x, w0, n_words, k0):
-    """dot(x[k0:], q) over n_words 4-bit words starting at words[w0]."""
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0)
-    k = k0
-    for i in range(w0, w0 + n_words):
-        w = words[i]
-        a0 += x[k] * np.float32(w & 15)
-        a1 += x[k + 1] * np.float32((w >> 4) & 15)
-        a2 += x[k + 2] * np.float32((w >> 8) & 15)
-        a3 += x[k + 3] * np.float32((w >> 12) & 15)
-        a4 += x[k + 4] * np.float32((w >> 16) & 15)
-        a5 += x[k + 5] * np.float32((w >> 20) & 15)
-        a6 += x[k + 6] * np.float32((w >> 24) & 15)
-        a7 += x[k + 7] * np.float32(w >> 28)
-        k += 8
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+def _dot_group_2(row_bytes, x, b0, n_bytes):
+    """dot(x, q) over n_bytes bytes of a 2-bit stream from byte b0 (4 elements per byte)."""
+    d0 = d1 = d2 = d3 = np.float32(0)
+    for i in range(n_bytes):
+        j = b0 + i
+        b = np.int32(row_bytes[j])  # int32 -> float32 converts faster than unsigned
+        d0 += x[4 * j] * np.float32(b & 3)
+        d1 += x[4 * j + 1] * np.float32((b >> 2) & 3)
+        d2 += x[4 * j + 2] * np.float32((b >> 4) & 3)
+        d3 += x[4 * j + 3] * np.float32(b >> 6)
+    return (d0 + d1) + (d2 + d3)
 
 
 @njit(inline="always")
-def _dot_group_8(words, x, w0, n_words, k0):
-    """dot(x[k0:], q) over n_words 8-bit words (two words per step) starting at words[w0]."""
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0)
-    k = k0
-    for i in range(w0, w0 + n_words, 2):
-        w = words[i]
-        u = words[i + 1]
-        a0 += x[k] * np.float32(w & 255)
-        a1 += x[k + 1] * np.float32((w >> 8) & 255)
-        a2 += x[k + 2] * np.float32((w >> 16) & 255)
-        a3 += x[k + 3] * np.float32(w >> 24)
-        a4 += x[k + 4] * np.float32(u & 255)
-        a5 += x[k + 5] * np.float32((u >> 8) & 255)
-        a6 += x[k + 6] * np.float32((u >> 16) & 255)
-        a7 += x[k + 7] * np.float32(u >> 24)
-        k += 8
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+def _dot_group_4(row_bytes, x, b0, n_bytes):
+    """dot(x, q) over n_bytes bytes of a 4-bit stream from byte b0 (low nibble first)."""
+    lo = hi = np.float32(0)
+    for i in range(n_bytes):
+        j = b0 + i
+        b = np.int32(row_bytes[j])
+        lo += x[2 * j] * np.float32(b & 15)
+        hi += x[2 * j + 1] * np.float32(b >> 4)
+    return lo + hi
 
 
 @njit(inline="always")
-def _dot_group_any(row_bytes, x, c0, n_chunks, k0, bits):
-    """dot(x[k0:], q) over n_chunks 8-element chunks of a `bits`-bit stream from chunk c0."""
-    mask = np.uint64((1 << bits) - 1)
-    s1 = np.uint64(bits)
-    s2 = s1 + s1
-    s3 = s2 + s1
-    s4 = s2 + s2
-    s5 = s4 + s1
-    s6 = s4 + s2
-    s7 = s4 + s3
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0)
-    k = k0
-    for c in range(c0, c0 + n_chunks):
-        v = _decode_chunk(row_bytes, c, bits)
-        a0 += x[k] * np.float32(v & mask)
-        a1 += x[k + 1] * np.float32((v >> s1) & mask)
-        a2 += x[k + 2] * np.float32((v >> s2) & mask)
-        a3 += x[k + 3] * np.float32((v >> s3) & mask)
-        a4 += x[k + 4] * np.float32((v >> s4) & mask)
-        a5 += x[k + 5] * np.float32((v >> s5) & mask)
-        a6 += x[k + 6] * np.float32((v >> s6) & mask)
-        a7 += x[k + 7] * np.float32((v >> s7) & mask)
-        k += 8
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+def _dot_group_8(row_bytes, x, b0, n_bytes):
+    """dot(x, q) over n_bytes bytes of an 8-bit stream from byte b0."""
+    dot = np.float32(0)
+    for i in range(n_bytes):
+        dot += x[b0 + i] * np.float32(row_bytes[b0 + i])
+    return dot
 
 
-@njit(**_JIT)
-def _qmatvec(x, xsum, packed, scales, biases, bits, group_size, out):
-    n = x.shape[0]
-    n_out = packed.shape[0]
-    n_groups = scales.shape[1]
-    words_per_group = group_size * bits // 32
-    chunks_per_group = group_size // CHUNK
-    for o in prange(n_out):
-        words = packed[o]
-        row_bytes = words.view(np.uint8)
-        for r in range(n):
-            xr = x[r]
+@njit(inline="always")
+def _dot_group_any(words, x, k0, n, bits):
+    """dot(x[k0:k0+n], q) for any bit width."""
+    dot = np.float32(0)
+    for i in range(n):
+        dot += x[k0 + i] * np.float32(_element(words, k0 + i, bits))
+    return dot
+
+
+@njit(**_JIT_DOT)
+def _qmatvec_2(x, xsum, packed, scales, biases, group_size, out):
+    bytes_per_group = group_size // 4
+    for o in prange(packed.shape[0]):
+        row_bytes = packed[o].view(np.uint8)
+        for r in range(x.shape[0]):
             acc = np.float32(0)
-            for g in range(n_groups):
-                k0 = g * group_size
-                if bits == 4:
-                    dot = _dot_group_4(words, xr, g * words_per_group, words_per_group, k0)
-                elif bits == 8:
-                    dot = _dot_group_8(words, xr, g * words_per_group, words_per_group, k0)
-                else:
-                    dot = _dot_group_any(
-                        row_bytes, xr, g * chunks_per_group, chunks_per_group, k0, bits
-                    )
+            for g in range(scales.shape[1]):
+                dot = _dot_group_2(row_bytes, x[r], g * bytes_per_group, bytes_per_group)
+                acc += scales[o, g] * dot + biases[o, g] * xsum[r, g]
+            out[r, o] = acc
+
+
+@njit(**_JIT_DOT)
+def _qmatvec_4(x, xsum, packed, scales, biases, group_size, out):
+    bytes_per_group = group_size // 2
+    for o in prange(packed.shape[0]):
+        row_bytes = packed[o].view(np.uint8)
+        for r in range(x.shape[0]):
+            acc = np.float32(0)
+            for g in range(scales.shape[1]):
+                dot = _dot_group_4(row_bytes, x[r], g * bytes_per_group, bytes_per_group)
+                acc += scales[o, g] * dot + biases[o, g] * xsum[r, g]
+            out[r, o] = acc
+
+
+@njit(**_JIT_DOT)
+def _qmatvec_8(x, xsum, packed, scales, biases, group_size, out):
+    for o in prange(packed.shape[0]):
+        row_bytes = packed[o].view(np.uint8)
+        for r in range(x.shape[0]):
+            acc = np.float32(0)
+            for g in range(scales.shape[1]):
+                dot = _dot_group_8(row_bytes, x[r], g * group_size, group_size)
+                acc += scales[o, g] * dot + biases[o, g] * xsum[r, g]
+            out[r, o] = acc
+
+
+@njit(**_JIT_DOT)
+def _qmatvec_any(x, xsum, packed, scales, biases, bits, group_size, out):
+    for o in prange(packed.shape[0]):
+        words = packed[o]
+        for r in range(x.shape[0]):
+            acc = np.float32(0)
+            for g in range(scales.shape[1]):
+                dot = _dot_group_any(words, x[r], g * group_size, group_size, bits)
                 acc += scales[o, g] * dot + biases[o, g] * xsum[r, g]
             out[r, o] = acc
 
@@ -127,35 +141,67 @@ def qmatvec(
     bits: int,
     group_size: int,
 ) -> np.ndarray:
-    """x (n, in) float32 (n small: decode) @ dequantize(packed, scales, biases).T -> (n, out).
+    """x (n, in) float32, n small (decode) @ dequantize(packed, scales, biases).T -> (n, out).
 
-    Parallel over output rows; the weight is read once per call, straight from the packed words.
+    Parallel over output rows; reads the packed weight straight from memory once per row of x
+    (the row is hot in L1 after the first).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, n_in = x.shape
     xsum = x.reshape(n, n_in // group_size, group_size).sum(axis=-1, dtype=np.float32)
     out = np.empty((n, packed.shape[0]), dtype=np.float32)
-    _qmatvec(x, xsum, packed, scales, biases, int(bits), int(group_size), out)
+    args = (x, xsum, packed, scales, biases)
+    if bits == 4:
+        _qmatvec_4(*args, int(group_size), out)
+    elif bits == 8:
+        _qmatvec_8(*args, int(group_size), out)
+    elif bits == 2:
+        _qmatvec_2(*args, int(group_size), out)
+    else:
+        _qmatvec_any(*args, int(bits), int(group_size), out)
     return out
 
 
 @njit(**_JIT)
-def _dequantize_rows(packed, scales, biases, bits, group_size, rows, out):
-    n_chunks = out.shape[1] // CHUNK
-    mask = np.uint64((1 << bits) - 1)
-    b = np.uint64(bits)
+def _dequantize_rows_4(packed, scales, biases, group_size, rows, out):
+    half = group_size // 2
     for i in prange(rows.shape[0]):
         r = rows[i]
         row_bytes = packed[r].view(np.uint8)
-        for c in range(n_chunks):
-            v = _decode_chunk(row_bytes, c, bits)
-            k = c * CHUNK
-            g = k // group_size
+        for g in range(scales.shape[1]):
             s = scales[r, g]
-            bias = biases[r, g]
-            for p in range(CHUNK):
-                q = np.float32((v >> (np.uint64(p) * b)) & mask)
-                out[i, k + p] = s * q + bias
+            b = biases[r, g]
+            for t in range(half):
+                j = g * half + t
+                v = np.int32(row_bytes[j])
+                out[i, 2 * j] = s * np.float32(v & 15) + b
+                out[i, 2 * j + 1] = s * np.float32(v >> 4) + b
+
+
+@njit(**_JIT)
+def _dequantize_rows_8(packed, scales, biases, group_size, rows, out):
+    for i in prange(rows.shape[0]):
+        r = rows[i]
+        row_bytes = packed[r].view(np.uint8)
+        for g in range(scales.shape[1]):
+            s = scales[r, g]
+            b = biases[r, g]
+            for t in range(group_size):
+                j = g * group_size + t
+                out[i, j] = s * np.float32(row_bytes[j]) + b
+
+
+@njit(**_JIT)
+def _dequantize_rows_any(packed, scales, biases, bits, group_size, rows, out):
+    for i in prange(rows.shape[0]):
+        r = rows[i]
+        words = packed[r]
+        for g in range(scales.shape[1]):
+            s = scales[r, g]
+            b = biases[r, g]
+            for t in range(group_size):
+                j = g * group_size + t
+                out[i, j] = s * np.float32(_element(words, j, bits)) + b
 
 
 def dequantize_rows(
@@ -168,13 +214,18 @@ def dequantize_rows(
 ) -> np.ndarray:
     """Rows `rows` (all when None) of the (out, in) weight -> (len(rows), in) float32.
 
-    Bit-identical to quant.dequantize (scales * q + biases, two roundings). Used for the
-    prefill path (dequantize, then BLAS) and for embedding row gathers.
+    Bit-identical to quant.dequantize (scales * q + biases, two roundings, no FMA). Used for
+    the prefill path (dequantize, then BLAS) and for embedding row gathers.
     """
     if rows is None:
         rows = np.arange(packed.shape[0], dtype=np.int64)
     rows = np.ascontiguousarray(rows, dtype=np.int64).reshape(-1)
     n_in = packed.shape[1] * 32 // bits
     out = np.empty((rows.shape[0], n_in), dtype=np.float32)
-    _dequantize_rows(packed, scales, biases, int(bits), int(group_size), rows, out)
+    if bits == 4:
+        _dequantize_rows_4(packed, scales, biases, int(group_size), rows, out)
+    elif bits == 8:
+        _dequantize_rows_8(packed, scales, biases, int(group_size), rows, out)
+    else:
+        _dequantize_rows_any(packed, scales, biases, int(bits), int(group_size), rows, out)
     return out

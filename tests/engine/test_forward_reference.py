@@ -6,10 +6,10 @@ import asyncio
 import numpy as np
 import pytest
 
-from engine import Engine, EngineConfig, GenerationParams
+from engine import Engine, EngineConfig, GenerationParams, ReadError
 from scheduler import SchedulerConfig
 from tests.reference_model import reference_greedy, reference_logits
-from tests.tiny_models import write_tiny_model
+from tests.tiny_models import write_mlx_quantized_model, write_tiny_model
 
 BACKENDS = ["numpy", "mlx"]
 VARIANTS = ["llama", "llama_tied", "llama3_rope", "mistral", "qwen2", "qwen3"]
@@ -111,3 +111,37 @@ def test_prefetch_depth_does_not_change_tokens(tmp_path, depth):
     finally:
         engine.close()
     assert got == reference_greedy(cfg, weights, PROMPT, 8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bits, group", [(4, 32), (8, 64), (3, 64), (6, 64), (5, 32), (2, 32)])
+def test_mlx_quantized_checkpoint_matches_reference(tmp_path, backend, bits, group):
+    cfg, weights = write_mlx_quantized_model(tmp_path, "llama", bits, group)
+    engine = open_engine(tmp_path, backend)
+    try:
+        got = asyncio.run(engine.logits(PROMPT))
+    finally:
+        engine.close()
+    np.testing.assert_allclose(got, reference_logits(cfg, weights, PROMPT), rtol=1e-4, atol=1e-4)
+
+
+def test_read_error_mid_stream_names_file_and_unit_and_engine_recovers(tmp_path):
+    write_tiny_model(tmp_path, "llama", n_layers=4)
+    full = open_engine(tmp_path)
+    small = open_engine(tmp_path, memory_budget_bytes=full.model_bytes // 2)
+    full.close()
+
+    def fail(path, offset, nbytes):
+        raise OSError(5, "Input/output error")
+
+    try:
+        small.reader.fault_hook = fail
+        with pytest.raises(ReadError, match=r"model\.safetensors: read of unit '\w+(\.\d+)?' "
+                                            r"failed at byte \d+: Input/output error"):
+            asyncio.run(generated_ids(small, PROMPT, 4))
+        assert small.cache.compute.pinned() == sorted(
+            k for k in small.scheduler.resident if k in small.cache.compute)
+        small.reader.fault_hook = None
+        assert len(asyncio.run(generated_ids(small, PROMPT, 4))) == 4
+    finally:
+        small.close()

@@ -1,0 +1,183 @@
+"""The numpy backend (the CPU default): float32 numpy + BLAS, numba kernels on packed weights."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from kernels.formats import prepare_unit
+from kernels.numba_kernels import dequantize_rows, qmatvec
+from kernels.quant import QuantizedWeight
+
+# Up to this many rows of x (decode, small batches) a quantized linear runs the fused numba
+# matvec; above it, dequantizing blocks of the weight and calling BLAS is faster.
+MATVEC_MAX_ROWS = 8
+DEQUANT_BLOCK_ELEMENTS = 1 << 22  # 16 MB of float32 weight rows per dequantize+BLAS block
+
+
+def check_ids(ids: np.ndarray, n_rows: int) -> np.ndarray:
+    """Token ids as int64, checked against the table size (the kernels do not bounds-check).
+
+    Raises:
+        ValueError: an id is negative or >= n_rows.
+    """
+    ids = np.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= n_rows):
+        bad = ids[(ids < 0) | (ids >= n_rows)].ravel()[0]
+        raise ValueError(f"token id {int(bad)} is out of range for a table of {n_rows} rows")
+    return ids.astype(np.int64, copy=False)
+
+
+def causal_mask(L: int, T: int, offset: int) -> np.ndarray:
+    """(L, T) bool: query i (at position offset + i) may attend to key j iff j <= offset + i."""
+    return np.arange(T)[None, :] <= offset + np.arange(L)[:, None]
+
+
+class NumpyKVCache:
+    """k, v float32 (n_layers, B, Hkv, max_len, D), preallocated and written in place."""
+
+    def __init__(
+        self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int
+    ) -> None:
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = np.zeros(shape, dtype=np.float32)  # zeros: pages are only touched when written
+        self.v = np.zeros(shape, dtype=np.float32)
+        self.max_len = max_len
+        self.offset = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def _check_room(self, n: int) -> int:
+        end = self.offset + n
+        if n < 0 or end > self.max_len:
+            raise ValueError(
+                f"KV cache overflow: {self.offset} tokens stored + {n} new = {end} exceeds "
+                f"max_len={self.max_len}; hint: create the cache with a larger max_len"
+            )
+        return end
+
+    def update(self, layer_idx: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Store k, v (B, Hkv, L, D) at [offset, offset + L); return views of [0, offset + L)."""
+        end = self._check_room(k.shape[2])
+        self.k[layer_idx, :, :, self.offset : end] = k
+        self.v[layer_idx, :, :, self.offset : end] = v
+        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.offset = self._check_room(n)
+
+    def trim(self, n: int) -> None:
+        """Drop the last n tokens (a cancelled step's writes are simply overwritten later)."""
+        if not 0 <= n <= self.offset:
+            raise ValueError(f"cannot trim {n} tokens from a KV cache holding {self.offset}")
+        self.offset -= n
+
+
+class NumpyBackend:
+    name = "numpy"
+    prepare_off_compute_thread = True
+
+    def prepare(
+        self, tensors: Mapping[str, Any], quantization: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        return prepare_unit(tensors, quantization)
+
+    def nbytes(self, prepared: Mapping[str, Any]) -> int:
+        return sum(int(v.nbytes) for v in prepared.values())
+
+    def from_numpy(self, a: np.ndarray) -> np.ndarray:
+        return np.asarray(a)
+
+    def to_numpy(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x)
+
+    def embed(self, table: Any, ids: np.ndarray) -> np.ndarray:
+        ids = check_ids(ids, table.shape[0])
+        if isinstance(table, QuantizedWeight):
+            rows = dequantize_rows(
+                table.packed, table.scales, table.biases, table.bits, table.group_size, ids
+            )
+            return rows.reshape(*ids.shape, table.shape[1])
+        return table[ids]
+
+    def linear(self, x: np.ndarray, w: Any, bias: np.ndarray | None = None) -> np.ndarray:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        if isinstance(w, QuantizedWeight):
+            y = self._quantized_linear(x2, w)
+        else:
+            y = x2 @ w.T  # BLAS sgemm with a transposed operand: no copy of w
+        if bias is not None:
+            y += bias
+        return y.reshape(*lead, y.shape[-1])
+
+    def _quantized_linear(self, x: np.ndarray, w: QuantizedWeight) -> np.ndarray:
+        n_out, n_in = w.shape
+        if x.shape[1] != n_in:
+            raise ValueError(f"linear: x has {x.shape[1]} features, weight {w.shape} wants {n_in}")
+        if x.shape[0] <= MATVEC_MAX_ROWS:
+            return qmatvec(x, w.packed, w.scales, w.biases, w.bits, w.group_size)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        y = np.empty((x.shape[0], n_out), dtype=np.float32)
+        step = max(1, DEQUANT_BLOCK_ELEMENTS // n_in)
+        for lo in range(0, n_out, step):  # blocks bound the float32 temporary
+            rows = np.arange(lo, min(lo + step, n_out), dtype=np.int64)
+            wb = dequantize_rows(w.packed, w.scales, w.biases, w.bits, w.group_size, rows)
+            np.matmul(x, wb.T, out=y[:, lo : lo + rows.size])
+        return y
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        ms = np.mean(np.square(x), axis=-1, keepdims=True)
+        return x * (np.float32(1) / np.sqrt(ms + np.float32(eps))) * weight
+
+    def rope(self, x: np.ndarray, offset: int, inv_freq: np.ndarray) -> np.ndarray:
+        L, half = x.shape[2], x.shape[3] // 2
+        pos = np.arange(offset, offset + L, dtype=np.float32)
+        freqs = pos[:, None] * np.asarray(inv_freq, dtype=np.float32)[None, :]  # (L, D/2)
+        cos, sin = np.cos(freqs), np.sin(freqs)
+        x1, x2 = x[..., :half], x[..., half:]
+        # HF rotate-half: x * cat(cos, cos) + cat(-x2, x1) * cat(sin, sin)
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+    def attention(
+        self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, offset: int
+    ) -> np.ndarray:
+        B, Hq, L, D = q.shape
+        Hkv, T = k.shape[1], k.shape[2]
+        G = Hq // Hkv
+        # Query heads h = kv * G + g share kv head h // G: group them instead of repeating K/V.
+        qg = np.ascontiguousarray(q).reshape(B, Hkv, G * L, D)
+        scores = qg @ k.swapaxes(-1, -2)  # (B, Hkv, G*L, T)
+        scores *= np.float32(scale)
+        if not (L == 1 and T == offset + 1):
+            s5 = scores.reshape(B, Hkv, G, L, T)
+            s5[..., ~causal_mask(L, T, offset)] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        return (scores @ v).reshape(B, Hq, L, D)
+
+    def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):  # exp(-g) -> inf for g << 0 gives silu = -0, correct
+            return gate / (np.float32(1) + np.exp(-gate)) * up
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return a + b
+
+    def reshape(self, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return np.reshape(x, shape)
+
+    def transpose(self, x: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+        return np.transpose(x, axes)
+
+    def make_kv_cache(
+        self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int
+    ) -> NumpyKVCache:
+        return NumpyKVCache(n_layers, batch, n_kv_heads, head_dim, max_len)
+
+    def synchronize(self, x: Any) -> None:
+        return None
