@@ -8,6 +8,7 @@ reserved for reads still in flight.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,20 +89,21 @@ class Tier:
             return float("inf")
         return self.budget_bytes - self.used_bytes - self.reserved_bytes
 
-    def evictable_bytes(self) -> int:
-        return sum(e.nbytes for e in self._entries.values() if e.pins == 0)
+    def evictable_bytes(self, keep: Collection[str] = ()) -> int:
+        return sum(e.nbytes for k, e in self._entries.items() if e.pins == 0 and k not in keep)
 
-    def can_fit(self, nbytes: int) -> bool:
-        """Whether nbytes fit after evicting every unpinned entry."""
-        return self.free_bytes() + self.evictable_bytes() >= nbytes
+    def can_fit(self, nbytes: int, keep: Collection[str] = ()) -> bool:
+        """Whether nbytes fit after evicting every unpinned entry not in keep."""
+        return self.free_bytes() + self.evictable_bytes(keep) >= nbytes
 
-    def make_room(self, nbytes: int) -> list[str]:
-        """Evict least recently used unpinned entries until nbytes fit; return evicted keys.
+    def make_room(self, nbytes: int, keep: Collection[str] = ()) -> list[str]:
+        """Evict least recently used unpinned entries (never those in keep) until nbytes fit;
+        return the evicted keys.
 
         Raises:
             BudgetError: not enough can be evicted (pinned entries and reservations).
         """
-        if not self.can_fit(nbytes):
+        if not self.can_fit(nbytes, keep):
             raise BudgetError(
                 f"{self.name} tier: cannot fit {nbytes} bytes within budget "
                 f"{self.budget_bytes} bytes ({self.used_bytes} resident, "
@@ -112,14 +114,14 @@ class Tier:
         for key in list(self._entries):
             if self.free_bytes() >= nbytes:
                 break
-            if self._entries[key].pins == 0:
+            if self._entries[key].pins == 0 and key not in keep:
                 self.drop(key)
                 self.stats.evictions += 1
                 evicted.append(key)
         return evicted
 
-    def reserve(self, nbytes: int) -> None:
-        self.make_room(nbytes)
+    def reserve(self, nbytes: int, keep: Collection[str] = ()) -> None:
+        self.make_room(nbytes, keep)
         self.reserved_bytes += nbytes
 
     def release(self, nbytes: int) -> None:

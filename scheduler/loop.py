@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -174,7 +174,7 @@ class LayerScheduler:
             for idx, step in enumerate(steps):
                 self._schedule(steps, idx, rs)
                 t0 = time.perf_counter()
-                weights = {k: await self._acquire(k, rs) for k in step.units}
+                weights = {k: await self._acquire(k, rs, step.units) for k in step.units}
                 t1 = time.perf_counter()
                 stats.io_stall_s += t1 - t0
                 self._schedule(steps, idx + 1, rs)
@@ -199,25 +199,27 @@ class LayerScheduler:
     def _schedule(self, steps: Sequence[Step], start: int, rs: _RunState) -> None:
         """Start loads for the units of steps start..start+depth, in order, while they fit.
 
-        Loads start in step order and stop at the first unit that does not fit, so units that
-        are pinned for later are never in the way of an earlier step.
+        Loads start in step order and stop at the first unit that does not fit, and a load
+        never evicts a unit of the window, so a prefetch is never in the way of an earlier step.
         """
         tier = self.cache.compute
-        for step in steps[start:start + self.config.prefetch_depth + 1]:
+        window = steps[start:start + self.config.prefetch_depth + 1]
+        keep = {k for s in window for k in s.units}
+        for step in window:
             for key in step.units:
                 if key in tier or key in self._inflight:
                     continue
-                if not tier.can_fit(self.loader.prepared_nbytes(key)):
+                if not tier.can_fit(self.loader.prepared_nbytes(key), keep):
                     return
-                self._start_load(key, rs)
+                self._start_load(key, rs, keep)
 
-    def _start_load(self, key: str, rs: _RunState) -> None:
+    def _start_load(self, key: str, rs: _RunState, keep: Collection[str] = ()) -> None:
         size = self.loader.prepared_nbytes(key)
-        self.cache.compute.reserve(size)
+        self.cache.compute.reserve(size, keep)
         task = asyncio.get_running_loop().create_task(self._load(key, size, rs))
         self._inflight[key] = task
 
-    async def _acquire(self, key: str, rs: _RunState) -> Any:
+    async def _acquire(self, key: str, rs: _RunState, keep: Collection[str]) -> Any:
         """The unit's compute-tier value, pinned once for the current step.
 
         A load task stays in the in-flight map until its step consumes it, so a failed
@@ -232,7 +234,7 @@ class LayerScheduler:
                 tier.pin(key)
                 rs.held.append(key)
                 return value
-            self._start_load(key, rs)  # raises BudgetError if it cannot fit
+            self._start_load(key, rs, keep)  # raises BudgetError if it cannot fit
             task = self._inflight[key]
         else:
             tier.stats.misses += 1

@@ -96,3 +96,26 @@ def test_greedy_ids_match_live_transformers(smollm2_gguf):
         assert asyncio.run(greedy_ids(eng, prompt, N_STEPS)) == want
     finally:
         eng.close()
+
+
+def test_small_budget_gives_identical_tokens(smollm2_gguf):
+    """A quarter of SmolLM2 (29 MB) is below its largest step (tied head: norm + the 35 MB
+    embedding), so the smallest budget that can run it is used: ~40 MB, about 35 %."""
+    case = CASES["prompt1"]
+    probe = asyncio.run(Engine.open(smollm2_gguf, EngineConfig(backend="numpy")))
+    need = probe.scheduler.min_budget_bytes(probe.model.steps(
+        __import__("engine.models.llama", fromlist=["ForwardState"]).ForwardState(
+            np.zeros((1, 1), np.int64), kv=None)))
+    model_bytes = probe.model_bytes
+    probe.close()
+    budget = need + 4 * 2**20
+    eng = asyncio.run(Engine.open(smollm2_gguf, EngineConfig(backend="numpy",
+                                                             memory_budget_bytes=budget)))
+    try:
+        assert budget < 0.4 * model_bytes
+        got = asyncio.run(greedy_ids(eng, case["prompt_ids"], N_STEPS))
+        assert eng.cache.compute.stats.peak_bytes <= budget
+        assert eng.cache.disk_bytes_read > 10 * eng.source.index.nbytes // 2
+    finally:
+        eng.close()
+    assert got == case["greedy_ids"][:N_STEPS]
