@@ -87,7 +87,9 @@ class UnitReader:
                 try:
                     fd = os.open(path, os.O_RDONLY)
                 except OSError as exc:
-                    raise ReadError(f"{path}: cannot open for unit {key!r}: {exc.strerror}") from None
+                    raise ReadError(
+                        f"{path}: cannot open for unit {key!r}: {exc.strerror}"
+                    ) from None
                 self._fds[path] = fd
             return fd
 

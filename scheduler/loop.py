@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cache import BudgetError, WeightCache
+from cache import WeightCache
 
 
 class UnitLoader(Protocol):

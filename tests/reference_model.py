@@ -21,7 +21,8 @@ def _inv_freq(cfg: dict) -> np.ndarray:
     if kind == "linear":
         inv = inv / scaling["factor"]
     elif kind == "llama3":  # transformers' _compute_llama3_parameters, element by element
-        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
         old = scaling["original_max_position_embeddings"]
         out = []
         for f in inv:

@@ -7,10 +7,10 @@ import struct
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
-from tests.tiny_models import write_tiny_model
 
 from loaders import EMBED, HEAD, FormatError, MissingTensorError, UnitReader, layer_key, open_model
 from loaders.hf import open_hf_dir
+from tests.tiny_models import write_tiny_model
 
 
 def rewrite_weights(model_dir, edit):
