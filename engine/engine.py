@@ -84,8 +84,10 @@ class Engine:
             FormatError, MissingTensorError: a bad model; BudgetError: budget too small;
             ValueError: a bad config value.
         """
-        source = await asyncio.to_thread(open_model, model)
-        return cls(source, config or EngineConfig())
+        def build() -> Engine:  # header parsing, tokenizer and backend set-up block
+            return cls(open_model(model), config or EngineConfig())
+
+        return await asyncio.to_thread(build)
 
     async def __aenter__(self) -> Engine:
         return self

