@@ -147,7 +147,7 @@ async def run(args: argparse.Namespace) -> int:
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()
             stats = chunk.stats or stats
-        print()
+        print(flush=True)
         if stats is not None:
             print("==========", file=sys.stderr)
             for line in stats_lines(stats, config.memory_budget_bytes):
