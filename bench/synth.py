@@ -1,0 +1,223 @@
+"""Synthetic models: real HF layouts and shapes with random weights, written shard by shard.
+
+These are the large models for streaming tests and benchmarks on machines without downloads.
+Random data comes from one pre-generated pool, sliced at random offsets, so writing is bounded
+by the disk rather than the random generator, and RAM use stays at a few pool-sized buffers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+# (hidden, intermediate, layers, heads, kv_heads, vocab): the Llama-2 7B/13B and Llama-3 70B
+SHAPES = {
+    "7b": (4096, 11008, 32, 32, 32, 32000),
+    "13b": (5120, 13824, 40, 40, 40, 32000),
+    "70b": (8192, 28672, 80, 64, 8, 128256),
+    "tiny": (64, 128, 4, 4, 2, 320),
+}
+DTYPES = {"bf16": ("BF16", 2), "f16": ("F16", 2), "f32": ("F32", 4)}
+POOL_VALUES = 1 << 22  # 4M values per pool slice; chunks are slices of it
+SHARD_BYTES = 2 * 10**9
+
+
+@dataclass(frozen=True)
+class SynthSpec:
+    arch: str = "llama"
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    vocab_size: int = 320
+    dtype: str = "bf16"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("llama", "mistral", "qwen2", "qwen3"):
+            raise ValueError(f"--arch must be llama, mistral, qwen2 or qwen3, got {self.arch!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "vocab_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads or (
+                self.num_attention_heads % self.num_key_value_heads):
+            raise ValueError("hidden_size must divide by heads, and heads by kv heads")
+
+    @classmethod
+    def from_shape(cls, shape: str, **kw) -> SynthSpec:
+        if shape not in SHAPES:
+            raise ValueError(f"--shape must be one of {', '.join(SHAPES)}, got {shape!r}")
+        e, i, n, h, kv, v = SHAPES[shape]
+        return cls(hidden_size=e, intermediate_size=i, num_hidden_layers=n,
+                   num_attention_heads=h, num_key_value_heads=kv, vocab_size=v, **kw)
+
+    def tensors(self) -> Iterator[tuple[str, tuple[int, ...], float]]:
+        """(HF name, shape, std) in file order; std 0 means a norm weight (ones)."""
+        E, I, V = self.hidden_size, self.intermediate_size, self.vocab_size
+        D = E // self.num_attention_heads
+        q, kv = self.num_attention_heads * D, self.num_key_value_heads * D
+        yield "model.embed_tokens.weight", (V, E), 1.0
+        for i in range(self.num_hidden_layers):
+            p = f"model.layers.{i}."
+            yield p + "input_layernorm.weight", (E,), 0.0
+            yield p + "self_attn.q_proj.weight", (q, E), E**-0.5
+            yield p + "self_attn.k_proj.weight", (kv, E), E**-0.5
+            yield p + "self_attn.v_proj.weight", (kv, E), E**-0.5
+            if self.arch == "qwen2":
+                yield p + "self_attn.q_proj.bias", (q,), 0.02
+                yield p + "self_attn.k_proj.bias", (kv,), 0.02
+                yield p + "self_attn.v_proj.bias", (kv,), 0.02
+            if self.arch == "qwen3":
+                yield p + "self_attn.q_norm.weight", (D,), 0.0
+                yield p + "self_attn.k_norm.weight", (D,), 0.0
+            yield p + "self_attn.o_proj.weight", (E, q), q**-0.5
+            yield p + "post_attention_layernorm.weight", (E,), 0.0
+            yield p + "mlp.gate_proj.weight", (I, E), E**-0.5
+            yield p + "mlp.up_proj.weight", (I, E), E**-0.5
+            yield p + "mlp.down_proj.weight", (E, I), I**-0.5
+        yield "model.norm.weight", (E,), 0.0
+        yield "lm_head.weight", (V, E), E**-0.5
+
+    @property
+    def nbytes(self) -> int:
+        return sum(math.prod(s) for _, s, _ in self.tensors()) * DTYPES[self.dtype][1]
+
+    def config(self) -> dict:
+        return {
+            "model_type": self.arch, "architectures": [f"{self.arch.capitalize()}ForCausalLM"],
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads, "vocab_size": self.vocab_size,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": False, "bos_token_id": 256, "eos_token_id": 257,
+            "torch_dtype": {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}[self.dtype],
+            "stream_run_synthetic": asdict(self),
+        }
+
+
+class _Pool:
+    """Random values of one dtype, pre-generated once; chunks are random slices of it."""
+
+    def __init__(self, dtype: str, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        vals = self.rng.standard_normal(2 * POOL_VALUES, dtype=np.float32)
+        self.values = _encode(vals, dtype)
+        self.ones = _encode(np.ones(POOL_VALUES, np.float32), dtype)
+        self.dtype = dtype
+
+    def chunk(self, n: int, std: float) -> np.ndarray:
+        if std == 0.0:
+            return self.ones[:n]
+        start = int(self.rng.integers(0, POOL_VALUES))
+        base = self.values[start:start + n]
+        if std == 1.0:
+            return base
+        return _encode(_decode(base, self.dtype) * np.float32(std), self.dtype)
+
+
+def _encode(a: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "f32":
+        return a.astype(np.float32)
+    if dtype == "f16":
+        return a.astype(np.float16)
+    u = a.astype(np.float32).view(np.uint32)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)  # round to nearest even
+
+
+def _decode(a: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bf16":
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32)
+
+
+def _shards(spec: SynthSpec, shard_bytes: int) -> list[list[tuple[str, tuple[int, ...], float]]]:
+    size = DTYPES[spec.dtype][1]
+    shards: list[list] = [[]]
+    used = 0
+    for name, shape, std in spec.tensors():
+        nbytes = math.prod(shape) * size
+        if shards[-1] and used + nbytes > shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append((name, shape, std))
+        used += nbytes
+    return shards
+
+
+def _write_shard(path: str, tensors: list, spec: SynthSpec, pool: _Pool,
+                 progress: Callable[[int], None]) -> None:
+    st_dtype, size = DTYPES[spec.dtype]
+    header, offset = {}, 0
+    for name, shape, _ in tensors:
+        n = math.prod(shape) * size
+        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for _, shape, std in tensors:
+            left = math.prod(shape)
+            while left:
+                n = min(left, POOL_VALUES)
+                data = pool.chunk(n, std)
+                f.write(data.tobytes())
+                progress(data.nbytes)
+                left -= n
+
+
+def write_tokenizer(out: str) -> None:
+    """A byte-level tokenizer with no merges (ids 0..255 are bytes, then <s>, </s>)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.save(os.path.join(out, "tokenizer.json"))
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}, f)
+
+
+def synthesize(spec: SynthSpec, out: str, progress: Callable[[int], None] = lambda n: None,
+               shard_bytes: int = SHARD_BYTES) -> None:
+    """Write the model into a temp dir beside `out`, then rename it into place.
+
+    Raises:
+        FileExistsError: out exists (never overwritten).
+    """
+    if os.path.exists(out):
+        raise FileExistsError(f"{out}: already exists; choose a new --out directory")
+    parent = os.path.dirname(os.path.abspath(out))
+    tmp = tempfile.mkdtemp(prefix=".synth-", dir=parent)
+    try:
+        pool = _Pool(spec.dtype, spec.seed)
+        shards = _shards(spec, shard_bytes)
+        weight_map = {}
+        for i, tensors in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            _write_shard(os.path.join(tmp, name), tensors, spec, pool, progress)
+            weight_map.update({t[0]: name for t in tensors})
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": spec.nbytes}, "weight_map": weight_map}, f)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(spec.config(), f, indent=1)
+        write_tokenizer(tmp)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
