@@ -163,7 +163,8 @@ def _write_shard(path: str, tensors: list, spec: SynthSpec, pool: _Pool,
     header, offset = {}, 0
     for name, shape, _ in tensors:
         n = math.prod(shape) * size
-        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        header[name] = {"dtype": st_dtype, "shape": list(shape),
+                        "data_offsets": [offset, offset + n]}
         offset += n
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
