@@ -64,8 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-chat-template", action="store_true",
                    help="feed the prompt as raw text instead of a chat message")
     p.add_argument("--backend", choices=BACKENDS, default="auto")
-    p.add_argument("--memory-budget", default=None,
-                   help="bytes of weights kept in memory, e.g. 4GB (default: unlimited)")
+    p.add_argument("--memory-budget", "--compute-budget", dest="memory_budget", default=None,
+                   help="bytes of weights kept ready for the kernels (the compute tier), "
+                   "e.g. 4GB (default: unlimited)")
+    p.add_argument("--host-budget", default="0",
+                   help="bytes of raw unit data cached in RAM below the compute tier (default 0;"
+                   " useful with a GPU backend)")
+    p.add_argument("--direct-io", action="store_true",
+                   help="read with O_DIRECT (no page cache; falls back with a notice)")
     p.add_argument("--prefetch-depth", type=int, default=2)
     p.add_argument("--read-mode", choices=("pread", "mmap"), default="pread")
     p.add_argument("--verbose", "-v", action="store_true")
@@ -76,14 +82,11 @@ def make_config(args: argparse.Namespace) -> tuple[EngineConfig, GenerationParam
     """Flags -> configs; raises UsageError naming the flag."""
     if args.max_tokens < 0:
         raise UsageError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    budget = None
-    if args.memory_budget is not None:
-        try:
-            budget = parse_size(args.memory_budget)
-        except ValueError as exc:
-            raise UsageError(f"--memory-budget: {exc}") from None
-        if budget <= 0:
-            raise UsageError(f"--memory-budget must be > 0, got {args.memory_budget!r}")
+    budget = None if args.memory_budget is None else _size_flag("--memory-budget",
+                                                                 args.memory_budget)
+    if budget is not None and budget <= 0:
+        raise UsageError(f"--memory-budget must be > 0, got {args.memory_budget!r}")
+    host_budget = _size_flag("--host-budget", args.host_budget)
     flags = {"temperature": "--temp", "top_p": "--top-p", "top_k": "--top-k",
              "min_p": "--min-p", "repetition_penalty": "--repetition-penalty"}
     try:
@@ -97,14 +100,25 @@ def make_config(args: argparse.Namespace) -> tuple[EngineConfig, GenerationParam
         sched = SchedulerConfig(prefetch_depth=args.prefetch_depth)
     except ValueError as exc:
         raise UsageError(f"--prefetch-depth: {exc}") from None
-    config = EngineConfig(backend=args.backend, memory_budget_bytes=budget, scheduler=sched,
-                          loader=LoaderConfig(read_mode=args.read_mode))
+    if args.direct_io and args.read_mode != "pread":
+        raise UsageError("--direct-io needs --read-mode pread")
+    config = EngineConfig(backend=args.backend, memory_budget_bytes=budget,
+                          host_budget_bytes=host_budget, scheduler=sched,
+                          loader=LoaderConfig(read_mode=args.read_mode,
+                                              direct_io=args.direct_io))
     try:
         params = GenerationParams(max_tokens=args.max_tokens, sampling=sampling,
                                   stop=tuple(args.stop))
     except ValueError as exc:
         raise UsageError(f"--stop: {exc}") from None
     return config, params
+
+
+def _size_flag(flag: str, text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
 
 
 def stats_lines(s: GenerationStats, budget: int | None) -> list[str]:

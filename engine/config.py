@@ -39,6 +39,9 @@ def format_size(nbytes: float) -> str:
 class EngineConfig:
     backend: str = "auto"
     memory_budget_bytes: int | None = None  # compute tier budget; None = unlimited
+    # raw unit bytes kept in RAM below the compute tier; on a CPU backend the compute tier is
+    # RAM already, so 0 avoids holding weights twice
+    host_budget_bytes: int = 0
     max_context: int | None = None  # default: the model's max_position_embeddings
     prefill_chunk: int = 512
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -49,6 +52,8 @@ class EngineConfig:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
             raise ValueError(f"memory_budget_bytes must be > 0, got {self.memory_budget_bytes}")
+        if self.host_budget_bytes < 0:
+            raise ValueError(f"host_budget_bytes must be >= 0, got {self.host_budget_bytes}")
         if self.max_context is not None and self.max_context <= 0:
             raise ValueError(f"max_context must be > 0, got {self.max_context}")
         if self.prefill_chunk <= 0:
@@ -56,4 +61,5 @@ class EngineConfig:
 
     @property
     def cache(self) -> CacheConfig:
-        return CacheConfig(compute_bytes=self.memory_budget_bytes, host_bytes=0)
+        return CacheConfig(compute_bytes=self.memory_budget_bytes,
+                           host_bytes=self.host_budget_bytes)

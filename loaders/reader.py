@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import mmap
 import os
 import threading
@@ -13,7 +15,10 @@ import numpy as np
 from loaders.errors import ReadError
 from loaders.index import HostTensor, LayerIndex, TensorRef
 
+log = logging.getLogger(__name__)
+
 READ_MODES = ("pread", "mmap")
+ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffer addresses aligned to the block size
 _CHUNK_BYTES = 64 * 1024 * 1024  # one pread at most; keeps each syscall interruptible
 _HAS_PREADV = hasattr(os, "preadv")
 
@@ -23,11 +28,18 @@ FaultHook = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class LoaderConfig:
+    """read_mode "pread" (reads into owned buffers) or "mmap" (zero-copy views of the page
+    cache); direct_io: pread with O_DIRECT, bypassing the page cache (honest cold reads, no
+    second copy of the weights in RAM), falling back to buffered reads where refused."""
+
     read_mode: str = "pread"
+    direct_io: bool = False
 
     def __post_init__(self) -> None:
         if self.read_mode not in READ_MODES:
             raise ValueError(f"read_mode must be one of {READ_MODES}, got {self.read_mode!r}")
+        if self.direct_io and self.read_mode != "pread":
+            raise ValueError("direct_io needs read_mode 'pread'")
 
 
 @dataclass
@@ -48,6 +60,9 @@ class UnitReader:
         self._fds: dict[str, int] = {}
         self._maps: dict[str, mmap.mmap] = {}
         self._lock = threading.Lock()
+        self.direct = self.config.direct_io and hasattr(os, "O_DIRECT")
+        if self.config.direct_io and not self.direct:
+            log.warning("O_DIRECT is not available on this platform; using buffered reads")
 
     def read(self, key: str) -> dict[str, HostTensor]:
         """Read all tensors of unit `key` (blocking).
@@ -60,17 +75,35 @@ class UnitReader:
             return {n: self._host(r, self._map(r.path, key)[r.offset:r.offset + r.nbytes])
                     for n, r in unit.tensors.items()}
         spans = _coalesce(list(unit.tensors.values()))
-        buf = np.empty(sum(s.end - s.start for s in spans), dtype=np.uint8)
+        direct = self.direct
+        bounds = [_aligned(s.start, s.end) if direct else (s.start, s.end) for s in spans]
+        buf = _empty_aligned(sum(b - a for a, b in bounds))
         out: dict[str, HostTensor] = {}
         pos = 0
-        for span in spans:
-            size = span.end - span.start
-            self._pread_into(span.path, span.start, buf[pos:pos + size], key)
+        for span, (lo, hi) in zip(spans, bounds, strict=True):
+            dest = buf[pos:pos + hi - lo]
+            if not self._read_span(span.path, lo, dest, span.end - lo, key):
+                return self.read(key)  # O_DIRECT was refused; self.direct is now False
             for r in span.refs:
-                lo = pos + r.offset - span.start
-                out[r.name] = self._host(r, buf[lo:lo + r.nbytes])
-            pos += size
+                at = pos + r.offset - lo
+                out[r.name] = self._host(r, buf[at:at + r.nbytes])
+            pos += hi - lo
         return out
+
+    def _read_span(self, path: str, offset: int, dest: np.ndarray, need: int, key: str) -> bool:
+        """Fill dest[:need] from path at offset; False if O_DIRECT was refused (retry)."""
+        try:
+            self._pread_into(path, offset, dest, need, key)
+            return True
+        except _DirectRefused:
+            with self._lock:
+                if self.direct:
+                    log.warning("%s: the filesystem refuses O_DIRECT; using buffered reads", path)
+                    self.direct = False
+                    for fd in self._fds.values():
+                        os.close(fd)
+                    self._fds.clear()
+            return False
 
     def _host(self, ref: TensorRef, data: np.ndarray) -> HostTensor:
         if ref.unpermute_heads:
@@ -84,9 +117,12 @@ class UnitReader:
         with self._lock:
             fd = self._fds.get(path)
             if fd is None:
+                flags = os.O_RDONLY | (os.O_DIRECT if self.direct else 0)
                 try:
-                    fd = os.open(path, os.O_RDONLY)
+                    fd = os.open(path, flags)
                 except OSError as exc:
+                    if self.direct and exc.errno == errno.EINVAL:
+                        raise _DirectRefused from None
                     raise ReadError(
                         f"{path}: cannot open for unit {key!r}: {exc.strerror}"
                     ) from None
@@ -105,14 +141,14 @@ class UnitReader:
                 self._maps[path] = m
         return np.frombuffer(m, dtype=np.uint8)
 
-    def _pread_into(self, path: str, offset: int, dest: np.ndarray, key: str) -> None:
+    def _pread_into(self, path: str, offset: int, dest: np.ndarray, need: int, key: str) -> None:
         fd = self._fd(path, key)
         view = memoryview(dest)
         done = 0
         try:
             if self.fault_hook is not None:
-                self.fault_hook(path, offset, len(view))
-            while done < len(view):
+                self.fault_hook(path, offset, need)
+            while done < need:
                 chunk = view[done:done + _CHUNK_BYTES]
                 if _HAS_PREADV:
                     n = os.preadv(fd, [chunk], offset + done)
@@ -129,6 +165,8 @@ class UnitReader:
         except ReadError:
             raise
         except OSError as exc:
+            if self.direct and exc.errno == errno.EINVAL:
+                raise _DirectRefused from None
             raise ReadError(
                 f"{path}: read of unit {key!r} failed at byte {offset + done}: "
                 f"{exc.strerror or exc}"
@@ -145,6 +183,21 @@ class UnitReader:
                 except BufferError:  # a view is still alive; the GC will unmap it
                     pass
             self._maps.clear()
+
+
+class _DirectRefused(Exception):
+    """The filesystem refused O_DIRECT (EINVAL on open or read)."""
+
+
+def _aligned(start: int, end: int) -> tuple[int, int]:
+    return start - start % ALIGN, -(-end // ALIGN) * ALIGN
+
+
+def _empty_aligned(nbytes: int) -> np.ndarray:
+    """An uninitialised uint8 buffer whose address is ALIGN-aligned."""
+    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
+    skip = -raw.ctypes.data % ALIGN
+    return raw[skip:skip + nbytes]
 
 
 def _coalesce(refs: list[TensorRef], max_waste: float = 0.1) -> list[_Span]:

@@ -37,6 +37,13 @@ def test_generates_and_prints_stats(tiny):
     assert any(line.startswith("Disk: ") and "hit rate" in line for line in lines)
 
 
+def test_direct_io_and_host_tier_flags(tiny):
+    r = run_cli(tiny, "--prompt", "abc", "--max-tokens", "6", "--direct-io",
+                "--memory-budget", "200KB", "--host-budget", "1MB", "--ignore-chat-template")
+    assert r.returncode == 0, r.stderr
+    assert "budget 200.00 KB" in r.stderr
+
+
 def test_prompt_from_stdin_with_chat_template(tiny):
     r = run_cli(tiny, "--prompt", "-", "--max-tokens", "4", stdin="hi there")
     assert r.returncode == 0, r.stderr
@@ -52,6 +59,8 @@ def test_prompt_from_stdin_with_chat_template(tiny):
     (["--memory-budget", "1KB"], "memory budget 1.00 KB is smaller than"),
     (["--prefetch-depth", "99"], "--prefetch-depth"),
     (["--backend", "cuda"], "invalid choice: 'cuda'"),
+    (["--host-budget", "many"], "--host-budget: not a size"),
+    (["--direct-io", "--read-mode", "mmap"], "--direct-io needs --read-mode pread"),
 ])
 def test_bad_flags_one_line_exit_2(tiny, args, match):
     r = run_cli(tiny, "--prompt", "x", *args)

@@ -136,3 +136,45 @@ def test_inputs_are_never_modified(tmp_path):
     reader.close()
     after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.iterdir()}
     assert before == after
+
+
+def test_direct_io_reads_the_same_bytes(tmp_path):
+    from loaders import LoaderConfig
+
+    write_tiny_model(tmp_path, "qwen2", sharded=True)
+    index = open_hf_dir(str(tmp_path))
+    direct = UnitReader(index, LoaderConfig(direct_io=True))
+    plain = UnitReader(index)
+    for key in index.units:
+        a, b = direct.read(key), plain.read(key)
+        assert a.keys() == b.keys()
+        for name in a:
+            np.testing.assert_array_equal(a[name].data, b[name].data)
+    if not direct.direct:
+        pytest.skip(f"the filesystem of {tmp_path} refuses O_DIRECT (fallback tested below)")
+
+
+def test_direct_io_refused_falls_back_with_one_notice(tmp_path, monkeypatch, caplog):
+    import errno
+
+    from loaders import LoaderConfig
+    from loaders import reader as reader_mod
+
+    write_tiny_model(tmp_path, "llama")
+    index = open_hf_dir(str(tmp_path))
+    real_open = os.open
+
+    def refusing_open(path, flags, *a):
+        if flags & getattr(os, "O_DIRECT", 0):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(reader_mod.os, "open", refusing_open)
+    r = UnitReader(index, LoaderConfig(direct_io=True))
+    got = {k: r.read(k) for k in index.units}
+    want = {k: UnitReader(index).read(k) for k in index.units}
+    for k in index.units:
+        for name in got[k]:
+            np.testing.assert_array_equal(got[k][name].data, want[k][name].data)
+    notices = [m for m in caplog.messages if "refuses O_DIRECT" in m]
+    assert len(notices) == 1 and "model.safetensors" in notices[0]
