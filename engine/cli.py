@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(run(args))
         return uvloop.run(run(args))
     except (UsageError, *USER_ERRORS) as exc:
+        if args.verbose and not isinstance(exc, UsageError):
+            logging.getLogger("stream-run").exception("details")
         print(f"stream-run: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
