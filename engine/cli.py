@@ -72,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                    " useful with a GPU backend)")
     p.add_argument("--direct-io", action="store_true",
                    help="read with O_DIRECT (no page cache; falls back with a notice)")
-    p.add_argument("--prefetch-depth", type=int, default=2)
+    p.add_argument("--prefetch-depth", type=int, default=2,
+                   help="steps read ahead (adapts upward when reads stall compute)")
+    p.add_argument("--fixed-prefetch", action="store_true",
+                   help="keep --prefetch-depth fixed instead of adapting it")
     p.add_argument("--read-mode", choices=("pread", "mmap"), default="pread")
     p.add_argument("--verbose", "-v", action="store_true")
     return p
@@ -97,7 +100,8 @@ def make_config(args: argparse.Namespace) -> tuple[EngineConfig, GenerationParam
         name = str(exc).split()[0]
         raise UsageError(f"{flags.get(name, name)}: {exc}") from None
     try:
-        sched = SchedulerConfig(prefetch_depth=args.prefetch_depth)
+        sched = SchedulerConfig(prefetch_depth=args.prefetch_depth,
+                                adaptive=not args.fixed_prefetch)
     except ValueError as exc:
         raise UsageError(f"--prefetch-depth: {exc}") from None
     if args.direct_io and args.read_mode != "pread":
@@ -128,7 +132,7 @@ def stats_lines(s: GenerationStats, budget: int | None) -> list[str]:
         f"Generation: {s.generation_tokens} tokens, {s.generation_tps:.3f} tokens-per-sec",
         f"Peak memory: {s.peak_rss_bytes / 1e9:.3f} GB",
         f"Disk: {format_size(s.bytes_read)} read in {s.units_read} unit reads, cache hit rate "
-        f"{hit}, I/O stall {s.io_stall_s:.3f} s, budget "
+        f"{hit}, I/O stall {s.io_stall_s:.3f} s, prefetch depth {s.prefetch_depth}, budget "
         f"{format_size(budget) if budget else 'unlimited'}",
     ]
 

@@ -173,8 +173,7 @@ class Engine:
 
     async def _generate(self, ids: list[int], params: GenerationParams
                         ) -> AsyncIterator[Chunk]:
-        stats = GenerationStats(prompt_tokens=len(ids),
-                                prefetch_depth=self.config.scheduler.prefetch_depth)
+        stats = GenerationStats(prompt_tokens=len(ids))
         run = RunStats()
         kv = await self.scheduler.run_on_compute(
             self.model.make_kv_cache, 1, len(ids) + params.max_tokens)
@@ -217,6 +216,7 @@ class Engine:
         stats.bytes_read, stats.units_read = run.bytes_read, run.units_read
         stats.io_stall_s, stats.read_s, stats.compute_s = run.io_stall_s, run.read_s, run.compute_s
         stats.unit_hits, stats.unit_misses = run.hits, run.misses
+        stats.prefetch_depth = run.prefetch_depth
         stats.peak_rss_bytes = peak_rss_bytes()
         yield Chunk(tail, pending, finish_reason=finish, stats=stats)
 

@@ -52,12 +52,21 @@ class Step:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
+    """prefetch_depth: steps read ahead to start with. adaptive: deepen by one after a pass in
+    which compute waited on reads for more than 5 % of its time, up to max_prefetch_depth
+    (the byte budget still bounds what is in flight)."""
+
     prefetch_depth: int = 2
     io_workers: int = 2
+    adaptive: bool = True
+    max_prefetch_depth: int = 8
 
     def __post_init__(self) -> None:
         if not 0 <= self.prefetch_depth <= 16:
             raise ValueError(f"prefetch_depth must be in 0..16, got {self.prefetch_depth}")
+        if not self.prefetch_depth <= self.max_prefetch_depth <= 16:
+            raise ValueError(f"max_prefetch_depth must be in prefetch_depth..16, got "
+                             f"{self.max_prefetch_depth}")
         if not 1 <= self.io_workers <= 64:
             raise ValueError(f"io_workers must be in 1..64, got {self.io_workers}")
 
@@ -70,6 +79,7 @@ class RunStats:
     io_stall_s: float = 0.0  # compute thread idle, waiting for units
     read_s: float = 0.0  # summed over reads (may exceed wall time when reads overlap)
     prepare_s: float = 0.0
+    prefetch_depth: int = 0
     bytes_read: int = 0
     units_read: int = 0
     hits: int = 0
@@ -78,6 +88,7 @@ class RunStats:
     intervals: list[tuple[str, str, float, float]] = field(default_factory=list)
 
     def add(self, other: RunStats) -> None:
+        self.prefetch_depth = max(self.prefetch_depth, other.prefetch_depth)
         for name in ("compute_s", "io_stall_s", "read_s", "prepare_s", "bytes_read",
                      "units_read", "hits", "misses"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
@@ -116,6 +127,7 @@ class LayerScheduler:
                                            initializer=compute_init)
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self.resident: set[str] = set()  # units kept pinned across runs (plan_residency)
+        self.depth = config.prefetch_depth  # current prefetch depth (adaptive)
 
     def plan_residency(self, steps: Sequence[Step]) -> set[str]:
         """Choose which units stay resident when the steps are walked cyclically (decoding).
@@ -153,7 +165,7 @@ class LayerScheduler:
         size = self.loader.prepared_nbytes
         streamed = [size(k) for s in steps for k in s.units if k not in resident] or [0]
         step_need = max(sum(size(k) for k in set(s.units) - resident) for s in steps)
-        return max(step_need, (self.config.prefetch_depth + 1) * max(streamed))
+        return max(step_need, (self.depth + 1) * max(streamed))
 
     def min_budget_bytes(self, steps: Sequence[Step]) -> int:
         """The smallest compute budget that can run these steps (the largest step's units)."""
@@ -166,7 +178,7 @@ class LayerScheduler:
     async def run(self, steps: Sequence[Step]) -> RunStats:
         """Run the steps in order with prefetch. On error or cancellation, in-flight reads are
         cancelled and awaited and every pin taken by this run is released."""
-        stats = RunStats()
+        stats = RunStats(prefetch_depth=self.depth)
         rs = _RunState(stats)
         compute_future: asyncio.Future[Any] | None = None
         loop = asyncio.get_running_loop()
@@ -188,6 +200,7 @@ class LayerScheduler:
                 for k in step.units:
                     rs.held.remove(k)
                     self.cache.compute.unpin(k)
+            self._adapt(stats)
         finally:
             if compute_future is not None:  # a cancelled step finishes its layer first
                 await asyncio.gather(compute_future, return_exceptions=True)
@@ -196,6 +209,13 @@ class LayerScheduler:
                 self.cache.compute.unpin(k)
         return stats
 
+    def _adapt(self, stats: RunStats) -> None:
+        """Read further ahead after a pass in which compute waited on reads."""
+        if (self.config.adaptive and stats.units_read
+                and self.depth < self.config.max_prefetch_depth
+                and stats.io_stall_s > 0.05 * stats.compute_s):
+            self.depth += 1
+
     def _schedule(self, steps: Sequence[Step], start: int, rs: _RunState) -> None:
         """Start loads for the units of steps start..start+depth, in order, while they fit.
 
@@ -203,7 +223,7 @@ class LayerScheduler:
         never evicts a unit of the window, so a prefetch is never in the way of an earlier step.
         """
         tier = self.cache.compute
-        window = steps[start:start + self.config.prefetch_depth + 1]
+        window = steps[start:start + self.depth + 1]
         keep = {k for s in window for k in s.units}
         for step in window:
             for key in step.units:

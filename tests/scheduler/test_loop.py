@@ -176,3 +176,23 @@ def test_plan_spreads_streamed_units_evenly():
     assert len(streamed) == 4  # 600 - ring of 2 slots = 400 -> 4 resident
     assert streamed == [1, 3, 5, 7]
     sched.close()
+
+
+@pytest.mark.asyncio
+async def test_prefetch_deepens_when_reads_are_slower_than_compute():
+    sched, cache, loader = make(budget=None, depth=1, read_s=0.02)
+    cache.compute.budget_bytes = 400  # stream: nothing stays resident
+    for _ in range(3):
+        stats = await sched.run(make_steps(KEYS, compute_s=0.002))
+    assert sched.depth == 4 and stats.prefetch_depth == 3
+    sched.close()
+
+
+@pytest.mark.asyncio
+async def test_prefetch_stays_when_compute_hides_reads():
+    sched, cache, loader = make(budget=None, depth=2, read_s=0.0)
+    cache.compute.budget_bytes = 400
+    for _ in range(3):
+        await sched.run(make_steps(KEYS, compute_s=0.01))
+    assert sched.depth == 2
+    sched.close()
