@@ -59,7 +59,7 @@ class SchedulerConfig:
     prefetch_depth: int = 2
     io_workers: int = 2
     adaptive: bool = True
-    max_prefetch_depth: int = 8
+    max_prefetch_depth: int = 16
 
     def __post_init__(self) -> None:
         if not 0 <= self.prefetch_depth <= 16:
