@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from engine.config import format_size
@@ -28,7 +29,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     for name in ("hidden-size", "intermediate-size", "layers", "heads", "kv-heads", "vocab"):
         s.add_argument(f"--{name}", type=int, help="with --shape custom")
+    t = sub.add_parser("stream", help="engine read rate and s/token vs the raw disk rate")
+    t.add_argument("model")
+    t.add_argument("--budget", default=None, help="compute-tier budget, e.g. 4GB")
+    t.add_argument("--tokens", type=int, default=4)
+    t.add_argument("--prefetch-depth", type=int, default=2)
+    t.add_argument("--backend", default="numpy", choices=("numpy", "mlx", "auto"))
+    t.add_argument("--json", default=None, help="append the result as one JSON line here")
     return p
+
+
+def stream(args: argparse.Namespace) -> int:
+    import json
+    import statistics
+
+    from bench.env import run_metadata
+    from bench.streaming import run_stream
+    from engine.config import parse_size
+
+    budget = None if args.budget is None else parse_size(args.budget)
+    r = run_stream(args.model, budget, args.tokens, args.prefetch_depth, args.backend)
+    s = r.summary()
+    if args.json:
+        with open(args.json, "a") as f:
+            f.write(json.dumps({**s, "meta": run_metadata()}) + "\n")
+    med = statistics.median
+    print("| model | budget | cache | raw GB/s | engine GB/s | engine/raw | s/token "
+          "(median [min-max]) | bytes/token | I/O stall s | compute s | depth |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| {os.path.basename(r.model.rstrip('/'))} | "
+          f"{format_size(budget) if budget else 'unlimited'} | {r.cache} | {r.raw_gbs:.2f} | "
+          f"{r.engine_gbs:.2f} | {s['engine_vs_raw']:.2f} | {med(r.s_per_token):.2f} "
+          f"[{min(r.s_per_token):.2f}-{max(r.s_per_token):.2f}] | "
+          f"{format_size(med(r.bytes_per_token))} | {med(r.io_stall_s):.2f} | "
+          f"{med(r.compute_s):.2f} | {r.prefetch_depth} |")
+    return 0
 
 
 def synth(args: argparse.Namespace) -> int:
@@ -56,7 +91,7 @@ def synth(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"synth": synth}[args.command](args)
+        return {"synth": synth, "stream": stream}[args.command](args)
     except (ValueError, OSError) as exc:
         print(f"stream-bench: error: {exc}", file=sys.stderr)
         return 2
