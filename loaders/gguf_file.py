@@ -153,17 +153,20 @@ def _read_header(path: str) -> tuple[dict[str, Any], dict[str, tuple]]:
         )
     import gguf  # deferred: only GGUF users pay for the import
 
+    problem = None
     try:
         reader = gguf.GGUFReader(path, "r")
         metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
         tensors = [(t.name, t.tensor_type.name, [int(d) for d in t.shape], int(t.data_offset),
                     int(t.n_bytes)) for t in reader.tensors]
+        del reader  # releases the memory map; we keep no view of tensor data
     except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError) as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem is not None:  # raised out here: a chained traceback would keep the map alive
         raise FormatError(
-            f"{path}: not a valid GGUF file ({type(exc).__name__}: {exc}); it is truncated "
+            f"{path}: not a valid GGUF file ({problem}); it is truncated "
             f"({size} bytes) or corrupt; hint: re-download or re-convert it"
-        ) from None
-    del reader  # releases the memory map; we keep no view of tensor data
+        )
     infos = {}
     for name, type_name, ne, offset, nbytes in tensors:
         if type_name not in SUPPORTED_TYPES:

@@ -267,6 +267,30 @@ def test_truncated_tensor_data(tmp_path):
         open_gguf(str(cut))
 
 
+def mapped(path) -> list[str]:
+    """Lines of this process's memory map that map `path` (Linux only)."""
+    with open("/proc/self/maps") as f:
+        return [line for line in f if line.rstrip().endswith(str(path))]
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/maps").exists(), reason="needs /proc (Linux)")
+def test_reader_map_is_released(tmp_path):
+    # No gc.collect(): the map must go when open_gguf returns, on success and on error.
+    full = tmp_path / "full.gguf"
+    write_gguf(full)
+    index, meta = open_gguf(str(full))
+    assert mapped(full) == []
+    assert all(isinstance(v, (str, int, float, bool, list)) for v in meta.values())
+    data = full.read_bytes()
+    for keep in (200, len(data) - 100):  # fails inside gguf's reader; fails after it
+        cut = tmp_path / f"cut{keep}.gguf"
+        cut.write_bytes(data[:keep])
+        with pytest.raises(FormatError, match="truncated") as info:
+            open_gguf(str(cut))
+        assert info.value.__context__ is None  # its traceback would pin the reader's map
+        assert mapped(cut) == []
+
+
 def test_unsupported_tensor_type(tmp_path):
     path = tmp_path / "q5.gguf"
     write_gguf(path, qtype=QT.Q5_0)
