@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kernels.backend import Backend
-from kernels.sizes import prepared_nbytes
+from kernels.sizes import unit_nbytes
 from loaders import HostTensor, LayerIndex, UnitReader
 
 
@@ -16,8 +16,7 @@ class BackendUnitLoader:
         self.backend = backend
         self.prepare_off_compute_thread = backend.prepare_off_compute_thread
         self._sizes = {
-            key: sum(prepared_nbytes(t.dtype, t.shape) for t in unit.tensors.values())
-            for key, unit in index.units.items()
+            key: unit_nbytes(unit.tensors) for key, unit in index.units.items()
         }
 
     def read(self, key: str) -> dict[str, HostTensor]:

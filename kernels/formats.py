@@ -1,4 +1,5 @@
-"""Raw stored bytes (uint8 arrays) to compute arrays: dense floats, and GGUF blocks to affine form.
+"""Raw stored bytes (uint8 arrays) to compute arrays: dense floats (2-D F16/BF16 kept at 16 bits),
+and GGUF blocks to affine form.
 
 GGUF Q4_0, Q4_1 and Q8_0 are affine with 32-element groups, so they map onto MLX's packed form
 losslessly: dequantize(gguf_to_affine(raw)) equals GGUF's own dequantization bit for bit (the
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from kernels.quant import QuantizedWeight, check_quantized
+from kernels.quant import HALF_DTYPES, HalfWeight, QuantizedWeight, check_quantized
 
 DENSE_DTYPES = ("F32", "F16", "BF16")
 GGUF_BLOCK = 32
@@ -153,6 +154,16 @@ def _dense(name: str, t: Any) -> np.ndarray:
         raise ValueError(f"{name}: {exc}") from None
 
 
+def _half(name: str, t: Any) -> HalfWeight:
+    """A 2-D F16/BF16 tensor -> HalfWeight: a zero-copy view of the raw bytes when they are
+    2-byte aligned, else a copy."""
+    n = math.prod(t.shape)
+    raw = _check_size(t.data, 2 * n, f"{name}: {t.dtype}", t.shape)
+    if raw.ctypes.data % 2:
+        raw = raw.copy()  # a fresh allocation is aligned
+    return HalfWeight(raw.view(HALF_DTYPES[t.dtype]).reshape(t.shape), t.dtype)
+
+
 def _packed_u32(name: str, t: Any) -> np.ndarray:
     n = math.prod(t.shape)
     raw = _check_size(t.data, 4 * n, f"{name}: U32", t.shape)
@@ -161,17 +172,18 @@ def _packed_u32(name: str, t: Any) -> np.ndarray:
 
 def prepare_unit(
     tensors: Mapping[str, Any], quantization: Mapping[str, Any] | None
-) -> dict[str, np.ndarray | QuantizedWeight]:
-    """One unit's raw tensors -> host compute form (float32 arrays, numpy QuantizedWeights).
+) -> dict[str, np.ndarray | QuantizedWeight | HalfWeight]:
+    """One unit's raw tensors -> host compute form (float32 arrays, numpy Quantized/HalfWeights).
 
     MLX triples "x.weight" (U32) + "x.scales" + "x.biases" become one QuantizedWeight under
-    "x.weight"; GGUF Q4_0/Q4_1/Q8_0 become QuantizedWeights; F32/F16/BF16 become float32.
-    Nothing returned is a view of the raw buffers, so they can be freed.
+    "x.weight" (scales and biases widened to float32); GGUF Q4_0/Q4_1/Q8_0 become
+    QuantizedWeights; 2-D F16/BF16 matrices become HalfWeights, which may be views of the raw
+    buffers (keeping them alive); F32 and 1-D F16/BF16 tensors become new float32 arrays.
 
     Raises:
         ValueError: names the tensor: unknown dtype, missing scales/biases, bad shapes or sizes.
     """
-    out: dict[str, np.ndarray | QuantizedWeight] = {}
+    out: dict[str, np.ndarray | QuantizedWeight | HalfWeight] = {}
     consumed: set[str] = set()
     for name, t in tensors.items():
         if t.dtype != "U32":
@@ -198,6 +210,8 @@ def prepare_unit(
                 out[name] = gguf_to_affine(t.data, t.dtype, t.shape)
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
+        elif t.dtype in HALF_DTYPES and len(t.shape) == 2:
+            out[name] = _half(name, t)
         elif t.dtype in DENSE_DTYPES:
             out[name] = _dense(name, t)
         else:

@@ -2,7 +2,9 @@
 
 Weights are parsed by the same host code as the numpy backend, then moved into mx arrays;
 packed weights stay packed (QuantizedWeight holding mx arrays) and go through
-mx.quantized_matmul. mlx is imported here only, so `import kernels` works without it.
+mx.quantized_matmul; 2-D F16/BF16 weights stay mx.float16/mx.bfloat16 (2 bytes per element)
+and are widened to float32 inside linear/embed (exact). mlx is imported here only, so
+`import kernels` works without it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from kernels.formats import prepare_unit
-from kernels.quant import QuantizedWeight
+from kernels.quant import HalfWeight, QuantizedWeight
 
 DEVICES = ("auto", "cpu", "gpu")
 
@@ -110,6 +112,8 @@ class MLXBackend:
                 v = QuantizedWeight(
                     mx.array(v.packed), mx.array(v.scales), mx.array(v.biases), v.bits, v.group_size
                 )
+            elif isinstance(v, HalfWeight):
+                v = _half_array(v)
             else:
                 v = mx.array(v)
             out[name] = v
@@ -137,7 +141,7 @@ class MLXBackend:
                 bits=table.bits,
             )
         else:
-            rows = mx.take(table, flat, axis=0)
+            rows = _float32(mx.take(table, flat, axis=0))
         return rows.reshape(*ids.shape, rows.shape[-1])
 
     def linear(self, x: mx.array, w: Any, bias: mx.array | None = None) -> mx.array:
@@ -152,7 +156,7 @@ class MLXBackend:
                 bits=w.bits,
             )
         else:
-            y = x @ w.T
+            y = x @ _float32(w).T
         return y if bias is None else y + bias
 
     def rms_norm(self, x: mx.array, weight: mx.array, eps: float) -> mx.array:
@@ -202,6 +206,17 @@ class MLXBackend:
 
     def synchronize(self, x: Any) -> None:
         mx.eval(x)
+
+
+def _half_array(hw: HalfWeight) -> mx.array:
+    """HalfWeight -> mx.float16 / mx.bfloat16 (out, in); bf16 bits arrive as uint16."""
+    a = mx.array(hw.data)
+    return a.view(mx.bfloat16) if hw.dtype == "BF16" else a
+
+
+def _float32(a: mx.array) -> mx.array:
+    """A 16-bit weight widened to float32 (exact; MLX makes a float32 temporary per call)."""
+    return a if a.dtype == mx.float32 else a.astype(mx.float32)
 
 
 def _arrays(prepared: Mapping[str, Any]):

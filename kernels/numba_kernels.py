@@ -229,3 +229,100 @@ def dequantize_rows(
     else:
         _dequantize_rows_any(packed, scales, biases, int(bits), int(group_size), rows, out)
     return out
+
+
+# --- 16-bit dense weights (HalfWeight): data as uint16 bit patterns, widened on the fly. ---
+
+_F16_SCALE = np.float32(2.0**112)  # 2**(127 - 15): float32 bias minus float16 bias
+
+
+@njit(inline="always")
+def _bf16(h):
+    """bf16 bits -> float32 (exact): the top half of the float32 pattern."""
+    return np.uint32(np.uint32(h) << 16).view(np.float32)
+
+
+@njit(inline="always")
+def _f16(h):
+    """float16 bits -> float32, exact for every pattern (subnormals, inf, nan), branch-free.
+
+    Moving exponent and mantissa up 13 bits and multiplying by 2**112 rebiases normals and
+    normalises subnormals in one exact product; exponent 31 (inf/nan) is forced to 255.
+    """
+    h = np.uint32(h)
+    mag = np.uint32((h & 0x7FFF) << 13)
+    scaled = np.float32(mag.view(np.float32) * _F16_SCALE).view(np.uint32)
+    special = np.uint32(mag | 0x7F800000)
+    bits = special if (h & 0x7C00) == 0x7C00 else scaled
+    return np.uint32(bits | ((h & 0x8000) << 16)).view(np.float32)
+
+
+@njit(**_JIT_DOT)
+def _hmatvec_bf16(x, w, out):
+    for o in prange(w.shape[0]):
+        row = w[o]
+        for r in range(x.shape[0]):
+            xr = x[r]
+            acc = np.float32(0)
+            for k in range(row.shape[0]):
+                acc += xr[k] * _bf16(row[k])
+            out[r, o] = acc
+
+
+@njit(**_JIT_DOT)
+def _hmatvec_f16(x, w, out):
+    for o in prange(w.shape[0]):
+        row = w[o]
+        for r in range(x.shape[0]):
+            xr = x[r]
+            acc = np.float32(0)
+            for k in range(row.shape[0]):
+                acc += xr[k] * _f16(row[k])
+            out[r, o] = acc
+
+
+@njit(**_JIT)
+def _half_rows_bf16(w, rows, out):
+    for i in prange(rows.shape[0]):
+        row = w[rows[i]]
+        for k in range(row.shape[0]):
+            out[i, k] = _bf16(row[k])
+
+
+@njit(**_JIT)
+def _half_rows_f16(w, rows, out):
+    for i in prange(rows.shape[0]):
+        row = w[rows[i]]
+        for k in range(row.shape[0]):
+            out[i, k] = _f16(row[k])
+
+
+def _bits(data: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(data).view(np.uint16)
+
+
+def half_matvec(x: np.ndarray, data: np.ndarray, dtype: str) -> np.ndarray:
+    """x (n, in) float32, n small (decode) @ w.T for a 16-bit w (out, in) -> (n, out) float32.
+
+    data is float16 (dtype "F16") or bf16 bit patterns as uint16 ("BF16"). Each element is
+    widened exactly and accumulated in float32; parallel over output rows.
+    """
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty((x.shape[0], data.shape[0]), dtype=np.float32)
+    kernel = _hmatvec_bf16 if dtype == "BF16" else _hmatvec_f16
+    kernel(x, _bits(data), out)
+    return out
+
+
+def half_rows(data: np.ndarray, dtype: str, rows: np.ndarray | None = None) -> np.ndarray:
+    """Rows `rows` (all when None) of a 16-bit (out, in) weight -> (len(rows), in) float32.
+
+    Exact widening; used for the prefill path (widen blocks, then BLAS) and embedding gathers.
+    """
+    if rows is None:
+        rows = np.arange(data.shape[0], dtype=np.int64)
+    rows = np.ascontiguousarray(rows, dtype=np.int64).reshape(-1)
+    out = np.empty((rows.shape[0], data.shape[1]), dtype=np.float32)
+    kernel = _half_rows_bf16 if dtype == "BF16" else _half_rows_f16
+    kernel(_bits(data), rows, out)
+    return out

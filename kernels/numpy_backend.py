@@ -1,4 +1,5 @@
-"""The numpy backend (the CPU default): float32 numpy + BLAS, numba kernels on packed weights."""
+"""The numpy backend (the CPU default): float32 numpy + BLAS, numba kernels on packed weights
+(quantized, and 16-bit dense weights widened on the fly)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,11 @@ from typing import Any
 import numpy as np
 
 from kernels.formats import prepare_unit
-from kernels.numba_kernels import dequantize_rows, qmatvec
-from kernels.quant import QuantizedWeight
+from kernels.numba_kernels import dequantize_rows, half_matvec, half_rows, qmatvec
+from kernels.quant import HalfWeight, QuantizedWeight
 
-# Up to this many rows of x (decode, small batches) a quantized linear runs the fused numba
-# matvec; above it, dequantizing blocks of the weight and calling BLAS is faster.
+# Up to this many rows of x (decode, small batches) a quantized or 16-bit linear runs the fused
+# numba matvec; above it, widening blocks of the weight to float32 and calling BLAS is faster.
 MATVEC_MAX_ROWS = 8
 DEQUANT_BLOCK_ELEMENTS = 1 << 22  # 16 MB of float32 weight rows per dequantize+BLAS block
 
@@ -33,6 +34,12 @@ def check_ids(ids: np.ndarray, n_rows: int) -> np.ndarray:
 def causal_mask(L: int, T: int, offset: int) -> np.ndarray:
     """(L, T) bool: query i (at position offset + i) may attend to key j iff j <= offset + i."""
     return np.arange(T)[None, :] <= offset + np.arange(L)[:, None]
+
+
+def _float32_rows(w: QuantizedWeight | HalfWeight, rows: np.ndarray) -> np.ndarray:
+    if isinstance(w, HalfWeight):
+        return half_rows(w.data, w.dtype, rows)
+    return dequantize_rows(w.packed, w.scales, w.biases, w.bits, w.group_size, rows)
 
 
 class NumpyKVCache:
@@ -102,32 +109,35 @@ class NumpyBackend:
                 table.packed, table.scales, table.biases, table.bits, table.group_size, ids
             )
             return rows.reshape(*ids.shape, table.shape[1])
+        if isinstance(table, HalfWeight):
+            return half_rows(table.data, table.dtype, ids).reshape(*ids.shape, table.shape[1])
         return table[ids]
 
     def linear(self, x: np.ndarray, w: Any, bias: np.ndarray | None = None) -> np.ndarray:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        if isinstance(w, QuantizedWeight):
-            y = self._quantized_linear(x2, w)
+        if isinstance(w, (QuantizedWeight, HalfWeight)):
+            y = self._packed_linear(x2, w)
         else:
             y = x2 @ w.T  # BLAS sgemm with a transposed operand: no copy of w
         if bias is not None:
             y += bias
         return y.reshape(*lead, y.shape[-1])
 
-    def _quantized_linear(self, x: np.ndarray, w: QuantizedWeight) -> np.ndarray:
+    def _packed_linear(self, x: np.ndarray, w: QuantizedWeight | HalfWeight) -> np.ndarray:
         n_out, n_in = w.shape
         if x.shape[1] != n_in:
             raise ValueError(f"linear: x has {x.shape[1]} features, weight {w.shape} wants {n_in}")
         if x.shape[0] <= MATVEC_MAX_ROWS:
+            if isinstance(w, HalfWeight):
+                return half_matvec(x, w.data, w.dtype)
             return qmatvec(x, w.packed, w.scales, w.biases, w.bits, w.group_size)
         x = np.ascontiguousarray(x, dtype=np.float32)
         y = np.empty((x.shape[0], n_out), dtype=np.float32)
         step = max(1, DEQUANT_BLOCK_ELEMENTS // n_in)
         for lo in range(0, n_out, step):  # blocks bound the float32 temporary
             rows = np.arange(lo, min(lo + step, n_out), dtype=np.int64)
-            wb = dequantize_rows(w.packed, w.scales, w.biases, w.bits, w.group_size, rows)
-            np.matmul(x, wb.T, out=y[:, lo : lo + rows.size])
+            np.matmul(x, _float32_rows(w, rows).T, out=y[:, lo : lo + rows.size])
         return y
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

@@ -6,6 +6,8 @@ row's bytes read as uint8 little-endian (for 2/4/8 bits that is "the k-th elemen
 k * bits of each word"; 3/5/6-bit elements straddle bytes and words). scales and biases have
 shape (out, in // group_size), and w = scales * q + biases per group.
 
+HalfWeight is the other packed form: a dense F16/BF16 matrix kept at 2 bytes per element.
+
 Everything here is plain numpy and is the reference the numba and MLX kernels are tested against.
 """
 
@@ -41,6 +43,36 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         return int(self.packed.nbytes + self.scales.nbytes + self.biases.nbytes)
+
+
+HALF_DTYPES = {"F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}  # storage dtype -> numpy view
+
+
+@dataclass(frozen=True, eq=False)
+class HalfWeight:
+    """A (out, in) weight kept in its stored 16-bit form: float16 (F16) or the raw bf16 bit
+    patterns as uint16 (BF16; numpy has no bfloat16). Widened to float32 only inside the ops.
+
+    data is numpy (numpy backend); the MLX backend uses mx.float16 / mx.bfloat16 arrays instead.
+    """
+
+    data: np.ndarray
+    dtype: str  # "F16" | "BF16"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.data.shape[0]), int(self.data.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+
+def half_to_float32(hw: HalfWeight) -> np.ndarray:
+    """Reference widening of a HalfWeight -> float32 (out, in); exact (every half is a float32)."""
+    if hw.dtype == "BF16":
+        return (hw.data.astype(np.uint32) << 16).view(np.float32)
+    return hw.data.astype(np.float32)
 
 
 def check_bits(bits: int) -> None:

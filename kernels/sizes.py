@@ -1,25 +1,35 @@
 """Bytes a tensor takes in compute form, known from its storage dtype and shape alone.
 
-Both backends compute in float32: dense weights are widened to float32, quantized weights stay
-packed (uint32 words) with float32 scales and biases per group. The cache reserves this many
-bytes before a read starts, so the figure must equal what prepare() produces.
+Both backends compute in float32, but weights stay in their stored width where the ops can read
+it: 2-D F16/BF16 matrices stay 16-bit (HalfWeight; mx.float16/bfloat16 on MLX), quantized
+weights stay packed (uint32 words) with float32 scales and biases per group. 1-D F16/BF16
+tensors (norms, biases) and F32 are float32. The cache reserves this many bytes before a read
+starts, so the figure must equal what prepare() produces.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 GGUF_AFFINE = {"Q4_0": (4, 32), "Q4_1": (4, 32), "Q8_0": (8, 32)}  # -> (bits, group_size)
 DENSE_DTYPES = ("F32", "F16", "BF16")
+HALF_DTYPES = ("F16", "BF16")
 
 
-def prepared_nbytes(dtype: str, shape: tuple[int, ...], quant_bits: int | None = None) -> int:
+def prepared_nbytes(
+    dtype: str, shape: tuple[int, ...], quant_bits: int | None = None, *, widened: bool = False
+) -> int:
     """Compute-form bytes of one stored tensor.
 
-    For an MLX-packed weight (dtype "U32") the packed words are kept as they are; its scales
-    and biases (stored F16/BF16/F32) are dense tensors in their own right and widen to float32.
+    widened=True: a dense tensor that prepare() widens to float32 whatever its shape, which is
+    what happens to the scales and biases of an MLX-packed weight (dtype "U32"; its packed
+    words are kept as they are). unit_nbytes() applies that rule by name.
     """
     n = math.prod(shape)
+    if dtype in HALF_DTYPES and len(shape) == 2 and not widened:
+        return 2 * n
     if dtype in DENSE_DTYPES:
         return 4 * n
     if dtype == "U32":
@@ -28,3 +38,20 @@ def prepared_nbytes(dtype: str, shape: tuple[int, ...], quant_bits: int | None =
         bits, group = GGUF_AFFINE[dtype]
         return n * bits // 8 + 2 * 4 * (n // group)
     raise ValueError(f"no compute form for dtype {dtype!r}")
+
+
+def unit_nbytes(tensors: Mapping[str, Any]) -> int:
+    """Compute-form bytes of one unit: {name: object with .dtype and .shape}, as prepare() takes.
+
+    "x.scales" / "x.biases" next to a U32 "x.weight" are widened to float32 (2-D or not).
+    """
+    companions = {
+        f"{name.removesuffix('.weight')}.{part}"
+        for name, t in tensors.items()
+        if t.dtype == "U32"
+        for part in ("scales", "biases")
+    }
+    return sum(
+        prepared_nbytes(t.dtype, tuple(t.shape), widened=name in companions)
+        for name, t in tensors.items()
+    )

@@ -9,7 +9,7 @@ import pytest
 import kernels
 from kernels.formats import dequantize_gguf_reference
 from kernels.quant import SUPPORTED_BITS, QuantizedWeight, dequantize, quantize
-from kernels.sizes import prepared_nbytes
+from kernels.sizes import unit_nbytes
 
 BACKENDS = [
     "numpy",
@@ -96,7 +96,7 @@ def test_prepare_matches_sizes_and_values(ops):
             "ffn.q8.weight",
         ]
     )
-    expected = sum(prepared_nbytes(t.dtype, t.shape) for t in tensors.values())
+    expected = unit_nbytes(tensors)
     assert ops.nbytes(prepared) == expected
     q = prepared["self_attn.q_proj.weight"]
     o = prepared["self_attn.o_proj.weight"]
