@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tokens", type=int, default=4)
     t.add_argument("--prefetch-depth", type=int, default=2)
     t.add_argument("--backend", default="numpy", choices=("numpy", "mlx", "auto"))
+    t.add_argument("--io-workers", type=int, default=4)
     t.add_argument("--json", default=None, help="append the result as one JSON line here")
     return p
 
@@ -48,7 +49,8 @@ def stream(args: argparse.Namespace) -> int:
     from engine.config import parse_size
 
     budget = None if args.budget is None else parse_size(args.budget)
-    r = run_stream(args.model, budget, args.tokens, args.prefetch_depth, args.backend)
+    r = run_stream(args.model, budget, args.tokens, args.prefetch_depth, args.backend,
+                   args.io_workers)
     s = r.summary()
     if args.json:
         with open(args.json, "a") as f:

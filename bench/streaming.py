@@ -94,7 +94,7 @@ async def _decode(engine: Engine, n: int) -> list:
 
 
 def run_stream(model: str, budget: int | None, tokens: int, depth: int = 2,
-               backend: str = "numpy") -> StreamResult:
+               backend: str = "numpy", io_workers: int = 4) -> StreamResult:
     """Cold-cache raw read of the model files, then `tokens` decode steps of the engine."""
     files = sorted(glob.glob(os.path.join(model, "*.safetensors"))) or [model]
     # O_DIRECT for both the raw read and the engine keeps every token's reads cold even when
@@ -102,7 +102,7 @@ def run_stream(model: str, budget: int | None, tokens: int, depth: int = 2,
     dropped = drop_page_cache()
     raw_gbs, nbytes = raw_read_gbs(files, direct=True)
     config = EngineConfig(backend=backend, memory_budget_bytes=budget,
-                          scheduler=SchedulerConfig(prefetch_depth=depth),
+                          scheduler=SchedulerConfig(prefetch_depth=depth, io_workers=io_workers),
                           loader=LoaderConfig(direct_io=True))
     engine = asyncio.run(Engine.open(model, config))
     try:
