@@ -72,9 +72,9 @@ class Engine:
                                         getattr(self.backend, "init_compute_thread", None))
         self._lock = asyncio.Lock()
         # the unit walk of one forward pass (closures over a dummy state), for planning
-        steps = self.model.steps(ForwardState(np.zeros((1, 1), np.int64), kv=None))  # type: ignore[arg-type]
-        self._check_budget(steps)
-        self.scheduler.plan_residency(steps)
+        self._plan = self.model.steps(ForwardState(np.zeros((1, 1), np.int64), kv=None))  # type: ignore[arg-type]
+        self._check_budget()
+        self.scheduler.plan_residency(self._plan)
 
     @classmethod
     async def open(cls, model: str, config: EngineConfig | None = None) -> Engine:
@@ -109,11 +109,16 @@ class Engine:
     def max_context(self) -> int:
         return self.config.max_context or self.spec.max_position_embeddings
 
-    def _check_budget(self, steps: list) -> None:
+    @property
+    def min_budget_bytes(self) -> int:
+        """The smallest memory budget this model runs with (its largest step's units)."""
+        return self.scheduler.min_budget_bytes(self._plan)
+
+    def _check_budget(self) -> None:
         budget = self.config.memory_budget_bytes
         if budget is None:
             return
-        need = self.scheduler.min_budget_bytes(steps)
+        need = self.min_budget_bytes
         if budget < need:
             raise BudgetError(
                 f"memory budget {format_size(budget)} is smaller than the largest unit set one "

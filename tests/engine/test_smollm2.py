@@ -103,9 +103,7 @@ def test_small_budget_gives_identical_tokens(smollm2_gguf):
     embedding), so the smallest budget that can run it is used: ~40 MB, about 35 %."""
     case = CASES["prompt1"]
     probe = asyncio.run(Engine.open(smollm2_gguf, EngineConfig(backend="numpy")))
-    need = probe.scheduler.min_budget_bytes(probe.model.steps(
-        __import__("engine.models.llama", fromlist=["ForwardState"]).ForwardState(
-            np.zeros((1, 1), np.int64), kv=None)))
+    need = probe.min_budget_bytes
     model_bytes = probe.model_bytes
     probe.close()
     budget = need + 4 * 2**20

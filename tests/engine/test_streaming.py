@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from engine import Engine, EngineConfig, GenerationParams, ReadError
-from engine.models.llama import ForwardState
 from scheduler import SchedulerConfig
 from tests.reference_model import reference_greedy
 from tests.tiny_models import write_tiny_model
@@ -39,8 +38,7 @@ def min_budget(path) -> int:
     """The smallest budget the model can run with (its largest step)."""
     engine = open_engine(path)
     try:
-        steps = engine.model.steps(ForwardState(np.zeros((1, 1), np.int64), kv=None))
-        return engine.scheduler.min_budget_bytes(steps)
+        return engine.min_budget_bytes
     finally:
         engine.close()
 
