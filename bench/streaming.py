@@ -83,12 +83,12 @@ class StreamResult:
 
 async def _decode(engine: Engine, n: int) -> list:
     kv = engine.model.make_kv_cache(1, n + 2)
-    logits, _ = await engine.forward(np.asarray([[1]]), kv)
+    logits, _ = await engine.forward(np.asarray([[1]]), kv, more=True)
     out = []
-    for _ in range(n):
+    for i in range(n):
         tok = int(np.argmax(logits[0, -1]))
         t0 = time.perf_counter()
-        logits, rs = await engine.forward(np.asarray([[tok]]), kv)
+        logits, rs = await engine.forward(np.asarray([[tok]]), kv, more=i + 1 < n)
         out.append((time.perf_counter() - t0, rs))
     return out
 

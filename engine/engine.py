@@ -138,11 +138,14 @@ class Engine:
         text = self.tokenizer.apply_chat_template(items, add_generation_prompt=True)
         return self.tokenizer.encode(text, add_bos=False)
 
-    async def forward(self, ids: np.ndarray, kv: Any, all_logits: bool = False
-                      ) -> tuple[np.ndarray, RunStats]:
-        """One streamed forward pass over ids (B, L); returns logits and the run's stats."""
+    async def forward(self, ids: np.ndarray, kv: Any, all_logits: bool = False,
+                      more: bool = False) -> tuple[np.ndarray, RunStats]:
+        """One streamed forward pass over ids (B, L); returns logits and the run's stats.
+
+        more: another pass follows (decoding), so reads for its first units may start now.
+        """
         st = ForwardState(ids=ids, kv=kv, all_logits=all_logits)
-        stats = await self.scheduler.run(self.model.steps(st))
+        stats = await self.scheduler.run(self.model.steps(st), cyclic=more)
         assert st.logits is not None
         return st.logits, stats
 
@@ -189,9 +192,12 @@ class Engine:
         history = list(ids)
         t0 = time.perf_counter()
         logits = None
-        for start in range(0, len(ids), self.config.prefill_chunk):
-            chunk_ids = np.asarray(ids[start:start + self.config.prefill_chunk])[None, :]
-            logits, rs = await self.forward(chunk_ids, kv)
+        chunk = self.config.prefill_chunk
+        for start in range(0, len(ids), chunk):
+            chunk_ids = np.asarray(ids[start:start + chunk])[None, :]
+            # a pass follows unless this is the last chunk and no decode step comes
+            more = start + chunk < len(ids) or params.max_tokens >= 2
+            logits, rs = await self.forward(chunk_ids, kv, more=more)
             run.add(rs)
         t1 = time.perf_counter()
         stats.prompt_s = stats.ttft_s = t1 - t0
@@ -214,7 +220,8 @@ class Engine:
                 finish = "stop"
                 break
             if n + 1 < params.max_tokens:
-                logits, rs = await self.forward(np.asarray([[tok]]), kv)
+                logits, rs = await self.forward(np.asarray([[tok]]), kv,
+                                                more=n + 2 < params.max_tokens)
                 run.add(rs)
         tail = "" if cut else text_filter.feed(detok.flush(), final=True)[0]
         stats.generation_s = time.perf_counter() - t1

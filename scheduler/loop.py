@@ -89,6 +89,7 @@ class RunStats:
 
     def add(self, other: RunStats) -> None:
         self.prefetch_depth = max(self.prefetch_depth, other.prefetch_depth)
+        self.intervals.extend(other.intervals)
         for name in ("compute_s", "io_stall_s", "read_s", "prepare_s", "bytes_read",
                      "units_read", "hits", "misses"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
@@ -125,7 +126,7 @@ class LayerScheduler:
         self._io = ThreadPoolExecutor(config.io_workers, thread_name_prefix="stream-io")
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="stream-compute",
                                            initializer=compute_init)
-        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._inflight: dict[str, asyncio.Task[RunStats]] = {}
         self.resident: set[str] = set()  # units kept pinned across runs (plan_residency)
         self.depth = config.prefetch_depth  # current prefetch depth (adaptive)
 
@@ -175,21 +176,26 @@ class LayerScheduler:
         """Run fn on the compute thread (for work outside a step list, e.g. sampling)."""
         return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
 
-    async def run(self, steps: Sequence[Step]) -> RunStats:
+    async def run(self, steps: Sequence[Step], cyclic: bool = False) -> RunStats:
         """Run the steps in order with prefetch. On error or cancellation, in-flight reads are
-        cancelled and awaited and every pin taken by this run is released."""
+        cancelled and awaited and every pin taken by this run is released.
+
+        cyclic: another pass over the same units follows (decoding), so the prefetch window
+        wraps around into it and reads for its first units stay in flight when this run ends.
+        """
         stats = RunStats(prefetch_depth=self.depth)
         rs = _RunState(stats)
         compute_future: asyncio.Future[Any] | None = None
+        carry: set[str] = set()  # loads for the next pass, left in flight on success
         loop = asyncio.get_running_loop()
         try:
             for idx, step in enumerate(steps):
-                self._schedule(steps, idx, rs)
+                self._schedule(steps, idx, rs, cyclic)
                 t0 = time.perf_counter()
                 weights = {k: await self._acquire(k, rs, step.units) for k in step.units}
                 t1 = time.perf_counter()
                 stats.io_stall_s += t1 - t0
-                self._schedule(steps, idx + 1, rs)
+                self._schedule(steps, idx + 1, rs, cyclic)
                 compute_future = loop.run_in_executor(self._compute, step.run, weights)
                 await asyncio.shield(compute_future)
                 compute_future = None
@@ -201,10 +207,11 @@ class LayerScheduler:
                     rs.held.remove(k)
                     self.cache.compute.unpin(k)
             self._adapt(stats)
+            carry = set(self._inflight) if cyclic else set()
         finally:
             if compute_future is not None:  # a cancelled step finishes its layer first
                 await asyncio.gather(compute_future, return_exceptions=True)
-            await self._cancel_inflight()
+            await self._cancel_inflight(keep=carry)
             for k in rs.held:
                 self.cache.compute.unpin(k)
         return stats
@@ -216,14 +223,17 @@ class LayerScheduler:
                 and stats.io_stall_s > 0.05 * stats.compute_s):
             self.depth += 1
 
-    def _schedule(self, steps: Sequence[Step], start: int, rs: _RunState) -> None:
+    def _schedule(self, steps: Sequence[Step], start: int, rs: _RunState,
+                  cyclic: bool = False) -> None:
         """Start loads for the units of steps start..start+depth, in order, while they fit.
 
         Loads start in step order and stop at the first unit that does not fit, and a load
         never evicts a unit of the window, so a prefetch is never in the way of an earlier step.
         """
         tier = self.cache.compute
-        window = steps[start:start + self.depth + 1]
+        window = list(steps[start:start + self.depth + 1])
+        if cyclic:  # the next pass walks the same units: read its first ones early
+            window += steps[:max(0, start + self.depth + 1 - len(steps))]
         keep = {k for s in window for k in s.units}
         for step in window:
             for key in step.units:
@@ -231,12 +241,12 @@ class LayerScheduler:
                     continue
                 if not tier.can_fit(self.loader.prepared_nbytes(key), keep):
                     return
-                self._start_load(key, rs, keep)
+                self._start_load(key, keep)
 
-    def _start_load(self, key: str, rs: _RunState, keep: Collection[str] = ()) -> None:
+    def _start_load(self, key: str, keep: Collection[str] = ()) -> None:
         size = self.loader.prepared_nbytes(key)
         self.cache.compute.reserve(size, keep)
-        task = asyncio.get_running_loop().create_task(self._load(key, size, rs))
+        task = asyncio.get_running_loop().create_task(self._load(key, size))
         self._inflight[key] = task
 
     async def _acquire(self, key: str, rs: _RunState, keep: Collection[str]) -> Any:
@@ -254,18 +264,24 @@ class LayerScheduler:
                 tier.pin(key)
                 rs.held.append(key)
                 return value
-            self._start_load(key, rs, keep)  # raises BudgetError if it cannot fit
+            self._start_load(key, keep)  # raises BudgetError if it cannot fit
             task = self._inflight[key]
         else:
             tier.stats.misses += 1
         rs.stats.misses += 1
-        await asyncio.shield(task)  # the load's pin becomes this step's pin
+        rs.stats.add(await asyncio.shield(task))
         del self._inflight[key]
+        rs.held.append(key)  # the load's pin becomes this step's pin
         return tier.peek(key)
 
-    async def _load(self, key: str, size: int, rs: _RunState) -> None:
+    async def _load(self, key: str, size: int) -> RunStats:
+        """Read and prepare one unit into the compute tier, pinned once for its consumer.
+
+        Returns the read's statistics; the run that consumes the unit adds them to its own
+        (a load carried over from the previous pass counts in the pass that uses it).
+        """
         loop = asyncio.get_running_loop()
-        stats = rs.stats
+        stats = RunStats()
         try:
             raw = self.cache.host.get(key)
             if raw is None:
@@ -289,15 +305,20 @@ class LayerScheduler:
             self.cache.compute.release(size)
         # one pin for the step that consumes it; one more, never released, if resident
         self.cache.compute.put(key, value, nbytes, pins=2 if key in self.resident else 1)
-        rs.held.append(key)
+        return stats
 
-    async def _cancel_inflight(self) -> None:
-        tasks = list(self._inflight.values())
-        self._inflight.clear()
-        for t in tasks:
+    async def _cancel_inflight(self, keep: Collection[str] = ()) -> None:
+        """Cancel the loads not in keep; release the pin of any that had already landed."""
+        drop = {k: t for k, t in self._inflight.items() if k not in keep}
+        for key in drop:
+            del self._inflight[key]
+        for t in drop.values():
             t.cancel()
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+        if drop:
+            await asyncio.gather(*drop.values(), return_exceptions=True)
+        for key, t in drop.items():
+            if not t.cancelled() and t.exception() is None:
+                self.cache.compute.unpin(key)
 
     def close(self) -> None:
         self._io.shutdown(wait=True, cancel_futures=True)

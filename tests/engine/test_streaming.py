@@ -24,12 +24,12 @@ def open_engine(path, **kw) -> Engine:
 async def decode_steps(engine: Engine, n: int):
     """Prefill PROMPT, then n decode steps; returns (tokens, per-step RunStats)."""
     kv = engine.model.make_kv_cache(1, len(PROMPT) + n + 1)
-    logits, _ = await engine.forward(np.asarray([PROMPT]), kv)
+    logits, _ = await engine.forward(np.asarray([PROMPT]), kv, more=True)
     toks, stats = [], []
-    for _ in range(n):
+    for i in range(n):
         tok = int(np.argmax(logits[0, -1]))
         toks.append(tok)
-        logits, rs = await engine.forward(np.asarray([[tok]]), kv)
+        logits, rs = await engine.forward(np.asarray([[tok]]), kv, more=i + 1 < n)
         stats.append(rs)
     return toks, stats
 
@@ -73,6 +73,9 @@ def test_bytes_per_decode_step_equal_streamed_units(model, fraction, adaptive):
             else:
                 assert abs(rs.bytes_read - expected) <= 0.02 * expected
         assert engine.cache.compute.stats.peak_bytes <= budget
+        assert engine.scheduler._inflight == {}  # the last pass carried nothing over
+        assert sorted(engine.cache.compute.pinned()) == sorted(
+            k for k in engine.scheduler.resident if k in engine.cache.compute)
         if fraction == 1.0:
             assert expected == 0
         else:
