@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tokens", type=int, default=4)
     t.add_argument("--prefetch-depth", type=int, default=2)
     t.add_argument("--backend", default="numpy", choices=("numpy", "mlx", "auto"))
-    t.add_argument("--io-workers", type=int, default=4)
+    t.add_argument("--io-workers", type=int, default=8)
     t.add_argument("--json", default=None, help="append the result as one JSON line here")
     return p
 
@@ -57,14 +57,14 @@ def stream(args: argparse.Namespace) -> int:
             f.write(json.dumps({**s, "meta": run_metadata()}) + "\n")
     med = statistics.median
     print("| model | budget | cache | raw GB/s | engine GB/s | engine/raw | s/token "
-          "(median [min-max]) | bytes/token | I/O stall s | compute s | depth |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "(median [min-max]) | bytes/token | I/O stall s | compute s | depth | peak RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {os.path.basename(r.model.rstrip('/'))} | "
           f"{format_size(budget) if budget else 'unlimited'} | {r.cache} | {r.raw_gbs:.2f} | "
           f"{r.engine_gbs:.2f} | {s['engine_vs_raw']:.2f} | {med(r.s_per_token):.2f} "
           f"[{min(r.s_per_token):.2f}-{max(r.s_per_token):.2f}] | "
           f"{format_size(med(r.bytes_per_token))} | {med(r.io_stall_s):.2f} | "
-          f"{med(r.compute_s):.2f} | {r.prefetch_depth} |")
+          f"{med(r.compute_s):.2f} | {r.prefetch_depth} | {format_size(r.peak_rss_bytes)} |")
     return 0
 
 

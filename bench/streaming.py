@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from engine import Engine, EngineConfig
+from engine.stats import peak_rss_bytes
 from loaders import LoaderConfig
 from scheduler import SchedulerConfig
 
@@ -66,6 +67,7 @@ class StreamResult:
     prefetch_depth: int
     resident_bytes: int
     model_disk_bytes: int
+    peak_rss_bytes: int
 
     @property
     def engine_gbs(self) -> float:
@@ -94,7 +96,7 @@ async def _decode(engine: Engine, n: int) -> list:
 
 
 def run_stream(model: str, budget: int | None, tokens: int, depth: int = 2,
-               backend: str = "numpy", io_workers: int = 4) -> StreamResult:
+               backend: str = "numpy", io_workers: int = 8) -> StreamResult:
     """Cold-cache raw read of the model files, then `tokens` decode steps of the engine."""
     files = sorted(glob.glob(os.path.join(model, "*.safetensors"))) or [model]
     # O_DIRECT for both the raw read and the engine keeps every token's reads cold even when
@@ -119,4 +121,4 @@ def run_stream(model: str, budget: int | None, tokens: int, depth: int = 2,
         bytes_per_token=[rs.bytes_read for _, rs in steps],
         io_stall_s=[rs.io_stall_s for _, rs in steps], compute_s=[rs.compute_s for _, rs in steps],
         read_s=[rs.read_s for _, rs in steps], prefetch_depth=depth_now,
-        resident_bytes=resident, model_disk_bytes=nbytes)
+        resident_bytes=resident, model_disk_bytes=nbytes, peak_rss_bytes=peak_rss_bytes())

@@ -57,7 +57,7 @@ class SchedulerConfig:
     (the byte budget still bounds what is in flight)."""
 
     prefetch_depth: int = 2
-    io_workers: int = 4
+    io_workers: int = 8
     adaptive: bool = True
     max_prefetch_depth: int = 16
 
