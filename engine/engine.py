@@ -176,8 +176,11 @@ class Engine:
                 f"exceeds the context length {self.max_context}"
             )
         async with self._lock:
-            async for chunk in self._generate(ids, params):
-                yield chunk
+            try:
+                async for chunk in self._generate(ids, params):
+                    yield chunk
+            finally:  # an early stop (EOS, stop string, cancel) leaves no read in flight
+                await self.scheduler.drop_carried()
 
     async def _generate(self, ids: list[int], params: GenerationParams
                         ) -> AsyncIterator[Chunk]:

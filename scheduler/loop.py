@@ -190,12 +190,12 @@ class LayerScheduler:
         loop = asyncio.get_running_loop()
         try:
             for idx, step in enumerate(steps):
-                self._schedule(steps, idx, rs, cyclic)
+                self._schedule(steps, idx, cyclic)
                 t0 = time.perf_counter()
                 weights = {k: await self._acquire(k, rs, step.units) for k in step.units}
                 t1 = time.perf_counter()
                 stats.io_stall_s += t1 - t0
-                self._schedule(steps, idx + 1, rs, cyclic)
+                self._schedule(steps, idx + 1, cyclic)
                 compute_future = loop.run_in_executor(self._compute, step.run, weights)
                 await asyncio.shield(compute_future)
                 compute_future = None
@@ -223,8 +223,7 @@ class LayerScheduler:
                 and stats.io_stall_s > 0.05 * stats.compute_s):
             self.depth += 1
 
-    def _schedule(self, steps: Sequence[Step], start: int, rs: _RunState,
-                  cyclic: bool = False) -> None:
+    def _schedule(self, steps: Sequence[Step], start: int, cyclic: bool = False) -> None:
         """Start loads for the units of steps start..start+depth, in order, while they fit.
 
         Loads start in step order and stop at the first unit that does not fit, and a load
@@ -306,6 +305,10 @@ class LayerScheduler:
         # one pin for the step that consumes it; one more, never released, if resident
         self.cache.compute.put(key, value, nbytes, pins=2 if key in self.resident else 1)
         return stats
+
+    async def drop_carried(self) -> None:
+        """Cancel reads carried over for a pass that will not come (the generation ended)."""
+        await self._cancel_inflight()
 
     async def _cancel_inflight(self, keep: Collection[str] = ()) -> None:
         """Cancel the loads not in keep; release the pin of any that had already landed."""

@@ -164,3 +164,29 @@ def test_prefetch_depth_zero_still_streams(model):
     finally:
         engine.close()
     assert toks == reference_greedy(cfg, weights, PROMPT, 6)
+
+
+def test_generation_ending_early_leaves_no_read_in_flight(model):
+    path, _, _ = model
+    engine = open_engine(path, memory_budget_bytes=min_budget(path) * 4)
+
+    async def stop_after_two_tokens():
+        agen = engine.generate(PROMPT, GenerationParams(max_tokens=10, ignore_eos=True))
+        seen = 0
+        async for chunk in agen:
+            seen += len(chunk.token_ids)
+            if seen >= 2:
+                carried = dict(engine.scheduler._inflight)
+                break
+        await agen.aclose()
+        return carried
+
+    try:
+        carried = asyncio.run(stop_after_two_tokens())
+        assert carried  # reads for the next pass were in flight when the consumer stopped
+        assert engine.scheduler._inflight == {}
+        assert engine.cache.compute.reserved_bytes == 0
+        assert sorted(engine.cache.compute.pinned()) == sorted(
+            k for k in engine.scheduler.resident if k in engine.cache.compute)
+    finally:
+        engine.close()
