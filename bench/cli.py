@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from engine import BudgetError, MissingTensorError
 from engine.config import format_size
 
 
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"synth": synth, "stream": stream}[args.command](args)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, BudgetError, MissingTensorError) as exc:
         print(f"stream-bench: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -16,7 +16,7 @@ import numpy as np
 
 from bench.env import memory_bandwidth_gbs, run_metadata
 from engine import Engine, EngineConfig, GenerationParams
-from engine.cli import default_model
+from engine.cli import USER_ERRORS, default_model
 
 
 async def trial(engine: Engine, prompt_ids: list[int], n_gen: int) -> dict:
@@ -70,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
           "| bytes/token | bound tok/s | tg / bound |")
     print("|---|---|---|---|---|---|")
     for backend in args.backends.split(","):
-        r = asyncio.run(bench_backend(model, backend, args))
+        try:
+            r = asyncio.run(bench_backend(model, backend, args))
+        except USER_ERRORS as exc:
+            print(f"bench.decode: error: {exc}", file=sys.stderr)
+            return 2
         bound = bw * 1e9 / r["model_bytes"]
         print(f"| {backend} | {r['pp_median']:.1f} [{r['pp_min']:.1f}-{r['pp_max']:.1f}] "
               f"| {r['tg_median']:.2f} [{r['tg_min']:.2f}-{r['tg_max']:.2f}] "

@@ -72,3 +72,13 @@ def test_stream_bench_reports_consistent_figures(tmp_path, capsys):
     assert row["engine_gbs"] * sum(row["s_per_token"]) * 1e9 == pytest.approx(
         sum(row["bytes_per_token"]))
     assert row["meta"]["git"]
+
+
+def test_stream_bench_bad_input_is_one_line(tmp_path, capsys):
+    out = tmp_path / "m"
+    synthesize(SynthSpec(num_hidden_layers=2, dtype="f32"), str(out))
+    for args, match in [(["stream", str(tmp_path / "none")], "no such file or directory"),
+                        (["stream", str(out), "--budget", "1KB"], "memory budget 1.00 KB")]:
+        assert bench_main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and match in err.lower()
