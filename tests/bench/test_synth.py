@@ -81,4 +81,4 @@ def test_stream_bench_bad_input_is_one_line(tmp_path, capsys):
                         (["stream", str(out), "--budget", "1KB"], "memory budget 1.00 KB")]:
         assert bench_main(args) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and match in err.lower()
+        assert err.count("\n") == 1 and match.lower() in err.lower()
