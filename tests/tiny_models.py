@@ -151,7 +151,11 @@ def _write_shards(path: pathlib.Path, tensors: dict, n_shards: int, writer) -> N
 
 def write_tiny_model(path, variant: str, *, sharded: bool = False, dtype: str = "float32",
                      seed: int = 0, n_layers: int = 2) -> tuple[dict, dict[str, np.ndarray]]:
-    """Write a tiny HF checkpoint; return (config, the float32 weights as stored)."""
+    """Write a tiny HF checkpoint; return (config, the float32 weights as stored).
+
+    float16 goes through safetensors.numpy; bfloat16 (numpy has no such dtype) is rounded to
+    nearest even by hand and written with save_raw_safetensors as "BF16" bytes, so no torch is
+    needed. The returned weights are the stored values widened to float32."""
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = make_config(variant, n_layers)
@@ -177,8 +181,8 @@ def write_tiny_model(path, variant: str, *, sharded: bool = False, dtype: str = 
     return cfg, weights
 
 
-def write_mlx_quantized_model(path, variant: str, bits: int, group_size: int, *,
-                              n_layers: int = 2, seed: int = 0
+def write_mlx_quantized_model(path, variant: str, bits: int, group_size: int,
+                              n_layers: int = 2, *, seed: int = 0
                               ) -> tuple[dict, dict[str, np.ndarray]]:
     """An MLX-quantized checkpoint (mlx-lm layout) made with mlx.core.quantize; returns the
     config and the weights as mx.dequantize gives them back (the reference's weights)."""
