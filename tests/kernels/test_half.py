@@ -183,7 +183,10 @@ def test_linear_half_blocked_prefill(monkeypatch, dtype):
     ops = numpy_backend.NumpyBackend()
     hw = ops.prepare({"p.weight": raw(w, dtype)}, None)["p.weight"]
     x = rng.standard_normal((20, 128)).astype(np.float32)
-    np.testing.assert_array_equal(ops.linear(x, hw), x @ reference(w, dtype).T)
+    # Not bit-exact: BLAS picks its kernel (and summation order) by matrix shape, so a 5-row
+    # block may round differently from the whole 23-row product (seen on some CPUs here).
+    np.testing.assert_allclose(ops.linear(x, hw), x @ reference(w, dtype).T,
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", HALF)
