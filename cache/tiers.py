@@ -123,6 +123,7 @@ class Tier:
     def reserve(self, nbytes: int, keep: Collection[str] = ()) -> None:
         self.make_room(nbytes, keep)
         self.reserved_bytes += nbytes
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.used_bytes + self.reserved_bytes)
 
     def release(self, nbytes: int) -> None:
         self.reserved_bytes -= nbytes

@@ -181,6 +181,7 @@ class Engine:
                     yield chunk
             finally:  # an early stop (EOS, stop string, cancel) leaves no read in flight
                 await self.scheduler.drop_carried()
+                self.reader.buffers.trim()  # idle read buffers are outside the budget
 
     async def _generate(self, ids: list[int], params: GenerationParams
                         ) -> AsyncIterator[Chunk]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kernels.backend import Backend
-from kernels.sizes import unit_nbytes
+from kernels.sizes import transient_nbytes, unit_nbytes
 from loaders import HostTensor, LayerIndex, UnitReader
 
 
@@ -17,6 +17,10 @@ class BackendUnitLoader:
         self.prepare_off_compute_thread = backend.prepare_off_compute_thread
         self._sizes = {
             key: unit_nbytes(unit.tensors) for key, unit in index.units.items()
+        }
+        self._transient = {
+            key: transient_nbytes(unit.tensors, backend.prepare_views_raw)
+            for key, unit in index.units.items()
         }
 
     def read(self, key: str) -> dict[str, HostTensor]:
@@ -31,3 +35,6 @@ class BackendUnitLoader:
 
     def prepared_nbytes(self, key: str) -> int:
         return self._sizes[key]
+
+    def transient_nbytes(self, key: str) -> int:
+        return self._transient[key]

@@ -46,6 +46,9 @@ class Backend(Protocol):
     # True when prepare() may run on an I/O thread (numpy); False when it must run on the
     # compute thread (MLX arrays are bound to the thread that made them).
     prepare_off_compute_thread: bool
+    # True when prepared weights are views of the raw read buffer where the layout allows
+    # (kernels.sizes.transient_nbytes says which raw bytes are then held only while preparing).
+    prepare_views_raw: bool
 
     def prepare(
         self, tensors: Mapping[str, RawTensor], quantization: Mapping[str, Any] | None

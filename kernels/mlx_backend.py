@@ -84,6 +84,7 @@ def check_trim(offset: int, n: int) -> int:
 class MLXBackend:
     name = "mlx"
     prepare_off_compute_thread = False
+    prepare_views_raw = False
 
     def __init__(self, device: str = "auto") -> None:
         if device not in DEVICES:

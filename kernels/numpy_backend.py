@@ -87,6 +87,7 @@ class NumpyKVCache:
 class NumpyBackend:
     name = "numpy"
     prepare_off_compute_thread = True
+    prepare_views_raw = True
 
     def prepare(
         self, tensors: Mapping[str, Any], quantization: Mapping[str, Any] | None

@@ -40,6 +40,22 @@ def prepared_nbytes(
     raise ValueError(f"no compute form for dtype {dtype!r}")
 
 
+def transient_nbytes(tensors: Mapping[str, Any], views_raw: bool) -> int:
+    """Raw bytes that stay allocated beside the compute form while a unit is prepared;
+    tensors is {name: object with .dtype, .shape and .nbytes (stored bytes)}.
+
+    views_raw: the backend's compute form is a view of the raw buffer where the layout allows
+    (numpy: F32, 2-D F16/BF16 and U32 words), so only converted tensors count (GGUF blocks,
+    widened norms, scales and biases). Otherwise (MLX copies into its own arrays) every raw
+    byte counts. The scheduler reserves these bytes for each read in flight.
+    """
+    if not views_raw:
+        return sum(t.nbytes for t in tensors.values())
+    return sum(t.nbytes for t in tensors.values()
+               if not (t.dtype in ("F32", "U32")
+                       or (t.dtype in HALF_DTYPES and len(tuple(t.shape)) == 2)))
+
+
 def unit_nbytes(tensors: Mapping[str, Any]) -> int:
     """Compute-form bytes of one unit: {name: object with .dtype and .shape}, as prepare() takes.
 

@@ -12,13 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from loaders.buffers import ALIGN, BufferPool
 from loaders.errors import ReadError
 from loaders.index import HostTensor, LayerIndex, TensorRef
 
 log = logging.getLogger(__name__)
 
 READ_MODES = ("pread", "mmap")
-ALIGN = 4096  # O_DIRECT needs offsets, lengths and buffer addresses aligned to the block size
 _CHUNK_BYTES = 64 * 1024 * 1024  # one pread at most; keeps each syscall interruptible
 _HAS_PREADV = hasattr(os, "preadv")
 
@@ -51,12 +51,16 @@ class _Span:
 
 
 class UnitReader:
-    """Reads units of a LayerIndex. Thread-safe: read() runs on the I/O pool."""
+    """Reads units of a LayerIndex. Thread-safe: read() runs on the I/O pool.
+
+    pread mode reads into buffers of `buffers`, reused once the arrays read into them are
+    gone (evicted from the cache), so a streamed unit does not fault in fresh pages."""
 
     def __init__(self, index: LayerIndex, config: LoaderConfig | None = None) -> None:
         self.index = index
         self.config = config or LoaderConfig()
         self.fault_hook: FaultHook | None = None
+        self.buffers = BufferPool()
         self._fds: dict[str, int] = {}
         self._maps: dict[str, mmap.mmap] = {}
         self._lock = threading.Lock()
@@ -77,7 +81,7 @@ class UnitReader:
         spans = _coalesce(list(unit.tensors.values()))
         direct = self.direct
         bounds = [_aligned(s.start, s.end) if direct else (s.start, s.end) for s in spans]
-        buf = _empty_aligned(sum(b - a for a, b in bounds))
+        buf = self.buffers.take(sum(b - a for a, b in bounds))
         out: dict[str, HostTensor] = {}
         pos = 0
         for span, (lo, hi) in zip(spans, bounds, strict=True):
@@ -191,13 +195,6 @@ class _DirectRefused(Exception):
 
 def _aligned(start: int, end: int) -> tuple[int, int]:
     return start - start % ALIGN, -(-end // ALIGN) * ALIGN
-
-
-def _empty_aligned(nbytes: int) -> np.ndarray:
-    """An uninitialised uint8 buffer whose address is ALIGN-aligned."""
-    raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
-    skip = -raw.ctypes.data % ALIGN
-    return raw[skip:skip + nbytes]
 
 
 def _coalesce(refs: list[TensorRef], max_waste: float = 0.1) -> list[_Span]:

@@ -39,6 +39,11 @@ class UnitLoader(Protocol):
         """Bytes the unit takes in the compute tier, known before reading it."""
         ...
 
+    def transient_nbytes(self, key: str) -> int:
+        """Raw bytes held beside the compute form only while the unit is read and prepared
+        (0 when the compute form is a view of the read buffer)."""
+        ...
+
 
 @dataclass(frozen=True)
 class Step:
@@ -161,16 +166,21 @@ class LayerScheduler:
         self.resident = _fit(resident, order, size, budget - ring)
         return self.resident
 
+    def _load_bytes(self, key: str) -> int:
+        """Bytes a load reserves: the compute form plus raw bytes held while preparing."""
+        return self.loader.prepared_nbytes(key) + self.loader.transient_nbytes(key)
+
     def _ring_bytes(self, steps: Sequence[Step], resident: set[str]) -> int:
         """Room the streamed units need: depth + 1 of the largest, and at least one step."""
-        size = self.loader.prepared_nbytes
+        size = self._load_bytes
         streamed = [size(k) for s in steps for k in s.units if k not in resident] or [0]
         step_need = max(sum(size(k) for k in set(s.units) - resident) for s in steps)
         return max(step_need, (self.depth + 1) * max(streamed))
 
     def min_budget_bytes(self, steps: Sequence[Step]) -> int:
-        """The smallest compute budget that can run these steps (the largest step's units)."""
-        return max(sum(self.loader.prepared_nbytes(k) for k in set(s.units)) for s in steps)
+        """The smallest compute budget that can run these steps (the largest step's units,
+        with the raw bytes their loads hold while preparing)."""
+        return max(sum(self._load_bytes(k) for k in set(s.units)) for s in steps)
 
     async def run_on_compute(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run fn on the compute thread (for work outside a step list, e.g. sampling)."""
@@ -238,12 +248,12 @@ class LayerScheduler:
             for key in step.units:
                 if key in tier or key in self._inflight:
                     continue
-                if not tier.can_fit(self.loader.prepared_nbytes(key), keep):
+                if not tier.can_fit(self._load_bytes(key), keep):
                     return
                 self._start_load(key, keep)
 
     def _start_load(self, key: str, keep: Collection[str] = ()) -> None:
-        size = self.loader.prepared_nbytes(key)
+        size = self._load_bytes(key)
         self.cache.compute.reserve(size, keep)
         task = asyncio.get_running_loop().create_task(self._load(key, size))
         self._inflight[key] = task

@@ -80,6 +80,8 @@ def test_bytes_per_decode_step_equal_streamed_units(model, fraction, adaptive):
             assert expected == 0
         else:
             assert 0 < expected
+            pool = engine.reader.buffers  # streamed units land in recycled read buffers
+            assert pool.reuses > pool.allocations
     finally:
         engine.close()
     assert toks == reference_greedy(cfg, weights, PROMPT, 12)

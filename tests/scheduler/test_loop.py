@@ -13,8 +13,9 @@ from scheduler import LayerScheduler, SchedulerConfig, Step
 class FakeLoader:
     prepare_off_compute_thread = True
 
-    def __init__(self, sizes, read_s=0.0, fail=None):
+    def __init__(self, sizes, read_s=0.0, fail=None, transient=0):
         self.sizes = sizes
+        self.transient = transient  # raw bytes held while preparing, per unit
         self.read_s = read_s
         self.fail = fail
         self.reads = []
@@ -36,6 +37,9 @@ class FakeLoader:
 
     def prepared_nbytes(self, key):
         return self.sizes[key]
+
+    def transient_nbytes(self, key):
+        return self.transient
 
 
 def make_steps(keys, compute_s=0.0, log=None):
@@ -226,3 +230,31 @@ async def test_cancel_after_cyclic_run_releases_carried_loads():
     assert sched._inflight == {} and cache.compute.reserved_bytes == 0
     assert sorted(cache.compute.pinned()) == sorted(k for k in resident if k in cache.compute)
     sched.close()
+
+
+@pytest.mark.asyncio
+async def test_raw_bytes_held_while_preparing_count_against_the_budget():
+    """A load that converts (GGUF blocks, MLX copies) holds its raw buffer beside the compute
+    form until prepare() ends: the reservation covers both, so the tier never exceeds it."""
+    loader = FakeLoader({k: 100 for k in KEYS}, transient=50)
+    probe = LayerScheduler(WeightCache(CacheConfig()), loader, SchedulerConfig())
+    assert probe.min_budget_bytes(make_steps(KEYS)) == 150
+    probe.close()
+    for budget in (150, 420):
+        cache = WeightCache(CacheConfig(compute_bytes=budget))
+        sched = LayerScheduler(cache, loader, SchedulerConfig(prefetch_depth=2))
+        steps = make_steps(KEYS)
+        sched.plan_residency(steps)
+        for _ in range(3):
+            await sched.run(steps, cyclic=True)
+        await sched.drop_carried()
+        assert cache.compute.stats.peak_bytes <= budget
+        assert cache.compute.reserved_bytes == 0
+        sched.close()
+    with pytest.raises(BudgetError):
+        cache = WeightCache(CacheConfig(compute_bytes=149))
+        sched = LayerScheduler(cache, loader, SchedulerConfig())
+        try:
+            await sched.run(make_steps(KEYS))
+        finally:
+            sched.close()
