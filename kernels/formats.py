@@ -165,9 +165,12 @@ def _half(name: str, t: Any) -> HalfWeight:
 
 
 def _packed_u32(name: str, t: Any) -> np.ndarray:
+    """Packed words: a zero-copy view of the raw bytes when 4-byte aligned, else a copy."""
     n = math.prod(t.shape)
     raw = _check_size(t.data, 4 * n, f"{name}: U32", t.shape)
-    return raw.view("<u4").astype(np.uint32).reshape(t.shape)  # astype copies off the buffer
+    if raw.ctypes.data % 4:
+        raw = raw.copy()  # a fresh allocation is aligned
+    return raw.view("<u4").reshape(t.shape)
 
 
 def prepare_unit(

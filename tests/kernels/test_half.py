@@ -197,3 +197,19 @@ def test_embed_half(ops, dtype):
     got = to_np(ops, ops.embed(hw, ids))
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, reference(table, dtype)[ids])
+
+
+@pytest.mark.parametrize("offset", [0, 2])
+def test_prepare_views_packed_words_when_aligned(offset):
+    """MLX packed words stay views of the read buffer (a streamed 4-bit unit is not copied);
+    misaligned bytes are copied, and the weights are the same either way."""
+    w = np.random.default_rng(2).standard_normal((8, 64)).astype(np.float32)
+    qw = quantize(w, 4, 32)
+    words = qw.packed.view(np.uint8).reshape(-1)
+    buf = np.empty(words.size + 8, dtype=np.uint8)[offset:offset + words.size]
+    buf[:] = words
+    tensors = {"q.weight": Raw("U32", qw.packed.shape, buf),
+               "q.scales": raw(qw.scales, "F32"), "q.biases": raw(qw.biases, "F32")}
+    got = prepare_unit(tensors, {"bits": 4, "group_size": 32})["q.weight"]
+    assert np.shares_memory(got.packed, buf) == (offset == 0)
+    np.testing.assert_array_equal(got.packed, qw.packed)
