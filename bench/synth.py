@@ -205,6 +205,9 @@ def synthesize(spec: SynthSpec, out: str, progress: Callable[[int], None] = lamb
         raise FileExistsError(f"{out}: already exists; choose a new --out directory")
     parent = os.path.dirname(os.path.abspath(out))
     tmp = tempfile.mkdtemp(prefix=".synth-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the model is an ordinary dir
     try:
         pool = _Pool(spec.dtype, spec.seed)
         shards = _shards(spec, shard_bytes)

@@ -13,6 +13,7 @@ needed, so a weight that is still in use somewhere can never be overwritten.
 
 from __future__ import annotations
 
+import mmap
 import sys
 import threading
 
@@ -46,11 +47,11 @@ class BufferPool:
         """An aligned buffer of nbytes (uninitialised: a previous read's bytes may be there)."""
         with self._lock:
             for i in range(len(self._owners)):
-                if self._owners[i].nbytes == nbytes + ALIGN and self._idle(i):
+                if self._owners[i].nbytes == _rounded(nbytes) and self._idle(i):
                     self.reuses += 1
                     return self._view(self._owners[i], nbytes)
             self._drop_idle()
-            owner = np.empty(nbytes + ALIGN, dtype=np.uint8)
+            owner = _anonymous(nbytes)
             self._owners.append(owner)
             self.allocations += 1
             return self._view(owner, nbytes)
@@ -73,5 +74,16 @@ class BufferPool:
 
     @staticmethod
     def _view(owner: np.ndarray, nbytes: int) -> np.ndarray:
-        skip = -owner.ctypes.data % ALIGN
-        return owner[skip:skip + nbytes]
+        return owner[:nbytes]
+
+
+def _rounded(nbytes: int) -> int:
+    return max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+
+
+def _anonymous(nbytes: int) -> np.ndarray:
+    """Page-aligned memory of its own mapping, unmapped when the last view dies.
+
+    Not np.empty: glibc raises its mmap threshold after large frees, so buffers of a few MB
+    would then come from the heap and stay in the process after the cache drops them."""
+    return np.frombuffer(mmap.mmap(-1, _rounded(nbytes)), dtype=np.uint8)

@@ -216,6 +216,9 @@ class LayerScheduler:
                 for k in step.units:
                     rs.held.remove(k)
                     self.cache.compute.unpin(k)
+                # Let go of the step's weights now: the next schedule may evict them, and a
+                # unit kept alive here would hold its read buffer outside the budget.
+                weights = {}
             self._adapt(stats)
             carry = set(self._inflight) if cyclic else set()
         finally:
