@@ -16,6 +16,7 @@ from __future__ import annotations
 import mmap
 import sys
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -29,10 +30,10 @@ def _refs(owner: np.ndarray) -> int:
 class BufferPool:
     """Aligned uint8 buffers, reused by exact size. Thread-safe.
 
-    Buffers not in use ("idle") are memory outside the cache's budget, so the pool keeps them
-    only until a read needs a size it has no idle buffer of (then every idle buffer is freed
-    first) or until trim(). In a decode ring the unit evicted to make room for the next read
-    has the next read's size, so idle bytes stay near zero.
+    Buffers not in use ("idle") are memory outside the cache's budget, so the pool keeps an
+    idle buffer only until the next read of another size (or trim()). In a decode ring the
+    unit evicted to make room for the next read has the next read's size, so idle bytes stay
+    near zero.
     """
 
     def __init__(self) -> None:
@@ -50,12 +51,14 @@ class BufferPool:
         one model differ by a few pages of alignment when they straddle two files)."""
         with self._lock:
             fits = [i for i in range(len(self._owners))
-                    if nbytes <= self._owners[i].nbytes <= nbytes + nbytes // 8 + ALIGN
-                    and self._idle(i)]
+                    if self._fits(i, nbytes) and self._idle(i)]
             if fits:
-                best = min(fits, key=lambda i: self._owners[i].nbytes)
+                best = self._owners[min(fits, key=lambda i: self._owners[i].nbytes)]
+                # Idle buffers of other sizes are memory outside the budget: a unit of another
+                # size was evicted to make room for this read. Free them now.
+                self._drop_idle(keep=lambda i: self._fits(i, nbytes))
                 self.reuses += 1
-                return self._view(self._owners[best], nbytes)
+                return self._view(best, nbytes)
             self._drop_idle()
             owner = _anonymous(nbytes)
             self._owners.append(owner)
@@ -75,8 +78,12 @@ class BufferPool:
     def _idle(self, i: int) -> bool:
         return _refs(self._owners[i]) == self._free_refs
 
-    def _drop_idle(self) -> None:
-        self._owners = [self._owners[i] for i in range(len(self._owners)) if not self._idle(i)]
+    def _fits(self, i: int, nbytes: int) -> bool:
+        return nbytes <= self._owners[i].nbytes <= nbytes + nbytes // 8 + ALIGN
+
+    def _drop_idle(self, keep: Callable[[int], bool] = lambda i: False) -> None:
+        self._owners = [self._owners[i] for i in range(len(self._owners))
+                        if keep(i) or not self._idle(i)]
 
     @staticmethod
     def _view(owner: np.ndarray, nbytes: int) -> np.ndarray:

@@ -61,3 +61,12 @@ def test_a_slightly_smaller_or_larger_request_reuses_an_idle_buffer():
     del b
     c = pool.take(1 << 19)  # half the size: not worth pinning the big one to it
     assert c.ctypes.data != address and pool.allocations == 2
+
+
+def test_reusing_one_size_frees_idle_buffers_of_other_sizes():
+    pool = BufferPool()
+    small, big = pool.take(1 << 16), pool.take(1 << 20)
+    del small, big
+    again = pool.take(1 << 16)  # reuses the small one; the idle big one is outside any budget
+    assert pool.reuses == 1 and pool.idle_bytes() == 0
+    del again
