@@ -10,7 +10,18 @@ import psutil
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (ru_maxrss; psutil has no peak on Linux)."""
+    """Peak resident set size of this process.
+
+    Linux: VmHWM from /proc/self/status. ru_maxrss would do on its own but it is inherited
+    through fork and exec, so a process started by a large parent (pytest, a server) reports
+    at least the parent's size. Elsewhere ru_maxrss (psutil has no peak)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

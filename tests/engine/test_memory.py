@@ -51,3 +51,17 @@ def test_without_a_budget_the_whole_model_is_resident(models):
     big, tiny = models
     got = probe(big, tiny, None)
     assert got["peak_rss_bytes"] - got["base_rss_bytes"] >= 0.9 * got["model_bytes"]
+
+
+def test_peak_rss_is_the_child_own_not_inherited_from_a_large_parent():
+    """ru_maxrss survives fork and exec: a probe started by a big pytest process would report
+    the parent's size. peak_rss_bytes must report the child's own peak."""
+    import numpy as np
+
+    ballast = np.ones(400 * 2**20 // 8)  # this process is now > 400 MB
+    proc = subprocess.run(
+        [sys.executable, "-c", "from engine.stats import peak_rss_bytes; print(peak_rss_bytes())"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) < 300 * 2**20
+    del ballast
