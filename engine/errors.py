@@ -15,7 +15,11 @@ class ContextLengthError(ValueError):
     """The prompt plus max_tokens do not fit the model's context."""
 
 
+class ConvertError(ValueError):
+    """stream-convert cannot convert: a bad recipe, output path, or tensor shape."""
+
+
 __all__ = [
-    "BudgetError", "ChatTemplateError", "ContextLengthError", "EngineError", "FormatError",
-    "MissingTensorError", "ReadError",
+    "BudgetError", "ChatTemplateError", "ContextLengthError", "ConvertError", "EngineError",
+    "FormatError", "MissingTensorError", "ReadError",
 ]

@@ -6,7 +6,15 @@ from typing import Any
 
 from kernels.backend import Backend
 from kernels.sizes import transient_nbytes, unit_nbytes
-from loaders import HostTensor, LayerIndex, UnitReader
+from loaders import FormatError, HostTensor, LayerIndex, UnitReader
+
+
+def _unit_nbytes(index: LayerIndex, key: str) -> int:
+    """Compute-form bytes of a unit; a tensor the kernels cannot run fails here, at open."""
+    try:
+        return unit_nbytes(index.units[key].tensors)
+    except ValueError as exc:
+        raise FormatError(f"{index.source}: unit {key!r}: {exc}") from None
 
 
 class BackendUnitLoader:
@@ -15,9 +23,7 @@ class BackendUnitLoader:
         self.reader = reader
         self.backend = backend
         self.prepare_off_compute_thread = backend.prepare_off_compute_thread
-        self._sizes = {
-            key: unit_nbytes(unit.tensors) for key, unit in index.units.items()
-        }
+        self._sizes = {key: _unit_nbytes(index, key) for key in index.units}
         self._transient = {
             key: transient_nbytes(unit.tensors, backend.prepare_views_raw)
             for key, unit in index.units.items()

@@ -218,8 +218,16 @@ def prepare_unit(
         elif t.dtype in DENSE_DTYPES:
             out[name] = _dense(name, t)
         else:
-            raise ValueError(
-                f"{name}: dtype {t.dtype!r} has no compute form; expected one of "
-                f"{(*DENSE_DTYPES, 'U32', *GGUF_TYPES)}"
-            )
+            raise ValueError(f"{name}: {no_compute_form(t.dtype)}")
     return out
+
+
+def no_compute_form(dtype: str) -> str:
+    """Why a storage dtype cannot be prepared, with a hint for the GGUF types that
+    stream-convert can repack (K-quants and friends are dequantized there, not per token)."""
+    runnable = (*DENSE_DTYPES, "U32", *GGUF_TYPES)
+    if dtype.startswith(("Q", "IQ", "TQ")):
+        return (f"GGUF type {dtype} has no compute form in this engine (GGUF types that run "
+                f"directly: {', '.join(GGUF_TYPES)}); hint: convert the model first: "
+                "stream-convert MODEL OUT")
+    return f"dtype {dtype!r} has no compute form; expected one of {runnable}"

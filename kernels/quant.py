@@ -148,28 +148,43 @@ def quantize(w: np.ndarray, bits: int = 4, group_size: int = 64) -> QuantizedWei
     refined to edge / round(edge / scale) so the edge is exactly representable. q is
     round-half-even((w - bias) / scale) clipped to [0, 2**bits - 1].
 
+    Non-finite input is refused (MLX would write NaN scales silently): a NaN or inf weight, or
+    a group whose range overflows float32, raises.
+
     Raises:
-        ValueError: unsupported bits or group_size, w not 2-D, in not divisible by group_size.
+        ValueError: unsupported bits or group_size, w not 2-D, in not divisible by group_size,
+            a NaN or inf in w, or a group range beyond float32.
     """
     check_bits(bits)
     check_group_size(group_size)
     w = np.asarray(w, dtype=np.float32)
     _check_matrix(w, group_size)
+    if not np.isfinite(w).all():
+        r, c = np.argwhere(~np.isfinite(w))[0]
+        raise ValueError(f"w: non-finite value {w[r, c]} at [{r}, {c}]; NaN and inf cannot be "
+                         "quantized; hint: the source weights are corrupt")
     out, n_in = w.shape
     groups = w.reshape(out, n_in // group_size, group_size)
     n_bins = np.float32((1 << bits) - 1)
     w_max = groups.max(axis=-1)
     w_min = groups.min(axis=-1)
     mask = np.abs(w_min) > np.abs(w_max)
-    scales = np.maximum((w_max - w_min) / n_bins, np.float32(1e-7))
+    with np.errstate(over="ignore"):
+        scales = np.maximum((w_max - w_min) / n_bins, np.float32(1e-7))
+    if not np.isfinite(scales).all():
+        r, g = np.argwhere(~np.isfinite(scales))[0]
+        raise ValueError(f"w: group {g} of row {r} spans [{w_min[r, g]}, {w_max[r, g]}], whose "
+                         "range overflows float32; it cannot be quantized")
     scales = np.where(mask, scales, -scales)
     edge = np.where(mask, w_min, w_max)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    # a constant group near float32's max overflows edge / scale; its scale becomes 0, w - bias
+    # is 0 and q 0/0: q = 0, as MLX gives (w = bias exactly)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         q0 = np.rint(edge / scales)
         scales = np.where(q0 != 0, edge / q0, scales).astype(np.float32)
-    biases = np.where(q0 != 0, edge, np.float32(0)).astype(np.float32)
-    q = np.rint((groups - biases[..., None]) / scales[..., None])
-    q = np.clip(q, 0, n_bins).astype(np.uint8).reshape(out, n_in)
+        biases = np.where(q0 != 0, edge, np.float32(0)).astype(np.float32)
+        q = np.rint((groups - biases[..., None]) / scales[..., None])
+    q = np.clip(np.nan_to_num(q, nan=0.0), 0, n_bins).astype(np.uint8).reshape(out, n_in)
     return QuantizedWeight(pack(q, bits), scales, biases, bits, group_size)
 
 

@@ -13,6 +13,8 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from kernels.formats import no_compute_form
+
 GGUF_AFFINE = {"Q4_0": (4, 32), "Q4_1": (4, 32), "Q8_0": (8, 32)}  # -> (bits, group_size)
 DENSE_DTYPES = ("F32", "F16", "BF16")
 HALF_DTYPES = ("F16", "BF16")
@@ -37,7 +39,7 @@ def prepared_nbytes(
     if dtype in GGUF_AFFINE:
         bits, group = GGUF_AFFINE[dtype]
         return n * bits // 8 + 2 * 4 * (n // group)
-    raise ValueError(f"no compute form for dtype {dtype!r}")
+    raise ValueError(no_compute_form(dtype))
 
 
 def transient_nbytes(tensors: Mapping[str, Any], views_raw: bool) -> int:
@@ -67,7 +69,10 @@ def unit_nbytes(tensors: Mapping[str, Any]) -> int:
         if t.dtype == "U32"
         for part in ("scales", "biases")
     }
-    return sum(
-        prepared_nbytes(t.dtype, tuple(t.shape), widened=name in companions)
-        for name, t in tensors.items()
-    )
+    total = 0
+    for name, t in tensors.items():
+        try:
+            total += prepared_nbytes(t.dtype, tuple(t.shape), widened=name in companions)
+        except ValueError as exc:
+            raise ValueError(f"tensor {name!r}: {exc}") from None
+    return total

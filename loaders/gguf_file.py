@@ -45,7 +45,10 @@ TENSOR_MAP: dict[str, tuple[str, str]] = {
 
 # general.architecture -> HF model_type
 ARCH_TO_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
+# The engine runs F32/F16/BF16/Q4_0/Q4_1/Q8_0 directly (kernels/formats.py); the other types
+# open so that stream-convert can dequantize them (gguf-py) and repack them.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0",
+                   "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # llama.cpp's llama converter permuted these rows (see unpermute_rows); "k" uses the kv heads
 _PERMUTED = {"self_attn.q_proj.weight": "q", "self_attn.q_proj.bias": "q",
              "self_attn.k_proj.weight": "k", "self_attn.k_proj.bias": "k"}

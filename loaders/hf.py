@@ -8,6 +8,7 @@ import re
 
 from loaders.errors import FormatError
 from loaders.index import EMBED, HEAD, LayerIndex, TensorRef, Unit, layer_key
+from loaders.packed import file_checksums
 from loaders.safetensors_file import read_safetensors_header
 from loaders.schema import check_index
 from loaders.spec import ModelSpec
@@ -69,6 +70,13 @@ def unit_of(name: str) -> tuple[str, str] | None:
     raise FormatError(f"unexpected tensor name {name!r}")
 
 
+def full_name(key: str, rel: str) -> str:
+    """The inverse of unit_of: (unit key, name inside the unit) -> the full HF tensor name."""
+    if key.startswith("layers."):
+        return f"model.{key}.{rel}"
+    return rel if rel.startswith("lm_head.") else f"model.{rel}"
+
+
 def open_hf_dir(model_dir: str) -> LayerIndex:
     """Index an HF (or MLX-quantized) model directory without reading tensor data.
 
@@ -104,7 +112,8 @@ def open_hf_dir(model_dir: str) -> LayerIndex:
     if spec.quantization:
         for unit in units.values():
             unit.quantization = _unit_quantization(spec.quantization, unit.key)
-    index = LayerIndex(spec=spec, units=units, source=model_dir)
+    index = LayerIndex(spec=spec, units=units, source=model_dir,
+                       checksums=file_checksums(model_dir))
     check_index(index)
     return index
 

@@ -73,6 +73,8 @@ class LayerIndex:
     spec: ModelSpec
     units: dict[str, Unit]
     source: str  # the model path as the user gave it, for messages
+    # packed (stream-convert) directories: {unit file path: sha256} from manifest.json
+    checksums: dict[str, str] | None = None
 
     @property
     def nbytes(self) -> int:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from loaders.buffers import ALIGN, BufferPool
-from loaders.errors import ReadError
+from loaders.errors import FormatError, ReadError
 from loaders.index import HostTensor, LayerIndex, TensorRef
+from loaders.packed import MANIFEST, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,13 @@ FaultHook = Callable[[str, int, int], None]
 class LoaderConfig:
     """read_mode "pread" (reads into owned buffers) or "mmap" (zero-copy views of the page
     cache); direct_io: pread with O_DIRECT, bypassing the page cache (honest cold reads, no
-    second copy of the weights in RAM), falling back to buffered reads where refused."""
+    second copy of the weights in RAM), falling back to buffered reads where refused;
+    verify: hash each unit's file before its first read and compare it with the packed
+    model's manifest.json (stream-convert output only)."""
 
     read_mode: str = "pread"
     direct_io: bool = False
+    verify: bool = False
 
     def __post_init__(self) -> None:
         if self.read_mode not in READ_MODES:
@@ -67,14 +71,26 @@ class UnitReader:
         self.direct = self.config.direct_io and hasattr(os, "O_DIRECT")
         if self.config.direct_io and not self.direct:
             log.warning("O_DIRECT is not available on this platform; using buffered reads")
+        self._verified: set[str] = set()  # files whose sha256 matched the manifest
+        if self.config.verify and index.checksums is None:
+            raise FormatError(
+                f"{index.source}: cannot verify checksums: the model has no {MANIFEST} (only "
+                "stream-convert output has one); hint: run without --verify"
+            )
 
     def read(self, key: str) -> dict[str, HostTensor]:
-        """Read all tensors of unit `key` (blocking).
+        """Read all tensors of unit `key` (blocking). With config.verify, the unit's files are
+        hashed and checked against the manifest before their first read.
 
         Raises:
-            ReadError: the file is gone, truncated or the read failed; names file and unit.
+            ReadError: the file is gone, truncated, the read failed, or (verify) its sha256
+                differs from the manifest; names file and unit.
         """
         unit = self.index.units[key]
+        if self.config.verify:
+            for path in unit.files:
+                if path not in self._verified:
+                    self._verify(path, key)
         if self.config.read_mode == "mmap":
             return {n: self._host(r, self._map(r.path, key)[r.offset:r.offset + r.nbytes])
                     for n, r in unit.tensors.items()}
@@ -93,6 +109,25 @@ class UnitReader:
                 out[r.name] = self._host(r, buf[at:at + r.nbytes])
             pos += hi - lo
         return out
+
+    def _verify(self, path: str, key: str) -> None:
+        want = (self.index.checksums or {}).get(path)
+        if want is None:
+            raise ReadError(f"{path}: unit {key!r} reads a file that {MANIFEST} has no checksum "
+                            "for; hint: re-run stream-convert")
+        try:
+            got = sha256_file(path)
+        except OSError as exc:
+            raise ReadError(f"{path}: cannot hash for unit {key!r}: {exc.strerror or exc}"
+                            ) from None
+        if got != want:
+            raise ReadError(
+                f"{path}: checksum mismatch for unit {key!r}: sha256 {got[:16]}..., {MANIFEST} "
+                f"expects {want[:16]}...; the file is corrupt or was modified; hint: re-run "
+                "stream-convert"
+            )
+        with self._lock:
+            self._verified.add(path)
 
     def _read_span(self, path: str, offset: int, dest: np.ndarray, need: int, key: str) -> bool:
         """Fill dest[:need] from path at offset; False if O_DIRECT was refused (retry)."""

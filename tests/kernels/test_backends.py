@@ -112,8 +112,11 @@ def test_prepare_matches_sizes_and_values(ops):
 
 
 def test_prepare_errors_name_the_tensor(ops):
-    with pytest.raises(ValueError, match="mlp.w.weight: dtype 'Q6_K'"):
+    with pytest.raises(ValueError, match=r"mlp.w.weight: GGUF type Q6_K has no compute form.*"
+                                         r"hint: convert the model first: stream-convert"):
         ops.prepare({"mlp.w.weight": Raw("Q6_K", (1, 256), np.zeros(210, np.uint8))}, None)
+    with pytest.raises(ValueError, match="mlp.w.weight: dtype 'I64' has no compute form"):
+        ops.prepare({"mlp.w.weight": Raw("I64", (1, 4), np.zeros(32, np.uint8))}, None)
     qw = quantize(np.ones((4, 64), np.float32), 4, 64)
     tensors = raw_quantized("mlp.w", qw)
     with pytest.raises(ValueError, match=r"mlp.w.weight: .*quantization"):

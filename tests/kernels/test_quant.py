@@ -150,3 +150,97 @@ def test_indivisible_shapes():
         pack(np.zeros((2, 16), np.uint8), 4)
     with pytest.raises(ValueError, match="does not hold n=64"):
         unpack(np.zeros((2, 3), np.uint32), 4, 64)
+
+
+def reference_quantize(w, bits, group_size):
+    """MLX's affine quantization written out one group at a time in float32 scalars: scale
+    (max - min) / (2**bits - 1) (at least 1e-7), signed so the larger-magnitude edge maps to
+    q = 0, refined to edge / round(edge / scale); q = round-half-even((w - bias) / scale)."""
+    f32 = np.float32
+    n_bins = (1 << bits) - 1
+    out, n_in = w.shape
+    q = np.zeros((out, n_in), np.uint8)
+    scales = np.zeros((out, n_in // group_size), np.float32)
+    biases = np.zeros_like(scales)
+    for r in range(out):
+        for g in range(n_in // group_size):
+            x = w[r, g * group_size:(g + 1) * group_size]
+            lo, hi = x.min(), x.max()
+            scale = max(f32((hi - lo) / f32(n_bins)), f32(1e-7))
+            edge, scale = (lo, scale) if abs(lo) > abs(hi) else (hi, -scale)
+            q0 = np.rint(edge / scale)
+            bias = f32(0)
+            if q0 != 0:
+                scale, bias = f32(edge / q0), edge
+            q[r, g * group_size:(g + 1) * group_size] = np.clip(
+                np.rint((x - bias) / scale), 0, n_bins)
+            scales[r, g], biases[r, g] = scale, bias
+    return q, scales, biases
+
+
+@pytest.mark.parametrize("bits,group_size", CASES)
+def test_quantize_equals_group_by_group_reference(bits, group_size):
+    rng = np.random.default_rng(31 * bits + group_size)
+    w = weights(rng)
+    qw = quantize(w, bits, group_size)
+    q, scales, biases = reference_quantize(w, bits, group_size)
+    np.testing.assert_array_equal(unpack(qw.packed, bits, w.shape[1]), q)
+    np.testing.assert_array_equal(qw.packed, naive_pack(q, bits))
+    np.testing.assert_array_equal(qw.scales, scales)
+    np.testing.assert_array_equal(qw.biases, biases)
+
+
+def extreme_weights(rng):
+    w = (rng.standard_normal((8, 256)) * 0.05).astype(np.float32)
+    w[0] *= np.float32(1e30)  # huge, still a finite range
+    w[1] *= np.float32(1e-38)  # subnormal float32 values
+    w[2, :64] = np.float32(1e-45)  # the smallest subnormal, constant
+    w[3, :] = 0.0
+    w[4, :64] = np.float32(3e38)  # near float32's max, constant: range 0
+    w[5, ::2] = -w[5, 1::2]  # symmetric groups (|min| == |max|)
+    return w
+
+
+@pytest.mark.parametrize("bits,group_size", CASES)
+def test_extreme_scales_bit_exact_with_mlx(bits, group_size):
+    mx = pytest.importorskip("mlx.core")
+    w = extreme_weights(np.random.default_rng(bits + 3 * group_size))
+    qw = quantize(w, bits, group_size)
+    packed, scales, biases = mx.quantize(mx.array(w), group_size=group_size, bits=bits)
+    np.testing.assert_array_equal(np.array(packed), qw.packed)
+    np.testing.assert_array_equal(np.array(scales), qw.scales)
+    np.testing.assert_array_equal(np.array(biases), qw.biases)
+    np.testing.assert_array_equal(dequantize(qw)[3], 0.0)
+    np.testing.assert_array_equal(dequantize(qw)[4, :64], np.float32(3e38))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("bits,group_size", CASES)
+def test_half_inputs_match_mlx(bits, group_size, dtype):
+    """mx.quantize on float16/bfloat16 weights computes in float32 and rounds the scales and
+    biases to the input type: our quantize of the widened weights, rounded the same way."""
+    mx = pytest.importorskip("mlx.core")
+    rng = np.random.default_rng(bits * group_size)
+    half = mx.array(weights(rng, out=8)).astype(getattr(mx, dtype))
+    packed, scales, biases = mx.quantize(half, group_size=group_size, bits=bits)
+    qw = quantize(np.array(half.astype(mx.float32)), bits, group_size)
+    np.testing.assert_array_equal(np.array(packed), qw.packed)
+    for got, ours in ((scales, qw.scales), (biases, qw.biases)):
+        rounded = mx.array(ours).astype(getattr(mx, dtype)).astype(mx.float32)
+        np.testing.assert_array_equal(np.array(got.astype(mx.float32)), np.array(rounded))
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_are_refused(value):
+    w = np.zeros((4, 64), np.float32)
+    w[2, 17] = value
+    with pytest.raises(ValueError, match=r"non-finite value .* at \[2, 17\]"):
+        quantize(w, 4, 64)
+
+
+def test_group_range_overflowing_float32_is_refused():
+    w = np.zeros((2, 64), np.float32)
+    w[1, :32] = np.float32(-3e38)
+    w[1, 32:] = np.float32(3e38)
+    with pytest.raises(ValueError, match="group 0 of row 1 .* overflows float32"):
+        quantize(w, 4, 64)

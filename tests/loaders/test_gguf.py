@@ -292,10 +292,10 @@ def test_reader_map_is_released(tmp_path):
 
 
 def test_unsupported_tensor_type(tmp_path):
-    path = tmp_path / "q5.gguf"
-    write_gguf(path, qtype=QT.Q5_0)
-    with pytest.raises(FormatError, match=r"q5\.gguf: tensor 'token_embd\.weight' has "
-                                          r"unsupported type Q5_0; supported: F32, F16, BF16"):
+    path = tmp_path / "mxfp4.gguf"
+    write_gguf(path, qtype=QT.MXFP4)
+    with pytest.raises(FormatError, match=r"mxfp4\.gguf: tensor 'token_embd\.weight' has "
+                                          r"unsupported type MXFP4; supported: F32, F16, BF16"):
         open_gguf(str(path))
 
 

@@ -1,0 +1,297 @@
+"""stream-convert: an HF, MLX-quantized, GGUF or packed model -> the packed layer format.
+
+The output (see loaders/packed.py) holds one safetensors file per unit in MLX's affine layout,
+config.json with mlx-lm's "quantization" section, model.safetensors.index.json, the tokenizer,
+and manifest.json with a sha256 per unit file; it loads in stream-run and in mlx-lm as it is.
+Units are read, converted and written one at a time, so memory stays about one unit. The output
+is built in a temp dir next to OUT and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+import sys
+import time
+from typing import Any
+
+from engine.errors import ConvertError
+from engine.recipes import Quant, make_recipe
+from engine.repack import TensorPlan, convert_unit, plan_unit
+from kernels.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from loaders import LayerIndex, ModelSource, UnitReader, open_model
+from loaders.packed import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    MANIFEST,
+    is_packed_dir,
+    unit_file_name,
+    write_safetensors,
+)
+from loaders.safetensors_file import DTYPE_SIZES
+
+log = logging.getLogger(__name__)
+
+# copied from HF / MLX / packed sources when present
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja", "tokenizer.model")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def convert_model(src: str, out: str, *, bits: int = 4, group_size: int = 64,
+                  recipe: str = "uniform", force: bool = False, progress: bool = True) -> dict:
+    """Convert the model at src into the packed layer format at out.
+
+    Args:
+        src: an HF or MLX-quantized model directory, a .gguf file, or a packed directory.
+        out: the directory to create. It must not exist unless force is set; with force, an
+            existing stream-convert output there is replaced once the new one is complete.
+        bits, group_size: the recipe's quantization (MLX affine: 2-8 bits, group 32/64/128).
+        recipe: "uniform", "mixed", "none" or a JSON recipe file (see engine/recipes.py).
+        progress: show a progress bar on stderr when it is a terminal.
+
+    Returns:
+        The manifest written to out/manifest.json.
+
+    Raises:
+        ConvertError: bad bits, group size, recipe, output path, or a tensor that cannot be
+            converted (names it). FormatError / MissingTensorError: a bad source model.
+        ReadError: reading the source failed. OSError: writing the output failed.
+    """
+    quant_recipe = make_recipe(recipe, bits, group_size)
+    out_abs = _check_paths(src, out, force)
+    source = open_model(src)
+    index = source.index
+    plans = {key: plan_unit(index, unit, quant_recipe) for key, unit in index.units.items()}
+    tmp = _make_temp_dir(out_abs)
+    try:
+        units = _write_units(index, plans, tmp, progress)
+        quant = quantization_section(plans)
+        _write_json(os.path.join(tmp, "config.json"), model_config(source, quant))
+        tensors = [t for u in units.values() for t in u["tensors"].values()]
+        _write_json(os.path.join(tmp, "model.safetensors.index.json"), {
+            "metadata": {"total_size": sum(math.prod(t["shape"]) * DTYPE_SIZES[t["dtype"]]
+                                           for t in tensors), "format": FORMAT_NAME},
+            "weight_map": {name: u["file"] for u in units.values() for name in u["tensors"]}})
+        write_tokenizer(source, tmp)
+        spec = dataclasses.asdict(index.spec)
+        spec["quantization"] = quant
+        manifest = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+                    "source": {"name": os.path.basename(os.path.normpath(src)),
+                               "format": source_format(source)},
+                    "recipe": quant_recipe.describe(), "quantization": quant, "spec": spec,
+                    "nbytes": sum(u["nbytes"] for u in units.values()), "units": units}
+        _write_json(os.path.join(tmp, MANIFEST), manifest)  # last: the dir is complete
+        _replace(tmp, out_abs)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _write_units(index: LayerIndex, plans: dict[str, list[TensorPlan]], tmp: str,
+                 progress: bool) -> dict[str, dict[str, Any]]:
+    """Read, convert and write each unit in turn; returns the manifest's "units"."""
+    from tqdm import tqdm
+
+    units: dict[str, dict[str, Any]] = {}
+    reader = UnitReader(index)
+    bar = tqdm(total=index.nbytes, unit="B", unit_scale=True, desc="stream-convert",
+               disable=not (progress and sys.stderr.isatty()), leave=False)
+    try:
+        for key, unit_plans in plans.items():
+            tensors, entries = convert_unit(unit_plans, reader.read(key))
+            name = unit_file_name(key)
+            nbytes, digest = write_safetensors(os.path.join(tmp, name), tensors)
+            del tensors  # the unit's raw buffer returns to the reader's pool
+            units[key] = {"file": name, "nbytes": nbytes, "sha256": digest, "tensors": entries}
+            log.info("%s: %d bytes -> %d bytes", key, index.units[key].nbytes, nbytes)
+            bar.update(index.units[key].nbytes)
+    finally:
+        bar.close()
+        reader.close()
+    return units
+
+
+def _check_paths(src: str, out: str, force: bool) -> str:
+    """OUT as an absolute path, after refusing the outputs that could lose data."""
+    out_abs = os.path.abspath(out)
+    src_real, out_real = os.path.realpath(src), os.path.realpath(out)
+    if out_real == src_real or out_real.startswith(src_real + os.sep):
+        raise ConvertError(f"{out}: OUT is SRC or inside it ({src}); choose another OUT")
+    if src_real.startswith(out_real + os.sep):
+        raise ConvertError(f"{out}: SRC {src} lies inside OUT; choose another OUT")
+    parent = os.path.dirname(out_abs)
+    if not os.path.isdir(parent):
+        raise ConvertError(f"{out}: the parent directory {parent} does not exist")
+    if not os.path.lexists(out_abs):
+        return out_abs
+    if not force:
+        raise ConvertError(f"{out}: already exists; hint: --force replaces it, or choose "
+                           "another OUT")
+    if os.path.islink(out_abs) or not os.path.isdir(out_abs):
+        raise ConvertError(f"{out}: exists and is not a directory; refusing to replace it")
+    if os.listdir(out_abs) and not is_packed_dir(out_abs):
+        raise ConvertError(
+            f"{out}: exists and is not a stream-convert output (no {FORMAT_NAME} {MANIFEST}); "
+            "refusing to replace it even with --force; hint: remove it yourself or choose "
+            "another OUT")
+    return out_abs
+
+
+def _make_temp_dir(out_abs: str) -> str:
+    """An empty dir beside OUT (same filesystem, so the final rename is atomic), created with
+    the usual permissions (mkdtemp's are 0700)."""
+    while True:
+        path = f"{out_abs}.converting-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+
+
+def _replace(tmp: str, out_abs: str) -> None:
+    """Move the finished tmp dir to out_abs; an existing out_abs goes only after that works."""
+    if not os.path.lexists(out_abs):
+        os.rename(tmp, out_abs)
+        return
+    old = tmp + ".old"
+    os.rename(out_abs, old)
+    try:
+        os.rename(tmp, out_abs)
+    except BaseException:
+        os.rename(old, out_abs)
+        raise
+    shutil.rmtree(old)
+
+
+def quantization_section(plans: dict[str, list[TensorPlan]]) -> dict[str, Any] | None:
+    """mlx-lm's config "quantization": the commonest bits/group_size as the default, an entry
+    per module that differs, and False for a 2-D weight left at full precision."""
+    weights = [p for unit in plans.values() for p in unit if len(p.shape) == 2]
+    counts = collections.Counter(p.target for p in weights if p.target is not None)
+    if not counts:
+        return None
+    default: Quant = counts.most_common(1)[0][0]
+    section: dict[str, Any] = {"group_size": default.group_size, "bits": default.bits}
+    for p in weights:
+        module = p.name.removesuffix(".weight")
+        if p.target is None:
+            section[module] = False
+        elif p.target != default:
+            section[module] = {"group_size": p.target.group_size, "bits": p.target.bits}
+    return section
+
+
+def source_format(source: ModelSource) -> str:
+    if source.path.endswith(".gguf"):
+        return "gguf"
+    if is_packed_dir(source.path):
+        return "packed"
+    return "mlx" if source.index.spec.quantization else "hf"
+
+
+def model_config(source: ModelSource, quant: dict[str, Any] | None) -> dict[str, Any]:
+    """config.json: the source's own (HF dirs) or one built from the spec (GGUF)."""
+    spec = source.index.spec
+    if source.path.endswith(".gguf"):
+        cfg = {k: v for k, v in dataclasses.asdict(spec).items()
+               if v is not None and k != "quantization"}
+        cfg = {"architectures": [ARCHITECTURES[spec.model_type]], **cfg,
+               "torch_dtype": "float16"}
+    else:
+        with open(os.path.join(source.path, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+        cfg.pop("quantization_config", None)
+    cfg.pop("quantization", None)
+    if quant is not None:
+        cfg["quantization"] = quant
+    return cfg
+
+
+def write_tokenizer(source: ModelSource, out_dir: str) -> None:
+    """Copy the tokenizer files of a model dir; for GGUF write tokenizer.json and configs that
+    loaders.tokenizer.load_tokenizer_dir reads back into the same ids."""
+    if not source.path.endswith(".gguf"):
+        for name in TOKENIZER_FILES:
+            path = os.path.join(source.path, name)
+            if os.path.exists(path):
+                shutil.copyfile(path, os.path.join(out_dir, name))
+        return
+    tok = source.tokenizer
+    tok.tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast",
+                           "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+                           "add_bos_token": tok.add_bos_token,
+                           "model_max_length": source.index.spec.max_position_embeddings}
+    if tok.chat_template is not None:
+        cfg["chat_template"] = tok.chat_template
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"), cfg)
+    _write_json(os.path.join(out_dir, "generation_config.json"), {
+        "bos_token_id": source.index.spec.bos_token_id, "eos_token_id": tok.eos_token_ids})
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from engine.cli import OneLineParser
+
+    p = OneLineParser(prog="stream-convert", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="HF or MLX model directory, .gguf file, or packed directory")
+    p.add_argument("out", help="output directory (must not exist unless --force)")
+    p.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
+    p.add_argument("--group-size", type=int, choices=SUPPORTED_GROUP_SIZES, default=64)
+    p.add_argument("--recipe", default="uniform",
+                   help="uniform | mixed (embeddings and head 8-bit) | none | a JSON recipe "
+                   "file (format: see engine/recipes.py)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing stream-convert output at OUT")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", "-v", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from engine.cli import USER_ERRORS
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(name)s: %(message)s")
+    t0 = time.perf_counter()
+    try:
+        manifest = convert_model(args.src, args.out, bits=args.bits, group_size=args.group_size,
+                                 recipe=args.recipe, force=args.force, progress=not args.quiet)
+    except (ConvertError, *USER_ERRORS) as exc:
+        if args.verbose:
+            log.exception("details")
+        print(f"stream-convert: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nstream-convert: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    from engine.config import format_size
+
+    print(f"stream-convert: wrote {args.out}: {len(manifest['units'])} units, "
+          f"{format_size(manifest['nbytes'])}, recipe {manifest['recipe']['name']}, "
+          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
