@@ -5,14 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from kernels.backend import Backend
-from kernels.sizes import transient_nbytes, unit_nbytes
+from kernels.sizes import held_nbytes, transient_nbytes, unit_nbytes
 from loaders import FormatError, HostTensor, LayerIndex, UnitReader
 
 
-def _unit_nbytes(index: LayerIndex, key: str) -> int:
-    """Compute-form bytes of a unit; a tensor the kernels cannot run fails here, at open."""
+def _held_nbytes(index: LayerIndex, key: str, views_raw: bool) -> int:
+    """Bytes a prepared unit holds; a tensor the kernels cannot run fails here, at open."""
     try:
-        return unit_nbytes(index.units[key].tensors)
+        unit_nbytes(index.units[key].tensors)  # raises for a dtype with no compute form
+        return held_nbytes(index.units[key].tensors, views_raw)
     except ValueError as exc:
         raise FormatError(f"{index.source}: unit {key!r}: {exc}") from None
 
@@ -23,7 +24,8 @@ class BackendUnitLoader:
         self.reader = reader
         self.backend = backend
         self.prepare_off_compute_thread = backend.prepare_off_compute_thread
-        self._sizes = {key: _unit_nbytes(index, key) for key in index.units}
+        self._sizes = {key: _held_nbytes(index, key, backend.prepare_views_raw)
+                       for key in index.units}
         self._transient = {
             key: transient_nbytes(unit.tensors, backend.prepare_views_raw)
             for key, unit in index.units.items()

@@ -148,7 +148,13 @@ def _quant_params(
 
 
 def _dense(name: str, t: Any) -> np.ndarray:
+    """A dense tensor -> float32: F32 stays a view of the raw bytes when 4-byte aligned (no
+    copy of an f32 model per streamed unit); F16/BF16 are widened into a new array."""
     try:
+        if t.dtype == "F32":
+            raw = _check_size(t.data, 4 * math.prod(t.shape), "F32", t.shape)
+            if raw.ctypes.data % 4 == 0:
+                return raw.view("<f4").reshape(t.shape)
         return to_float32(t.data, t.dtype, t.shape)
     except ValueError as exc:
         raise ValueError(f"{name}: {exc}") from None
@@ -181,7 +187,8 @@ def prepare_unit(
     MLX triples "x.weight" (U32) + "x.scales" + "x.biases" become one QuantizedWeight under
     "x.weight" (scales and biases widened to float32); GGUF Q4_0/Q4_1/Q8_0 become
     QuantizedWeights; 2-D F16/BF16 matrices become HalfWeights, which may be views of the raw
-    buffers (keeping them alive); F32 and 1-D F16/BF16 tensors become new float32 arrays.
+    buffers (keeping them alive), as may F32 tensors; 1-D F16/BF16 tensors become new float32
+    arrays.
 
     Raises:
         ValueError: names the tensor: unknown dtype, missing scales/biases, bad shapes or sizes.

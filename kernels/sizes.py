@@ -42,20 +42,56 @@ def prepared_nbytes(
     raise ValueError(no_compute_form(dtype))
 
 
-def transient_nbytes(tensors: Mapping[str, Any], views_raw: bool) -> int:
-    """Raw bytes that stay allocated beside the compute form while a unit is prepared;
-    tensors is {name: object with .dtype, .shape and .nbytes (stored bytes)}.
+def _companions(tensors: Mapping[str, Any]) -> set[str]:
+    """The "x.scales" / "x.biases" names next to a U32 "x.weight" (widened to float32)."""
+    return {
+        f"{name.removesuffix('.weight')}.{part}"
+        for name, t in tensors.items()
+        if t.dtype == "U32"
+        for part in ("scales", "biases")
+    }
 
-    views_raw: the backend's compute form is a view of the raw buffer where the layout allows
-    (numpy: F32, 2-D F16/BF16 and U32 words), so only converted tensors count (GGUF blocks,
-    widened norms, scales and biases). Otherwise (MLX copies into its own arrays) every raw
-    byte counts. The scheduler reserves these bytes for each read in flight.
+
+def _viewed(tensors: Mapping[str, Any]) -> bool:
+    """Whether prepare() on a view-making backend keeps views of the read buffer: packed U32
+    words, F32 tensors and 2-D F16/BF16 matrices stay in the buffer (when aligned, as the
+    reader's buffers and safetensors offsets make them); everything else is converted."""
+    companions = _companions(tensors)
+    return any(_is_view(name, t, companions) for name, t in tensors.items())
+
+
+def _is_view(name: str, t: Any, companions: set[str]) -> bool:
+    if name in companions:
+        return t.dtype == "F32"
+    return t.dtype in ("U32", "F32") or (t.dtype in HALF_DTYPES and len(tuple(t.shape)) == 2)
+
+
+def held_nbytes(tensors: Mapping[str, Any], views_raw: bool) -> int:
+    """Bytes a prepared unit keeps allocated: what the cache budget counts for it.
+
+    tensors is {name: object with .dtype, .shape and .nbytes (stored bytes)}. On a backend
+    whose compute form views the read buffer (numpy), one view keeps the whole buffer alive, so
+    the unit holds every raw byte plus the arrays converted out of it (float32 scales and
+    biases, widened norms): a 4-bit group-64 unit holds its float16 scales and biases twice.
+    Otherwise (MLX copies into its own arrays) it holds its compute form only.
     """
-    if not views_raw:
-        return sum(t.nbytes for t in tensors.values())
-    return sum(t.nbytes for t in tensors.values()
-               if not (t.dtype in ("F32", "U32")
-                       or (t.dtype in HALF_DTYPES and len(tuple(t.shape)) == 2)))
+    if views_raw and _viewed(tensors):
+        companions = _companions(tensors)
+        converted = sum(
+            prepared_nbytes(t.dtype, tuple(t.shape), widened=name in companions)
+            for name, t in tensors.items()
+            if not _is_view(name, t, companions))
+        return sum(int(t.nbytes) for t in tensors.values()) + converted
+    return unit_nbytes(tensors)
+
+
+def transient_nbytes(tensors: Mapping[str, Any], views_raw: bool) -> int:
+    """Raw bytes allocated beside the held bytes only while a unit is prepared: the read
+    buffer, unless the prepared unit keeps views of it (then held_nbytes counts it). The
+    scheduler reserves these bytes for each read in flight."""
+    if views_raw and _viewed(tensors):
+        return 0
+    return sum(int(t.nbytes) for t in tensors.values())
 
 
 def unit_nbytes(tensors: Mapping[str, Any]) -> int:
@@ -63,12 +99,7 @@ def unit_nbytes(tensors: Mapping[str, Any]) -> int:
 
     "x.scales" / "x.biases" next to a U32 "x.weight" are widened to float32 (2-D or not).
     """
-    companions = {
-        f"{name.removesuffix('.weight')}.{part}"
-        for name, t in tensors.items()
-        if t.dtype == "U32"
-        for part in ("scales", "biases")
-    }
+    companions = _companions(tensors)
     total = 0
     for name, t in tensors.items():
         try:

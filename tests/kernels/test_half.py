@@ -31,6 +31,10 @@ class Raw:
     shape: tuple[int, ...]
     data: np.ndarray
 
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
 
 def half_bits(a: np.ndarray, dtype: str) -> np.ndarray:
     """float32 values -> little-endian 16-bit patterns (bf16 truncates, as a test input)."""
@@ -213,3 +217,24 @@ def test_prepare_views_packed_words_when_aligned(offset):
     got = prepare_unit(tensors, {"bits": 4, "group_size": 32})["q.weight"]
     assert np.shares_memory(got.packed, buf) == (offset == 0)
     np.testing.assert_array_equal(got.packed, qw.packed)
+
+
+def test_held_bytes_count_the_read_buffer_a_view_keeps_alive():
+    """numpy keeps packed words as views, so the whole raw unit stays allocated beside the
+    float32 scales and biases widened out of it; MLX copies, so only its compute form."""
+    from kernels.sizes import held_nbytes, transient_nbytes
+
+    rng = np.random.default_rng(3)
+    qw = quantize(rng.standard_normal((16, 128)).astype(np.float32), 4, 64)
+    norm = rng.standard_normal(128).astype(np.float32)
+    tensors = {"q.weight": raw(qw.packed, "U32"), "q.scales": raw(qw.scales, "F16"),
+               "q.biases": raw(qw.biases, "F16"), "n.weight": raw(norm, "BF16")}
+    raw_bytes = sum(int(t.data.nbytes) for t in tensors.values())
+    widened = 4 * (qw.scales.size + qw.biases.size + norm.size)
+    assert held_nbytes(tensors, views_raw=True) == raw_bytes + widened
+    assert transient_nbytes(tensors, views_raw=True) == 0
+    assert held_nbytes(tensors, views_raw=False) == unit_nbytes(tensors)
+    assert transient_nbytes(tensors, views_raw=False) == raw_bytes
+    widened_only = {"n.weight": raw(norm, "BF16")}  # nothing viewed: freed after prepare
+    assert held_nbytes(widened_only, views_raw=True) == unit_nbytes(widened_only)
+    assert transient_nbytes(widened_only, views_raw=True) == norm.size * 2
