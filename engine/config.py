@@ -43,7 +43,9 @@ class EngineConfig:
     # RAM already, so 0 avoids holding weights twice
     host_budget_bytes: int = 0
     max_context: int | None = None  # default: the model's max_position_embeddings
-    prefill_chunk: int = 512
+    prefill_chunk: int = 512  # prompt tokens per pass, over all requests joining a batch
+    max_batch: int = 16  # requests decoded together; more wait for a slot
+    max_queue: int | None = None  # requests waiting for a slot; None = unbounded
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
 
@@ -58,6 +60,10 @@ class EngineConfig:
             raise ValueError(f"max_context must be > 0, got {self.max_context}")
         if self.prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be > 0, got {self.prefill_chunk}")
+        if self.max_batch <= 0:
+            raise ValueError(f"max_batch must be > 0, got {self.max_batch}")
+        if self.max_queue is not None and self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
 
     @property
     def cache(self) -> CacheConfig:

@@ -1,23 +1,24 @@
-"""Engine: the public API. Wires loaders, cache, scheduler and kernels; runs the token loop."""
+"""Engine: the public API. Wires loaders, cache, scheduler and kernels; generations run through
+the batcher (engine/batching.py), which owns the token loop."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
-import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from cache import BudgetError, WeightCache
-from engine.config import EngineConfig, format_size
+from engine.batching import Batcher, Generation
+from engine.config import EngineConfig, format_size, parse_size
 from engine.errors import ContextLengthError
 from engine.models import model_class
 from engine.models.llama import ForwardState
-from engine.sampling import Sampler, SamplingParams
-from engine.stats import GenerationStats, peak_rss_bytes
+from engine.request import Chunk, Completion, GenerationParams, StopFilter
 from engine.tokenizer import Tokenizer
 from engine.units import BackendUnitLoader
 from kernels import get_backend
@@ -27,36 +28,13 @@ from scheduler import LayerScheduler, RunStats
 log = logging.getLogger(__name__)
 
 Prompt = str | Sequence[dict[str, Any]] | Sequence[int]
-
-
-@dataclass(frozen=True)
-class GenerationParams:
-    max_tokens: int = 256
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
-            raise ValueError(f"max_tokens must be an int >= 0, got {self.max_tokens!r}")
-        if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
-
-
-@dataclass
-class Chunk:
-    """One streamed piece: a text delta and the ids sampled since the previous chunk (all ids,
-    the EOS id included, appear in exactly one chunk). The last chunk has finish_reason
-    ("stop" | "length") and stats."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None = None
-    stats: GenerationStats | None = None
+_StopFilter = StopFilter  # the name tests and older callers import
+__all__ = ["Chunk", "Completion", "Engine", "Generation", "GenerationParams", "Prompt"]
 
 
 class Engine:
-    """A loaded model. Use `await Engine.open(path)` (or `async with`), then `generate`."""
+    """A loaded model. Use `async with await Engine.open(path) as engine`, then `generate` or
+    `complete`. Concurrent generations are decoded together (engine.batching)."""
 
     def __init__(self, source: ModelSource, config: EngineConfig) -> None:
         self.source = source
@@ -70,22 +48,40 @@ class Engine:
         self.units = BackendUnitLoader(source.index, self.reader, self.backend)
         self.scheduler = LayerScheduler(self.cache, self.units, config.scheduler,
                                         getattr(self.backend, "init_compute_thread", None))
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # one pass at a time: the batcher, logits()
+        self.batcher = Batcher(self, config.max_batch, config.max_queue)
         # the unit walk of one forward pass (closures over a dummy state), for planning
         self._plan = self.model.steps(ForwardState(np.zeros((1, 1), np.int64), kv=None))  # type: ignore[arg-type]
         self._check_budget()
         self.scheduler.plan_residency(self._plan)
 
     @classmethod
-    async def open(cls, model: str, config: EngineConfig | None = None) -> Engine:
+    async def open(cls, model: str, config: EngineConfig | None = None, *,
+                   memory_budget: int | str | None = None, backend: str | None = None,
+                   **options: Any) -> Engine:
         """Open a model directory or .gguf file (headers only; weights stream on demand).
+
+        Args:
+            model: the model directory or .gguf path.
+            config: a full EngineConfig; the keywords below override its fields.
+            memory_budget: compute-tier bytes, an int or a size such as "4GB".
+            backend: "auto", "numpy" or "mlx".
+            options: other EngineConfig fields (max_context, max_batch, prefill_chunk, ...).
 
         Raises:
             FormatError, MissingTensorError: a bad model; BudgetError: budget too small;
-            ValueError: a bad config value.
+            ValueError: a bad config value; TypeError: an unknown option.
         """
+        config = config or EngineConfig()
+        if memory_budget is not None:
+            options["memory_budget_bytes"] = parse_size(memory_budget)
+        if backend is not None:
+            options["backend"] = backend
+        if options:
+            config = dataclasses.replace(config, **options)
+
         def build() -> Engine:  # header parsing, tokenizer and backend set-up block
-            return cls(open_model(model), config or EngineConfig())
+            return cls(open_model(model), config)
 
         return await asyncio.to_thread(build)
 
@@ -93,9 +89,15 @@ class Engine:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Cancel running generations (their last chunk says "cancelled"), then close."""
+        await self.batcher.aclose()
         self.close()
 
     def close(self) -> None:
+        """Release threads, weights and files. Generations must have ended (see aclose)."""
         self.scheduler.close()
         self.cache.compute.clear()
         self.reader.close()
@@ -157,105 +159,76 @@ class Engine:
             logits, _ = await self.forward(arr, kv, all_logits=True)
         return logits[0]
 
-    async def generate(self, prompt: Prompt, params: GenerationParams | None = None,
-                       system_prompt: str | None = None) -> AsyncIterator[Chunk]:
-        """Stream a completion. Cancelling the consuming task stops at the next layer boundary.
+    def make_params(self, params: GenerationParams | None = None, **overrides: Any
+                    ) -> GenerationParams:
+        """params (default GenerationParams()) with keyword overrides: max_tokens, stop,
+        ignore_eos and the SamplingParams fields (temperature, top_p, top_k, min_p,
+        repetition_penalty, seed); None keeps the value."""
+        return (params or GenerationParams()).replace(**overrides)
+
+    def check_prompt(self, ids: Sequence[int], max_tokens: int) -> None:
+        """Raises ValueError for an empty prompt, ContextLengthError when it cannot fit."""
+        if not ids:
+            raise ValueError("the prompt is empty (no tokens)")
+        total = len(ids) + max_tokens
+        if total > self.max_context:
+            raise ContextLengthError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) = {total} "
+                f"exceeds the context length {self.max_context}"
+            )
+
+    def submit(self, prompt: Prompt, params: GenerationParams | None = None, *,
+               system_prompt: str | None = None, **overrides: Any) -> Generation:
+        """Start a generation now (checks and queueing happen here, before any await) and
+        return its handle; iterate it for Chunks, `aclose()` it to cancel. `generate` is this
+        plus the iteration; a server uses it to answer errors before it starts a response.
+
+        Raises:
+            ContextLengthError, ValueError, QueueFullError: as for generate.
+        """
+        params = self.make_params(params, **overrides)
+        ids = self.encode_prompt(prompt, system_prompt)
+        self.check_prompt(ids, params.max_tokens)
+        seq = self.batcher.new_seq(ids, params)
+        self.batcher.submit(seq)
+        return Generation(self.batcher, seq)
+
+    async def generate(self, prompt: Prompt, params: GenerationParams | None = None, *,
+                       system_prompt: str | None = None, **overrides: Any
+                       ) -> AsyncIterator[Chunk]:
+        """Stream a completion as Chunks (text delta, token ids; the last one has the finish
+        reason and stats). Generations running at the same time share each forward pass.
+
+        Args:
+            prompt: text, chat messages (the chat template is applied) or token ids.
+            params: GenerationParams; keyword overrides (max_tokens=, temperature=, top_p=,
+                seed=, stop=, ...) replace its fields.
+            system_prompt: prepended as a system message to a message list.
+
+        Cancelling the consuming task (or closing the iterator) stops the generation at the
+        next layer boundary when no other request shares the pass, and frees its KV cache.
 
         Raises:
             ContextLengthError: prompt + max_tokens exceed the context.
+            QueueFullError: EngineConfig.max_queue requests already wait.
             ReadError / BudgetError: the weights could not be streamed.
         """
-        params = params or GenerationParams()
-        ids = self.encode_prompt(prompt, system_prompt)
-        if not ids:
-            raise ValueError("the prompt is empty (no tokens)")
-        total = len(ids) + params.max_tokens
-        if total > self.max_context:
-            raise ContextLengthError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
-                f"exceeds the context length {self.max_context}"
-            )
-        async with self._lock:
-            try:
-                async for chunk in self._generate(ids, params):
-                    yield chunk
-            finally:  # an early stop (EOS, stop string, cancel) leaves no read in flight
-                await self.scheduler.drop_carried()
-                self.reader.buffers.trim()  # idle read buffers are outside the budget
+        async with self.submit(prompt, params, system_prompt=system_prompt,
+                               **overrides) as generation:
+            async for chunk in generation:
+                yield chunk
 
-    async def _generate(self, ids: list[int], params: GenerationParams
-                        ) -> AsyncIterator[Chunk]:
-        stats = GenerationStats(prompt_tokens=len(ids))
-        run = RunStats()
-        kv = await self.scheduler.run_on_compute(
-            self.model.make_kv_cache, 1, len(ids) + params.max_tokens)
-        sampler = Sampler(params.sampling)
-        stops = set() if params.ignore_eos else set(self.tokenizer.eos_token_ids)
-        detok = self.tokenizer.detokenizer()
-        text_filter = _StopFilter(params.stop)
-        history = list(ids)
-        t0 = time.perf_counter()
-        logits = None
-        chunk = self.config.prefill_chunk
-        for start in range(0, len(ids), chunk):
-            chunk_ids = np.asarray(ids[start:start + chunk])[None, :]
-            # a pass follows unless this is the last chunk and no decode step comes
-            more = start + chunk < len(ids) or params.max_tokens >= 2
-            logits, rs = await self.forward(chunk_ids, kv, more=more)
-            run.add(rs)
-        t1 = time.perf_counter()
-        stats.prompt_s = stats.ttft_s = t1 - t0
-        finish, cut = "length", False
-        pending: list[int] = []  # ids not yet attached to a yielded chunk
-        for n in range(params.max_tokens):
-            assert logits is not None
-            tok = sampler(logits[0, -1], history)
-            history.append(tok)
-            pending.append(tok)
-            stats.generation_tokens += 1
-            if tok in stops:
-                finish = "stop"
-                break
-            text, cut = text_filter.feed(detok.add(tok))
-            if text:
-                yield Chunk(text, pending)
-                pending = []
-            if cut:
-                finish = "stop"
-                break
-            if n + 1 < params.max_tokens:
-                logits, rs = await self.forward(np.asarray([[tok]]), kv,
-                                                more=n + 2 < params.max_tokens)
-                run.add(rs)
-        tail = "" if cut else text_filter.feed(detok.flush(), final=True)[0]
-        stats.generation_s = time.perf_counter() - t1
-        stats.bytes_read, stats.units_read = run.bytes_read, run.units_read
-        stats.io_stall_s, stats.read_s, stats.compute_s = run.io_stall_s, run.read_s, run.compute_s
-        stats.unit_hits, stats.unit_misses = run.hits, run.misses
-        stats.prefetch_depth = run.prefetch_depth
-        stats.peak_rss_bytes = peak_rss_bytes()
-        yield Chunk(tail, pending, finish_reason=finish, stats=stats)
-
-
-class _StopFilter:
-    """Holds back text that could be the start of a stop string; cuts at a full match."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = list(stops)
-        self.pending = ""
-
-    def feed(self, text: str, final: bool = False) -> tuple[str, bool]:
-        if not self.stops:
-            return text, False
-        self.pending += text
-        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            out, self.pending = self.pending[:cut], ""
-            return out, True
-        keep = 0 if final else max(
-            (k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])),
-            default=0,
-        )
-        out = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep:]
-        return out, False
+    async def complete(self, prompt: Prompt, params: GenerationParams | None = None, *,
+                       system_prompt: str | None = None, **overrides: Any) -> Completion:
+        """The whole completion of `generate` (same arguments): text, ids, finish reason,
+        stats and usage."""
+        text, ids = [], []
+        chunks = self.generate(prompt, params, system_prompt=system_prompt, **overrides)
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                text.append(chunk.text)
+                ids += chunk.token_ids
+                if chunk.finish_reason is not None:
+                    assert chunk.stats is not None
+                    return Completion("".join(text), ids, chunk.finish_reason, chunk.stats)
+        raise AssertionError("generate ended without a finish reason")

@@ -11,6 +11,10 @@ class EngineError(RuntimeError):
     """A generation failed (a read error mid-stream, a context overflow...)."""
 
 
+class QueueFullError(EngineError):
+    """Too many requests wait for a batch slot (EngineConfig.max_queue); retry later."""
+
+
 class ContextLengthError(ValueError):
     """The prompt plus max_tokens do not fit the model's context."""
 
@@ -21,5 +25,5 @@ class ConvertError(ValueError):
 
 __all__ = [
     "BudgetError", "ChatTemplateError", "ContextLengthError", "ConvertError", "EngineError",
-    "FormatError", "MissingTensorError", "ReadError",
+    "FormatError", "MissingTensorError", "QueueFullError", "ReadError",
 ]

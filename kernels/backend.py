@@ -26,6 +26,11 @@ class KVCache(Protocol):
 
     offset: int  # tokens already stored (same for every layer once a step completes)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache holds (preallocated for max_len)."""
+        ...
+
     def update(self, layer_idx: int, k: Any, v: Any) -> tuple[Any, Any]:
         """Store k, v (B, Hkv, L, D) at [offset, offset+L) and return all keys/values so far.
 
@@ -93,6 +98,10 @@ class Backend(Protocol):
     def silu_mul(self, gate: Any, up: Any) -> Any: ...
 
     def add(self, a: Any, b: Any) -> Any: ...
+
+    def concatenate(self, xs: list[Any], axis: int) -> Any:
+        """Join arrays along axis (the batched step stacks the rows of several sequences)."""
+        ...
 
     def reshape(self, x: Any, shape: tuple[int, ...]) -> Any: ...
 

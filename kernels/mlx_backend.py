@@ -47,6 +47,10 @@ class MLXKVCache:
         self.max_len = max_len
         self.offset = 0
 
+    @property
+    def nbytes(self) -> int:
+        return sum(int(a.nbytes) for a in (*self.k, *self.v))
+
     def update(self, layer_idx: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
         end = check_room(self.offset, k.shape[2], self.max_len)
         self.k[layer_idx][:, :, self.offset : end, :] = k
@@ -193,6 +197,9 @@ class MLXBackend:
 
     def add(self, a: mx.array, b: mx.array) -> mx.array:
         return a + b
+
+    def concatenate(self, xs: list[mx.array], axis: int) -> mx.array:
+        return mx.concatenate(xs, axis=axis)
 
     def reshape(self, x: mx.array, shape: tuple[int, ...]) -> mx.array:
         return x.reshape(shape)

@@ -179,6 +179,9 @@ class NumpyBackend:
     def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return a + b
 
+    def concatenate(self, xs: list[np.ndarray], axis: int) -> np.ndarray:
+        return np.concatenate(xs, axis=axis)
+
     def reshape(self, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         return np.reshape(x, shape)
 

@@ -1,6 +1,10 @@
 """Llama-family decoder (llama, mistral, qwen2 with qkv bias, qwen3 with q/k norm), written
 once against the kernels ops and split into scheduler steps: embed, one per block, head.
 
+Two forms of a pass: `steps` runs ids (B, L) against one KV cache; `batch_steps` runs several
+sequences, each with its own KV cache and length, as one pass: the linear layers see the rows of
+all of them stacked (one matmul per weight), attention runs per sequence.
+
 Blocks take their weights as an argument for one call and keep no reference to them, so
 evicting a unit from the cache frees its memory.
 """
@@ -31,6 +35,23 @@ class ForwardState:
     logits: np.ndarray | None = None  # (B, L or 1, V) float32
 
 
+@dataclass
+class SeqInput:
+    """One sequence of a batched pass: its new ids (prompt chunk or last token) and its cache."""
+
+    ids: np.ndarray  # (L,) int
+    kv: KVCache
+
+
+@dataclass
+class BatchState:
+    """A batched pass: sequences in, their rows stacked as h (1, T, E), T = sum of lengths."""
+
+    seqs: list[SeqInput]
+    h: Any = None
+    logits: np.ndarray | None = None  # (N, V) float32, the last position of each sequence
+
+
 class Model:
     def __init__(self, spec: ModelSpec, ops: Backend) -> None:
         self.spec = spec
@@ -54,6 +75,16 @@ class Model:
             *(Step((layer_key(i),), partial(self._block, st, i), layer_key(i))
               for i in range(self.spec.num_hidden_layers)),
             Step(head_units, partial(self._head, st), "head"),
+        ]
+
+    def batch_steps(self, st: BatchState) -> list[Step]:
+        """The units of `steps`, running every sequence of st in one pass."""
+        head_units = (HEAD,) if not self.spec.tie_word_embeddings else (HEAD, EMBED)
+        return [
+            Step((EMBED,), partial(self._embed_batch, st), "embed"),
+            *(Step((layer_key(i),), partial(self._block_batch, st, i), layer_key(i))
+              for i in range(self.spec.num_hidden_layers)),
+            Step(head_units, partial(self._head_batch, st), "head"),
         ]
 
     def _embed(self, st: ForwardState, w: Mapping[str, Any]) -> None:
@@ -94,4 +125,60 @@ class Model:
             else w["lm_head.weight"]
         st.logits = ops.to_numpy(ops.linear(h, table))
         st.kv.advance(st.ids.shape[1])
+        st.h = None
+
+    def _embed_batch(self, st: BatchState, w: Mapping[str, Any]) -> None:
+        ids = np.concatenate([s.ids for s in st.seqs])[None, :]  # (1, T)
+        st.h = self.ops.embed(w[EMBED]["embed_tokens.weight"], ids)
+
+    def _block_batch(self, st: BatchState, layer_idx: int, units: Mapping[str, Any]) -> None:
+        ops, w, eps = self.ops, units[layer_key(layer_idx)], self.spec.rms_norm_eps
+        x = st.h
+        h = ops.rms_norm(x, w["input_layernorm.weight"], eps)
+        q = ops.linear(h, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
+        k = ops.linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))
+        v = ops.linear(h, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"))
+        outs, start = [], 0
+        for seq in st.seqs:  # attention per sequence, against its own cache and positions
+            end = start + len(seq.ids)
+            outs.append(self._attend(w, layer_idx, seq.kv, q[:, start:end], k[:, start:end],
+                                     v[:, start:end]))
+            start = end
+        o = outs[0] if len(outs) == 1 else ops.concatenate(outs, axis=1)  # (1, T, H*D)
+        x = ops.add(x, ops.linear(o, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias")))
+        h = ops.rms_norm(x, w["post_attention_layernorm.weight"], eps)
+        gate = ops.linear(h, w["mlp.gate_proj.weight"])
+        up = ops.linear(h, w["mlp.up_proj.weight"])
+        st.h = ops.add(x, ops.linear(ops.silu_mul(gate, up), w["mlp.down_proj.weight"]))
+
+    def _attend(self, w: Mapping[str, Any], layer_idx: int, kv: KVCache, q: Any, k: Any,
+                v: Any) -> Any:
+        """One sequence's attention: q (1, L, H*D), k, v (1, L, Hkv*D) -> (1, L, H*D)."""
+        ops, eps = self.ops, self.spec.rms_norm_eps
+        L = q.shape[1]
+        H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        q = ops.transpose(ops.reshape(q, (1, L, H, D)), (0, 2, 1, 3))  # (1, H, L, D)
+        k = ops.transpose(ops.reshape(k, (1, L, Hkv, D)), (0, 2, 1, 3))  # (1, Hkv, L, D)
+        v = ops.transpose(ops.reshape(v, (1, L, Hkv, D)), (0, 2, 1, 3))
+        if self.spec.qk_norm:
+            q = ops.rms_norm(q, w["self_attn.q_norm.weight"], eps)
+            k = ops.rms_norm(k, w["self_attn.k_norm.weight"], eps)
+        q = ops.rope(q, kv.offset, self.inv_freq)
+        k = ops.rope(k, kv.offset, self.inv_freq)
+        keys, values = kv.update(layer_idx, k, v)
+        o = ops.attention(q, keys, values, self.scale, kv.offset)  # (1, H, L, D)
+        return ops.reshape(ops.transpose(o, (0, 2, 1, 3)), (1, L, H * D))
+
+    def _head_batch(self, st: BatchState, units: Mapping[str, Any]) -> None:
+        ops, w = self.ops, units[HEAD]
+        ends = np.cumsum([len(s.ids) for s in st.seqs])
+        h = st.h
+        if ends[-1] != len(st.seqs):  # some sequence fed a prompt chunk: keep its last row
+            h = ops.concatenate([h[:, e - 1:e] for e in ends], axis=1)  # (1, N, E)
+        h = ops.rms_norm(h, w["norm.weight"], self.spec.rms_norm_eps)
+        table = units[EMBED]["embed_tokens.weight"] if self.spec.tie_word_embeddings \
+            else w["lm_head.weight"]
+        st.logits = ops.to_numpy(ops.linear(h, table))[0]
+        for seq in st.seqs:
+            seq.kv.advance(len(seq.ids))
         st.h = None

@@ -1,0 +1,421 @@
+"""Continuous batching: one task owns the forward passes; requests join and leave between them.
+
+Every pass walks the model's units once (embed, blocks, head) for all active sequences: a
+decoding sequence feeds its last token, a new one feeds a chunk of its prompt (the prompt
+tokens of one pass are capped at EngineConfig.prefill_chunk), so a streamed layer is read once
+per step however many requests share it. Each sequence has its own KV cache, sampler, stop
+conditions and output slot; the consumer (Engine.generate) drains the slot.
+
+Cancellation: a consumer that goes away marks its sequence cancelled. If every sequence of the
+running pass is cancelled, the pass is cancelled and stops at the next layer boundary (the
+scheduler finishes the layer in flight and drops its reads); otherwise the sequence leaves
+after the pass. Either way its KV cache is dropped with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from engine.errors import QueueFullError
+from engine.models.llama import BatchState, SeqInput
+from engine.request import Chunk, GenerationParams, StopFilter
+from engine.sampling import Sampler
+from engine.stats import GenerationStats, peak_rss_bytes
+from engine.tokenizer import StreamingDetokenizer
+from scheduler import RunStats
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class PassRecord:
+    """One forward pass of the batcher: how many sequences and tokens, what it read."""
+
+    n_seqs: int
+    n_tokens: int  # rows through the linear layers (1 per decoding sequence + prompt chunks)
+    n_prefill: int  # sequences that fed a prompt chunk
+    bytes_read: int
+    wall_s: float
+    compute_s: float = 0.0  # the pass's compute on the compute thread
+    io_stall_s: float = 0.0  # compute waiting for reads
+
+
+@dataclass(eq=False)
+class SeqState:
+    """A request inside the batcher: prompt, generation state, KV cache and output slot."""
+
+    id: int
+    prompt: list[int]
+    params: GenerationParams
+    sampler: Sampler
+    stops: set[int]
+    detok: StreamingDetokenizer
+    text_filter: StopFilter
+    history: list[int] = field(default_factory=list)
+    kv: Any = None
+    n_prefilled: int = 0  # prompt tokens already in the KV cache
+    generated: int = 0
+    pending: list[int] = field(default_factory=list)  # ids not yet in a yielded chunk
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    run: RunStats = field(default_factory=RunStats)
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_start: float = 0.0
+    t_first: float = 0.0
+    cancelled: bool = False
+    done: bool = False
+    finish_reason: str | None = None
+    out: collections.deque = field(default_factory=collections.deque)  # Chunk | BaseException
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_prefilled < len(self.prompt)
+
+    def push(self, item: Chunk | BaseException) -> None:
+        self.out.append(item)
+        self.ready.set()
+
+    async def next(self) -> Chunk:
+        """The next chunk for the consumer; raises the error that ended the sequence."""
+        while not self.out:
+            self.ready.clear()
+            await self.ready.wait()
+        item = self.out.popleft()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+class Generation:
+    """A submitted request (Engine.submit): async-iterate it for Chunks, the last with the
+    finish reason; `aclose()` (or leaving `async with`) cancels it if it is still running
+    and returns once the batcher has let go of it."""
+
+    def __init__(self, batcher: Batcher, seq: SeqState) -> None:
+        self._batcher = batcher
+        self.seq = seq
+        self._ended = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.seq.prompt)
+
+    def __aiter__(self) -> Generation:
+        return self
+
+    async def __anext__(self) -> Chunk:
+        if self._ended:
+            raise StopAsyncIteration
+        try:
+            chunk = await self.seq.next()
+        except BaseException:
+            self._ended = True
+            raise
+        self._ended = chunk.finish_reason is not None
+        return chunk
+
+    async def aclose(self) -> None:
+        self._ended = True
+        await self._batcher.release(self.seq)
+
+    async def __aenter__(self) -> Generation:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class Batcher:
+    """Owns the engine's forward passes while requests are active (one task, started on
+    demand and ended when idle, so an engine can serve one event loop after another)."""
+
+    def __init__(self, engine: Engine, max_batch: int, max_queue: int | None) -> None:
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.waiting: collections.deque[SeqState] = collections.deque()
+        self.active: list[SeqState] = []
+        self.passes: collections.deque[PassRecord] = collections.deque(maxlen=4096)
+        self.finished: collections.Counter[str] = collections.Counter()
+        self.passes_cancelled = 0  # passes stopped at a layer boundary (nobody wanted them)
+        self._retired: list[SeqState] = []
+        self._task: asyncio.Task[None] | None = None
+        self._pass: asyncio.Task[Any] | None = None
+        self._pass_seqs: list[SeqState] = []
+        self._ids = 0
+
+    @property
+    def n_active(self) -> int:
+        """Sequences holding a batch slot (and a KV cache)."""
+        return len(self.active)
+
+    @property
+    def n_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of the KV caches held by active sequences."""
+        return sum(int(s.kv.nbytes) for s in self.active if s.kv is not None)
+
+    def submit(self, seq: SeqState) -> None:
+        """Queue a sequence; the batcher task starts if it is not running.
+
+        Raises:
+            QueueFullError: max_queue sequences already wait for a slot.
+        """
+        if (self.max_queue is not None
+                and len(self.active) + len(self.waiting) >= self.max_batch + self.max_queue):
+            raise QueueFullError(
+                f"request queue is full ({len(self.waiting)} waiting, {len(self.active)} "
+                f"running, max_batch={self.max_batch}, max_queue={self.max_queue}); retry later")
+        self.waiting.append(seq)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    def new_seq(self, prompt: list[int], params: GenerationParams) -> SeqState:
+        tok = self.engine.tokenizer
+        self._ids += 1
+        return SeqState(
+            id=self._ids, prompt=list(prompt), params=params, sampler=Sampler(params.sampling),
+            stops=set() if params.ignore_eos else set(tok.eos_token_ids),
+            detok=tok.detokenizer(), text_filter=StopFilter(params.stop), history=list(prompt))
+
+    def cancel(self, seq: SeqState) -> None:
+        """Cancel a sequence (its consumer went away). Called on the event loop."""
+        if seq.done or seq.cancelled:
+            return
+        seq.cancelled = True
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+            self._finish(seq, "cancelled")
+            self._release(seq)
+        elif (self._pass is not None and seq in self._pass_seqs
+              and all(s.cancelled for s in self._pass_seqs)):
+            self._pass.cancel()  # nobody wants this pass: stop at the next layer boundary
+
+    async def release(self, seq: SeqState) -> None:
+        """Cancel seq if it has not finished and wait until the batcher has let go of it (its
+        KV cache dropped; when it was the last one, reads carried for a next pass dropped)."""
+        self.cancel(seq)
+        if self._task is None or self._task.done():
+            seq.released.set()  # no batcher: nothing holds it
+        await seq.released.wait()
+
+    async def aclose(self) -> None:
+        """Cancel every request (finish_reason "cancelled") and stop the batcher task."""
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        while True:
+            async with self.engine._lock:  # passes exclude Engine.logits and each other
+                try:
+                    await self._drain()
+                except asyncio.CancelledError:
+                    self._fail_all(None)
+                    raise
+                except Exception as exc:  # each sequence it held gets the error
+                    log.exception("batcher failed")
+                    self._fail_all(exc)
+                finally:
+                    await self.engine.scheduler.drop_carried()
+                    self.engine.reader.buffers.trim()  # idle read buffers are outside the budget
+                    self._release_retired()
+            if not self.waiting:  # no await between this check and the task's end
+                return
+
+    async def _drain(self) -> None:
+        while True:
+            await self._admit()
+            self._reap()
+            if not self.active:
+                return
+            self._release_retired()
+            batch = self._plan()
+            await self._step(batch)
+
+    async def _admit(self) -> None:
+        run_on_compute = self.engine.scheduler.run_on_compute
+        while self.waiting and len(self.active) < self.max_batch:
+            seq = self.waiting.popleft()
+            self.active.append(seq)
+            seq.t_start = time.perf_counter()
+            max_len = len(seq.prompt) + seq.params.max_tokens
+            seq.kv = await run_on_compute(self.engine.model.make_kv_cache, 1, max_len)
+
+    def _reap(self) -> None:
+        for seq in [s for s in self.active if s.cancelled]:
+            self._finish(seq, "cancelled")
+
+    def _plan(self) -> list[tuple[SeqState, list[int]]]:
+        """The (sequence, ids to feed) of the next pass: every decoding sequence's last token,
+        then prompt chunks first come first served within the prefill token budget."""
+        batch: list[tuple[SeqState, list[int]]] = []
+        budget = self.engine.config.prefill_chunk
+        for seq in self.active:
+            if not seq.prefilling:
+                batch.append((seq, seq.history[-1:]))
+            elif budget > 0:
+                n = min(budget, len(seq.prompt) - seq.n_prefilled)
+                batch.append((seq, seq.prompt[seq.n_prefilled:seq.n_prefilled + n]))
+                budget -= n
+        return batch
+
+    def _more(self, batch: list[tuple[SeqState, list[int]]]) -> bool:
+        """Whether another pass follows this one (unless a stop condition ends it first)."""
+        if self.waiting or len(batch) < len(self.active):
+            return True
+        for seq, ids in batch:
+            if seq.prefilling and seq.n_prefilled + len(ids) < len(seq.prompt):
+                return True
+            if seq.generated + 1 < seq.params.max_tokens:
+                return True
+        return False
+
+    async def _step(self, batch: list[tuple[SeqState, list[int]]]) -> None:
+        st = BatchState([SeqInput(np.asarray(ids, dtype=np.int64), seq.kv) for seq, ids in batch])
+        steps = self.engine.model.batch_steps(st)
+        t0 = time.perf_counter()
+        self._pass_seqs = [seq for seq, _ in batch]
+        self._pass = asyncio.get_running_loop().create_task(
+            self.engine.scheduler.run(steps, cyclic=self._more(batch)))
+        try:
+            await asyncio.wait([self._pass])
+        finally:
+            if not self._pass.done():  # the batcher itself is cancelled (engine shutdown)
+                self._pass.cancel()
+                await asyncio.gather(self._pass, return_exceptions=True)
+            task, self._pass, self._pass_seqs = self._pass, None, []
+        if task.cancelled():
+            self.passes_cancelled += 1
+            return  # every sequence of the pass was cancelled; _reap drops them
+        if task.exception() is not None:
+            for seq, _ in batch:
+                seq.push(task.exception())  # type: ignore[arg-type]
+                self._finish(seq, None)
+            return
+        rs: RunStats = task.result()
+        n_prefill = sum(seq.prefilling for seq, _ in batch)
+        self.passes.append(PassRecord(len(batch), sum(len(ids) for _, ids in batch), n_prefill,
+                                      rs.bytes_read, time.perf_counter() - t0, rs.compute_s,
+                                      rs.io_stall_s))
+        for seq, ids in batch:
+            seq.run.add(rs)
+            if seq.prefilling:
+                seq.n_prefilled += len(ids)
+        assert st.logits is not None
+        await self._sample(batch, st.logits)
+
+    async def _sample(self, batch: list[tuple[SeqState, list[int]]], logits: np.ndarray
+                      ) -> None:
+        """Sample a token for each sequence that has its whole prompt in the cache."""
+        rows = [(i, seq) for i, (seq, _) in enumerate(batch)
+                if not seq.cancelled and not seq.prefilling]
+        now = time.perf_counter()
+        for _, seq in rows:
+            if seq.generated == 0:
+                seq.stats.prompt_s = now - seq.t_start
+                seq.stats.ttft_s = now - seq.t_submit
+                seq.t_first = now
+        rows = [(i, seq) for i, seq in rows if not self._finish_if_empty(seq)]
+        if not rows:
+            return
+        toks = await self.engine.scheduler.run_on_compute(
+            _sample_rows, [seq.sampler for _, seq in rows], logits[[i for i, _ in rows]],
+            [seq.history for _, seq in rows])
+        for (_, seq), tok in zip(rows, toks, strict=True):
+            if not seq.cancelled:
+                self._emit(seq, tok)
+
+    def _finish_if_empty(self, seq: SeqState) -> bool:
+        if seq.params.max_tokens == 0:
+            self._finish(seq, "length")
+            return True
+        return False
+
+    def _emit(self, seq: SeqState, tok: int) -> None:
+        """Record a sampled token, push the text it completes, finish on a stop or length."""
+        seq.history.append(tok)
+        seq.pending.append(tok)
+        seq.generated += 1
+        if tok in seq.stops:
+            self._finish(seq, "stop")
+            return
+        text, cut = seq.text_filter.feed(seq.detok.add(tok))
+        if text:
+            seq.push(Chunk(text, seq.pending))
+            seq.pending = []
+        if cut:
+            self._finish(seq, "stop", cut=True)
+        elif seq.generated >= seq.params.max_tokens:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: SeqState, reason: str | None, cut: bool = False) -> None:
+        """Push the last chunk (reason None: an error was pushed instead) and free the slot."""
+        if seq.done:
+            return
+        seq.done, seq.finish_reason = True, reason
+        if reason is not None:
+            tail = ""
+            if reason != "cancelled" and not cut:
+                tail = seq.text_filter.feed(seq.detok.flush(), final=True)[0]
+            seq.push(Chunk(tail, seq.pending, finish_reason=reason, stats=self._stats(seq)))
+            seq.pending = []
+            self.finished[reason] += 1
+        else:
+            self.finished["error"] += 1
+        if seq in self.active:
+            self.active.remove(seq)
+        seq.kv = None
+        self._retired.append(seq)
+
+    def _stats(self, seq: SeqState) -> GenerationStats:
+        s, run = seq.stats, seq.run
+        s.prompt_tokens = len(seq.prompt)
+        s.generation_tokens = seq.generated
+        s.generation_s = time.perf_counter() - seq.t_first if seq.t_first else 0.0
+        s.bytes_read, s.units_read = run.bytes_read, run.units_read
+        s.io_stall_s, s.read_s, s.compute_s = run.io_stall_s, run.read_s, run.compute_s
+        s.unit_hits, s.unit_misses = run.hits, run.misses
+        s.prefetch_depth = run.prefetch_depth
+        s.peak_rss_bytes = peak_rss_bytes()
+        return s
+
+    def _release(self, seq: SeqState) -> None:
+        seq.released.set()
+
+    def _release_retired(self) -> None:
+        retired, self._retired = self._retired, []
+        for seq in retired:
+            self._release(seq)
+
+    def _fail_all(self, exc: Exception | None) -> None:
+        """The batcher is going down: every sequence it holds ends with exc, or as cancelled
+        (exc None: the engine shuts down)."""
+        for seq in [*self.active, *self.waiting]:
+            if exc is None:
+                self._finish(seq, "cancelled")
+            else:
+                seq.push(exc)
+                self._finish(seq, None)
+        self.waiting.clear()
+
+
+def _sample_rows(samplers: Sequence[Sampler], logits: np.ndarray,
+                 histories: Sequence[list[int]]) -> list[int]:
+    """One token per row of logits (N, V); runs on the compute thread."""
+    return [s(row, h) for s, row, h in zip(samplers, logits, histories, strict=True)]

