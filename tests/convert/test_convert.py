@@ -15,7 +15,7 @@ from gguf import GGMLQuantizationType as QT
 from engine import Engine, EngineConfig, FormatError, GenerationParams
 from engine.convert import convert_model
 from engine.errors import ConvertError
-from kernels.quant import quantize
+from kernels.quant import quantize, quantize_search
 from loaders import open_model
 from loaders.tokenizer import load_tokenizer_dir
 from tests.packed_models import (
@@ -54,6 +54,9 @@ def logits(path, ids: list[int]) -> np.ndarray:
     return asyncio.run(run())
 
 
+QUANTIZE = {"rtn": quantize, "mse": quantize_search}  # what each --quantizer must write
+
+
 def convert(src, out, **kw) -> dict:
     return convert_model(str(src), str(out), progress=False, **kw)
 
@@ -77,6 +80,7 @@ def test_converted_tiny_model_runs_like_the_reference_on_its_weights(tiny_model_
     manifest = convert(src, out, **RECIPES[kind])
     assert manifest == json.loads((out / "manifest.json").read_text())
     assert manifest["format"] == "stream-run-packed" and manifest["version"] == 1
+    assert manifest["quantizer"] == "rtn"  # the default
     assert manifest_matches_files(out)
     assert sorted(os.listdir(out)) == sorted(
         ["config.json", "manifest.json", "model.safetensors.index.json", "tokenizer.json",
@@ -188,18 +192,63 @@ def test_mlx_source_is_copied_or_widened_losslessly(tmp_path):
         np.testing.assert_array_equal(wide[name], w, err_msg=name)
 
 
-def test_mlx_source_at_a_coarser_group_is_requantized(tmp_path):
+@pytest.mark.parametrize("quantizer", ["mse", "rtn"])
+def test_mlx_source_at_a_coarser_group_is_requantized(tmp_path, quantizer):
     write_mlx_quantized_model(tmp_path / "mlx", "llama", bits=4, group_size=32)
-    convert(tmp_path / "mlx", tmp_path / "eight", bits=8, group_size=64)
+    manifest = convert(tmp_path / "mlx", tmp_path / "eight", bits=8, group_size=64,
+                       quantizer=quantizer)
+    assert manifest["quantizer"] == quantizer
+    assert json.loads((tmp_path / "eight" / "manifest.json").read_text())[
+        "quantizer"] == quantizer
     _, mlx_weights = load_packed(tmp_path / "mlx")
     layer = unit_tensors(tmp_path / "eight", "layers.0")
     prefix = "model.layers.0.mlp.up_proj"
-    want = quantize(mlx_weights[f"{prefix}.weight"], 8, 64)
+    want = QUANTIZE[quantizer](mlx_weights[f"{prefix}.weight"], 8, 64)
     np.testing.assert_array_equal(as_array(*layer[f"{prefix}.weight"]), want.packed)
     np.testing.assert_array_equal(as_array(*layer[f"{prefix}.scales"]),
                                   want.scales.astype(np.float16))
     np.testing.assert_array_equal(as_array(*layer[f"{prefix}.biases"]),
                                   want.biases.astype(np.float16))
+
+
+def test_rtn_quantizer_is_bit_exact_with_mx_quantize(tiny_model_dir, tmp_path):
+    """--quantizer rtn writes what mx.quantize gives (scales and biases as float16)."""
+    mx = pytest.importorskip("mlx.core")
+    src, _, weights = tiny_model_dir("llama")
+    convert(src, tmp_path / "out", bits=3, group_size=32, quantizer="rtn")
+    files = {n: t for f in (tmp_path / "out").glob("model-*.safetensors")
+             for n, t in raw_tensors(f).items()}
+    for name in ("model.layers.1.mlp.down_proj.weight", "model.embed_tokens.weight"):
+        prefix = name.removesuffix(".weight")
+        packed, scales, biases = mx.quantize(mx.array(weights[name]), group_size=32, bits=3)
+        np.testing.assert_array_equal(as_array(*files[name]), np.array(packed), err_msg=name)
+        for part, want in (("scales", scales), ("biases", biases)):
+            np.testing.assert_array_equal(as_array(*files[f"{prefix}.{part}"]),
+                                          np.array(want.astype(mx.float16)), err_msg=name)
+
+
+def test_mse_quantizer_lowers_the_weight_error_of_every_requantized_tensor(tiny_model_dir,
+                                                                            tmp_path):
+    src, _, weights = tiny_model_dir("llama")
+    errors = {}
+    for quantizer in ("rtn", "mse"):
+        out = tmp_path / quantizer
+        manifest = convert(src, out, bits=3, quantizer=quantizer)
+        assert manifest["quantizer"] == quantizer
+        _, got = load_packed(out)
+        errors[quantizer] = {n: float(np.sum((got[n] - w).astype(np.float64) ** 2))
+                             for n, w in weights.items() if w.ndim == 2}
+    assert errors["mse"].keys() == errors["rtn"].keys() and len(errors["mse"]) == 16
+    for name, rtn in errors["rtn"].items():
+        assert errors["mse"][name] < 0.95 * rtn, name
+
+
+def test_unknown_quantizer_is_refused_before_writing(tiny_model_dir, tmp_path):
+    src, _, _ = tiny_model_dir("llama")
+    with pytest.raises(ConvertError, match=r"quantizer='gptq' is not supported; expected one "
+                                           r"of mse, rtn"):
+        convert(src, tmp_path / "out", quantizer="gptq")
+    assert sorted(os.listdir(tmp_path)) == [src.name]
 
 
 def test_packed_source_reconverts_to_identical_files(tiny_model_dir, tmp_path):
@@ -233,15 +282,17 @@ def gguf_types() -> dict[str, QT]:
     return types
 
 
-@pytest.mark.parametrize("bits, group, lossless", [
-    (8, 32, {QT.Q8_0, QT.Q4_0, QT.Q4_1}), (4, 32, {QT.Q4_0, QT.Q4_1}), (8, 64, set())])
-def test_gguf_blocks_convert_in_hf_layout(kquant_gguf, tmp_path, bits, group, lossless):
+@pytest.mark.parametrize("bits, group, lossless, quantizer", [
+    (8, 32, {QT.Q8_0, QT.Q4_0, QT.Q4_1}, "rtn"), (4, 32, {QT.Q4_0, QT.Q4_1}, "mse"),
+    (8, 64, set(), "mse"), (4, 64, set(), "rtn")])
+def test_gguf_blocks_convert_in_hf_layout(kquant_gguf, tmp_path, bits, group, lossless,
+                                          quantizer):
     """Each weight as gguf-py dequantizes it (q/k un-permuted to HF rows): affine block types
     (group 32) at no more bits than the target and group 32 are copied exactly, K-quants and
-    the rest requantized."""
+    the rest requantized by the quantizer asked for."""
     path, hf = kquant_gguf
     out = tmp_path / "out"
-    manifest = convert(path, out, bits=bits, group_size=group)
+    manifest = convert(path, out, bits=bits, group_size=group, quantizer=quantizer)
     assert manifest["source"] == {"name": "kquant.gguf", "format": "gguf"}
     _, weights = load_packed(out)
     files = {n: t for f in out.glob("model-*.safetensors") for n, t in raw_tensors(f).items()}
@@ -250,7 +301,7 @@ def test_gguf_blocks_convert_in_hf_layout(kquant_gguf, tmp_path, bits, group, lo
         if qtype in lossless:
             np.testing.assert_array_equal(weights[name], hf[name], err_msg=name)
             continue
-        want = quantize(hf[name], bits, group)
+        want = QUANTIZE[quantizer](hf[name], bits, group)
         np.testing.assert_array_equal(as_array(*files[name]), want.packed, err_msg=name)
         np.testing.assert_array_equal(as_array(*files[f"{prefix}.scales"]),
                                       want.scales.astype(np.float16), err_msg=name)

@@ -147,7 +147,8 @@ def test_cli_errors_are_one_line_with_exit_2(src, tmp_path, capsys, args, match)
 
 
 @pytest.mark.parametrize("flag, match", [(["--bits", "7"], r"argument --bits: invalid choice"),
-                                         (["--group-size", "48"], r"argument --group-size")])
+                                         (["--group-size", "48"], r"argument --group-size"),
+                                         (["--quantizer", "gptq"], r"argument --quantizer")])
 def test_cli_bad_flags(src, tmp_path, capsys, flag, match):
     with pytest.raises(SystemExit) as info:
         main([str(src), str(tmp_path / "out"), *flag])
@@ -156,10 +157,13 @@ def test_cli_bad_flags(src, tmp_path, capsys, flag, match):
 
 
 def test_console_script_converts_and_refuses_an_existing_output(src, tmp_path):
-    cmd = [os.path.join(BIN, "stream-convert"), str(src), str(tmp_path / "out"), "--bits", "8"]
+    cmd = [os.path.join(BIN, "stream-convert"), str(src), str(tmp_path / "out"), "--bits", "8",
+           "--quantizer", "rtn"]
     ok = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "stream-convert: wrote" in ok.stderr and "4 units" in ok.stderr
+    assert "quantizer rtn" in ok.stderr
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["quantizer"] == "rtn"
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2
     assert "already exists; hint: --force" in one_line(again.stderr)

@@ -1,5 +1,6 @@
-"""MLX affine quantization: the numpy reference vs plain formulas and vs mx.quantize, and the
-numba kernels vs the reference, for every supported bit width and group size."""
+"""MLX affine quantization: the numpy reference vs plain formulas and vs mx.quantize, the numba
+kernels vs the reference, and the error-minimizing search vs round-to-nearest, for every
+supported bit width and group size."""
 
 import itertools
 
@@ -14,6 +15,8 @@ from kernels.quant import (
     dequantize,
     pack,
     quantize,
+    quantize_search,
+    round_params,
     unpack,
 )
 
@@ -244,3 +247,101 @@ def test_group_range_overflowing_float32_is_refused():
     w[1, 32:] = np.float32(3e38)
     with pytest.raises(ValueError, match="group 0 of row 1 .* overflows float32"):
         quantize(w, 4, 64)
+
+
+# --- quantize_search: the error-minimizing choice of codes, scales and biases ---------------
+
+def search_weights(rng, out=24, n_in=384):
+    """Gaussian rows, heavy-tailed rows (Student t, 2 degrees of freedom), a few huge outliers,
+    and the edge cases of weights(): zero, constant, tiny, huge, one-signed groups."""
+    w = (rng.standard_normal((out, n_in)) * 0.05).astype(np.float32)
+    w[:7] = weights(rng, 7, n_in)[:7]
+    w[8:16] = rng.standard_t(2, (8, n_in)) * 0.02
+    w[16, ::50] = 3.0  # isolated outliers
+    w[17, :] = 0.0
+    w[18, :] = -0.011
+    return w
+
+
+def stored_sse(qw, w, dtype=np.float16):
+    """Squared error per group of qw with its scales and biases rounded to dtype (as the writer
+    stores them): float32 dequantize minus w, squared and summed in float64."""
+    half = QuantizedWeight(qw.packed, round_params(qw.scales, dtype),
+                           round_params(qw.biases, dtype), qw.bits, qw.group_size)
+    r = (dequantize(half) - w).astype(np.float64)
+    out, n_in = w.shape
+    return np.square(r).reshape(out, n_in // qw.group_size, qw.group_size).sum(-1)
+
+
+@pytest.mark.parametrize("bits,group_size", CASES)
+def test_search_is_never_worse_than_rtn_per_group(bits, group_size):
+    rng = np.random.default_rng(101 * bits + group_size)
+    for w in (search_weights(rng), extreme_weights(rng)):
+        rtn = stored_sse(quantize(w, bits, group_size), w)
+        got = stored_sse(quantize_search(w, bits, group_size), w)
+        # equal up to the order of the float64 sums: the search keeps MLX's choice unless better
+        np.testing.assert_array_less(got, rtn * (1 + 1e-12) + 1e-300)
+    w = search_weights(rng)
+    rtn = stored_sse(quantize(w, bits, group_size), w, np.float32)
+    got = stored_sse(quantize_search(w, bits, group_size, param_dtype=np.float32), w, np.float32)
+    np.testing.assert_array_less(got, rtn * (1 + 1e-12) + 1e-300)
+
+
+@pytest.mark.parametrize("bits,group_size", CASES)
+def test_search_lowers_the_error_of_gaussian_and_heavy_tailed_weights(bits, group_size):
+    rng = np.random.default_rng(bits + 7 * group_size)
+    for w in ((rng.standard_normal((32, 512)) * 0.05).astype(np.float32),
+              (rng.standard_t(3, (32, 512)) * 0.02).astype(np.float32)):
+        rtn = stored_sse(quantize(w, bits, group_size), w).sum()
+        got = stored_sse(quantize_search(w, bits, group_size), w).sum()
+        assert got < 0.95 * rtn, (got / rtn)
+
+
+@pytest.mark.parametrize("bits,group_size", CASES)
+def test_search_output_is_stored_exactly_and_dequantizes_as_the_kernels_do(bits, group_size):
+    rng = np.random.default_rng(3 * bits + group_size)
+    w = search_weights(rng, out=40)
+    qw = quantize_search(w, bits, group_size)
+    n_groups = w.shape[1] // group_size
+    assert qw.shape == w.shape and (qw.bits, qw.group_size) == (bits, group_size)
+    assert qw.packed.shape == (40, 384 * bits // 32) and qw.packed.dtype == np.uint32
+    assert qw.scales.shape == qw.biases.shape == (40, n_groups)
+    assert qw.scales.dtype == qw.biases.dtype == np.float32
+    for part in (qw.scales, qw.biases):  # float16 values: the writer's cast is exact
+        np.testing.assert_array_equal(part.astype(np.float16).astype(np.float32), part)
+    q = unpack(qw.packed, bits, w.shape[1])
+    assert q.max() <= (1 << bits) - 1
+    np.testing.assert_array_equal(pack(q, bits), qw.packed)  # no code spilled into the next
+    ref = naive_dequantize(q, qw.scales, qw.biases, group_size)
+    np.testing.assert_array_equal(dequantize(qw), ref)
+    np.testing.assert_array_equal(
+        numba_kernels.dequantize_rows(qw.packed, qw.scales, qw.biases, bits, group_size), ref)
+    np.testing.assert_array_equal(dequantize(qw)[17], 0.0)  # an all-zero row stays zero
+    assert np.isfinite(dequantize(quantize_search(extreme_weights(rng), bits, group_size))).all()
+
+
+def test_search_keeps_codes_nearest_and_fits_exact_grids():
+    """Weights on a 4-bit grid per group (as a Q4_1 block holds them), with float16 step and
+    offset: the search recovers them exactly, where min/max rounding (its bias the edge of
+    larger magnitude, not a float16 value) does not."""
+    rng = np.random.default_rng(5)
+    step = rng.uniform(0.001, 0.01, (16, 4)).astype(np.float16).astype(np.float32)
+    low = rng.uniform(-0.1, -0.01, (16, 4)).astype(np.float16).astype(np.float32)
+    codes = rng.integers(0, 16, (16, 4, 32)).astype(np.float32)
+    codes[..., 0], codes[..., 1] = 0, 15  # each group spans the whole grid
+    w = (step[..., None] * codes + low[..., None]).reshape(16, 128)
+    assert stored_sse(quantize(w, 4, 32), w).sum() > 0
+    np.testing.assert_array_equal(dequantize(quantize_search(w, 4, 32)), w)
+
+
+def test_search_refuses_what_quantize_refuses():
+    w = np.zeros((4, 64), np.float32)
+    w[1, 3] = np.nan
+    with pytest.raises(ValueError, match=r"non-finite value nan at \[1, 3\]"):
+        quantize_search(w, 4, 64)
+    w[1, 3] = 0
+    w[2, :32], w[2, 32:] = np.float32(-3e38), np.float32(3e38)
+    with pytest.raises(ValueError, match="group 0 of row 2 .* overflows float32"):
+        quantize_search(w, 4, 64)
+    with pytest.raises(ValueError, match="bits=7"):
+        quantize_search(w, 7, 64)
