@@ -1,16 +1,27 @@
-"""stream-bench: disk and streaming studies on synthetic or real models.
+"""stream-bench: the SSD bandwidth study. Disk and engine, side by side, on the same files.
 
-    stream-bench synth --arch llama --shape 7b --dtype bf16 --out DIR
+    stream-bench disk PATH                      fio-style read sweep of a file or directory
+    stream-bench stream MODEL                   s/token vs memory budget and prefetch depth
+    stream-bench tokens MODEL -p 512 -n 128     llama-bench style pp/tg table
+    stream-bench project --shape 70b --bits 4 --budget 24GB    predicted s/token
+    stream-bench synth --shape 7b --out DIR     synthetic HF model with random weights
+
+Every study prints a Markdown table, appends JSON lines (--json FILE) and draws PNGs
+(--plot DIR); --quick runs a small sweep (under a minute on small models).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import os
 import sys
 
-from engine import BudgetError, MissingTensorError
-from engine.config import format_size
+from engine import format_size, parse_size
+from engine.cli import USER_ERRORS
+
+SIZE_HELP = "sizes like 4KiB,1MiB"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -18,54 +29,346 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def _outputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", default=None, metavar="FILE", help="append JSON lines here")
+    p.add_argument("--plot", default=None, metavar="DIR", help="write PNG plots here")
+    p.add_argument("--quick", action="store_true", help="a small sweep (CI, a first look)")
+
+
+def _dims(p: argparse.ArgumentParser) -> None:
+    for name in ("hidden-size", "intermediate-size", "layers", "heads", "kv-heads", "vocab"):
+        p.add_argument(f"--{name}", type=int, help="with --shape custom")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="stream-bench", description=__doc__,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    d = sub.add_parser("disk", help="read GB/s, IOPS, latency: block size x queue depth x mode")
+    d.add_argument("path", help="a file or a directory of files (e.g. a model directory)")
+    d.add_argument("--modes", help="buffered,direct,mmap (default: all)")
+    d.add_argument("--patterns", help="seq,rand (default: both)")
+    d.add_argument("--blocks", help=f"block sizes, {SIZE_HELP} (default 4KiB..64MiB, x4)")
+    d.add_argument("--threads", help="reader threads = queue depth (default 1,2,4,8,16,32)")
+    d.add_argument("--qd-blocks", help="block sizes of the queue-depth curves (4KiB,1MiB)")
+    d.add_argument("--grid", action="store_true", help="every block x every thread count")
+    d.add_argument("--bytes-per-point", help="stop a point after this many bytes (256MiB)")
+    d.add_argument("--seconds-per-point", type=float, help="... or this long (1.5)")
+    d.add_argument("--warm", action="store_true", help="do not evict the page cache first")
+    d.add_argument("--hints", action="store_true",
+                   help="fio's fadvise_hint: fadvise/madvise SEQUENTIAL or RANDOM per pattern")
+    _outputs(d)
+
+    t = sub.add_parser("stream", help="engine s/token, GB/s, stalls vs budget and depth")
+    t.add_argument("model")
+    t.add_argument("--budget", default=None,
+                   help="memory budgets: fractions of the model's compute-tier bytes and/or "
+                        "sizes, 'min', 'none' (default 0.25,0.5,1.0)")
+    t.add_argument("--prefetch-depth", default=None, help="depths, e.g. 0,2,4 or 0-4 (0-4)")
+    t.add_argument("--tokens", type=int, default=None, help="decode steps timed per point (4)")
+    t.add_argument("--backend", default="numpy", choices=("numpy", "mlx", "auto"))
+    t.add_argument("--io-workers", type=int, default=8)
+    t.add_argument("--adaptive", action="store_true",
+                   help="let the engine deepen the prefetch window (off: depth is fixed)")
+    t.add_argument("--in-process", action="store_true",
+                   help="run points in this process (faster; peak RSS then needs VmHWM reset)")
+    t.add_argument("--disk-bytes", default=None, help="bytes per disk point (1GiB)")
+    _outputs(t)
+
+    k = sub.add_parser("tokens", help="llama-bench style pp/tg tokens per second")
+    k.add_argument("model")
+    k.add_argument("-p", "--n-prompt", default=None, help="prompt lengths, e.g. 512 (0: skip)")
+    k.add_argument("-n", "--n-gen", default=None, help="generated lengths, e.g. 128 (0: skip)")
+    k.add_argument("-r", "--repetitions", type=int, default=None, help="after a warm-up (5)")
+    k.add_argument("--backends", default="numpy", help="comma list of numpy,mlx,auto")
+    k.add_argument("--budget", default=None, help="memory budget: a size or a fraction")
+    k.add_argument("--prefetch-depth", type=int, default=2)
+    k.add_argument("--seed", type=int, default=0)
+    _outputs(k)
+
+    j = sub.add_parser("project", help="predict s/token for shapes this machine cannot hold")
+    src = j.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shape", help="7b, 13b, 70b, 405b, 1t, or custom (with the sizes)")
+    src.add_argument("--model", help="project a model directory instead of a shape")
+    _dims(j)
+    j.add_argument("--bits", type=int, default=4, help="2, 3, 4, 5, 6, 8 or 16 (bf16)")
+    j.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
+    j.add_argument("--budget", required=True, help="memory budgets, e.g. 24GB or 24GB,48GB")
+    j.add_argument("--prefetch-depth", default="2", help="depths, e.g. 2 or 0,2,4")
+    j.add_argument("--io-workers", type=int, default=8)
+    j.add_argument("--backend", default="numpy", choices=("numpy", "mlx", "auto"))
+    j.add_argument("--disk-json", help="the disk curve from a `disk` or `stream` --json file")
+    j.add_argument("--disk", help="measure the disk curve on this file/directory instead")
+    j.add_argument("--probe-width", type=int, default=None,
+                   help="hidden size of the compute probe (2048; 1024 with --quick)")
+    j.add_argument("--scratch", default=None, help="where the probe model is written (tmp)")
+    _outputs(j)
+
     s = sub.add_parser("synth", help="write a synthetic HF model with random weights")
     s.add_argument("--arch", default="llama", choices=("llama", "mistral", "qwen2", "qwen3"))
     s.add_argument("--shape", default="7b", help="7b, 13b, 70b, tiny, or custom")
     s.add_argument("--dtype", default="bf16", choices=("bf16", "f16", "f32"))
     s.add_argument("--out", required=True, help="output directory (must not exist)")
     s.add_argument("--seed", type=int, default=0)
-    for name in ("hidden-size", "intermediate-size", "layers", "heads", "kv-heads", "vocab"):
-        s.add_argument(f"--{name}", type=int, help="with --shape custom")
-    t = sub.add_parser("stream", help="engine read rate and s/token vs the raw disk rate")
-    t.add_argument("model")
-    t.add_argument("--budget", default=None, help="compute-tier budget, e.g. 4GB")
-    t.add_argument("--tokens", type=int, default=4)
-    t.add_argument("--prefetch-depth", type=int, default=2)
-    t.add_argument("--backend", default="numpy", choices=("numpy", "mlx", "auto"))
-    t.add_argument("--io-workers", type=int, default=8)
-    t.add_argument("--json", default=None, help="append the result as one JSON line here")
+    _dims(s)
     return p
 
 
-def stream(args: argparse.Namespace) -> int:
-    import json
-    import statistics
+def _sizes(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(parse_size(x) for x in text.split(","))
+    except ValueError as exc:
+        raise ValueError(f"{flag}: {exc}") from None
 
+
+def _header(what: str, meta: dict) -> None:
+    load = " ".join(f"{x:.2f}" for x in meta["loadavg"] or [])
+    print(f"stream-bench {what} — {meta['cpu']} ({meta['cpus']} CPUs), {meta['os']}, "
+          f"git {meta['git']}, load average {load}\n")
+
+
+def _plot(kind: str, args: argparse.Namespace, title: str, *data: object) -> None:
+    """Draw bench.plots.<kind>(*data, out_dir, title) when --plot was given."""
+    if args.plot:
+        from bench import plots
+
+        for path in getattr(plots, kind)(*data, args.plot, title):
+            print(f"wrote {path}", file=sys.stderr)
+
+
+def disk_cmd(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from bench import disk
     from bench.env import run_metadata
-    from bench.streaming import run_stream
-    from engine.config import parse_size
+    from bench.report import disk_table, write_jsonl
+    from bench.streaming import parse_ints
 
-    budget = None if args.budget is None else parse_size(args.budget)
-    r = run_stream(args.model, budget, args.tokens, args.prefetch_depth, args.backend,
-                   args.io_workers)
-    s = r.summary()
-    if args.json:
-        with open(args.json, "a") as f:
-            f.write(json.dumps({**s, "meta": run_metadata()}) + "\n")
-    med = statistics.median
-    print("| model | budget | cache | raw GB/s | engine GB/s | engine/raw | s/token "
-          "(median [min-max]) | bytes/token | I/O stall s | compute s | depth | peak RSS |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {os.path.basename(r.model.rstrip('/'))} | "
-          f"{format_size(budget) if budget else 'unlimited'} | {r.cache} | {r.raw_gbs:.2f} | "
-          f"{r.engine_gbs:.2f} | {s['engine_vs_raw']:.2f} | {med(r.s_per_token):.2f} "
-          f"[{min(r.s_per_token):.2f}-{max(r.s_per_token):.2f}] | "
-          f"{format_size(med(r.bytes_per_token))} | {med(r.io_stall_s):.2f} | "
-          f"{med(r.compute_s):.2f} | {r.prefetch_depth} | {format_size(r.peak_rss_bytes)} |")
+    base = disk.QUICK if args.quick else disk.SweepConfig()
+    fields = {"modes": args.modes and tuple(args.modes.split(",")),
+              "patterns": args.patterns and tuple(args.patterns.split(",")),
+              "blocks": args.blocks and _sizes(args.blocks, "--blocks"),
+              "qd_blocks": args.qd_blocks and _sizes(args.qd_blocks, "--qd-blocks"),
+              "threads": args.threads and tuple(parse_ints(args.threads, "--threads", 1, 256)),
+              "bytes_per_point": args.bytes_per_point and parse_size(args.bytes_per_point),
+              "seconds_per_point": args.seconds_per_point}
+    config = replace(base, **{k: v for k, v in fields.items() if v is not None},
+                     grid=args.grid, warm=args.warm, hints=args.hints)
+    files = disk.list_files(args.path)
+    meta = run_metadata(files[0])
+    _header(f"disk {args.path}", meta)
+    run = disk.sweep(args.path, config, progress=lambda p: print(
+        f"  {p.mode} {p.pattern} {p.block_bytes} x{p.threads}: {p.gbs:.3f} GB/s", file=sys.stderr))
+    records = [{**p.to_dict(), "path": os.path.abspath(args.path), "files": len(run.files),
+                "nbytes": run.nbytes} for p in run.points]
+    write_jsonl(args.json, records, meta)
+    print(f"{len(run.files)} file(s), {format_size(run.nbytes)}; at most "
+          f"{format_size(config.bytes_per_point)} or {config.seconds_per_point:g} s per point; "
+          "buffers: page-aligned anonymous mappings with transparent huge pages, one per "
+          "thread; access hints: " + ("fadvise/madvise by pattern" if config.hints else
+                                      "none (kernel readahead: "
+                                      f"{(meta.get('device') or {}).get('read_ahead_kb')} KiB)")
+          + "\n")
+    print(disk_table(records))
+    if any(r["mode"] != "direct" and r["cache"].startswith("warm") for r in records):
+        print("\nbuffered/mmap points marked warm read (partly) from the page cache")
+    _plot("disk", args, os.path.basename(os.path.normpath(args.path)), records)
+    return 0
+
+
+def stream_cmd(args: argparse.Namespace) -> int:
+    from bench.env import run_metadata
+    from bench.report import size, stream_table, write_jsonl
+    from bench.streaming import parse_ints, run_sweep
+
+    quick = args.quick
+    depths = parse_ints(args.prefetch_depth or ("0,2" if quick else "0-4"), "--prefetch-depth",
+                        0, 16)
+    tokens = args.tokens if args.tokens is not None else (2 if quick else 4)
+    budgets = args.budget or ("0.5,1.0" if quick else "0.25,0.5,1.0")
+    disk_bytes = parse_size(args.disk_bytes) if args.disk_bytes else (
+        64 * 2**20 if quick else 2**30)
+    meta = run_metadata(args.model)
+    _header(f"stream {args.model}", meta)
+    sweep = run_sweep(
+        args.model, budgets, depths, tokens, backend=args.backend, io_workers=args.io_workers,
+        adaptive=args.adaptive, in_process=args.in_process, disk_bytes=disk_bytes,
+        disk_seconds=0.3 if quick else 2.0,
+        progress=lambda r: print(f"  budget {r['budget']} depth {r['prefetch_depth']}: "
+                                 f"{r['s_per_token_median']:.3g} s/token", file=sys.stderr))
+    records = [sweep.record(b, p) for b, p in sweep.points]
+    disk_records = [{**p.to_dict(), "source": "stream", "path": sweep.model["path"]}
+                    for p in sweep.disk.points]
+    write_jsonl(args.json, [*disk_records, *records], meta)
+    m = sweep.model
+    best = sweep.disk.best
+    print(f"{m['name']}: {m['dtype']}"
+          + (f", quantization {m['quantization']}" if m["quantization"] else "")
+          + f", {format_size(m['disk_bytes'])} on disk, {format_size(sweep.model_bytes)} in "
+          f"compute form (budget fractions are of this), minimum budget "
+          f"{format_size(sweep.min_budget_bytes)}; backend {args.backend}, {tokens} decode "
+          f"steps timed per point after one untimed pass")
+    if best is not None:
+        print(f"disk, same files, this run ({best.mode}, sequential): best {best.gbs:.2f} GB/s "
+              f"({size(best.block_bytes)} blocks, {best.threads} thread(s)); one thread "
+              f"{sweep.raw_gbs:.2f} GB/s")
+    scope = {p.peak_rss_scope for _, p in sweep.points}
+    print("peak RSS: " + ("each point in a fresh process (VmHWM)" if not args.in_process else
+                          "per point (VmHWM reset)" if scope == {"point"} else
+                          "this process's peak so far") + "\n")
+    print(stream_table(records))
+    _plot("stream", args, m["name"], records)
+    return 0
+
+
+def tokens_cmd(args: argparse.Namespace) -> int:
+    from bench.decode import bench_model
+    from bench.env import model_info, param_count, run_metadata
+    from bench.report import tokens_table, write_jsonl
+    from bench.streaming import model_sizes, parse_budgets, parse_ints
+    from engine import EngineConfig
+    from loaders import open_model
+    from scheduler import SchedulerConfig
+
+    quick = args.quick
+    pp = parse_ints(args.n_prompt or ("32" if quick else "512"), "-p", 0, 1 << 20)
+    tg = parse_ints(args.n_gen or ("8" if quick else "128"), "-n", 0, 1 << 20)
+    reps = args.repetitions if args.repetitions is not None else (2 if quick else 5)
+    if reps < 1:
+        raise ValueError(f"-r must be >= 1, got {reps}")
+    info = model_info(args.model)
+    params = param_count(open_model(args.model).index.spec)
+    meta = run_metadata(args.model)
+    _header(f"tokens {args.model}", meta)
+    records: list[dict] = []
+    if args.budget and "," in args.budget:
+        raise ValueError(f"--budget: tokens takes one budget, got {args.budget!r}")
+    for backend in args.backends.split(","):
+        budget = None
+        if args.budget:
+            model_bytes, min_bytes = model_sizes(args.model, backend)
+            budget = parse_budgets(args.budget, model_bytes, min_bytes)[0].nbytes
+        config = EngineConfig(backend=backend, memory_budget_bytes=budget,
+                              scheduler=SchedulerConfig(prefetch_depth=args.prefetch_depth))
+        tests = [("pp", n) for n in pp] + [("tg", n) for n in tg]
+        result = asyncio.run(bench_model(args.model, config, tests, reps, args.seed))
+        records += [{**t.to_dict(), "model": info["name"], "quantization": info["quantization"],
+                     "budget_bytes": budget} for t in result.trials]
+    write_jsonl(args.json, records, meta)
+    print(f"{reps} repetitions after one warm-up run per test, random prompt ids (seed "
+          f"{args.seed}), EOS ignored; ppN = one prompt of N tokens (prefilled in chunks of "
+          "512), tgN = N decode steps after a one-token prompt\n")
+    print(tokens_table(records, info, params))
+    _plot("tokens", args, info["name"], records)
+    return 0
+
+
+def _custom(args: argparse.Namespace) -> dict:
+    fields = {"hidden_size": args.hidden_size, "intermediate_size": args.intermediate_size,
+              "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
+              "num_key_value_heads": args.kv_heads or args.heads, "vocab_size": args.vocab}
+    missing = [k for k, v in fields.items() if v is None]
+    if missing:
+        raise ValueError(f"--shape custom needs {', '.join(missing)}")
+    return fields
+
+
+def _project_target(args: argparse.Namespace) -> tuple:
+    """(layout, description, dims or None) of the model or shape to project."""
+    from bench import project
+    from bench.synth import SynthSpec
+
+    if args.model:
+        layout = project.layout_from_model(args.model, args.backend)
+        bits = "bf16" if layout.bits >= 16 else f"{layout.bits}-bit"
+        return layout, f"{layout.name} ({bits})", None
+    if args.bits not in (2, 3, 4, 5, 6, 8, 16):
+        raise ValueError(f"--bits must be 2, 3, 4, 5, 6, 8 or 16, got {args.bits}")
+    if args.shape == "custom":
+        f = SynthSpec(**_custom(args))  # checks the sizes
+        dims = (f.hidden_size, f.intermediate_size, f.num_hidden_layers,
+                f.num_attention_heads, f.num_key_value_heads, f.vocab_size)
+    elif args.shape in project.SHAPES:
+        dims = project.SHAPES[args.shape]
+    else:
+        raise ValueError(f"--shape must be one of {', '.join(project.SHAPES)} or custom, "
+                         f"got {args.shape!r}")
+    layout = project.layout_from_shape(args.shape, dims, args.bits, args.group_size,
+                                       args.backend)
+    what = (f"{args.shape} (hidden {dims[0]}, intermediate {dims[1]}, {dims[2]} layers, "
+            f"{dims[3]}/{dims[4]} heads, vocab {dims[5]}) at "
+            + ("bf16" if args.bits >= 16 else f"{args.bits}-bit g{args.group_size}"))
+    return layout, what, dims
+
+
+def _project_inputs(args: argparse.Namespace, layout, dims) -> tuple:
+    """(compute rates, disk points, where the disk curve came from): compute measured on the
+    model itself or on a probe of the shape; the disk read from --disk-json or measured."""
+    import psutil
+
+    from bench import disk, project
+    from bench.report import read_jsonl
+    from bench.streaming import measure_disk
+
+    points = read_jsonl(args.disk_json, "disk") if args.disk_json else None
+    tokens = (3 if args.quick else 6) if args.model else (4 if args.quick else 16)  # probe: cheap
+    width = args.probe_width or (1024 if args.quick else 2048)
+    fits = not args.model or layout.compute_bytes < 0.5 * psutil.virtual_memory().available
+    probe = (contextlib.nullcontext(args.model) if args.model else
+             project.probe_model(dims, args.bits, args.group_size, width, args.scratch))
+    with probe as model_dir:
+        rates = project.measure_compute(model_dir, args.backend, tokens, resident=fits)
+        if not args.model:
+            E, I, L = project.probe_dims(dims, width)[:3]
+            rates.source = rates.source.replace(
+                "measured on ", f"measured on a probe model (hidden {E}, intermediate {I}, "
+                f"{L} layers) ") + ", scaled by compute-form bytes"
+        if points is not None:
+            return rates, points, f"read from {args.disk_json} ({len(points)} points)"
+        where = args.disk or model_dir
+        run = measure_disk(disk.list_files(where), (32 if args.quick else 512) * disk.MiB,
+                           0.3 if args.quick else 2.0,
+                           blocks=tuple(disk.KiB * 4**k for k in range(3, 9)),  # 64 KiB..64 MiB
+                           threads=(1, 2, 4))
+        source = (f"measured now on {where} ({format_size(run.nbytes)}"
+                  + ("; the probe's small files: pass --disk-json from a `disk` run for your "
+                     "SSD" if not (args.disk or args.model) else "") + ")")
+        return rates, [p.to_dict() for p in run.points], source
+
+
+def project_cmd(args: argparse.Namespace) -> int:
+    from bench import project
+    from bench.env import run_metadata
+    from bench.report import project_table, write_jsonl
+    from bench.streaming import parse_budgets, parse_ints
+
+    depths = parse_ints(args.prefetch_depth, "--prefetch-depth", 0, 16)
+    layout, what, dims = _project_target(args)
+    budgets = parse_budgets(args.budget, layout.compute_bytes, project.min_budget(layout))
+    if args.disk_json and not os.path.exists(args.disk_json):
+        raise FileNotFoundError(f"{args.disk_json}: no such file (--disk-json)")
+    meta = run_metadata(args.disk or args.model or args.scratch or None)
+    _header("project", meta)
+    rates, points, disk_source = _project_inputs(args, layout, dims)
+    preds = [project.predict(layout, b.nbytes, d, args.io_workers, rates, points)
+             for b in budgets for d in depths]
+    records = [{**p.to_dict(), "target": what, "params": layout.params,
+                "disk_bytes": layout.disk_bytes, "compute_bytes": layout.compute_bytes,
+                "rates": vars(rates), "disk_source": disk_source} for p in preds]
+    write_jsonl(args.json, records, meta)
+    print(f"{what}: {layout.params / 1e9:.1f} B parameters, {format_size(layout.disk_bytes)} "
+          f"on disk, {format_size(layout.compute_bytes)} in compute form ({args.backend})\n")
+    print(project_table(records))
+    print("\nassumptions:")
+    for line in project.assumptions(rates, disk_source):
+        print(f"- {line}")
+    if args.plot:
+        lo = project.min_budget(layout)
+        grid = [int(lo + (layout.compute_bytes - lo) * i / 40) for i in range(41)]
+        curve = [project.predict(layout, b, depths[0], args.io_workers, rates, points).to_dict()
+                 for b in grid]
+        _plot("project", args, what.split(" (")[0], curve, records)
     return 0
 
 
@@ -75,13 +378,7 @@ def synth(args: argparse.Namespace) -> int:
     from bench.synth import SynthSpec, synthesize
 
     if args.shape == "custom":
-        fields = {"hidden_size": args.hidden_size, "intermediate_size": args.intermediate_size,
-                  "num_hidden_layers": args.layers, "num_attention_heads": args.heads,
-                  "num_key_value_heads": args.kv_heads or args.heads, "vocab_size": args.vocab}
-        missing = [k for k, v in fields.items() if v is None]
-        if missing:
-            raise ValueError(f"--shape custom needs {', '.join(missing)}")
-        spec = SynthSpec(arch=args.arch, dtype=args.dtype, seed=args.seed, **fields)
+        spec = SynthSpec(arch=args.arch, dtype=args.dtype, seed=args.seed, **_custom(args))
     else:
         spec = SynthSpec.from_shape(args.shape, arch=args.arch, dtype=args.dtype, seed=args.seed)
     print(f"writing {args.out}: {args.arch} {args.shape} {args.dtype}, "
@@ -93,10 +390,13 @@ def synth(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    commands = {"synth": synth, "disk": disk_cmd, "stream": stream_cmd, "tokens": tokens_cmd,
+                "project": project_cmd}
     try:
-        return {"synth": synth, "stream": stream}[args.command](args)
-    except (ValueError, OSError, BudgetError, MissingTensorError) as exc:
-        print(f"stream-bench: error: {exc}", file=sys.stderr)
+        return commands[args.command](args)
+    except (*USER_ERRORS, RuntimeError) as exc:
+        text = "; ".join(x.strip() for x in str(exc).splitlines() if x.strip())
+        print(f"stream-bench: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nstream-bench: interrupted", file=sys.stderr)

@@ -1,7 +1,12 @@
-"""Decode benchmark: prompt and decode tok/s of the resident model, per backend, next to the
-memory-bandwidth bound (compute-form bytes touched per token / measured RAM bandwidth).
+"""Token-rate benchmark, llama-bench style: prompt processing (ppN: one prompt of N random
+tokens) and text generation (tgN: N decode steps after a one-token prompt), EOS ignored so the
+lengths are fixed, one warm-up run of each test, then r repetitions. `stream-bench tokens`
+and `python -m bench.decode` both run `bench_model`.
 
     python -m bench.decode [MODEL] -p 64 -g 64 -n 3 --backends numpy,mlx
+
+prints pp/tg tok/s per backend next to the memory-bandwidth bound (compute-form bytes touched
+per token / measured RAM bandwidth).
 """
 
 from __future__ import annotations
@@ -11,43 +16,89 @@ import asyncio
 import json
 import statistics
 import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from bench.env import memory_bandwidth_gbs, run_metadata
+from bench.env import load_average, memory_bandwidth_gbs, run_metadata
 from engine import Engine, EngineConfig, GenerationParams
 from engine.cli import USER_ERRORS, default_model
 
 
-async def trial(engine: Engine, prompt_ids: list[int], n_gen: int) -> dict:
-    params = GenerationParams(max_tokens=n_gen, ignore_eos=True)
+@dataclass
+class Trial:
+    backend: str
+    test: str  # "pp512", "tg128"
+    n_tokens: int
+    seconds: float
+    tok_s: float
+    bytes_read: int
+    io_stall_s: float
+    peak_rss_bytes: int
+    rep: int  # 0..r-1 (the warm-up is not recorded)
+    loadavg: list[float] | None = None  # right after the trial
+
+    def to_dict(self) -> dict:
+        return {"kind": "tokens", **asdict(self)}
+
+
+@dataclass
+class BackendResult:
+    backend: str
+    model_bytes: int  # compute-tier bytes of the whole model
+    trials: list[Trial] = field(default_factory=list)
+
+    def rates(self, test: str) -> list[float]:
+        return [t.tok_s for t in self.trials if t.test == test]
+
+
+async def run_test(engine: Engine, test: str, n: int, rng: np.random.Generator) -> tuple:
+    """One run of test "pp" (n prompt tokens, then one sampled) or "tg" (one prompt token, then
+    n decode steps); returns (seconds, stats) where seconds covers exactly those n tokens."""
+    vocab = engine.spec.vocab_size
+    n_prompt, max_tokens = (n, 1) if test == "pp" else (1, n + 1)
+    prompt = rng.integers(0, vocab, n_prompt).tolist()
     stats = None
-    async for chunk in engine.generate(prompt_ids, params):
+    async for chunk in engine.generate(prompt, GenerationParams(max_tokens=max_tokens,
+                                                                ignore_eos=True)):
         stats = chunk.stats or stats
     assert stats is not None
-    return {"pp_tps": stats.prompt_tps, "tg_tps": stats.generation_tps,
-            "generated": stats.generation_tokens, "bytes_read": stats.bytes_read,
-            "peak_rss_bytes": stats.peak_rss_bytes}
+    return (stats.prompt_s if test == "pp" else stats.generation_s), stats
 
 
-async def bench_backend(model: str, backend: str, args: argparse.Namespace) -> dict:
-    engine = await Engine.open(model, EngineConfig(backend=backend))
+async def bench_model(model: str, config: EngineConfig, tests: Sequence[tuple[str, int]],
+                      reps: int, seed: int = 0,
+                      on_trial: Callable[[Trial], None] | None = None) -> BackendResult:
+    """Warm up once on each test, then run each test `reps` times (fixed seed, random ids).
+
+    tests: ("pp", n) / ("tg", n) pairs; n = 0 skips the test (llama-bench's -p 0 / -n 0).
+    """
+    engine = await Engine.open(model, config)
     try:
-        rng = np.random.default_rng(0)
-        vocab = engine.spec.vocab_size
-        prompt = rng.integers(0, vocab, args.p).tolist()
-        await trial(engine, prompt, 4)  # warm-up: JIT, page cache, weights resident
-        trials = [await trial(engine, prompt, args.g) for _ in range(args.n)]
-        for t in trials:
-            print(json.dumps({"backend": backend, **t}), file=sys.stderr)
-        model_bytes = engine.model_bytes
+        rng = np.random.default_rng(seed)
+        result = BackendResult(config.backend, engine.model_bytes)
+        for kind, n in tests:
+            if n <= 0:
+                continue
+            await run_test(engine, kind, n, rng)  # warm-up: kernels, resident units, caches
+            for rep in range(reps):
+                seconds, st = await run_test(engine, kind, n, rng)
+                trial = Trial(config.backend, f"{kind}{n}", n, seconds,
+                              n / seconds if seconds > 0 else 0.0, st.bytes_read,
+                              st.io_stall_s, st.peak_rss_bytes, rep, load_average())
+                result.trials.append(trial)
+                if on_trial is not None:
+                    on_trial(trial)
+        return result
     finally:
         engine.close()
-    tg = [t["tg_tps"] for t in trials]
-    pp = [t["pp_tps"] for t in trials]
-    return {"backend": backend, "model_bytes": model_bytes,
-            "tg_median": statistics.median(tg), "tg_min": min(tg), "tg_max": max(tg),
-            "pp_median": statistics.median(pp), "pp_min": min(pp), "pp_max": max(pp)}
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value), as llama-bench reports."""
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,14 +122,18 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     for backend in args.backends.split(","):
         try:
-            r = asyncio.run(bench_backend(model, backend, args))
+            r = asyncio.run(bench_model(
+                model, EngineConfig(backend=backend), [("pp", args.p), ("tg", args.g)], args.n,
+                on_trial=lambda t: print(json.dumps(t.to_dict()), file=sys.stderr)))
         except USER_ERRORS as exc:
             print(f"bench.decode: error: {exc}", file=sys.stderr)
             return 2
-        bound = bw * 1e9 / r["model_bytes"]
-        print(f"| {backend} | {r['pp_median']:.1f} [{r['pp_min']:.1f}-{r['pp_max']:.1f}] "
-              f"| {r['tg_median']:.2f} [{r['tg_min']:.2f}-{r['tg_max']:.2f}] "
-              f"| {r['model_bytes'] / 1e6:.1f} MB | {bound:.1f} | {r['tg_median'] / bound:.2f} |")
+        pp, tg = r.rates(f"pp{args.p}"), r.rates(f"tg{args.g}")
+        med = statistics.median
+        bound = bw * 1e9 / r.model_bytes
+        print(f"| {backend} | {med(pp):.1f} [{min(pp):.1f}-{max(pp):.1f}] "
+              f"| {med(tg):.2f} [{min(tg):.2f}-{max(tg):.2f}] "
+              f"| {r.model_bytes / 1e6:.1f} MB | {bound:.1f} | {med(tg) / bound:.2f} |")
     return 0
 
 

@@ -56,29 +56,3 @@ def test_cli_writes_tiny_shape(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 4 and cfg["torch_dtype"] == "float16"
     assert not list(tmp_path.glob(".synth-*"))  # the temp dir was renamed into place
-
-
-def test_stream_bench_reports_consistent_figures(tmp_path, capsys):
-    out = tmp_path / "m"
-    synthesize(SynthSpec(num_hidden_layers=6, dtype="f32"), str(out))
-    log = tmp_path / "runs.jsonl"
-    assert bench_main(["stream", str(out), "--budget", "500KB", "--tokens", "3",
-                       "--json", str(log)]) == 0
-    table = capsys.readouterr().out
-    assert "| m | 500.00 KB | cold: O_DIRECT" in table
-    row = json.loads(log.read_text().splitlines()[-1])
-    assert row["tokens"] == 3 == len(row["bytes_per_token"])
-    assert all(b > 0 for b in row["bytes_per_token"]) and row["raw_gbs"] > 0
-    assert row["engine_gbs"] * sum(row["s_per_token"]) * 1e9 == pytest.approx(
-        sum(row["bytes_per_token"]))
-    assert row["meta"]["git"]
-
-
-def test_stream_bench_bad_input_is_one_line(tmp_path, capsys):
-    out = tmp_path / "m"
-    synthesize(SynthSpec(num_hidden_layers=2, dtype="f32"), str(out))
-    for args, match in [(["stream", str(tmp_path / "none")], "no such file or directory"),
-                        (["stream", str(out), "--budget", "1KB"], "memory budget 1.00 KB")]:
-        assert bench_main(args) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and match.lower() in err.lower()
