@@ -11,7 +11,7 @@ evicting a unit from the cache frees its memory.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -69,22 +69,23 @@ class Model:
         )
 
     def steps(self, st: ForwardState) -> list[Step]:
-        head_units = (HEAD,) if not self.spec.tie_word_embeddings else (HEAD, EMBED)
-        return [
-            Step((EMBED,), partial(self._embed, st), "embed"),
-            *(Step((layer_key(i),), partial(self._block, st, i), layer_key(i))
-              for i in range(self.spec.num_hidden_layers)),
-            Step(head_units, partial(self._head, st), "head"),
-        ]
+        return self._plan(partial(self._embed, st), partial(self._block, st),
+                          partial(self._head, st))
 
     def batch_steps(self, st: BatchState) -> list[Step]:
         """The units of `steps`, running every sequence of st in one pass."""
+        return self._plan(partial(self._embed_batch, st), partial(self._block_batch, st),
+                          partial(self._head_batch, st))
+
+    def _plan(self, embed: Callable[..., None], block: Callable[..., None],
+              head: Callable[..., None]) -> list[Step]:
+        """embed, each block (block(i, units)), final norm + head: one unit set per step."""
         head_units = (HEAD,) if not self.spec.tie_word_embeddings else (HEAD, EMBED)
         return [
-            Step((EMBED,), partial(self._embed_batch, st), "embed"),
-            *(Step((layer_key(i),), partial(self._block_batch, st, i), layer_key(i))
+            Step((EMBED,), embed, "embed"),
+            *(Step((layer_key(i),), partial(block, i), layer_key(i))
               for i in range(self.spec.num_hidden_layers)),
-            Step(head_units, partial(self._head_batch, st), "head"),
+            Step(head_units, head, "head"),
         ]
 
     def _embed(self, st: ForwardState, w: Mapping[str, Any]) -> None:
