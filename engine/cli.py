@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 
-from engine.config import BACKENDS, EngineConfig, format_size, parse_size
+from engine.config import BACKENDS, EngineConfig, format_size, parse_size, usable_cpus
 from engine.engine import Engine, GenerationParams
 from engine.errors import (
     BudgetError,
@@ -84,6 +84,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fixed-prefetch", action="store_true",
                    help="keep --prefetch-depth fixed instead of adapting it")
     p.add_argument("--read-mode", choices=("pread", "mmap"), default="pread")
+    p.add_argument("--threads", "-t", type=int, default=None,
+                   help="CPU threads for the numba kernels and BLAS (default: physical cores)")
     p.add_argument("--verify", action="store_true",
                    help="check each unit file's sha256 against manifest.json before its first "
                    "use (stream-convert output)")
@@ -126,8 +128,11 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         raise UsageError(f"--prefetch-depth: {exc}") from None
     if args.direct_io and args.read_mode != "pread":
         raise UsageError("--direct-io needs --read-mode pread")
+    if args.threads is not None and not 1 <= args.threads <= usable_cpus():
+        raise UsageError(f"--threads must be between 1 and {usable_cpus()} (the CPUs this "
+                         f"process may use), got {args.threads}")
     return EngineConfig(backend=args.backend, memory_budget_bytes=budget,
-                        host_budget_bytes=host_budget, scheduler=sched,
+                        host_budget_bytes=host_budget, scheduler=sched, threads=args.threads,
                         loader=LoaderConfig(read_mode=args.read_mode, direct_io=args.direct_io,
                                             verify=args.verify))
 

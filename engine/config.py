@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
+
+import psutil
 
 from cache import CacheConfig
 from loaders import LoaderConfig
@@ -35,6 +38,17 @@ def format_size(nbytes: float) -> str:
     return f"{int(nbytes)} B"
 
 
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on (numba starts at most this many threads)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """Physical cores, at most the usable CPUs: a second hyperthread per core adds little to
+    bandwidth-bound kernels and takes cycles from the threads that do the work."""
+    return max(1, min(psutil.cpu_count(logical=False) or usable_cpus(), usable_cpus()))
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     backend: str = "auto"
@@ -46,6 +60,7 @@ class EngineConfig:
     prefill_chunk: int = 512  # prompt tokens per pass, over all requests joining a batch
     max_batch: int = 16  # requests decoded together; more wait for a slot
     max_queue: int | None = None  # requests waiting for a slot; None = unbounded
+    threads: int | None = None  # CPU threads for numba kernels and BLAS; None = physical cores
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
 
@@ -62,6 +77,9 @@ class EngineConfig:
             raise ValueError(f"prefill_chunk must be > 0, got {self.prefill_chunk}")
         if self.max_batch <= 0:
             raise ValueError(f"max_batch must be > 0, got {self.max_batch}")
+        if self.threads is not None and not 1 <= self.threads <= usable_cpus():
+            raise ValueError(f"threads must be between 1 and {usable_cpus()} (the CPUs this "
+                             f"process may use), got {self.threads}")
         if self.max_queue is not None and self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
 

@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from cache import BudgetError, WeightCache
 from engine.batching import Batcher, Generation
-from engine.config import EngineConfig, format_size, parse_size
+from engine.config import EngineConfig, default_threads, format_size, parse_size
 from engine.errors import ContextLengthError
 from engine.models import model_class
 from engine.models.llama import ForwardState
@@ -41,7 +42,9 @@ class Engine:
         self.config = config
         self.spec = source.index.spec
         self.tokenizer = Tokenizer(source.tokenizer)
-        self.backend = get_backend(config.backend)
+        self.threads = config.threads or default_threads()
+        threadpool_limits(self.threads, user_api="blas")  # process-wide, as OpenBLAS is
+        self.backend = get_backend(config.backend, self.threads)
         self.model = model_class(self.spec.model_type)(self.spec, self.backend)
         self.cache = WeightCache(config.cache)
         self.reader = UnitReader(source.index, config.loader)

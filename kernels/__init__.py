@@ -38,8 +38,9 @@ def available_backends() -> list[str]:
     return names
 
 
-def get_backend(name: str = "auto") -> Backend:
-    """A compute backend by name.
+def get_backend(name: str = "auto", threads: int | None = None) -> Backend:
+    """A compute backend by name; threads: the numba kernels' thread count (numpy backend;
+    None leaves numba's default, all CPUs).
 
     "auto" is MLX when it has a GPU (Metal or CUDA), else numpy: MLX's CPU matmul is far slower
     than numpy's BLAS.
@@ -63,4 +64,4 @@ def get_backend(name: str = "auto") -> Backend:
         return MLXBackend()
     from kernels.numpy_backend import NumpyBackend
 
-    return NumpyBackend()
+    return NumpyBackend(threads)

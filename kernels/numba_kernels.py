@@ -23,10 +23,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 import numpy as np  # noqa: E402
 from numba import njit, prange  # noqa: E402
 
-_JIT = {"parallel": True, "cache": True, "fastmath": False, "nogil": True}
+JIT = {"parallel": True, "cache": True, "fastmath": False, "nogil": True}
 # Reassociation only (no nnan/ninf/contract): lets LLVM split each group's dot product across
 # SIMD lanes, ~3x faster than a strictly sequential sum. NaN/Inf still propagate.
-_JIT_DOT = {**_JIT, "fastmath": {"reassoc"}}
+JIT_DOT = {**JIT, "fastmath": {"reassoc"}}
+_ROW = {"cache": True, "fastmath": {"reassoc"}, "nogil": True}
+_ROW_INLINE = {**_ROW, "inline": "always"}
+
+
+# int32 constants: a plain literal is int64 in numba, which widens the byte arithmetic to 64-bit
+# lanes (half as many per vector).
+_I2, _I3, _I4, _I6, _I15 = (np.int32(c) for c in (2, 3, 4, 6, 15))
 
 
 @njit(inline="always")
@@ -46,10 +53,10 @@ def _dot_group_2(row_bytes, x, b0, n_bytes):
     for i in range(n_bytes):
         j = b0 + i
         b = np.int32(row_bytes[j])  # int32 -> float32 converts faster than unsigned
-        d0 += x[4 * j] * np.float32(b & 3)
-        d1 += x[4 * j + 1] * np.float32((b >> 2) & 3)
-        d2 += x[4 * j + 2] * np.float32((b >> 4) & 3)
-        d3 += x[4 * j + 3] * np.float32(b >> 6)
+        d0 += x[4 * j] * np.float32(b & _I3)
+        d1 += x[4 * j + 1] * np.float32((b >> _I2) & _I3)
+        d2 += x[4 * j + 2] * np.float32((b >> _I4) & _I3)
+        d3 += x[4 * j + 3] * np.float32(b >> _I6)
     return (d0 + d1) + (d2 + d3)
 
 
@@ -60,8 +67,8 @@ def _dot_group_4(row_bytes, x, b0, n_bytes):
     for i in range(n_bytes):
         j = b0 + i
         b = np.int32(row_bytes[j])
-        lo += x[2 * j] * np.float32(b & 15)
-        hi += x[2 * j + 1] * np.float32(b >> 4)
+        lo += x[2 * j] * np.float32(b & _I15)
+        hi += x[2 * j + 1] * np.float32(b >> _I4)
     return lo + hi
 
 
@@ -83,54 +90,97 @@ def _dot_group_any(words, x, k0, n, bits):
     return dot
 
 
-@njit(**_JIT_DOT)
-def _qmatvec_2(x, xsum, packed, scales, biases, group_size, out):
-    bytes_per_group = group_size // 4
-    for o in prange(packed.shape[0]):
-        row_bytes = packed[o].view(np.uint8)
-        for r in range(x.shape[0]):
-            acc = np.float32(0)
-            for g in range(scales.shape[1]):
-                dot = _dot_group_2(row_bytes, x[r], g * bytes_per_group, bytes_per_group)
-                acc += scales[o, g] * dot + biases[o, g] * xsum[r, g]
-            out[r, o] = acc
+@njit(**_ROW_INLINE)
+def _rows_4(x, xsum, row_bytes, srow, brow, per_group, out, col):
+    for r in range(x.shape[0]):
+        xr = x[r]
+        acc = np.float32(0)
+        for g in range(srow.shape[0]):
+            dot = _dot_group_4(row_bytes, xr, g * per_group, per_group)
+            acc += srow[g] * dot + brow[g] * xsum[r, g]
+        out[r, col] = acc
 
 
-@njit(**_JIT_DOT)
-def _qmatvec_4(x, xsum, packed, scales, biases, group_size, out):
-    bytes_per_group = group_size // 2
-    for o in prange(packed.shape[0]):
-        row_bytes = packed[o].view(np.uint8)
-        for r in range(x.shape[0]):
-            acc = np.float32(0)
-            for g in range(scales.shape[1]):
-                dot = _dot_group_4(row_bytes, x[r], g * bytes_per_group, bytes_per_group)
-                acc += scales[o, g] * dot + biases[o, g] * xsum[r, g]
-            out[r, o] = acc
+@njit(**_ROW_INLINE)
+def _rows_8(x, xsum, row_bytes, srow, brow, per_group, out, col):
+    for r in range(x.shape[0]):
+        xr = x[r]
+        acc = np.float32(0)
+        for g in range(srow.shape[0]):
+            dot = _dot_group_8(row_bytes, xr, g * per_group, per_group)
+            acc += srow[g] * dot + brow[g] * xsum[r, g]
+        out[r, col] = acc
 
 
-@njit(**_JIT_DOT)
-def _qmatvec_8(x, xsum, packed, scales, biases, group_size, out):
-    for o in prange(packed.shape[0]):
-        row_bytes = packed[o].view(np.uint8)
-        for r in range(x.shape[0]):
-            acc = np.float32(0)
-            for g in range(scales.shape[1]):
-                dot = _dot_group_8(row_bytes, x[r], g * group_size, group_size)
-                acc += scales[o, g] * dot + biases[o, g] * xsum[r, g]
-            out[r, o] = acc
+@njit(**_ROW_INLINE)
+def _rows_2(x, xsum, row_bytes, srow, brow, per_group, out, col):
+    for r in range(x.shape[0]):
+        xr = x[r]
+        acc = np.float32(0)
+        for g in range(srow.shape[0]):
+            dot = _dot_group_2(row_bytes, xr, g * per_group, per_group)
+            acc += srow[g] * dot + brow[g] * xsum[r, g]
+        out[r, col] = acc
 
 
-@njit(**_JIT_DOT)
-def _qmatvec_any(x, xsum, packed, scales, biases, bits, group_size, out):
-    for o in prange(packed.shape[0]):
-        words = packed[o]
-        for r in range(x.shape[0]):
-            acc = np.float32(0)
-            for g in range(scales.shape[1]):
-                dot = _dot_group_any(words, x[r], g * group_size, group_size, bits)
-                acc += scales[o, g] * dot + biases[o, g] * xsum[r, g]
-            out[r, o] = acc
+@njit(**_ROW_INLINE)
+def _rows_any(x, xsum, words, srow, brow, bits, group_size, out, col):
+    for r in range(x.shape[0]):
+        xr = x[r]
+        acc = np.float32(0)
+        for g in range(srow.shape[0]):
+            dot = _dot_group_any(words, xr, g * group_size, group_size, bits)
+            acc += srow[g] * dot + brow[g] * xsum[r, g]
+        out[r, col] = acc
+
+
+@njit(**_ROW_INLINE)
+def qdot_rows(x, xsum, w, o, out, col):
+    """out[r, col] = dot(x[r], row o of w) for every row r of x; w = (packed, scales, biases,
+    bits, group_size), xsum (n, groups) the group sums of x.
+
+    Per group: dot(x, q) once, then the affine terms: sum_k x_k (s q_k + b) = s dot + b sum(x).
+    """
+    packed, scales, biases, bits, group_size = w
+    words, srow, brow = packed[o], scales[o], biases[o]
+    per_group = group_size * bits // 8  # bytes
+    if bits == 4:
+        _rows_4(x, xsum, words.view(np.uint8), srow, brow, per_group, out, col)
+    elif bits == 8:
+        _rows_8(x, xsum, words.view(np.uint8), srow, brow, per_group, out, col)
+    elif bits == 2:
+        _rows_2(x, xsum, words.view(np.uint8), srow, brow, per_group, out, col)
+    else:
+        _rows_any(x, xsum, words, srow, brow, bits, group_size, out, col)
+
+
+@njit(**_ROW)
+def group_sums(x, group_size):
+    """(n, in) -> (n, in // group_size): the per-group sums of x the affine terms need."""
+    n_groups = x.shape[1] // group_size
+    out = np.empty((x.shape[0], n_groups), dtype=np.float32)
+    for r in range(x.shape[0]):
+        for g in range(n_groups):
+            s = np.float32(0)
+            for i in range(group_size):
+                s += x[r, g * group_size + i]
+            out[r, g] = s
+    return out
+
+
+@njit(**JIT_DOT)
+def _qmatvec(x, xsum, w, out):
+    packed, scales, biases, bits, group_size = w
+    per_group = group_size * bits // 8
+    if bits == 4:
+        for o in prange(out.shape[1]):
+            _rows_4(x, xsum, packed[o].view(np.uint8), scales[o], biases[o], per_group, out, o)
+    elif bits == 8:
+        for o in prange(out.shape[1]):
+            _rows_8(x, xsum, packed[o].view(np.uint8), scales[o], biases[o], per_group, out, o)
+    else:
+        for o in prange(out.shape[1]):
+            qdot_rows(x, xsum, w, o, out, o)
 
 
 def qmatvec(
@@ -147,22 +197,13 @@ def qmatvec(
     (the row is hot in L1 after the first).
     """
     x = np.ascontiguousarray(x, dtype=np.float32)
-    n, n_in = x.shape
-    xsum = x.reshape(n, n_in // group_size, group_size).sum(axis=-1, dtype=np.float32)
-    out = np.empty((n, packed.shape[0]), dtype=np.float32)
-    args = (x, xsum, packed, scales, biases)
-    if bits == 4:
-        _qmatvec_4(*args, int(group_size), out)
-    elif bits == 8:
-        _qmatvec_8(*args, int(group_size), out)
-    elif bits == 2:
-        _qmatvec_2(*args, int(group_size), out)
-    else:
-        _qmatvec_any(*args, int(bits), int(group_size), out)
+    out = np.empty((x.shape[0], packed.shape[0]), dtype=np.float32)
+    xsum = x.reshape(x.shape[0], -1, group_size).sum(axis=-1, dtype=np.float32)
+    _qmatvec(x, xsum, (packed, scales, biases, int(bits), int(group_size)), out)
     return out
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def _dequantize_rows_4(packed, scales, biases, group_size, rows, out):
     half = group_size // 2
     for i in prange(rows.shape[0]):
@@ -178,7 +219,7 @@ def _dequantize_rows_4(packed, scales, biases, group_size, rows, out):
                 out[i, 2 * j + 1] = s * np.float32(v >> 4) + b
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def _dequantize_rows_8(packed, scales, biases, group_size, rows, out):
     for i in prange(rows.shape[0]):
         r = rows[i]
@@ -191,7 +232,7 @@ def _dequantize_rows_8(packed, scales, biases, group_size, rows, out):
                 out[i, j] = s * np.float32(row_bytes[j]) + b
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def _dequantize_rows_any(packed, scales, biases, bits, group_size, rows, out):
     for i in prange(rows.shape[0]):
         r = rows[i]
@@ -257,7 +298,7 @@ def _f16(h):
     return np.uint32(bits | ((h & 0x8000) << 16)).view(np.float32)
 
 
-@njit(**_JIT_DOT)
+@njit(**JIT_DOT)
 def _hmatvec_bf16(x, w, out):
     for o in prange(w.shape[0]):
         row = w[o]
@@ -269,7 +310,7 @@ def _hmatvec_bf16(x, w, out):
             out[r, o] = acc
 
 
-@njit(**_JIT_DOT)
+@njit(**JIT_DOT)
 def _hmatvec_f16(x, w, out):
     for o in prange(w.shape[0]):
         row = w[o]
@@ -281,7 +322,7 @@ def _hmatvec_f16(x, w, out):
             out[r, o] = acc
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def _half_rows_bf16(w, rows, out):
     for i in prange(rows.shape[0]):
         row = w[rows[i]]
@@ -289,7 +330,7 @@ def _half_rows_bf16(w, rows, out):
             out[i, k] = _bf16(row[k])
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def _half_rows_f16(w, rows, out):
     for i in prange(rows.shape[0]):
         row = w[rows[i]]

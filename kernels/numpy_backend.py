@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numba
 import numpy as np
 
+from kernels import fused
 from kernels.formats import prepare_unit
 from kernels.numba_kernels import dequantize_rows, half_matvec, half_rows, qmatvec
 from kernels.quant import HalfWeight, QuantizedWeight
@@ -40,6 +42,17 @@ def _float32_rows(w: QuantizedWeight | HalfWeight, rows: np.ndarray) -> np.ndarr
     if isinstance(w, HalfWeight):
         return half_rows(w.data, w.dtype, rows)
     return dequantize_rows(w.packed, w.scales, w.biases, w.bits, w.group_size, rows)
+
+
+_EMPTY = np.zeros(0, dtype=np.float32)
+
+
+def _or_empty(a: np.ndarray | None) -> np.ndarray:
+    return _EMPTY if a is None else a
+
+
+def _kernel_tuple(w: QuantizedWeight) -> tuple:
+    return (w.packed, w.scales, w.biases, w.bits, w.group_size)
 
 
 class NumpyKVCache:
@@ -77,6 +90,14 @@ class NumpyKVCache:
     def advance(self, n: int) -> None:
         self.offset = self._check_room(n)
 
+    def attend(self, layer_idx: int, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+               scale: float) -> np.ndarray:
+        """The fused form of update + attention for batch 1: q (L, H, D), k, v (L, Hkv, D) are
+        written in place at offset; returns causal attention (L, H * D)."""
+        self._check_room(q.shape[0])
+        return fused.cached_attention(q, k, v, self.k[layer_idx, 0], self.v[layer_idx, 0],
+                                      self.offset, scale)
+
     def trim(self, n: int) -> None:
         """Drop the last n tokens (a cancelled step's writes are simply overwritten later)."""
         if not 0 <= n <= self.offset:
@@ -88,6 +109,14 @@ class NumpyBackend:
     name = "numpy"
     prepare_off_compute_thread = True
     prepare_views_raw = True
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+
+    def init_compute_thread(self) -> None:
+        """numba's thread count is per calling thread: set it on the compute thread."""
+        if self.threads is not None:
+            numba.set_num_threads(self.threads)
 
     def prepare(
         self, tensors: Mapping[str, Any], quantization: Mapping[str, Any] | None
@@ -140,6 +169,35 @@ class NumpyBackend:
             rows = np.arange(lo, min(lo + step, n_out), dtype=np.int64)
             np.matmul(x, _float32_rows(w, rows).T, out=y[:, lo : lo + rows.size])
         return y
+
+    def fuses(self, weights: Sequence[Any], n_rows: int) -> bool:
+        """True when the fused block kernels (kernels/fused.py) can run these linears on n_rows
+        rows: all quantized, and few enough rows for matvec."""
+        return n_rows <= MATVEC_MAX_ROWS and all(isinstance(w, QuantizedWeight) for w in weights)
+
+    def block_attention_input(
+        self, x: np.ndarray, norm: np.ndarray, eps: float, qkv: Sequence[QuantizedWeight],
+        qkv_bias: Sequence[np.ndarray | None], qk_norm: Sequence[np.ndarray | None],
+        cos: np.ndarray, sin: np.ndarray, n_heads: int, n_kv_heads: int,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """x (N, E) -> q (N, H, D), k, v (N, Hkv, D): norm, q/k/v (+ bias), q/k norm, RoPE with
+        per-row cos, sin (N, D/2). Only where fuses() said True."""
+        wq, wk, wv = (_kernel_tuple(w) for w in qkv)
+        bq, bk, bv = (_or_empty(b) for b in qkv_bias)
+        qn, kn = (_or_empty(n) for n in qk_norm)
+        return fused.attention_input(np.ascontiguousarray(x, dtype=np.float32), norm, eps,
+                                     wq, wk, wv, bq, bk, bv, qn, kn, cos, sin, n_heads,
+                                     n_kv_heads)
+
+    def block_output(
+        self, x: np.ndarray, attn: np.ndarray, wo: QuantizedWeight, bo: np.ndarray | None,
+        norm: np.ndarray, eps: float, mlp: Sequence[QuantizedWeight],
+    ) -> np.ndarray:
+        """x (N, E) + o-proj(attn (N, H*D)) -> h; returns h + the SiLU MLP of norm(h)."""
+        wg, wu, wd = (_kernel_tuple(w) for w in mlp)
+        return fused.attention_output_mlp(np.ascontiguousarray(x, dtype=np.float32), attn,
+                                          _kernel_tuple(wo), _or_empty(bo), norm, eps,
+                                          wg, wu, wd)
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         ms = np.mean(np.square(x), axis=-1, keepdims=True)

@@ -17,6 +17,16 @@ from typing import Any, Protocol
 from cache import WeightCache
 
 
+def _run_steps(steps: Sequence[Step], weights: Mapping[str, Any]) -> list[tuple[float, float]]:
+    """Run steps in order on the compute thread; returns each one's (start, end) time."""
+    times = []
+    for step in steps:
+        t0 = time.perf_counter()
+        step.run({k: weights[k] for k in step.units})
+        times.append((t0, time.perf_counter()))
+    return times
+
+
 class UnitLoader(Protocol):
     """What the scheduler needs to bring a unit into the compute tier (engine provides it)."""
 
@@ -199,30 +209,38 @@ class LayerScheduler:
         carry: set[str] = set()  # loads for the next pass, left in flight on success
         loop = asyncio.get_running_loop()
         try:
-            for idx, step in enumerate(steps):
+            idx = 0
+            while idx < len(steps):
                 self._schedule(steps, idx, cyclic)
                 t0 = time.perf_counter()
-                weights = {k: await self._acquire(k, rs, step.units) for k in step.units}
+                weights = {k: await self._acquire(k, rs, steps[idx].units)
+                           for k in steps[idx].units}
+                end = self._resident_run_end(steps, idx + 1)
+                for step in steps[idx + 1:end]:  # hits: pinned now, run in the same call
+                    weights.update((k, self._acquire_hit(k, rs)) for k in step.units)
                 t1 = time.perf_counter()
                 stats.io_stall_s += t1 - t0
-                self._schedule(steps, idx + 1, cyclic)
-                compute_future = loop.run_in_executor(self._compute, step.run, weights)
-                await asyncio.shield(compute_future)
+                self._schedule(steps, end, cyclic)
+                compute_future = loop.run_in_executor(self._compute, _run_steps,
+                                                      steps[idx:end], weights)
+                times = await asyncio.shield(compute_future)
                 compute_future = None
-                t2 = time.perf_counter()
-                stats.compute_s += t2 - t1
+                stats.compute_s += time.perf_counter() - t1
                 if self.record_intervals:
-                    stats.intervals.append(("compute", step.name, t1, t2))
-                for k in step.units:
-                    rs.held.remove(k)
-                    self.cache.compute.unpin(k)
-                # Let go of the step's weights now: the next schedule may evict them, and a
+                    stats.intervals += [("compute", step.name, a, b)
+                                        for step, (a, b) in zip(steps[idx:end], times, strict=True)]
+                for step in steps[idx:end]:
+                    for k in step.units:
+                        rs.held.remove(k)
+                        self.cache.compute.unpin(k)
+                # Let go of the steps' weights now: the next schedule may evict them, and a
                 # unit kept alive here would hold its read buffer outside the budget.
                 weights = {}
+                idx = end
             self._adapt(stats)
             carry = set(self._inflight) if cyclic else set()
         finally:
-            if compute_future is not None:  # a cancelled step finishes its layer first
+            if compute_future is not None:  # a cancelled run finishes its compute call
                 await asyncio.gather(compute_future, return_exceptions=True)
             await self._cancel_inflight(keep=carry)
             for k in rs.held:
@@ -255,6 +273,24 @@ class LayerScheduler:
                     return
                 self._start_load(key, keep)
 
+    def _resident_run_end(self, steps: Sequence[Step], start: int) -> int:
+        """End of the run of steps from start whose units are all in the compute tier and not
+        loading: they need no await, so they run in the same compute call as the step before
+        (one thread hop per run instead of per step, which matters when the model fits)."""
+        tier, end = self.cache.compute, start
+        while end < len(steps) and all(
+                k in tier and k not in self._inflight for k in steps[end].units):
+            end += 1
+        return end
+
+    def _acquire_hit(self, key: str, rs: _RunState) -> Any:
+        """A unit already in the compute tier, pinned for the current step (or run of steps)."""
+        value = self.cache.compute.get(key)
+        rs.stats.hits += 1
+        self.cache.compute.pin(key)
+        rs.held.append(key)
+        return value
+
     def _start_load(self, key: str, keep: Collection[str] = ()) -> None:
         size = self._load_bytes(key)
         self.cache.compute.reserve(size, keep)
@@ -270,12 +306,8 @@ class LayerScheduler:
         tier = self.cache.compute
         task = self._inflight.get(key)
         if task is None:
-            value = tier.get(key)
-            if value is not None:
-                rs.stats.hits += 1
-                tier.pin(key)
-                rs.held.append(key)
-                return value
+            if key in tier:
+                return self._acquire_hit(key, rs)
             self._start_load(key, keep)  # raises BudgetError if it cannot fit
             task = self._inflight[key]
         else:

@@ -33,6 +33,7 @@ class ForwardState:
     all_logits: bool = False  # False: logits of the last position only
     h: Any = None  # (B, L, E)
     logits: np.ndarray | None = None  # (B, L or 1, V) float32
+    rope: tuple[np.ndarray, np.ndarray] | None = None  # fused path: cos, sin per row
 
 
 @dataclass
@@ -50,6 +51,11 @@ class BatchState:
     seqs: list[SeqInput]
     h: Any = None
     logits: np.ndarray | None = None  # (N, V) float32, the last position of each sequence
+    rope: tuple[np.ndarray, np.ndarray] | None = None  # fused path: cos, sin per row
+
+
+LINEARS = tuple(f"self_attn.{p}_proj" for p in "qkvo") + tuple(
+    f"mlp.{p}_proj" for p in ("gate", "up", "down"))
 
 
 class Model:
@@ -95,6 +101,11 @@ class Model:
         ops, w = self.ops, units[layer_key(layer_idx)]
         x = st.h
         B, L = st.ids.shape
+        if B == 1 and self._fuses(w, L):
+            if st.rope is None:
+                st.rope = self._rope_tables([(st.kv.offset, L)])
+            st.h = self._fused_block(w, layer_idx, x[0], [(st.kv, L)], st.rope)[None]
+            return
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         offset = st.kv.offset
         h = ops.rms_norm(x, w["input_layernorm.weight"], self.spec.rms_norm_eps)
@@ -135,6 +146,12 @@ class Model:
     def _block_batch(self, st: BatchState, layer_idx: int, units: Mapping[str, Any]) -> None:
         ops, w, eps = self.ops, units[layer_key(layer_idx)], self.spec.rms_norm_eps
         x = st.h
+        if self._fuses(w, x.shape[1]):
+            seqs = [(s.kv, len(s.ids)) for s in st.seqs]
+            if st.rope is None:
+                st.rope = self._rope_tables([(kv.offset, n) for kv, n in seqs])
+            st.h = self._fused_block(w, layer_idx, x[0], seqs, st.rope)[None]
+            return
         h = ops.rms_norm(x, w["input_layernorm.weight"], eps)
         q = ops.linear(h, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
         k = ops.linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))
@@ -169,6 +186,39 @@ class Model:
         keys, values = kv.update(layer_idx, k, v)
         o = ops.attention(q, keys, values, self.scale, kv.offset)  # (1, H, L, D)
         return ops.reshape(ops.transpose(o, (0, 2, 1, 3)), (1, L, H * D))
+
+    def _fuses(self, w: Mapping[str, Any], n_rows: int) -> bool:
+        """The backend's fused block kernels apply (numpy, quantized linears, few rows)."""
+        fuses = getattr(self.ops, "fuses", None)
+        return fuses is not None and fuses([w[f"{n}.weight"] for n in LINEARS], n_rows)
+
+    def _rope_tables(self, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """cos, sin (N, D/2) for the rows of (offset, length) spans, as ops.rope computes them."""
+        pos = np.concatenate([np.arange(o, o + n, dtype=np.float32) for o, n in spans])
+        freqs = pos[:, None] * np.asarray(self.inv_freq, dtype=np.float32)[None, :]
+        return np.cos(freqs), np.sin(freqs)
+
+    def _fused_block(self, w: Mapping[str, Any], layer_idx: int, x: Any,
+                     seqs: list[tuple[KVCache, int]], rope: tuple[np.ndarray, np.ndarray]) -> Any:
+        """The block on x (N, E) in three kernel calls plus one attention call per sequence."""
+        ops, eps = self.ops, self.spec.rms_norm_eps
+        q, k, v = ops.block_attention_input(
+            x, w["input_layernorm.weight"], eps,
+            [w[f"self_attn.{p}_proj.weight"] for p in "qkv"],
+            [w.get(f"self_attn.{p}_proj.bias") for p in "qkv"],
+            [w.get("self_attn.q_norm.weight"), w.get("self_attn.k_norm.weight")],
+            *rope, self.n_heads, self.n_kv_heads)  # (N, H, D), (N, Hkv, D) x2
+        outs, start = [], 0
+        for kv, n in seqs:
+            end = start + n
+            outs.append(kv.attend(layer_idx, q[start:end], k[start:end], v[start:end],
+                                  self.scale))
+            start = end
+        attn = outs[0] if len(outs) == 1 else np.concatenate(outs)  # (N, H * D)
+        return ops.block_output(
+            x, attn, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"),
+            w["post_attention_layernorm.weight"], eps,
+            [w[f"mlp.{p}_proj.weight"] for p in ("gate", "up", "down")])
 
     def _head_batch(self, st: BatchState, units: Mapping[str, Any]) -> None:
         ops, w = self.ops, units[HEAD]

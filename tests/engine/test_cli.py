@@ -44,6 +44,22 @@ def test_direct_io_and_host_tier_flags(tiny):
     assert "budget 200.00 KB" in r.stderr
 
 
+def test_threads_flag_reaches_numba_and_blas(tiny):
+    code = ("import asyncio, numba, threadpoolctl\n"
+            "from engine import Engine, EngineConfig\n"
+            "async def main():\n"
+            f"    e = await Engine.open({str(tiny)!r}, EngineConfig(backend='numpy', threads=1))\n"
+            "    n = await e.scheduler.run_on_compute(numba.get_num_threads)\n"
+            "    blas = [p['num_threads'] for p in threadpoolctl.threadpool_info()\n"
+            "            if p['user_api'] == 'blas']\n"
+            "    print(n, blas)\n"
+            "    e.close()\n"
+            "asyncio.run(main())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split(maxsplit=1) == ["1", "[1]\n"]
+
+
 def test_prompt_from_stdin_with_chat_template(tiny):
     r = run_cli(tiny, "--prompt", "-", "--max-tokens", "4", stdin="hi there")
     assert r.returncode == 0, r.stderr
@@ -61,6 +77,8 @@ def test_prompt_from_stdin_with_chat_template(tiny):
     (["--backend", "cuda"], "invalid choice: 'cuda'"),
     (["--host-budget", "many"], "--host-budget: not a size"),
     (["--direct-io", "--read-mode", "mmap"], "--direct-io needs --read-mode pread"),
+    (["--threads", "0"], "--threads must be between 1 and"),
+    (["--threads", "4096"], "--threads must be between 1 and"),
 ])
 def test_bad_flags_one_line_exit_2(tiny, args, match):
     r = run_cli(tiny, "--prompt", "x", *args)
