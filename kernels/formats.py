@@ -187,8 +187,8 @@ def prepare_unit(
     MLX triples "x.weight" (U32) + "x.scales" + "x.biases" become one QuantizedWeight under
     "x.weight" (scales and biases widened to float32); GGUF Q4_0/Q4_1/Q8_0 become
     QuantizedWeights; 2-D F16/BF16 matrices become HalfWeights, which may be views of the raw
-    buffers (keeping them alive), as may F32 tensors; 1-D F16/BF16 tensors become new float32
-    arrays.
+    buffers (keeping them alive), as may F32 tensors, except in a unit with GGUF blocks (there
+    they are copied so the buffer can go); 1-D F16/BF16 tensors become new float32 arrays.
 
     Raises:
         ValueError: names the tensor: unknown dtype, missing scales/biases, bad shapes or sizes.
@@ -226,7 +226,22 @@ def prepare_unit(
             out[name] = _dense(name, t)
         else:
             raise ValueError(f"{name}: {no_compute_form(t.dtype)}")
+    if any(t.dtype in GGUF_TYPES for t in tensors.values()):
+        # GGUF blocks are converted, so nothing else should pin the raw buffer: one small norm
+        # kept as a view would hold every block byte beside its converted form.
+        out = {k: _owned(v) for k, v in out.items()}
     return out
+
+
+Prepared = np.ndarray | QuantizedWeight | HalfWeight
+
+
+def _owned(v: Prepared) -> Prepared:
+    if isinstance(v, HalfWeight):
+        return v if v.data.base is None else HalfWeight(v.data.copy(), v.dtype)
+    if isinstance(v, np.ndarray) and v.base is not None:
+        return v.copy()
+    return v
 
 
 def no_compute_form(dtype: str) -> str:

@@ -55,7 +55,10 @@ def _companions(tensors: Mapping[str, Any]) -> set[str]:
 def _viewed(tensors: Mapping[str, Any]) -> bool:
     """Whether prepare() on a view-making backend keeps views of the read buffer: packed U32
     words, F32 tensors and 2-D F16/BF16 matrices stay in the buffer (when aligned, as the
-    reader's buffers and safetensors offsets make them); everything else is converted."""
+    reader's buffers and safetensors offsets make them); everything else is converted. A unit
+    with GGUF blocks keeps no views (prepare_unit copies its dense tensors)."""
+    if any(t.dtype in GGUF_AFFINE for t in tensors.values()):
+        return False
     companions = _companions(tensors)
     return any(_is_view(name, t, companions) for name, t in tensors.items())
 

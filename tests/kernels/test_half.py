@@ -238,3 +238,24 @@ def test_held_bytes_count_the_read_buffer_a_view_keeps_alive():
     widened_only = {"n.weight": raw(norm, "BF16")}  # nothing viewed: freed after prepare
     assert held_nbytes(widened_only, views_raw=True) == unit_nbytes(widened_only)
     assert transient_nbytes(widened_only, views_raw=True) == norm.size * 2
+
+
+def test_gguf_unit_keeps_no_view_of_its_read_buffer():
+    """A GGUF block unit is converted, so its F32 norm is copied: a view would keep every block
+    byte allocated beside the converted weights."""
+    from kernels.sizes import held_nbytes, transient_nbytes
+    from tests.kernels.test_formats import random_blocks
+
+    rng = np.random.default_rng(4)
+    blocks = random_blocks(rng, "Q4_1", 16, 64).reshape(-1)
+    buf = np.empty(blocks.size + 256, dtype=np.uint8)  # one read buffer holds both tensors
+    buf[:blocks.size] = blocks
+    norm = buf[blocks.size:].view(np.float32)
+    norm[:] = rng.standard_normal(64)
+    tensors = {"q.weight": Raw("Q4_1", (16, 64), buf[:blocks.size]),
+               "n.weight": Raw("F32", (64,), buf[blocks.size:])}
+    got = prepare_unit(tensors, None)
+    assert not np.shares_memory(got["n.weight"], buf)
+    np.testing.assert_array_equal(got["n.weight"], norm)
+    assert held_nbytes(tensors, views_raw=True) == unit_nbytes(tensors)
+    assert transient_nbytes(tensors, views_raw=True) == buf.size
