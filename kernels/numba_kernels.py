@@ -31,11 +31,6 @@ _ROW = {"cache": True, "fastmath": {"reassoc"}, "nogil": True}
 _ROW_INLINE = {**_ROW, "inline": "always"}
 
 
-# int32 constants: a plain literal is int64 in numba, which widens the byte arithmetic to 64-bit
-# lanes (half as many per vector).
-_I2, _I3, _I4, _I6, _I15 = (np.int32(c) for c in (2, 3, 4, 6, 15))
-
-
 @njit(inline="always")
 def _element(words, k, bits):
     """Element k of a `bits`-bit little-endian stream stored in uint32 words."""
@@ -53,10 +48,10 @@ def _dot_group_2(row_bytes, x, b0, n_bytes):
     for i in range(n_bytes):
         j = b0 + i
         b = np.int32(row_bytes[j])  # int32 -> float32 converts faster than unsigned
-        d0 += x[4 * j] * np.float32(b & _I3)
-        d1 += x[4 * j + 1] * np.float32((b >> _I2) & _I3)
-        d2 += x[4 * j + 2] * np.float32((b >> _I4) & _I3)
-        d3 += x[4 * j + 3] * np.float32(b >> _I6)
+        d0 += x[4 * j] * np.float32(b & 3)
+        d1 += x[4 * j + 1] * np.float32((b >> 2) & 3)
+        d2 += x[4 * j + 2] * np.float32((b >> 4) & 3)
+        d3 += x[4 * j + 3] * np.float32(b >> 6)
     return (d0 + d1) + (d2 + d3)
 
 
@@ -66,9 +61,11 @@ def _dot_group_4(row_bytes, x, b0, n_bytes):
     lo = hi = np.float32(0)
     for i in range(n_bytes):
         j = b0 + i
-        b = np.int32(row_bytes[j])
-        lo += x[2 * j] * np.float32(b & _I15)
-        hi += x[2 * j + 1] * np.float32(b >> _I4)
+        b = row_bytes[j]
+        # numba does integer arithmetic in int64; the int32 cast lets LLVM narrow the vector
+        # lanes to 32 bits (twice as many per register) and convert with vcvtdq2ps
+        lo += x[2 * j] * np.float32(np.int32(b & 15))
+        hi += x[2 * j + 1] * np.float32(np.int32(b >> 4))
     return lo + hi
 
 
