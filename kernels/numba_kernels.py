@@ -131,7 +131,7 @@ def _rows_any(x, xsum, words, srow, brow, bits, group_size, out, col):
         out[r, col] = acc
 
 
-@njit(**_ROW_INLINE)
+@njit(**_ROW)
 def qdot_rows(x, xsum, w, o, out, col):
     """out[r, col] = dot(x[r], row o of w) for every row r of x; w = (packed, scales, biases,
     bits, group_size), xsum (n, groups) the group sums of x.
