@@ -114,3 +114,9 @@ class Backend(Protocol):
     def synchronize(self, x: Any) -> None:
         """Force evaluation of x (MLX is lazy); a no-op for numpy."""
         ...
+
+    def start(self, x: Any) -> None:
+        """Begin evaluating x without waiting (MLX: mx.async_eval); a no-op for numpy. Called
+        at the end of each step, so the device runs a block while Python builds the next one,
+        and a step's weights are consumed before the cache may evict them."""
+        ...

@@ -215,6 +215,9 @@ class MLXBackend:
     def synchronize(self, x: Any) -> None:
         mx.eval(x)
 
+    def start(self, x: Any) -> None:
+        mx.async_eval(x)
+
 
 def _half_array(hw: HalfWeight) -> mx.array:
     """HalfWeight -> mx.float16 / mx.bfloat16 (out, in); bf16 bits arrive as uint16."""

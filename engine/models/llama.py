@@ -96,6 +96,7 @@ class Model:
 
     def _embed(self, st: ForwardState, w: Mapping[str, Any]) -> None:
         st.h = self.ops.embed(w[EMBED]["embed_tokens.weight"], st.ids)
+        self.ops.start(st.h)
 
     def _block(self, st: ForwardState, layer_idx: int, units: Mapping[str, Any]) -> None:
         ops, w = self.ops, units[layer_key(layer_idx)]
@@ -128,6 +129,7 @@ class Model:
         gate = ops.linear(h, w["mlp.gate_proj.weight"])
         up = ops.linear(h, w["mlp.up_proj.weight"])
         st.h = ops.add(x, ops.linear(ops.silu_mul(gate, up), w["mlp.down_proj.weight"]))
+        ops.start(st.h)
 
     def _head(self, st: ForwardState, units: Mapping[str, Any]) -> None:
         ops, w = self.ops, units[HEAD]
@@ -142,6 +144,7 @@ class Model:
     def _embed_batch(self, st: BatchState, w: Mapping[str, Any]) -> None:
         ids = np.concatenate([s.ids for s in st.seqs])[None, :]  # (1, T)
         st.h = self.ops.embed(w[EMBED]["embed_tokens.weight"], ids)
+        self.ops.start(st.h)
 
     def _block_batch(self, st: BatchState, layer_idx: int, units: Mapping[str, Any]) -> None:
         ops, w, eps = self.ops, units[layer_key(layer_idx)], self.spec.rms_norm_eps
@@ -168,6 +171,7 @@ class Model:
         gate = ops.linear(h, w["mlp.gate_proj.weight"])
         up = ops.linear(h, w["mlp.up_proj.weight"])
         st.h = ops.add(x, ops.linear(ops.silu_mul(gate, up), w["mlp.down_proj.weight"]))
+        ops.start(st.h)
 
     def _attend(self, w: Mapping[str, Any], layer_idx: int, kv: KVCache, q: Any, k: Any,
                 v: Any) -> Any:
