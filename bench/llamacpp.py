@@ -10,8 +10,13 @@ CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_IN
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import importlib.util
+import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -24,11 +29,8 @@ NAME = "llama.cpp"
 
 
 def available() -> bool:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether llama-cpp-python is installed (found, not imported: see bench_llama_cpp)."""
+    return importlib.util.find_spec("llama_cpp") is not None
 
 
 def check(model: str) -> None:
@@ -43,30 +45,49 @@ def check(model: str) -> None:
 def bench_llama_cpp(model: str, tests: Sequence[tuple[str, int]], reps: int, threads: int,
                     seed: int = 0, on_trial: Callable[[Trial], None] | None = None
                     ) -> BackendResult:
-    """Warm up once per test, then `reps` timed runs; tests as for bench.decode.bench_model."""
+    """Warm up once per test, then `reps` timed runs; tests as for bench.decode.bench_model.
+
+    Runs in a child process: loading llama.cpp's libraries into the engine's process (its own
+    OpenMP runtime and spinning threads) cut the engine's prefill there from ~450 to ~55 tok/s.
+    """
+    check(model)
+    cmd = [sys.executable, "-m", "bench.llamacpp", model, "--reps", str(reps), "--threads",
+           str(threads), "--seed", str(seed), "--tests", ",".join(f"{k}{n}" for k, n in tests)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"llama.cpp run failed: {last}")
+    result = BackendResult(NAME, os.path.getsize(model))
+    for line in proc.stdout.splitlines():
+        d = json.loads(line)
+        d.pop("kind")
+        trial = Trial(**d)
+        result.trials.append(trial)
+        if on_trial is not None:
+            on_trial(trial)
+    return result
+
+
+def _measure(model: str, tests: Sequence[tuple[str, int]], reps: int, threads: int,
+             seed: int) -> None:
+    """The child's side: print one JSON line per timed trial."""
     import llama_cpp
 
-    check(model)
     n_ctx = max([n + 8 for _, n in tests] + [64])
     with open(os.devnull, "w") as null, contextlib.redirect_stderr(null):
         llm = llama_cpp.Llama(model, n_threads=threads, n_threads_batch=threads, n_ctx=n_ctx,
                               n_batch=512, verbose=False)
     rng = np.random.default_rng(seed)
     vocab = llm.n_vocab()
-    result = BackendResult(NAME, os.path.getsize(model))
     for kind, n in tests:
         if n <= 0:
             continue
         for rep in range(-1, reps):  # rep -1: the warm-up
             seconds = _run(llm, kind, n, rng, vocab)
-            if rep < 0:
-                continue
-            trial = Trial(NAME, f"{kind}{n}", n, seconds, n / seconds, 0, 0.0, 0, rep,
-                          load_average())
-            result.trials.append(trial)
-            if on_trial is not None:
-                on_trial(trial)
-    return result
+            if rep >= 0:
+                trial = Trial(NAME, f"{kind}{n}", n, seconds, n / seconds, 0, 0.0, 0, rep,
+                              load_average())
+                print(json.dumps(trial.to_dict()), flush=True)
 
 
 def _run(llm, kind: str, n: int, rng: np.random.Generator, vocab: int) -> float:
@@ -82,3 +103,20 @@ def _run(llm, kind: str, n: int, rng: np.random.Generator, vocab: int) -> float:
     for token in ids:
         llm.eval([token])
     return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.llamacpp")
+    p.add_argument("model")
+    p.add_argument("--tests", required=True, help="e.g. pp100,tg128")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    tests = [(t[:2], int(t[2:])) for t in args.tests.split(",")]
+    _measure(args.model, tests, args.reps, args.threads, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
