@@ -47,13 +47,16 @@ def bench_llama_cpp(model: str, tests: Sequence[tuple[str, int]], reps: int, thr
                     ) -> BackendResult:
     """Warm up once per test, then `reps` timed runs; tests as for bench.decode.bench_model.
 
-    Runs in a child process: loading llama.cpp's libraries into the engine's process (its own
-    OpenMP runtime and spinning threads) cut the engine's prefill there from ~450 to ~55 tok/s.
+    Runs in a child process: loading llama.cpp's libraries into the engine's process changed
+    how the engine's OpenMP threads wait (its prefill fell from ~450 to ~55 tok/s there). The
+    child does not inherit the OMP_WAIT_POLICY=passive that kernels/numba_kernels.py sets for
+    the engine: with it, llama.cpp decoded at ~45 tok/s instead of ~160.
     """
     check(model)
     cmd = [sys.executable, "-m", "bench.llamacpp", model, "--reps", str(reps), "--threads",
            str(threads), "--seed", str(seed), "--tests", ",".join(f"{k}{n}" for k, n in tests)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"llama.cpp run failed: {last}")
