@@ -22,9 +22,20 @@ import sys
 import time
 from typing import Any
 
+from engine.calibrate import (
+    DEFAULT_TOKENS,
+    GPTQ,
+    WINDOW,
+    CalibrationText,
+    GPTQConverter,
+    calibration_windows,
+    needs_calibration,
+    read_text,
+)
 from engine.errors import ConvertError
 from engine.recipes import Quant, make_recipe
 from engine.repack import DEFAULT_QUANTIZER, QUANTIZERS, TensorPlan, convert_unit, plan_unit
+from engine.tokenizer import Tokenizer
 from kernels.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from loaders import LayerIndex, ModelSource, UnitReader, open_model
 from loaders.packed import (
@@ -44,11 +55,13 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "chat_template.jinja", "tokenizer.model")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+QUANTIZER_NAMES = (*QUANTIZERS, GPTQ)  # QUANTIZERS work per tensor, GPTQ per model
 
 
 def convert_model(src: str, out: str, *, bits: int = 4, group_size: int = 64,
                   recipe: str = "uniform", force: bool = False, progress: bool = True,
-                  quantizer: str = DEFAULT_QUANTIZER) -> dict:
+                  quantizer: str = DEFAULT_QUANTIZER, calibration: str | None = None,
+                  calibration_tokens: int = DEFAULT_TOKENS) -> dict:
     """Convert the model at src into the packed layer format at out.
 
     Args:
@@ -59,29 +72,43 @@ def convert_model(src: str, out: str, *, bits: int = 4, group_size: int = 64,
         recipe: "uniform", "mixed", "none" or a JSON recipe file (see engine/recipes.py).
         progress: show a progress bar on stderr when it is a terminal.
         quantizer: how a weight that cannot be copied losslessly is requantized: "mse"
-            (kernels.quant.quantize_search, lower squared weight error) or "rtn"
-            (kernels.quant.quantize, bit-exact with mx.quantize). Recorded in the manifest.
+            (kernels.quant.quantize_search, lower squared weight error), "rtn"
+            (kernels.quant.quantize, bit-exact with mx.quantize) or "gptq" (kernels.gptq on
+            the linears of the blocks and an untied lm_head, calibrated on `calibration`;
+            rtn for the rest). Recorded in the manifest.
+        calibration: gptq's calibration text file (required for gptq, refused otherwise).
+        calibration_tokens: gptq uses at most this many tokens of it.
 
     Returns:
         The manifest written to out/manifest.json.
 
     Raises:
-        ConvertError: bad bits, group size, recipe, quantizer, output path, or a tensor that
-            cannot be converted (names it). FormatError / MissingTensorError: a bad source
-            model.
+        ConvertError: bad bits, group size, recipe, quantizer, calibration file, output
+            path, or a tensor that cannot be converted (names it). FormatError /
+            MissingTensorError: a bad source model.
         ReadError: reading the source failed. OSError: writing the output failed.
     """
     quant_recipe = make_recipe(recipe, bits, group_size)
-    if quantizer not in QUANTIZERS:
+    if quantizer not in QUANTIZER_NAMES:
         raise ConvertError(f"quantizer={quantizer!r} is not supported; expected one of "
-                           f"{', '.join(QUANTIZERS)}")
+                           f"{', '.join(QUANTIZER_NAMES)}")
+    if (quantizer == GPTQ) != (calibration is not None):
+        raise ConvertError("quantizer 'gptq' needs a calibration text file" if calibration
+                           is None else f"a calibration file is only used by quantizer 'gptq', "
+                           f"not {quantizer!r}")
+    text = None if calibration is None else read_text(calibration)
     out_abs = _check_paths(src, out, force)
     source = open_model(src)
     index = source.index
     plans = {key: plan_unit(index, unit, quant_recipe) for key, unit in index.units.items()}
+    calib = None
+    if calibration is not None and text is not None:  # gptq: tokens ready before any write
+        window = min(WINDOW, index.spec.max_position_embeddings)
+        calib = calibration_windows(calibration, text, Tokenizer(source.tokenizer),
+                                    calibration_tokens, window)
     tmp = _make_temp_dir(out_abs)
     try:
-        units = _write_units(index, plans, tmp, progress, quantizer)
+        units = _write_units(index, plans, tmp, progress, quantizer, calib)
         quant = quantization_section(plans)
         _write_json(os.path.join(tmp, "config.json"), model_config(source, quant))
         tensors = [t for u in units.values() for t in u["tensors"].values()]
@@ -96,6 +123,7 @@ def convert_model(src: str, out: str, *, bits: int = 4, group_size: int = 64,
                     "source": {"name": os.path.basename(os.path.normpath(src)),
                                "format": source_format(source)},
                     "recipe": quant_recipe.describe(), "quantizer": quantizer,
+                    **({"calibration": calib.describe()} if calib is not None else {}),
                     "quantization": quant, "spec": spec,
                     "nbytes": sum(u["nbytes"] for u in units.values()), "units": units}
         _write_json(os.path.join(tmp, MANIFEST), manifest)  # last: the dir is complete
@@ -107,17 +135,27 @@ def convert_model(src: str, out: str, *, bits: int = 4, group_size: int = 64,
 
 
 def _write_units(index: LayerIndex, plans: dict[str, list[TensorPlan]], tmp: str,
-                 progress: bool, quantizer: str) -> dict[str, dict[str, Any]]:
-    """Read, convert and write each unit in turn; returns the manifest's "units"."""
+                 progress: bool, quantizer: str, calib: CalibrationText | None = None
+                 ) -> dict[str, dict[str, Any]]:
+    """Read, convert and write each unit in turn (in index order: embed, blocks, head, as
+    GPTQ's calibration pass needs); returns the manifest's "units"."""
     from tqdm import tqdm
 
     units: dict[str, dict[str, Any]] = {}
+    gptq = None
+    if calib is not None and needs_calibration(plans):
+        gptq = GPTQConverter(index.spec, calib)
+    elif calib is not None:
+        log.info("gptq: every block weight is copied losslessly; nothing to calibrate")
     reader = UnitReader(index)
     bar = tqdm(total=index.nbytes, unit="B", unit_scale=True, desc="stream-convert",
                disable=not (progress and sys.stderr.isatty()), leave=False)
     try:
         for key, unit_plans in plans.items():
-            tensors, entries = convert_unit(unit_plans, reader.read(key), quantizer)
+            raw = reader.read(key)
+            tensors, entries = convert_unit(unit_plans, raw, quantizer) if gptq is None \
+                else gptq.convert(key, unit_plans, raw)
+            del raw
             name = unit_file_name(key)
             nbytes, digest = write_safetensors(os.path.join(tmp, name), tensors)
             del tensors  # the unit's raw buffer returns to the reader's pool
@@ -269,11 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="uniform",
                    help="uniform | mixed (embeddings and head 8-bit) | none | a JSON recipe "
                    "file (format: see engine/recipes.py)")
-    p.add_argument("--quantizer", choices=tuple(QUANTIZERS), default=DEFAULT_QUANTIZER,
+    p.add_argument("--quantizer", choices=QUANTIZER_NAMES, default=DEFAULT_QUANTIZER,
                    help="how weights that cannot be copied losslessly are requantized: rtn "
-                   "(default; min/max round-to-nearest, identical to mx.quantize) or mse (per "
+                   "(default; min/max round-to-nearest, identical to mx.quantize), mse (per "
                    "group a clip search and least-squares scale and bias: lower squared weight "
-                   "error, about 4x slower, but measured worse perplexity at 3-5 bits)")
+                   "error, about 4x slower, but measured worse perplexity at 3-5 bits) or gptq "
+                   "(GPTQ on the linears, calibrated on --calibration text: slower, needs the "
+                   "text; the lowest perplexity measured on SmolLM2)")
+    p.add_argument("--calibration", metavar="FILE", default=None,
+                   help="UTF-8 text for --quantizer gptq (any text like what the model will "
+                   "read; not the text you evaluate on)")
+    p.add_argument("--calibration-tokens", metavar="N", type=int, default=DEFAULT_TOKENS,
+                   help=f"gptq uses the first N tokens of --calibration (default "
+                   f"{DEFAULT_TOKENS}), in windows of up to 512")
     p.add_argument("--force", action="store_true",
                    help="replace an existing stream-convert output at OUT")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
@@ -284,14 +330,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from engine.cli import USER_ERRORS
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quantizer == GPTQ and args.calibration is None:
+        parser.error("--quantizer gptq needs --calibration FILE (a text to calibrate on)")
+    if args.quantizer != GPTQ and args.calibration is not None:
+        parser.error(f"--calibration is only used by --quantizer gptq, not {args.quantizer}")
+    if args.calibration_tokens < 1:
+        parser.error(f"--calibration-tokens must be >= 1, got {args.calibration_tokens}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
     t0 = time.perf_counter()
     try:
         manifest = convert_model(args.src, args.out, bits=args.bits, group_size=args.group_size,
                                  recipe=args.recipe, force=args.force, progress=not args.quiet,
-                                 quantizer=args.quantizer)
+                                 quantizer=args.quantizer, calibration=args.calibration,
+                                 calibration_tokens=args.calibration_tokens)
     except (ConvertError, *USER_ERRORS) as exc:
         if args.verbose:
             log.exception("details")

@@ -27,9 +27,12 @@ from typing import Any
 
 import numpy as np
 
+from engine.calibrate import GPTQ
+from engine.calibrate import read_text as read_calibration
 from engine.cli import OneLineParser, UsageError, add_engine_flags, engine_config, run_main
 from engine.config import EngineConfig, format_size
 from engine.engine import Engine
+from engine.repack import QUANTIZERS
 from kernels import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from loaders import LayerIndex
 
@@ -270,10 +273,12 @@ def parse_recipe(spec: str) -> RecipeSpec:
 async def compare(model: str, text: str | Sequence[int], recipes: Sequence[RecipeSpec],
                   config: EngineConfig | None = None, *, ctx: int | None = None,
                   stride: int | None = None, max_tokens: int | None = None,
-                  work_dir: str | None = None) -> list[CompareRow]:
+                  work_dir: str | None = None, quantize: dict[str, Any] | None = None
+                  ) -> list[CompareRow]:
     """Perplexity of model, then of model converted with each recipe (one at a time, in a
     temp dir under work_dir, deleted after use). All score the same ids: text encoded by the
-    source model's tokenizer, or token ids used as they are.
+    source model's tokenizer, or token ids used as they are. quantize: more convert_model
+    arguments (quantizer, calibration, calibration_tokens).
 
     Raises:
         ValueError: a conversion failed (the message names the recipe).
@@ -295,7 +300,7 @@ async def compare(model: str, text: str | Sequence[int], recipes: Sequence[Recip
             try:
                 await asyncio.to_thread(convert_model, model, out, bits=r.bits,
                                         group_size=r.group_size, recipe=r.recipe, force=False,
-                                        progress=False)
+                                        progress=False, **(quantize or {}))
             except (ValueError, KeyError, OSError, NotImplementedError) as exc:
                 raise ValueError(f"recipe {r.label}: conversion failed: {exc}") from exc
             res = await evaluate(out, ids, config, ctx=source.ctx, stride=source.stride)
@@ -345,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "mixed:g32, or a recipe file) and print a table against MODEL")
     p.add_argument("--convert-dir", default=None,
                    help="where --compare writes converted models (default: the temp dir)")
+    p.add_argument("--quantizer", choices=(*QUANTIZERS, GPTQ), default=None,
+                   help="--compare converts with this stream-convert --quantizer (default rtn)")
+    p.add_argument("--calibration", metavar="FILE", default=None,
+                   help="--compare: the calibration text of --quantizer gptq")
+    p.add_argument("--calibration-tokens", metavar="N", type=int, default=None,
+                   help="--compare: gptq uses the first N tokens of --calibration")
     add_engine_flags(p)
     return p
 
@@ -365,6 +376,27 @@ def read_text(path: str) -> str:
     return text
 
 
+def quantize_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """--quantizer / --calibration / --calibration-tokens as convert_model arguments (only
+    those given, checked here so that a bad flag fails before the source's long pass)."""
+    given = {k: v for k, v in (("quantizer", args.quantizer), ("calibration", args.calibration),
+                               ("calibration_tokens", args.calibration_tokens)) if v is not None}
+    if given and not args.compare:
+        flag = "--" + next(iter(given)).replace("_", "-")
+        raise UsageError(f"{flag} is only used with --compare")
+    gptq = given.get("quantizer") == GPTQ
+    if gptq and args.calibration is None:
+        raise UsageError("--quantizer gptq needs --calibration FILE (a text to calibrate on)")
+    if not gptq and (args.calibration is not None or args.calibration_tokens is not None):
+        raise UsageError("--calibration and --calibration-tokens are only used by --quantizer "
+                         "gptq")
+    if args.calibration_tokens is not None and args.calibration_tokens < 1:
+        raise UsageError(f"--calibration-tokens must be >= 1, got {args.calibration_tokens}")
+    if gptq:
+        read_calibration(args.calibration)  # names the file if it cannot be read
+    return given
+
+
 def _flag_error(exc: ValueError) -> UsageError:
     """check_window's message -> one naming the flag."""
     return UsageError(f"--{str(exc).split()[0]}: {exc}")
@@ -382,6 +414,7 @@ async def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--compare: {exc}") from None
     if args.convert_dir is not None and not os.path.isdir(args.convert_dir):
         raise UsageError(f"--convert-dir {args.convert_dir}: not a directory")
+    quantize = quantize_flags(args)
     text = read_text(args.text)
     engine = await Engine.open(args.model, config)
     try:  # check the text and window flags before any long pass
@@ -400,7 +433,7 @@ async def run(args: argparse.Namespace) -> int:
               else summary_line(result))
         return 0
     rows = await compare(args.model, ids, recipes, config, ctx=ctx, stride=stride,
-                         work_dir=args.convert_dir)
+                         work_dir=args.convert_dir, quantize=quantize)
     if args.json:
         print(json.dumps({"text": args.text, "rows": [
             {"recipe": r.label, "bits": r.bits_label, "change_pct": r.change_pct,

@@ -11,7 +11,8 @@ group, scored with the float16 values written). mse halves the squared weight er
 group 64 yet measured worse perplexity on SmolLM2 at 3, 4 and 5 bits (GPL-3 and Apache-2.0
 texts; better at 6 and 8), so it is opt-in: RTN keeps each group's largest-magnitude weight
 and zero exactly, which seems to matter more than squared error. Dense tensors kept at full
-precision are copied byte for byte.
+precision are copied byte for byte. The third quantizer, "gptq", needs the whole model and a
+calibration text: engine/calibrate.py runs it and hands its weights to convert_unit.
 
 Scales and biases are stored as float16, as mlx-lm does for float16 models: GGUF's block scales
 and minimums are float16 already (so the copies stay exact), float16 has 3 more mantissa bits
@@ -121,9 +122,14 @@ def _group_error(source: str, name: str, shape: tuple[int, ...], q: Quant, recip
 
 
 def convert_unit(plans: list[TensorPlan], raw: Mapping[str, HostTensor],
-                 quantizer: str = DEFAULT_QUANTIZER
+                 quantizer: str = DEFAULT_QUANTIZER,
+                 requantized: Mapping[str, QuantizedWeight] | None = None
                  ) -> tuple[list[OutTensor], dict[str, dict[str, Any]]]:
     """Convert one unit's tensors; quantizer (a QUANTIZERS name) requantizes what is not copied.
+
+    Args:
+        requantized: weights already requantized elsewhere (GPTQ), by name in the unit; they
+            are written as given in place of the quantizer's result.
 
     Returns:
         The tensors to write, and per written tensor its manifest entry (dtype, shape, bits,
@@ -135,7 +141,10 @@ def convert_unit(plans: list[TensorPlan], raw: Mapping[str, HostTensor],
     out: list[OutTensor] = []
     for p in plans:
         try:
-            out += convert_tensor(p, raw, quantizer)
+            if requantized is not None and p.rel in requantized:
+                out += _affine(p.name.removesuffix(".weight"), requantized[p.rel], exact=False)
+            else:
+                out += convert_tensor(p, raw, quantizer)
         except ValueError as exc:
             raise ConvertError(f"tensor {p.name!r}: {exc}") from None
     quant_of = {p.name.removesuffix(".weight"): p.target for p in plans if p.target}
@@ -207,6 +216,24 @@ def _affine(prefix: str, qw: QuantizedWeight, exact: bool) -> list[OutTensor]:
     return [(f"{prefix}.weight", "U32", tuple(qw.packed.shape), qw.packed),
             (f"{prefix}.scales", dtype, tuple(scales.shape), scales),
             (f"{prefix}.biases", dtype, tuple(biases.shape), biases)]
+
+
+def source_float32(plans: list[TensorPlan], raw: Mapping[str, HostTensor]
+                   ) -> dict[str, np.ndarray]:
+    """Every tensor of a unit as float32, by name in the unit (quantized ones dequantized).
+
+    Raises:
+        ConvertError: a tensor cannot be read as float32 (names it).
+    """
+    out = {}
+    for p in plans:
+        t = raw[p.rel]
+        try:
+            out[p.rel] = _float_rows(p, raw, 0, p.shape[0]) if len(p.shape) == 2 \
+                else to_float32(t.data, t.dtype, p.shape)
+        except ValueError as exc:
+            raise ConvertError(f"tensor {p.name!r}: {exc}") from None
+    return out
 
 
 def _float_rows(p: TensorPlan, raw: Mapping[str, HostTensor], r0: int, r1: int) -> np.ndarray:

@@ -245,9 +245,9 @@ def test_mse_quantizer_lowers_the_weight_error_of_every_requantized_tensor(tiny_
 
 def test_unknown_quantizer_is_refused_before_writing(tiny_model_dir, tmp_path):
     src, _, _ = tiny_model_dir("llama")
-    with pytest.raises(ConvertError, match=r"quantizer='gptq' is not supported; expected one "
-                                           r"of mse, rtn"):
-        convert(src, tmp_path / "out", quantizer="gptq")
+    with pytest.raises(ConvertError, match=r"quantizer='awq' is not supported; expected one "
+                                           r"of mse, rtn, gptq"):
+        convert(src, tmp_path / "out", quantizer="awq")
     assert sorted(os.listdir(tmp_path)) == [src.name]
 
 

@@ -148,7 +148,7 @@ def test_cli_errors_are_one_line_with_exit_2(src, tmp_path, capsys, args, match)
 
 @pytest.mark.parametrize("flag, match", [(["--bits", "7"], r"argument --bits: invalid choice"),
                                          (["--group-size", "48"], r"argument --group-size"),
-                                         (["--quantizer", "gptq"], r"argument --quantizer")])
+                                         (["--quantizer", "awq"], r"argument --quantizer")])
 def test_cli_bad_flags(src, tmp_path, capsys, flag, match):
     with pytest.raises(SystemExit) as info:
         main([str(src), str(tmp_path / "out"), *flag])
