@@ -2,7 +2,8 @@
 
 A forward pass is a list of Steps (embed, each block, head). For step i the scheduler awaits
 its units in the compute tier, runs the step on the single compute thread, and meanwhile keeps
-reads for the units of steps i+1..i+depth in flight on the I/O pool.
+reads for the units of the next depth steps in flight on the I/O pool. Steps after i whose
+units are already in the tier run in the same compute-thread call (no await between them).
 """
 
 from __future__ import annotations
