@@ -5,10 +5,12 @@ group it computes dot(x, q) and folds the affine terms in once:
 sum_k x_k (s q_k + b) = s * dot(x, q) + b * sum(x), with sum(x) per group shared by all rows.
 
 4- and 8-bit (and 2-bit) elements never straddle a byte, so those paths decode byte-wise, which
-LLVM vectorises; 3/5/6-bit elements take a generic path that reads two words per element.
+LLVM vectorises. 3/5/6-bit elements do straddle, but 8 of them fill exactly `bits` bytes, so those
+paths unpack whole 3- or 5-byte chunks with fixed shifts into a float32 stack buffer, then dot.
 Each path is its own kernel: one body with a switch on bits defeats the vectoriser. Loops are
 written `for i in range(n): j = start + i` for the same reason (range(start, stop) does not
-vectorise here). Kernels compile lazily on first use and are cached on disk (cache=True).
+vectorise here). Kernels compile lazily on first use and are cached on disk (cache=True), in a
+directory keyed by the kernels' source (kernels/jit_cache.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import numpy as np  # noqa: E402
-from numba import njit, prange  # noqa: E402
+from llvmlite import ir  # noqa: E402
+from numba import carray, njit, prange, types  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
+
+import kernels.jit_cache  # noqa: E402, F401  (before any cached kernel: keys the cache)
 
 JIT = {"parallel": True, "cache": True, "fastmath": False, "nogil": True}
 # Reassociation only (no nnan/ninf/contract): lets LLVM split each group's dot product across
@@ -78,12 +84,75 @@ def _dot_group_8(row_bytes, x, b0, n_bytes):
     return dot
 
 
+# 3/5/6-bit rows are decoded a segment at a time into float32 codes on the stack, then dotted
+# per group: one long decode loop and contiguous dots vectorise; decoding inside each short group
+# loop did not (LLVM vectorised across chunks with costly shuffles), nor did a heap buffer pay
+# (~50 ns of allocation per row).
+SEGMENT = 2048  # elements per decode pass: an 8 KiB buffer, a multiple of every group size
+
+
+@intrinsic
+def _stack_segment(typingctx):
+    """A float32 pointer to SEGMENT elements in the calling function's frame (static alloca)."""
+
+    def codegen(context, builder, signature, args):
+        # in the entry block, so not once per loop trip; unlike cgutils.alloca_once, not zeroed
+        # (a memset per call cost as much as the matvec of a short row)
+        with builder.goto_entry_block():
+            buf = builder.alloca(ir.ArrayType(ir.FloatType(), SEGMENT))
+        return builder.bitcast(buf, ir.PointerType(ir.FloatType()))
+
+    return types.CPointer(types.float32)(), codegen
+
+
 @njit(inline="always")
-def _dot_group_any(words, x, k0, n, bits):
-    """dot(x[k0:k0+n], q) for any bit width."""
+def _u24(row_bytes, j):
+    """Bytes j..j+2 as a little-endian 24-bit value (int32: twice the SIMD lanes of int64)."""
+    return np.int32(row_bytes[j]) | (np.int32(row_bytes[j + 1]) << 8) | (
+        np.int32(row_bytes[j + 2]) << 16)
+
+
+@njit(inline="always")
+def _unpack_3(row_bytes, k0, n, q):
+    """q[:n] = elements k0.. of a 3-bit stream (k0, n multiples of 8): 3 bytes hold 8 elements."""
+    c0 = k0 // 8
+    for i in range(n // 8):
+        j = 3 * (c0 + i)
+        v = _u24(row_bytes, j)
+        for t in range(8):  # constant trip count: unrolled, fixed shifts
+            q[8 * i + t] = np.float32(np.int32((v >> (3 * t)) & 7))
+
+
+@njit(inline="always")
+def _unpack_6(row_bytes, k0, n, q):
+    """q[:n] = elements k0.. of a 6-bit stream (k0, n multiples of 4): 3 bytes hold 4 elements."""
+    c0 = k0 // 4
+    for i in range(n // 4):
+        j = 3 * (c0 + i)
+        v = _u24(row_bytes, j)
+        for t in range(4):
+            q[4 * i + t] = np.float32(np.int32((v >> (6 * t)) & 63))
+
+
+@njit(inline="always")
+def _unpack_5(row_bytes, k0, n, q):
+    """q[:n] = elements k0.. of a 5-bit stream (k0, n multiples of 8): 5 bytes hold 8 elements,
+    read as two overlapping 24-bit values (bits 0-23 and 16-39) so every lane stays int32."""
+    c0 = k0 // 8
+    for i in range(n // 8):
+        j = 5 * (c0 + i)
+        lo, hi = _u24(row_bytes, j), _u24(row_bytes, j + 2)
+        for t in range(4):
+            q[8 * i + t] = np.float32(np.int32((lo >> (5 * t)) & 31))
+            q[8 * i + 4 + t] = np.float32(np.int32((hi >> (5 * t + 4)) & 31))
+
+
+@njit(inline="always")
+def _dot_dense(x, q, kx, kq, n):
+    """dot(x[kx:kx+n], q[kq:kq+n]) for float32 q."""
     dot = np.float32(0)
     for i in range(n):
-        dot += x[k0 + i] * np.float32(_element(words, k0 + i, bits))
+        dot += x[kx + i] * q[kq + i]
     return dot
 
 
@@ -121,14 +190,53 @@ def _rows_2(x, xsum, row_bytes, srow, brow, per_group, out, col):
 
 
 @njit(**_ROW_INLINE)
-def _rows_any(x, xsum, words, srow, brow, bits, group_size, out, col):
+def _rows_segment(x, xsum, q, n, srow, brow, group_size, k0, out, col):
+    """Adds the groups of elements k0..k0+n (decoded in q[:n]) to out[r, col], every row r."""
+    g0 = k0 // group_size
     for r in range(x.shape[0]):
         xr = x[r]
-        acc = np.float32(0)
-        for g in range(srow.shape[0]):
-            dot = _dot_group_any(words, xr, g * group_size, group_size, bits)
-            acc += srow[g] * dot + brow[g] * xsum[r, g]
+        acc = out[r, col]
+        for g in range(n // group_size):
+            dot = _dot_dense(xr, q, k0 + g * group_size, g * group_size, group_size)
+            acc += srow[g0 + g] * dot + brow[g0 + g] * xsum[r, g0 + g]
         out[r, col] = acc
+
+
+# Segments are counted, not stepped with range(0, n, SEGMENT), and q is never sliced: either
+# form left these loops scalar (3x slower).
+
+
+@njit(**_ROW_INLINE)
+def _rows_3(x, xsum, row_bytes, srow, brow, group_size, out, col):
+    q = carray(_stack_segment(), SEGMENT)
+    out[:, col] = 0
+    for s in range((x.shape[1] + SEGMENT - 1) // SEGMENT):
+        k0 = s * SEGMENT
+        n = min(SEGMENT, x.shape[1] - k0)
+        _unpack_3(row_bytes, k0, n, q)
+        _rows_segment(x, xsum, q, n, srow, brow, group_size, k0, out, col)
+
+
+@njit(**_ROW_INLINE)
+def _rows_5(x, xsum, row_bytes, srow, brow, group_size, out, col):
+    q = carray(_stack_segment(), SEGMENT)
+    out[:, col] = 0
+    for s in range((x.shape[1] + SEGMENT - 1) // SEGMENT):
+        k0 = s * SEGMENT
+        n = min(SEGMENT, x.shape[1] - k0)
+        _unpack_5(row_bytes, k0, n, q)
+        _rows_segment(x, xsum, q, n, srow, brow, group_size, k0, out, col)
+
+
+@njit(**_ROW_INLINE)
+def _rows_6(x, xsum, row_bytes, srow, brow, group_size, out, col):
+    q = carray(_stack_segment(), SEGMENT)
+    out[:, col] = 0
+    for s in range((x.shape[1] + SEGMENT - 1) // SEGMENT):
+        k0 = s * SEGMENT
+        n = min(SEGMENT, x.shape[1] - k0)
+        _unpack_6(row_bytes, k0, n, q)
+        _rows_segment(x, xsum, q, n, srow, brow, group_size, k0, out, col)
 
 
 @njit(**_ROW)
@@ -147,8 +255,12 @@ def qdot_rows(x, xsum, w, o, out, col):
         _rows_8(x, xsum, words.view(np.uint8), srow, brow, per_group, out, col)
     elif bits == 2:
         _rows_2(x, xsum, words.view(np.uint8), srow, brow, per_group, out, col)
-    else:
-        _rows_any(x, xsum, words, srow, brow, bits, group_size, out, col)
+    elif bits == 6:
+        _rows_6(x, xsum, words.view(np.uint8), srow, brow, group_size, out, col)
+    elif bits == 3:
+        _rows_3(x, xsum, words.view(np.uint8), srow, brow, group_size, out, col)
+    else:  # 5
+        _rows_5(x, xsum, words.view(np.uint8), srow, brow, group_size, out, col)
 
 
 @njit(**_ROW)
@@ -175,6 +287,15 @@ def _qmatvec(x, xsum, w, out):
     elif bits == 8:
         for o in prange(out.shape[1]):
             _rows_8(x, xsum, packed[o].view(np.uint8), scales[o], biases[o], per_group, out, o)
+    elif bits == 6:
+        for o in prange(out.shape[1]):
+            _rows_6(x, xsum, packed[o].view(np.uint8), scales[o], biases[o], group_size, out, o)
+    elif bits == 3:
+        for o in prange(out.shape[1]):
+            _rows_3(x, xsum, packed[o].view(np.uint8), scales[o], biases[o], group_size, out, o)
+    elif bits == 5:
+        for o in prange(out.shape[1]):
+            _rows_5(x, xsum, packed[o].view(np.uint8), scales[o], biases[o], group_size, out, o)
     else:
         for o in prange(out.shape[1]):
             qdot_rows(x, xsum, w, o, out, o)

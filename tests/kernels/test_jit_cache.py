@@ -1,0 +1,39 @@
+"""The numba cache directory follows every kernel source (kernels/jit_cache.py)."""
+
+import shutil
+from pathlib import Path
+
+import numba
+
+from kernels import jit_cache
+
+
+def test_cache_key_changes_with_any_kernel_source(tmp_path, monkeypatch):
+    here = Path(jit_cache.__file__).parent
+    for name in jit_cache.SOURCES:
+        shutil.copy(here / name, tmp_path / name)
+    monkeypatch.setattr(jit_cache, "__file__", str(tmp_path / "jit_cache.py"))
+    before = jit_cache.source_hash()
+    assert before == jit_cache.source_hash()
+    # a change in the callee's file alone (fused.py's kernels call into numba_kernels.py)
+    with open(tmp_path / "numba_kernels.py", "a") as f:
+        f.write("\n# changed\n")
+    assert jit_cache.source_hash() != before
+
+
+def test_kernels_compile_into_the_keyed_directory(tmp_path, monkeypatch):
+    import kernels.numba_kernels  # noqa: F401  (configures the cache on import)
+
+    assert Path(numba.config.CACHE_DIR).name.endswith(jit_cache.source_hash())
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    assert jit_cache.cache_dir() == tmp_path / f"stream-run-{jit_cache.source_hash()}"
+
+
+def test_unwritable_cache_leaves_numba_default(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "unchanged")
+    jit_cache.configure()
+    assert numba.config.CACHE_DIR == "unchanged"
