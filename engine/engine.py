@@ -50,7 +50,8 @@ class Engine:
         self.reader = UnitReader(source.index, config.loader)
         self.units = BackendUnitLoader(source.index, self.reader, self.backend)
         self.scheduler = LayerScheduler(self.cache, self.units, config.scheduler,
-                                        getattr(self.backend, "init_compute_thread", None))
+                                        getattr(self.backend, "init_compute_thread", None),
+                                        self.backend.start)
         self._lock = asyncio.Lock()  # one pass at a time: the batcher, logits()
         self.batcher = Batcher(self, config.max_batch, config.max_queue)
         # the unit walk of one forward pass (closures over a dummy state), for planning

@@ -116,7 +116,7 @@ class Backend(Protocol):
         ...
 
     def start(self, x: Any) -> None:
-        """Begin evaluating x without waiting (MLX: mx.async_eval); a no-op for numpy. Called
-        at the end of each step, so the device runs a block while Python builds the next one,
-        and a step's weights are consumed before the cache may evict them."""
+        """Begin evaluating x without waiting (MLX: mx.async_eval); a no-op for numpy. The
+        scheduler calls it at the end of each compute call (a streamed step, or a run of
+        resident ones), so a step's weights are consumed before the cache may evict them."""
         ...

@@ -9,16 +9,23 @@ and are widened to float32 inside linear/embed (exact). mlx is imported here onl
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import mlx.core as mx
+# float32 means float32 here as on numpy: MLX would otherwise run float32 matmuls of several
+# rows as TF32 on CUDA (MLX_ENABLE_TF32 defaults to 1), which put prefill logits ~3e-4 off
+# the float64 reference on an H100. A user who sets the variable keeps their choice.
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
+
+import mlx.core as mx  # noqa: E402  (after the environment default above)
 import numpy as np
 
 from kernels.formats import prepare_unit
 from kernels.quant import HalfWeight, QuantizedWeight
 
 DEVICES = ("auto", "cpu", "gpu")
+FUSED_MAX_ROWS = 8  # decode passes (one row per sequence, up to a small batch): fixed shapes
 
 
 def has_gpu() -> bool:
@@ -56,6 +63,19 @@ class MLXKVCache:
         self.k[layer_idx][:, :, self.offset : end, :] = k
         self.v[layer_idx][:, :, self.offset : end, :] = v
         return self.k[layer_idx][:, :, :end, :], self.v[layer_idx][:, :, :end, :]
+
+    def attend(self, layer_idx: int, q: mx.array, k: mx.array, v: mx.array,
+               scale: float) -> mx.array:
+        """The fused form of update + attention for batch 1: q (L, H, D), k, v (L, Hkv, D) are
+        written at offset; returns causal attention (L, H * D)."""
+        L, H, D = q.shape
+        end = check_room(self.offset, L, self.max_len)
+        self.k[layer_idx][0, :, self.offset : end, :] = k.transpose(1, 0, 2)
+        self.v[layer_idx][0, :, self.offset : end, :] = v.transpose(1, 0, 2)
+        o = mx.fast.scaled_dot_product_attention(
+            q.transpose(1, 0, 2)[None], self.k[layer_idx][:1, :, :end, :],
+            self.v[layer_idx][:1, :, :end, :], scale=scale, mask="causal" if L > 1 else None)
+        return o[0].transpose(1, 0, 2).reshape(L, H * D)
 
     def advance(self, n: int) -> None:
         check_room(self.offset, n, self.max_len)
@@ -102,6 +122,10 @@ class MLXBackend:
         if mx.default_device() != want:
             mx.set_default_device(want)  # MLX is driven from the one compute thread
         self._rope: tuple[tuple, mx.array, mx.array] | None = None
+        # fused blocks: one mx.compile'd function per weight layout (see fuses)
+        self.compile_blocks = True
+        self._compiled: dict[tuple, Callable[..., Any]] = {}
+        self._rows: tuple[np.ndarray, np.ndarray, mx.array, mx.array] | None = None
 
     def init_compute_thread(self) -> None:
         """Give the compute thread its own stream: MLX streams are bound to the thread that
@@ -217,6 +241,113 @@ class MLXBackend:
 
     def start(self, x: Any) -> None:
         mx.async_eval(x)
+
+    # The fused block (the interface of kernels/fused.py on numpy): the two halves of a block
+    # around attention are each one mx.compile'd function, traced once per weight layout and row
+    # count. Compiling fuses the element-wise work (norm scaling, bias, RoPE, SiLU, residuals)
+    # into fewer kernels, and a pass builds ~10 graph nodes per block from Python instead of
+    # ~30. Attention stays outside: its key length grows every step.
+
+    def fuses(self, weights: Sequence[Any], n_rows: int) -> bool:
+        """True for decode passes (few rows: the compiled shapes repeat), any weight kind."""
+        return self.compile_blocks and n_rows <= FUSED_MAX_ROWS
+
+    def block_attention_input(
+        self, x: mx.array, norm: mx.array, eps: float, qkv: Sequence[Any],
+        qkv_bias: Sequence[mx.array | None], qk_norm: Sequence[mx.array | None],
+        cos: np.ndarray, sin: np.ndarray, n_heads: int, n_kv_heads: int,
+    ) -> tuple[mx.array, mx.array, mx.array]:
+        """x (N, E) -> q (N, H, D), k, v (N, Hkv, D): norm, q/k/v (+ bias), q/k norm, RoPE with
+        per-row cos, sin (N, D/2)."""
+        biases = [b for b in qkv_bias if b is not None]
+        norms = [n for n in qk_norm if n is not None]
+        key = ("attention_input", eps, n_heads, n_kv_heads, tuple(_layout(w) for w in qkv),
+               tuple(b is not None for b in qkv_bias), bool(norms))
+        fn = self._compiled.get(key) or self._compile(key, _attention_input_fn(*key[1:]))
+        mcos, msin = self._row_tables(cos, sin)
+        return fn(x, norm, mcos, msin, *_flat(qkv), *biases, *norms)
+
+    def block_output(
+        self, x: mx.array, attn: mx.array, wo: Any, bo: mx.array | None, norm: mx.array,
+        eps: float, mlp: Sequence[Any],
+    ) -> mx.array:
+        """x (N, E) + o-proj(attn (N, H*D)) -> h; returns h + the SiLU MLP of norm(h)."""
+        key = ("output", eps, _layout(wo), bo is not None, tuple(_layout(w) for w in mlp))
+        fn = self._compiled.get(key) or self._compile(key, _output_fn(*key[1:]))
+        return fn(x, attn, norm, *_flat([wo]), *([bo] if bo is not None else []), *_flat(mlp))
+
+    def _compile(self, key: tuple, fn: Callable[..., Any]) -> Callable[..., Any]:
+        self._compiled[key] = compiled = mx.compile(fn)
+        return compiled
+
+    def _row_tables(self, cos: np.ndarray, sin: np.ndarray) -> tuple[mx.array, mx.array]:
+        """The pass's per-row RoPE tables as mx arrays, converted once per pass (every block
+        of a pass gets the same numpy pair)."""
+        if self._rows is None or self._rows[0] is not cos or self._rows[1] is not sin:
+            self._rows = (cos, sin, mx.array(cos), mx.array(sin))
+        return self._rows[2], self._rows[3]
+
+
+def _layout(w: Any) -> tuple:
+    """What a compiled function must know of a weight beyond its arrays' shapes."""
+    if isinstance(w, QuantizedWeight):
+        return ("q", w.bits, w.group_size)
+    return ("f",)
+
+
+def _flat(weights: Sequence[Any]) -> list[mx.array]:
+    out: list[mx.array] = []
+    for w in weights:
+        out.extend((w.packed, w.scales, w.biases) if isinstance(w, QuantizedWeight) else (w,))
+    return out
+
+
+def _take_linear(x: mx.array, layout: tuple, args: Any) -> mx.array:
+    """x @ W.T for the weight whose arrays come next from the iterator args."""
+    if layout[0] == "q":
+        packed, scales, biases = next(args), next(args), next(args)
+        return mx.quantized_matmul(x, packed, scales, biases, transpose=True,
+                                   group_size=layout[2], bits=layout[1])
+    return x @ _float32(next(args)).T
+
+
+def _rope_rows(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """RoPE (rotate-half) on x (N, heads, D) with per-row cos, sin (N, D/2)."""
+    half = x.shape[-1] // 2
+    c, s = cos[:, None, :], sin[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return mx.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+
+def _attention_input_fn(eps: float, n_heads: int, n_kv_heads: int, layouts: tuple,
+                        has_bias: tuple, qk_norm: bool) -> Callable[..., Any]:
+    def attention_input(x, norm, cos, sin, *rest):
+        args = iter(rest)
+        h = mx.fast.rms_norm(x, norm, eps)
+        ys = [_take_linear(h, layout, args) for layout in layouts]
+        ys = [y + next(args) if b else y for y, b in zip(ys, has_bias, strict=True)]
+        n = x.shape[0]
+        q, k, v = (y.reshape(n, heads, -1)
+                   for y, heads in zip(ys, (n_heads, n_kv_heads, n_kv_heads), strict=True))
+        if qk_norm:
+            q = mx.fast.rms_norm(q, next(args), eps)
+            k = mx.fast.rms_norm(k, next(args), eps)
+        return _rope_rows(q, cos, sin), _rope_rows(k, cos, sin), v
+
+    return attention_input
+
+
+def _output_fn(eps: float, o_layout: tuple, has_bias: bool,
+               mlp_layouts: tuple) -> Callable[..., Any]:
+    def output(x, attn, norm, *rest):
+        args = iter(rest)
+        o = _take_linear(attn, o_layout, args)
+        h = x + (o + next(args) if has_bias else o)
+        n = mx.fast.rms_norm(h, norm, eps)
+        gate, up = (_take_linear(n, layout, args) for layout in mlp_layouts[:2])
+        return h + _take_linear(gate * mx.sigmoid(gate) * up, mlp_layouts[2], args)
+
+    return output
 
 
 def _half_array(hw: HalfWeight) -> mx.array:

@@ -18,13 +18,18 @@ from typing import Any, Protocol
 from cache import WeightCache
 
 
-def _run_steps(steps: Sequence[Step], weights: Mapping[str, Any]) -> list[tuple[float, float]]:
-    """Run steps in order on the compute thread; returns each one's (start, end) time."""
+def _run_steps(steps: Sequence[Step], weights: Mapping[str, Any],
+               settle: Callable[[Any], None] | None = None) -> list[tuple[float, float]]:
+    """Run steps in order on the compute thread; returns each one's (start, end) time. The last
+    step's result, if any, goes to settle (once per call, not per step)."""
     times = []
+    out = None
     for step in steps:
         t0 = time.perf_counter()
-        step.run({k: weights[k] for k in step.units})
+        out = step.run({k: weights[k] for k in step.units})
         times.append((t0, time.perf_counter()))
+    if settle is not None and out is not None:
+        settle(out)
     return times
 
 
@@ -62,7 +67,7 @@ class Step:
     each of `units` to its compute-tier value."""
 
     units: tuple[str, ...]
-    run: Callable[[Mapping[str, Any]], None]
+    run: Callable[[Mapping[str, Any]], Any]  # may return what it produced (see settle)
     name: str = ""
 
 
@@ -132,10 +137,15 @@ class LayerScheduler:
     prefetch window. The cache is touched only from the event loop thread."""
 
     def __init__(self, cache: WeightCache, loader: UnitLoader, config: SchedulerConfig,
-                 compute_init: Callable[[], None] | None = None) -> None:
+                 compute_init: Callable[[], None] | None = None,
+                 settle: Callable[[Any], None] | None = None) -> None:
         """compute_init runs once on the compute thread before any step (e.g. to give the
-        thread its own MLX stream)."""
+        thread its own MLX stream). settle(result) runs on the compute thread at the end of
+        each compute call, with the result of its last step (MLX: start evaluating it, so the
+        arrays of a unit released after the call are consumed; once per call rather than per
+        step, since every mx.async_eval costs about as much as a small block on a GPU)."""
         self.cache = cache
+        self._settle = settle
         self.loader = loader
         self.config = config
         self.record_intervals = False
@@ -223,7 +233,7 @@ class LayerScheduler:
                 stats.io_stall_s += t1 - t0
                 self._schedule(steps, end, cyclic)
                 compute_future = loop.run_in_executor(self._compute, _run_steps,
-                                                      steps[idx:end], weights)
+                                                      steps[idx:end], weights, self._settle)
                 times = await asyncio.shield(compute_future)
                 compute_future = None
                 stats.compute_s += time.perf_counter() - t1

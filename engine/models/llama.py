@@ -6,7 +6,9 @@ sequences, each with its own KV cache and length, as one pass: the linear layers
 all of them stacked (one matmul per weight), attention runs per sequence.
 
 Blocks take their weights as an argument for one call and keep no reference to them, so
-evicting a unit from the cache frees its memory.
+evicting a unit from the cache frees its memory. Embed and block steps return the hidden state
+they produced: the scheduler hands the last one of each compute call to the backend's `start`
+(MLX: evaluate it now, so a lazy graph does not keep a streamed unit's arrays alive).
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ class Model:
         return self._plan(partial(self._embed_batch, st), partial(self._block_batch, st),
                           partial(self._head_batch, st))
 
-    def _plan(self, embed: Callable[..., None], block: Callable[..., None],
+    def _plan(self, embed: Callable[..., Any], block: Callable[..., Any],
               head: Callable[..., None]) -> list[Step]:
         """embed, each block (block(i, units)), final norm + head: one unit set per step."""
         head_units = (HEAD,) if not self.spec.tie_word_embeddings else (HEAD, EMBED)
@@ -94,11 +96,11 @@ class Model:
             Step(head_units, head, "head"),
         ]
 
-    def _embed(self, st: ForwardState, w: Mapping[str, Any]) -> None:
+    def _embed(self, st: ForwardState, w: Mapping[str, Any]) -> Any:
         st.h = self.ops.embed(w[EMBED]["embed_tokens.weight"], st.ids)
-        self.ops.start(st.h)
+        return st.h
 
-    def _block(self, st: ForwardState, layer_idx: int, units: Mapping[str, Any]) -> None:
+    def _block(self, st: ForwardState, layer_idx: int, units: Mapping[str, Any]) -> Any:
         ops, w = self.ops, units[layer_key(layer_idx)]
         x = st.h
         B, L = st.ids.shape
@@ -106,7 +108,7 @@ class Model:
             if st.rope is None:
                 st.rope = self._rope_tables([(st.kv.offset, L)])
             st.h = self._fused_block(w, layer_idx, x[0], [(st.kv, L)], st.rope)[None]
-            return
+            return st.h
         H, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
         offset = st.kv.offset
         h = ops.rms_norm(x, w["input_layernorm.weight"], self.spec.rms_norm_eps)
@@ -129,7 +131,7 @@ class Model:
         gate = ops.linear(h, w["mlp.gate_proj.weight"])
         up = ops.linear(h, w["mlp.up_proj.weight"])
         st.h = ops.add(x, ops.linear(ops.silu_mul(gate, up), w["mlp.down_proj.weight"]))
-        ops.start(st.h)
+        return st.h
 
     def _head(self, st: ForwardState, units: Mapping[str, Any]) -> None:
         ops, w = self.ops, units[HEAD]
@@ -141,12 +143,12 @@ class Model:
         st.kv.advance(st.ids.shape[1])
         st.h = None
 
-    def _embed_batch(self, st: BatchState, w: Mapping[str, Any]) -> None:
+    def _embed_batch(self, st: BatchState, w: Mapping[str, Any]) -> Any:
         ids = np.concatenate([s.ids for s in st.seqs])[None, :]  # (1, T)
         st.h = self.ops.embed(w[EMBED]["embed_tokens.weight"], ids)
-        self.ops.start(st.h)
+        return st.h
 
-    def _block_batch(self, st: BatchState, layer_idx: int, units: Mapping[str, Any]) -> None:
+    def _block_batch(self, st: BatchState, layer_idx: int, units: Mapping[str, Any]) -> Any:
         ops, w, eps = self.ops, units[layer_key(layer_idx)], self.spec.rms_norm_eps
         x = st.h
         if self._fuses(w, x.shape[1]):
@@ -154,7 +156,7 @@ class Model:
             if st.rope is None:
                 st.rope = self._rope_tables([(kv.offset, n) for kv, n in seqs])
             st.h = self._fused_block(w, layer_idx, x[0], seqs, st.rope)[None]
-            return
+            return st.h
         h = ops.rms_norm(x, w["input_layernorm.weight"], eps)
         q = ops.linear(h, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
         k = ops.linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))
@@ -171,7 +173,7 @@ class Model:
         gate = ops.linear(h, w["mlp.gate_proj.weight"])
         up = ops.linear(h, w["mlp.up_proj.weight"])
         st.h = ops.add(x, ops.linear(ops.silu_mul(gate, up), w["mlp.down_proj.weight"]))
-        ops.start(st.h)
+        return st.h
 
     def _attend(self, w: Mapping[str, Any], layer_idx: int, kv: KVCache, q: Any, k: Any,
                 v: Any) -> Any:
@@ -192,7 +194,8 @@ class Model:
         return ops.reshape(ops.transpose(o, (0, 2, 1, 3)), (1, L, H * D))
 
     def _fuses(self, w: Mapping[str, Any], n_rows: int) -> bool:
-        """The backend's fused block kernels apply (numpy, quantized linears, few rows)."""
+        """The backend's fused block applies (numpy: numba kernels for quantized linears on few
+        rows; MLX: compiled halves on few rows)."""
         fuses = getattr(self.ops, "fuses", None)
         return fuses is not None and fuses([w[f"{n}.weight"] for n in LINEARS], n_rows)
 
@@ -204,7 +207,7 @@ class Model:
 
     def _fused_block(self, w: Mapping[str, Any], layer_idx: int, x: Any,
                      seqs: list[tuple[KVCache, int]], rope: tuple[np.ndarray, np.ndarray]) -> Any:
-        """The block on x (N, E) in three kernel calls plus one attention call per sequence."""
+        """The block on x (N, E) in two fused calls plus one attention call per sequence."""
         ops, eps = self.ops, self.spec.rms_norm_eps
         q, k, v = ops.block_attention_input(
             x, w["input_layernorm.weight"], eps,
@@ -218,7 +221,7 @@ class Model:
             outs.append(kv.attend(layer_idx, q[start:end], k[start:end], v[start:end],
                                   self.scale))
             start = end
-        attn = outs[0] if len(outs) == 1 else np.concatenate(outs)  # (N, H * D)
+        attn = outs[0] if len(outs) == 1 else ops.concatenate(outs, axis=0)  # (N, H * D)
         return ops.block_output(
             x, attn, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"),
             w["post_attention_layernorm.weight"], eps,

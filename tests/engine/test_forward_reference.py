@@ -164,3 +164,29 @@ def test_fused_decode_blocks_match_reference(tmp_path, monkeypatch, variant):
         engine.close()
     assert got == reference_greedy(cfg, weights, PROMPT[:6], 16)
     assert len(calls) == 16 * cfg["num_hidden_layers"]  # prefill + 15 decode passes, all fused
+
+
+@pytest.mark.skipif("mlx" not in __import__("kernels").available_backends(),
+                    reason="mlx is not installed")
+@pytest.mark.parametrize("variant", ["llama", "llama_tied", "qwen2", "qwen3"])
+@pytest.mark.parametrize("quantized", [True, False])
+def test_mlx_compiled_blocks_match_reference(tmp_path, monkeypatch, variant, quantized):
+    """On MLX, decode passes run each block as two mx.compile'd halves around attention, for
+    packed and float weights alike; the tokens must still be the reference's."""
+    from kernels.mlx_backend import MLXBackend
+
+    calls = []
+    real = MLXBackend.block_attention_input
+    monkeypatch.setattr(MLXBackend, "block_attention_input",
+                        lambda self, *a: calls.append(1) or real(self, *a))
+    if quantized:
+        cfg, weights = write_mlx_quantized_model(tmp_path, variant, 4, 32)
+    else:
+        cfg, weights = write_tiny_model(tmp_path, variant)
+    engine = open_engine(tmp_path, "mlx")
+    try:
+        got = asyncio.run(generated_ids(engine, PROMPT[:6], 16))
+    finally:
+        engine.close()
+    assert got == reference_greedy(cfg, weights, PROMPT[:6], 16)
+    assert len(calls) == 16 * cfg["num_hidden_layers"]  # prefill + 15 decode passes, all fused

@@ -88,17 +88,22 @@ def test_round_trip_vs_plain_formula(bits, group_size):
     np.testing.assert_array_equal(got[2, :128], np.float32(-2.5))
 
 
+# The mx.quantize these match runs on MLX's CPU stream, pinned so the tests mean the same on a
+# GPU machine: on CUDA (mlx 0.32.4, an H100) mx.quantize rounded about 1 % of the codes and an
+# occasional scale differently from MLX's CPU kernel, the one these tests were written against.
 @pytest.mark.parametrize("bits,group_size", CASES)
 def test_bit_exact_with_mlx(bits, group_size):
     mx = pytest.importorskip("mlx.core")
     rng = np.random.default_rng(7 * bits + group_size)
     w = weights(rng, out=24, n_in=384)
     qw = quantize(w, bits, group_size)
-    packed, scales, biases = mx.quantize(mx.array(w), group_size=group_size, bits=bits)
+    packed, scales, biases = mx.quantize(mx.array(w), group_size=group_size, bits=bits,
+                                          stream=mx.cpu)
     np.testing.assert_array_equal(np.array(packed), qw.packed)
     np.testing.assert_array_equal(np.array(scales), qw.scales)
     np.testing.assert_array_equal(np.array(biases), qw.biases)
-    mx_w = mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits)
+    mx_w = mx.dequantize(packed, scales, biases, group_size=group_size, bits=bits,
+                         stream=mx.cpu)
     np.testing.assert_array_equal(np.array(mx_w), dequantize(qw))
 
 
@@ -209,7 +214,8 @@ def test_extreme_scales_bit_exact_with_mlx(bits, group_size):
     mx = pytest.importorskip("mlx.core")
     w = extreme_weights(np.random.default_rng(bits + 3 * group_size))
     qw = quantize(w, bits, group_size)
-    packed, scales, biases = mx.quantize(mx.array(w), group_size=group_size, bits=bits)
+    packed, scales, biases = mx.quantize(mx.array(w), group_size=group_size, bits=bits,
+                                          stream=mx.cpu)
     np.testing.assert_array_equal(np.array(packed), qw.packed)
     np.testing.assert_array_equal(np.array(scales), qw.scales)
     np.testing.assert_array_equal(np.array(biases), qw.biases)
@@ -225,7 +231,7 @@ def test_half_inputs_match_mlx(bits, group_size, dtype):
     mx = pytest.importorskip("mlx.core")
     rng = np.random.default_rng(bits * group_size)
     half = mx.array(weights(rng, out=8)).astype(getattr(mx, dtype))
-    packed, scales, biases = mx.quantize(half, group_size=group_size, bits=bits)
+    packed, scales, biases = mx.quantize(half, group_size=group_size, bits=bits, stream=mx.cpu)
     qw = quantize(np.array(half.astype(mx.float32)), bits, group_size)
     np.testing.assert_array_equal(np.array(packed), qw.packed)
     for got, ours in ((scales, qw.scales), (biases, qw.biases)):

@@ -264,3 +264,31 @@ async def test_raw_bytes_held_while_preparing_count_against_the_budget():
             await sched.run(make_steps(KEYS))
         finally:
             sched.close()
+
+
+@pytest.mark.asyncio
+async def test_settle_gets_the_last_result_of_each_compute_call():
+    """settle (MLX: start evaluating) runs once per compute call, on the compute thread, with
+    the result of the call's last step: per streamed step while units stream, once for a run of
+    resident steps."""
+    settled = []
+
+    def settle(out):
+        settled.append((out, threading.current_thread().name))
+
+    loader = FakeLoader({k: 100 for k in KEYS})
+    cache = WeightCache(CacheConfig(compute_bytes=None))
+    sched = LayerScheduler(cache, loader, SchedulerConfig(prefetch_depth=2), settle=settle)
+    steps = [Step((k,), lambda w, k=k: f"out-{k}", k) for k in KEYS]
+    await sched.run(steps)  # cold: every step waits on its own read, so most calls hold one
+    assert settled and settled[-1][0] == "out-u7"
+    assert all(name.startswith("stream-compute") for _, name in settled)
+    cold_calls = len(settled)
+    settled.clear()
+    await sched.run(steps)  # all resident: one compute call for the whole pass
+    assert settled == [("out-u7", settled[0][1])]
+    assert cold_calls > 1
+    settled.clear()
+    await sched.run([*steps[:-1], Step(("u7",), lambda w: None, "head")])
+    assert settled == []  # a call whose last step returns nothing has nothing to settle
+    sched.close()
