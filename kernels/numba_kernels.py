@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import os
 
-# Numba's OpenMP workers spin after each parallel region by default, starving OpenBLAS's
-# threads that run next (and vice versa): on 2 cores a prefill layer took 12x longer.
-# Sleeping workers cost ~0.3 ms per short-context decode layer instead. Set before libgomp loads.
+# numba runs its parallel kernels on TBB where the pip `tbb` package is installed (a
+# dependency; kernels/tbb_layer.py makes it loadable), else on OpenMP. OpenMP's workers spin
+# after each parallel region by default, starving OpenBLAS's threads that run next (and vice
+# versa): on 2 cores a prefill layer took 12x longer. Sleeping workers cost ~0.3 ms per
+# short-context decode layer instead. Set before libgomp loads; TBB ignores it.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 import numpy as np  # noqa: E402
@@ -28,6 +30,7 @@ from numba import carray, njit, prange, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
 import kernels.jit_cache  # noqa: E402, F401  (before any cached kernel: keys the cache)
+import kernels.tbb_layer  # noqa: E402, F401  (before any parallel launch: picks the layer)
 
 JIT = {"parallel": True, "cache": True, "fastmath": False, "nogil": True}
 # Reassociation only (no nnan/ninf/contract): lets LLVM split each group's dot product across

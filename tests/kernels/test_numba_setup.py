@@ -1,9 +1,15 @@
-"""The numba cache directory follows every kernel source (kernels/jit_cache.py)."""
+"""numba's set-up: the cache directory follows every kernel source (kernels/jit_cache.py), and
+the kernels run on TBB where the pip package is installed (kernels/tbb_layer.py)."""
 
+import importlib.metadata
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numba
+import pytest
 
 from kernels import jit_cache
 
@@ -37,3 +43,23 @@ def test_unwritable_cache_leaves_numba_default(tmp_path, monkeypatch):
     monkeypatch.setattr(numba.config, "CACHE_DIR", "unchanged")
     jit_cache.configure()
     assert numba.config.CACHE_DIR == "unchanged"
+
+
+def test_numba_runs_on_tbb_where_the_pip_package_is_installed():
+    """kernels/tbb_layer.py makes pip's libtbb loadable (no LD_LIBRARY_PATH), so the kernels
+    run on the TBB layer; checked in a fresh process, as numba picks its layer once."""
+    try:
+        importlib.metadata.distribution("tbb")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the tbb package is not installed")
+    code = ("import numpy as np, numba\n"
+            "from kernels.numpy_backend import NumpyBackend\n"
+            "from kernels.quant import quantize\n"
+            "w = quantize(np.ones((64, 128), np.float32), 4, 32)\n"
+            "NumpyBackend().linear(np.ones((1, 128), np.float32), w)\n"
+            "print(numba.threading_layer())\n")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_LIBRARY_PATH", "NUMBA_THREADING_LAYER")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True, cwd=Path(__file__).parents[2])
+    assert out.stdout.strip().splitlines()[-1] == "tbb"
