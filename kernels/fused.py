@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from kernels.numba_kernels import JIT_DOT, group_sums, qdot_rows
+from kernels.numba_kernels import JIT_DOT, deinterleave, group_sums, qdot_rows
 
 _SERIAL = {**JIT_DOT, "parallel": False}
 # Attention work (n_rows * n_heads * n_keys * head_dim) above which heads run in parallel:
@@ -65,14 +65,15 @@ def _head_norm_rope(t, weight, eps, cos, sin):
 def _qkv(h, wq, wk, wv, out):
     """out[:, :nq | nq:nq+nk | nq+nk:] = h @ (wq | wk | wv).T, one parallel region."""
     xq, xk, xv = group_sums(h, wq[4]), group_sums(h, wk[4]), group_sums(h, wv[4])
+    hd = deinterleave(h)
     nq, nk = wq[0].shape[0], wk[0].shape[0]
     for t in prange(out.shape[1]):
         if t < nq:
-            qdot_rows(h, xq, wq, t, out, t)
+            qdot_rows(h, hd, xq, wq, t, out, t)
         elif t < nq + nk:
-            qdot_rows(h, xk, wk, t - nq, out, t)
+            qdot_rows(h, hd, xk, wk, t - nq, out, t)
         else:
-            qdot_rows(h, xv, wv, t - nq - nk, out, t)
+            qdot_rows(h, hd, xv, wv, t - nq - nk, out, t)
 
 
 @njit(**_SERIAL)
@@ -157,21 +158,22 @@ def cached_attention(q, k, v, k_cache, v_cache, offset, scale):
 
 @njit(**JIT_DOT)
 def _matvec(x, w, out):
-    xs = group_sums(x, w[4])
+    xs, xd = group_sums(x, w[4]), deinterleave(x)
     for o in prange(out.shape[1]):
-        qdot_rows(x, xs, w, o, out, o)
+        qdot_rows(x, xd, xs, w, o, out, o)
 
 
 @njit(**JIT_DOT)
 def _gate_up(h, wg, wu, out):
     """out[:, :I | I:] = h @ (wg | wu).T, one parallel region."""
     xg, xu = group_sums(h, wg[4]), group_sums(h, wu[4])
+    hd = deinterleave(h)
     n_inter = wg[0].shape[0]
     for t in prange(out.shape[1]):
         if t < n_inter:
-            qdot_rows(h, xg, wg, t, out, t)
+            qdot_rows(h, hd, xg, wg, t, out, t)
         else:
-            qdot_rows(h, xu, wu, t - n_inter, out, t)
+            qdot_rows(h, hd, xu, wu, t - n_inter, out, t)
 
 
 @njit(**_SERIAL)

@@ -65,16 +65,19 @@ def _dot_group_2(row_bytes, x, b0, n_bytes):
 
 
 @njit(inline="always")
-def _dot_group_4(row_bytes, x, b0, n_bytes):
-    """dot(x, q) over n_bytes bytes of a 4-bit stream from byte b0 (low nibble first)."""
+def _dot_group_4(row_bytes, xe, xo, b0, n_bytes):
+    """dot(x, q) over n_bytes bytes of a 4-bit stream from byte b0 (low nibble first), with x
+    deinterleaved (xe = x[0::2], xo = x[1::2], see deinterleave): byte j's low nibble pairs
+    with xe[j], its high nibble with xo[j]. Both loads are contiguous; reading x[2j] and
+    x[2j + 1] instead needed shuffles (12-17 % slower, same sums in the same order)."""
     lo = hi = np.float32(0)
     for i in range(n_bytes):
         j = b0 + i
         b = row_bytes[j]
         # numba does integer arithmetic in int64; the int32 cast lets LLVM narrow the vector
         # lanes to 32 bits (twice as many per register) and convert with vcvtdq2ps
-        lo += x[2 * j] * np.float32(np.int32(b & 15))
-        hi += x[2 * j + 1] * np.float32(np.int32(b >> 4))
+        lo += xe[j] * np.float32(np.int32(b & 15))
+        hi += xo[j] * np.float32(np.int32(b >> 4))
     return lo + hi
 
 
@@ -160,12 +163,12 @@ def _dot_dense(x, q, kx, kq, n):
 
 
 @njit(**_ROW_INLINE)
-def _rows_4(x, xsum, row_bytes, srow, brow, per_group, out, col):
-    for r in range(x.shape[0]):
-        xr = x[r]
+def _rows_4(xd, xsum, row_bytes, srow, brow, per_group, out, col):
+    for r in range(xd.shape[0]):
+        xe, xo = xd[r, 0], xd[r, 1]
         acc = np.float32(0)
         for g in range(srow.shape[0]):
-            dot = _dot_group_4(row_bytes, xr, g * per_group, per_group)
+            dot = _dot_group_4(row_bytes, xe, xo, g * per_group, per_group)
             acc += srow[g] * dot + brow[g] * xsum[r, g]
         out[r, col] = acc
 
@@ -243,9 +246,10 @@ def _rows_6(x, xsum, row_bytes, srow, brow, group_size, out, col):
 
 
 @njit(**_ROW)
-def qdot_rows(x, xsum, w, o, out, col):
+def qdot_rows(x, xd, xsum, w, o, out, col):
     """out[r, col] = dot(x[r], row o of w) for every row r of x; w = (packed, scales, biases,
-    bits, group_size), xsum (n, groups) the group sums of x.
+    bits, group_size), xd = deinterleave(x) (read by 4-bit weights), xsum (n, groups) the group
+    sums of x.
 
     Per group: dot(x, q) once, then the affine terms: sum_k x_k (s q_k + b) = s dot + b sum(x).
     """
@@ -253,7 +257,7 @@ def qdot_rows(x, xsum, w, o, out, col):
     words, srow, brow = packed[o], scales[o], biases[o]
     per_group = group_size * bits // 8  # bytes
     if bits == 4:
-        _rows_4(x, xsum, words.view(np.uint8), srow, brow, per_group, out, col)
+        _rows_4(xd, xsum, words.view(np.uint8), srow, brow, per_group, out, col)
     elif bits == 8:
         _rows_8(x, xsum, words.view(np.uint8), srow, brow, per_group, out, col)
     elif bits == 2:
@@ -264,6 +268,20 @@ def qdot_rows(x, xsum, w, o, out, col):
         _rows_3(x, xsum, words.view(np.uint8), srow, brow, group_size, out, col)
     else:  # 5
         _rows_5(x, xsum, words.view(np.uint8), srow, brow, group_size, out, col)
+
+
+@njit(**_ROW)
+def deinterleave(x):
+    """(n, in) -> (n, 2, in / 2): each row's even elements, and its odd ones (4-bit rows pair
+    byte j with elements 2j and 2j + 1)."""
+    n, m = x.shape
+    half = m // 2
+    out = np.empty((n, 2, half), dtype=np.float32)
+    for r in range(n):
+        for i in range(half):
+            out[r, 0, i] = x[r, 2 * i]
+            out[r, 1, i] = x[r, 2 * i + 1]
+    return out
 
 
 @njit(**_ROW)
@@ -284,9 +302,10 @@ def group_sums(x, group_size):
 def _qmatvec(x, xsum, w, out):
     packed, scales, biases, bits, group_size = w
     per_group = group_size * bits // 8
+    xd = deinterleave(x)
     if bits == 4:
         for o in prange(out.shape[1]):
-            _rows_4(x, xsum, packed[o].view(np.uint8), scales[o], biases[o], per_group, out, o)
+            _rows_4(xd, xsum, packed[o].view(np.uint8), scales[o], biases[o], per_group, out, o)
     elif bits == 8:
         for o in prange(out.shape[1]):
             _rows_8(x, xsum, packed[o].view(np.uint8), scales[o], biases[o], per_group, out, o)
@@ -301,7 +320,7 @@ def _qmatvec(x, xsum, w, out):
             _rows_5(x, xsum, packed[o].view(np.uint8), scales[o], biases[o], group_size, out, o)
     else:
         for o in prange(out.shape[1]):
-            qdot_rows(x, xsum, w, o, out, o)
+            qdot_rows(x, xd, xsum, w, o, out, o)
 
 
 def qmatvec(
