@@ -2,6 +2,7 @@
 their one-line errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +11,9 @@ from engine.recipes import Quant, layer_set, make_recipe
 
 N_LAYERS = 6
 Q, K, DOWN = "self_attn.q_proj.weight", "self_attn.k_proj.weight", "mlp.down_proj.weight"
+MLP = ("gate_proj", "up_proj", "down_proj")
+LINEARS = [f"self_attn.{p}_proj.weight" for p in "qkvo"] + [f"mlp.{p}.weight" for p in MLP]
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "recipes"
 
 
 def block(i: int, rel: str) -> str:
@@ -144,3 +148,22 @@ def test_bad_recipe_names_and_flags(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConvertError, match=r"bad.json: cannot read recipe"):
         make_recipe(str(tmp_path / "bad.json"))
+
+
+def test_example_mixed_sensitive_recipe_keeps_the_sensitive_linears_at_group_32():
+    # Chosen for SmolLM2-135M (30 blocks) on held-out text: embedding, q_proj and the MLP of
+    # blocks 5-9 go to group 64, everything else stays group 32 (a lossless copy of Q4_1).
+    r = make_recipe(str(EXAMPLES / "mixed-sensitive.json"), bits=2, group_size=128)
+    n_layers = 30
+    assert r.resolve("model.embed_tokens.weight", (49152, 576), n_layers) == Quant(8, 64)
+    assert r.resolve("model.norm.weight", (576,), n_layers) is None
+    g64 = set()
+    for i in range(n_layers):
+        for rel in LINEARS:
+            quant = r.resolve(block(i, rel), (576, 576), n_layers)
+            assert quant is not None and quant.bits == 4 and quant.group_size in (32, 64)
+            if quant.group_size == 64:
+                g64.add((i, rel.split(".")[1]))
+    want = {(i, "q_proj") for i in range(n_layers)}
+    want |= {(i, p) for i in range(5, 10) for p in MLP}
+    assert g64 == want
