@@ -10,7 +10,7 @@ as much as the matvecs. Here a block is three calls:
   + residual.
 
 A weight is the tuple (packed, scales, biases, bits, group_size) of a QuantizedWeight; the math
-per row is kernels.numba_kernels.qdot_rows, the same as qmatvec's. The reference is the fine-op
+per row is kernels.numba_kernels.qdot_tile's, the same as qmatvec's. The reference is the fine-op
 path, which the tests compare these against (float32, summation order differs).
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from kernels.numba_kernels import JIT_DOT, deinterleave, group_sums, qdot_rows
+from kernels.numba_kernels import JIT_DOT, TILE, deinterleave, group_sums, qdot_tile
 
 _SERIAL = {**JIT_DOT, "parallel": False}
 # Attention work (n_rows * n_heads * n_keys * head_dim) above which heads run in parallel:
@@ -61,19 +61,28 @@ def _head_norm_rope(t, weight, eps, cos, sin):
                 t[r, h, d + half] = b * cos[r, d] + a * sin[r, d]
 
 
+@njit(inline="always")
+def _tiles(n_rows):
+    return (n_rows + TILE - 1) // TILE
+
+
 @njit(**JIT_DOT)
 def _qkv(h, wq, wk, wv, out):
     """out[:, :nq | nq:nq+nk | nq+nk:] = h @ (wq | wk | wv).T, one parallel region."""
     xq, xk, xv = group_sums(h, wq[4]), group_sums(h, wk[4]), group_sums(h, wv[4])
     hd = deinterleave(h)
     nq, nk = wq[0].shape[0], wk[0].shape[0]
-    for t in prange(out.shape[1]):
-        if t < nq:
-            qdot_rows(h, hd, xq, wq, t, out, t)
-        elif t < nq + nk:
-            qdot_rows(h, hd, xk, wk, t - nq, out, t)
+    tq, tk = _tiles(nq), _tiles(nk)
+    for t in prange(tq + 2 * tk):
+        if t < tq:
+            o0 = t * TILE
+            qdot_tile(h, hd, xq, wq, o0, min(o0 + TILE, nq), out, o0)
+        elif t < tq + tk:
+            o0 = (t - tq) * TILE
+            qdot_tile(h, hd, xk, wk, o0, min(o0 + TILE, nk), out, nq + o0)
         else:
-            qdot_rows(h, hd, xv, wv, t - nq - nk, out, t)
+            o0 = (t - tq - tk) * TILE
+            qdot_tile(h, hd, xv, wv, o0, min(o0 + TILE, nk), out, nq + nk + o0)
 
 
 @njit(**_SERIAL)
@@ -159,8 +168,10 @@ def cached_attention(q, k, v, k_cache, v_cache, offset, scale):
 @njit(**JIT_DOT)
 def _matvec(x, w, out):
     xs, xd = group_sums(x, w[4]), deinterleave(x)
-    for o in prange(out.shape[1]):
-        qdot_rows(x, xd, xs, w, o, out, o)
+    n_out = out.shape[1]
+    for t in prange(_tiles(n_out)):
+        o0 = t * TILE
+        qdot_tile(x, xd, xs, w, o0, min(o0 + TILE, n_out), out, o0)
 
 
 @njit(**JIT_DOT)
@@ -169,11 +180,14 @@ def _gate_up(h, wg, wu, out):
     xg, xu = group_sums(h, wg[4]), group_sums(h, wu[4])
     hd = deinterleave(h)
     n_inter = wg[0].shape[0]
-    for t in prange(out.shape[1]):
-        if t < n_inter:
-            qdot_rows(h, hd, xg, wg, t, out, t)
+    ti = _tiles(n_inter)
+    for t in prange(2 * ti):
+        if t < ti:
+            o0 = t * TILE
+            qdot_tile(h, hd, xg, wg, o0, min(o0 + TILE, n_inter), out, o0)
         else:
-            qdot_rows(h, hd, xu, wu, t - n_inter, out, t)
+            o0 = (t - ti) * TILE
+            qdot_tile(h, hd, xu, wu, o0, min(o0 + TILE, n_inter), out, n_inter + o0)
 
 
 @njit(**_SERIAL)

@@ -1,7 +1,7 @@
 """Where numba keeps the kernels it compiled (cache=True), keyed by the kernels' source.
 
 numba checks a cached kernel against its own source file only. A kernel that calls one in
-another file (kernels/fused.py calls qdot_rows in kernels/numba_kernels.py) kept running the old
+another file (kernels/fused.py calls qdot_tile in kernels/numba_kernels.py) kept running the old
 callee after that file changed. So every kernel is cached under a directory named by a hash of
 all kernel sources and numba's version: a change anywhere compiles afresh, once.
 

@@ -1,5 +1,5 @@
 """The 3/5/6-bit matvec kernels (elements straddle bytes) against a plain-numpy dequantize-then-dot
-reference that unpacks the bitstream on its own, through both callers of qdot_rows: qmatvec and
+reference that unpacks the bitstream on its own, through both callers of qdot_tile: qmatvec and
 the fused block kernels' matvec."""
 
 import itertools
