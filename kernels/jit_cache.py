@@ -39,13 +39,13 @@ def cache_dir() -> Path:
 
 def configure() -> None:
     """Point numba's cache at cache_dir() if it can be written there."""
-    path = cache_dir()
     try:
+        path = cache_dir()  # Path.home() raises RuntimeError where there is no home
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".probe-{os.getpid()}"
         probe.touch()
         probe.unlink()
-    except OSError:
+    except (OSError, RuntimeError):
         return
     numba.config.CACHE_DIR = str(path)
 

@@ -262,7 +262,7 @@ class MLXBackend:
         biases = [b for b in qkv_bias if b is not None]
         norms = [n for n in qk_norm if n is not None]
         key = ("attention_input", eps, n_heads, n_kv_heads, tuple(_layout(w) for w in qkv),
-               tuple(b is not None for b in qkv_bias), bool(norms))
+               tuple(b is not None for b in qkv_bias), tuple(n is not None for n in qk_norm))
         fn = self._compiled.get(key) or self._compile(key, _attention_input_fn(*key[1:]))
         mcos, msin = self._row_tables(cos, sin)
         return fn(x, norm, mcos, msin, *_flat(qkv), *biases, *norms)
@@ -320,7 +320,7 @@ def _rope_rows(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 
 
 def _attention_input_fn(eps: float, n_heads: int, n_kv_heads: int, layouts: tuple,
-                        has_bias: tuple, qk_norm: bool) -> Callable[..., Any]:
+                        has_bias: tuple, has_norm: tuple) -> Callable[..., Any]:
     def attention_input(x, norm, cos, sin, *rest):
         args = iter(rest)
         h = mx.fast.rms_norm(x, norm, eps)
@@ -329,8 +329,9 @@ def _attention_input_fn(eps: float, n_heads: int, n_kv_heads: int, layouts: tupl
         n = x.shape[0]
         q, k, v = (y.reshape(n, heads, -1)
                    for y, heads in zip(ys, (n_heads, n_kv_heads, n_kv_heads), strict=True))
-        if qk_norm:
+        if has_norm[0]:
             q = mx.fast.rms_norm(q, next(args), eps)
+        if has_norm[1]:
             k = mx.fast.rms_norm(k, next(args), eps)
         return _rope_rows(q, cos, sin), _rope_rows(k, cos, sin), v
 

@@ -340,6 +340,9 @@ def qmatvec(
     Parallel over output rows; reads the packed weight straight from memory once per row of x
     (the row is hot in L1 after the first).
     """
+    if bits not in (2, 3, 4, 5, 6, 8) or x.shape[-1] * bits != packed.shape[1] * 32:
+        raise ValueError(f"qmatvec: x has {x.shape[-1]} features, a {bits}-bit weight of "
+                         f"{packed.shape[1]} words per row holds {packed.shape[1] * 32 // bits}")
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty((x.shape[0], packed.shape[0]), dtype=np.float32)
     xsum = x.reshape(x.shape[0], -1, group_size).sum(axis=-1, dtype=np.float32)

@@ -23,7 +23,8 @@ SONAME = "libtbb.so.12"
 
 
 def candidates() -> list[Path]:
-    dirs = [Path(sys.prefix) / "lib", Path(site.getuserbase()) / "lib"]
+    prefixes = dict.fromkeys([sys.prefix, sys.base_prefix, site.getuserbase()])
+    dirs = [Path(p) / "lib" for p in prefixes]
     return [d / SONAME for d in dirs]
 
 

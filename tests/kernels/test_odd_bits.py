@@ -129,3 +129,12 @@ def test_non_finite_inputs_propagate(bits):
     for got in both_paths(x, qw):
         assert np.isnan(got[0]).all()
         assert not np.isfinite(got[1]).any()
+
+
+def test_qmatvec_refuses_x_that_does_not_fit_the_weight():
+    """The row kernels take their length from x: a mismatch is a clear error, not a read past
+    the packed row."""
+    qw = quantize(np.ones((4, 128), np.float32), 6, 32)
+    with pytest.raises(ValueError, match="x has 256 features, a 6-bit weight of 24 words"):
+        numba_kernels.qmatvec(np.ones((1, 256), np.float32), qw.packed, qw.scales, qw.biases,
+                              6, 32)
