@@ -6,8 +6,10 @@ sum_k x_k (s q_k + b) = s * dot(x, q) + b * sum(x), with sum(x) per group shared
 
 4- and 8-bit (and 2-bit) elements never straddle a byte, so those paths decode byte-wise, which
 LLVM vectorises. 3/5/6-bit elements do straddle, but 8 of them fill exactly `bits` bytes, so those
-paths unpack whole 3- or 5-byte chunks with fixed shifts into a float32 stack buffer, then dot.
-Each path is its own kernel: one body with a switch on bits defeats the vectoriser. Loops are
+paths unpack whole 3- or 5-byte chunks with fixed shifts into a float32 stack buffer, then dot
+(`_rows_chunked`, its bits switch once per segment, outside the unpack loops).
+Each byte-wise path is its own kernel: a switch on bits inside the group loop defeats the
+vectoriser. Loops are
 written `for i in range(n): j = start + i` for the same reason (range(start, stop) does not
 vectorise here). Kernels compile lazily on first use and are cached on disk (cache=True), in a
 directory keyed by the kernels' source (kernels/jit_cache.py).
@@ -211,35 +213,20 @@ def _rows_segment(x, xsum, q, n, srow, brow, group_size, k0, out, col):
 
 
 @njit(**_ROW_INLINE)
-def _rows_3(x, xsum, row_bytes, srow, brow, group_size, out, col):
+def _rows_chunked(x, xsum, row_bytes, srow, brow, group_size, bits, out, col):
+    """3/5/6-bit rows: decode a segment, then dot it. The bits switch sits outside the
+    unpack loops (once per segment), so each loop still vectorises."""
     q = carray(_stack_segment(), SEGMENT)
     out[:, col] = 0
     for s in range((x.shape[1] + SEGMENT - 1) // SEGMENT):
         k0 = s * SEGMENT
         n = min(SEGMENT, x.shape[1] - k0)
-        _unpack_3(row_bytes, k0, n, q)
-        _rows_segment(x, xsum, q, n, srow, brow, group_size, k0, out, col)
-
-
-@njit(**_ROW_INLINE)
-def _rows_5(x, xsum, row_bytes, srow, brow, group_size, out, col):
-    q = carray(_stack_segment(), SEGMENT)
-    out[:, col] = 0
-    for s in range((x.shape[1] + SEGMENT - 1) // SEGMENT):
-        k0 = s * SEGMENT
-        n = min(SEGMENT, x.shape[1] - k0)
-        _unpack_5(row_bytes, k0, n, q)
-        _rows_segment(x, xsum, q, n, srow, brow, group_size, k0, out, col)
-
-
-@njit(**_ROW_INLINE)
-def _rows_6(x, xsum, row_bytes, srow, brow, group_size, out, col):
-    q = carray(_stack_segment(), SEGMENT)
-    out[:, col] = 0
-    for s in range((x.shape[1] + SEGMENT - 1) // SEGMENT):
-        k0 = s * SEGMENT
-        n = min(SEGMENT, x.shape[1] - k0)
-        _unpack_6(row_bytes, k0, n, q)
+        if bits == 3:
+            _unpack_3(row_bytes, k0, n, q)
+        elif bits == 5:
+            _unpack_5(row_bytes, k0, n, q)
+        else:
+            _unpack_6(row_bytes, k0, n, q)
         _rows_segment(x, xsum, q, n, srow, brow, group_size, k0, out, col)
 
 
@@ -273,21 +260,11 @@ def qdot_tile(x, xd, xsum, w, o0, o1, out, col0):
             o = o0 + i
             _rows_2(x, xsum, packed[o].view(np.uint8), scales[o], biases[o], per_group, out,
                     col0 + i)
-    elif bits == 6:
+    else:  # 3, 5, 6 (qmatvec and the loaders refuse other widths)
         for i in range(o1 - o0):
             o = o0 + i
-            _rows_6(x, xsum, packed[o].view(np.uint8), scales[o], biases[o], group_size, out,
-                    col0 + i)
-    elif bits == 3:
-        for i in range(o1 - o0):
-            o = o0 + i
-            _rows_3(x, xsum, packed[o].view(np.uint8), scales[o], biases[o], group_size, out,
-                    col0 + i)
-    else:  # 5
-        for i in range(o1 - o0):
-            o = o0 + i
-            _rows_5(x, xsum, packed[o].view(np.uint8), scales[o], biases[o], group_size, out,
-                    col0 + i)
+            _rows_chunked(x, xsum, packed[o].view(np.uint8), scales[o], biases[o], group_size,
+                          bits, out, col0 + i)
 
 
 @njit(**_ROW)
