@@ -9,10 +9,9 @@ LLVM vectorises. 3/5/6-bit elements do straddle, but 8 of them fill exactly `bit
 paths unpack whole 3- or 5-byte chunks with fixed shifts into a float32 stack buffer, then dot
 (`_rows_chunked`, its bits switch once per segment, outside the unpack loops).
 Each byte-wise path is its own kernel: a switch on bits inside the group loop defeats the
-vectoriser. Loops are
-written `for i in range(n): j = start + i` for the same reason (range(start, stop) does not
-vectorise here). Kernels compile lazily on first use and are cached on disk (cache=True), in a
-directory keyed by the kernels' source (kernels/jit_cache.py).
+vectoriser. Loops are written `for i in range(n): j = start + i` for the same reason
+(range(start, stop) does not vectorise here). Kernels compile lazily on first use and are
+cached on disk (cache=True), in a directory keyed by the kernels' source (kernels/jit_cache.py).
 """
 
 from __future__ import annotations
