@@ -100,7 +100,8 @@ def layout_from_shape(name: str, dims: tuple[int, ...], bits: int, group_size: i
     E, I, L, H, KV, V = dims
     spec = SynthSpec(hidden_size=E, intermediate_size=I, num_hidden_layers=L,
                      num_attention_heads=H, num_key_value_heads=KV, vocab_size=V)
-    views_raw = get_backend(backend).prepare_views_raw
+    ops = get_backend(backend)
+    views_raw, half_scales = ops.prepare_views_raw, ops.half_scales
     groups: dict[str, list[TensorRef]] = {}
     params = 0
     for full, shape, _ in spec.tensors():
@@ -117,8 +118,8 @@ def layout_from_shape(name: str, dims: tuple[int, ...], bits: int, group_size: i
     for key in order:
         tensors = {t.name: t for t in groups[key]}
         units.append(UnitSize(key, sum(t.nbytes for t in tensors.values()),
-                              held_nbytes(tensors, views_raw),
-                              transient_nbytes(tensors, views_raw)))
+                              held_nbytes(tensors, views_raw, half_scales),
+                              transient_nbytes(tensors, views_raw, half_scales)))
     return Layout(name, units, False, params, bits)
 
 

@@ -9,11 +9,12 @@ from kernels.sizes import held_nbytes, transient_nbytes, unit_nbytes
 from loaders import FormatError, HostTensor, LayerIndex, UnitReader
 
 
-def _held_nbytes(index: LayerIndex, key: str, views_raw: bool) -> int:
+def _held_nbytes(index: LayerIndex, key: str, backend: Backend) -> int:
     """Bytes a prepared unit holds; a tensor the kernels cannot run fails here, at open."""
     try:
         unit_nbytes(index.units[key].tensors)  # raises for a dtype with no compute form
-        return held_nbytes(index.units[key].tensors, views_raw)
+        return held_nbytes(index.units[key].tensors, backend.prepare_views_raw,
+                           backend.half_scales)
     except ValueError as exc:
         raise FormatError(f"{index.source}: unit {key!r}: {exc}") from None
 
@@ -24,10 +25,9 @@ class BackendUnitLoader:
         self.reader = reader
         self.backend = backend
         self.prepare_off_compute_thread = backend.prepare_off_compute_thread
-        self._sizes = {key: _held_nbytes(index, key, backend.prepare_views_raw)
-                       for key in index.units}
+        self._sizes = {key: _held_nbytes(index, key, backend) for key in index.units}
         self._transient = {
-            key: transient_nbytes(unit.tensors, backend.prepare_views_raw)
+            key: transient_nbytes(unit.tensors, backend.prepare_views_raw, backend.half_scales)
             for key, unit in index.units.items()
         }
 

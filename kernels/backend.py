@@ -54,6 +54,9 @@ class Backend(Protocol):
     # True when prepared weights are views of the raw read buffer where the layout allows
     # (kernels.sizes.transient_nbytes says which raw bytes are then held only while preparing).
     prepare_views_raw: bool
+    # True when prepare() keeps float16 group scales and biases as float16, which the kernels
+    # widen as they read (kernels.sizes counts them at 2 bytes)
+    half_scales: bool
 
     def prepare(
         self, tensors: Mapping[str, RawTensor], quantization: Mapping[str, Any] | None

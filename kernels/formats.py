@@ -73,8 +73,14 @@ def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
     return np.ascontiguousarray(blocks[:, at : at + 2]).view("<f2")[:, 0].astype(np.float32)
 
 
-def gguf_to_affine(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> QuantizedWeight:
+def gguf_to_affine(
+    data: np.ndarray, dtype: str, shape: tuple[int, ...], half_scales: bool = False
+) -> QuantizedWeight:
     """GGUF Q4_0/Q4_1/Q8_0 bytes of an (out, in) tensor -> QuantizedWeight (group size 32).
+
+    Scales and biases are float32, or with half_scales float16, which holds every GGUF scale
+    (stored as f16) and bias exactly; a bias that is not exact in float16 (-128 d overflows
+    for d > 511.98) keeps that tensor's biases float32.
 
     Raises:
         ValueError: unsupported dtype, shape not (out, in) with in % 32 == 0, or wrong size.
@@ -97,13 +103,16 @@ def gguf_to_affine(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> Quan
             scales, biases = d, _f16(blocks, 2)
     packed = np.ascontiguousarray(q_bytes).reshape(out, -1).view("<u4")
     groups = n_in // GGUF_BLOCK
-    return QuantizedWeight(
-        packed.astype(np.uint32, copy=False),
-        scales.reshape(out, groups).astype(np.float32),
-        biases.reshape(out, groups).astype(np.float32),
-        bits=GGUF_TYPES[dtype][0],
-        group_size=GGUF_BLOCK,
-    )
+    scales, biases = (a.reshape(out, groups).astype(np.float32) for a in (scales, biases))
+    if half_scales:
+        scales, biases = scales.astype(np.float16), _half_if_exact(biases)
+    return QuantizedWeight(packed.astype(np.uint32, copy=False), scales, biases,
+                           bits=GGUF_TYPES[dtype][0], group_size=GGUF_BLOCK)
+
+
+def _half_if_exact(a: np.ndarray) -> np.ndarray:
+    half = a.astype(np.float16)
+    return half if np.array_equal(half.astype(np.float32), a) else a
 
 
 _REFERENCE_BLOCKS = {
@@ -160,6 +169,11 @@ def _dense(name: str, t: Any) -> np.ndarray:
         raise ValueError(f"{name}: {exc}") from None
 
 
+def _group_params(name: str, t: Any, half_scales: bool) -> np.ndarray:
+    """MLX scales or biases: F16 stays a float16 view when half_scales, else float32."""
+    return _half(name, t).data if half_scales and t.dtype == "F16" else _dense(name, t)
+
+
 def _half(name: str, t: Any) -> HalfWeight:
     """A 2-D F16/BF16 tensor -> HalfWeight: a zero-copy view of the raw bytes when they are
     2-byte aligned, else a copy."""
@@ -180,15 +194,17 @@ def _packed_u32(name: str, t: Any) -> np.ndarray:
 
 
 def prepare_unit(
-    tensors: Mapping[str, Any], quantization: Mapping[str, Any] | None
+    tensors: Mapping[str, Any], quantization: Mapping[str, Any] | None, half_scales: bool = False
 ) -> dict[str, np.ndarray | QuantizedWeight | HalfWeight]:
     """One unit's raw tensors -> host compute form (float32 arrays, numpy Quantized/HalfWeights).
 
     MLX triples "x.weight" (U32) + "x.scales" + "x.biases" become one QuantizedWeight under
-    "x.weight" (scales and biases widened to float32); GGUF Q4_0/Q4_1/Q8_0 become
-    QuantizedWeights; 2-D F16/BF16 matrices become HalfWeights, which may be views of the raw
-    buffers (keeping them alive), as may F32 tensors, except in a unit with GGUF blocks (there
-    they are copied so the buffer can go); 1-D F16/BF16 tensors become new float32 arrays.
+    "x.weight" (scales and biases widened to float32; with half_scales, F16 ones stay float16
+    views of the raw bytes); GGUF Q4_0/Q4_1/Q8_0 become QuantizedWeights (float16 scales and
+    biases with half_scales, see gguf_to_affine); 2-D F16/BF16 matrices become HalfWeights,
+    which may be views of the raw buffers (keeping them alive), as may F32 tensors, except in a
+    unit with GGUF blocks (there they are copied so the buffer can go); 1-D F16/BF16 tensors
+    become new float32 arrays.
 
     Raises:
         ValueError: names the tensor: unknown dtype, missing scales/biases, bad shapes or sizes.
@@ -207,7 +223,8 @@ def prepare_unit(
                 f"{missing or ['a .weight name']}); hint: the checkpoint is incomplete"
             )
         bits, group_size = _quant_params(quantization, prefix, name)
-        scales, biases = (_dense(f"{prefix}.{p}", parts[p]) for p in ("scales", "biases"))
+        scales, biases = (_group_params(f"{prefix}.{p}", parts[p], half_scales)
+                          for p in ("scales", "biases"))
         qw = QuantizedWeight(_packed_u32(name, t), scales, biases, bits, group_size)
         check_quantized(qw, name)
         out[name] = qw
@@ -217,7 +234,7 @@ def prepare_unit(
             continue
         if t.dtype in GGUF_TYPES:
             try:
-                out[name] = gguf_to_affine(t.data, t.dtype, t.shape)
+                out[name] = gguf_to_affine(t.data, t.dtype, t.shape, half_scales)
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
         elif t.dtype in HALF_DTYPES and len(t.shape) == 2:

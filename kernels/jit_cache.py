@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numba
 
-SOURCES = ("numba_kernels.py", "fused.py")  # every module with cached kernels
+SOURCES = ("numba_kernels.py", "fused.py", "simd.py")  # every module with cached kernels
 
 
 def source_hash() -> str:

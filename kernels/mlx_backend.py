@@ -109,6 +109,7 @@ class MLXBackend:
     name = "mlx"
     prepare_off_compute_thread = False
     prepare_views_raw = False
+    half_scales = False  # mx.quantized_matmul takes float32 scales here as before
 
     def __init__(self, device: str = "auto") -> None:
         if device not in DEVICES:

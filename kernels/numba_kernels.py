@@ -4,8 +4,9 @@ qmatvec reads the packed bytes directly, so decode never materialises a float32 
 group it computes dot(x, q) and folds the affine terms in once:
 sum_k x_k (s q_k + b) = s * dot(x, q) + b * sum(x), with sum(x) per group shared by all rows.
 
-4- and 8-bit (and 2-bit) elements never straddle a byte, so those paths decode byte-wise, which
-LLVM vectorises. 3/5/6-bit elements do straddle, but 8 of them fill exactly `bits` bytes, so those
+4-bit rows run as explicit LLVM vector IR (kernels/simd.py), 8 weight rows per call. 8- and
+2-bit elements never straddle a byte, so those paths decode byte-wise, which LLVM vectorises.
+3/5/6-bit elements do straddle, but 8 of them fill exactly `bits` bytes, so those
 paths unpack whole 3- or 5-byte chunks with fixed shifts into a float32 stack buffer, then dot
 (`_rows_chunked`, its bits switch once per segment, outside the unpack loops).
 Each byte-wise path is its own kernel: a switch on bits inside the group loop defeats the
@@ -25,6 +26,9 @@ import os
 # short-context decode layer instead. Set before libgomp loads; TBB ignores it.
 os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
+import platform  # noqa: E402
+
+import llvmlite.binding as llvm  # noqa: E402
 import numpy as np  # noqa: E402
 from llvmlite import ir  # noqa: E402
 from numba import carray, njit, prange, types  # noqa: E402
@@ -32,6 +36,7 @@ from numba.extending import intrinsic  # noqa: E402
 
 import kernels.jit_cache  # noqa: E402, F401  (before any cached kernel: keys the cache)
 import kernels.tbb_layer  # noqa: E402, F401  (before any parallel launch: picks the layer)
+from kernels.simd import ROWS, dot_row, dot_rows, widen  # noqa: E402
 
 JIT = {"parallel": True, "cache": True, "fastmath": False, "nogil": True}
 # Reassociation only (no nnan/ninf/contract): lets LLVM split each group's dot product across
@@ -60,32 +65,6 @@ def _dot_group_2(row_bytes, x, b0, n_bytes):
         b = np.int32(row_bytes[j])  # int32 -> float32 converts faster than unsigned
         dot += (x[4 * j] * np.float32(b & 3) + x[4 * j + 1] * np.float32((b >> 2) & 3)) + (
             x[4 * j + 2] * np.float32((b >> 4) & 3) + x[4 * j + 3] * np.float32(b >> 6))
-    return dot
-
-
-@njit(inline="always")
-def _dot_group_4(row_bytes, xe, xo, b0, n_bytes):
-    """dot(x, q) over n_bytes bytes of a 4-bit stream from byte b0 (low nibble first), with x
-    deinterleaved (xe = x[0::2], xo = x[1::2], see deinterleave): byte j's low nibble pairs
-    with xe[j], its high nibble with xo[j]. Both loads are contiguous; reading x[2j] and
-    x[2j + 1] instead needed shuffles (12-17 % slower). One accumulator, not one per nibble:
-    each is reduced across SIMD lanes once per group, and two cost ~20 % of the block kernels."""
-    dot = np.float32(0)
-    for i in range(n_bytes):
-        j = b0 + i
-        b = row_bytes[j]
-        # numba does integer arithmetic in int64; the int32 cast lets LLVM narrow the vector
-        # lanes to 32 bits (twice as many per register) and convert with vcvtdq2ps
-        dot += xe[j] * np.float32(np.int32(b & 15)) + xo[j] * np.float32(np.int32(b >> 4))
-    return dot
-
-
-@njit(inline="always")
-def _dot_group_8(row_bytes, x, b0, n_bytes):
-    """dot(x, q) over n_bytes bytes of an 8-bit stream from byte b0."""
-    dot = np.float32(0)
-    for i in range(n_bytes):
-        dot += x[b0 + i] * np.float32(row_bytes[b0 + i])
     return dot
 
 
@@ -162,35 +141,13 @@ def _dot_dense(x, q, kx, kq, n):
 
 
 @njit(**_ROW_INLINE)
-def _rows_4(xd, xsum, row_bytes, srow, brow, per_group, out, col):
-    for r in range(xd.shape[0]):
-        xe, xo = xd[r, 0], xd[r, 1]
-        acc = np.float32(0)
-        for g in range(srow.shape[0]):
-            dot = _dot_group_4(row_bytes, xe, xo, g * per_group, per_group)
-            acc += srow[g] * dot + brow[g] * xsum[r, g]
-        out[r, col] = acc
-
-
-@njit(**_ROW_INLINE)
-def _rows_8(x, xsum, row_bytes, srow, brow, per_group, out, col):
-    for r in range(x.shape[0]):
-        xr = x[r]
-        acc = np.float32(0)
-        for g in range(srow.shape[0]):
-            dot = _dot_group_8(row_bytes, xr, g * per_group, per_group)
-            acc += srow[g] * dot + brow[g] * xsum[r, g]
-        out[r, col] = acc
-
-
-@njit(**_ROW_INLINE)
 def _rows_2(x, xsum, row_bytes, srow, brow, per_group, out, col):
     for r in range(x.shape[0]):
         xr = x[r]
         acc = np.float32(0)
         for g in range(srow.shape[0]):
             dot = _dot_group_2(row_bytes, xr, g * per_group, per_group)
-            acc += srow[g] * dot + brow[g] * xsum[r, g]
+            acc += widen(srow[g]) * dot + widen(brow[g]) * xsum[r, g]
         out[r, col] = acc
 
 
@@ -203,7 +160,7 @@ def _rows_segment(x, xsum, q, n, srow, brow, group_size, k0, out, col):
         acc = out[r, col]
         for g in range(n // group_size):
             dot = _dot_dense(xr, q, k0 + g * group_size, g * group_size, group_size)
-            acc += srow[g0 + g] * dot + brow[g0 + g] * xsum[r, g0 + g]
+            acc += widen(srow[g0 + g]) * dot + widen(brow[g0 + g]) * xsum[r, g0 + g]
         out[r, col] = acc
 
 
@@ -244,16 +201,20 @@ def qdot_tile(x, xd, xsum, w, o0, o1, out, col0):
     """
     packed, scales, biases, bits, group_size = w
     per_group = group_size * bits // 8  # bytes
-    if bits == 4:
-        for i in range(o1 - o0):
-            o = o0 + i
-            _rows_4(xd, xsum, packed[o].view(np.uint8), scales[o], biases[o], per_group, out,
-                    col0 + i)
-    elif bits == 8:
-        for i in range(o1 - o0):
-            o = o0 + i
-            _rows_8(x, xsum, packed[o].view(np.uint8), scales[o], biases[o], per_group, out,
-                    col0 + i)
+    if bits == 4 or bits == 8:  # explicit vector IR (kernels/simd.py), ROWS rows per call
+        n_full = (o1 - o0) // ROWS
+        for i in range(o1 - o0 - (ROWS - 1) * n_full):  # n_full blocks, then single rows
+            block = i < n_full
+            o = o0 + ROWS * i if block else o0 + (ROWS - 1) * n_full + i
+            for r in range(x.shape[0]):
+                xa = xd[r, 0] if bits == 4 else x[r]
+                xb = xd[r, 1] if bits == 4 else x[r]
+                if block:
+                    dot_rows(bits, packed, o, xa, xb, scales, biases, xsum[r], out, r,
+                             o - o0 + col0)
+                else:
+                    dot_row(bits, packed, o, xa, xb, scales, biases, xsum[r], out, r,
+                            o - o0 + col0)
     elif bits == 2:
         for i in range(o1 - o0):
             o = o0 + i
@@ -303,6 +264,33 @@ def _qmatvec(x, xsum, w, out):
         qdot_tile(x, xd, xsum, w, o0, min(o0 + TILE, n_out), out, o0)
 
 
+def _hardware_half() -> bool:
+    """Whether this CPU widens float16 in one instruction (x86 F16C; every aarch64 does)."""
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return True
+    return bool(llvm.get_host_cpu_features().get("f16c", False))
+
+
+# Whether the numpy backend keeps float16 group scales and biases as float16 (kernels widen
+# them per group, exactly): 4 bytes per group of 32-128 weights instead of 8.
+HALF_SCALES = _hardware_half()
+
+
+def kernel_array(a: np.ndarray) -> np.ndarray:
+    """An array as the kernels read it: C-contiguous (the vector code needs it; a no-op for the
+    usual mmap'd or converted weights), float16 as its bits (numba has no float16)."""
+    a = np.ascontiguousarray(a)
+    return a.view(np.uint16) if a.dtype == np.float16 else a
+
+
+def kernel_weight(
+    packed: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int
+) -> tuple:
+    """The weight tuple the kernels take: (packed, scales, biases, bits, group_size)."""
+    return (kernel_array(packed), kernel_array(scales), kernel_array(biases), int(bits),
+            int(group_size))
+
+
 def qmatvec(
     x: np.ndarray,
     packed: np.ndarray,
@@ -322,7 +310,7 @@ def qmatvec(
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty((x.shape[0], packed.shape[0]), dtype=np.float32)
     xsum = x.reshape(x.shape[0], -1, group_size).sum(axis=-1, dtype=np.float32)
-    _qmatvec(x, xsum, (packed, scales, biases, int(bits), int(group_size)), out)
+    _qmatvec(x, xsum, kernel_weight(packed, scales, biases, bits, group_size), out)
     return out
 
 
@@ -333,8 +321,8 @@ def _dequantize_rows_4(packed, scales, biases, group_size, rows, out):
         r = rows[i]
         row_bytes = packed[r].view(np.uint8)
         for g in range(scales.shape[1]):
-            s = scales[r, g]
-            b = biases[r, g]
+            s = widen(scales[r, g])
+            b = widen(biases[r, g])
             for t in range(half):
                 j = g * half + t
                 v = np.int32(row_bytes[j])
@@ -348,8 +336,8 @@ def _dequantize_rows_8(packed, scales, biases, group_size, rows, out):
         r = rows[i]
         row_bytes = packed[r].view(np.uint8)
         for g in range(scales.shape[1]):
-            s = scales[r, g]
-            b = biases[r, g]
+            s = widen(scales[r, g])
+            b = widen(biases[r, g])
             for t in range(group_size):
                 j = g * group_size + t
                 out[i, j] = s * np.float32(row_bytes[j]) + b
@@ -361,8 +349,8 @@ def _dequantize_rows_any(packed, scales, biases, bits, group_size, rows, out):
         r = rows[i]
         words = packed[r]
         for g in range(scales.shape[1]):
-            s = scales[r, g]
-            b = biases[r, g]
+            s = widen(scales[r, g])
+            b = widen(biases[r, g])
             for t in range(group_size):
                 j = g * group_size + t
                 out[i, j] = s * np.float32(_element(words, j, bits)) + b
@@ -386,6 +374,7 @@ def dequantize_rows(
     rows = np.ascontiguousarray(rows, dtype=np.int64).reshape(-1)
     n_in = packed.shape[1] * 32 // bits
     out = np.empty((rows.shape[0], n_in), dtype=np.float32)
+    scales, biases = kernel_array(scales), kernel_array(biases)
     if bits == 4:
         _dequantize_rows_4(packed, scales, biases, int(group_size), rows, out)
     elif bits == 8:

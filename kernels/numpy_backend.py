@@ -11,7 +11,14 @@ import numpy as np
 
 from kernels import fused
 from kernels.formats import prepare_unit
-from kernels.numba_kernels import dequantize_rows, half_matvec, half_rows, qmatvec
+from kernels.numba_kernels import (
+    HALF_SCALES,
+    dequantize_rows,
+    half_matvec,
+    half_rows,
+    kernel_weight,
+    qmatvec,
+)
 from kernels.quant import HalfWeight, QuantizedWeight
 
 # Up to this many rows of x (decode, small batches) a quantized or 16-bit linear runs the fused
@@ -52,7 +59,7 @@ def _or_empty(a: np.ndarray | None) -> np.ndarray:
 
 
 def _kernel_tuple(w: QuantizedWeight) -> tuple:
-    return (w.packed, w.scales, w.biases, w.bits, w.group_size)
+    return kernel_weight(w.packed, w.scales, w.biases, w.bits, w.group_size)
 
 
 class NumpyKVCache:
@@ -109,6 +116,7 @@ class NumpyBackend:
     name = "numpy"
     prepare_off_compute_thread = True
     prepare_views_raw = True
+    half_scales = HALF_SCALES
 
     def __init__(self, threads: int | None = None) -> None:
         self.threads = threads
@@ -121,7 +129,7 @@ class NumpyBackend:
     def prepare(
         self, tensors: Mapping[str, Any], quantization: Mapping[str, Any] | None
     ) -> dict[str, Any]:
-        return prepare_unit(tensors, quantization)
+        return prepare_unit(tensors, quantization, self.half_scales)
 
     def nbytes(self, prepared: Mapping[str, Any]) -> int:
         return sum(int(v.nbytes) for v in prepared.values())

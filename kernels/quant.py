@@ -31,7 +31,9 @@ CHUNK = 8  # 8 elements of any bit width fill exactly `bits` whole bytes
 class QuantizedWeight:
     """A (out, in) weight in MLX affine form. Arrays are numpy (numpy backend) or mx (MLX).
 
-    packed (out, in * bits // 32) uint32; scales, biases (out, in // group_size) float32.
+    packed (out, in * bits // 32) uint32; scales, biases (out, in // group_size) float32, or
+    float16 where the numpy backend keeps them so (kernels/formats.py, half_scales): readers
+    widen them, np.asarray(scales, np.float32) does it exactly.
     """
 
     packed: Any

@@ -2,9 +2,12 @@
 
 Both backends compute in float32, but weights stay in their stored width where the ops can read
 it: 2-D F16/BF16 matrices stay 16-bit (HalfWeight; mx.float16/bfloat16 on MLX), quantized
-weights stay packed (uint32 words) with float32 scales and biases per group. 1-D F16/BF16
-tensors (norms, biases) and F32 are float32. The cache reserves this many bytes before a read
-starts, so the figure must equal what prepare() produces.
+weights stay packed (uint32 words) with float32 scales and biases per group, or float16 ones
+where the backend keeps them so (half_scales: numpy on a CPU that widens float16 in hardware,
+for GGUF blocks and F16-stored MLX scales). 1-D F16/BF16 tensors (norms, biases) and F32 are
+float32. The cache reserves this many bytes before a read starts, so the figure must equal what
+prepare() produces (one known exception: a GGUF Q8_0/Q4_0 tensor whose biases overflow float16
+keeps them float32, see formats.gguf_to_affine).
 """
 
 from __future__ import annotations
@@ -21,13 +24,15 @@ HALF_DTYPES = ("F16", "BF16")
 
 
 def prepared_nbytes(
-    dtype: str, shape: tuple[int, ...], quant_bits: int | None = None, *, widened: bool = False
+    dtype: str, shape: tuple[int, ...], quant_bits: int | None = None, *, widened: bool = False,
+    half_scales: bool = False,
 ) -> int:
     """Compute-form bytes of one stored tensor.
 
     widened=True: a dense tensor that prepare() widens to float32 whatever its shape, which is
     what happens to the scales and biases of an MLX-packed weight (dtype "U32"; its packed
     words are kept as they are). unit_nbytes() applies that rule by name.
+    half_scales=True: GGUF blocks become float16 scales and biases, 2 bytes each.
     """
     n = math.prod(shape)
     if dtype in HALF_DTYPES and len(shape) == 2 and not widened:
@@ -38,12 +43,12 @@ def prepared_nbytes(
         return 4 * n
     if dtype in GGUF_AFFINE:
         bits, group = GGUF_AFFINE[dtype]
-        return n * bits // 8 + 2 * 4 * (n // group)
+        return n * bits // 8 + 2 * (2 if half_scales else 4) * (n // group)
     raise ValueError(no_compute_form(dtype))
 
 
 def _companions(tensors: Mapping[str, Any]) -> set[str]:
-    """The "x.scales" / "x.biases" names next to a U32 "x.weight" (widened to float32)."""
+    """The "x.scales" / "x.biases" names next to a U32 "x.weight"."""
     return {
         f"{name.removesuffix('.weight')}.{part}"
         for name, t in tensors.items()
@@ -52,61 +57,72 @@ def _companions(tensors: Mapping[str, Any]) -> set[str]:
     }
 
 
-def _viewed(tensors: Mapping[str, Any]) -> bool:
+def _viewed(tensors: Mapping[str, Any], half_scales: bool) -> bool:
     """Whether prepare() on a view-making backend keeps views of the read buffer: packed U32
     words, F32 tensors and 2-D F16/BF16 matrices stay in the buffer (when aligned, as the
-    reader's buffers and safetensors offsets make them); everything else is converted. A unit
-    with GGUF blocks keeps no views (prepare_unit copies its dense tensors)."""
+    reader's buffers and safetensors offsets make them), as do F16 scales and biases with
+    half_scales; everything else is converted. A unit with GGUF blocks keeps no views
+    (prepare_unit copies its dense tensors)."""
     if any(t.dtype in GGUF_AFFINE for t in tensors.values()):
         return False
     companions = _companions(tensors)
-    return any(_is_view(name, t, companions) for name, t in tensors.items())
+    return any(_is_view(name, t, companions, half_scales) for name, t in tensors.items())
 
 
-def _is_view(name: str, t: Any, companions: set[str]) -> bool:
+def _is_view(name: str, t: Any, companions: set[str], half_scales: bool) -> bool:
     if name in companions:
-        return t.dtype == "F32"
+        return t.dtype == "F32" or (half_scales and t.dtype == "F16")
     return t.dtype in ("U32", "F32") or (t.dtype in HALF_DTYPES and len(tuple(t.shape)) == 2)
 
 
-def held_nbytes(tensors: Mapping[str, Any], views_raw: bool) -> int:
+def _tensor_nbytes(name: str, t: Any, companions: set[str], half_scales: bool) -> int:
+    shape = tuple(t.shape)
+    if name in companions and half_scales and t.dtype == "F16":
+        return 2 * math.prod(shape)  # kept as float16
+    return prepared_nbytes(t.dtype, shape, widened=name in companions, half_scales=half_scales)
+
+
+def held_nbytes(tensors: Mapping[str, Any], views_raw: bool, half_scales: bool = False) -> int:
     """Bytes a prepared unit keeps allocated: what the cache budget counts for it.
 
     tensors is {name: object with .dtype, .shape and .nbytes (stored bytes)}. On a backend
     whose compute form views the read buffer (numpy), one view keeps the whole buffer alive, so
     the unit holds every raw byte plus the arrays converted out of it (float32 scales and
-    biases, widened norms): a 4-bit group-64 unit holds its float16 scales and biases twice.
-    Otherwise (MLX copies into its own arrays) it holds its compute form only.
+    biases, widened norms): without half_scales a 4-bit group-64 unit holds its float16 scales
+    and biases twice. Otherwise (MLX copies into its own arrays) it holds its compute form only.
     """
-    if views_raw and _viewed(tensors):
+    if views_raw and _viewed(tensors, half_scales):
         companions = _companions(tensors)
         converted = sum(
-            prepared_nbytes(t.dtype, tuple(t.shape), widened=name in companions)
+            _tensor_nbytes(name, t, companions, half_scales)
             for name, t in tensors.items()
-            if not _is_view(name, t, companions))
+            if not _is_view(name, t, companions, half_scales))
         return sum(int(t.nbytes) for t in tensors.values()) + converted
-    return unit_nbytes(tensors)
+    return unit_nbytes(tensors, half_scales)
 
 
-def transient_nbytes(tensors: Mapping[str, Any], views_raw: bool) -> int:
+def transient_nbytes(
+    tensors: Mapping[str, Any], views_raw: bool, half_scales: bool = False
+) -> int:
     """Raw bytes allocated beside the held bytes only while a unit is prepared: the read
     buffer, unless the prepared unit keeps views of it (then held_nbytes counts it). The
     scheduler reserves these bytes for each read in flight."""
-    if views_raw and _viewed(tensors):
+    if views_raw and _viewed(tensors, half_scales):
         return 0
     return sum(int(t.nbytes) for t in tensors.values())
 
 
-def unit_nbytes(tensors: Mapping[str, Any]) -> int:
+def unit_nbytes(tensors: Mapping[str, Any], half_scales: bool = False) -> int:
     """Compute-form bytes of one unit: {name: object with .dtype and .shape}, as prepare() takes.
 
-    "x.scales" / "x.biases" next to a U32 "x.weight" are widened to float32 (2-D or not).
+    "x.scales" / "x.biases" next to a U32 "x.weight" are widened to float32 (2-D or not), or
+    with half_scales kept as they are when F16.
     """
     companions = _companions(tensors)
     total = 0
     for name, t in tensors.items():
         try:
-            total += prepared_nbytes(t.dtype, tuple(t.shape), widened=name in companions)
+            total += _tensor_nbytes(name, t, companions, half_scales)
         except ValueError as exc:
             raise ValueError(f"tensor {name!r}: {exc}") from None
     return total

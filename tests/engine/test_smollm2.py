@@ -99,9 +99,9 @@ def test_greedy_ids_match_live_transformers(smollm2_gguf):
 
 
 def test_small_budget_gives_identical_tokens(smollm2_gguf):
-    """A quarter of SmolLM2 (29 MB) is below its largest step (tied head: norm + the 35 MB
+    """A quarter of SmolLM2 (25 MB) is below its largest step (tied head: norm + the 32 MB
     embedding in compute form, plus its ~30 MB of GGUF blocks held while they are converted),
-    so the smallest budget that can run it is used: ~66 MB, about 60 %."""
+    so the smallest budget that can run it is used: ~66 MB, about 67 % of its 98 MB."""
     case = CASES["prompt1"]
     probe = asyncio.run(Engine.open(smollm2_gguf, EngineConfig(backend="numpy")))
     need = probe.min_budget_bytes
@@ -111,7 +111,7 @@ def test_small_budget_gives_identical_tokens(smollm2_gguf):
     eng = asyncio.run(Engine.open(smollm2_gguf, EngineConfig(backend="numpy",
                                                              memory_budget_bytes=budget)))
     try:
-        assert budget < 0.65 * model_bytes
+        assert budget < 0.7 * model_bytes
         got = asyncio.run(greedy_ids(eng, case["prompt_ids"], N_STEPS))
         assert eng.cache.compute.stats.peak_bytes <= budget
         assert eng.cache.disk_bytes_read > 10 * eng.source.index.nbytes // 2

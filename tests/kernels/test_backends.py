@@ -96,11 +96,17 @@ def test_prepare_matches_sizes_and_values(ops):
             "ffn.q8.weight",
         ]
     )
-    expected = unit_nbytes(tensors)
+    expected = unit_nbytes(tensors, ops.half_scales)
     assert ops.nbytes(prepared) == expected
     q = prepared["self_attn.q_proj.weight"]
     o = prepared["self_attn.o_proj.weight"]
     assert (q.bits, q.group_size, o.bits, o.group_size) == (4, 64, 8, 32)
+    # half_scales keeps F16-stored and GGUF scales float16; F32-stored ones stay float32
+    half = np.float16 if ops.half_scales else np.float32
+    q8 = prepared["ffn.q8.weight"]
+    if ops.name == "numpy":
+        assert (q.scales.dtype, q.biases.dtype, q8.scales.dtype, q8.biases.dtype) == (half,) * 4
+        assert o.scales.dtype == o.biases.dtype == np.float32
     np.testing.assert_array_equal(to_np(ops, q.packed), w_q.packed)
     np.testing.assert_array_equal(to_np(ops, q.scales), w_q.scales)
     np.testing.assert_array_equal(to_np(ops, o.biases), w_o.biases)

@@ -6,7 +6,7 @@ import pytest
 
 from kernels import fused
 from kernels.numpy_backend import MATVEC_MAX_ROWS, NumpyBackend, NumpyKVCache
-from kernels.quant import HalfWeight, quantize
+from kernels.quant import HalfWeight, QuantizedWeight, quantize
 
 E, H, HKV, D, INTER = 64, 4, 2, 16, 128
 EPS = 1e-5
@@ -119,6 +119,23 @@ def test_attention_output_mlp_matches_fine_ops(bits, group_size, n, o_bias):
     normed = ops.rms_norm(h, ln, EPS)
     mlp = ops.silu_mul(ops.linear(normed, w["gate"]), ops.linear(normed, w["up"]))
     np.testing.assert_allclose(got, ops.add(h, ops.linear(mlp, w["down"])), **TOL)
+
+
+@pytest.mark.parametrize("bits", [4, 8, 3])
+def test_block_output_with_float16_scales_is_exact(bits):
+    """half_scales weights (float16 scales and biases) run the same math as float32 ones."""
+    rng = np.random.default_rng(40 + bits)
+    ops, w = NumpyBackend(), weights(rng, bits, 32)
+    half = {k: QuantizedWeight(v.packed, v.scales.astype(np.float16),
+                               v.biases.astype(np.float16), bits, 32) for k, v in w.items()}
+    wide = {k: QuantizedWeight(v.packed, v.scales.astype(np.float32),
+                               v.biases.astype(np.float32), bits, 32) for k, v in half.items()}
+    x = rng.standard_normal((2, E)).astype(np.float32)
+    attn = rng.standard_normal((2, H * D)).astype(np.float32)
+    ln = norm_weight(rng, E)
+    got, want = (ops.block_output(x, attn, ws["o"], None, ln, EPS,
+                                  [ws["gate"], ws["up"], ws["down"]]) for ws in (half, wide))
+    np.testing.assert_array_equal(got, want)
 
 
 def test_fuses_only_quantized_weights_and_few_rows():

@@ -160,7 +160,7 @@ def test_prepare_matches_unit_nbytes(ops):
         "c.weight": raw(w, "F32"),
     }
     prepared = ops.prepare(tensors, {"bits": 4, "group_size": 64})
-    assert ops.nbytes(prepared) == unit_nbytes(tensors)
+    assert ops.nbytes(prepared) == unit_nbytes(tensors, ops.half_scales)
     assert int(prepared["a.weight"].nbytes) == 2 * w.size
     np.testing.assert_array_equal(to_np(ops, prepared["n.weight"]), reference(norm, "F16"))
 
@@ -235,6 +235,10 @@ def test_held_bytes_count_the_read_buffer_a_view_keeps_alive():
     assert transient_nbytes(tensors, views_raw=True) == 0
     assert held_nbytes(tensors, views_raw=False) == unit_nbytes(tensors)
     assert transient_nbytes(tensors, views_raw=False) == raw_bytes
+    # half_scales: the F16 scales and biases are views too; only the norm is widened
+    assert held_nbytes(tensors, True, half_scales=True) == raw_bytes + 4 * norm.size
+    assert unit_nbytes(tensors, half_scales=True) == (
+        qw.packed.nbytes + 2 * (qw.scales.size + qw.biases.size) + 4 * norm.size)
     widened_only = {"n.weight": raw(norm, "BF16")}  # nothing viewed: freed after prepare
     assert held_nbytes(widened_only, views_raw=True) == unit_nbytes(widened_only)
     assert transient_nbytes(widened_only, views_raw=True) == norm.size * 2

@@ -110,17 +110,19 @@ def test_bit_exact_with_mlx(bits, group_size):
 @pytest.mark.parametrize("bits,group_size", CASES)
 def test_numba_kernels_vs_reference(bits, group_size):
     rng = np.random.default_rng(bits + group_size)
-    qw = quantize(weights(rng, out=40, n_in=384), bits, group_size)
+    # 43 rows: full tiles of 16 and a last tile of 11, so the 4-bit path's 8-row blocks and its
+    # single-row tail both run
+    qw = quantize(weights(rng, out=43, n_in=384), bits, group_size)
     w = dequantize(qw)
-    for n in (1, 3):
+    for n in (1, 3, 8):
         x = rng.standard_normal((n, 384)).astype(np.float32)
         got = numba_kernels.qmatvec(x, qw.packed, qw.scales, qw.biases, bits, group_size)
         ref = (x.astype(np.float64) @ w.T.astype(np.float64)).astype(np.float32)
-        assert got.shape == (n, 40) and got.dtype == np.float32
+        assert got.shape == (n, 43) and got.dtype == np.float32
         # tolerance relative to the magnitude of the terms summed (rows 0-4 have huge scales)
         mag = np.abs(x) @ np.abs(w).T
         np.testing.assert_array_less(np.abs(got - ref), 1e-5 * mag + 1e-30)
-    rows = np.array([39, 0, 4, 4], dtype=np.int64)
+    rows = np.array([42, 0, 4, 4], dtype=np.int64)
     got_rows = numba_kernels.dequantize_rows(
         qw.packed, qw.scales, qw.biases, bits, group_size, rows
     )
@@ -128,6 +130,24 @@ def test_numba_kernels_vs_reference(bits, group_size):
     np.testing.assert_array_equal(
         numba_kernels.dequantize_rows(qw.packed, qw.scales, qw.biases, bits, group_size), w
     )
+
+
+@pytest.mark.parametrize("bits,group_size", CASES)
+def test_float16_scales_give_the_float32_results(bits, group_size):
+    """Scales and biases kept as float16 (the numpy backend's half_scales form) are widened
+    exactly: the same bits out as the same values given as float32."""
+    rng = np.random.default_rng(100 + bits + group_size)
+    qw = quantize(weights(rng, out=43, n_in=384), bits, group_size)
+    s16, b16 = qw.scales.astype(np.float16), qw.biases.astype(np.float16)
+    x = rng.standard_normal((3, 384)).astype(np.float32)
+    for f16_scales, f16_biases in ((s16, b16), (s16, b16.astype(np.float32))):
+        for run in (numba_kernels.qmatvec, numba_kernels.dequantize_rows):
+            args = (qw.packed, f16_scales, f16_biases, bits, group_size)
+            wide = (qw.packed, *(a.astype(np.float32) for a in args[1:3]), bits, group_size)
+            if run is numba_kernels.qmatvec:
+                np.testing.assert_array_equal(run(x, *args), run(x, *wide))
+            else:
+                np.testing.assert_array_equal(run(*args), run(*wide))
 
 
 def test_quantized_weight_is_frozen():
