@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,8 +59,17 @@ def _or_empty(a: np.ndarray | None) -> np.ndarray:
     return _EMPTY if a is None else a
 
 
+# Each weight's kernel tuple, made once per prepared weight rather than per call: the three
+# ascontiguousarray checks cost ~0.9 us per weight, 7 per decoder block per token.
+_KERNEL_TUPLES: weakref.WeakKeyDictionary[QuantizedWeight, tuple] = weakref.WeakKeyDictionary()
+
+
 def _kernel_tuple(w: QuantizedWeight) -> tuple:
-    return kernel_weight(w.packed, w.scales, w.biases, w.bits, w.group_size)
+    t = _KERNEL_TUPLES.get(w)
+    if t is None:
+        t = _KERNEL_TUPLES[w] = kernel_weight(w.packed, w.scales, w.biases, w.bits,
+                                              w.group_size)
+    return t
 
 
 class NumpyKVCache:
