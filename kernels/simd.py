@@ -1,19 +1,21 @@
-"""The 4-bit dot product written as explicit LLVM vector IR (numba intrinsics).
+"""The 4- and 8-bit dot products written as explicit LLVM vector IR (numba intrinsics).
 
-numba's auto-vectorised 4-bit loop (kernels/numba_kernels.py) reduces each group's dot product
-across SIMD lanes before scaling it: a horizontal sum per 32 weights, on one serial chain. Here a
-group's products stay in a 16-lane vector, the group scale is applied lane-wise, and the lanes
-are summed once per row; 8 weight rows run at once, so each x load serves 8 rows and the 8
-accumulator chains overlap. On this machine's AVX-512 that ran 2.5-3x faster than the
-auto-vectorised loop on SmolLM2's shapes (bench/kernels_4bit.py).
+numba's auto-vectorised loops reduced each group's dot product across SIMD lanes before scaling
+it: a horizontal sum per group, on one serial chain. Here a group's products stay in a 16-lane
+vector, the group scale is applied lane-wise, and the lanes are summed once per row; 8 weight
+rows run at once, so each x load serves 8 rows and their accumulator chains overlap; and each
+packed load prefetches the next block of rows. On this machine's AVX-512 (a microbenchmark in
+one process, SmolLM2's shapes, hot weights) the 4-bit loop ran 2.5-3x and the 8-bit one 2x
+faster than the auto-vectorised ones; `python -m bench.matvec` measures the cold rate.
 
-The IR is target-independent (vectors of 16 float32, `llvm.fmuladd`): LLVM splits the vectors
-for AVX2 or NEON and fuses the multiply-adds where the target has FMA.
+The IR is target-independent (vectors of 16 float32, `llvm.fmuladd`, `llvm.prefetch`): LLVM
+splits the vectors for AVX2 or NEON and fuses the multiply-adds where the target has FMA.
 
-Layout (kernels/quant.py): a row's bytes hold two 4-bit codes each, low nibble first, groups of
-group_size codes = group_size / 2 bytes, 16-byte chunks. x arrives deinterleaved
-(numba_kernels.deinterleave): byte j's low nibble pairs with xe[j], its high nibble with xo[j].
-Per group: sum_k x_k (s q_k + b) = s dot(x, q) + b sum(x), with sum(x) per group in xs.
+Layout (kernels/quant.py): a 4-bit row's bytes hold two codes each, low nibble first; an 8-bit
+row one code per byte; 16-byte chunks, group_size * bits / 128 of them per group. For 4-bit, x
+arrives deinterleaved (numba_kernels.deinterleave): byte j's low nibble pairs with xe[j], its
+high nibble with xo[j]. Per group: sum_k x_k (s q_k + b) = s dot(x, q) + b sum(x), with sum(x)
+per group in xs. Scales and biases are float32, or float16 bits (uint16) widened exactly.
 """
 
 from __future__ import annotations
