@@ -111,8 +111,9 @@ def gguf_to_affine(
 
 
 def _half_if_exact(a: np.ndarray) -> np.ndarray:
-    half = a.astype(np.float16)
-    return half if np.array_equal(half.astype(np.float32), a) else a
+    with np.errstate(over="ignore"):  # an overflow is the inexact case, not a warning
+        half = a.astype(np.float16)
+    return half if np.array_equal(half.astype(np.float32), a, equal_nan=True) else a
 
 
 _REFERENCE_BLOCKS = {

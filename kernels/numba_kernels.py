@@ -4,14 +4,14 @@ qmatvec reads the packed bytes directly, so decode never materialises a float32 
 group it computes dot(x, q) and folds the affine terms in once:
 sum_k x_k (s q_k + b) = s * dot(x, q) + b * sum(x), with sum(x) per group shared by all rows.
 
-4-bit rows run as explicit LLVM vector IR (kernels/simd.py), 8 weight rows per call. 8- and
-2-bit elements never straddle a byte, so those paths decode byte-wise, which LLVM vectorises.
+4- and 8-bit rows run as explicit LLVM vector IR (kernels/simd.py), 8 weight rows per call.
+2-bit elements never straddle a byte, so that path decodes byte-wise, which LLVM vectorises.
 3/5/6-bit elements do straddle, but 8 of them fill exactly `bits` bytes, so those
 paths unpack whole 3- or 5-byte chunks with fixed shifts into a float32 stack buffer, then dot
 (`_rows_chunked`, its bits switch once per segment, outside the unpack loops).
-Each byte-wise path is its own kernel: a switch on bits inside the group loop defeats the
-vectoriser. Loops are written `for i in range(n): j = start + i` for the same reason
-(range(start, stop) does not vectorise here). Kernels compile lazily on first use and are
+A switch on bits inside a group loop defeats the vectoriser, so each path has its own loops.
+Loops are written `for i in range(n): j = start + i` for the same reason (range(start, stop)
+does not vectorise here). Kernels compile lazily on first use and are
 cached on disk (cache=True), in a directory keyed by the kernels' source (kernels/jit_cache.py).
 """
 
@@ -36,6 +36,7 @@ from numba.extending import intrinsic  # noqa: E402
 
 import kernels.jit_cache  # noqa: E402, F401  (before any cached kernel: keys the cache)
 import kernels.tbb_layer  # noqa: E402, F401  (before any parallel launch: picks the layer)
+from kernels.quant import check_group_size  # noqa: E402
 from kernels.simd import ROWS, dot_row, dot_rows, widen  # noqa: E402
 
 JIT = {"parallel": True, "cache": True, "fastmath": False, "nogil": True}
@@ -278,9 +279,12 @@ HALF_SCALES = _hardware_half()
 
 def kernel_array(a: np.ndarray) -> np.ndarray:
     """An array as the kernels read it: C-contiguous (the vector code needs it; a no-op for the
-    usual mmap'd or converted weights), float16 as its bits (numba has no float16)."""
+    usual mmap'd or converted weights), float16 as its bits (numba has no float16), any other
+    float as float32."""
     a = np.ascontiguousarray(a)
-    return a.view(np.uint16) if a.dtype == np.float16 else a
+    if a.dtype == np.float16:
+        return a.view(np.uint16)
+    return a.astype(np.float32, copy=False) if a.dtype.kind == "f" else a
 
 
 def kernel_weight(
@@ -307,6 +311,7 @@ def qmatvec(
     if bits not in (2, 3, 4, 5, 6, 8) or x.shape[-1] * bits != packed.shape[1] * 32:
         raise ValueError(f"qmatvec: x has {x.shape[-1]} features, a {bits}-bit weight of "
                          f"{packed.shape[1]} words per row holds {packed.shape[1] * 32 // bits}")
+    check_group_size(group_size)  # the vector code steps whole 16-byte chunks per group
     x = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty((x.shape[0], packed.shape[0]), dtype=np.float32)
     xsum = x.reshape(x.shape[0], -1, group_size).sum(axis=-1, dtype=np.float32)

@@ -213,7 +213,8 @@ class NumpyBackend:
     ) -> np.ndarray:
         """x (N, E) + o-proj(attn (N, H*D)) -> h; returns h + the SiLU MLP of norm(h)."""
         wg, wu, wd = (_kernel_tuple(w) for w in mlp)
-        return fused.attention_output_mlp(np.ascontiguousarray(x, dtype=np.float32), attn,
+        return fused.attention_output_mlp(np.ascontiguousarray(x, dtype=np.float32),
+                                          np.ascontiguousarray(attn, dtype=np.float32),
                                           _kernel_tuple(wo), _or_empty(bo), norm, eps,
                                           wg, wu, wd)
 

@@ -28,7 +28,7 @@ from numba.extending import intrinsic
 
 LANES = 16  # float32 lanes per vector: one AVX-512 register, two AVX2 ones
 CHUNK_BYTES = LANES  # packed bytes per vector step: 16 bytes = 32 codes = 2 vectors of products
-ROWS = 8  # weight rows per dot4_rows call (8 accumulator chains, 16 of 32 zmm registers)
+ROWS = 8  # weight rows per dot_rows call (8 accumulator chains, 16 of 32 zmm registers)
 
 _F32, _I8, _I32, _I64 = ir.FloatType(), ir.IntType(8), ir.IntType(32), ir.IntType(64)
 _VF = ir.VectorType(_F32, LANES)

@@ -56,6 +56,24 @@ def test_q8_0_hand_built_block():
     np.testing.assert_array_equal(dequantize(gguf_to_affine(raw, "Q8_0", (1, 32)))[0], 0.25 * q)
 
 
+def test_half_scales_keep_float16_where_exact(recwarn):
+    """half_scales: GGUF scales stay float16; biases too unless one is not exact in float16
+    (-128 d overflows for d > 511.98), then that tensor's biases stay float32, silently."""
+    q = np.arange(-16, 16, dtype=np.int8).view(np.uint8)
+
+    def q8(*ds):
+        return np.concatenate([np.concatenate([np.array([d], "<f2").view(np.uint8), q])
+                               for d in ds])
+
+    for ds, bias_dtype in (((0.25, 2.0), np.float16), ((0.25, np.nan), np.float16),
+                           ((0.25, 600.0), np.float32)):
+        qw = gguf_to_affine(q8(*ds), "Q8_0", (2, 32), half_scales=True)
+        assert (qw.scales.dtype, qw.biases.dtype) == (np.float16, bias_dtype)
+        np.testing.assert_array_equal(dequantize(qw),
+                                      dequantize(gguf_to_affine(q8(*ds), "Q8_0", (2, 32))))
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 @pytest.mark.parametrize("dtype,np_dtype", [("F32", "<f4"), ("F16", "<f2")])
 def test_to_float32_dense(dtype, np_dtype):
     a = np.random.default_rng(0).standard_normal((3, 5)).astype(np_dtype)

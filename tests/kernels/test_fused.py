@@ -136,6 +136,11 @@ def test_block_output_with_float16_scales_is_exact(bits):
     got, want = (ops.block_output(x, attn, ws["o"], None, ln, EPS,
                                   [ws["gate"], ws["up"], ws["down"]]) for ws in (half, wide))
     np.testing.assert_array_equal(got, want)
+    # attn as a strided float64 view (the backend makes it what the vector code reads)
+    strided = np.repeat(attn.astype(np.float64), 2, axis=1)[:, ::2]
+    np.testing.assert_array_equal(ops.block_output(x, strided, half["o"], None, ln, EPS,
+                                                   [half["gate"], half["up"], half["down"]]),
+                                  got)
 
 
 def test_fuses_only_quantized_weights_and_few_rows():

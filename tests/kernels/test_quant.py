@@ -150,6 +150,23 @@ def test_float16_scales_give_the_float32_results(bits, group_size):
                 np.testing.assert_array_equal(run(*args), run(*wide))
 
 
+def test_qmatvec_checks_its_inputs():
+    """A group size the formats do not define is refused (the vector code steps 16-byte
+    chunks per group); float64 scales and x are widened or narrowed to float32."""
+    rng = np.random.default_rng(5)
+    qw = quantize(weights(rng, out=9, n_in=128), 4, 32)
+    x = rng.standard_normal((2, 128))
+    with pytest.raises(ValueError, match="group_size=16 is not supported"):
+        numba_kernels.qmatvec(x, qw.packed, qw.scales[:, :8], qw.biases[:, :8], 4, 16)
+    want = numba_kernels.qmatvec(x.astype(np.float32), qw.packed, qw.scales, qw.biases, 4, 32)
+    got = numba_kernels.qmatvec(x, qw.packed, qw.scales.astype(np.float64),
+                                qw.biases.astype(np.float64), 4, 32)
+    np.testing.assert_array_equal(got, want)
+    rows = numba_kernels.dequantize_rows(qw.packed, qw.scales.astype(np.float64),
+                                         qw.biases.astype(np.float64), 4, 32)
+    np.testing.assert_array_equal(rows, dequantize(qw))
+
+
 def test_quantized_weight_is_frozen():
     qw = quantize(np.ones((2, 32), np.float32), 4, 32)
     assert isinstance(qw, QuantizedWeight)
