@@ -7,7 +7,8 @@ Random weights of SmolLM2-135M's decoder shapes (q, k, v, o, gate, up, down, 30 
 tied head, run one after another through kernels.numba_kernels.qmatvec with one row of x,
 as decode does. Each repetition times one pass over every matrix; prints the median [min-max]
 GB/s per setting, against the RAM read rate measured the same way as stream-bench's bound.
-The weights differ per layer (an XOR of the packed words), so no pass reads a cached copy.
+Every layer has its own arrays (packed words XORed, scales and biases copied), so a pass reads
+no array twice; the tied head (32 MB at 8-bit) is as large as the L3, so part of it may hit.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def _weights(bits: int, group_size: int, shapes: list[tuple[int, int]], n_copies
     for shape in shapes:
         q = quantize(rng.standard_normal(shape).astype(np.float32), bits, group_size)
         scales, biases = q.scales.astype(np.float16), q.biases.astype(np.float16)
-        out += [QuantizedWeight(q.packed ^ np.uint32(i * 2654435761 % 2**32), scales, biases,
-                                bits, group_size) for i in range(n_copies)]
+        out += [QuantizedWeight(q.packed ^ np.uint32(i * 2654435761 % 2**32), scales.copy(),
+                                biases.copy(), bits, group_size) for i in range(n_copies)]
     return out
 
 
