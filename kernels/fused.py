@@ -214,3 +214,31 @@ def attention_output_mlp(x, attn, wo, bo, ln, eps, wg, wu, wd):
         for e in range(E):
             out[r, e] += h[r, e]
     return out
+
+
+@njit(**_SERIAL)
+def _store_kv(k, v, k_cache, v_cache, offset):
+    """k, v (n, Hkv, D) -> rows offset.. of k_cache, v_cache (Hkv, max, D), in place."""
+    for r in range(k.shape[0]):
+        for h in range(k.shape[1]):
+            for d in range(k.shape[2]):
+                k_cache[h, offset + r, d] = k[r, h, d]
+                v_cache[h, offset + r, d] = v[r, h, d]
+
+
+@njit(**_SERIAL)
+def decoder_block(x, ln, eps, wq, wk, wv, bq, bk, bv, qn, kn, cos, sin, n_heads, n_kv_heads,
+                  k_cache, v_cache, offset, scale, wo, bo, ln_post, wg, wu, wd):
+    """A whole block for one sequence in one call: attention_input, the KV write and causal
+    attention (cached_attention's), attention_output_mlp. Saves the two returns to Python
+    between them, during which the parallel workers fell asleep."""
+    q, k, v = attention_input(x, ln, eps, wq, wk, wv, bq, bk, bv, qn, kn, cos, sin, n_heads,
+                              n_kv_heads)
+    _store_kv(k, v, k_cache, v_cache, offset)
+    n, H, D = q.shape
+    attn = np.empty_like(q)
+    if n * H * (offset + n) * D > PARALLEL_ATTENTION_WORK:
+        _attend_parallel(q, k_cache, v_cache, attn, offset, scale)
+    else:
+        _attend_serial(q, k_cache, v_cache, attn, offset, scale)
+    return attention_output_mlp(x, attn.reshape(n, H * D), wo, bo, ln_post, eps, wg, wu, wd)

@@ -218,6 +218,25 @@ class NumpyBackend:
                                           _kernel_tuple(wo), _or_empty(bo), norm, eps,
                                           wg, wu, wd)
 
+    def block_decode(
+        self, x: np.ndarray, norm: np.ndarray, eps: float, qkv: Sequence[QuantizedWeight],
+        qkv_bias: Sequence[np.ndarray | None], qk_norm: Sequence[np.ndarray | None],
+        cos: np.ndarray, sin: np.ndarray, n_heads: int, n_kv_heads: int, kv: NumpyKVCache,
+        layer_idx: int, scale: float, wo: QuantizedWeight, bo: np.ndarray | None,
+        post_norm: np.ndarray, mlp: Sequence[QuantizedWeight],
+    ) -> np.ndarray:
+        """block_attention_input, kv.attend and block_output for one sequence, in one call."""
+        kv._check_room(x.shape[0])
+        wq, wk, wv = (_kernel_tuple(w) for w in qkv)
+        bq, bk, bv = (_or_empty(b) for b in qkv_bias)
+        qn, kn = (_or_empty(n) for n in qk_norm)
+        wg, wu, wd = (_kernel_tuple(w) for w in mlp)
+        return fused.decoder_block(np.ascontiguousarray(x, dtype=np.float32), norm, eps, wq, wk,
+                                   wv, bq, bk, bv, qn, kn, cos, sin, n_heads, n_kv_heads,
+                                   kv.k[layer_idx, 0], kv.v[layer_idx, 0], kv.offset,
+                                   np.float32(scale), _kernel_tuple(wo), _or_empty(bo),
+                                   post_norm, wg, wu, wd)
+
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         ms = np.mean(np.square(x), axis=-1, keepdims=True)
         return x * (np.float32(1) / np.sqrt(ms + np.float32(eps))) * weight

@@ -207,14 +207,20 @@ class Model:
 
     def _fused_block(self, w: Mapping[str, Any], layer_idx: int, x: Any,
                      seqs: list[tuple[KVCache, int]], rope: tuple[np.ndarray, np.ndarray]) -> Any:
-        """The block on x (N, E) in two fused calls plus one attention call per sequence."""
+        """The block on x (N, E) in two fused calls plus one attention call per sequence, or
+        in one call where the backend has it (block_decode: one sequence)."""
         ops, eps = self.ops, self.spec.rms_norm_eps
-        q, k, v = ops.block_attention_input(
-            x, w["input_layernorm.weight"], eps,
-            [w[f"self_attn.{p}_proj.weight"] for p in "qkv"],
-            [w.get(f"self_attn.{p}_proj.bias") for p in "qkv"],
-            [w.get("self_attn.q_norm.weight"), w.get("self_attn.k_norm.weight")],
-            *rope, self.n_heads, self.n_kv_heads)  # (N, H, D), (N, Hkv, D) x2
+        attn_in = (x, w["input_layernorm.weight"], eps,
+                   [w[f"self_attn.{p}_proj.weight"] for p in "qkv"],
+                   [w.get(f"self_attn.{p}_proj.bias") for p in "qkv"],
+                   [w.get("self_attn.q_norm.weight"), w.get("self_attn.k_norm.weight")],
+                   *rope, self.n_heads, self.n_kv_heads)
+        out_args = (w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"),
+                    w["post_attention_layernorm.weight"])
+        mlp = [w[f"mlp.{p}_proj.weight"] for p in ("gate", "up", "down")]
+        if len(seqs) == 1 and hasattr(ops, "block_decode"):
+            return ops.block_decode(*attn_in, seqs[0][0], layer_idx, self.scale, *out_args, mlp)
+        q, k, v = ops.block_attention_input(*attn_in)  # (N, H, D), (N, Hkv, D) x2
         outs, start = [], 0
         for kv, n in seqs:
             end = start + n
@@ -222,10 +228,8 @@ class Model:
                                   self.scale))
             start = end
         attn = outs[0] if len(outs) == 1 else ops.concatenate(outs, axis=0)  # (N, H * D)
-        return ops.block_output(
-            x, attn, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"),
-            w["post_attention_layernorm.weight"], eps,
-            [w[f"mlp.{p}_proj.weight"] for p in ("gate", "up", "down")])
+        wo, bo, post_norm = out_args
+        return ops.block_output(x, attn, wo, bo, post_norm, eps, mlp)
 
     def _head_batch(self, st: BatchState, units: Mapping[str, Any]) -> None:
         ops, w = self.ops, units[HEAD]

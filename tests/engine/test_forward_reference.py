@@ -149,13 +149,14 @@ def test_read_error_mid_stream_names_file_and_unit_and_engine_recovers(tmp_path)
 
 @pytest.mark.parametrize("variant", ["llama", "llama_tied", "qwen2", "qwen3"])
 def test_fused_decode_blocks_match_reference(tmp_path, monkeypatch, variant):
-    """Quantized blocks on few rows take the fused kernels (kernels/fused.py): a 6-token prompt
-    and every decode step; the tokens must still be the reference's."""
+    """Quantized blocks on few rows take the fused kernels (kernels/fused.py; one sequence:
+    the whole block in one call): a 6-token prompt and every decode step; the tokens must
+    still be the reference's."""
     from kernels import fused
 
     calls = []
-    real = fused.attention_input
-    monkeypatch.setattr(fused, "attention_input", lambda *a: calls.append(1) or real(*a))
+    real = fused.decoder_block
+    monkeypatch.setattr(fused, "decoder_block", lambda *a: calls.append(1) or real(*a))
     cfg, weights = write_mlx_quantized_model(tmp_path, variant, 4, 32)
     engine = open_engine(tmp_path)
     try:

@@ -89,6 +89,39 @@ def test_cached_attention_writes_in_place_and_matches_fine_ops(n, offset):
     assert fused_kv.offset == offset  # advancing stays the head's job
 
 
+@pytest.mark.parametrize("n, offset, extras", [(1, 0, False), (1, 9, True), (3, 5, False),
+                                             (1, 700, False)])  # 700: heads in parallel
+def test_block_decode_is_the_three_calls_in_one(n, offset, extras):
+    """block_decode (one numba call per block) = block_attention_input + kv.attend +
+    block_output, KV cache writes included; only the summation order may differ."""
+    rng = np.random.default_rng(50 + n + offset)
+    ops, w = NumpyBackend(), weights(rng, 4, 32)
+    x = rng.standard_normal((n, E)).astype(np.float32)
+    ln, ln_post = norm_weight(rng, E), norm_weight(rng, E)
+    biases = [rng.standard_normal(m).astype(np.float32) if extras else None
+              for m in (H * D, HKV * D, HKV * D)]
+    qk_norm = [norm_weight(rng, D) if extras else None for _ in range(2)]
+    bo = rng.standard_normal(E).astype(np.float32) if extras else None
+    cos, sin = rope_tables(INV_FREQ, np.arange(offset, offset + n))
+    history = rng.standard_normal((1, HKV, offset, D)).astype(np.float32)
+    kvs = [NumpyKVCache(2, 1, HKV, D, offset + n + 2) for _ in range(2)]
+    for kv in kvs:
+        kv.update(1, history, history + 1)
+        kv.advance(offset)
+    attn_in = (x, ln, EPS, [w["q"], w["k"], w["v"]], biases, qk_norm, cos, sin, H, HKV)
+    mlp = [w["gate"], w["up"], w["down"]]
+
+    got = ops.block_decode(*attn_in, kvs[0], 1, D**-0.5, w["o"], bo, ln_post, mlp)
+
+    q, k, v = ops.block_attention_input(*attn_in)
+    attn = kvs[1].attend(1, q, k, v, D**-0.5)
+    want = ops.block_output(x, attn, w["o"], bo, ln_post, EPS, mlp)
+    np.testing.assert_allclose(got, want, **TOL)
+    np.testing.assert_allclose(kvs[0].k, kvs[1].k, **TOL)
+    np.testing.assert_allclose(kvs[0].v, kvs[1].v, **TOL)
+    assert kvs[0].offset == offset
+
+
 def test_parallel_and_serial_attention_agree(monkeypatch):
     rng = np.random.default_rng(3)
     q = rng.standard_normal((2, H, D)).astype(np.float32)
