@@ -9,6 +9,9 @@ as much as the matvecs. Here a block is three calls:
 - `attention_output_mlp`: o-proj + residual, RMSNorm, gate|up with SiLU in one region, down
   + residual.
 
+For a pass of one sequence, `decoder_block` runs all three in one call: the returns to Python
+between them were long enough for the TBB worker to fall asleep and need waking.
+
 A weight is the tuple (packed, scales, biases, bits, group_size) of a QuantizedWeight; the math
 per row is kernels.numba_kernels.qdot_tile's, the same as qmatvec's. The reference is the fine-op
 path, which the tests compare these against (float32, summation order differs).
