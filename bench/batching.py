@@ -1,7 +1,7 @@
 """Aggregate decode throughput of 1, 2, 4, 8 concurrent streams under a memory budget.
 
-    python -m bench.batching                      # a ~530 MB bf16 synthetic llama
-    python -m bench.batching --model DIR --budget-fraction 0.5 -g 32 --streams 1,2,4,8
+    python -m stream_run.bench.batching                      # a ~530 MB bf16 synthetic llama
+    python -m stream_run.bench.batching --model DIR --budget-fraction 0.5 -g 32 --streams 1,2,4,8
 
 Each row runs N generations at once (random prompt ids, fixed seed, EOS ignored, greedy) on
 one engine whose compute budget is a fraction of the model, so every decode step streams the
@@ -23,10 +23,10 @@ import time
 
 import numpy as np
 
-from bench.synth import SynthSpec, synthesize
-from engine import Engine, EngineConfig, format_size
-from loaders import LoaderConfig
-from scheduler import SchedulerConfig
+from stream_run.bench.synth import SynthSpec, synthesize
+from stream_run.engine import Engine, EngineConfig, format_size
+from stream_run.loaders import LoaderConfig
+from stream_run.scheduler import SchedulerConfig
 
 SYNTH = SynthSpec(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
                   num_attention_heads=16, num_key_value_heads=8, vocab_size=32000)

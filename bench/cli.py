@@ -18,8 +18,8 @@ import contextlib
 import os
 import sys
 
-from engine import format_size, parse_size
-from engine.cli import USER_ERRORS
+from stream_run.engine import format_size, parse_size
+from stream_run.engine.cli import USER_ERRORS
 
 SIZE_HELP = "sizes like 4KiB,1MiB"
 
@@ -135,7 +135,7 @@ def _header(what: str, meta: dict) -> None:
 def _plot(kind: str, args: argparse.Namespace, title: str, *data: object) -> None:
     """Draw bench.plots.<kind>(*data, out_dir, title) when --plot was given."""
     if args.plot:
-        from bench import plots
+        from stream_run.bench import plots
 
         for path in getattr(plots, kind)(*data, args.plot, title):
             print(f"wrote {path}", file=sys.stderr)
@@ -144,10 +144,10 @@ def _plot(kind: str, args: argparse.Namespace, title: str, *data: object) -> Non
 def disk_cmd(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from bench import disk
-    from bench.env import run_metadata
-    from bench.report import disk_table, write_jsonl
-    from bench.streaming import parse_ints
+    from stream_run.bench import disk
+    from stream_run.bench.env import run_metadata
+    from stream_run.bench.report import disk_table, write_jsonl
+    from stream_run.bench.streaming import parse_ints
 
     base = disk.QUICK if args.quick else disk.SweepConfig()
     fields = {"modes": args.modes and tuple(args.modes.split(",")),
@@ -182,9 +182,9 @@ def disk_cmd(args: argparse.Namespace) -> int:
 
 
 def stream_cmd(args: argparse.Namespace) -> int:
-    from bench.env import run_metadata
-    from bench.report import size, stream_table, write_jsonl
-    from bench.streaming import parse_ints, run_sweep
+    from stream_run.bench.env import run_metadata
+    from stream_run.bench.report import size, stream_table, write_jsonl
+    from stream_run.bench.streaming import parse_ints, run_sweep
 
     quick = args.quick
     depths = parse_ints(args.prefetch_depth or ("0,2" if quick else "0-4"), "--prefetch-depth",
@@ -227,13 +227,13 @@ def stream_cmd(args: argparse.Namespace) -> int:
 
 
 def tokens_cmd(args: argparse.Namespace) -> int:
-    from bench.decode import bench_model
-    from bench.env import model_info, param_count, run_metadata
-    from bench.report import bandwidth_lines, tokens_table, write_jsonl
-    from bench.streaming import model_sizes, parse_budgets, parse_ints
-    from engine import EngineConfig
-    from loaders import open_model
-    from scheduler import SchedulerConfig
+    from stream_run.bench.decode import bench_model
+    from stream_run.bench.env import model_info, param_count, run_metadata
+    from stream_run.bench.report import bandwidth_lines, tokens_table, write_jsonl
+    from stream_run.bench.streaming import model_sizes, parse_budgets, parse_ints
+    from stream_run.engine import EngineConfig
+    from stream_run.loaders import open_model
+    from stream_run.scheduler import SchedulerConfig
 
     quick = args.quick
     pp = parse_ints(args.n_prompt or ("32" if quick else "512"), "-p", 0, 1 << 20)
@@ -248,9 +248,9 @@ def tokens_cmd(args: argparse.Namespace) -> int:
     records: list[dict] = []
     if args.budget and "," in args.budget:
         raise ValueError(f"--budget: tokens takes one budget, got {args.budget!r}")
-    from bench.llamacpp import NAME as LLAMA_CPP
-    from bench.llamacpp import bench_llama_cpp, check
-    from engine.config import default_threads, usable_cpus
+    from stream_run.bench.llamacpp import NAME as LLAMA_CPP
+    from stream_run.bench.llamacpp import bench_llama_cpp, check
+    from stream_run.engine.config import default_threads, usable_cpus
 
     backends = args.backends.split(",")
     if LLAMA_CPP in backends:
@@ -297,8 +297,8 @@ def _custom(args: argparse.Namespace) -> dict:
 
 def _project_target(args: argparse.Namespace) -> tuple:
     """(layout, description, dims or None) of the model or shape to project."""
-    from bench import project
-    from bench.synth import SynthSpec
+    from stream_run.bench import project
+    from stream_run.bench.synth import SynthSpec
 
     if args.model:
         layout = project.layout_from_model(args.model, args.backend)
@@ -328,9 +328,9 @@ def _project_inputs(args: argparse.Namespace, layout, dims) -> tuple:
     model itself or on a probe of the shape; the disk read from --disk-json or measured."""
     import psutil
 
-    from bench import disk, project
-    from bench.report import read_jsonl
-    from bench.streaming import measure_disk
+    from stream_run.bench import disk, project
+    from stream_run.bench.report import read_jsonl
+    from stream_run.bench.streaming import measure_disk
 
     points = read_jsonl(args.disk_json, "disk") if args.disk_json else None
     tokens = (3 if args.quick else 6) if args.model else (4 if args.quick else 16)  # probe: cheap
@@ -359,10 +359,10 @@ def _project_inputs(args: argparse.Namespace, layout, dims) -> tuple:
 
 
 def project_cmd(args: argparse.Namespace) -> int:
-    from bench import project
-    from bench.env import run_metadata
-    from bench.report import project_table, write_jsonl
-    from bench.streaming import parse_budgets, parse_ints
+    from stream_run.bench import project
+    from stream_run.bench.env import run_metadata
+    from stream_run.bench.report import project_table, write_jsonl
+    from stream_run.bench.streaming import parse_budgets, parse_ints
 
     depths = parse_ints(args.prefetch_depth, "--prefetch-depth", 0, 16)
     layout, what, dims = _project_target(args)
@@ -396,7 +396,7 @@ def project_cmd(args: argparse.Namespace) -> int:
 def synth(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from bench.synth import SynthSpec, synthesize
+    from stream_run.bench.synth import SynthSpec, synthesize
 
     if args.shape == "custom":
         spec = SynthSpec(arch=args.arch, dtype=args.dtype, seed=args.seed, **_custom(args))

@@ -1,9 +1,9 @@
 """Token-rate benchmark, llama-bench style: prompt processing (ppN: one prompt of N random
 tokens) and text generation (tgN: N decode steps after a one-token prompt), EOS ignored so the
 lengths are fixed, one warm-up run of each test, then r repetitions. `stream-bench tokens`
-and `python -m bench.decode` both run `bench_model`.
+and `python -m stream_run.bench.decode` both run `bench_model`.
 
-    python -m bench.decode [MODEL] -p 64 -g 64 -n 3 --backends numpy,mlx
+    python -m stream_run.bench.decode [MODEL] -p 64 -g 64 -n 3 --backends numpy,mlx
 
 prints pp/tg tok/s per backend next to the memory-bandwidth bound (compute-form bytes touched
 per token / measured RAM bandwidth).
@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from bench.env import load_average, memory_bandwidth_gbs, run_metadata
-from engine import Engine, EngineConfig, GenerationParams
-from engine.cli import USER_ERRORS, default_model
+from stream_run.bench.env import load_average, memory_bandwidth_gbs, run_metadata
+from stream_run.engine import Engine, EngineConfig, GenerationParams
+from stream_run.engine.cli import USER_ERRORS, default_model
 
 
 @dataclass
@@ -102,7 +102,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m stream_run.bench.decode", description=__doc__)
     p.add_argument("model", nargs="?")
     p.add_argument("-p", type=int, default=64, help="prompt tokens")
     p.add_argument("-g", type=int, default=64, help="generated tokens")

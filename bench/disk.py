@@ -335,7 +335,7 @@ def measure_point(files: Sequence[str], mode: str, pattern: str, block: int, thr
                   seed: int = 0, hints: bool = False) -> DiskPoint:
     """Measure one point (see the module docstring). A point that cannot run (O_DIRECT
     refused, no file holds one block) comes back with `skipped` set."""
-    from bench.env import load_average
+    from stream_run.bench.env import load_average
 
     point = DiskPoint(mode, pattern, block, threads)
     blocks = _Blocks([os.path.getsize(f) for f in files], block)

@@ -111,7 +111,7 @@ def model_info(path: str) -> dict:
     quantization comes from config.json ("quantization", or HF "quantization_config"), else
     manifest.json (stream-convert output), else the GGUF block types of its tensors.
     """
-    from loaders import open_model
+    from stream_run.loaders import open_model
 
     index = open_model(path).index
     by_dtype: Counter[str] = Counter()

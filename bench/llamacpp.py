@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from bench.decode import BackendResult, Trial
-from bench.env import load_average
+from stream_run.bench.decode import BackendResult, Trial
+from stream_run.bench.env import load_average
 
 NAME = "llama.cpp"
 
@@ -53,8 +53,9 @@ def bench_llama_cpp(model: str, tests: Sequence[tuple[str, int]], reps: int, thr
     the engine: with it, llama.cpp decoded at ~45 tok/s instead of ~160.
     """
     check(model)
-    cmd = [sys.executable, "-m", "bench.llamacpp", model, "--reps", str(reps), "--threads",
-           str(threads), "--seed", str(seed), "--tests", ",".join(f"{k}{n}" for k, n in tests)]
+    cmd = [sys.executable, "-m", "stream_run.bench.llamacpp", model, "--reps", str(reps),
+           "--threads", str(threads), "--seed", str(seed),
+           "--tests", ",".join(f"{k}{n}" for k, n in tests)]
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -109,7 +110,7 @@ def _run(llm, kind: str, n: int, rng: np.random.Generator, vocab: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.llamacpp")
+    p = argparse.ArgumentParser(prog="python -m stream_run.bench.llamacpp")
     p.add_argument("model")
     p.add_argument("--tests", required=True, help="e.g. pp100,tg128")
     p.add_argument("--reps", type=int, default=3)

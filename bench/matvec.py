@@ -1,6 +1,7 @@
 """The numba decode matvec alone: GB/s of packed weight read per second, cold weights.
 
-    python -m bench.matvec [--threads 1,2] [--bits 4,8] [--group-size 32] [--layers 30] [-r 7]
+    python -m stream_run.bench.matvec [--threads 1,2] [--bits 4,8] [--group-size 32]
+        [--layers 30] [-r 7]
 
 Random weights of SmolLM2-135M's decoder shapes (q, k, v, o, gate, up, down, 30 layers:
 ~66 MB at 4-bit group 32 with float16 scales, twice the L3 of this project's VM) and its 8-bit
@@ -20,9 +21,9 @@ import time
 import numba
 import numpy as np
 
-from bench.env import memory_bandwidth_gbs
-from kernels.numba_kernels import qmatvec
-from kernels.quant import QuantizedWeight, quantize
+from stream_run.bench.env import memory_bandwidth_gbs
+from stream_run.kernels.numba_kernels import qmatvec
+from stream_run.kernels.quant import QuantizedWeight, quantize
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576),
           (576, 1536)]  # q, k, v, o, gate, up, down of one SmolLM2 block
@@ -48,7 +49,8 @@ def _pass_s(weights: list[QuantizedWeight], xs: dict[int, np.ndarray]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.matvec", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m stream_run.bench.matvec",
+                                description=__doc__.split("\n")[0])
     p.add_argument("--threads", default="1,2", help="comma list (default 1,2)")
     p.add_argument("--bits", default="4,8", help="comma list of 4 and 8 (default 4,8)")
     p.add_argument("--group-size", type=int, default=32)

@@ -1,7 +1,7 @@
 """MLX variants side by side, in one process: the compiled block halves on or off, through
 the engine and as a direct pass. The check of issue 7's MLX path on a GPU.
 
-    python -m bench.mlx_variants MODEL [MODEL ...] -p 128 -n 128 -r 3
+    python -m stream_run.bench.mlx_variants MODEL [MODEL ...] -p 128 -n 128 -r 3
 
 Each variant opens its own engine on the same model (resident, default budget), runs one
 warm-up of each test, then r repetitions; the variants are interleaved rep by rep so a drift of
@@ -21,9 +21,9 @@ import time
 
 import numpy as np
 
-from bench.decode import run_test
-from engine import Engine, EngineConfig
-from engine.models.llama import ForwardState
+from stream_run.bench.decode import run_test
+from stream_run.engine import Engine, EngineConfig
+from stream_run.engine.models.llama import ForwardState
 
 VARIANTS = {"compiled": True, "ops": False}  # name: compiled block halves on decode passes
 
@@ -77,7 +77,7 @@ async def bench(model: str, tests: list[tuple[str, int]], reps: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.mlx_variants", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m stream_run.bench.mlx_variants", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+")
     p.add_argument("-p", type=int, default=128, help="prompt tokens (0: skip)")

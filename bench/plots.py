@@ -158,7 +158,7 @@ def stream(records: Sequence[dict], out_dir: str, title: str = "") -> list[str]:
 
 def tokens(records: Sequence[dict], out_dir: str, title: str = "") -> list[str]:
     """tok/s per test and backend, mean with a stddev error bar."""
-    from bench.decode import mean_std
+    from stream_run.bench.decode import mean_std
 
     if not records:
         return []

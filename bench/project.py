@@ -30,16 +30,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from bench import disk
-from bench.streaming import model_sizes
-from bench.synth import SHAPES as SYNTH_SHAPES
-from bench.synth import SynthSpec, synthesize
-from cache import CacheConfig, WeightCache
-from engine import Engine, EngineConfig, format_size
-from kernels import get_backend
-from kernels.sizes import held_nbytes, transient_nbytes
-from loaders import EMBED, HEAD, TensorRef, layer_key
-from scheduler import LayerScheduler, SchedulerConfig, Step
+from stream_run.bench import disk
+from stream_run.bench.streaming import model_sizes
+from stream_run.bench.synth import SHAPES as SYNTH_SHAPES
+from stream_run.bench.synth import SynthSpec, synthesize
+from stream_run.cache import CacheConfig, WeightCache
+from stream_run.engine import Engine, EngineConfig, format_size
+from stream_run.kernels import get_backend
+from stream_run.kernels.sizes import held_nbytes, transient_nbytes
+from stream_run.loaders import EMBED, HEAD, TensorRef, layer_key
+from stream_run.scheduler import LayerScheduler, SchedulerConfig, Step
 
 # (hidden, intermediate, layers, heads, kv_heads, vocab)
 SHAPES = {
@@ -125,7 +125,7 @@ def layout_from_shape(name: str, dims: tuple[int, ...], bits: int, group_size: i
 
 def layout_from_model(path: str, backend: str = "numpy") -> Layout:
     """The units of a model on disk, sized exactly as the engine sizes them."""
-    from bench.env import model_info, param_count
+    from stream_run.bench.env import model_info, param_count
 
     engine = asyncio.run(Engine.open(path, EngineConfig(backend=backend)))
     try:
@@ -280,7 +280,7 @@ def probe_model(dims: tuple[int, ...], bits: int, group_size: int, width: int,
                 scratch: str) -> Iterator[str]:
     """A probe model with probe_dims(dims, width), converted to `bits` by stream-convert's RTN
     quantizer, written under scratch and deleted on exit."""
-    from engine.convert import convert_model
+    from stream_run.engine.convert import convert_model
 
     E, I, L, H, KV, V = probe_dims(dims, width)
     root = tempfile.mkdtemp(prefix="stream-bench-probe-", dir=scratch)

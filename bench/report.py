@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 
-from engine import format_size
+from stream_run.engine import format_size
 
 
 def write_jsonl(path: str | None, records: Iterable[dict], meta: dict) -> None:
@@ -101,7 +101,7 @@ def stream_table(records: Sequence[dict]) -> str:
 
 
 def tokens_table(records: Sequence[dict], model: dict, params: int) -> str:
-    from bench.decode import mean_std
+    from stream_run.bench.decode import mean_std
 
     rows = []
     quant = model["quantization"]
@@ -127,7 +127,7 @@ def bandwidth_lines(results: Sequence, test: str) -> str:
     compute-form weights; llama.cpp: the .gguf file) over the measured RAM read bandwidth."""
     import statistics
 
-    from bench.env import memory_bandwidth_gbs
+    from stream_run.bench.env import memory_bandwidth_gbs
 
     bw = memory_bandwidth_gbs()
     lines = [f"RAM read bandwidth (best of 5, 512 MiB sum): {bw:.2f} GB/s"]

@@ -1,6 +1,6 @@
 """One streaming-study point in a fresh process, so that its peak RSS (VmHWM) is its own.
 
-    python -m bench.stream_point '{"model": ..., "budget_bytes": ..., ...}'
+    python -m stream_run.bench.stream_point '{"model": ..., "budget_bytes": ..., ...}'
 
 Prints the point as one JSON line; a bad model or budget is one line on stderr, exit 2.
 """
@@ -13,8 +13,8 @@ from dataclasses import asdict
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.streaming import PointConfig, run_point
-    from engine.cli import USER_ERRORS
+    from stream_run.bench.streaming import PointConfig, run_point
+    from stream_run.engine.cli import USER_ERRORS
 
     args = sys.argv[1:] if argv is None else argv
     try:

@@ -5,7 +5,7 @@ measured first in the same run.
 Each point opens the engine (O_DIRECT reads, fixed prefetch depth unless adaptive), evicts the
 model's files from the page cache, runs one forward pass that loads the resident units (and
 compiles kernels), then times `tokens` decode steps. By default each point runs in a fresh
-process (`python -m bench.stream_point`), so its peak RSS (VmHWM) is its own.
+process (`python -m stream_run.bench.stream_point`), so its peak RSS (VmHWM) is its own.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from bench import disk
-from engine import Engine, EngineConfig, format_size, parse_size
-from engine.stats import peak_rss_bytes
-from loaders import LoaderConfig
-from scheduler import SchedulerConfig
+from stream_run.bench import disk
+from stream_run.engine import Engine, EngineConfig, format_size, parse_size
+from stream_run.engine.stats import peak_rss_bytes
+from stream_run.loaders import LoaderConfig
+from stream_run.scheduler import SchedulerConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DISK_BLOCKS = (disk.MiB, 16 * disk.MiB, 64 * disk.MiB)
@@ -140,7 +140,7 @@ def run_point(cfg: PointConfig, fresh_process: bool = False) -> StreamPoint:
     Raises:
         BudgetError, FormatError, ValueError, OSError: bad model or budget (one line each).
     """
-    from bench.env import load_average
+    from stream_run.bench.env import load_average
 
     scope = "point" if reset_peak_rss() or fresh_process else "process"
     config = EngineConfig(
@@ -181,7 +181,8 @@ def run_point_subprocess(cfg: PointConfig, timeout_s: float | None = None) -> St
     Raises:
         RuntimeError: the child failed; the message is its last stderr line.
     """
-    proc = subprocess.run([sys.executable, "-m", "bench.stream_point", json.dumps(asdict(cfg))],
+    proc = subprocess.run([sys.executable, "-m", "stream_run.bench.stream_point",
+                           json.dumps(asdict(cfg))],
                           cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
@@ -336,7 +337,7 @@ def run_sweep(model: str, budgets: str, depths: Sequence[int], tokens: int, *,
         ValueError / OSError / engine errors: a bad model, budget or depth (before any run);
         RuntimeError: a point failed in its child process.
     """
-    from bench.env import model_info
+    from stream_run.bench.env import model_info
 
     info = model_info(model)
     model_bytes, min_bytes = model_sizes(model, backend)

@@ -12,7 +12,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
-from cache.errors import BudgetError
+from stream_run.cache.errors import BudgetError
 
 
 @dataclass(frozen=True)

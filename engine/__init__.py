@@ -1,8 +1,8 @@
 """stream-run's public API: open a model, stream tokens, read the statistics."""
 
-from engine.config import EngineConfig, format_size, parse_size
-from engine.engine import Engine
-from engine.errors import (
+from stream_run.engine.config import EngineConfig, format_size, parse_size
+from stream_run.engine.engine import Engine
+from stream_run.engine.errors import (
     BudgetError,
     ChatTemplateError,
     ContextLengthError,
@@ -12,9 +12,9 @@ from engine.errors import (
     QueueFullError,
     ReadError,
 )
-from engine.request import Chunk, Completion, GenerationParams, Usage
-from engine.sampling import SamplingParams
-from engine.stats import GenerationStats
+from stream_run.engine.request import Chunk, Completion, GenerationParams, Usage
+from stream_run.engine.sampling import SamplingParams
+from stream_run.engine.stats import GenerationStats
 
 __all__ = [
     "BudgetError", "ChatTemplateError", "Chunk", "Completion", "ContextLengthError", "Engine",

@@ -24,16 +24,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from engine.errors import QueueFullError
-from engine.models.llama import BatchState, SeqInput
-from engine.request import Chunk, GenerationParams, StopFilter
-from engine.sampling import Sampler
-from engine.stats import GenerationStats, peak_rss_bytes
-from engine.tokenizer import StreamingDetokenizer
-from scheduler import RunStats
+from stream_run.engine.errors import QueueFullError
+from stream_run.engine.models.llama import BatchState, SeqInput
+from stream_run.engine.request import Chunk, GenerationParams, StopFilter
+from stream_run.engine.sampling import Sampler
+from stream_run.engine.stats import GenerationStats, peak_rss_bytes
+from stream_run.engine.tokenizer import StreamingDetokenizer
+from stream_run.scheduler import RunStats
 
 if TYPE_CHECKING:
-    from engine.engine import Engine
+    from stream_run.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 

@@ -27,21 +27,21 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import ConvertError
-from engine.models import model_class
-from engine.models.llama import ForwardState
-from engine.repack import COMPANIONS, OutTensor, TensorPlan, convert_unit, source_float32
-from engine.tokenizer import Tokenizer
-from kernels.gptq import (
+from stream_run.engine.errors import ConvertError
+from stream_run.engine.models import model_class
+from stream_run.engine.models.llama import ForwardState
+from stream_run.engine.repack import COMPANIONS, OutTensor, TensorPlan, convert_unit, source_float32
+from stream_run.engine.tokenizer import Tokenizer
+from stream_run.kernels.gptq import (
     DEFAULT_BLOCK,
     DEFAULT_DAMP,
     DEFAULT_SHRINK,
     gptq_quantize_factored,
     inverse_hessian_factor,
 )
-from kernels.numpy_backend import NumpyBackend
-from kernels.quant import HalfWeight, QuantizedWeight, dequantize, half_to_float32
-from loaders import EMBED, HEAD, HostTensor, ModelSpec, layer_key
+from stream_run.kernels.numpy_backend import NumpyBackend
+from stream_run.kernels.quant import HalfWeight, QuantizedWeight, dequantize, half_to_float32
+from stream_run.loaders import EMBED, HEAD, HostTensor, ModelSpec, layer_key
 
 log = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 
-from engine.config import BACKENDS, EngineConfig, format_size, parse_size, usable_cpus
-from engine.engine import Engine, GenerationParams
-from engine.errors import (
+from stream_run.engine.config import BACKENDS, EngineConfig, format_size, parse_size, usable_cpus
+from stream_run.engine.engine import Engine, GenerationParams
+from stream_run.engine.errors import (
     BudgetError,
     ChatTemplateError,
     ContextLengthError,
@@ -20,10 +20,10 @@ from engine.errors import (
     MissingTensorError,
     ReadError,
 )
-from engine.sampling import SamplingParams
-from engine.stats import GenerationStats
-from loaders import LoaderConfig
-from scheduler import SchedulerConfig
+from stream_run.engine.sampling import SamplingParams
+from stream_run.engine.stats import GenerationStats
+from stream_run.loaders import LoaderConfig
+from stream_run.scheduler import SchedulerConfig
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 USER_ERRORS = (FormatError, MissingTensorError, BudgetError, ChatTemplateError,

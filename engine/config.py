@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from cache import CacheConfig
-from loaders import LoaderConfig
-from scheduler import SchedulerConfig
+from stream_run.cache import CacheConfig
+from stream_run.loaders import LoaderConfig
+from stream_run.scheduler import SchedulerConfig
 
 BACKENDS = ("auto", "numpy", "mlx")
 _UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9,

@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-from engine.calibrate import (
+from stream_run.engine.calibrate import (
     DEFAULT_TOKENS,
     GPTQ,
     WINDOW,
@@ -32,13 +32,19 @@ from engine.calibrate import (
     needs_calibration,
     read_text,
 )
-from engine.errors import ConvertError
-from engine.recipes import Quant, make_recipe
-from engine.repack import DEFAULT_QUANTIZER, QUANTIZERS, TensorPlan, convert_unit, plan_unit
-from engine.tokenizer import Tokenizer
-from kernels.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
-from loaders import LayerIndex, ModelSource, UnitReader, open_model
-from loaders.packed import (
+from stream_run.engine.errors import ConvertError
+from stream_run.engine.recipes import Quant, make_recipe
+from stream_run.engine.repack import (
+    DEFAULT_QUANTIZER,
+    QUANTIZERS,
+    TensorPlan,
+    convert_unit,
+    plan_unit,
+)
+from stream_run.engine.tokenizer import Tokenizer
+from stream_run.kernels.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from stream_run.loaders import LayerIndex, ModelSource, UnitReader, open_model
+from stream_run.loaders.packed import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST,
@@ -46,7 +52,7 @@ from loaders.packed import (
     unit_file_name,
     write_safetensors,
 )
-from loaders.safetensors_file import DTYPE_SIZES
+from stream_run.loaders.safetensors_file import DTYPE_SIZES
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +302,7 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
 # --- CLI ------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from engine.cli import OneLineParser
+    from stream_run.engine.cli import OneLineParser
 
     p = OneLineParser(prog="stream-convert", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -328,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.cli import USER_ERRORS
+    from stream_run.engine.cli import USER_ERRORS
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -354,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nstream-convert: interrupted; nothing was written", file=sys.stderr)
         return 130
-    from engine.config import format_size
+    from stream_run.engine.config import format_size
 
     print(f"stream-convert: wrote {args.out}: {len(manifest['units'])} units, "
           f"{format_size(manifest['nbytes'])}, recipe {manifest['recipe']['name']}, "

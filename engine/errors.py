@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from cache import BudgetError
-from engine.tokenizer import ChatTemplateError
-from loaders import FormatError, MissingTensorError, ReadError
+from stream_run.cache import BudgetError
+from stream_run.engine.tokenizer import ChatTemplateError
+from stream_run.loaders import FormatError, MissingTensorError, ReadError
 
 
 class EngineError(RuntimeError):

@@ -27,14 +27,20 @@ from typing import Any
 
 import numpy as np
 
-from engine.calibrate import GPTQ
-from engine.calibrate import read_text as read_calibration
-from engine.cli import OneLineParser, UsageError, add_engine_flags, engine_config, run_main
-from engine.config import EngineConfig, format_size
-from engine.engine import Engine
-from engine.repack import QUANTIZERS
-from kernels import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
-from loaders import LayerIndex
+from stream_run.engine.calibrate import GPTQ
+from stream_run.engine.calibrate import read_text as read_calibration
+from stream_run.engine.cli import (
+    OneLineParser,
+    UsageError,
+    add_engine_flags,
+    engine_config,
+    run_main,
+)
+from stream_run.engine.config import EngineConfig, format_size
+from stream_run.engine.engine import Engine
+from stream_run.engine.repack import QUANTIZERS
+from stream_run.kernels import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from stream_run.loaders import LayerIndex
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +289,7 @@ async def compare(model: str, text: str | Sequence[int], recipes: Sequence[Recip
     Raises:
         ValueError: a conversion failed (the message names the recipe).
     """
-    from engine.convert import convert_model  # lazy: only --compare needs the converter
+    from stream_run.engine.convert import convert_model  # lazy: only --compare needs the converter
 
     engine = await Engine.open(model, config)
     try:

@@ -8,8 +8,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.request import Chunk, GenerationParams
-from engine.sampling import SamplingParams
+from stream_run.engine.request import Chunk, GenerationParams
+from stream_run.engine.sampling import SamplingParams
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 4

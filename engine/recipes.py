@@ -31,8 +31,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.errors import ConvertError
-from kernels.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from stream_run.engine.errors import ConvertError
+from stream_run.kernels.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 BUILTIN = ("uniform", "mixed", "none")
 MIXED_EDGE_BITS = 8  # embeddings and lm_head in the "mixed" recipe

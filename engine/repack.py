@@ -30,10 +30,16 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import ConvertError
-from engine.recipes import Quant, Recipe
-from kernels.formats import DENSE_DTYPES, GGUF_BLOCK, GGUF_TYPES, gguf_to_affine, to_float32
-from kernels.quant import (
+from stream_run.engine.errors import ConvertError
+from stream_run.engine.recipes import Quant, Recipe
+from stream_run.kernels.formats import (
+    DENSE_DTYPES,
+    GGUF_BLOCK,
+    GGUF_TYPES,
+    gguf_to_affine,
+    to_float32,
+)
+from stream_run.kernels.quant import (
     SUPPORTED_GROUP_SIZES,
     QuantizedWeight,
     dequantize,
@@ -42,10 +48,10 @@ from kernels.quant import (
     quantize_search,
     unpack,
 )
-from loaders import HostTensor, LayerIndex, Unit
-from loaders.hf import full_name
-from loaders.safetensors_file import DTYPE_SIZES
-from loaders.schema import quant_params
+from stream_run.loaders import HostTensor, LayerIndex, Unit
+from stream_run.loaders.hf import full_name
+from stream_run.loaders.safetensors_file import DTYPE_SIZES
+from stream_run.loaders.schema import quant_params
 
 ROW_CHUNK_ELEMS = 1 << 22  # float32 elements dequantized and requantized at once (16 MB)
 COMPANIONS = ("scales", "biases")

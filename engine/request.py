@@ -7,8 +7,8 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from engine.sampling import SamplingParams
-from engine.stats import GenerationStats
+from stream_run.engine.sampling import SamplingParams
+from stream_run.engine.stats import GenerationStats
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 _SAMPLING_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}

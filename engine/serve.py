@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from engine.cli import (
+from stream_run.engine.cli import (
     OneLineParser,
     UsageError,
     add_engine_flags,
@@ -17,9 +17,9 @@ from engine.cli import (
     engine_config,
     run_main,
 )
-from engine.config import parse_size
-from engine.engine import Engine
-from engine.server import STATE, ServerConfig, make_app, start_server
+from stream_run.engine.config import parse_size
+from stream_run.engine.engine import Engine
+from stream_run.engine.server import STATE, ServerConfig, make_app, start_server
 
 API_KEY_ENV = "STREAM_SERVE_API_KEY"
 

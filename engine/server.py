@@ -20,9 +20,9 @@ from typing import Any
 
 from aiohttp import web
 
-from engine.engine import Engine, Generation
-from engine.errors import ChatTemplateError, ContextLengthError, QueueFullError
-from engine.openai_api import (
+from stream_run.engine.engine import Engine, Generation
+from stream_run.engine.errors import ChatTemplateError, ContextLengthError, QueueFullError
+from stream_run.engine.openai_api import (
     APIError,
     Limits,
     ParsedRequest,

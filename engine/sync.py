@@ -1,6 +1,6 @@
 """A synchronous wrapper for scripts: the engine runs on its own event loop in a thread.
 
-    from engine import sync
+    from stream_run.engine import sync
     with sync.open("model-dir", memory_budget="2GB") as llm:
         for chunk in llm.generate("Hello", max_tokens=32):
             print(chunk.text, end="", flush=True)
@@ -17,8 +17,8 @@ import threading
 from collections.abc import Coroutine, Iterator
 from typing import Any, TypeVar
 
-from engine.engine import Engine, Prompt
-from engine.request import Chunk, Completion, GenerationParams
+from stream_run.engine.engine import Engine, Prompt
+from stream_run.engine.request import Chunk, Completion, GenerationParams
 
 T = TypeVar("T")
 _END = object()

@@ -11,7 +11,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from loaders import TokenizerData
+from stream_run.loaders import TokenizerData
 
 
 class ChatTemplateError(ValueError):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from kernels.backend import Backend
-from kernels.sizes import held_nbytes, transient_nbytes, unit_nbytes
-from loaders import FormatError, HostTensor, LayerIndex, UnitReader
+from stream_run.kernels.backend import Backend
+from stream_run.kernels.sizes import held_nbytes, transient_nbytes, unit_nbytes
+from stream_run.loaders import FormatError, HostTensor, LayerIndex, UnitReader
 
 
 def _held_nbytes(index: LayerIndex, key: str, backend: Backend) -> int:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import importlib.util
 
-from kernels.backend import Backend
-from kernels.quant import (
+from stream_run.kernels.backend import Backend
+from stream_run.kernels.quant import (
     SUPPORTED_BITS,
     SUPPORTED_GROUP_SIZES,
     QuantizedWeight,
@@ -53,15 +53,15 @@ def get_backend(name: str = "auto", threads: int | None = None) -> Backend:
     if name == "auto":
         name = "numpy"
         if "mlx" in available_backends():
-            from kernels.mlx_backend import has_gpu
+            from stream_run.kernels.mlx_backend import has_gpu
 
             name = "mlx" if has_gpu() else "numpy"
     if name == "mlx":
         if "mlx" not in available_backends():
             raise ValueError("backend 'mlx' needs the mlx package; hint: pip install mlx")
-        from kernels.mlx_backend import MLXBackend
+        from stream_run.kernels.mlx_backend import MLXBackend
 
         return MLXBackend()
-    from kernels.numpy_backend import NumpyBackend
+    from stream_run.kernels.numpy_backend import NumpyBackend
 
     return NumpyBackend(threads)

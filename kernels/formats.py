@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from kernels.quant import HALF_DTYPES, HalfWeight, QuantizedWeight, check_quantized
+from stream_run.kernels.quant import HALF_DTYPES, HalfWeight, QuantizedWeight, check_quantized
 
 DENSE_DTYPES = ("F32", "F16", "BF16")
 GGUF_BLOCK = 32

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from kernels.numba_kernels import JIT_DOT, TILE, deinterleave, group_sums, qdot_tile
+from stream_run.kernels.numba_kernels import JIT_DOT, TILE, deinterleave, group_sums, qdot_tile
 
 _SERIAL = {**JIT_DOT, "parallel": False}
 # Attention work (n_rows * n_heads * n_keys * head_dim) above which heads run in parallel:

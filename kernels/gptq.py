@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.quant import QuantizedWeight, _groups, _rtn, pack, round_params
+from stream_run.kernels.quant import QuantizedWeight, _groups, _rtn, pack, round_params
 
 DEFAULT_DAMP = 0.01  # fraction of the mean of diag(H) added to the diagonal (the paper's 1 %)
 DEFAULT_SHRINK = 0.75  # weight of diag(H) against H (0: the paper's GPTQ, 1: round-to-nearest)

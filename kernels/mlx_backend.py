@@ -21,8 +21,8 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")
 import mlx.core as mx  # noqa: E402  (after the environment default above)
 import numpy as np
 
-from kernels.formats import prepare_unit
-from kernels.quant import HalfWeight, QuantizedWeight
+from stream_run.kernels.formats import prepare_unit
+from stream_run.kernels.quant import HalfWeight, QuantizedWeight
 
 DEVICES = ("auto", "cpu", "gpu")
 FUSED_MAX_ROWS = 8  # decode passes (one row per sequence, up to a small batch): fixed shapes

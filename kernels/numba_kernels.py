@@ -34,10 +34,10 @@ from llvmlite import ir  # noqa: E402
 from numba import carray, njit, prange, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
-import kernels.jit_cache  # noqa: E402, F401  (before any cached kernel: keys the cache)
-import kernels.tbb_layer  # noqa: E402, F401  (before any parallel launch: picks the layer)
-from kernels.quant import check_group_size  # noqa: E402
-from kernels.simd import ROWS, dot_row, dot_rows, widen  # noqa: E402
+import stream_run.kernels.jit_cache  # noqa: E402, F401  (before any cached kernel: keys the cache)
+import stream_run.kernels.tbb_layer  # noqa: E402, F401  (before any parallel launch: picks the layer)
+from stream_run.kernels.quant import check_group_size  # noqa: E402
+from stream_run.kernels.simd import ROWS, dot_row, dot_rows, widen  # noqa: E402
 
 JIT = {"parallel": True, "cache": True, "fastmath": False, "nogil": True}
 # Reassociation only (no nnan/ninf/contract): lets LLVM split each group's dot product across

@@ -10,9 +10,9 @@ from typing import Any
 import numba
 import numpy as np
 
-from kernels import fused
-from kernels.formats import prepare_unit
-from kernels.numba_kernels import (
+from stream_run.kernels import fused
+from stream_run.kernels.formats import prepare_unit
+from stream_run.kernels.numba_kernels import (
     HALF_SCALES,
     dequantize_rows,
     half_matvec,
@@ -20,7 +20,7 @@ from kernels.numba_kernels import (
     kernel_weight,
     qmatvec,
 )
-from kernels.quant import HalfWeight, QuantizedWeight
+from stream_run.kernels.quant import HalfWeight, QuantizedWeight
 
 # Up to this many rows of x (decode, small batches) a quantized or 16-bit linear runs the fused
 # numba matvec; above it, widening blocks of the weight to float32 and calling BLAS is faster.

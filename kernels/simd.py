@@ -6,7 +6,7 @@ vector, the group scale is applied lane-wise, and the lanes are summed once per 
 rows run at once, so each x load serves 8 rows and their accumulator chains overlap; and each
 packed load prefetches the next block of rows. On this machine's AVX-512 (a microbenchmark in
 one process, SmolLM2's shapes, hot weights) the 4-bit loop ran 2.5-3x and the 8-bit one 2x
-faster than the auto-vectorised ones; `python -m bench.matvec` measures the cold rate.
+faster than the auto-vectorised ones; `python -m stream_run.bench.matvec` measures the cold rate.
 
 The IR is target-independent (vectors of 16 float32, `llvm.fmuladd`, `llvm.prefetch`): LLVM
 splits the vectors for AVX2 or NEON and fuses the multiply-adds where the target has FMA.

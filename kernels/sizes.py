@@ -16,7 +16,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from kernels.formats import no_compute_form
+from stream_run.kernels.formats import no_compute_form
 
 GGUF_AFFINE = {"Q4_0": (4, 32), "Q4_1": (4, 32), "Q8_0": (8, 32)}  # -> (bits, group_size)
 DENSE_DTYPES = ("F32", "F16", "BF16")

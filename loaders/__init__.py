@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from loaders.errors import FormatError, MissingTensorError, ReadError
-from loaders.index import EMBED, HEAD, HostTensor, LayerIndex, TensorRef, Unit, layer_key
-from loaders.reader import READ_MODES, LoaderConfig, UnitReader
-from loaders.spec import SUPPORTED_MODEL_TYPES, ModelSpec
-from loaders.tokenizer import TokenizerData
+from stream_run.loaders.errors import FormatError, MissingTensorError, ReadError
+from stream_run.loaders.index import EMBED, HEAD, HostTensor, LayerIndex, TensorRef, Unit, layer_key
+from stream_run.loaders.reader import READ_MODES, LoaderConfig, UnitReader
+from stream_run.loaders.spec import SUPPORTED_MODEL_TYPES, ModelSpec
+from stream_run.loaders.tokenizer import TokenizerData
 
 __all__ = [
     "EMBED", "HEAD", "READ_MODES", "SUPPORTED_MODEL_TYPES", "FormatError", "HostTensor",
@@ -31,9 +31,9 @@ def open_model(path: str) -> ModelSource:
     Raises:
         FormatError / MissingTensorError: with the path and what is wrong.
     """
-    from loaders.gguf_file import open_gguf
-    from loaders.hf import open_hf_dir
-    from loaders.tokenizer import load_tokenizer_dir, tokenizer_from_gguf
+    from stream_run.loaders.gguf_file import open_gguf
+    from stream_run.loaders.hf import open_hf_dir
+    from stream_run.loaders.tokenizer import load_tokenizer_dir, tokenizer_from_gguf
 
     if not os.path.exists(path):
         raise FormatError(f"{path}: no such file or directory")

@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from loaders.errors import FormatError, MissingTensorError
-from loaders.index import EMBED, HEAD, LayerIndex, TensorRef, Unit, layer_key
-from loaders.schema import check_index, expected_shapes
-from loaders.spec import ModelSpec
+from stream_run.loaders.errors import FormatError, MissingTensorError
+from stream_run.loaders.index import EMBED, HEAD, LayerIndex, TensorRef, Unit, layer_key
+from stream_run.loaders.schema import check_index, expected_shapes
+from stream_run.loaders.spec import ModelSpec
 
 GGUF_MAGIC = b"GGUF"
 BLOCK = "layers.{bid}"  # == layer_key(bid)

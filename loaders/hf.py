@@ -6,12 +6,12 @@ import json
 import os
 import re
 
-from loaders.errors import FormatError
-from loaders.index import EMBED, HEAD, LayerIndex, TensorRef, Unit, layer_key
-from loaders.packed import file_checksums
-from loaders.safetensors_file import read_safetensors_header
-from loaders.schema import check_index
-from loaders.spec import ModelSpec
+from stream_run.loaders.errors import FormatError
+from stream_run.loaders.index import EMBED, HEAD, LayerIndex, TensorRef, Unit, layer_key
+from stream_run.loaders.packed import file_checksums
+from stream_run.loaders.safetensors_file import read_safetensors_header
+from stream_run.loaders.schema import check_index
+from stream_run.loaders.spec import ModelSpec
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.rotary_emb\.)")

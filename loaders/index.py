@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from loaders.spec import ModelSpec
+from stream_run.loaders.spec import ModelSpec
 
 EMBED = "embed"
 HEAD = "head"

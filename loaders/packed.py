@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from loaders.errors import FormatError
-from loaders.safetensors_file import DTYPE_SIZES
+from stream_run.loaders.errors import FormatError
+from stream_run.loaders.safetensors_file import DTYPE_SIZES
 
 FORMAT_NAME = "stream-run-packed"
 FORMAT_VERSION = 1

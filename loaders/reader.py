@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loaders.buffers import ALIGN, BufferPool
-from loaders.errors import FormatError, ReadError
-from loaders.index import HostTensor, LayerIndex, TensorRef
-from loaders.packed import MANIFEST, sha256_file
+from stream_run.loaders.buffers import ALIGN, BufferPool
+from stream_run.loaders.errors import FormatError, ReadError
+from stream_run.loaders.index import HostTensor, LayerIndex, TensorRef
+from stream_run.loaders.packed import MANIFEST, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class UnitReader:
 
     def _host(self, ref: TensorRef, data: np.ndarray) -> HostTensor:
         if ref.unpermute_heads:
-            from loaders.gguf_file import unpermute_rows
+            from stream_run.loaders.gguf_file import unpermute_rows
 
             rows = ref.shape[0]
             data = unpermute_rows(data.reshape(rows, -1), ref.unpermute_heads).reshape(-1)

@@ -8,7 +8,7 @@ import os
 import struct
 from dataclasses import dataclass
 
-from loaders.errors import FormatError
+from stream_run.loaders.errors import FormatError
 
 DTYPE_SIZES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U32": 4,

@@ -6,9 +6,9 @@ shape must match; a failure names the first few missing or unexpected keys.
 
 from __future__ import annotations
 
-from loaders.errors import FormatError, MissingTensorError
-from loaders.index import EMBED, HEAD, LayerIndex, layer_key
-from loaders.spec import ModelSpec
+from stream_run.loaders.errors import FormatError, MissingTensorError
+from stream_run.loaders.index import EMBED, HEAD, LayerIndex, layer_key
+from stream_run.loaders.spec import ModelSpec
 
 LINEARS = (
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from loaders.errors import FormatError
+from stream_run.loaders.errors import FormatError
 
 log = logging.getLogger(__name__)
 

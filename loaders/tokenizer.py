@@ -15,7 +15,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
 from tokenizers import pre_tokenizers as pre
 
-from loaders.errors import FormatError
+from stream_run.loaders.errors import FormatError
 
 
 @dataclass
@@ -118,7 +118,7 @@ def tokenizer_from_gguf(metadata: dict[str, Any], path: str) -> TokenizerData:
     Raises:
         FormatError: no vocabulary, or an unsupported tokenizer.ggml.model / .pre type.
     """
-    from loaders.gguf_file import eos_token_ids
+    from stream_run.loaders.gguf_file import eos_token_ids
 
     tokens = metadata.get("tokenizer.ggml.tokens")
     if not tokens:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from cache import WeightCache
+from stream_run.cache import WeightCache
 
 
 def _run_steps(steps: Sequence[Step], weights: Mapping[str, Any],

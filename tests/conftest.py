@@ -8,8 +8,17 @@ import logging
 import os
 import pathlib
 import re
+import sys
 
 import pytest
+
+# The repository root holds folders named like other packages (`kernels` is also Hugging Face's,
+# which transformers imports). The project is imported as stream_run.* from its install, so the
+# root must not be on sys.path: `python -m pytest` puts the cwd there, and pytest's default
+# "prepend" import mode would put it back for every test module (hence importlib mode in
+# pyproject). The `tests` package itself is already imported by now.
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != _ROOT]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

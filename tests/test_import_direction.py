@@ -7,6 +7,7 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+NAMESPACE = "stream_run"
 PACKAGES = ("engine", "scheduler", "cache", "loaders", "kernels", "bench")
 ALLOWED = {
     "engine": {"scheduler", "cache", "loaders", "kernels"},
@@ -26,9 +27,17 @@ def imported_packages(path: pathlib.Path) -> set[str]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [node.module]
+            if node.module == NAMESPACE:
+                names = [f"{NAMESPACE}.{a.name}" for a in node.names]
         else:
             continue
-        found |= {n.split(".")[0] for n in names} & set(PACKAGES)
+        for name in names:
+            parts = name.split(".")
+            # every project import goes through the one namespace (issue 14): a bare
+            # `import kernels` would pick up whatever top-level `kernels` is installed
+            assert parts[0] not in PACKAGES, f"{path}: bare import of {name}"
+            if parts[0] == NAMESPACE and len(parts) > 1:
+                found.add(parts[1])
     return found
 
 

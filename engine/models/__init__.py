@@ -19,4 +19,4 @@ def model_class(model_type: str) -> type:
         raise ValueError(
             f"unsupported model_type {model_type!r}; supported: {', '.join(MODEL_MODULES)}"
         )
-    return importlib.import_module(f"engine.models.{name}").Model
+    return importlib.import_module(f".{name}", __package__).Model

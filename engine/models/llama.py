@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from engine.models.rope import inv_freq
-from kernels.backend import Backend, KVCache
-from loaders import EMBED, HEAD, ModelSpec, layer_key
-from scheduler import Step
+from stream_run.engine.models.rope import inv_freq
+from stream_run.kernels.backend import Backend, KVCache
+from stream_run.loaders import EMBED, HEAD, ModelSpec, layer_key
+from stream_run.scheduler import Step
 
 
 @dataclass

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bench.synth import SynthSpec, synthesize
+from stream_run.bench.synth import SynthSpec, synthesize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from bench import disk
-from bench.cli import main as bench_main
+from stream_run.bench import disk
+from stream_run.bench.cli import main as bench_main
 from tests.bench.conftest import assert_meta, assert_one_line_error, assert_png, read_records
 
 MiB = 2**20

@@ -1,8 +1,9 @@
-"""python -m bench.matvec: one row per setting, each a positive rate over the bytes it read."""
+"""python -m stream_run.bench.matvec: one row per setting, each a positive rate over the bytes
+it read."""
 
 import re
 
-from bench.matvec import main
+from stream_run.bench.matvec import main
 
 
 def test_matvec_bench_prints_a_rate_per_setting(capsys):

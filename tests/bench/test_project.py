@@ -7,12 +7,12 @@ import statistics
 
 import pytest
 
-from bench import project
-from bench.cli import main as bench_main
-from bench.streaming import PointConfig, measure_disk, run_point
-from bench.synth import SynthSpec, synthesize
-from engine import Engine, EngineConfig
-from scheduler import SchedulerConfig
+from stream_run.bench import project
+from stream_run.bench.cli import main as bench_main
+from stream_run.bench.streaming import PointConfig, measure_disk, run_point
+from stream_run.bench.synth import SynthSpec, synthesize
+from stream_run.engine import Engine, EngineConfig
+from stream_run.scheduler import SchedulerConfig
 from tests.bench.conftest import assert_meta, assert_one_line_error, assert_png, read_records
 
 DIMS = (128, 256, 3, 4, 2, 512)  # hidden, intermediate, layers, heads, kv heads, vocab
@@ -20,7 +20,7 @@ DIMS = (128, 256, 3, 4, 2, 512)  # hidden, intermediate, layers, heads, kv heads
 
 @pytest.fixture(scope="module")
 def bf16_and_q4(tmp_path_factory):
-    from engine.convert import convert_model
+    from stream_run.engine.convert import convert_model
 
     root = tmp_path_factory.mktemp("project")
     E, I, L, H, KV, V = DIMS

@@ -2,8 +2,8 @@
 
 import pytest
 
-from bench.cli import main as bench_main
-from bench.streaming import Budget, PointConfig, parse_budgets, parse_ints, run_point
+from stream_run.bench.cli import main as bench_main
+from stream_run.bench.streaming import Budget, PointConfig, parse_budgets, parse_ints, run_point
 from tests.bench.conftest import assert_meta, assert_one_line_error, assert_png, read_records
 
 

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from bench.cli import main as bench_main
-from bench.synth import SynthSpec, synthesize
-from engine import Engine, EngineConfig, GenerationParams
+from stream_run.bench.cli import main as bench_main
+from stream_run.bench.synth import SynthSpec, synthesize
+from stream_run.engine import Engine, EngineConfig, GenerationParams
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])

@@ -1,4 +1,5 @@
-"""stream-bench tokens (llama-bench style) and python -m bench.decode share one runner."""
+"""stream-bench tokens (llama-bench style) and python -m stream_run.bench.decode share one
+runner."""
 
 import asyncio
 import re
@@ -6,9 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from bench import decode
-from bench.cli import main as bench_main
-from engine import Engine, EngineConfig
+from stream_run.bench import decode
+from stream_run.bench.cli import main as bench_main
+from stream_run.engine import Engine, EngineConfig
 from tests.bench.conftest import assert_meta, assert_one_line_error, assert_png, read_records
 
 
@@ -79,7 +80,7 @@ def test_bad_input_is_one_line(small_model, tmp_path, capsys, args, match):
 
 
 def test_llama_cpp_needs_a_gguf_and_the_package(small_model, capsys, monkeypatch):
-    from bench import llamacpp
+    from stream_run.bench import llamacpp
 
     monkeypatch.setattr(llamacpp, "available", lambda: True)
     assert bench_main(["tokens", small_model, "-p", "4", "-n", "2", "-r", "1",
@@ -103,10 +104,10 @@ def test_bandwidth_line_per_backend(small_model, capsys):
     assert re.search(r"numpy: [\d.]+ MB/token -> bound [\d.]+ tok/s; tg3 median", out), out
 
 
-@pytest.mark.skipif(not __import__("bench.llamacpp").llamacpp.available(),
+@pytest.mark.skipif(not __import__("stream_run.bench.llamacpp").bench.llamacpp.available(),
                     reason="llama-cpp-python is not installed (an optional bench dependency)")
 def test_llama_cpp_rows_beside_the_engine(capsys):
-    from engine.cli import default_model
+    from stream_run.engine.cli import default_model
 
     model = default_model()
     if model is None:

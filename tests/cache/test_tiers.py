@@ -1,6 +1,6 @@
 import pytest
 
-from cache import BudgetError, CacheConfig, Tier
+from stream_run.cache import BudgetError, CacheConfig, Tier
 
 
 def test_lru_eviction_by_bytes_skips_pinned():

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-from engine import Engine, EngineConfig, FormatError, GenerationParams
-from engine.convert import convert_model
-from engine.errors import ConvertError
-from kernels.quant import quantize, quantize_search
-from loaders import open_model
-from loaders.tokenizer import load_tokenizer_dir
+from stream_run.engine import Engine, EngineConfig, FormatError, GenerationParams
+from stream_run.engine.convert import convert_model
+from stream_run.engine.errors import ConvertError
+from stream_run.kernels.quant import quantize, quantize_search
+from stream_run.loaders import open_model
+from stream_run.loaders.tokenizer import load_tokenizer_dir
 from tests.packed_models import (
     TYPES_BY_LAYER,
     as_array,

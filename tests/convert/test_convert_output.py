@@ -13,11 +13,11 @@ import threading
 
 import pytest
 
-import engine.convert
-from engine import Engine, EngineConfig, GenerationParams, ReadError
-from engine.convert import convert_model, main
-from engine.errors import ConvertError
-from loaders import LoaderConfig
+from stream_run.engine import Engine, EngineConfig, GenerationParams, ReadError
+from stream_run.engine import convert as engine_convert
+from stream_run.engine.convert import convert_model, main
+from stream_run.engine.errors import ConvertError
+from stream_run.loaders import LoaderConfig
 from tests.tiny_models import write_tiny_model
 
 BIN = os.path.dirname(sys.executable)
@@ -41,7 +41,7 @@ def snapshot(path) -> dict[str, str]:
 
 def fail_on_unit(monkeypatch, n: int, exc: BaseException) -> None:
     """Make the n-th unit file write raise exc (after it has started writing)."""
-    real = engine.convert.write_safetensors
+    real = engine_convert.write_safetensors
     calls = []
 
     def write(path, tensors, *args):
@@ -52,7 +52,7 @@ def fail_on_unit(monkeypatch, n: int, exc: BaseException) -> None:
             raise exc
         return real(path, tensors, *args)
 
-    monkeypatch.setattr(engine.convert, "write_safetensors", write)
+    monkeypatch.setattr(engine_convert, "write_safetensors", write)
 
 
 # --- atomic output and --force -----------------------------------------------------------
@@ -192,16 +192,16 @@ async def test_verify_hashes_on_the_io_thread_and_detects_a_flipped_byte(src, tm
                                                                          monkeypatch):
     out = tmp_path / "out"
     await asyncio.to_thread(convert, src, out)
-    import loaders.reader
+    from stream_run.loaders import reader as loaders_reader
 
     threads = []
-    real = loaders.reader.sha256_file
+    real = loaders_reader.sha256_file
 
     def spy(path):
         threads.append((os.path.basename(path), threading.current_thread().name))
         return real(path)
 
-    monkeypatch.setattr(loaders.reader, "sha256_file", spy)
+    monkeypatch.setattr(loaders_reader, "sha256_file", spy)
     assert len(await generate(out, verify=True)) == 4
     assert sorted(name for name, _ in threads) == sorted(
         f"model-{k}.safetensors" for k in ("embed", "layers.0", "layers.1", "head"))
@@ -215,7 +215,7 @@ async def test_verify_hashes_on_the_io_thread_and_detects_a_flipped_byte(src, tm
 
 def run_cli(*args):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONASYNCIODEBUG"}
-    return subprocess.run([sys.executable, "-m", "engine.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "stream_run.engine.cli", *map(str, args)],
                           capture_output=True, text=True, timeout=300, env=env)
 
 

@@ -14,12 +14,12 @@ import gguf
 import numpy as np
 import pytest
 
-from engine import Engine, EngineConfig, GenerationParams
-from engine.convert import convert_model
-from engine.tokenizer import Tokenizer
-from loaders import UnitReader, open_model
-from loaders.hf import full_name
-from loaders.tokenizer import load_tokenizer_dir
+from stream_run.engine import Engine, EngineConfig, GenerationParams
+from stream_run.engine.convert import convert_model
+from stream_run.engine.tokenizer import Tokenizer
+from stream_run.loaders import UnitReader, open_model
+from stream_run.loaders.hf import full_name
+from stream_run.loaders.tokenizer import load_tokenizer_dir
 from tests.packed_models import load_weights, manifest_matches_files, raw_tensors
 
 REFERENCE = json.loads(

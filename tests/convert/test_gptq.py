@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from engine.convert import convert_model, main
-from engine.errors import ConvertError
-from kernels.gptq import gptq_quantize
-from kernels.quant import check_quantized, dequantize, quantize, unpack
+from stream_run.engine.convert import convert_model, main
+from stream_run.engine.errors import ConvertError
+from stream_run.kernels.gptq import gptq_quantize
+from stream_run.kernels.quant import check_quantized, dequantize, quantize, unpack
 from tests.convert.test_convert import PROMPT, greedy
 from tests.packed_models import load_packed, raw_tensors
 from tests.reference_model import reference_greedy, reference_logits
@@ -265,7 +265,7 @@ def test_cli_errors_are_one_line(tiny_model_dir, tmp_path, calib, capsys, flags,
 # --- stream-eval --compare --quantizer ----------------------------------------------------
 
 def test_stream_eval_compare_passes_the_quantizer_on(tiny_model_dir, tmp_path, calib, capsys):
-    from engine.evaluate import main as eval_main
+    from stream_run.engine.evaluate import main as eval_main
 
     src, _, _ = tiny_model_dir("llama")
     text = tmp_path / "text.txt"
@@ -286,7 +286,7 @@ def test_stream_eval_compare_passes_the_quantizer_on(tiny_model_dir, tmp_path, c
 ])
 def test_stream_eval_quantizer_flag_errors(tiny_model_dir, tmp_path, calib, capsys, flags,
                                            match):
-    from engine.evaluate import main as eval_main
+    from stream_run.engine.evaluate import main as eval_main
 
     src, _, _ = tiny_model_dir("llama")
     argv = [str(src), "--text", str(calib)] + [f.format(calib=calib, tmp=tmp_path)

@@ -9,8 +9,8 @@ import gc
 import json
 import sys
 
-from engine import Engine, EngineConfig, GenerationParams
-from engine.stats import peak_rss_bytes, rss_bytes
+from stream_run.engine import Engine, EngineConfig, GenerationParams
+from stream_run.engine.stats import peak_rss_bytes, rss_bytes
 
 PROMPT = [1, 2, 3, 4, 5, 6, 7, 8]
 

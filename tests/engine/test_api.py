@@ -12,7 +12,7 @@ import weakref
 
 import pytest
 
-from engine import (
+from stream_run.engine import (
     ContextLengthError,
     Engine,
     EngineConfig,
@@ -20,7 +20,7 @@ from engine import (
     SamplingParams,
     parse_size,
 )
-from engine import sync as stream_sync
+from stream_run.engine import sync as stream_sync
 from tests.reference_model import reference_greedy
 from tests.tiny_models import write_tiny_model
 

@@ -6,9 +6,9 @@ import asyncio
 import numpy as np
 import pytest
 
-from engine import Engine, EngineConfig
-from kernels import available_backends
-from scheduler import SchedulerConfig
+from stream_run.engine import Engine, EngineConfig
+from stream_run.kernels import available_backends
+from stream_run.scheduler import SchedulerConfig
 from tests.reference_model import reference_greedy
 from tests.tiny_models import write_tiny_model
 
@@ -155,7 +155,7 @@ def test_bytes_read_per_decode_step_do_not_grow_with_requests(model, n_requests)
 
 
 def test_full_queue_is_refused(model):
-    from engine import QueueFullError
+    from stream_run.engine import QueueFullError
 
     path, _, _ = model
     engine = open_engine(path, max_batch=1, max_queue=1)
@@ -193,7 +193,7 @@ def test_mlx_backend_batches_too(model):
 def test_batched_logits_match_single_passes(model):
     """The batched pass computes the same logits as one pass per sequence (float tolerance:
     BLAS may round differently for a different number of rows)."""
-    from engine.models.llama import BatchState, SeqInput
+    from stream_run.engine.models.llama import BatchState, SeqInput
 
     path, _, _ = model
     engine = open_engine(path)

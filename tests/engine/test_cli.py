@@ -9,7 +9,7 @@ import pytest
 
 from tests.tiny_models import write_tiny_model
 
-CLI = [sys.executable, "-m", "engine.cli"]
+CLI = [sys.executable, "-m", "stream_run.engine.cli"]
 
 
 def run_cli(*args, stdin=None):
@@ -46,7 +46,7 @@ def test_direct_io_and_host_tier_flags(tiny):
 
 def test_threads_flag_reaches_numba_and_blas(tiny):
     code = ("import asyncio, numba, threadpoolctl\n"
-            "from engine import Engine, EngineConfig\n"
+            "from stream_run.engine import Engine, EngineConfig\n"
             "async def main():\n"
             f"    e = await Engine.open({str(tiny)!r}, EngineConfig(backend='numpy', threads=1))\n"
             "    n = await e.scheduler.run_on_compute(numba.get_num_threads)\n"
@@ -106,7 +106,7 @@ def test_bad_model_paths_one_line_exit_2(tmp_path):
 
 
 def test_missing_default_model_gives_a_hint(monkeypatch, capsys):
-    from engine import cli
+    from stream_run.engine import cli
 
     monkeypatch.setattr(cli, "default_model", lambda: None)
     assert cli.main(["--prompt", "hi"]) == 2

@@ -6,8 +6,8 @@ import asyncio
 import numpy as np
 import pytest
 
-from engine import Engine, EngineConfig, GenerationParams, ReadError
-from scheduler import SchedulerConfig
+from stream_run.engine import Engine, EngineConfig, GenerationParams, ReadError
+from stream_run.scheduler import SchedulerConfig
 from tests.reference_model import reference_greedy, reference_logits
 from tests.tiny_models import write_mlx_quantized_model, write_tiny_model
 
@@ -152,7 +152,7 @@ def test_fused_decode_blocks_match_reference(tmp_path, monkeypatch, variant):
     """Quantized blocks on few rows take the fused kernels (kernels/fused.py; one sequence:
     the whole block in one call): a 6-token prompt and every decode step; the tokens must
     still be the reference's."""
-    from kernels import fused
+    from stream_run.kernels import fused
 
     calls = []
     real = fused.decoder_block
@@ -167,14 +167,14 @@ def test_fused_decode_blocks_match_reference(tmp_path, monkeypatch, variant):
     assert len(calls) == 16 * cfg["num_hidden_layers"]  # prefill + 15 decode passes, all fused
 
 
-@pytest.mark.skipif("mlx" not in __import__("kernels").available_backends(),
+@pytest.mark.skipif("mlx" not in __import__("stream_run.kernels").kernels.available_backends(),
                     reason="mlx is not installed")
 @pytest.mark.parametrize("variant", ["llama", "llama_tied", "qwen2", "qwen3"])
 @pytest.mark.parametrize("quantized", [True, False])
 def test_mlx_compiled_blocks_match_reference(tmp_path, monkeypatch, variant, quantized):
     """On MLX, decode passes run each block as two mx.compile'd halves around attention, for
     packed and float weights alike; the tokens must still be the reference's."""
-    from kernels.mlx_backend import MLXBackend
+    from stream_run.kernels.mlx_backend import MLXBackend
 
     calls = []
     real = MLXBackend.block_attention_input

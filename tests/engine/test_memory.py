@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from bench.synth import SynthSpec, synthesize
+from stream_run.bench.synth import SynthSpec, synthesize
 
 # Activations, logits, BLAS and numba scratch, allocator slack: the README's fixed allowance.
 WORKING_BYTES = 48 * 2**20
@@ -60,7 +60,8 @@ def test_peak_rss_is_the_child_own_not_inherited_from_a_large_parent():
 
     ballast = np.ones(400 * 2**20 // 8)  # this process is now > 400 MB
     proc = subprocess.run(
-        [sys.executable, "-c", "from engine.stats import peak_rss_bytes; print(peak_rss_bytes())"],
+        [sys.executable, "-c",
+         "from stream_run.engine.stats import peak_rss_bytes; print(peak_rss_bytes())"],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout) < 300 * 2**20

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from engine.sampling import Sampler, SamplingParams
+from stream_run.engine.sampling import Sampler, SamplingParams
 
 LOGITS = np.log(np.array([0.5, 0.25, 0.15, 0.07, 0.03]))
 

@@ -12,7 +12,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from engine import Engine, EngineConfig, GenerationParams
+from stream_run.engine import Engine, EngineConfig, GenerationParams
 
 REFERENCE = json.loads(
     (pathlib.Path(__file__).parents[1] / "data" / "smollm2_reference.json").read_text()

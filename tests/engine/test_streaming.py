@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from engine import Engine, EngineConfig, GenerationParams, ReadError
-from scheduler import SchedulerConfig
+from stream_run.engine import Engine, EngineConfig, GenerationParams, ReadError
+from stream_run.scheduler import SchedulerConfig
 from tests.reference_model import reference_greedy
 from tests.tiny_models import write_tiny_model
 

@@ -4,10 +4,10 @@ import pytest
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
-from engine.config import parse_size
-from engine.engine import _StopFilter
-from engine.tokenizer import Tokenizer
-from loaders import TokenizerData
+from stream_run.engine.config import parse_size
+from stream_run.engine.engine import _StopFilter
+from stream_run.engine.tokenizer import Tokenizer
+from stream_run.loaders import TokenizerData
 
 
 def byte_tokenizer() -> Tokenizer:

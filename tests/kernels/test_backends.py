@@ -6,10 +6,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-import kernels
-from kernels.formats import dequantize_gguf_reference
-from kernels.quant import SUPPORTED_BITS, QuantizedWeight, dequantize, quantize
-from kernels.sizes import unit_nbytes
+from stream_run import kernels
+from stream_run.kernels.formats import dequantize_gguf_reference
+from stream_run.kernels.quant import SUPPORTED_BITS, QuantizedWeight, dequantize, quantize
+from stream_run.kernels.sizes import unit_nbytes
 
 BACKENDS = [
     "numpy",

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, quants
 
-from kernels.formats import dequantize_gguf_reference, gguf_to_affine, to_float32
-from kernels.quant import dequantize
+from stream_run.kernels.formats import dequantize_gguf_reference, gguf_to_affine, to_float32
+from stream_run.kernels.quant import dequantize
 
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 

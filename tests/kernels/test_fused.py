@@ -4,9 +4,9 @@ which the reference-model tests already check: same math, float32, summation ord
 import numpy as np
 import pytest
 
-from kernels import fused
-from kernels.numpy_backend import MATVEC_MAX_ROWS, NumpyBackend, NumpyKVCache
-from kernels.quant import HalfWeight, QuantizedWeight, quantize
+from stream_run.kernels import fused
+from stream_run.kernels.numpy_backend import MATVEC_MAX_ROWS, NumpyBackend, NumpyKVCache
+from stream_run.kernels.quant import HalfWeight, QuantizedWeight, quantize
 
 E, H, HKV, D, INTER = 64, 4, 2, 16, 128
 EPS = 1e-5

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-import kernels
-from kernels import numpy_backend
-from kernels.formats import prepare_unit
-from kernels.numba_kernels import half_matvec, half_rows
-from kernels.quant import HalfWeight, half_to_float32, quantize
-from kernels.sizes import prepared_nbytes, unit_nbytes
+from stream_run import kernels
+from stream_run.kernels import numpy_backend
+from stream_run.kernels.formats import prepare_unit
+from stream_run.kernels.numba_kernels import half_matvec, half_rows
+from stream_run.kernels.quant import HalfWeight, half_to_float32, quantize
+from stream_run.kernels.sizes import prepared_nbytes, unit_nbytes
 
 BACKENDS = [
     "numpy",
@@ -222,7 +222,7 @@ def test_prepare_views_packed_words_when_aligned(offset):
 def test_held_bytes_count_the_read_buffer_a_view_keeps_alive():
     """numpy keeps packed words as views, so the whole raw unit stays allocated beside the
     float32 scales and biases widened out of it; MLX copies, so only its compute form."""
-    from kernels.sizes import held_nbytes, transient_nbytes
+    from stream_run.kernels.sizes import held_nbytes, transient_nbytes
 
     rng = np.random.default_rng(3)
     qw = quantize(rng.standard_normal((16, 128)).astype(np.float32), 4, 64)
@@ -247,7 +247,7 @@ def test_held_bytes_count_the_read_buffer_a_view_keeps_alive():
 def test_gguf_unit_keeps_no_view_of_its_read_buffer():
     """A GGUF block unit is converted, so its F32 norm is copied: a view would keep every block
     byte allocated beside the converted weights."""
-    from kernels.sizes import held_nbytes, transient_nbytes
+    from stream_run.kernels.sizes import held_nbytes, transient_nbytes
     from tests.kernels.test_formats import random_blocks
 
     rng = np.random.default_rng(4)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numba
 import pytest
 
-from kernels import jit_cache
+from stream_run.kernels import jit_cache
 
 
 def test_cache_key_changes_with_any_kernel_source(tmp_path, monkeypatch):
@@ -28,7 +28,7 @@ def test_cache_key_changes_with_any_kernel_source(tmp_path, monkeypatch):
 
 
 def test_kernels_compile_into_the_keyed_directory(tmp_path, monkeypatch):
-    import kernels.numba_kernels  # noqa: F401  (configures the cache on import)
+    import stream_run.kernels.numba_kernels  # noqa: F401  (configures the cache on import)
 
     assert Path(numba.config.CACHE_DIR).name.endswith(jit_cache.source_hash())
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
@@ -53,8 +53,8 @@ def test_numba_runs_on_tbb_where_the_pip_package_is_installed():
     except importlib.metadata.PackageNotFoundError:
         pytest.skip("the tbb package is not installed")
     code = ("import numpy as np, numba\n"
-            "from kernels.numpy_backend import NumpyBackend\n"
-            "from kernels.quant import quantize\n"
+            "from stream_run.kernels.numpy_backend import NumpyBackend\n"
+            "from stream_run.kernels.quant import quantize\n"
             "w = quantize(np.ones((64, 128), np.float32), 4, 32)\n"
             "NumpyBackend().linear(np.ones((1, 128), np.float32), w)\n"
             "print(numba.threading_layer())\n")

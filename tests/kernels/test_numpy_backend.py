@@ -6,10 +6,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from kernels import numpy_backend
-from kernels.formats import dequantize_gguf_reference
-from kernels.numpy_backend import NumpyBackend
-from kernels.quant import dequantize, quantize
+from stream_run.kernels import numpy_backend
+from stream_run.kernels.formats import dequantize_gguf_reference
+from stream_run.kernels.numpy_backend import NumpyBackend
+from stream_run.kernels.quant import dequantize, quantize
 
 
 @dataclass

@@ -8,9 +8,9 @@ import numba
 import numpy as np
 import pytest
 
-from kernels import fused, numba_kernels
-from kernels.numpy_backend import MATVEC_MAX_ROWS
-from kernels.quant import QuantizedWeight, quantize
+from stream_run.kernels import fused, numba_kernels
+from stream_run.kernels.numpy_backend import MATVEC_MAX_ROWS
+from stream_run.kernels.quant import QuantizedWeight, quantize
 
 ODD_BITS = (3, 5, 6)
 CASES = list(itertools.product(ODD_BITS, (32, 64, 128)))

@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from kernels import numba_kernels
-from kernels.quant import (
+from stream_run.kernels import numba_kernels
+from stream_run.kernels.quant import (
     SUPPORTED_BITS,
     SUPPORTED_GROUP_SIZES,
     QuantizedWeight,

@@ -4,7 +4,7 @@ import gc
 
 import numpy as np
 
-from loaders.buffers import ALIGN, BufferPool
+from stream_run.loaders.buffers import ALIGN, BufferPool
 
 
 def test_buffers_are_aligned_and_sized():

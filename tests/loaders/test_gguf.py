@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-from loaders import EMBED, HEAD, FormatError, MissingTensorError, layer_key
-from loaders.gguf_file import BLOCK, TENSOR_MAP, hf_name, open_gguf, unpermute_rows
+from stream_run.loaders import EMBED, HEAD, FormatError, MissingTensorError, layer_key
+from stream_run.loaders.gguf_file import BLOCK, TENSOR_MAP, hf_name, open_gguf, unpermute_rows
 from tests.conftest import smollm2_path
 
 E, INTER, N_HEAD, N_KV, D, V, N_LAYERS = 64, 128, 4, 2, 16, 96, 2

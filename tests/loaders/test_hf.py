@@ -8,8 +8,16 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from loaders import EMBED, HEAD, FormatError, MissingTensorError, UnitReader, layer_key, open_model
-from loaders.hf import open_hf_dir
+from stream_run.loaders import (
+    EMBED,
+    HEAD,
+    FormatError,
+    MissingTensorError,
+    UnitReader,
+    layer_key,
+    open_model,
+)
+from stream_run.loaders.hf import open_hf_dir
 from tests.tiny_models import write_tiny_model
 
 
@@ -39,7 +47,7 @@ def test_index_groups_tensors_into_units_without_reading_data(tmp_path):
 def test_mmap_and_pread_read_the_same_bytes(tmp_path):
     write_tiny_model(tmp_path, "qwen3")
     index = open_hf_dir(str(tmp_path))
-    from loaders import LoaderConfig
+    from stream_run.loaders import LoaderConfig
 
     a = UnitReader(index, LoaderConfig("pread")).read(layer_key(0))
     b = UnitReader(index, LoaderConfig("mmap")).read(layer_key(0))
@@ -139,7 +147,7 @@ def test_inputs_are_never_modified(tmp_path):
 
 
 def test_direct_io_reads_the_same_bytes(tmp_path):
-    from loaders import LoaderConfig
+    from stream_run.loaders import LoaderConfig
 
     write_tiny_model(tmp_path, "qwen2", sharded=True)
     index = open_hf_dir(str(tmp_path))
@@ -157,8 +165,8 @@ def test_direct_io_reads_the_same_bytes(tmp_path):
 def test_direct_io_refused_falls_back_with_one_notice(tmp_path, monkeypatch, caplog):
     import errno
 
-    from loaders import LoaderConfig
-    from loaders import reader as reader_mod
+    from stream_run.loaders import LoaderConfig
+    from stream_run.loaders import reader as reader_mod
 
     write_tiny_model(tmp_path, "llama")
     index = open_hf_dir(str(tmp_path))

@@ -14,9 +14,9 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, processors, trainers
 from tokenizers import pre_tokenizers as pre
 
-from loaders import FormatError
-from loaders.gguf_file import open_gguf
-from loaders.tokenizer import (
+from stream_run.loaders import FormatError
+from stream_run.loaders.gguf_file import open_gguf
+from stream_run.loaders.tokenizer import (
     LLAMA3_SPLIT,
     QWEN2_SPLIT,
     TokenizerData,

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from cache import BudgetError, CacheConfig, WeightCache
-from scheduler import LayerScheduler, SchedulerConfig, Step
+from stream_run.cache import BudgetError, CacheConfig, WeightCache
+from stream_run.scheduler import LayerScheduler, SchedulerConfig, Step
 
 
 class FakeLoader:
@@ -193,7 +193,7 @@ async def test_prefetch_deepens_when_reads_are_slower_than_compute():
 async def test_prefetch_stays_when_compute_hides_reads():
     """The adaptation rule on recorded figures (a timed run would depend on the machine's
     load): stalls within 5 % of compute keep the depth, larger ones deepen it."""
-    from scheduler.loop import RunStats
+    from stream_run.scheduler.loop import RunStats
 
     sched, _, _ = make(budget=400, depth=2)
     sched._adapt(RunStats(compute_s=1.0, io_stall_s=0.04, units_read=8))

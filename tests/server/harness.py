@@ -11,8 +11,8 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from engine import Engine, EngineConfig
-from engine.server import STATE, ServerConfig, make_app, start_server
+from stream_run.engine import Engine, EngineConfig
+from stream_run.engine.server import STATE, ServerConfig, make_app, start_server
 
 
 class ServerThread:

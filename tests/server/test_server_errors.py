@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from engine import Engine, EngineConfig
-from engine.server import ServerConfig
+from stream_run.engine import Engine, EngineConfig
+from stream_run.engine.server import ServerConfig
 from tests.server.harness import ServerThread
 from tests.tiny_models import write_tiny_model
 
