@@ -18,8 +18,8 @@ import contextlib
 import os
 import sys
 
+from stream_run.cli.common import USER_ERRORS
 from stream_run.engine import format_size, parse_size
-from stream_run.engine.cli import USER_ERRORS
 
 SIZE_HELP = "sizes like 4KiB,1MiB"
 

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from stream_run.bench.env import load_average, memory_bandwidth_gbs, run_metadata
+from stream_run.cli.common import USER_ERRORS, default_model
 from stream_run.engine import Engine, EngineConfig, GenerationParams
-from stream_run.engine.cli import USER_ERRORS, default_model
 
 
 @dataclass

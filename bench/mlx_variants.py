@@ -23,7 +23,7 @@ import numpy as np
 
 from stream_run.bench.decode import run_test
 from stream_run.engine import Engine, EngineConfig
-from stream_run.engine.models.llama import ForwardState
+from stream_run.models.llama import ForwardState
 
 VARIANTS = {"compiled": True, "ops": False}  # name: compiled block halves on decode passes
 

@@ -280,7 +280,7 @@ def probe_model(dims: tuple[int, ...], bits: int, group_size: int, width: int,
                 scratch: str) -> Iterator[str]:
     """A probe model with probe_dims(dims, width), converted to `bits` by stream-convert's RTN
     quantizer, written under scratch and deleted on exit."""
-    from stream_run.engine.convert import convert_model
+    from stream_run.convert.convert import convert_model
 
     E, I, L, H, KV, V = probe_dims(dims, width)
     root = tempfile.mkdtemp(prefix="stream-bench-probe-", dir=scratch)

@@ -14,7 +14,7 @@ from dataclasses import asdict
 
 def main(argv: list[str] | None = None) -> int:
     from stream_run.bench.streaming import PointConfig, run_point
-    from stream_run.engine.cli import USER_ERRORS
+    from stream_run.cli.common import USER_ERRORS
 
     args = sys.argv[1:] if argv is None else argv
     try:

@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from stream_run.engine.errors import QueueFullError
-from stream_run.engine.models.llama import BatchState, SeqInput
 from stream_run.engine.request import Chunk, GenerationParams, StopFilter
 from stream_run.engine.sampling import Sampler
 from stream_run.engine.stats import GenerationStats, peak_rss_bytes
 from stream_run.engine.tokenizer import StreamingDetokenizer
+from stream_run.models.llama import BatchState, SeqInput
 from stream_run.scheduler import RunStats
 
 if TYPE_CHECKING:

@@ -17,13 +17,13 @@ from stream_run.cache import BudgetError, WeightCache
 from stream_run.engine.batching import Batcher, Generation
 from stream_run.engine.config import EngineConfig, default_threads, format_size, parse_size
 from stream_run.engine.errors import ContextLengthError
-from stream_run.engine.models import model_class
-from stream_run.engine.models.llama import ForwardState
 from stream_run.engine.request import Chunk, Completion, GenerationParams, StopFilter
 from stream_run.engine.tokenizer import Tokenizer
 from stream_run.engine.units import BackendUnitLoader
 from stream_run.kernels import get_backend
 from stream_run.loaders import ModelSource, UnitReader, open_model
+from stream_run.models import model_class
+from stream_run.models.llama import ForwardState
 from stream_run.scheduler import LayerScheduler, RunStats
 
 log = logging.getLogger(__name__)

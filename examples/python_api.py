@@ -10,9 +10,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from stream_run.cli.common import default_model
 from stream_run.engine import Engine
 from stream_run.engine import sync as stream_sync
-from stream_run.engine.cli import default_model
 
 
 async def main(model: str, memory_budget: str | None) -> None:

@@ -20,7 +20,7 @@ DIMS = (128, 256, 3, 4, 2, 512)  # hidden, intermediate, layers, heads, kv heads
 
 @pytest.fixture(scope="module")
 def bf16_and_q4(tmp_path_factory):
-    from stream_run.engine.convert import convert_model
+    from stream_run.convert.convert import convert_model
 
     root = tmp_path_factory.mktemp("project")
     E, I, L, H, KV, V = DIMS

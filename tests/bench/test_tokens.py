@@ -107,7 +107,7 @@ def test_bandwidth_line_per_backend(small_model, capsys):
 @pytest.mark.skipif(not __import__("stream_run.bench.llamacpp").bench.llamacpp.available(),
                     reason="llama-cpp-python is not installed (an optional bench dependency)")
 def test_llama_cpp_rows_beside_the_engine(capsys):
-    from stream_run.engine.cli import default_model
+    from stream_run.cli.common import default_model
 
     model = default_model()
     if model is None:

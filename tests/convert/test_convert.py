@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
+from stream_run.convert.convert import convert_model
 from stream_run.engine import Engine, EngineConfig, FormatError, GenerationParams
-from stream_run.engine.convert import convert_model
 from stream_run.engine.errors import ConvertError
 from stream_run.kernels.quant import quantize, quantize_search
 from stream_run.loaders import open_model

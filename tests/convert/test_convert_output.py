@@ -13,9 +13,10 @@ import threading
 
 import pytest
 
+from stream_run.cli.convert import main
+from stream_run.convert import convert as engine_convert
+from stream_run.convert.convert import convert_model
 from stream_run.engine import Engine, EngineConfig, GenerationParams, ReadError
-from stream_run.engine import convert as engine_convert
-from stream_run.engine.convert import convert_model, main
 from stream_run.engine.errors import ConvertError
 from stream_run.loaders import LoaderConfig
 from tests.tiny_models import write_tiny_model
@@ -215,7 +216,7 @@ async def test_verify_hashes_on_the_io_thread_and_detects_a_flipped_byte(src, tm
 
 def run_cli(*args):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONASYNCIODEBUG"}
-    return subprocess.run([sys.executable, "-m", "stream_run.engine.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "stream_run.cli.run", *map(str, args)],
                           capture_output=True, text=True, timeout=300, env=env)
 
 

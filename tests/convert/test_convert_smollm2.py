@@ -14,8 +14,8 @@ import gguf
 import numpy as np
 import pytest
 
+from stream_run.convert.convert import convert_model
 from stream_run.engine import Engine, EngineConfig, GenerationParams
-from stream_run.engine.convert import convert_model
 from stream_run.engine.tokenizer import Tokenizer
 from stream_run.loaders import UnitReader, open_model
 from stream_run.loaders.hf import full_name

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from stream_run.engine.convert import convert_model, main
+from stream_run.cli.convert import main
+from stream_run.convert.convert import convert_model
 from stream_run.engine.errors import ConvertError
 from stream_run.kernels.gptq import gptq_quantize
 from stream_run.kernels.quant import check_quantized, dequantize, quantize, unpack
@@ -265,7 +266,7 @@ def test_cli_errors_are_one_line(tiny_model_dir, tmp_path, calib, capsys, flags,
 # --- stream-eval --compare --quantizer ----------------------------------------------------
 
 def test_stream_eval_compare_passes_the_quantizer_on(tiny_model_dir, tmp_path, calib, capsys):
-    from stream_run.engine.evaluate import main as eval_main
+    from stream_run.cli.eval import main as eval_main
 
     src, _, _ = tiny_model_dir("llama")
     text = tmp_path / "text.txt"
@@ -286,7 +287,7 @@ def test_stream_eval_compare_passes_the_quantizer_on(tiny_model_dir, tmp_path, c
 ])
 def test_stream_eval_quantizer_flag_errors(tiny_model_dir, tmp_path, calib, capsys, flags,
                                            match):
-    from stream_run.engine.evaluate import main as eval_main
+    from stream_run.cli.eval import main as eval_main
 
     src, _, _ = tiny_model_dir("llama")
     argv = [str(src), "--text", str(calib)] + [f.format(calib=calib, tmp=tmp_path)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from stream_run.convert.recipes import Quant, layer_set, make_recipe
 from stream_run.engine.errors import ConvertError
-from stream_run.engine.recipes import Quant, layer_set, make_recipe
 
 N_LAYERS = 6
 Q, K, DOWN = "self_attn.q_proj.weight", "self_attn.k_proj.weight", "mlp.down_proj.weight"

@@ -193,7 +193,7 @@ def test_mlx_backend_batches_too(model):
 def test_batched_logits_match_single_passes(model):
     """The batched pass computes the same logits as one pass per sequence (float tolerance:
     BLAS may round differently for a different number of rows)."""
-    from stream_run.engine.models.llama import BatchState, SeqInput
+    from stream_run.models.llama import BatchState, SeqInput
 
     path, _, _ = model
     engine = open_engine(path)

@@ -9,7 +9,7 @@ import pytest
 
 from tests.tiny_models import write_tiny_model
 
-CLI = [sys.executable, "-m", "stream_run.engine.cli"]
+CLI = [sys.executable, "-m", "stream_run.cli.run"]
 
 
 def run_cli(*args, stdin=None):
@@ -106,7 +106,7 @@ def test_bad_model_paths_one_line_exit_2(tmp_path):
 
 
 def test_missing_default_model_gives_a_hint(monkeypatch, capsys):
-    from stream_run.engine import cli
+    from stream_run.cli import run as cli
 
     monkeypatch.setattr(cli, "default_model", lambda: None)
     assert cli.main(["--prompt", "hi"]) == 2

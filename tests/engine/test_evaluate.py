@@ -14,17 +14,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from stream_run.cli.eval import CompareRow, RecipeSpec, compare_table, main, parse_recipe
 from stream_run.engine import Engine, EngineConfig
-from stream_run.engine.evaluate import (
-    CompareRow,
-    RecipeSpec,
-    check_window,
-    compare_table,
-    evaluate,
-    main,
-    parse_recipe,
-    sliding_windows,
-)
+from stream_run.engine.perplexity import check_window, evaluate, sliding_windows
 from tests.reference_model import reference_logits
 from tests.tiny_models import TEXT
 
@@ -233,12 +225,12 @@ def test_bad_text_files_one_line_exit_2(tiny, tmp_path, capsys):
 
 def test_console_script_errors_without_traceback(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONASYNCIODEBUG"}
-    r = subprocess.run([sys.executable, "-m", "stream_run.engine.evaluate",
+    r = subprocess.run([sys.executable, "-m", "stream_run.cli.eval",
                         str(tmp_path / "nomodel"), "--text", str(tmp_path / "none.txt")],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2
     assert r.stderr == f"stream-eval: error: --text {tmp_path / 'none.txt'}: no such file\n"
-    r = subprocess.run([sys.executable, "-m", "stream_run.engine.evaluate", str(tmp_path)],
+    r = subprocess.run([sys.executable, "-m", "stream_run.cli.eval", str(tmp_path)],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 2
     assert "the following arguments are required: --text" in r.stderr
@@ -264,9 +256,9 @@ def fake_convert(monkeypatch):
             save_file(w, os.path.join(out, "model.safetensors"))
         return {"out": out}
 
-    module = types.ModuleType("stream_run.engine.convert")
+    module = types.ModuleType("stream_run.convert.convert")
     module.convert_model = convert_model
-    monkeypatch.setitem(sys.modules, "stream_run.engine.convert", module)
+    monkeypatch.setitem(sys.modules, "stream_run.convert.convert", module)
     return calls
 
 
@@ -310,7 +302,7 @@ def test_compare_json_and_conversion_errors(tiny, capsys, fake_convert, monkeypa
     def broken(*a, **kw):
         raise ValueError("bits=3 is not supported for embed")
 
-    monkeypatch.setattr(sys.modules["stream_run.engine.convert"], "convert_model", broken)
+    monkeypatch.setattr(sys.modules["stream_run.convert.convert"], "convert_model", broken)
     rc, out, err = run_main(capsys, path, "--text", text, "--max-tokens", 30, "--compare", "3")
     assert rc == 2
     assert err == ("stream-eval: error: recipe 3: conversion failed: bits=3 is not supported "
@@ -318,7 +310,7 @@ def test_compare_json_and_conversion_errors(tiny, capsys, fake_convert, monkeypa
 
 
 def test_compare_table_format():
-    from stream_run.engine.evaluate import EvalResult
+    from stream_run.engine.perplexity import EvalResult
 
     r = EvalResult(model="m", file_bytes=98_362_432, backend="numpy", ctx=512, stride=256,
                    n_tokens=101, starts_with_bos=False, n_scored=100, nll_sum=100 * math.log(20),
@@ -347,7 +339,7 @@ def test_smollm2_perplexity_on_gpl3(smollm2_gguf, capsys):
 
 
 def test_compare_with_the_real_converter(tiny, capsys):
-    pytest.importorskip("stream_run.engine.convert")
+    pytest.importorskip("stream_run.convert.convert")
     path, text, _, _ = tiny
     rc, out, err = run_main(capsys, path, "--text", text, "--ctx", 32, "--json", "--compare", "8")
     assert rc == 0, err

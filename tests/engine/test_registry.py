@@ -1,8 +1,8 @@
 import pytest
 
-from stream_run.engine.models import MODEL_MODULES, model_class
-from stream_run.engine.models.rope import inv_freq
 from stream_run.loaders import SUPPORTED_MODEL_TYPES
+from stream_run.models import MODEL_MODULES, model_class
+from stream_run.models.rope import inv_freq
 
 
 def test_loader_and_engine_agree_on_supported_model_types():

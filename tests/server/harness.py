@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from stream_run.engine import Engine, EngineConfig
-from stream_run.engine.server import STATE, ServerConfig, make_app, start_server
+from stream_run.server.app import STATE, ServerConfig, make_app, start_server
 
 
 class ServerThread:

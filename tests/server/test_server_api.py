@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from stream_run.engine import Engine, EngineConfig
-from stream_run.engine.server import ServerConfig
+from stream_run.server.app import ServerConfig
 from tests.server.harness import ServerThread
 from tests.tiny_models import write_tiny_model
 
@@ -196,7 +196,7 @@ def _free_port() -> int:
 
 def test_stream_serve_cli(model):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "stream_run.engine.serve", str(model), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "stream_run.cli.serve", str(model), "--port",
                              str(port), "--backend", "numpy", "--model-name", NAME],
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -223,7 +223,7 @@ def test_stream_serve_cli(model):
 def test_stream_serve_cli_reports_a_bad_model(tmp_path):
     (tmp_path / "empty").mkdir()
     for model in (tmp_path / "missing", tmp_path / "empty"):
-        proc = subprocess.run([sys.executable, "-m", "stream_run.engine.serve", str(model),
+        proc = subprocess.run([sys.executable, "-m", "stream_run.cli.serve", str(model),
                                "--port", str(_free_port())],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2
@@ -254,7 +254,7 @@ def test_smollm2_chat_end_to_end(smollm2_gguf):
     (["--memory-budget", "1KB"], "memory budget"),
 ])
 def test_stream_serve_flag_errors(model, capsys, flags, message):
-    from stream_run.engine import serve
+    from stream_run.cli import serve
 
     assert serve.main([str(model), "--port", "0", *flags]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from stream_run.engine import Engine, EngineConfig
-from stream_run.engine.server import ServerConfig
+from stream_run.server.app import ServerConfig
 from tests.server.harness import ServerThread
 from tests.tiny_models import write_tiny_model
 

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from stream_run.convert.recipes import Quant, Recipe
 from stream_run.engine.errors import ConvertError
-from stream_run.engine.recipes import Quant, Recipe
 from stream_run.kernels.formats import (
     DENSE_DTYPES,
     GGUF_BLOCK,

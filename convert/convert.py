@@ -9,7 +9,6 @@ is built in a temp dir next to OUT and renamed into place only when complete.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import json
@@ -19,10 +18,9 @@ import os
 import secrets
 import shutil
 import sys
-import time
 from typing import Any
 
-from stream_run.engine.calibrate import (
+from stream_run.convert.calibrate import (
     DEFAULT_TOKENS,
     GPTQ,
     WINDOW,
@@ -32,17 +30,16 @@ from stream_run.engine.calibrate import (
     needs_calibration,
     read_text,
 )
-from stream_run.engine.errors import ConvertError
-from stream_run.engine.recipes import Quant, make_recipe
-from stream_run.engine.repack import (
+from stream_run.convert.recipes import Quant, make_recipe
+from stream_run.convert.repack import (
     DEFAULT_QUANTIZER,
     QUANTIZERS,
     TensorPlan,
     convert_unit,
     plan_unit,
 )
+from stream_run.engine.errors import ConvertError
 from stream_run.engine.tokenizer import Tokenizer
-from stream_run.kernels.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from stream_run.loaders import LayerIndex, ModelSource, UnitReader, open_model
 from stream_run.loaders.packed import (
     FORMAT_NAME,
@@ -301,73 +298,4 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
 
 # --- CLI ------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    from stream_run.engine.cli import OneLineParser
 
-    p = OneLineParser(prog="stream-convert", description=__doc__,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="HF or MLX model directory, .gguf file, or packed directory")
-    p.add_argument("out", help="output directory (must not exist unless --force)")
-    p.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
-    p.add_argument("--group-size", type=int, choices=SUPPORTED_GROUP_SIZES, default=64)
-    p.add_argument("--recipe", default="uniform",
-                   help="uniform | mixed (embeddings and head 8-bit) | none | a JSON recipe "
-                   "file (format: see engine/recipes.py)")
-    p.add_argument("--quantizer", choices=QUANTIZER_NAMES, default=DEFAULT_QUANTIZER,
-                   help="how weights that cannot be copied losslessly are requantized: rtn "
-                   "(default; min/max round-to-nearest, identical to mx.quantize), mse (per "
-                   "group a clip search and least-squares scale and bias: lower squared weight "
-                   "error, about 4x slower, but measured worse perplexity at 3-5 bits) or gptq "
-                   "(GPTQ on the linears, calibrated on --calibration text: slower, needs the "
-                   "text; the lowest perplexity measured on SmolLM2)")
-    p.add_argument("--calibration", metavar="FILE", default=None,
-                   help="UTF-8 text for --quantizer gptq (any text like what the model will "
-                   "read; not the text you evaluate on)")
-    p.add_argument("--calibration-tokens", metavar="N", type=int, default=DEFAULT_TOKENS,
-                   help=f"gptq uses the first N tokens of --calibration (default "
-                   f"{DEFAULT_TOKENS}), in windows of up to 512")
-    p.add_argument("--force", action="store_true",
-                   help="replace an existing stream-convert output at OUT")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    p.add_argument("--verbose", "-v", action="store_true")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    from stream_run.engine.cli import USER_ERRORS
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.quantizer == GPTQ and args.calibration is None:
-        parser.error("--quantizer gptq needs --calibration FILE (a text to calibrate on)")
-    if args.quantizer != GPTQ and args.calibration is not None:
-        parser.error(f"--calibration is only used by --quantizer gptq, not {args.quantizer}")
-    if args.calibration_tokens < 1:
-        parser.error(f"--calibration-tokens must be >= 1, got {args.calibration_tokens}")
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(name)s: %(message)s")
-    t0 = time.perf_counter()
-    try:
-        manifest = convert_model(args.src, args.out, bits=args.bits, group_size=args.group_size,
-                                 recipe=args.recipe, force=args.force, progress=not args.quiet,
-                                 quantizer=args.quantizer, calibration=args.calibration,
-                                 calibration_tokens=args.calibration_tokens)
-    except (ConvertError, *USER_ERRORS) as exc:
-        if args.verbose:
-            log.exception("details")
-        print(f"stream-convert: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\nstream-convert: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    from stream_run.engine.config import format_size
-
-    print(f"stream-convert: wrote {args.out}: {len(manifest['units'])} units, "
-          f"{format_size(manifest['nbytes'])}, recipe {manifest['recipe']['name']}, "
-          f"quantizer {manifest['quantizer']}, "
-          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

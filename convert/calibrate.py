@@ -27,10 +27,14 @@ from typing import Any
 
 import numpy as np
 
+from stream_run.convert.repack import (
+    COMPANIONS,
+    OutTensor,
+    TensorPlan,
+    convert_unit,
+    source_float32,
+)
 from stream_run.engine.errors import ConvertError
-from stream_run.engine.models import model_class
-from stream_run.engine.models.llama import ForwardState
-from stream_run.engine.repack import COMPANIONS, OutTensor, TensorPlan, convert_unit, source_float32
 from stream_run.engine.tokenizer import Tokenizer
 from stream_run.kernels.gptq import (
     DEFAULT_BLOCK,
@@ -42,6 +46,8 @@ from stream_run.kernels.gptq import (
 from stream_run.kernels.numpy_backend import NumpyBackend
 from stream_run.kernels.quant import HalfWeight, QuantizedWeight, dequantize, half_to_float32
 from stream_run.loaders import EMBED, HEAD, HostTensor, ModelSpec, layer_key
+from stream_run.models import model_class
+from stream_run.models.llama import ForwardState
 
 log = logging.getLogger(__name__)
 

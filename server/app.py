@@ -22,7 +22,7 @@ from aiohttp import web
 
 from stream_run.engine.engine import Engine, Generation
 from stream_run.engine.errors import ChatTemplateError, ContextLengthError, QueueFullError
-from stream_run.engine.openai_api import (
+from stream_run.server.openai_api import (
     APIError,
     Limits,
     ParsedRequest,

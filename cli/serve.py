@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from stream_run.engine.cli import (
+from stream_run.cli.common import (
     OneLineParser,
     UsageError,
     add_engine_flags,
@@ -19,7 +19,7 @@ from stream_run.engine.cli import (
 )
 from stream_run.engine.config import parse_size
 from stream_run.engine.engine import Engine
-from stream_run.engine.server import STATE, ServerConfig, make_app, start_server
+from stream_run.server.app import STATE, ServerConfig, make_app, start_server
 
 API_KEY_ENV = "STREAM_SERVE_API_KEY"
 

@@ -1,0 +1,1 @@
+"""stream-serve: the aiohttp app and the OpenAI protocol over an Engine."""
