@@ -20,6 +20,7 @@ import sys
 
 from stream_run.cli.common import USER_ERRORS
 from stream_run.engine import format_size, parse_size
+from stream_run.models import REGISTRY
 
 SIZE_HELP = "sizes like 4KiB,1MiB"
 
@@ -110,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _outputs(j)
 
     s = sub.add_parser("synth", help="write a synthetic HF model with random weights")
-    s.add_argument("--arch", default="llama", choices=("llama", "mistral", "qwen2", "qwen3"))
+    s.add_argument("--arch", default="llama", choices=REGISTRY.model_types)
     s.add_argument("--shape", default="7b", help="7b, 13b, 70b, tiny, or custom")
     s.add_argument("--dtype", default="bf16", choices=("bf16", "f16", "f32"))
     s.add_argument("--out", required=True, help="output directory (must not exist)")
@@ -232,7 +233,7 @@ def tokens_cmd(args: argparse.Namespace) -> int:
     from stream_run.bench.report import bandwidth_lines, tokens_table, write_jsonl
     from stream_run.bench.streaming import model_sizes, parse_budgets, parse_ints
     from stream_run.engine import EngineConfig
-    from stream_run.loaders import open_model
+    from stream_run.models import open_model
     from stream_run.scheduler import SchedulerConfig
 
     quick = args.quick

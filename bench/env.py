@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import platform
 import subprocess
@@ -111,7 +112,7 @@ def model_info(path: str) -> dict:
     quantization comes from config.json ("quantization", or HF "quantization_config"), else
     manifest.json (stream-convert output), else the GGUF block types of its tensors.
     """
-    from stream_run.loaders import open_model
+    from stream_run.models import open_model
 
     index = open_model(path).index
     by_dtype: Counter[str] = Counter()
@@ -146,15 +147,12 @@ def model_info(path: str) -> dict:
 
 
 def param_count(spec) -> int:
-    """Parameters of a Llama-family ModelSpec (norms and biases included)."""
-    E, I, L, V = spec.hidden_size, spec.intermediate_size, spec.num_hidden_layers, spec.vocab_size
-    q, kv = spec.num_attention_heads * spec.head_dim, spec.num_key_value_heads * spec.head_dim
-    block = E * q + 2 * E * kv + q * E + 3 * E * I + 2 * E
-    if spec.attention_bias:
-        block += q + 2 * kv
-    if spec.qk_norm:
-        block += 2 * spec.head_dim
-    return L * block + V * E * (1 if spec.tie_word_embeddings else 2) + E
+    """Parameters of a model (norms and biases included), from the tensors its architecture
+    expects (models/ registry)."""
+    from stream_run.models import REGISTRY
+
+    shapes = REGISTRY.for_model_type(spec.model_type, "param_count").expected_shapes(spec)
+    return sum(math.prod(shape) for unit in shapes.values() for shape in unit.values())
 
 
 def memory_bandwidth_gbs(nbytes: int = 512 * 2**20, repeats: int = 5) -> float:

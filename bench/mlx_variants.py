@@ -23,7 +23,7 @@ import numpy as np
 
 from stream_run.bench.decode import run_test
 from stream_run.engine import Engine, EngineConfig
-from stream_run.models.llama import ForwardState
+from stream_run.models.base import Batch, SeqRows
 
 VARIANTS = {"compiled": True, "ops": False}  # name: compiled block halves on decode passes
 
@@ -38,17 +38,17 @@ def _direct_decode(engine: Engine, n: int) -> float:
     """n greedy decode steps as a plain loop over the model's steps (on the compute thread,
     every unit resident); returns tok/s."""
     model, tier = engine.model, engine.cache.compute
-    kv = model.make_kv_cache(1, n + 1)
+    kv = model.make_kv_cache(n + 1)
     tok = 1
     t0 = time.perf_counter()
     for _ in range(n):
-        st = ForwardState(np.asarray([[tok]]), kv)
-        for step in model.steps(st):
-            weights = {k: tier.peek(k) for k in step.units}
+        x = None
+        for call in model.calls(Batch([SeqRows(np.asarray([tok]), kv)])):
+            weights = {k: tier.peek(k) for k in call.units}
             assert all(v is not None for v in weights.values()), "model not resident"
-            step.run(weights)
-        assert st.logits is not None
-        tok = int(np.argmax(st.logits[0, -1]))
+            x = call.run(x, weights)
+        kv.advance(1)
+        tok = int(np.argmax(x[-1]))
     return n / (time.perf_counter() - t0)
 
 

@@ -39,7 +39,7 @@ from stream_run.engine import Engine, EngineConfig, format_size
 from stream_run.kernels import get_backend
 from stream_run.kernels.sizes import held_nbytes, transient_nbytes
 from stream_run.loaders import EMBED, HEAD, TensorRef, layer_key
-from stream_run.scheduler import LayerScheduler, SchedulerConfig, Step
+from stream_run.scheduler import LayerScheduler, SchedulerConfig
 
 # (hidden, intermediate, layers, heads, kv_heads, vocab)
 SHAPES = {
@@ -164,8 +164,8 @@ def _scheduler(layout: Layout, budget: int | None, depth: int) -> LayerScheduler
                           SchedulerConfig(prefetch_depth=depth))
 
 
-def _steps(layout: Layout) -> list[Step]:
-    return [Step(units, lambda w: None, units[0]) for units in layout.steps()]
+def _steps(layout: Layout) -> list[tuple[str, ...]]:
+    return [tuple(units) for units in layout.steps()]
 
 
 def min_budget(layout: Layout) -> int:
@@ -213,7 +213,7 @@ async def _measure(path: str, backend: str, budget: int | None, tokens: int) -> 
     engine = await Engine.open(path, EngineConfig(backend=backend, memory_budget_bytes=budget))
     try:
         engine.scheduler.record_intervals = True
-        kv = engine.model.make_kv_cache(1, tokens + 2)
+        kv = engine.model.make_kv_cache(tokens + 2)
         logits, _ = await engine.forward(np.asarray([[1]]), kv, more=True)
         size = engine.units.prepared_nbytes
         n_layers = engine.spec.num_hidden_layers

@@ -117,7 +117,7 @@ def reset_peak_rss() -> bool:
 
 
 async def _decode(engine: Engine, n: int) -> tuple[list, dict]:
-    kv = engine.model.make_kv_cache(1, n + 2)
+    kv = engine.model.make_kv_cache(n + 2)
     # the first pass loads the resident units and compiles kernels; it is not timed
     logits, _ = await engine.forward(np.asarray([[1]]), kv, more=True)
     tiers = engine.cache.compute.stats, engine.cache.host.stats

@@ -18,6 +18,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from stream_run.loaders import ModelSpec
+from stream_run.loaders.hf import full_name
+from stream_run.models import REGISTRY
+
 # (hidden, intermediate, layers, heads, kv_heads, vocab): the Llama-2 7B/13B and Llama-3 70B
 SHAPES = {
     "7b": (4096, 11008, 32, 32, 32, 32000),
@@ -43,8 +47,9 @@ class SynthSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.arch not in ("llama", "mistral", "qwen2", "qwen3"):
-            raise ValueError(f"--arch must be llama, mistral, qwen2 or qwen3, got {self.arch!r}")
+        if self.arch not in REGISTRY.model_types:
+            raise ValueError(f"--arch must be one of {', '.join(REGISTRY.model_types)}, "
+                             f"got {self.arch!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers",
@@ -64,31 +69,13 @@ class SynthSpec:
                    num_attention_heads=h, num_key_value_heads=kv, vocab_size=v, **kw)
 
     def tensors(self) -> Iterator[tuple[str, tuple[int, ...], float]]:
-        """(HF name, shape, std) in file order; std 0 means a norm weight (ones)."""
-        E, I, V = self.hidden_size, self.intermediate_size, self.vocab_size
-        D = E // self.num_attention_heads
-        q, kv = self.num_attention_heads * D, self.num_key_value_heads * D
-        yield "model.embed_tokens.weight", (V, E), 1.0
-        for i in range(self.num_hidden_layers):
-            p = f"model.layers.{i}."
-            yield p + "input_layernorm.weight", (E,), 0.0
-            yield p + "self_attn.q_proj.weight", (q, E), E**-0.5
-            yield p + "self_attn.k_proj.weight", (kv, E), E**-0.5
-            yield p + "self_attn.v_proj.weight", (kv, E), E**-0.5
-            if self.arch == "qwen2":
-                yield p + "self_attn.q_proj.bias", (q,), 0.02
-                yield p + "self_attn.k_proj.bias", (kv,), 0.02
-                yield p + "self_attn.v_proj.bias", (kv,), 0.02
-            if self.arch == "qwen3":
-                yield p + "self_attn.q_norm.weight", (D,), 0.0
-                yield p + "self_attn.k_norm.weight", (D,), 0.0
-            yield p + "self_attn.o_proj.weight", (E, q), q**-0.5
-            yield p + "post_attention_layernorm.weight", (E,), 0.0
-            yield p + "mlp.gate_proj.weight", (I, E), E**-0.5
-            yield p + "mlp.up_proj.weight", (I, E), E**-0.5
-            yield p + "mlp.down_proj.weight", (E, I), I**-0.5
-        yield "model.norm.weight", (E,), 0.0
-        yield "lm_head.weight", (V, E), E**-0.5
+        """(HF name, shape, std) in file order; std 0 means a norm weight (ones). The tensors
+        are the ones the architecture's model file expects (models/ registry)."""
+        arch = REGISTRY.for_model_type(self.arch, "stream-bench synth")
+        spec = ModelSpec.from_dict({**self.config(), **arch.config_overrides})
+        for key, shapes in arch.expected_shapes(spec).items():
+            for rel, shape in shapes.items():
+                yield full_name(key, rel), shape, _std(rel, shape)
 
     @property
     def nbytes(self) -> int:
@@ -96,7 +83,7 @@ class SynthSpec:
 
     def config(self) -> dict:
         return {
-            "model_type": self.arch, "architectures": [f"{self.arch.capitalize()}ForCausalLM"],
+            "model_type": self.arch, "architectures": [REGISTRY.hf_class(self.arch)],
             "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
             "num_hidden_layers": self.num_hidden_layers,
             "num_attention_heads": self.num_attention_heads,
@@ -106,6 +93,14 @@ class SynthSpec:
             "torch_dtype": {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}[self.dtype],
             "stream_run_synthetic": asdict(self),
         }
+
+
+def _std(name: str, shape: tuple[int, ...]) -> float:
+    """Random scale of a synthetic tensor: norms are ones (0), biases small, matrices
+    1/sqrt(fan-in) so activations keep their size through the blocks."""
+    if len(shape) == 1:
+        return 0.0 if name.endswith("norm.weight") else 0.02
+    return 1.0 if name.endswith("embed_tokens.weight") else shape[1] ** -0.5
 
 
 class _Pool:

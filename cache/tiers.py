@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stream_run.cache.errors import BudgetError
+from stream_run.cache.policy import POLICIES, PassShape, make_policy
 
 
 @dataclass(frozen=True)
@@ -25,8 +26,12 @@ class CacheConfig:
 
     compute_bytes: int | None = None
     host_bytes: int | None = 0
+    policy: str = "cyclic"  # cache/policy.py: which units stay resident
 
     def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"CacheConfig.policy must be one of {', '.join(POLICIES)}, "
+                             f"got {self.policy!r}")
         for name in ("compute_bytes", "host_bytes"):
             val = getattr(self, name)
             if val is not None and val < 0:
@@ -161,14 +166,59 @@ class Tier:
 
 
 class WeightCache:
-    """The compute and host tiers (the disk tier is the files themselves) and disk stats."""
+    """The compute and host tiers (the disk tier is the files themselves), the residency
+    policy, and disk stats.
+
+    The scheduler's surface: `plan` (which units stay resident), `reserve` /
+    `cancel_reservation` (room for a read in flight), `admit` (a loaded unit, pinned for its
+    consumer), `acquire` / `release` (pin a resident unit for a step, and let it go). A
+    resident unit holds one extra pin of its own for as long as it stays in the plan.
+    """
 
     def __init__(self, config: CacheConfig) -> None:
         self.config = config
         self.compute = Tier("compute", config.compute_bytes)
         self.host = Tier("host", config.host_bytes)
+        self.policy = make_policy(config.policy)
+        self.resident: set[str] = set()
         self.disk_bytes_read = 0
         self.disk_reads = 0
+
+    def plan(self, shape: PassShape, depth: int) -> set[str]:
+        """Make the policy's plan for passes of this shape at this prefetch depth, and move the
+        resident pins to it: units leaving the plan become evictable, units joining it that
+        are already loaded stay."""
+        new = self.policy.plan(shape, self.compute.budget_bytes, depth)
+        for key in self.resident - new:
+            if key in self.compute:
+                self.compute.unpin(key)
+        for key in new - self.resident:
+            if key in self.compute:
+                self.compute.pin(key)
+        self.resident = new
+        return new
+
+    def reserve(self, nbytes: int, keep: Collection[str] = ()) -> None:
+        """Room in the compute tier for a load in flight (evicting unpinned units not in
+        keep); raises BudgetError when it cannot fit."""
+        self.compute.reserve(nbytes, keep)
+
+    def cancel_reservation(self, nbytes: int) -> None:
+        self.compute.release(nbytes)
+
+    def admit(self, key: str, value: Any, nbytes: int) -> None:
+        """A loaded unit: pinned once for the step that consumes it, and once more while it is
+        in the resident plan."""
+        self.compute.put(key, value, nbytes, pins=2 if key in self.resident else 1)
+
+    def acquire(self, key: str) -> Any:
+        """A unit in the compute tier, pinned for one step (a hit)."""
+        value = self.compute.get(key)
+        self.compute.pin(key)
+        return value
+
+    def release(self, key: str) -> None:
+        self.compute.unpin(key)
 
     def record_read(self, nbytes: int) -> None:
         self.disk_bytes_read += nbytes

@@ -47,7 +47,7 @@ from stream_run.kernels.numpy_backend import NumpyBackend
 from stream_run.kernels.quant import HalfWeight, QuantizedWeight, dequantize, half_to_float32
 from stream_run.loaders import EMBED, HEAD, HostTensor, ModelSpec, layer_key
 from stream_run.models import model_class
-from stream_run.models.llama import ForwardState
+from stream_run.models.base import Batch, SeqRows
 
 log = logging.getLogger(__name__)
 
@@ -257,9 +257,9 @@ class GPTQConverter:
         for w in range(len(self.ids)):
             if before is not None:
                 before()
-            st = ForwardState(self.ids[w:w + 1], _NoCache(), h=self.h[w:w + 1])
-            model.steps(st)[1 + layer_idx].run({layer_key(layer_idx): weights})
-            out[w:w + 1] = st.h
+            batch = Batch([SeqRows(self.ids[w], _NoCache())])
+            out[w:w + 1] = model.block(layer_idx, batch, model.pass_context(batch),
+                                       self.h[w:w + 1], {layer_key(layer_idx): weights})
         return out
 
     def _factor(self, p: TensorPlan, hessian: np.ndarray) -> np.ndarray:

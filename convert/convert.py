@@ -40,7 +40,7 @@ from stream_run.convert.repack import (
 )
 from stream_run.engine.errors import ConvertError
 from stream_run.engine.tokenizer import Tokenizer
-from stream_run.loaders import LayerIndex, ModelSource, UnitReader, open_model
+from stream_run.loaders import LayerIndex, ModelSource, UnitReader
 from stream_run.loaders.packed import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -50,14 +50,13 @@ from stream_run.loaders.packed import (
     write_safetensors,
 )
 from stream_run.loaders.safetensors_file import DTYPE_SIZES
+from stream_run.models import REGISTRY, open_model
 
 log = logging.getLogger(__name__)
 
 # copied from HF / MLX / packed sources when present
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja", "tokenizer.model")
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 QUANTIZER_NAMES = (*QUANTIZERS, GPTQ)  # QUANTIZERS work per tensor, GPTQ per model
 
 
@@ -256,7 +255,7 @@ def model_config(source: ModelSource, quant: dict[str, Any] | None) -> dict[str,
     if source.path.endswith(".gguf"):
         cfg = {k: v for k, v in dataclasses.asdict(spec).items()
                if v is not None and k != "quantization"}
-        cfg = {"architectures": [ARCHITECTURES[spec.model_type]], **cfg,
+        cfg = {"architectures": [REGISTRY.hf_class(spec.model_type)], **cfg,
                "torch_dtype": "float16"}
     else:
         with open(os.path.join(source.path, "config.json"), encoding="utf-8") as f:

@@ -20,20 +20,18 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from stream_run.engine.errors import QueueFullError
 from stream_run.engine.request import Chunk, GenerationParams, StopFilter
+from stream_run.engine.runner import PassRunner
 from stream_run.engine.sampling import Sampler
 from stream_run.engine.stats import GenerationStats, peak_rss_bytes
-from stream_run.engine.tokenizer import StreamingDetokenizer
-from stream_run.models.llama import BatchState, SeqInput
+from stream_run.engine.tokenizer import StreamingDetokenizer, Tokenizer
+from stream_run.models.base import Batch, SeqRows
 from stream_run.scheduler import RunStats
-
-if TYPE_CHECKING:
-    from stream_run.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +138,13 @@ class Batcher:
     """Owns the engine's forward passes while requests are active (one task, started on
     demand and ended when idle, so an engine can serve one event loop after another)."""
 
-    def __init__(self, engine: Engine, max_batch: int, max_queue: int | None) -> None:
-        self.engine = engine
+    def __init__(self, runner: PassRunner, lock: asyncio.Lock, tokenizer: Tokenizer,
+                 max_batch: int, max_queue: int | None, prefill_chunk: int) -> None:
+        """lock: held for each run of passes (Engine.logits takes it too)."""
+        self.runner = runner
+        self.lock = lock
+        self.tokenizer = tokenizer
+        self.prefill_chunk = prefill_chunk
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.waiting: collections.deque[SeqState] = collections.deque()
@@ -185,7 +188,7 @@ class Batcher:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
     def new_seq(self, prompt: list[int], params: GenerationParams) -> SeqState:
-        tok = self.engine.tokenizer
+        tok = self.tokenizer
         self._ids += 1
         return SeqState(
             id=self._ids, prompt=list(prompt), params=params, sampler=Sampler(params.sampling),
@@ -222,7 +225,7 @@ class Batcher:
 
     async def _run(self) -> None:
         while True:
-            async with self.engine._lock:  # passes exclude Engine.logits and each other
+            async with self.lock:  # passes exclude Engine.logits and each other
                 try:
                     await self._drain()
                 except asyncio.CancelledError:
@@ -232,8 +235,7 @@ class Batcher:
                     log.exception("batcher failed")
                     self._fail_all(exc)
                 finally:
-                    await self.engine.scheduler.drop_carried()
-                    self.engine.reader.buffers.trim()  # idle read buffers are outside the budget
+                    await self.runner.idle()
                     self._release_retired()
             if not self.waiting:  # no await between this check and the task's end
                 return
@@ -249,13 +251,12 @@ class Batcher:
             await self._step(batch)
 
     async def _admit(self) -> None:
-        run_on_compute = self.engine.scheduler.run_on_compute
         while self.waiting and len(self.active) < self.max_batch:
             seq = self.waiting.popleft()
             self.active.append(seq)
             seq.t_start = time.perf_counter()
             max_len = len(seq.prompt) + seq.params.max_tokens
-            seq.kv = await run_on_compute(self.engine.model.make_kv_cache, 1, max_len)
+            seq.kv = await self.runner.make_kv_cache(max_len)
 
     def _reap(self) -> None:
         for seq in [s for s in self.active if s.cancelled]:
@@ -265,7 +266,7 @@ class Batcher:
         """The (sequence, ids to feed) of the next pass: every decoding sequence's last token,
         then prompt chunks first come first served within the prefill token budget."""
         batch: list[tuple[SeqState, list[int]]] = []
-        budget = self.engine.config.prefill_chunk
+        budget = self.prefill_chunk
         for seq in self.active:
             if not seq.prefilling:
                 batch.append((seq, seq.history[-1:]))
@@ -287,12 +288,11 @@ class Batcher:
         return False
 
     async def _step(self, batch: list[tuple[SeqState, list[int]]]) -> None:
-        st = BatchState([SeqInput(np.asarray(ids, dtype=np.int64), seq.kv) for seq, ids in batch])
-        steps = self.engine.model.batch_steps(st)
+        rows = Batch([SeqRows(np.asarray(ids, dtype=np.int64), seq.kv) for seq, ids in batch])
         t0 = time.perf_counter()
         self._pass_seqs = [seq for seq, _ in batch]
         self._pass = asyncio.get_running_loop().create_task(
-            self.engine.scheduler.run(steps, cyclic=self._more(batch)))
+            self.runner.run(rows, more=self._more(batch)))
         try:
             await asyncio.wait([self._pass])
         finally:
@@ -308,7 +308,7 @@ class Batcher:
                 seq.push(task.exception())  # type: ignore[arg-type]
                 self._finish(seq, None)
             return
-        rs: RunStats = task.result()
+        logits, rs = task.result()
         n_prefill = sum(seq.prefilling for seq, _ in batch)
         self.passes.append(PassRecord(len(batch), sum(len(ids) for _, ids in batch), n_prefill,
                                       rs.bytes_read, time.perf_counter() - t0, rs.compute_s,
@@ -317,8 +317,7 @@ class Batcher:
             seq.run.add(rs)
             if seq.prefilling:
                 seq.n_prefilled += len(ids)
-        assert st.logits is not None
-        await self._sample(batch, st.logits)
+        await self._sample(batch, logits)
 
     async def _sample(self, batch: list[tuple[SeqState, list[int]]], logits: np.ndarray
                       ) -> None:
@@ -334,7 +333,7 @@ class Batcher:
         rows = [(i, seq) for i, seq in rows if not self._finish_if_empty(seq)]
         if not rows:
             return
-        toks = await self.engine.scheduler.run_on_compute(
+        toks = await self.runner.scheduler.run_on_compute(
             _sample_rows, [seq.sampler for _, seq in rows], logits[[i for i, _ in rows]],
             [seq.history for _, seq in rows])
         for (_, seq), tok in zip(rows, toks, strict=True):

@@ -18,12 +18,12 @@ from stream_run.engine.batching import Batcher, Generation
 from stream_run.engine.config import EngineConfig, default_threads, format_size, parse_size
 from stream_run.engine.errors import ContextLengthError
 from stream_run.engine.request import Chunk, Completion, GenerationParams, StopFilter
+from stream_run.engine.runner import BackendUnitLoader, PassRunner
 from stream_run.engine.tokenizer import Tokenizer
-from stream_run.engine.units import BackendUnitLoader
 from stream_run.kernels import get_backend
-from stream_run.loaders import ModelSource, UnitReader, open_model
-from stream_run.models import model_class
-from stream_run.models.llama import ForwardState
+from stream_run.kernels.backend import ComputeThreadInit
+from stream_run.loaders import ModelSource, UnitReader
+from stream_run.models import model_class, open_model
 from stream_run.scheduler import LayerScheduler, RunStats
 
 log = logging.getLogger(__name__)
@@ -49,15 +49,16 @@ class Engine:
         self.cache = WeightCache(config.cache)
         self.reader = UnitReader(source.index, config.loader)
         self.units = BackendUnitLoader(source.index, self.reader, self.backend)
-        self.scheduler = LayerScheduler(self.cache, self.units, config.scheduler,
-                                        getattr(self.backend, "init_compute_thread", None),
+        init = self.backend.init_compute_thread \
+            if isinstance(self.backend, ComputeThreadInit) else None
+        self.scheduler = LayerScheduler(self.cache, self.units, config.scheduler, init,
                                         self.backend.start)
+        self.runner = PassRunner(self.model, self.scheduler, self.units)
         self._lock = asyncio.Lock()  # one pass at a time: the batcher, logits()
-        self.batcher = Batcher(self, config.max_batch, config.max_queue)
-        # the unit walk of one forward pass (closures over a dummy state), for planning
-        self._plan = self.model.steps(ForwardState(np.zeros((1, 1), np.int64), kv=None))  # type: ignore[arg-type]
+        self.batcher = Batcher(self.runner, self._lock, self.tokenizer, config.max_batch,
+                               config.max_queue, config.prefill_chunk)
         self._check_budget()
-        self.scheduler.plan_residency(self._plan)
+        self.runner.plan()
 
     @classmethod
     async def open(cls, model: str, config: EngineConfig | None = None, *,
@@ -118,7 +119,7 @@ class Engine:
     @property
     def min_budget_bytes(self) -> int:
         """The smallest memory budget this model runs with (its largest step's units)."""
-        return self.scheduler.min_budget_bytes(self._plan)
+        return self.runner.min_budget_bytes
 
     def _check_budget(self) -> None:
         budget = self.config.memory_budget_bytes
@@ -146,20 +147,19 @@ class Engine:
 
     async def forward(self, ids: np.ndarray, kv: Any, all_logits: bool = False,
                       more: bool = False) -> tuple[np.ndarray, RunStats]:
-        """One streamed forward pass over ids (B, L); returns logits and the run's stats.
+        """One streamed forward pass over one sequence's ids (1, L) against its KV cache;
+        returns logits (1, L, V) with all_logits, else (1, 1, V), and the run's stats.
 
         more: another pass follows (decoding), so reads for its first units may start now.
         """
-        st = ForwardState(ids=ids, kv=kv, all_logits=all_logits)
-        stats = await self.scheduler.run(self.model.steps(st), cyclic=more)
-        assert st.logits is not None
-        return st.logits, stats
+        logits, stats = await self.runner.forward(ids, kv, all_logits, more)
+        return logits[None], stats
 
     async def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Logits (L, V) for every position of ids, in one streamed pass (tests, perplexity)."""
         arr = np.asarray(ids, dtype=np.int64)[None, :]
         async with self._lock:
-            kv = await self.scheduler.run_on_compute(self.model.make_kv_cache, 1, arr.shape[1])
+            kv = await self.runner.make_kv_cache(arr.shape[1])
             logits, _ = await self.forward(arr, kv, all_logits=True)
         return logits[0]
 

@@ -191,7 +191,7 @@ async def perplexity(engine: Engine, ids: Sequence[int], ctx: int | None = None,
 
 async def _score_window(engine: Engine, ids: np.ndarray, w: Window, res: EvalResult,
                         more: bool) -> None:
-    kv = await engine.scheduler.run_on_compute(engine.model.make_kv_cache, 1, w.end - w.begin)
+    kv = await engine.runner.make_kv_cache(w.end - w.begin)
     chunk = engine.config.prefill_chunk
     for c in range(w.begin, w.end, chunk):
         e = min(c + chunk, w.end)

@@ -7,8 +7,8 @@ logits out. Shapes: B batch, L sequence, H heads, D head dim, E hidden size.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Protocol
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -22,27 +22,42 @@ class RawTensor(Protocol):
 
 
 class KVCache(Protocol):
-    """Per-sequence attention state for all layers, preallocated, written in place."""
+    """Per-sequence attention state, one part per layer (kernels/kv_cache.py): a full layer
+    (preallocated for max_len) or a sliding-window layer (a ring of `window` positions)."""
 
     offset: int  # tokens already stored (same for every layer once a step completes)
 
     @property
     def nbytes(self) -> int:
-        """Bytes the cache holds (preallocated for max_len)."""
+        """Bytes the cache holds (full layers: preallocated for max_len; sliding: the window)."""
         ...
 
     def update(self, layer_idx: int, k: Any, v: Any) -> tuple[Any, Any]:
-        """Store k, v (B, Hkv, L, D) at [offset, offset+L) and return all keys/values so far.
+        """Store k, v (B, Hkv, L, D) at [offset, offset+L) and return the keys/values to attend
+        over: a full layer's [0, offset+L); a sliding layer's positions from
+        max(0, offset - window + 1) (in order when L > 1, ring order when L = 1). Either way
+        ops.attention(q, keys, values, scale, keys.shape[2] - L, window) is right.
 
         Called once per layer per step, in layer order; `advance(L)` follows after the last
         layer.
         """
         ...
 
+    def attend(self, layer_idx: int, q: Any, k: Any, v: Any, scale: float) -> Any:
+        """The fused path's attention for one sequence: store k, v (L, Hkv, D) as update does,
+        attend q (L, H, D) over the keys so far (causal; within the window for a sliding
+        layer) -> (L, H * D)."""
+        ...
+
     def advance(self, n: int) -> None: ...
 
     def trim(self, n: int) -> None:
-        """Drop the last n tokens (used to roll back a cancelled step)."""
+        """Drop the last n tokens (used to roll back a cancelled step). A sliding layer can
+        roll back only within what its ring still holds (one token once it has wrapped).
+
+        Raises:
+            ValueError: n > offset, or a sliding layer no longer holds what the rollback needs.
+        """
         ...
 
 
@@ -91,10 +106,12 @@ class Backend(Protocol):
         """
         ...
 
-    def attention(self, q: Any, k: Any, v: Any, scale: float, offset: int) -> Any:
+    def attention(self, q: Any, k: Any, v: Any, scale: float, offset: int,
+                  window: int | None = None) -> Any:
         """Causal attention. q (B, Hq, L, D); k, v (B, Hkv, T, D) with T = offset + L.
 
-        GQA: Hq is a multiple of Hkv. Query i attends to keys 0..offset+i. -> (B, Hq, L, D).
+        GQA: Hq is a multiple of Hkv. Query i attends to keys j with j <= offset + i and, with
+        a window (a sliding layer), offset + i - j < window. -> (B, Hq, L, D).
         """
         ...
 
@@ -111,8 +128,13 @@ class Backend(Protocol):
     def transpose(self, x: Any, axes: tuple[int, ...]) -> Any: ...
 
     def make_kv_cache(
-        self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int
-    ) -> KVCache: ...
+        self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
+        windows: Sequence[int | None] | None = None,
+    ) -> KVCache:
+        """A sequence's cache; windows[i]: None for a full layer, else layer i's sliding window
+        (a window >= max_len makes a full layer: it never excludes a key there). None: all full.
+        """
+        ...
 
     def synchronize(self, x: Any) -> None:
         """Force evaluation of x (MLX is lazy); a no-op for numpy."""
@@ -123,3 +145,48 @@ class Backend(Protocol):
         scheduler calls it at the end of each compute call (a streamed step, or a run of
         resident ones), so a step's weights are consumed before the cache may evict them."""
         ...
+
+
+@runtime_checkable
+class FusedBlock(Protocol):
+    """Optional: a decoder block's linear parts as two fused calls around attention (numpy:
+    numba kernels on packed weights; MLX: two compiled halves). A model checks for it once,
+    with isinstance, and calls it only when `fuses` says the weights suit it."""
+
+    def fuses(self, weights: Sequence[Any], n_rows: int) -> bool:
+        """True when the block's linears (q, k, v, o, gate, up, down) can run fused for a pass
+        of n_rows rows."""
+        ...
+
+    def block_attention_input(
+        self, x: Any, norm: Any, eps: float, qkv: Sequence[Any], qkv_bias: Sequence[Any],
+        qk_norm: Sequence[Any], cos: np.ndarray, sin: np.ndarray, n_heads: int,
+        n_kv_heads: int,
+    ) -> tuple[Any, Any, Any]:
+        """x (T, E) -> q (T, H, D), k, v (T, Hkv, D): norm, projections, q/k norms, RoPE."""
+        ...
+
+    def block_output(self, x: Any, attn: Any, wo: Any, bo: Any, post_norm: Any, eps: float,
+                     mlp: Sequence[Any]) -> Any:
+        """x + o_proj(attn), then its post-attention norm and SwiGLU MLP residual -> (T, E)."""
+        ...
+
+
+@runtime_checkable
+class DecodeBlock(Protocol):
+    """Optional: the whole fused block for one sequence in one call (attention included)."""
+
+    def block_decode(self, x: Any, norm: Any, eps: float, qkv: Sequence[Any],
+                     qkv_bias: Sequence[Any], qk_norm: Sequence[Any], cos: np.ndarray,
+                     sin: np.ndarray, n_heads: int, n_kv_heads: int, kv: KVCache,
+                     layer_idx: int, scale: float, wo: Any, bo: Any, post_norm: Any,
+                     mlp: Sequence[Any]) -> Any:
+        ...
+
+
+@runtime_checkable
+class ComputeThreadInit(Protocol):
+    """Optional: set-up that must run on the compute thread before any step (MLX: its own
+    stream)."""
+
+    def init_compute_thread(self) -> None: ...

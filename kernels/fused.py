@@ -158,9 +158,16 @@ def _attend_parallel(q, kc, vc, out, offset, scale):
 def cached_attention(q, k, v, k_cache, v_cache, offset, scale):
     """One sequence: store k, v (n, Hkv, D) at rows offset.. of k_cache, v_cache (Hkv, max, D)
     in place, then causal attention of q (n, H, D) over keys 0..offset+r -> (n, H * D)."""
-    n, n_heads, D = q.shape
+    n = q.shape[0]
     k_cache[:, offset:offset + n] = k.transpose(1, 0, 2)
     v_cache[:, offset:offset + n] = v.transpose(1, 0, 2)
+    return attend_cached(q, k_cache, v_cache, offset, scale)
+
+
+def attend_cached(q, k_cache, v_cache, offset, scale):
+    """Causal attention of q (n, H, D) over keys 0..offset+r of k_cache, v_cache (Hkv, max, D)
+    -> (n, H * D)."""
+    n, n_heads, D = q.shape
     out = np.empty_like(q)
     kernel = _attend_parallel if n * n_heads * (offset + n) * D > PARALLEL_ATTENTION_WORK \
         else _attend_serial
@@ -231,13 +238,17 @@ def _store_kv(k, v, k_cache, v_cache, offset):
 
 @njit(**_SERIAL)
 def decoder_block(x, ln, eps, wq, wk, wv, bq, bk, bv, qn, kn, cos, sin, n_heads, n_kv_heads,
-                  k_cache, v_cache, offset, scale, wo, bo, ln_post, wg, wu, wd):
+                  k_cache, v_cache, slot, offset, scale, wo, bo, ln_post, wg, wu, wd):
     """A whole block for one sequence in one call: attention_input, the KV write and causal
     attention (cached_attention's), attention_output_mlp. Saves the two returns to Python
-    between them, during which the parallel workers fell asleep."""
+    between them, during which the parallel workers fell asleep.
+
+    The rows' k, v go to slots slot.. of the caches and row r attends over slots
+    0..offset+r: a full layer passes slot = offset; a sliding layer's ring, one row, its slot
+    and the last slot it holds."""
     q, k, v = attention_input(x, ln, eps, wq, wk, wv, bq, bk, bv, qn, kn, cos, sin, n_heads,
                               n_kv_heads)
-    _store_kv(k, v, k_cache, v_cache, offset)
+    _store_kv(k, v, k_cache, v_cache, slot)
     n, H, D = q.shape
     attn = np.empty_like(q)
     if n * H * (offset + n) * D > PARALLEL_ATTENTION_WORK:

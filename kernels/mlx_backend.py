@@ -22,6 +22,7 @@ import mlx.core as mx  # noqa: E402  (after the environment default above)
 import numpy as np
 
 from stream_run.kernels.formats import prepare_unit
+from stream_run.kernels.kv_cache import LayeredKVCache, Ring, layer_windows, window_mask
 from stream_run.kernels.quant import HalfWeight, QuantizedWeight
 
 DEVICES = ("auto", "cpu", "gpu")
@@ -35,74 +36,117 @@ def has_gpu() -> bool:
     return bool((metal and metal.is_available()) or (cuda and cuda.is_available()))
 
 
-class MLXKVCache:
-    """Per-layer preallocated float32 mx arrays (B, Hkv, max_len, D), updated by slice assignment.
+class MLXFullKV:
+    """One full layer: float32 mx arrays (B, Hkv, max_len, D), updated by slice assignment."""
 
-    One array per layer (not one (n_layers, ...) array) so an update copies at most one layer
-    when MLX cannot update in place.
-    """
+    window = None
 
-    def __init__(
-        self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int
-    ) -> None:
+    def __init__(self, batch: int, n_kv_heads: int, head_dim: int, max_len: int) -> None:
         shape = (batch, n_kv_heads, max_len, head_dim)
-        self.k = [mx.zeros(shape, dtype=mx.float32) for _ in range(n_layers)]
-        self.v = [mx.zeros(shape, dtype=mx.float32) for _ in range(n_layers)]
-        # Evaluate now: MLX 0.32 binds lazy arrays to the creating thread's stream, and the
-        # cache is made on the engine thread but written on the compute thread.
-        mx.eval(self.k, self.v)
-        self.max_len = max_len
-        self.offset = 0
+        self.k = mx.zeros(shape, dtype=mx.float32)
+        self.v = mx.zeros(shape, dtype=mx.float32)
 
     @property
     def nbytes(self) -> int:
-        return sum(int(a.nbytes) for a in (*self.k, *self.v))
+        return int(self.k.nbytes + self.v.nbytes)
 
-    def update(self, layer_idx: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
-        end = check_room(self.offset, k.shape[2], self.max_len)
-        self.k[layer_idx][:, :, self.offset : end, :] = k
-        self.v[layer_idx][:, :, self.offset : end, :] = v
-        return self.k[layer_idx][:, :, :end, :], self.v[layer_idx][:, :, :end, :]
+    def update(self, offset: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        end = offset + k.shape[2]
+        self.k[:, :, offset:end, :] = k
+        self.v[:, :, offset:end, :] = v
+        return self.k[:, :, :end, :], self.v[:, :, :end, :]
 
-    def attend(self, layer_idx: int, q: mx.array, k: mx.array, v: mx.array,
+    def attend(self, offset: int, q: mx.array, k: mx.array, v: mx.array,
                scale: float) -> mx.array:
-        """The fused form of update + attention for batch 1: q (L, H, D), k, v (L, Hkv, D) are
-        written at offset; returns causal attention (L, H * D)."""
         L, H, D = q.shape
-        end = check_room(self.offset, L, self.max_len)
-        self.k[layer_idx][0, :, self.offset : end, :] = k.transpose(1, 0, 2)
-        self.v[layer_idx][0, :, self.offset : end, :] = v.transpose(1, 0, 2)
+        end = offset + L
+        self.k[0, :, offset:end, :] = k.transpose(1, 0, 2)
+        self.v[0, :, offset:end, :] = v.transpose(1, 0, 2)
         o = mx.fast.scaled_dot_product_attention(
-            q.transpose(1, 0, 2)[None], self.k[layer_idx][:1, :, :end, :],
-            self.v[layer_idx][:1, :, :end, :], scale=scale, mask="causal" if L > 1 else None)
+            q.transpose(1, 0, 2)[None], self.k[:1, :, :end, :], self.v[:1, :, :end, :],
+            scale=scale, mask="causal" if L > 1 else None)
         return o[0].transpose(1, 0, 2).reshape(L, H * D)
 
-    def advance(self, n: int) -> None:
-        check_room(self.offset, n, self.max_len)
-        self.offset += n
-
-    def trim(self, n: int) -> None:
-        self.offset -= check_trim(self.offset, n)
+    def check_rollback(self, offset: int) -> None:
+        return None
 
 
-def check_room(offset: int, n: int, max_len: int) -> int:
-    """offset + n, after checking it fits.
+class MLXSlidingKV:
+    """One sliding-window layer: float32 mx arrays (B, Hkv, window, D), a ring buffer (position
+    p at slot p % window; kv_cache.Ring keeps the books), as numpy's NumpySlidingKV."""
 
-    Raises:
-        ValueError: names max_len and the length requested.
-    """
-    if n < 0 or offset + n > max_len:
-        raise ValueError(
-            f"KV cache overflow: {offset} tokens stored + {n} new = {offset + n} exceeds "
-            f"max_len={max_len}; hint: create the cache with a larger max_len"
-        )
-    return offset + n
+    def __init__(self, batch: int, n_kv_heads: int, head_dim: int, window: int) -> None:
+        self.ring = Ring(window)
+        self.window = window
+        shape = (batch, n_kv_heads, window, head_dim)
+        self.k = mx.zeros(shape, dtype=mx.float32)
+        self.v = mx.zeros(shape, dtype=mx.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.k.nbytes + self.v.nbytes)
+
+    def update(self, offset: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        """As NumpySlidingKV.update: one row -> the ring's filled slots; L > 1 -> positions
+        max(0, offset - window + 1) .. offset + L - 1 in order."""
+        ring, L = self.ring, k.shape[2]
+        first = ring.first_needed(offset)
+        if L == 1:
+            s = ring.store_one(offset)
+            self.k[:, :, s : s + 1, :] = k
+            self.v[:, :, s : s + 1, :] = v
+            T = min(offset + 1, self.window)
+            return self.k[:, :, :T, :], self.v[:, :, :T, :]
+        held = ring.slots(first, offset)
+        keys = mx.concatenate([*(self.k[:, :, a:b, :] for a, b in held), k], axis=2)
+        values = mx.concatenate([*(self.v[:, :, a:b, :] for a, b in held), v], axis=2)
+        for a, b, r in ring.store(offset, L):  # after the reads: these slots held older keys
+            self.k[:, :, a:b, :] = k[:, :, r : r + b - a, :]
+            self.v[:, :, a:b, :] = v[:, :, r : r + b - a, :]
+        return keys, values
+
+    def attend(self, offset: int, q: mx.array, k: mx.array, v: mx.array,
+               scale: float) -> mx.array:
+        L, H, D = q.shape
+        keys, values = self.update(offset, k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None])
+        o = attention(q.transpose(1, 0, 2)[None], keys, values, scale, keys.shape[2] - L,
+                      self.window)
+        return o[0].transpose(1, 0, 2).reshape(L, H * D)
+
+    def check_rollback(self, offset: int) -> None:
+        self.ring.first_needed(offset)
 
 
-def check_trim(offset: int, n: int) -> int:
-    if not 0 <= n <= offset:
-        raise ValueError(f"cannot trim {n} tokens from a KV cache holding {offset}")
-    return n
+class MLXKVCache(LayeredKVCache):
+    """A sequence's KV cache on MLX: per layer an MLXFullKV, or an MLXSlidingKV where windows
+    gives a window (kv_cache.layer_windows). One array pair per layer, so an update copies at
+    most one layer when MLX cannot update in place."""
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
+                 windows: Sequence[int | None] | None = None) -> None:
+        layers: list[MLXFullKV | MLXSlidingKV] = [
+            MLXFullKV(batch, n_kv_heads, head_dim, max_len) if w is None
+            else MLXSlidingKV(batch, n_kv_heads, head_dim, w)
+            for w in layer_windows(n_layers, max_len, windows)]
+        # Evaluate now: MLX 0.32 binds lazy arrays to the creating thread's stream, and the
+        # cache is made on the engine thread but written on the compute thread.
+        mx.eval([a for layer in layers for a in (layer.k, layer.v)])
+        super().__init__(layers, max_len)
+
+
+def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, offset: int,
+              window: int | None = None) -> mx.array:
+    """MLXBackend.attention (also a sliding layer's)."""
+    L, T = q.shape[2], k.shape[2]
+    if window is None:
+        # "causal" is lower-right aligned (last query on last key): with T = offset + L that is
+        # query i -> keys 0..offset+i, so it also covers chunked prefill (offset > 0, L > 1).
+        mask: Any = "causal" if L > 1 else None
+    elif L == 1 and T <= window:
+        mask = None  # a ring's filled slots: every key is in the window
+    else:
+        mask = mx.array(window_mask(L, T, offset, window))
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
 
 
 class MLXBackend:
@@ -210,12 +254,10 @@ class MLXBackend:
         return self._rope[1], self._rope[2]
 
     def attention(
-        self, q: mx.array, k: mx.array, v: mx.array, scale: float, offset: int
+        self, q: mx.array, k: mx.array, v: mx.array, scale: float, offset: int,
+        window: int | None = None,
     ) -> mx.array:
-        # "causal" is lower-right aligned (last query on last key): with T = offset + L that is
-        # query i -> keys 0..offset+i, so it also covers chunked prefill (offset > 0, L > 1).
-        mask = "causal" if q.shape[2] > 1 else None
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+        return attention(q, k, v, scale, offset, window)
 
     def silu_mul(self, gate: mx.array, up: mx.array) -> mx.array:
         return gate * mx.sigmoid(gate) * up
@@ -233,9 +275,10 @@ class MLXBackend:
         return x.transpose(axes)
 
     def make_kv_cache(
-        self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int
+        self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
+        windows: Sequence[int | None] | None = None,
     ) -> MLXKVCache:
-        return MLXKVCache(n_layers, batch, n_kv_heads, head_dim, max_len)
+        return MLXKVCache(n_layers, batch, n_kv_heads, head_dim, max_len, windows)
 
     def synchronize(self, x: Any) -> None:
         mx.eval(x)

@@ -12,6 +12,7 @@ import numpy as np
 
 from stream_run.kernels import fused
 from stream_run.kernels.formats import prepare_unit
+from stream_run.kernels.kv_cache import LayeredKVCache, Ring, layer_windows, window_mask
 from stream_run.kernels.numba_kernels import (
     HALF_SCALES,
     dequantize_rows,
@@ -41,11 +42,6 @@ def check_ids(ids: np.ndarray, n_rows: int) -> np.ndarray:
     return ids.astype(np.int64, copy=False)
 
 
-def causal_mask(L: int, T: int, offset: int) -> np.ndarray:
-    """(L, T) bool: query i (at position offset + i) may attend to key j iff j <= offset + i."""
-    return np.arange(T)[None, :] <= offset + np.arange(L)[:, None]
-
-
 def _float32_rows(w: QuantizedWeight | HalfWeight, rows: np.ndarray) -> np.ndarray:
     if isinstance(w, HalfWeight):
         return half_rows(w.data, w.dtype, rows)
@@ -72,54 +68,126 @@ def _kernel_tuple(w: QuantizedWeight) -> tuple:
     return t
 
 
-class NumpyKVCache:
-    """k, v float32 (n_layers, B, Hkv, max_len, D), preallocated and written in place."""
+class NumpyFullKV:
+    """One full layer: k, v float32 (B, Hkv, max_len, D), preallocated and written in place."""
 
-    def __init__(
-        self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int
-    ) -> None:
-        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+    window = None
+
+    def __init__(self, batch: int, n_kv_heads: int, head_dim: int, max_len: int) -> None:
+        shape = (batch, n_kv_heads, max_len, head_dim)
         self.k = np.zeros(shape, dtype=np.float32)  # zeros: pages are only touched when written
         self.v = np.zeros(shape, dtype=np.float32)
-        self.max_len = max_len
-        self.offset = 0
+        self.kc, self.vc = self.k[0], self.v[0]  # batch row 0: the fused path's (Hkv, max, D)
 
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def _check_room(self, n: int) -> int:
-        end = self.offset + n
-        if n < 0 or end > self.max_len:
-            raise ValueError(
-                f"KV cache overflow: {self.offset} tokens stored + {n} new = {end} exceeds "
-                f"max_len={self.max_len}; hint: create the cache with a larger max_len"
-            )
-        return end
-
-    def update(self, layer_idx: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def update(self, offset: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Store k, v (B, Hkv, L, D) at [offset, offset + L); return views of [0, offset + L)."""
-        end = self._check_room(k.shape[2])
-        self.k[layer_idx, :, :, self.offset : end] = k
-        self.v[layer_idx, :, :, self.offset : end] = v
-        return self.k[layer_idx, :, :, :end], self.v[layer_idx, :, :, :end]
+        end = offset + k.shape[2]
+        self.k[:, :, offset:end] = k
+        self.v[:, :, offset:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
 
-    def advance(self, n: int) -> None:
-        self.offset = self._check_room(n)
-
-    def attend(self, layer_idx: int, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+    def attend(self, offset: int, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                scale: float) -> np.ndarray:
-        """The fused form of update + attention for batch 1: q (L, H, D), k, v (L, Hkv, D) are
-        written in place at offset; returns causal attention (L, H * D)."""
-        self._check_room(q.shape[0])
-        return fused.cached_attention(q, k, v, self.k[layer_idx, 0], self.v[layer_idx, 0],
-                                      self.offset, scale)
+        return fused.cached_attention(q, k, v, self.kc, self.vc, offset, scale)
 
-    def trim(self, n: int) -> None:
-        """Drop the last n tokens (a cancelled step's writes are simply overwritten later)."""
-        if not 0 <= n <= self.offset:
-            raise ValueError(f"cannot trim {n} tokens from a KV cache holding {self.offset}")
-        self.offset -= n
+    def check_rollback(self, offset: int) -> None:
+        return None
+
+
+class NumpySlidingKV:
+    """One sliding-window layer: k, v float32 (B, Hkv, window, D), a ring buffer (position p
+    at slot p % window; kv_cache.Ring keeps the books)."""
+
+    def __init__(self, batch: int, n_kv_heads: int, head_dim: int, window: int) -> None:
+        self.ring = Ring(window)
+        self.window = window
+        shape = (batch, n_kv_heads, window, head_dim)
+        self.k = np.zeros(shape, dtype=np.float32)
+        self.v = np.zeros(shape, dtype=np.float32)
+        self.kc, self.vc = self.k[0], self.v[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def update(self, offset: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Store k, v (B, Hkv, L, D) at [offset, offset + L). Returns, for one row, views of the
+        ring's filled slots (the window, in slot order: one query needs no order); for L > 1, new
+        arrays of positions max(0, offset - window + 1) .. offset + L - 1 in order."""
+        ring, L = self.ring, k.shape[2]
+        first = ring.first_needed(offset)
+        if L == 1:
+            s = ring.store_one(offset)
+            self.k[:, :, s] = k[:, :, 0]
+            self.v[:, :, s] = v[:, :, 0]
+            T = min(offset + 1, self.window)
+            return self.k[:, :, :T], self.v[:, :, :T]
+        keys = np.concatenate([*self._held(self.k, first, offset), k], axis=2)
+        values = np.concatenate([*self._held(self.v, first, offset), v], axis=2)
+        for a, b, r in ring.store(offset, L):  # after the reads: these slots held older keys
+            self.k[:, :, a:b] = k[:, :, r : r + b - a]
+            self.v[:, :, a:b] = v[:, :, r : r + b - a]
+        return keys, values
+
+    def _held(self, buf: np.ndarray, lo: int, hi: int) -> list[np.ndarray]:
+        return [buf[:, :, a:b] for a, b in self.ring.slots(lo, hi)]
+
+    def decode_slot(self, offset: int) -> tuple[int, int]:
+        """For one row at offset written into kc, vc by a fused kernel: its slot, and the
+        kernel's offset (it attends over slots [0, offset + 1): every position the ring holds)."""
+        self.ring.first_needed(offset)
+        return self.ring.store_one(offset), min(offset + 1, self.window) - 1
+
+    def attend(self, offset: int, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+               scale: float) -> np.ndarray:
+        L, H, D = q.shape
+        if L == 1:
+            slot, kernel_offset = self.decode_slot(offset)
+            self.kc[:, slot] = k[0]
+            self.vc[:, slot] = v[0]
+            return fused.attend_cached(q, self.kc, self.vc, kernel_offset, scale)
+        keys, values = self.update(offset, k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None])
+        o = attention(q.transpose(1, 0, 2)[None], keys, values, scale, keys.shape[2] - L,
+                      self.window)  # (1, H, L, D)
+        return o[0].transpose(1, 0, 2).reshape(L, H * D)
+
+    def check_rollback(self, offset: int) -> None:
+        self.ring.first_needed(offset)
+
+
+class NumpyKVCache(LayeredKVCache):
+    """A sequence's KV cache on numpy: per layer a NumpyFullKV, or a NumpySlidingKV where
+    windows gives a window (kv_cache.layer_windows)."""
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
+                 windows: Sequence[int | None] | None = None) -> None:
+        super().__init__([
+            NumpyFullKV(batch, n_kv_heads, head_dim, max_len) if w is None
+            else NumpySlidingKV(batch, n_kv_heads, head_dim, w)
+            for w in layer_windows(n_layers, max_len, windows)], max_len)
+
+
+def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, offset: int,
+              window: int | None = None) -> np.ndarray:
+    """NumpyBackend.attention (also a sliding layer's attention for several rows)."""
+    B, Hq, L, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    # Query heads h = kv * G + g share kv head h // G: group them instead of repeating K/V.
+    qg = np.ascontiguousarray(q).reshape(B, Hkv, G * L, D)
+    scores = qg @ k.swapaxes(-1, -2)  # (B, Hkv, G*L, T)
+    scores *= np.float32(scale)
+    if not (L == 1 and T == offset + 1 and (window is None or T <= window)):
+        s5 = scores.reshape(B, Hkv, G, L, T)
+        s5[..., ~window_mask(L, T, offset, window)] = -np.inf
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    return (scores @ v).reshape(B, Hq, L, D)
 
 
 class NumpyBackend:
@@ -225,17 +293,26 @@ class NumpyBackend:
         layer_idx: int, scale: float, wo: QuantizedWeight, bo: np.ndarray | None,
         post_norm: np.ndarray, mlp: Sequence[QuantizedWeight],
     ) -> np.ndarray:
-        """block_attention_input, kv.attend and block_output for one sequence, in one call."""
+        """block_attention_input, kv.attend and block_output for one sequence, in one call
+        (a sliding layer's ring takes one row so; several go through the three calls)."""
+        layer = kv.layers[layer_idx]
+        slot = offset = kv.offset
         kv._check_room(x.shape[0])
+        if layer.window is not None:
+            if x.shape[0] > 1:  # writing row r into the ring would drop keys rows < r need
+                q, k, v = self.block_attention_input(x, norm, eps, qkv, qkv_bias, qk_norm, cos,
+                                                     sin, n_heads, n_kv_heads)
+                attn = kv.attend(layer_idx, q, k, v, scale)
+                return self.block_output(x, attn, wo, bo, post_norm, eps, mlp)
+            slot, offset = layer.decode_slot(offset)
         wq, wk, wv = (_kernel_tuple(w) for w in qkv)
         bq, bk, bv = (_or_empty(b) for b in qkv_bias)
         qn, kn = (_or_empty(n) for n in qk_norm)
         wg, wu, wd = (_kernel_tuple(w) for w in mlp)
         return fused.decoder_block(np.ascontiguousarray(x, dtype=np.float32), norm, eps, wq, wk,
                                    wv, bq, bk, bv, qn, kn, cos, sin, n_heads, n_kv_heads,
-                                   kv.k[layer_idx, 0], kv.v[layer_idx, 0], kv.offset,
-                                   np.float32(scale), _kernel_tuple(wo), _or_empty(bo),
-                                   post_norm, wg, wu, wd)
+                                   layer.kc, layer.vc, slot, offset, np.float32(scale),
+                                   _kernel_tuple(wo), _or_empty(bo), post_norm, wg, wu, wd)
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         ms = np.mean(np.square(x), axis=-1, keepdims=True)
@@ -251,22 +328,10 @@ class NumpyBackend:
         return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
     def attention(
-        self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, offset: int
+        self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, offset: int,
+        window: int | None = None,
     ) -> np.ndarray:
-        B, Hq, L, D = q.shape
-        Hkv, T = k.shape[1], k.shape[2]
-        G = Hq // Hkv
-        # Query heads h = kv * G + g share kv head h // G: group them instead of repeating K/V.
-        qg = np.ascontiguousarray(q).reshape(B, Hkv, G * L, D)
-        scores = qg @ k.swapaxes(-1, -2)  # (B, Hkv, G*L, T)
-        scores *= np.float32(scale)
-        if not (L == 1 and T == offset + 1):
-            s5 = scores.reshape(B, Hkv, G, L, T)
-            s5[..., ~causal_mask(L, T, offset)] = -np.inf
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        return (scores @ v).reshape(B, Hq, L, D)
+        return attention(q, k, v, scale, offset, window)
 
     def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore"):  # exp(-g) -> inf for g << 0 gives silu = -0, correct
@@ -285,9 +350,10 @@ class NumpyBackend:
         return np.transpose(x, axes)
 
     def make_kv_cache(
-        self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int
+        self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
+        windows: Sequence[int | None] | None = None,
     ) -> NumpyKVCache:
-        return NumpyKVCache(n_layers, batch, n_kv_heads, head_dim, max_len)
+        return NumpyKVCache(n_layers, batch, n_kv_heads, head_dim, max_len, windows)
 
     def synchronize(self, x: Any) -> None:
         return None

@@ -5,16 +5,17 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from stream_run.loaders.arch import Architecture, Registry, Shapes
 from stream_run.loaders.errors import FormatError, MissingTensorError, ReadError
 from stream_run.loaders.index import EMBED, HEAD, HostTensor, LayerIndex, TensorRef, Unit, layer_key
 from stream_run.loaders.reader import READ_MODES, LoaderConfig, UnitReader
-from stream_run.loaders.spec import SUPPORTED_MODEL_TYPES, ModelSpec
+from stream_run.loaders.spec import ModelSpec
 from stream_run.loaders.tokenizer import TokenizerData
 
 __all__ = [
-    "EMBED", "HEAD", "READ_MODES", "SUPPORTED_MODEL_TYPES", "FormatError", "HostTensor",
-    "LayerIndex", "LoaderConfig", "MissingTensorError", "ModelSource", "ModelSpec", "ReadError",
-    "TensorRef", "TokenizerData", "Unit", "UnitReader", "layer_key", "open_model",
+    "EMBED", "HEAD", "READ_MODES", "Architecture", "FormatError", "HostTensor", "LayerIndex",
+    "LoaderConfig", "MissingTensorError", "ModelSource", "ModelSpec", "ReadError", "Registry",
+    "Shapes", "TensorRef", "TokenizerData", "Unit", "UnitReader", "layer_key", "open_model",
 ]
 
 
@@ -25,8 +26,10 @@ class ModelSource:
     tokenizer: TokenizerData
 
 
-def open_model(path: str) -> ModelSource:
+def open_model(path: str, registry: Registry) -> ModelSource:
     """Open a model directory or .gguf file: spec, unit index and tokenizer; no tensor data.
+    registry resolves the file's architecture (stream_run.models.open_model passes the
+    engine's).
 
     Raises:
         FormatError / MissingTensorError: with the path and what is wrong.
@@ -44,11 +47,11 @@ def open_model(path: str) -> ModelSource:
         if not os.path.exists(os.path.join(path, "config.json")) and len(ggufs) == 1:
             path = os.path.join(path, ggufs[0])
         else:
-            index = open_hf_dir(path)
+            index = open_hf_dir(path, registry)
             return ModelSource(path, index, load_tokenizer_dir(path))
     if not os.access(path, os.R_OK):
         raise FormatError(f"{path}: file is not readable")
     if not path.endswith(".gguf"):
         raise FormatError(f"{path}: expected a model directory or a .gguf file")
-    index, metadata = open_gguf(path)
+    index, metadata = open_gguf(path, registry)
     return ModelSource(path, index, tokenizer_from_gguf(metadata, path))

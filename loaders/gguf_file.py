@@ -2,7 +2,8 @@
 
 gguf-py's GGUFReader memory-maps the file and parses the header; we keep only, per tensor,
 the absolute data offset, byte count, type and shape, then drop the reader (and its map).
-GGUF names are translated to HF names in the one table below, gguf-py style with {bid}.
+GGUF names are translated to HF names by the architecture's table (loaders.arch.Architecture.
+gguf_names, gguf-py style with {bid}), which the model file supplies.
 """
 
 from __future__ import annotations
@@ -13,45 +14,19 @@ from typing import Any
 
 import numpy as np
 
+from stream_run.loaders.arch import Architecture, Registry
 from stream_run.loaders.errors import FormatError, MissingTensorError
 from stream_run.loaders.index import EMBED, HEAD, LayerIndex, TensorRef, Unit, layer_key
-from stream_run.loaders.schema import check_index, expected_shapes
+from stream_run.loaders.schema import check_index
 from stream_run.loaders.spec import ModelSpec
 
 GGUF_MAGIC = b"GGUF"
 BLOCK = "layers.{bid}"  # == layer_key(bid)
 
-# GGUF tensor name -> (unit, HF name inside the unit).
-TENSOR_MAP: dict[str, tuple[str, str]] = {
-    "token_embd.weight": (EMBED, "embed_tokens.weight"),
-    "blk.{bid}.attn_norm.weight": (BLOCK, "input_layernorm.weight"),
-    "blk.{bid}.attn_q.weight": (BLOCK, "self_attn.q_proj.weight"),
-    "blk.{bid}.attn_k.weight": (BLOCK, "self_attn.k_proj.weight"),
-    "blk.{bid}.attn_v.weight": (BLOCK, "self_attn.v_proj.weight"),
-    "blk.{bid}.attn_output.weight": (BLOCK, "self_attn.o_proj.weight"),
-    "blk.{bid}.attn_q.bias": (BLOCK, "self_attn.q_proj.bias"),
-    "blk.{bid}.attn_k.bias": (BLOCK, "self_attn.k_proj.bias"),
-    "blk.{bid}.attn_v.bias": (BLOCK, "self_attn.v_proj.bias"),
-    "blk.{bid}.attn_output.bias": (BLOCK, "self_attn.o_proj.bias"),
-    "blk.{bid}.attn_q_norm.weight": (BLOCK, "self_attn.q_norm.weight"),
-    "blk.{bid}.attn_k_norm.weight": (BLOCK, "self_attn.k_norm.weight"),
-    "blk.{bid}.ffn_norm.weight": (BLOCK, "post_attention_layernorm.weight"),
-    "blk.{bid}.ffn_gate.weight": (BLOCK, "mlp.gate_proj.weight"),
-    "blk.{bid}.ffn_up.weight": (BLOCK, "mlp.up_proj.weight"),
-    "blk.{bid}.ffn_down.weight": (BLOCK, "mlp.down_proj.weight"),
-    "output_norm.weight": (HEAD, "norm.weight"),
-    "output.weight": (HEAD, "lm_head.weight"),
-}
-
-# general.architecture -> HF model_type
-ARCH_TO_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 # The engine runs F32/F16/BF16/Q4_0/Q4_1/Q8_0 directly (kernels/formats.py); the other types
 # open so that stream-convert can dequantize them (gguf-py) and repack them.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0",
                    "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-# llama.cpp's llama converter permuted these rows (see unpermute_rows); "k" uses the kv heads
-_PERMUTED = {"self_attn.q_proj.weight": "q", "self_attn.q_proj.bias": "q",
-             "self_attn.k_proj.weight": "k", "self_attn.k_proj.bias": "k"}
 _BLK = re.compile(r"^blk\.(\d+)\.")
 _REQUIRED = object()
 
@@ -78,19 +53,23 @@ def unpermute_rows(data: np.ndarray, n_head: int) -> np.ndarray:
     return data.reshape(n_head, half, 2, *data.shape[1:]).swapaxes(1, 2).reshape(data.shape)
 
 
-def hf_name(gguf_name: str) -> tuple[str, str] | None:
-    """(unit key, HF name inside the unit) for a GGUF tensor name; None if not in the table."""
+def hf_name(gguf_name: str, names: dict[str, tuple[str, str]] | Any
+            ) -> tuple[str, str] | None:
+    """(unit key, HF name inside the unit) for a GGUF tensor name, by an architecture's
+    gguf_names table; None if not in the table."""
     m = _BLK.match(gguf_name)
     template = _BLK.sub("blk.{bid}.", gguf_name, count=1) if m else gguf_name
-    entry = TENSOR_MAP.get(template)
+    entry = names.get(template)
     if entry is None:
         return None
     unit, rel = entry
     return (layer_key(int(m.group(1))) if m else unit), rel
 
 
-def open_gguf(path: str | os.PathLike[str]) -> tuple[LayerIndex, dict[str, Any]]:
-    """Index a .gguf file without reading tensor data.
+def open_gguf(path: str | os.PathLike[str], registry: Registry
+              ) -> tuple[LayerIndex, dict[str, Any]]:
+    """Index a .gguf file without reading tensor data, and check it against its architecture
+    (resolved from general.architecture by registry).
 
     Returns:
         The LayerIndex and the file's metadata as plain Python values (tokenizer.*, etc.).
@@ -102,14 +81,15 @@ def open_gguf(path: str | os.PathLike[str]) -> tuple[LayerIndex, dict[str, Any]]
     """
     path = os.fspath(path)
     metadata, infos = _read_header(path)
-    spec = spec_from_metadata(metadata, infos, path)
-    arch = metadata["general.architecture"]
+    arch = metadata.get("general.architecture")
+    desc = registry.for_gguf(arch, path)
+    spec = spec_from_metadata(metadata, infos, path, desc)
     units: dict[str, Unit] = {EMBED: Unit(EMBED)}
     units.update({k: Unit(k) for k in (layer_key(i) for i in range(spec.num_hidden_layers))})
     units[HEAD] = Unit(HEAD)
     unknown = []
     for name, (type_name, shape, offset, nbytes) in infos.items():
-        where = hf_name(name)
+        where = hf_name(name, desc.gguf_names)
         if where is None:
             unknown.append(name)
             continue
@@ -120,8 +100,8 @@ def open_gguf(path: str | os.PathLike[str]) -> tuple[LayerIndex, dict[str, Any]]
                 f"{spec.num_hidden_layers}"
             )
         unpermute = None
-        if spec.model_type == "llama" and rel in _PERMUTED:
-            q = _PERMUTED[rel] == "q"
+        if rel in desc.gguf_permuted:
+            q = desc.gguf_permuted[rel] == "q"
             unpermute = spec.num_attention_heads if q else spec.num_key_value_heads
             if shape[0] % (2 * unpermute):
                 raise FormatError(
@@ -132,12 +112,13 @@ def open_gguf(path: str | os.PathLike[str]) -> tuple[LayerIndex, dict[str, Any]]
     if unknown:
         raise FormatError(
             f"{path}: unknown tensor name(s) {unknown[:4]} ({len(unknown)} in all) for "
-            f"architecture {arch!r}; only dense llama/qwen2/qwen3 blocks are supported "
-            "(see TENSOR_MAP in loaders/gguf_file.py)"
+            f"architecture {arch!r} (the tensors of model_type {spec.model_type!r} are listed "
+            "by its model file in models/)"
         )
     index = LayerIndex(spec=spec, units=units, source=path)
-    _check_complete(index)
-    check_index(index)
+    expected = desc.expected_shapes(spec)
+    _check_complete(index, desc, expected)
+    check_index(index, expected)
     return index, metadata
 
 
@@ -190,18 +171,14 @@ def _read_header(path: str) -> tuple[dict[str, Any], dict[str, tuple]]:
     return metadata, infos
 
 
-def spec_from_metadata(meta: dict[str, Any], infos: dict[str, tuple], path: str) -> ModelSpec:
+def spec_from_metadata(meta: dict[str, Any], infos: dict[str, tuple], path: str,
+                       desc: Architecture) -> ModelSpec:
     """Map GGUF metadata ({arch}.*, tokenizer.ggml.*) onto HF config.json fields.
 
     Raises:
-        FormatError: unsupported architecture, a missing required key, or unsupported RoPE.
+        FormatError: a missing required key, or unsupported RoPE.
     """
     arch = meta.get("general.architecture")
-    if arch not in ARCH_TO_MODEL_TYPE:
-        raise FormatError(
-            f"{path}: unsupported GGUF architecture {arch!r}; supported: "
-            f"{', '.join(ARCH_TO_MODEL_TYPE)}"
-        )
 
     def get(key: str, default: Any = _REQUIRED) -> Any:
         val = meta.get(f"{arch}.{key}", default)
@@ -215,7 +192,7 @@ def spec_from_metadata(meta: dict[str, Any], infos: dict[str, tuple], path: str)
     embd = infos.get("token_embd.weight")
     vocab = embd[1][0] if embd else get("vocab_size", len(meta.get("tokenizer.ggml.tokens", [])))
     cfg: dict[str, Any] = {
-        "model_type": ARCH_TO_MODEL_TYPE[arch],
+        "model_type": desc.model_type,
         "hidden_size": get("embedding_length"),
         "intermediate_size": get("feed_forward_length"),
         "num_hidden_layers": get("block_count"),
@@ -236,12 +213,14 @@ def spec_from_metadata(meta: dict[str, Any], infos: dict[str, tuple], path: str)
     if value_length is not None and value_length != cfg["head_dim"]:
         raise FormatError(f"{path}: {arch}.attention.value_length={value_length} differs from "
                           f"key_length={cfg['head_dim']}; unsupported")
-    spec = ModelSpec.from_dict(cfg, source=path)
     rope_dims = get("rope.dimension_count", None)
-    if rope_dims is not None and rope_dims != spec.head_dim:
-        raise FormatError(f"{path}: {arch}.rope.dimension_count={rope_dims} but head_dim="
-                          f"{spec.head_dim}; partial rotary embeddings are not supported")
-    return spec
+    head_dim = cfg["head_dim"] or cfg["hidden_size"] // n_heads
+    if rope_dims is not None and rope_dims != head_dim:
+        if not 0 < rope_dims < head_dim:
+            raise FormatError(f"{path}: {arch}.rope.dimension_count={rope_dims} is not in "
+                              f"1..head_dim={head_dim}")
+        cfg["partial_rotary_factor"] = rope_dims / head_dim  # the model file says if it can
+    return ModelSpec.from_dict({**cfg, **desc.config_overrides}, source=path)
 
 
 def eos_token_ids(meta: dict[str, Any]) -> list[int]:
@@ -270,18 +249,44 @@ def _rope_scaling(meta: dict, arch: str, infos: dict, path: str) -> dict[str, An
     orig = meta.get(f"{arch}.rope.scaling.original_context_length")
     if orig is not None:
         out["original_max_position_embeddings"] = orig
+    if kind != "yarn":
+        return out
+
+    def f32(key: str) -> float | None:
+        """A float32 metadata value as the decimal it was written from (0.1, not 0.100000001)."""
+        val = meta.get(f"{arch}.rope.scaling.{key}")
+        return None if val is None else float(str(np.float32(val)))
+
+    # convert_hf_to_gguf.py writes HF's beta_fast/beta_slow/attention_factor under these keys
+    for key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                        ("yarn_attn_factor", "attention_factor")):
+        val = f32(key)
+        if val is not None:
+            out[hf_key] = val
+    log_mul = f32("yarn_log_multiplier")
+    if log_mul is not None:
+        # DeepSeek: log_mul = 0.1 * mscale_all_dim. llama.cpp scales the softmax by the yarn
+        # mscale squared and cancels it in the rotation, i.e. HF with mscale == mscale_all_dim.
+        m = float(str(np.float32(log_mul * 10)))
+        out["mscale"] = out["mscale_all_dim"] = m
+    ext = f32("yarn_ext_factor")
+    if ext is not None and ext >= 0 and ext != 1.0:
+        # HF's ramp has no such weight; a negative value means llama.cpp's default (1.0)
+        raise FormatError(f"{path}: {arch}.rope.scaling.yarn_ext_factor={ext} is not supported "
+                          "(HF yarn corresponds to 1.0)")
     return out
 
 
-def _check_complete(index: LayerIndex) -> None:
+def _check_complete(index: LayerIndex, desc: Architecture,
+                    expected: dict[str, dict[str, tuple[int, ...]]]) -> None:
     """Name a missing tensor by its GGUF name too, before check_index's shape checks."""
-    gguf_of = {rel: g for g, (_, rel) in TENSOR_MAP.items()}
-    for key, shapes in expected_shapes(index.spec).items():
+    gguf_of = {rel: g for g, (_, rel) in desc.gguf_names.items()}
+    for key, shapes in expected.items():
         have = index.units[key].tensors
         missing = [n for n in shapes if n not in have]
         if missing:
             bid = key.removeprefix("layers.")
-            names = [gguf_of[n].replace("{bid}", bid) for n in missing[:4]]
+            names = [gguf_of.get(n, "?").replace("{bid}", bid) for n in missing[:4]]
             raise MissingTensorError(
                 f"{index.source}: unit {key!r} is missing tensor(s) {missing[:4]} (GGUF {names}), "
                 f"expected for model_type {index.spec.model_type!r}"

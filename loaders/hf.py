@@ -6,6 +6,7 @@ import json
 import os
 import re
 
+from stream_run.loaders.arch import Architecture, Registry
 from stream_run.loaders.errors import FormatError
 from stream_run.loaders.index import EMBED, HEAD, LayerIndex, TensorRef, Unit, layer_key
 from stream_run.loaders.packed import file_checksums
@@ -54,10 +55,22 @@ def weight_files(model_dir: str) -> list[str]:
     return [os.path.join(model_dir, n) for n in files]
 
 
-def unit_of(name: str) -> tuple[str, str] | None:
-    """Map a full HF tensor name to (unit key, name inside the unit); None if ignored."""
+def unit_of(name: str, prefixes: tuple[str, ...] = ("",)) -> tuple[str, str] | None:
+    """Map a full HF tensor name to (unit key, name inside the unit); None if ignored.
+
+    prefixes: what a checkpoint may put before the text model's names (Architecture.
+    hf_prefixes); a name under a longer, other prefix (a vision tower) is not the model's.
+    """
     if _IGNORED.search(name):
         return None
+    for prefix in sorted(prefixes, key=len, reverse=True):
+        if name.startswith(prefix):
+            name = name.removeprefix(prefix)
+            break
+    else:
+        return None
+    if prefixes != ("",) and not name.startswith(("model.", "lm_head.")):
+        return None  # another tower of a multimodal checkpoint
     m = _LAYER.match(name)
     if m:
         return layer_key(int(m.group(1))), m.group(2)
@@ -77,25 +90,28 @@ def full_name(key: str, rel: str) -> str:
     return rel if rel.startswith("lm_head.") else f"model.{rel}"
 
 
-def open_hf_dir(model_dir: str) -> LayerIndex:
-    """Index an HF (or MLX-quantized) model directory without reading tensor data.
+def open_hf_dir(model_dir: str, registry: Registry) -> LayerIndex:
+    """Index an HF (or MLX-quantized) model directory without reading tensor data, and check
+    it against its architecture (resolved from config.json's model_type by registry).
 
     Raises:
-        FormatError: missing config, no weights, bad header, unknown tensor, wrong shape.
+        FormatError: missing config, unknown model_type, no weights, bad header, unknown
+            tensor, wrong shape.
         MissingTensorError: a tensor the architecture needs is absent.
     """
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.exists(config_path):
         raise FormatError(f"{model_dir}: no config.json (not an HF model directory)")
     cfg = read_json(config_path)
-    spec = ModelSpec.from_dict(cfg, source=config_path)
+    arch: Architecture = registry.for_model_type(cfg.get("model_type"), config_path)
+    spec = ModelSpec.from_dict({**cfg, **arch.config_overrides}, source=config_path)
     units: dict[str, Unit] = {EMBED: Unit(EMBED)}
     units.update({k: Unit(k) for k in (layer_key(i) for i in range(spec.num_hidden_layers))})
     units[HEAD] = Unit(HEAD)
     for path in weight_files(model_dir):
         for name, e in read_safetensors_header(path).items():
             try:
-                where = unit_of(name)
+                where = unit_of(name, arch.hf_prefixes)
             except FormatError as exc:
                 raise FormatError(f"{path}: {exc}") from None
             if where is None:
@@ -114,7 +130,7 @@ def open_hf_dir(model_dir: str) -> LayerIndex:
             unit.quantization = _unit_quantization(spec.quantization, unit.key)
     index = LayerIndex(spec=spec, units=units, source=model_dir,
                        checksums=file_checksums(model_dir))
-    check_index(index)
+    check_index(index, arch.expected_shapes(spec))
     return index
 
 

@@ -1,4 +1,5 @@
-"""The tensors each unit of a Llama-family model must have, and their shapes.
+"""Check a LayerIndex against the tensors and shapes its architecture expects (the model file
+supplies them: loaders.arch.Architecture.expected_shapes).
 
 Import checking follows nanoGPT's from_pretrained: the key sets must match exactly and every
 shape must match; a failure names the first few missing or unexpected keys.
@@ -7,46 +8,7 @@ shape must match; a failure names the first few missing or unexpected keys.
 from __future__ import annotations
 
 from stream_run.loaders.errors import FormatError, MissingTensorError
-from stream_run.loaders.index import EMBED, HEAD, LayerIndex, layer_key
-from stream_run.loaders.spec import ModelSpec
-
-LINEARS = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-)
-
-
-def expected_shapes(spec: ModelSpec) -> dict[str, dict[str, tuple[int, ...]]]:
-    """Logical (unquantized) shape of every tensor, per unit key."""
-    E, I, V = spec.hidden_size, spec.intermediate_size, spec.vocab_size
-    D = spec.head_dim
-    assert D is not None and spec.num_key_value_heads is not None
-    q_out, kv_out = spec.num_attention_heads * D, spec.num_key_value_heads * D
-    block: dict[str, tuple[int, ...]] = {
-        "input_layernorm.weight": (E,),
-        "post_attention_layernorm.weight": (E,),
-        "self_attn.q_proj.weight": (q_out, E),
-        "self_attn.k_proj.weight": (kv_out, E),
-        "self_attn.v_proj.weight": (kv_out, E),
-        "self_attn.o_proj.weight": (E, q_out),
-        "mlp.gate_proj.weight": (I, E),
-        "mlp.up_proj.weight": (I, E),
-        "mlp.down_proj.weight": (E, I),
-    }
-    if spec.attention_bias:
-        block.update({"self_attn.q_proj.bias": (q_out,), "self_attn.k_proj.bias": (kv_out,),
-                      "self_attn.v_proj.bias": (kv_out,)})
-        if spec.model_type == "llama":
-            block["self_attn.o_proj.bias"] = (E,)
-    if spec.qk_norm:
-        block.update({"self_attn.q_norm.weight": (D,), "self_attn.k_norm.weight": (D,)})
-    units = {EMBED: {"embed_tokens.weight": (V, E)}}
-    for i in range(spec.num_hidden_layers):
-        units[layer_key(i)] = dict(block)
-    units[HEAD] = {"norm.weight": (E,)}
-    if not spec.tie_word_embeddings:
-        units[HEAD]["lm_head.weight"] = (V, E)
-    return units
+from stream_run.loaders.index import LayerIndex
 
 
 def quant_params(quant: dict | None, prefix: str) -> tuple[int, int] | None:
@@ -59,14 +21,14 @@ def quant_params(quant: dict | None, prefix: str) -> tuple[int, int] | None:
     return int(quant["bits"]), int(quant["group_size"])
 
 
-def check_index(index: LayerIndex) -> None:
+def check_index(index: LayerIndex, expected: dict[str, dict[str, tuple[int, ...]]]) -> None:
     """Check every unit has exactly the expected tensors with the expected shapes.
 
     Raises:
         MissingTensorError: a required tensor is absent.
         FormatError: an unexpected tensor or a shape mismatch.
     """
-    for key, shapes in expected_shapes(index.spec).items():
+    for key, shapes in expected.items():
         unit = index.units.get(key)
         have = dict(unit.tensors) if unit else {}
         quant = unit.quantization if unit else None

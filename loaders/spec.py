@@ -11,9 +11,6 @@ from stream_run.loaders.errors import FormatError
 
 log = logging.getLogger(__name__)
 
-# model_type -> family implemented in engine/models. Kept here so a bad config fails at load.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-
 
 @dataclass
 class ModelSpec:
@@ -33,8 +30,15 @@ class ModelSpec:
     attention_bias: bool = False
     bos_token_id: int | None = None
     eos_token_id: list[int] = field(default_factory=list)
+    # sliding-window attention (models/ picks each layer's window from these)
+    sliding_window: int | None = None
+    use_sliding_window: bool = False
+    max_window_layers: int | None = None
+    layer_types: list[str] | None = None
     # MLX-quantized checkpoints: {"group_size": 64, "bits": 4, ...per-tensor overrides}
     quantization: dict[str, Any] | None = None
+    # the whole config as read (HF names): a model file reads its own fields from it
+    config: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -45,26 +49,16 @@ class ModelSpec:
             self.eos_token_id = [self.eos_token_id]
         elif self.eos_token_id is None:
             self.eos_token_id = []
-        if self.model_type == "qwen2":
-            self.attention_bias = True  # qwen2 always has q/k/v biases
-
-    @property
-    def qk_norm(self) -> bool:
-        return self.model_type == "qwen3"
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelSpec:
         """Build a spec from an HF config dict; unknown keys are ignored (logged at debug).
 
+        The model_type is checked by the registry (models/) before this is called.
+
         Raises:
-            FormatError: unsupported model_type or a missing/mistyped required field.
+            FormatError: a missing/mistyped required field.
         """
-        model_type = cfg.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise FormatError(
-                f"{source}: unsupported model_type {model_type!r}; "
-                f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in cfg.items() if k in names}
         unknown = sorted(set(cfg) - names)
@@ -72,6 +66,8 @@ class ModelSpec:
             log.debug("%s: ignoring config keys %s", source, unknown)
         if "quantization_config" in cfg and "quantization" not in cfg:
             kwargs["quantization"] = cfg["quantization_config"]
+        kwargs.update(_rope_fields(cfg, source))
+        kwargs["config"] = dict(cfg)
         for req in ("hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "vocab_size"):
             val = kwargs.get(req)
@@ -81,3 +77,21 @@ class ModelSpec:
             return cls(**kwargs)
         except TypeError as exc:
             raise FormatError(f"{source}: bad config: {exc}") from None
+
+
+def _rope_fields(cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """rope_theta and rope_scaling from a config in either spelling: top-level rope_theta and
+    rope_scaling (transformers 4), or one rope_parameters dict holding both (transformers 5
+    writes only that; reading theta from the top level alone would silently give 10000)."""
+    params = cfg.get("rope_parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise FormatError(f"{source}: field 'rope_parameters' must be an object, got {params!r}")
+    out: dict[str, Any] = {}
+    if "rope_theta" in params:
+        out["rope_theta"] = params["rope_theta"]
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind != "default" and cfg.get("rope_scaling") is None:
+        out["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+    return out

@@ -1,22 +1,94 @@
-"""Model registry: HF model_type -> model implementation (mlx-lm style alias table)."""
+"""The model registry: every architecture the engine runs, in one table.
+
+A model_type maps to the file in models/ that implements it (mlx-lm style: several HF types
+may share a file), the class name stream-convert writes into config.json, and llama.cpp's name
+for it in GGUF files. Each model file provides `Model` (the pass; see models/base.py) and
+`architecture(model_type)` (its tensors' names and shapes for the loaders). Adding an
+architecture is that file, one entry here, the kernel ops it lacks, and tests.
+"""
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
-# model_type -> module in engine.models; one file per architecture family.
-MODEL_MODULES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama"}
+from stream_run.loaders import Architecture, FormatError, ModelSource
+from stream_run.loaders import open_model as _open_model
+
+
+@dataclass(frozen=True)
+class Entry:
+    module: str  # models/<module>.py
+    hf_class: str  # config.json "architectures", as stream-convert writes it
+    gguf_arch: str | None = None  # GGUF general.architecture (llama.cpp's name), if any
+
+
+ARCHITECTURES: dict[str, Entry] = {
+    "llama": Entry("llama", "LlamaForCausalLM", "llama"),
+    "mistral": Entry("llama", "MistralForCausalLM"),  # llama.cpp writes Mistral as "llama"
+    "qwen2": Entry("llama", "Qwen2ForCausalLM", "qwen2"),
+    "qwen3": Entry("llama", "Qwen3ForCausalLM", "qwen3"),
+    "phi3": Entry("phi3", "Phi3ForCausalLM", "phi3"),
+}
+
+
+class ModelRegistry:
+    """Resolves config model_types and GGUF architectures (the loaders' Registry protocol)."""
+
+    def __init__(self, entries: dict[str, Entry]) -> None:
+        self.entries = dict(entries)
+
+    @property
+    def model_types(self) -> list[str]:
+        return list(self.entries)
+
+    def register(self, model_type: str, entry: Entry) -> None:
+        """Add (or replace) an architecture; its module must be importable as
+        stream_run.models.<module> or by its full dotted name."""
+        self.entries[model_type] = entry
+
+    def module(self, model_type: Any, source: str | None = None) -> ModuleType:
+        entry = self.entries.get(model_type) if isinstance(model_type, str) else None
+        if entry is None:
+            where = f"{source}: " if source else ""
+            raise FormatError(f"{where}unsupported model_type {model_type!r}; supported: "
+                              f"{', '.join(self.entries)}")
+        name = entry.module if "." in entry.module else f"{__package__}.{entry.module}"
+        return importlib.import_module(name)
+
+    def model_class(self, model_type: str) -> type:
+        return self.module(model_type).Model
+
+    def for_model_type(self, model_type: Any, source: str) -> Architecture:
+        return self.module(model_type, source).architecture(model_type)
+
+    def for_gguf(self, gguf_arch: Any, source: str) -> Architecture:
+        by_gguf = {e.gguf_arch: t for t, e in self.entries.items() if e.gguf_arch}
+        if gguf_arch not in by_gguf:
+            raise FormatError(f"{source}: unsupported GGUF architecture {gguf_arch!r}; "
+                              f"supported: {', '.join(by_gguf)}")
+        return self.for_model_type(by_gguf[gguf_arch], source)
+
+    def hf_class(self, model_type: str) -> str:
+        self.module(model_type)  # raises for an unknown type
+        return self.entries[model_type].hf_class
+
+
+REGISTRY = ModelRegistry(ARCHITECTURES)
 
 
 def model_class(model_type: str) -> type:
     """The Model class for an HF model_type.
 
     Raises:
-        ValueError: unknown model_type, listing the supported ones.
+        FormatError (a ValueError): unknown model_type, listing the supported ones.
     """
-    name = MODEL_MODULES.get(model_type)
-    if name is None:
-        raise ValueError(
-            f"unsupported model_type {model_type!r}; supported: {', '.join(MODEL_MODULES)}"
-        )
-    return importlib.import_module(f".{name}", __package__).Model
+    return REGISTRY.model_class(model_type)
+
+
+def open_model(path: str) -> ModelSource:
+    """loaders.open_model with this registry: a model directory or .gguf file, indexed and
+    checked against its architecture's tensors (headers only, no tensor data)."""
+    return _open_model(path, REGISTRY)

@@ -1,5 +1,6 @@
 """Time: the asyncio layer loop, the prefetch window, the I/O pool and the compute thread."""
 
-from stream_run.scheduler.loop import LayerScheduler, RunStats, SchedulerConfig, Step, UnitLoader
+from stream_run.scheduler.loop import LayerScheduler, RunStats, SchedulerConfig
+from stream_run.scheduler.step import Step, UnitLoader, Units
 
-__all__ = ["LayerScheduler", "RunStats", "SchedulerConfig", "Step", "UnitLoader"]
+__all__ = ["LayerScheduler", "RunStats", "SchedulerConfig", "Step", "UnitLoader", "Units"]

@@ -1,9 +1,14 @@
 """The asyncio layer loop: acquire each step's units, prefetch the next ones, run compute.
 
-A forward pass is a list of Steps (embed, each block, head). For step i the scheduler awaits
-its units in the compute tier, runs the step on the single compute thread, and meanwhile keeps
-reads for the units of the next depth steps in flight on the I/O pool. Steps after i whose
-units are already in the tier run in the same compute-thread call (no await between them).
+A forward pass is a list of Steps (embed, each block, head); each step's output is the next
+one's input, and the last one's is the pass's result. For step i the scheduler awaits its units
+in the compute tier, runs the step on the single compute thread, and meanwhile keeps reads for
+the units of the next depth steps in flight on the I/O pool. Steps after i whose units are
+already in the tier run in the same compute-thread call (no await between them). A late-bound
+step's units are resolved from the previous step's output when the pass reaches it.
+
+Which units stay resident is the cache's policy (cache/policy.py); the scheduler hands it the
+shape of a pass and asks again when the prefetch depth changes.
 """
 
 from __future__ import annotations
@@ -13,62 +18,26 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from stream_run.cache import WeightCache
+from stream_run.cache import PassShape, WeightCache
+from stream_run.scheduler.step import Step, UnitLoader, Units
 
 
-def _run_steps(steps: Sequence[Step], weights: Mapping[str, Any],
-               settle: Callable[[Any], None] | None = None) -> list[tuple[float, float]]:
-    """Run steps in order on the compute thread; returns each one's (start, end) time. The last
-    step's result, if any, goes to settle (once per call, not per step)."""
+def _run_steps(calls: Sequence[tuple[Step, Units]], x: Any, weights: Mapping[str, Any],
+               settle: Callable[[Any], None] | None = None
+               ) -> tuple[Any, list[tuple[float, float]]]:
+    """Run (step, its units) in order on the compute thread, each on the previous one's
+    output; returns the last output and each step's (start, end) time. The last output, if
+    any, goes to settle (once per call, not per step)."""
     times = []
-    out = None
-    for step in steps:
+    for step, units in calls:
         t0 = time.perf_counter()
-        out = step.run({k: weights[k] for k in step.units})
+        x = step.run(x, {k: weights[k] for k in units})
         times.append((t0, time.perf_counter()))
-    if settle is not None and out is not None:
-        settle(out)
-    return times
-
-
-class UnitLoader(Protocol):
-    """What the scheduler needs to bring a unit into the compute tier (engine provides it)."""
-
-    prepare_off_compute_thread: bool
-
-    def read(self, key: str) -> Any:
-        """Read the unit's raw bytes from disk. Called on an I/O thread; blocking."""
-        ...
-
-    def prepare(self, key: str, raw: Any) -> tuple[Any, int]:
-        """Convert raw bytes to compute form; returns (value, nbytes). Called on the compute
-        thread, or on an I/O thread when prepare_off_compute_thread is true."""
-        ...
-
-    def raw_nbytes(self, key: str) -> int:
-        """Bytes read from disk for the unit."""
-        ...
-
-    def prepared_nbytes(self, key: str) -> int:
-        """Bytes the unit takes in the compute tier, known before reading it."""
-        ...
-
-    def transient_nbytes(self, key: str) -> int:
-        """Raw bytes held beside the compute form only while the unit is read and prepared
-        (0 when the compute form is a view of the read buffer)."""
-        ...
-
-
-@dataclass(frozen=True)
-class Step:
-    """One piece of the forward pass: `run(weights)` on the compute thread, where weights maps
-    each of `units` to its compute-tier value."""
-
-    units: tuple[str, ...]
-    run: Callable[[Mapping[str, Any]], Any]  # may return what it produced (see settle)
-    name: str = ""
+    if settle is not None and x is not None:
+        settle(x)
+    return x, times
 
 
 @dataclass(frozen=True)
@@ -116,16 +85,6 @@ class RunStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
-def _fit(keys: set[str], order: list[str], size: Callable[[str], int], room: int) -> set[str]:
-    """Drop keys (last in order first) until their sizes fit in room."""
-    keep = set(keys)
-    for k in reversed(order):
-        if sum(size(x) for x in keep) <= room:
-            break
-        keep.discard(k)
-    return keep
-
-
 @dataclass
 class _RunState:
     stats: RunStats
@@ -153,63 +112,40 @@ class LayerScheduler:
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="stream-compute",
                                            initializer=compute_init)
         self._inflight: dict[str, asyncio.Task[RunStats]] = {}
-        self.resident: set[str] = set()  # units kept pinned across runs (plan_residency)
+        self._shape: PassShape | None = None  # the pass the residency plan was made for
         self.depth = config.prefetch_depth  # current prefetch depth (adaptive)
 
-    def plan_residency(self, steps: Sequence[Step]) -> set[str]:
-        """Choose which units stay resident when the steps are walked cyclically (decoding).
+    @property
+    def resident(self) -> set[str]:
+        """Units kept pinned across passes (the cache's plan)."""
+        return self.cache.resident
 
-        LRU on a cycle evicts exactly the unit needed soonest and re-reads everything; instead
-        a fixed set stays pinned and the rest streams through a ring of (depth + 1) slots, so
-        disk bytes per pass = streamed bytes. Units used more than once per pass (a tied
-        embedding) go first; streamed blocks are spread evenly so their reads hide behind the
-        compute of the resident blocks between them.
-        """
-        budget = self.cache.compute.budget_bytes
-        size = self.loader.prepared_nbytes
-        order = list(dict.fromkeys(k for s in steps for k in s.units))
-        if budget is None or sum(size(k) for k in order) <= budget:
-            self.resident = set(order)
-            return self.resident
-        uses = {k: sum(k in s.units for s in steps) for k in order}
-        resident: set[str] = set()
-        for k in sorted(order, key=lambda k: -uses[k]):
-            if uses[k] > 1 and size(k) + self._ring_bytes(steps, resident | {k}) <= budget:
-                resident.add(k)
-        ring = self._ring_bytes(steps, resident)
-        room = budget - ring - sum(size(k) for k in resident)
-        rest = [k for k in order if k not in resident]
-        smallest_first = sorted(map(size, rest))
-        n_keep = sum(1 for i in range(len(rest)) if sum(smallest_first[: i + 1]) <= room)
-        n_stream = len(rest) - n_keep
-        streamed = {rest[int((i + 0.5) * len(rest) / n_stream)] for i in range(n_stream)}
-        resident |= set(rest) - streamed
-        self.resident = _fit(resident, order, size, budget - ring)
-        return self.resident
+    def plan_residency(self, steps: Sequence[Units]) -> set[str]:
+        """Ask the cache's policy which units stay resident when passes of these steps (each
+        step's units, in order; late-bound steps left out) are walked cyclically, for the
+        current prefetch depth. Asked again whenever the depth changes."""
+        self._shape = PassShape(list(steps), self.loader.prepared_nbytes, self._load_bytes)
+        return self.cache.plan(self._shape, self.depth)
 
     def _load_bytes(self, key: str) -> int:
         """Bytes a load reserves: the compute form plus raw bytes held while preparing."""
         return self.loader.prepared_nbytes(key) + self.loader.transient_nbytes(key)
 
-    def _ring_bytes(self, steps: Sequence[Step], resident: set[str]) -> int:
-        """Room the streamed units need: depth + 1 of the largest, and at least one step."""
-        size = self._load_bytes
-        streamed = [size(k) for s in steps for k in s.units if k not in resident] or [0]
-        step_need = max(sum(size(k) for k in set(s.units) - resident) for s in steps)
-        return max(step_need, (self.depth + 1) * max(streamed))
-
-    def min_budget_bytes(self, steps: Sequence[Step]) -> int:
+    def min_budget_bytes(self, steps: Sequence[Units]) -> int:
         """The smallest compute budget that can run these steps (the largest step's units,
         with the raw bytes their loads hold while preparing)."""
-        return max(sum(self._load_bytes(k) for k in set(s.units)) for s in steps)
+        return max(sum(self._load_bytes(k) for k in set(units)) for units in steps)
 
     async def run_on_compute(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run fn on the compute thread (for work outside a step list, e.g. sampling)."""
         return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
 
-    async def run(self, steps: Sequence[Step], cyclic: bool = False) -> RunStats:
-        """Run the steps in order with prefetch. On error or cancellation, in-flight reads are
-        cancelled and awaited and every pin taken by this run is released.
+    async def run(self, steps: Sequence[Step], x: Any = None, cyclic: bool = False
+                  ) -> tuple[Any, RunStats]:
+        """Run the steps in order with prefetch, the first on x and each on the output of the
+        one before; returns the last step's output and the run's stats. On error or
+        cancellation, in-flight reads are cancelled and awaited and every pin taken by this
+        run is released.
 
         cyclic: another pass over the same units follows (decoding), so the prefetch window
         wraps around into it and reads for its first units stay in flight when this run ends.
@@ -222,28 +158,29 @@ class LayerScheduler:
         try:
             idx = 0
             while idx < len(steps):
-                self._schedule(steps, idx, cyclic)
+                units = steps[idx].resolve(x)  # late-bound: from the previous output
+                self._schedule(steps, idx, cyclic, units)
                 t0 = time.perf_counter()
-                weights = {k: await self._acquire(k, rs, steps[idx].units)
-                           for k in steps[idx].units}
+                weights = {k: await self._acquire(k, rs, units) for k in units}
                 end = self._resident_run_end(steps, idx + 1)
-                for step in steps[idx + 1:end]:  # hits: pinned now, run in the same call
-                    weights.update((k, self._acquire_hit(k, rs)) for k in step.units)
+                calls = [(steps[idx], units)] + [(s, s.known_units()) for s in steps[idx + 1:end]]
+                for _, more in calls[1:]:  # hits: pinned now, run in the same call
+                    weights.update((k, self._acquire_hit(k, rs)) for k in more)
                 t1 = time.perf_counter()
                 stats.io_stall_s += t1 - t0
                 self._schedule(steps, end, cyclic)
-                compute_future = loop.run_in_executor(self._compute, _run_steps,
-                                                      steps[idx:end], weights, self._settle)
-                times = await asyncio.shield(compute_future)
+                compute_future = loop.run_in_executor(self._compute, _run_steps, calls, x,
+                                                      weights, self._settle)
+                x, times = await asyncio.shield(compute_future)
                 compute_future = None
                 stats.compute_s += time.perf_counter() - t1
                 if self.record_intervals:
                     stats.intervals += [("compute", step.name, a, b)
-                                        for step, (a, b) in zip(steps[idx:end], times, strict=True)]
-                for step in steps[idx:end]:
-                    for k in step.units:
+                                        for (step, _), (a, b) in zip(calls, times, strict=True)]
+                for _, held in calls:
+                    for k in held:
                         rs.held.remove(k)
-                        self.cache.compute.unpin(k)
+                        self.cache.release(k)
                 # Let go of the steps' weights now: the next schedule may evict them, and a
                 # unit kept alive here would hold its read buffer outside the budget.
                 weights = {}
@@ -255,29 +192,35 @@ class LayerScheduler:
                 await asyncio.gather(compute_future, return_exceptions=True)
             await self._cancel_inflight(keep=carry)
             for k in rs.held:
-                self.cache.compute.unpin(k)
-        return stats
+                self.cache.release(k)
+        return x, stats
 
     def _adapt(self, stats: RunStats) -> None:
-        """Read further ahead after a pass in which compute waited on reads."""
+        """Read further ahead after a pass in which compute waited on reads; the residency
+        plan is remade for the deeper window (its ring of streamed slots grows)."""
         if (self.config.adaptive and stats.units_read
                 and self.depth < self.config.max_prefetch_depth
                 and stats.io_stall_s > 0.05 * stats.compute_s):
             self.depth += 1
+            if self._shape is not None:
+                self.cache.plan(self._shape, self.depth)
 
-    def _schedule(self, steps: Sequence[Step], start: int, cyclic: bool = False) -> None:
+    def _schedule(self, steps: Sequence[Step], start: int, cyclic: bool = False,
+                  current: Units = ()) -> None:
         """Start loads for the units of steps start..start+depth, in order, while they fit.
 
         Loads start in step order and stop at the first unit that does not fit, and a load
         never evicts a unit of the window, so a prefetch is never in the way of an earlier step.
+        A late-bound step's units are not known yet and are skipped (current: the resolved
+        units of steps[start], kept too).
         """
         tier = self.cache.compute
         window = list(steps[start:start + self.depth + 1])
         if cyclic:  # the next pass walks the same units: read its first ones early
             window += steps[:max(0, start + self.depth + 1 - len(steps))]
-        keep = {k for s in window for k in s.units}
-        for step in window:
-            for key in step.units:
+        keep = {k for s in window for k in s.known_units()} | set(current)
+        for units in [current, *(s.known_units() for s in window)]:
+            for key in units:
                 if key in tier or key in self._inflight:
                     continue
                 if not tier.can_fit(self._load_bytes(key), keep):
@@ -289,22 +232,21 @@ class LayerScheduler:
         loading: they need no await, so they run in the same compute call as the step before
         (one thread hop per run instead of per step, which matters when the model fits)."""
         tier, end = self.cache.compute, start
-        while end < len(steps) and all(
+        while end < len(steps) and not steps[end].late and all(
                 k in tier and k not in self._inflight for k in steps[end].units):
             end += 1
         return end
 
     def _acquire_hit(self, key: str, rs: _RunState) -> Any:
         """A unit already in the compute tier, pinned for the current step (or run of steps)."""
-        value = self.cache.compute.get(key)
+        value = self.cache.acquire(key)
         rs.stats.hits += 1
-        self.cache.compute.pin(key)
         rs.held.append(key)
         return value
 
     def _start_load(self, key: str, keep: Collection[str] = ()) -> None:
         size = self._load_bytes(key)
-        self.cache.compute.reserve(size, keep)
+        self.cache.reserve(size, keep)
         task = asyncio.get_running_loop().create_task(self._load(key, size))
         self._inflight[key] = task
 
@@ -357,9 +299,8 @@ class LayerScheduler:
             value, nbytes = await loop.run_in_executor(pool, self.loader.prepare, key, raw)
             stats.prepare_s += time.perf_counter() - t2
         finally:
-            self.cache.compute.release(size)
-        # one pin for the step that consumes it; one more, never released, if resident
-        self.cache.compute.put(key, value, nbytes, pins=2 if key in self.resident else 1)
+            self.cache.cancel_reservation(size)
+        self.cache.admit(key, value, nbytes)  # pinned once for the step that consumes it
         return stats
 
     async def drop_carried(self) -> None:
@@ -377,7 +318,7 @@ class LayerScheduler:
             await asyncio.gather(*drop.values(), return_exceptions=True)
         for key, t in drop.items():
             if not t.cancelled() and t.exception() is None:
-                self.cache.compute.unpin(key)
+                self.cache.release(key)
 
     def close(self) -> None:
         self._io.shutdown(wait=True, cancel_futures=True)

@@ -16,8 +16,8 @@ from stream_run.convert.convert import convert_model
 from stream_run.engine import Engine, EngineConfig, FormatError, GenerationParams
 from stream_run.engine.errors import ConvertError
 from stream_run.kernels.quant import quantize, quantize_search
-from stream_run.loaders import open_model
 from stream_run.loaders.tokenizer import load_tokenizer_dir
+from stream_run.models import open_model
 from tests.packed_models import (
     TYPES_BY_LAYER,
     as_array,

@@ -17,9 +17,10 @@ import pytest
 from stream_run.convert.convert import convert_model
 from stream_run.engine import Engine, EngineConfig, GenerationParams
 from stream_run.engine.tokenizer import Tokenizer
-from stream_run.loaders import UnitReader, open_model
+from stream_run.loaders import UnitReader
 from stream_run.loaders.hf import full_name
 from stream_run.loaders.tokenizer import load_tokenizer_dir
+from stream_run.models import open_model
 from tests.packed_models import load_weights, manifest_matches_files, raw_tensors
 
 REFERENCE = json.loads(

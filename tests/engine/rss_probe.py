@@ -21,7 +21,7 @@ async def generate(path: str, budget: int | None, tokens: int) -> dict:
         async for _ in engine.generate(PROMPT, GenerationParams(max_tokens=tokens,
                                                                  ignore_eos=True)):
             pass
-        kv = engine.model.make_kv_cache(1, len(PROMPT) + tokens)
+        kv = engine.model.make_kv_cache(len(PROMPT) + tokens)
         return {"kv_bytes": kv.nbytes, "model_bytes": engine.model_bytes,
                 "cache_peak_bytes": engine.cache.compute.stats.peak_bytes}
     finally:

@@ -193,17 +193,17 @@ def test_mlx_backend_batches_too(model):
 def test_batched_logits_match_single_passes(model):
     """The batched pass computes the same logits as one pass per sequence (float tolerance:
     BLAS may round differently for a different number of rows)."""
-    from stream_run.models.llama import BatchState, SeqInput
+    from stream_run.models.base import Batch, SeqRows
 
     path, _, _ = model
     engine = open_engine(path)
     seqs = [PROMPTS[0], PROMPTS[1], PROMPTS[3]]
 
     async def batched():
-        kvs = [engine.model.make_kv_cache(1, 16) for _ in seqs]
-        st = BatchState([SeqInput(np.asarray(s), kv) for s, kv in zip(seqs, kvs, strict=True)])
-        await engine.scheduler.run(engine.model.batch_steps(st))
-        return st.logits, kvs
+        kvs = [engine.model.make_kv_cache(16) for _ in seqs]
+        rows = Batch([SeqRows(np.asarray(s), kv) for s, kv in zip(seqs, kvs, strict=True)])
+        logits, _ = await engine.runner.run(rows)
+        return logits, kvs
 
     try:
         logits, kvs = asyncio.run(batched())

@@ -1,17 +1,34 @@
+"""One registry (models/): config model_types, GGUF architectures and Model classes."""
+
 import pytest
 
-from stream_run.loaders import SUPPORTED_MODEL_TYPES
-from stream_run.models import MODEL_MODULES, model_class
+from stream_run.loaders import FormatError
+from stream_run.models import REGISTRY, model_class
 from stream_run.models.rope import inv_freq
 
 
-def test_loader_and_engine_agree_on_supported_model_types():
-    assert set(SUPPORTED_MODEL_TYPES) == set(MODEL_MODULES)
+def test_every_registered_type_has_a_model_and_an_architecture():
+    for model_type in REGISTRY.model_types:
+        assert model_class(model_type).__name__ == "Model"
+        arch = REGISTRY.for_model_type(model_type, "config.json")
+        assert arch.model_type == model_type
+        assert REGISTRY.hf_class(model_type).endswith("ForCausalLM")
+
+
+def test_gguf_architectures_resolve_to_model_types():
+    assert REGISTRY.for_gguf("llama", "x.gguf").model_type == "llama"
+    assert REGISTRY.for_gguf("qwen3", "x.gguf").model_type == "qwen3"
+    with pytest.raises(FormatError, match=r"x.gguf: unsupported GGUF architecture 'gemma9'; "
+                                          r"supported: llama, qwen2, qwen3, phi3"):
+        REGISTRY.for_gguf("gemma9", "x.gguf")
 
 
 def test_unknown_model_type_lists_supported():
     with pytest.raises(ValueError, match=r"unsupported model_type 'gpt2'; supported: llama"):
         model_class("gpt2")
+    with pytest.raises(FormatError, match=r"^cfg.json: unsupported model_type 'bert'; "
+                                          r"supported: llama, mistral, qwen2, qwen3, phi3$"):
+        REGISTRY.for_model_type("bert", "cfg.json")
 
 
 def test_unknown_rope_scaling_is_named():

@@ -23,7 +23,7 @@ def open_engine(path, **kw) -> Engine:
 
 async def decode_steps(engine: Engine, n: int):
     """Prefill PROMPT, then n decode steps; returns (tokens, per-step RunStats)."""
-    kv = engine.model.make_kv_cache(1, len(PROMPT) + n + 1)
+    kv = engine.model.make_kv_cache(len(PROMPT) + n + 1)
     logits, _ = await engine.forward(np.asarray([PROMPT]), kv, more=True)
     toks, stats = [], []
     for i in range(n):

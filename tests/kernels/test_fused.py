@@ -84,8 +84,9 @@ def test_cached_attention_writes_in_place_and_matches_fine_ops(n, offset):
     keys, values = plain_kv.update(1, k.transpose(1, 0, 2)[None], v.transpose(1, 0, 2)[None])
     want = ops.attention(q.transpose(1, 0, 2)[None], keys, values, D**-0.5, offset)
     np.testing.assert_allclose(got, want[0].transpose(1, 0, 2).reshape(n, H * D), **TOL)
-    np.testing.assert_array_equal(fused_kv.k, plain_kv.k)  # written in place, same slots
-    np.testing.assert_array_equal(fused_kv.v, plain_kv.v)
+    for got_layer, want_layer in zip(fused_kv.layers, plain_kv.layers, strict=True):
+        np.testing.assert_array_equal(got_layer.k, want_layer.k)  # written in place, same slots
+        np.testing.assert_array_equal(got_layer.v, want_layer.v)
     assert fused_kv.offset == offset  # advancing stays the head's job
 
 
@@ -117,8 +118,9 @@ def test_block_decode_is_the_three_calls_in_one(n, offset, extras):
     attn = kvs[1].attend(1, q, k, v, D**-0.5)
     want = ops.block_output(x, attn, w["o"], bo, ln_post, EPS, mlp)
     np.testing.assert_allclose(got, want, **TOL)
-    np.testing.assert_allclose(kvs[0].k, kvs[1].k, **TOL)
-    np.testing.assert_allclose(kvs[0].v, kvs[1].v, **TOL)
+    for got_layer, want_layer in zip(kvs[0].layers, kvs[1].layers, strict=True):
+        np.testing.assert_allclose(got_layer.k, want_layer.k, **TOL)
+        np.testing.assert_allclose(got_layer.v, want_layer.v, **TOL)
     assert kvs[0].offset == offset
 
 

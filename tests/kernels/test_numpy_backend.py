@@ -106,6 +106,6 @@ def test_kv_cache_nbytes_and_views():
     k = np.ones((2, 4, 5, 16), np.float32)
     keys, values = cache.update(1, k, 2 * k)
     assert keys.shape == values.shape == (2, 4, 5, 16)
-    assert np.shares_memory(keys, cache.k)  # a view: no copy of the history per step
+    assert np.shares_memory(keys, cache.layers[1].k)  # a view: no copy of the history per step
     with pytest.raises(ValueError, match="max_len=32"):
         cache.advance(33)

@@ -7,9 +7,20 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-from stream_run.loaders import EMBED, HEAD, FormatError, MissingTensorError, layer_key
-from stream_run.loaders.gguf_file import BLOCK, TENSOR_MAP, hf_name, open_gguf, unpermute_rows
+from stream_run.loaders import EMBED, HEAD, FormatError, MissingTensorError, gguf_file, layer_key
+from stream_run.loaders.gguf_file import unpermute_rows
+from stream_run.models import REGISTRY
+from stream_run.models.llama import BLOCK
+from stream_run.models.llama import GGUF_NAMES as TENSOR_MAP
 from tests.conftest import smollm2_path
+
+
+def open_gguf(path):
+    return gguf_file.open_gguf(path, REGISTRY)
+
+def hf_name(name):
+    return gguf_file.hf_name(name, TENSOR_MAP)
+
 
 E, INTER, N_HEAD, N_KV, D, V, N_LAYERS = 64, 128, 4, 2, 16, 96, 2
 
@@ -300,10 +311,10 @@ def test_unsupported_tensor_type(tmp_path):
 
 
 def test_unsupported_architecture(tmp_path):
-    path = tmp_path / "phi.gguf"
-    write_gguf(path, "phi3")
-    with pytest.raises(FormatError, match="unsupported GGUF architecture 'phi3'; supported: "
-                                          "llama, qwen2, qwen3"):
+    path = tmp_path / "falcon.gguf"
+    write_gguf(path, "falcon")
+    with pytest.raises(FormatError, match="unsupported GGUF architecture 'falcon'; supported: "
+                                          "llama, qwen2, qwen3, phi3"):
         open_gguf(str(path))
 
 

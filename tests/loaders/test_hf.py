@@ -14,11 +14,15 @@ from stream_run.loaders import (
     FormatError,
     MissingTensorError,
     UnitReader,
+    hf,
     layer_key,
-    open_model,
 )
-from stream_run.loaders.hf import open_hf_dir
+from stream_run.models import REGISTRY, open_model
 from tests.tiny_models import write_tiny_model
+
+
+def open_hf_dir(path):
+    return hf.open_hf_dir(path, REGISTRY)
 
 
 def rewrite_weights(model_dir, edit):

@@ -14,8 +14,7 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, processors, trainers
 from tokenizers import pre_tokenizers as pre
 
-from stream_run.loaders import FormatError
-from stream_run.loaders.gguf_file import open_gguf
+from stream_run.loaders import FormatError, gguf_file
 from stream_run.loaders.tokenizer import (
     LLAMA3_SPLIT,
     QWEN2_SPLIT,
@@ -23,7 +22,13 @@ from stream_run.loaders.tokenizer import (
     load_tokenizer_dir,
     tokenizer_from_gguf,
 )
+from stream_run.models import REGISTRY
 from tests.conftest import smollm2_path
+
+
+def open_gguf(path):
+    return gguf_file.open_gguf(path, REGISTRY)
+
 
 CHAT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
         "<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")

@@ -47,16 +47,21 @@ def make_steps(keys, compute_s=0.0, log=None):
         time.sleep(compute_s)
         if log is not None:
             log.append((key, weights[key]))
-    return [Step((k,), lambda w, k=k: run(k, w), k) for k in keys]
+    return [Step((k,), lambda x, w, k=k: run(k, w), k) for k in keys]
+
+
+def units_of(steps):
+    return [s.units for s in steps]
 
 
 KEYS = [f"u{i}" for i in range(8)]
 
 
-def make(budget=None, depth=2, **kw):
+def make(budget=None, depth=2, adaptive=True, max_depth=16, **kw):
     loader = FakeLoader({k: 100 for k in KEYS}, **kw)
     cache = WeightCache(CacheConfig(compute_bytes=budget))
-    sched = LayerScheduler(cache, loader, SchedulerConfig(prefetch_depth=depth))
+    sched = LayerScheduler(cache, loader, SchedulerConfig(
+        prefetch_depth=depth, adaptive=adaptive, max_prefetch_depth=max_depth))
     return sched, cache, loader
 
 
@@ -64,10 +69,10 @@ def make(budget=None, depth=2, **kw):
 async def test_runs_steps_in_order_with_their_weights():
     sched, cache, loader = make()
     log = []
-    stats = await sched.run(make_steps(KEYS, log=log))
+    _, stats = await sched.run(make_steps(KEYS, log=log))
     assert log == [(k, k.upper()) for k in KEYS]
     assert stats.bytes_read == 800 and stats.units_read == 8
-    stats = await sched.run(make_steps(KEYS))  # all resident now
+    _, stats = await sched.run(make_steps(KEYS))  # all resident now
     assert stats.bytes_read == 0 and stats.hits == 8
     assert cache.compute.pinned() == []
     sched.close()
@@ -77,7 +82,7 @@ async def test_runs_steps_in_order_with_their_weights():
 async def test_prefetch_overlaps_compute_and_hides_reads():
     sched, cache, loader = make(depth=2, read_s=0.03)
     sched.record_intervals = True
-    stats = await sched.run(make_steps(KEYS, compute_s=0.03))
+    _, stats = await sched.run(make_steps(KEYS, compute_s=0.03))
     reads = [(s, e) for kind, _, s, e in stats.intervals if kind == "read"]
     computes = [(s, e) for kind, _, s, e in stats.intervals if kind == "compute"]
     overlapping = sum(1 for rs, re_ in reads for cs, ce in computes if rs < ce and cs < re_)
@@ -145,7 +150,7 @@ async def test_host_tier_serves_units_evicted_from_compute():
     sched = LayerScheduler(cache, loader, SchedulerConfig(prefetch_depth=1))
     await sched.run(make_steps(KEYS))
     first = len(loader.reads)
-    stats = await sched.run(make_steps(KEYS))
+    _, stats = await sched.run(make_steps(KEYS))
     assert first == 8 and len(loader.reads) == 8  # second pass: no disk reads
     assert stats.bytes_read == 0 and cache.host.stats.hits >= 5
     sched.close()
@@ -154,15 +159,15 @@ async def test_host_tier_serves_units_evicted_from_compute():
 @pytest.mark.asyncio
 @pytest.mark.parametrize("budget", [800, 600, 400, 300])
 async def test_cyclic_plan_reads_only_streamed_units_each_pass(budget):
-    sched, cache, loader = make(budget=budget, depth=1)
+    sched, cache, loader = make(budget=budget, depth=1, adaptive=False)
     steps = make_steps(KEYS)
-    resident = sched.plan_residency(steps)
+    resident = sched.plan_residency(units_of(steps))
     streamed = [k for k in KEYS if k not in resident]
     assert len(resident) * 100 <= max(budget - 200, 0) or budget >= 800
     await sched.run(steps)  # first pass: cold
     for _ in range(3):
         before = list(loader.reads)
-        stats = await sched.run(steps)
+        _, stats = await sched.run(steps)
         assert sorted(loader.reads[len(before):]) == sorted(streamed)
         assert stats.bytes_read == 100 * len(streamed)
         assert cache.compute.used_bytes <= budget
@@ -172,7 +177,7 @@ async def test_cyclic_plan_reads_only_streamed_units_each_pass(budget):
 
 def test_plan_spreads_streamed_units_evenly():
     sched, cache, loader = make(budget=600, depth=1)
-    resident = sched.plan_residency(make_steps(KEYS))
+    resident = sched.plan_residency(units_of(make_steps(KEYS)))
     streamed = [i for i, k in enumerate(KEYS) if k not in resident]
     assert len(streamed) == 4  # 600 - ring of 2 slots = 400 -> 4 resident
     assert streamed == [1, 3, 5, 7]
@@ -184,7 +189,7 @@ async def test_prefetch_deepens_when_reads_are_slower_than_compute():
     sched, cache, loader = make(budget=None, depth=1, read_s=0.02)
     cache.compute.budget_bytes = 400  # stream: nothing stays resident
     for _ in range(3):
-        stats = await sched.run(make_steps(KEYS, compute_s=0.002))
+        _, stats = await sched.run(make_steps(KEYS, compute_s=0.002))
     assert sched.depth == 4 and stats.prefetch_depth == 3
     sched.close()
 
@@ -207,14 +212,14 @@ async def test_prefetch_stays_when_compute_hides_reads():
 
 @pytest.mark.asyncio
 async def test_cyclic_run_carries_reads_for_the_next_pass():
-    sched, cache, loader = make(budget=500, depth=2)
+    sched, cache, loader = make(budget=500, depth=2, adaptive=False)
     steps = make_steps(KEYS)
-    resident = sched.plan_residency(steps)
+    resident = sched.plan_residency(units_of(steps))
     streamed = [k for k in KEYS if k not in resident]
     await sched.run(steps, cyclic=True)
     carried = set(sched._inflight)
     assert carried and carried <= set(streamed[:3])  # the next pass's first streamed units
-    stats = await sched.run(steps, cyclic=False)
+    _, stats = await sched.run(steps, cyclic=False)
     # every streamed unit was read once per pass: the carried ones were not read twice
     assert sorted(loader.reads) == sorted(streamed * 2 + sorted(resident))
     assert stats.bytes_read == 100 * len(streamed)  # carried reads count where they are used
@@ -226,7 +231,7 @@ async def test_cyclic_run_carries_reads_for_the_next_pass():
 async def test_cancel_after_cyclic_run_releases_carried_loads():
     sched, cache, loader = make(budget=500, depth=2, read_s=0.01)
     steps = make_steps(KEYS)
-    resident = sched.plan_residency(steps)
+    resident = sched.plan_residency(units_of(steps))
     await sched.run(steps, cyclic=True)
     task = asyncio.create_task(sched.run(steps))
     await asyncio.sleep(0.005)
@@ -234,7 +239,9 @@ async def test_cancel_after_cyclic_run_releases_carried_loads():
     with pytest.raises(asyncio.CancelledError):
         await task
     assert sched._inflight == {} and cache.compute.reserved_bytes == 0
-    assert sorted(cache.compute.pinned()) == sorted(k for k in resident if k in cache.compute)
+    assert resident  # the plan may have changed as the window deepened: pins follow the plan
+    assert sorted(cache.compute.pinned()) == sorted(k for k in sched.resident
+                                                    if k in cache.compute)
     sched.close()
 
 
@@ -244,13 +251,13 @@ async def test_raw_bytes_held_while_preparing_count_against_the_budget():
     form until prepare() ends: the reservation covers both, so the tier never exceeds it."""
     loader = FakeLoader({k: 100 for k in KEYS}, transient=50)
     probe = LayerScheduler(WeightCache(CacheConfig()), loader, SchedulerConfig())
-    assert probe.min_budget_bytes(make_steps(KEYS)) == 150
+    assert probe.min_budget_bytes(units_of(make_steps(KEYS))) == 150
     probe.close()
     for budget in (150, 420):
         cache = WeightCache(CacheConfig(compute_bytes=budget))
         sched = LayerScheduler(cache, loader, SchedulerConfig(prefetch_depth=2))
         steps = make_steps(KEYS)
-        sched.plan_residency(steps)
+        sched.plan_residency(units_of(steps))
         for _ in range(3):
             await sched.run(steps, cyclic=True)
         await sched.drop_carried()
@@ -279,7 +286,7 @@ async def test_settle_gets_the_last_result_of_each_compute_call():
     loader = FakeLoader({k: 100 for k in KEYS})
     cache = WeightCache(CacheConfig(compute_bytes=None))
     sched = LayerScheduler(cache, loader, SchedulerConfig(prefetch_depth=2), settle=settle)
-    steps = [Step((k,), lambda w, k=k: f"out-{k}", k) for k in KEYS]
+    steps = [Step((k,), lambda x, w, k=k: f"out-{k}", k) for k in KEYS]
     await sched.run(steps)  # cold: every step waits on its own read, so most calls hold one
     assert settled and settled[-1][0] == "out-u7"
     assert all(name.startswith("stream-compute") for _, name in settled)
@@ -289,6 +296,59 @@ async def test_settle_gets_the_last_result_of_each_compute_call():
     assert settled == [("out-u7", settled[0][1])]
     assert cold_calls > 1
     settled.clear()
-    await sched.run([*steps[:-1], Step(("u7",), lambda w: None, "head")])
+    await sched.run([*steps[:-1], Step(("u7",), lambda x, w: None, "head")])
     assert settled == []  # a call whose last step returns nothing has nothing to settle
+    sched.close()
+
+
+@pytest.mark.asyncio
+async def test_deeper_prefetch_replans_residency_and_bytes_still_match_the_plan():
+    """Slow reads deepen the window; the cache's policy re-plans for the larger ring (fewer
+    resident units, more bytes in flight), and once the depth settles every pass reads exactly
+    the units the new plan streams."""
+    sched, cache, loader = make(budget=600, depth=1, max_depth=2, read_s=0.01)
+    steps = make_steps(KEYS, compute_s=0.001)
+    first = set(sched.plan_residency(units_of(steps)))
+    assert len(first) == 4  # 600 - ring of 2 slots = 400
+    depths = []
+    for _ in range(3):
+        _, stats = await sched.run(steps, cyclic=True)
+        depths.append(stats.prefetch_depth)
+    assert sched.depth == 2 and depths[0] == 1 and depths[-1] == 2
+    assert len(sched.resident) == 3  # 600 - ring of 3 slots = 300
+    assert sorted(cache.compute.pinned()) == sorted(sched.resident)
+    streamed = [k for k in KEYS if k not in sched.resident]
+    for _ in range(2):
+        before = len(loader.reads)
+        _, stats = await sched.run(steps, cyclic=True)
+        assert stats.bytes_read == 100 * len(streamed)
+        assert sorted(set(loader.reads[before:])) == sorted(streamed)
+        assert cache.compute.used_bytes + cache.compute.reserved_bytes <= 700
+    await sched.drop_carried()
+    assert cache.compute.reserved_bytes == 0
+    sched.close()
+
+
+@pytest.mark.asyncio
+async def test_late_bound_step_reads_the_units_its_input_names():
+    """A step whose units are a function of the previous step's output: resolved once that
+    step has run, read under the budget, and handed the chosen units only."""
+    sched, cache, loader = make(budget=400, depth=2)
+    seen = []
+
+    def pick(x, w):
+        return x + 1  # the "router": names the unit for the next step
+
+    def use(x, w):
+        seen.append(sorted(w))
+        return x * 10
+
+    steps = [Step(("u0",), lambda x, w: 2, "router"), Step(("u1",), pick, "pick"),
+             Step(lambda x: (f"u{x}",), use, "late"), Step(("u7",), lambda x, w: x + 5, "head")]
+    sched.plan_residency(units_of([s for s in steps if not s.late]))
+    out, stats = await sched.run(steps)
+    assert out == 35 and seen == [["u3"]]
+    assert "u3" in loader.reads
+    assert cache.compute.reserved_bytes == 0
+    assert sorted(cache.compute.pinned()) == sorted(sched.resident) == ["u0", "u1", "u7"]
     sched.close()

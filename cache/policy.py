@@ -1,0 +1,112 @@
+"""Residency policies: which units stay in the compute tier for good, and which stream.
+
+A policy sees the shape of one pass (each step's units, in order, and their sizes) and the
+budget; it returns the set to keep resident. The cache pins that set and lets the rest cycle
+through the bytes left over. Plain LRU on a cyclic walk evicts exactly the unit needed soonest
+and re-reads everything, hence the cyclic default. Later policies (experts held by frequency,
+several models on one budget) plan from the same shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class PassShape:
+    """What a plan is made from.
+
+    steps: each step's units in pass order; steps whose units are known only at run time
+        (late-bound, e.g. routed experts) are left out.
+    size: bytes a unit holds in the compute tier.
+    load_size: bytes a load reserves (the compute form plus raw bytes held while preparing).
+    """
+
+    steps: Sequence[tuple[str, ...]]
+    size: Callable[[str], int]
+    load_size: Callable[[str], int]
+
+    @property
+    def order(self) -> list[str]:
+        return list(dict.fromkeys(k for units in self.steps for k in units))
+
+    def ring_bytes(self, resident: set[str], depth: int) -> int:
+        """Room the streamed units need: depth + 1 of the largest, and at least one step."""
+        streamed = [self.load_size(k) for u in self.steps for k in u if k not in resident]
+        step_need = max((sum(self.load_size(k) for k in set(u) - resident) for u in self.steps),
+                        default=0)
+        return max(step_need, (depth + 1) * max(streamed, default=0))
+
+
+class ResidencyPolicy(Protocol):
+    name: str
+
+    def plan(self, shape: PassShape, budget: int | None, depth: int) -> set[str]:
+        """The units to keep resident. Called when the engine opens a model and again when the
+        prefetch depth changes (a deeper window needs a larger ring)."""
+        ...
+
+
+class CyclicPolicy:
+    """A fixed set stays pinned and the rest streams through a ring of (depth + 1) slots, so
+    disk bytes per pass = streamed bytes. Units used more than once per pass (a tied embedding)
+    go first; streamed blocks are spread evenly so their reads hide behind the compute of the
+    resident blocks between them."""
+
+    name = "cyclic"
+
+    def plan(self, shape: PassShape, budget: int | None, depth: int) -> set[str]:
+        order, size = shape.order, shape.size
+        if budget is None or sum(size(k) for k in order) <= budget:
+            return set(order)
+        uses = {k: sum(k in u for u in shape.steps) for k in order}
+        resident: set[str] = set()
+        for k in sorted(order, key=lambda k: -uses[k]):
+            if uses[k] > 1 and size(k) + shape.ring_bytes(resident | {k}, depth) <= budget:
+                resident.add(k)
+        ring = shape.ring_bytes(resident, depth)
+        room = budget - ring - sum(size(k) for k in resident)
+        rest = [k for k in order if k not in resident]
+        smallest_first = sorted(map(size, rest))
+        n_keep = sum(1 for i in range(len(rest)) if sum(smallest_first[: i + 1]) <= room)
+        n_stream = len(rest) - n_keep
+        streamed = {rest[int((i + 0.5) * len(rest) / n_stream)] for i in range(n_stream)}
+        resident |= set(rest) - streamed
+        return _fit(resident, order, size, budget - ring)
+
+
+class LRUPolicy:
+    """Nothing pinned unless the whole model fits: every unit competes in LRU order (a
+    baseline for the cyclic policy, and the right one for access patterns that do not cycle)."""
+
+    name = "lru"
+
+    def plan(self, shape: PassShape, budget: int | None, depth: int) -> set[str]:
+        order = shape.order
+        if budget is None or sum(shape.size(k) for k in order) <= budget:
+            return set(order)
+        return set()
+
+
+POLICIES: dict[str, type[CyclicPolicy] | type[LRUPolicy]] = {
+    "cyclic": CyclicPolicy, "lru": LRUPolicy}
+
+
+def make_policy(name: str) -> ResidencyPolicy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown cache policy {name!r}; choose from "
+                         f"{', '.join(POLICIES)}") from None
+
+
+def _fit(keys: set[str], order: list[str], size: Callable[[str], int], room: int) -> set[str]:
+    """Drop keys (last in order first) until their sizes fit in room."""
+    keep = set(keys)
+    for k in reversed(order):
+        if sum(size(x) for x in keep) <= room:
+            break
+        keep.discard(k)
+    return keep

@@ -1,0 +1,199 @@
+"""KV caches made of one part per layer, behind the one KVCache protocol (kernels/backend.py).
+
+Two kinds of part: a full layer, preallocated to max_len positions, and a sliding-window layer
+whose buffer holds `window` positions (a ring: position p at slot p % window), so its memory
+is bounded by the window, not the context. The arrays are backend-native, so each backend owns
+its kinds (numpy_backend.py, mlx_backend.py); what does not depend on the array type is here:
+the per-sequence container with the one shared offset, the ring's bookkeeping, the bounds
+checks and the attention mask.
+
+Attention of a sliding layer with window W: the query at position p sees the keys at positions
+max(0, p - W + 1) .. p (HF's convention: key j is visible iff 0 <= p - j < W).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class KVLayer(Protocol):
+    """One layer's part of a sequence's KV cache. The container passes the sequence offset."""
+
+    window: int | None  # None: a full layer
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def update(self, offset: int, k: Any, v: Any) -> tuple[Any, Any]:
+        """Store k, v (B, Hkv, L, D) at positions [offset, offset + L) and return the keys and
+        values the pass attends over (KVCache.update says which)."""
+        ...
+
+    def attend(self, offset: int, q: Any, k: Any, v: Any, scale: float) -> Any:
+        """KVCache.attend for this layer: batch row 0, q (L, H, D), k, v (L, Hkv, D)."""
+        ...
+
+    def check_rollback(self, offset: int) -> None:
+        """Raise ValueError when a pass at `offset` could no longer be served (sliding layers
+        hold only the last `window` positions written)."""
+        ...
+
+
+class LayeredKVCache:
+    """A sequence's KV cache: one KVLayer per layer, one shared offset (positions stored).
+
+    It satisfies kernels.backend.KVCache by layer index; the backends subclass it only to build
+    their layers (NumpyKVCache, MLXKVCache).
+    """
+
+    def __init__(self, layers: Sequence[KVLayer], max_len: int) -> None:
+        self.layers = list(layers)
+        self.max_len = max_len
+        self.offset = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers)
+
+    @property
+    def windows(self) -> list[int | None]:
+        """Each layer's window (None: full)."""
+        return [layer.window for layer in self.layers]
+
+    def _check_room(self, n: int) -> int:
+        return check_room(self.offset, n, self.max_len)
+
+    def update(self, layer_idx: int, k: Any, v: Any) -> tuple[Any, Any]:
+        check_room(self.offset, k.shape[2], self.max_len)
+        return self.layers[layer_idx].update(self.offset, k, v)
+
+    def attend(self, layer_idx: int, q: Any, k: Any, v: Any, scale: float) -> Any:
+        check_room(self.offset, q.shape[0], self.max_len)
+        return self.layers[layer_idx].attend(self.offset, q, k, v, scale)
+
+    def advance(self, n: int) -> None:
+        self.offset = check_room(self.offset, n, self.max_len)
+
+    def trim(self, n: int) -> None:
+        """Drop the last n tokens. A full layer can always roll back (later writes overwrite);
+        a sliding layer only while its ring still holds the window the next pass needs: one
+        token once it has wrapped, any number before.
+
+        Raises:
+            ValueError: n is out of range, or a sliding layer cannot roll back that far.
+        """
+        check_trim(self.offset, n)
+        for layer_idx, layer in enumerate(self.layers):
+            try:
+                layer.check_rollback(self.offset - n)
+            except ValueError as exc:
+                raise ValueError(f"cannot trim {n} tokens: layer {layer_idx}: {exc}") from None
+        self.offset -= n
+
+
+class Ring:
+    """The bookkeeping of a sliding layer's buffer of `window` slots: position p sits at slot
+    p % window, and the positions [start, end) are held (end: one past the last written).
+
+    Writes happen during a pass, before the offset advances: a pass that is dropped after
+    writing several positions has overwritten history that a redo at the same offset needs,
+    which `first_needed` then reports rather than attending over the wrong keys.
+    """
+
+    def __init__(self, window: int) -> None:
+        if window < 1:
+            raise ValueError(f"sliding window must be >= 1, got {window}")
+        self.window = window
+        self.start = 0
+        self.end = 0
+
+    def first_needed(self, offset: int) -> int:
+        """The first position a pass at offset attends to, max(0, offset - window + 1), after
+        checking that the ring still holds it.
+
+        Raises:
+            ValueError: the ring no longer holds it.
+        """
+        first = max(0, offset - self.window + 1)
+        if self.start > first:
+            raise ValueError(
+                f"the sliding-window layer (window {self.window}) no longer holds position "
+                f"{first}, which a pass at offset {offset} needs (it holds {self.start}.."
+                f"{self.end - 1}); hint: a sliding layer rolls back at most one token once its "
+                f"ring has wrapped")
+        return first
+
+    def store_one(self, offset: int) -> int:
+        """Record the write of position offset; returns its slot."""
+        self.start = max(self.start, offset + 1 - self.window)
+        self.end = offset + 1
+        return offset % self.window
+
+    def store(self, offset: int, n: int) -> list[tuple[int, int, int]]:
+        """Record the write of positions [offset, offset + n); returns the copies to make as
+        (slot, slot end, first source row): the last min(n, window) rows, split where the ring
+        wraps."""
+        lo = max(offset, offset + n - self.window)
+        self.start = max(self.start, offset + n - self.window)  # their slots held these
+        self.end = offset + n
+        out, row = [], lo - offset
+        for a, b in self.slots(lo, offset + n):
+            out.append((a, b, row))
+            row += b - a
+        return out
+
+    def slots(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """Slot ranges holding positions [lo, hi) (at most window of them), in position order."""
+        a, n = lo % self.window, hi - lo
+        if a + n <= self.window:
+            return [(a, a + n)]
+        return [(a, self.window), (0, a + n - self.window)]
+
+
+def check_room(offset: int, n: int, max_len: int) -> int:
+    """offset + n, after checking it fits.
+
+    Raises:
+        ValueError: names max_len and the length requested.
+    """
+    if n < 0 or offset + n > max_len:
+        raise ValueError(
+            f"KV cache overflow: {offset} tokens stored + {n} new = {offset + n} exceeds "
+            f"max_len={max_len}; hint: create the cache with a larger max_len"
+        )
+    return offset + n
+
+
+def check_trim(offset: int, n: int) -> int:
+    if not 0 <= n <= offset:
+        raise ValueError(f"cannot trim {n} tokens from a KV cache holding {offset}")
+    return n
+
+
+def layer_windows(n_layers: int, max_len: int, windows: Sequence[int | None] | None
+                  ) -> list[int | None]:
+    """Each layer's window for a cache of max_len positions: None (full) where none is given,
+    and where the window is >= max_len (it never excludes a key there, and a full layer of
+    max_len positions is no larger than the ring).
+
+    Raises:
+        ValueError: windows has the wrong length or a window < 1.
+    """
+    if windows is None:
+        return [None] * n_layers
+    if len(windows) != n_layers:
+        raise ValueError(f"windows has {len(windows)} entries for {n_layers} layers")
+    for w in windows:
+        if w is not None and w < 1:
+            raise ValueError(f"sliding window must be >= 1, got {w}")
+    return [None if w is None or w >= max_len else int(w) for w in windows]
+
+
+def window_mask(L: int, T: int, offset: int, window: int | None) -> np.ndarray:
+    """(L, T) bool: query i (at key index offset + i) may attend to key j iff j <= offset + i
+    and, with a window, offset + i - j < window."""
+    d = offset + np.arange(L)[:, None] - np.arange(T)[None, :]
+    return d >= 0 if window is None else (d >= 0) & (d < window)

@@ -1,0 +1,57 @@
+"""What the loaders need to know about an architecture, handed in by the model registry.
+
+Loaders stay a leaf: the model files (models/) describe their tensors with an Architecture and
+the registry resolves a config's model_type, or a GGUF's general.architecture, to one. The
+loaders then index, rename and check a checkpoint by it, with no list of families of their own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from stream_run.loaders.spec import ModelSpec
+
+Shapes = dict[str, dict[str, tuple[int, ...]]]  # unit key -> name inside the unit -> shape
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One model_type as the loaders see it.
+
+    expected_shapes: every tensor of every unit with its logical (unquantized) shape; the
+        check is exact, as nanoGPT's from_pretrained: no tensor missing, none unexpected.
+    gguf_names: GGUF tensor name template ("blk.{bid}.attn_q.weight", gguf-py style) ->
+        (unit template: "embed", "layers.{bid}" or "head"; name inside the unit).
+    gguf_permuted: names inside a block whose rows llama.cpp's converter permuted for its
+        interleaved RoPE -> "q" (by n_heads) or "k" (by n_kv_heads); undone at read.
+    config_overrides: config values the family implies whatever the file says (qwen2 always
+        has q/k/v biases).
+    hf_prefixes: prefixes a checkpoint may put before "model." (Gemma 3's multimodal
+        checkpoints keep the text model under "language_model."); tensors under none of them
+        (a vision tower) are not part of the model.
+    """
+
+    model_type: str
+    expected_shapes: Callable[[ModelSpec], Shapes]
+    gguf_names: Mapping[str, tuple[str, str]] = field(default_factory=dict)
+    gguf_permuted: Mapping[str, str] = field(default_factory=dict)
+    config_overrides: Mapping[str, Any] = field(default_factory=dict)
+    hf_prefixes: tuple[str, ...] = ("",)
+
+
+class Registry(Protocol):
+    """Resolves names to Architectures (models/ implements it)."""
+
+    def for_model_type(self, model_type: Any, source: str) -> Architecture:
+        """The Architecture of a config.json model_type.
+
+        Raises:
+            FormatError: an unknown model_type, naming source and listing the known ones.
+        """
+        ...
+
+    def for_gguf(self, gguf_arch: Any, source: str) -> Architecture:
+        """The Architecture of a GGUF general.architecture (FormatError likewise)."""
+        ...

@@ -1,0 +1,165 @@
+"""What a model file provides, and the pass of a decoder-only transformer written once.
+
+A pass runs a Batch: the new rows of one or more sequences, each with its own KV cache and
+position, stacked into one hidden state (1, T, E) with T the sum of their lengths. Linear
+layers see all rows at once (one matmul per weight); attention runs per sequence. One sequence
+is a batch of one.
+
+A model turns a Batch into Calls, one per group of units (embed, each block, the head). Each
+call takes the previous call's output and returns its own; the head returns the logits. The KV
+caches are the only state a pass writes (the runner advances them after the pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property, partial
+from typing import Any
+
+import numpy as np
+
+from stream_run.kernels.backend import Backend, KVCache
+from stream_run.loaders import EMBED, HEAD, ModelSpec, layer_key
+
+Units = tuple[str, ...]
+
+
+@dataclass
+class SeqRows:
+    """One sequence of a pass: its new ids (a prompt chunk or the last token) and its cache."""
+
+    ids: np.ndarray  # (L,) int
+    kv: KVCache
+
+
+@dataclass
+class Batch:
+    """The rows of one pass. all_logits: logits for every row (perplexity, calibration), not
+    only the last row of each sequence."""
+
+    seqs: list[SeqRows]
+    all_logits: bool = False
+
+    @cached_property
+    def ids(self) -> np.ndarray:
+        return np.concatenate([s.ids for s in self.seqs])  # (T,)
+
+    @cached_property
+    def spans(self) -> list[tuple[KVCache, int, int]]:
+        """(kv, offset, n_rows) per sequence, as the pass starts."""
+        return [(s.kv, s.kv.offset, len(s.ids)) for s in self.seqs]
+
+    @cached_property
+    def last_rows(self) -> np.ndarray:
+        """Index of each sequence's last row in the stacked (T, E) hidden state."""
+        return np.cumsum([len(s.ids) for s in self.seqs]) - 1
+
+
+@dataclass(frozen=True)
+class Call:
+    """One step of a pass: run(x, weights) -> y, where weights maps each unit to its value.
+
+    units may be a function of x (late-bound): the units are then known only once the call
+    before has run, e.g. the experts a router picked.
+    """
+
+    units: Units | Callable[[Any], Units]
+    run: Callable[[Any, Mapping[str, Any]], Any]
+    name: str = ""
+
+
+class DecoderModel:
+    """embed -> blocks -> norm + head. A model file subclasses it and writes `block` once, in
+    batched form; a Mixture-of-Experts model also overrides `calls` to split its blocks."""
+
+    def __init__(self, spec: ModelSpec, ops: Backend) -> None:
+        self.spec = spec
+        self.ops = ops
+
+    # -- the protocol the engine relies on ---------------------------------------------------
+    def units(self) -> list[Units]:
+        """Each call's units, in pass order, for the calls known before a pass runs (what the
+        residency plan and the minimum budget are made from)."""
+        return self.layout()
+
+    def layout(self) -> list[Units]:
+        """The units of embed, each block and the head."""
+        head = (HEAD,) if not self.spec.tie_word_embeddings else (HEAD, EMBED)
+        return [(EMBED,), *((layer_key(i),) for i in range(self.spec.num_hidden_layers)), head]
+
+    def calls(self, batch: Batch) -> list[Call]:
+        """The pass over batch as calls; the last returns logits (N or T, V) float32."""
+        units = self.layout()
+        batch.spans  # noqa: B018  (fixes each sequence's offset before the pass: see spans)
+        ctx = self.pass_context(batch)
+        return [
+            Call(units[0], partial(self._embed_call, batch), "embed"),
+            *(Call(units[1 + i], partial(self.block, i, batch, ctx), layer_key(i))
+              for i in range(self.spec.num_hidden_layers)),
+            Call(units[-1], partial(self._head_call, batch), "head"),
+        ]
+
+    def make_kv_cache(self, max_len: int) -> KVCache:
+        """A sequence's KV cache: per layer a full part, or a sliding-window part where
+        layer_windows gives a window."""
+        spec = self.spec
+        assert spec.head_dim is not None and spec.num_key_value_heads is not None
+        return self.ops.make_kv_cache(spec.num_hidden_layers, 1, spec.num_key_value_heads,
+                                      spec.head_dim, max_len, self.layer_windows())
+
+    def layer_windows(self) -> list[int | None]:
+        """Each layer's sliding window, None for full attention (the default: all full)."""
+        return [None] * self.spec.num_hidden_layers
+
+    # -- what a model file writes ------------------------------------------------------------
+    def pass_context(self, batch: Batch) -> Any:
+        """Values every block of one pass shares (RoPE tables for the rows), computed once on
+        the event loop before the pass; None when the model needs none."""
+        return None
+
+    def embed(self, batch: Batch, w: Mapping[str, Any]) -> Any:
+        return self.ops.embed(w["embed_tokens.weight"], batch.ids[None, :])  # (1, T, E)
+
+    def block(self, layer_idx: int, batch: Batch, ctx: Any, h: Any,
+              units: Mapping[str, Any]) -> Any:
+        raise NotImplementedError
+
+    def final_norm(self, h: Any, w: Mapping[str, Any]) -> Any:
+        return self.ops.rms_norm(h, w["norm.weight"], self.spec.rms_norm_eps)
+
+    def head(self, h: Any, units: Mapping[str, Any]) -> Any:
+        """Logits of the rows of h (1, N, E) -> (1, N, V)."""
+        w = units[HEAD]
+        table = units[EMBED]["embed_tokens.weight"] if self.spec.tie_word_embeddings \
+            else w["lm_head.weight"]
+        return self.ops.linear(self.final_norm(h, w), table)
+
+    # -- glue ----------------------------------------------------------------------------------
+    def _embed_call(self, batch: Batch, _x: Any, units: Mapping[str, Any]) -> Any:
+        return self.embed(batch, units[EMBED])
+
+    def _head_call(self, batch: Batch, h: Any, units: Mapping[str, Any]) -> np.ndarray:
+        if not batch.all_logits and h.shape[1] != len(batch.seqs):
+            h = self.ops.concatenate([h[:, r:r + 1] for r in batch.last_rows], axis=1)
+        return self.ops.to_numpy(self.head(h, units))[0]
+
+
+def attend_rows(ops: Backend, batch: Batch, fn: Callable[[KVCache, int, Any, Any, Any], Any],
+                q: Any, k: Any, v: Any, axis: int) -> Any:
+    """Run fn(kv, offset, q, k, v) per sequence on its slice of the stacked rows along axis
+    and join the results (attention runs per sequence, against its own cache)."""
+    outs, start = [], 0
+    for kv, offset, n in batch.spans:
+        sl = (slice(None),) * axis + (slice(start, start + n),)
+        outs.append(fn(kv, offset, q[sl], k[sl], v[sl]))
+        start += n
+    return outs[0] if len(outs) == 1 else ops.concatenate(outs, axis=axis)
+
+
+def rope_rows(inv_freq: np.ndarray, spans: Sequence[tuple[Any, int, int]]
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (T, D/2) for the rows of (kv, offset, n) spans, as ops.rope computes them."""
+    pos = np.concatenate([np.arange(o, o + n, dtype=np.float32) for _, o, n in spans])
+    freqs = pos[:, None] * np.asarray(inv_freq, dtype=np.float32)[None, :]
+    return np.cos(freqs), np.sin(freqs)

@@ -1,0 +1,66 @@
+"""What the scheduler runs: Steps, and the UnitLoader that brings their units in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+Units = tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Step:
+    """One piece of a pass: `run(x, weights) -> y` on the compute thread.
+
+    x is the previous step's output (the pass input for the first step), and weights maps each
+    unit to its compute-tier value; the last step's output is the pass's result.
+
+    units: the unit keys, or a function of x that returns them: late-bound units, resolved on
+        the event loop once the step before has run (a router's choice of experts). It must be
+        cheap: the expensive part of the choice belongs in the step before.
+    """
+
+    units: Units | Callable[[Any], Units]
+    run: Callable[[Any, Mapping[str, Any]], Any]
+    name: str = ""
+
+    @property
+    def late(self) -> bool:
+        return callable(self.units)
+
+    def known_units(self) -> Units:
+        """The units known before the pass runs (none for a late-bound step)."""
+        return () if callable(self.units) else self.units
+
+    def resolve(self, x: Any) -> Units:
+        units = self.units(x) if callable(self.units) else self.units
+        return tuple(dict.fromkeys(units))
+
+
+class UnitLoader(Protocol):
+    """What the scheduler needs to bring a unit into the compute tier (engine provides it)."""
+
+    prepare_off_compute_thread: bool
+
+    def read(self, key: str) -> Any:
+        """Read the unit's raw bytes from disk. Called on an I/O thread; blocking."""
+        ...
+
+    def prepare(self, key: str, raw: Any) -> tuple[Any, int]:
+        """Convert raw bytes to compute form; returns (value, nbytes). Called on the compute
+        thread, or on an I/O thread when prepare_off_compute_thread is true."""
+        ...
+
+    def raw_nbytes(self, key: str) -> int:
+        """Bytes read from disk for the unit."""
+        ...
+
+    def prepared_nbytes(self, key: str) -> int:
+        """Bytes the unit takes in the compute tier, known before reading it."""
+        ...
+
+    def transient_nbytes(self, key: str) -> int:
+        """Raw bytes held beside the compute form only while the unit is read and prepared
+        (0 when the compute form is a view of the read buffer)."""
+        ...
