@@ -13,7 +13,7 @@ from stream_run.kernels.backend import Backend, KVCache
 from stream_run.kernels.sizes import held_nbytes, transient_nbytes, unit_nbytes
 from stream_run.loaders import FormatError, HostTensor, LayerIndex, UnitReader
 from stream_run.models.base import Batch, DecoderModel, SeqRows
-from stream_run.scheduler import LayerScheduler, RunStats, Step
+from stream_run.scheduler import LayerScheduler, RunStats, StepLike
 
 
 class PassRunner:
@@ -36,8 +36,8 @@ class PassRunner:
         await self.scheduler.drop_carried()
         self.units.reader.buffers.trim()
 
-    def steps(self, batch: Batch) -> list[Step]:
-        return [Step(c.units, c.run, c.name) for c in self.model.calls(batch)]
+    def steps(self, batch: Batch) -> list[StepLike]:
+        return self.model.calls(batch)  # a Call is a scheduler StepLike as it is
 
     def plan(self) -> set[str]:
         """Plan which units stay resident for the decode cycle (the cache's policy decides)."""

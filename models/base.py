@@ -76,6 +76,7 @@ class DecoderModel:
     def __init__(self, spec: ModelSpec, ops: Backend) -> None:
         self.spec = spec
         self.ops = ops
+        self._layout: list[Units] | None = None
 
     # -- the protocol the engine relies on ---------------------------------------------------
     def units(self) -> list[Units]:
@@ -84,9 +85,12 @@ class DecoderModel:
         return self.layout()
 
     def layout(self) -> list[Units]:
-        """The units of embed, each block and the head."""
-        head = (HEAD,) if not self.spec.tie_word_embeddings else (HEAD, EMBED)
-        return [(EMBED,), *((layer_key(i),) for i in range(self.spec.num_hidden_layers)), head]
+        """The units of embed, each block and the head (made once: every pass asks)."""
+        if self._layout is None:
+            head = (HEAD,) if not self.spec.tie_word_embeddings else (HEAD, EMBED)
+            n = self.spec.num_hidden_layers
+            self._layout = [(EMBED,), *((layer_key(i),) for i in range(n)), head]
+        return self._layout
 
     def calls(self, batch: Batch) -> list[Call]:
         """The pass over batch as calls; the last returns logits (N or T, V) float32."""

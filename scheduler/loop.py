@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stream_run.cache import PassShape, WeightCache
-from stream_run.scheduler.step import Step, UnitLoader, Units
+from stream_run.scheduler.step import StepLike, UnitLoader, Units, resolve
 
 
-def _run_steps(calls: Sequence[tuple[Step, Units]], x: Any, weights: Mapping[str, Any],
+def _run_steps(calls: Sequence[tuple[StepLike, Units]], x: Any, weights: Mapping[str, Any],
                settle: Callable[[Any], None] | None = None
                ) -> tuple[Any, list[tuple[float, float]]]:
     """Run (step, its units) in order on the compute thread, each on the previous one's
@@ -140,7 +140,7 @@ class LayerScheduler:
         """Run fn on the compute thread (for work outside a step list, e.g. sampling)."""
         return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
 
-    async def run(self, steps: Sequence[Step], x: Any = None, cyclic: bool = False
+    async def run(self, steps: Sequence[StepLike], x: Any = None, cyclic: bool = False
                   ) -> tuple[Any, RunStats]:
         """Run the steps in order with prefetch, the first on x and each on the output of the
         one before; returns the last step's output and the run's stats. On error or
@@ -157,18 +157,20 @@ class LayerScheduler:
         loop = asyncio.get_running_loop()
         try:
             idx = 0
+            # each step's units known before the pass (none for a late-bound one), once
+            known: list[Units] = [() if callable(s.units) else s.units for s in steps]
             while idx < len(steps):
-                units = steps[idx].resolve(x)  # late-bound: from the previous output
-                self._schedule(steps, idx, cyclic, units)
+                units = resolve(steps[idx], x)  # late-bound: from the previous output
+                self._schedule(known, idx, cyclic, units)
                 t0 = time.perf_counter()
                 weights = {k: await self._acquire(k, rs, units) for k in units}
-                end = self._resident_run_end(steps, idx + 1)
-                calls = [(steps[idx], units)] + [(s, s.known_units()) for s in steps[idx + 1:end]]
+                end = self._resident_run_end(steps, known, idx + 1)
+                calls = [(steps[idx], units)] + [(steps[i], known[i]) for i in range(idx + 1, end)]
                 for _, more in calls[1:]:  # hits: pinned now, run in the same call
                     weights.update((k, self._acquire_hit(k, rs)) for k in more)
                 t1 = time.perf_counter()
                 stats.io_stall_s += t1 - t0
-                self._schedule(steps, end, cyclic)
+                self._schedule(known, end, cyclic)
                 compute_future = loop.run_in_executor(self._compute, _run_steps, calls, x,
                                                       weights, self._settle)
                 x, times = await asyncio.shield(compute_future)
@@ -205,7 +207,7 @@ class LayerScheduler:
             if self._shape is not None:
                 self.cache.plan(self._shape, self.depth)
 
-    def _schedule(self, steps: Sequence[Step], start: int, cyclic: bool = False,
+    def _schedule(self, known: Sequence[Units], start: int, cyclic: bool = False,
                   current: Units = ()) -> None:
         """Start loads for the units of steps start..start+depth, in order, while they fit.
 
@@ -215,11 +217,11 @@ class LayerScheduler:
         units of steps[start], kept too).
         """
         tier = self.cache.compute
-        window = list(steps[start:start + self.depth + 1])
+        window = list(known[start:start + self.depth + 1])
         if cyclic:  # the next pass walks the same units: read its first ones early
-            window += steps[:max(0, start + self.depth + 1 - len(steps))]
-        keep = {k for s in window for k in s.known_units()} | set(current)
-        for units in [current, *(s.known_units() for s in window)]:
+            window += known[:max(0, start + self.depth + 1 - len(known))]
+        keep = {k for units in window for k in units} | set(current)
+        for units in [current, *window]:
             for key in units:
                 if key in tier or key in self._inflight:
                     continue
@@ -227,13 +229,14 @@ class LayerScheduler:
                     return
                 self._start_load(key, keep)
 
-    def _resident_run_end(self, steps: Sequence[Step], start: int) -> int:
+    def _resident_run_end(self, steps: Sequence[StepLike], known: Sequence[Units],
+                          start: int) -> int:
         """End of the run of steps from start whose units are all in the compute tier and not
         loading: they need no await, so they run in the same compute call as the step before
         (one thread hop per run instead of per step, which matters when the model fits)."""
         tier, end = self.cache.compute, start
-        while end < len(steps) and not steps[end].late and all(
-                k in tier and k not in self._inflight for k in steps[end].units):
+        while end < len(steps) and not callable(steps[end].units) and all(
+                k in tier and k not in self._inflight for k in known[end]):
             end += 1
         return end
 

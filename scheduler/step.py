@@ -9,9 +9,9 @@ from typing import Any, Protocol
 Units = tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class Step:
-    """One piece of a pass: `run(x, weights) -> y` on the compute thread.
+class StepLike(Protocol):
+    """One piece of a pass: `run(x, weights) -> y` on the compute thread (Step below is one;
+    so is models.base.Call, which the engine hands to the scheduler as it is).
 
     x is the previous step's output (the pass input for the first step), and weights maps each
     unit to its compute-tier value; the last step's output is the pass's result.
@@ -21,21 +21,30 @@ class Step:
         cheap: the expensive part of the choice belongs in the step before.
     """
 
+    @property
+    def units(self) -> Units | Callable[[Any], Units]: ...
+
+    @property
+    def run(self) -> Callable[[Any, Mapping[str, Any]], Any]: ...
+
+    @property
+    def name(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Step:
+    """A StepLike as a plain record."""
+
     units: Units | Callable[[Any], Units]
     run: Callable[[Any, Mapping[str, Any]], Any]
     name: str = ""
 
-    @property
-    def late(self) -> bool:
-        return callable(self.units)
 
-    def known_units(self) -> Units:
-        """The units known before the pass runs (none for a late-bound step)."""
-        return () if callable(self.units) else self.units
-
-    def resolve(self, x: Any) -> Units:
-        units = self.units(x) if callable(self.units) else self.units
-        return tuple(dict.fromkeys(units))
+def resolve(step: StepLike, x: Any) -> Units:
+    """The step's units: as declared, or from the previous output x for a late-bound step."""
+    if callable(step.units):
+        return tuple(dict.fromkeys(step.units(x)))
+    return step.units
 
 
 class UnitLoader(Protocol):
