@@ -46,7 +46,7 @@ def make_config(args: argparse.Namespace) -> tuple[EngineConfig, GenerationParam
         raise UsageError(f"--max-tokens must be >= 0, got {args.max_tokens}")
     config = engine_config(args)
     flags = {"temperature": "--temp", "top_p": "--top-p", "top_k": "--top-k",
-             "min_p": "--min-p", "repetition_penalty": "--repetition-penalty"}
+             "min_p": "--min-p", "repetition_penalty": "--repetition-penalty", "seed": "--seed"}
     try:
         sampling = SamplingParams(temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
                                   min_p=args.min_p, repetition_penalty=args.repetition_penalty,

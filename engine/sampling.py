@@ -26,6 +26,9 @@ class SamplingParams:
             ("min_p", 0 <= self.min_p < 1, "in [0, 1)"),
             ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
             ("repetition_context", self.repetition_context >= 0, ">= 0"),
+            # numpy's generator takes seeds >= 0 only; say so before any model is loaded
+            ("seed", self.seed is None or (isinstance(self.seed, int) and self.seed >= 0),
+             "an integer >= 0"),
         ]
         for name, ok, want in checks:
             if not ok:

@@ -49,6 +49,8 @@ def open_model(path: str, registry: Registry) -> ModelSource:
         else:
             index = open_hf_dir(path, registry)
             return ModelSource(path, index, load_tokenizer_dir(path))
+    if not os.path.isfile(path):  # a FIFO or device would block the first read forever
+        raise FormatError(f"{path}: not a regular file or directory")
     if not os.access(path, os.R_OK):
         raise FormatError(f"{path}: file is not readable")
     if not path.endswith(".gguf"):

@@ -69,7 +69,8 @@ class ServerState:
         try:
             self.engine = await self.open_engine()
         except Exception as exc:
-            log.error("loading %s failed: %s", self.config.model_name, exc)
+            # /health and every request report it; stream-serve prints it once as it exits
+            log.info("loading %s failed: %s", self.config.model_name, exc)
             self.error = exc
         finally:
             self.loaded.set()
@@ -196,6 +197,8 @@ async def _read_json(request: web.Request) -> Any:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # json's decoder recurses per nesting level
+        raise bad("the request body is nested too deeply") from None
 
 
 async def _complete(request: web.Request, parse: Callable[[Any, Limits], ParsedRequest]

