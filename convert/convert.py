@@ -253,10 +253,11 @@ def model_config(source: ModelSource, quant: dict[str, Any] | None) -> dict[str,
     """config.json: the source's own (HF dirs) or one built from the spec (GGUF)."""
     spec = source.index.spec
     if source.path.endswith(".gguf"):
-        cfg = {k: v for k, v in dataclasses.asdict(spec).items()
-               if v is not None and k != "quantization"}
-        cfg = {"architectures": [REGISTRY.hf_class(spec.model_type)], **cfg,
-               "torch_dtype": "float16"}
+        # the whole config the spec was built from (a model file's own fields too), flat
+        fields = {k: v for k, v in dataclasses.asdict(spec).items()
+                  if v is not None and k not in ("quantization", "config")}
+        cfg = {"architectures": [REGISTRY.hf_class(spec.model_type)], "torch_dtype": "float16",
+               **spec.config, **fields}
     else:
         with open(os.path.join(source.path, "config.json"), encoding="utf-8") as f:
             cfg = json.load(f)

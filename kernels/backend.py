@@ -107,15 +107,26 @@ class Backend(Protocol):
         ...
 
     def attention(self, q: Any, k: Any, v: Any, scale: float, offset: int,
-                  window: int | None = None) -> Any:
+                  window: int | None = None, softcap: float | None = None) -> Any:
         """Causal attention. q (B, Hq, L, D); k, v (B, Hkv, T, D) with T = offset + L.
 
         GQA: Hq is a multiple of Hkv. Query i attends to keys j with j <= offset + i and, with
-        a window (a sliding layer), offset + i - j < window. -> (B, Hq, L, D).
+        a window (a sliding layer), offset + i - j < window. softcap (Gemma 2's logit
+        soft-capping): the scaled scores s become tanh(s / softcap) * softcap before the
+        mask. -> (B, Hq, L, D).
         """
         ...
 
     def silu_mul(self, gate: Any, up: Any) -> Any: ...
+
+    def gelu_tanh_mul(self, gate: Any, up: Any) -> Any:
+        """GELU (tanh approximation, torch's gelu_pytorch_tanh) of gate, times up: Gemma's
+        gated MLP."""
+        ...
+
+    def softcap(self, x: Any, cap: float) -> Any:
+        """tanh(x / cap) * cap (Gemma's final-logit soft-capping)."""
+        ...
 
     def add(self, a: Any, b: Any) -> Any: ...
 

@@ -9,6 +9,7 @@ and are widened to float32 inside linear/embed (exact). mlx is imported here onl
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -27,6 +28,7 @@ from stream_run.kernels.quant import HalfWeight, QuantizedWeight
 
 DEVICES = ("auto", "cpu", "gpu")
 FUSED_MAX_ROWS = 8  # decode passes (one row per sequence, up to a small batch): fixed shapes
+GELU_C = math.sqrt(2 / math.pi)  # the tanh approximation's constant
 
 
 def has_gpu() -> bool:
@@ -135,9 +137,12 @@ class MLXKVCache(LayeredKVCache):
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, offset: int,
-              window: int | None = None) -> mx.array:
+              window: int | None = None, softcap: float | None = None) -> mx.array:
     """MLXBackend.attention (also a sliding layer's)."""
     L, T = q.shape[2], k.shape[2]
+    if softcap is not None:  # mx.fast's attention has no soft-capping
+        visible = None if L == 1 and T <= (window or T) else window_mask(L, T, offset, window)
+        return _softcapped_attention(q, k, v, scale, softcap, visible)
     if window is None:
         # "causal" is lower-right aligned (last query on last key): with T = offset + L that is
         # query i -> keys 0..offset+i, so it also covers chunked prefill (offset > 0, L > 1).
@@ -147,6 +152,23 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, offset: int,
     else:
         mask = mx.array(window_mask(L, T, offset, window))
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+
+
+def _softcapped_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, softcap: float,
+                          visible: np.ndarray | None) -> mx.array:
+    """Attention with the scaled scores soft-capped before the mask; visible (L, T) bool or
+    None (every key)."""
+    B, Hq, L, D = q.shape
+    Hkv, T = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    # query heads h = kv * G + g share kv head h // G: group them instead of repeating K/V
+    scores = (q.reshape(B, Hkv, G * L, D) @ k.swapaxes(-1, -2)) * scale  # (B, Hkv, G*L, T)
+    scores = mx.tanh(scores / softcap) * softcap
+    if visible is not None:
+        scores = mx.where(mx.array(visible), scores.reshape(B, Hkv, G, L, T), -mx.inf)
+        scores = scores.reshape(B, Hkv, G * L, T)
+    probs = mx.softmax(scores, axis=-1, precise=True)
+    return (probs @ v).reshape(B, Hq, L, D)
 
 
 class MLXBackend:
@@ -255,12 +277,19 @@ class MLXBackend:
 
     def attention(
         self, q: mx.array, k: mx.array, v: mx.array, scale: float, offset: int,
-        window: int | None = None,
+        window: int | None = None, softcap: float | None = None,
     ) -> mx.array:
-        return attention(q, k, v, scale, offset, window)
+        return attention(q, k, v, scale, offset, window, softcap)
 
     def silu_mul(self, gate: mx.array, up: mx.array) -> mx.array:
         return gate * mx.sigmoid(gate) * up
+
+    def gelu_tanh_mul(self, gate: mx.array, up: mx.array) -> mx.array:
+        inner = GELU_C * (gate + 0.044715 * gate * gate * gate)
+        return 0.5 * gate * (1.0 + mx.tanh(inner)) * up
+
+    def softcap(self, x: mx.array, cap: float) -> mx.array:
+        return mx.tanh(x / cap) * cap
 
     def add(self, a: mx.array, b: mx.array) -> mx.array:
         return a + b

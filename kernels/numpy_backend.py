@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,6 +28,7 @@ from stream_run.kernels.quant import HalfWeight, QuantizedWeight
 # numba matvec; above it, widening blocks of the weight to float32 and calling BLAS is faster.
 MATVEC_MAX_ROWS = 8
 DEQUANT_BLOCK_ELEMENTS = 1 << 22  # 16 MB of float32 weight rows per dequantize+BLAS block
+GELU_C = math.sqrt(2 / math.pi)  # the tanh approximation's constant
 
 
 def check_ids(ids: np.ndarray, n_rows: int) -> np.ndarray:
@@ -172,7 +174,7 @@ class NumpyKVCache(LayeredKVCache):
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, offset: int,
-              window: int | None = None) -> np.ndarray:
+              window: int | None = None, softcap: float | None = None) -> np.ndarray:
     """NumpyBackend.attention (also a sliding layer's attention for several rows)."""
     B, Hq, L, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
@@ -181,6 +183,10 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, offset:
     qg = np.ascontiguousarray(q).reshape(B, Hkv, G * L, D)
     scores = qg @ k.swapaxes(-1, -2)  # (B, Hkv, G*L, T)
     scores *= np.float32(scale)
+    if softcap is not None:
+        scores /= np.float32(softcap)
+        np.tanh(scores, out=scores)
+        scores *= np.float32(softcap)
     if not (L == 1 and T == offset + 1 and (window is None or T <= window)):
         s5 = scores.reshape(B, Hkv, G, L, T)
         s5[..., ~window_mask(L, T, offset, window)] = -np.inf
@@ -329,13 +335,20 @@ class NumpyBackend:
 
     def attention(
         self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, offset: int,
-        window: int | None = None,
+        window: int | None = None, softcap: float | None = None,
     ) -> np.ndarray:
-        return attention(q, k, v, scale, offset, window)
+        return attention(q, k, v, scale, offset, window, softcap)
 
     def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore"):  # exp(-g) -> inf for g << 0 gives silu = -0, correct
             return gate / (np.float32(1) + np.exp(-gate)) * up
+
+    def gelu_tanh_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        inner = np.float32(GELU_C) * (gate + np.float32(0.044715) * gate * gate * gate)
+        return np.float32(0.5) * gate * (np.float32(1) + np.tanh(inner)) * up
+
+    def softcap(self, x: np.ndarray, cap: float) -> np.ndarray:
+        return np.tanh(x / np.float32(cap)) * np.float32(cap)
 
     def add(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return a + b

@@ -31,6 +31,13 @@ class Architecture:
     hf_prefixes: prefixes a checkpoint may put before "model." (Gemma 3's multimodal
         checkpoints keep the text model under "language_model."); tensors under none of them
         (a vision tower) are not part of the model.
+    hf_config: config.json as read -> the config the spec is built from, where the family's
+        config.json is not one flat HF text config (a multimodal checkpoint nests the text
+        model's under "text_config"; HF's class defaults fill what a sparse one leaves out).
+        May raise ValueError, which the loader reports with the path.
+    gguf_config: the HF-style config built from GGUF metadata -> the config the spec is built
+        from, for what a GGUF of the family leaves to llama.cpp's code (values it derives from
+        the model size, weights its converter changed). May raise ValueError likewise.
     """
 
     model_type: str
@@ -39,6 +46,8 @@ class Architecture:
     gguf_permuted: Mapping[str, str] = field(default_factory=dict)
     config_overrides: Mapping[str, Any] = field(default_factory=dict)
     hf_prefixes: tuple[str, ...] = ("",)
+    hf_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    gguf_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 class Registry(Protocol):

@@ -27,6 +27,15 @@ BLOCK = "layers.{bid}"  # == layer_key(bid)
 # open so that stream-convert can dequantize them (gguf-py) and repack them.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0",
                    "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# Metadata read for any architecture that has it: {arch}.<key> -> HF config field. A
+# sliding_window_pattern array (llama.cpp: one bool per layer, true = sliding) -> layer_types.
+OPTIONAL_KEYS = {
+    "attention.sliding_window": "sliding_window",
+    "attention.sliding_window_pattern": "sliding_window_pattern",
+    "attn_logit_softcapping": "attn_logit_softcapping",
+    "final_logit_softcapping": "final_logit_softcapping",
+    "rope.freq_base_swa": "rope_local_base_freq",
+}
 _BLK = re.compile(r"^blk\.(\d+)\.")
 _REQUIRED = object()
 
@@ -220,6 +229,17 @@ def spec_from_metadata(meta: dict[str, Any], infos: dict[str, tuple], path: str,
             raise FormatError(f"{path}: {arch}.rope.dimension_count={rope_dims} is not in "
                               f"1..head_dim={head_dim}")
         cfg["partial_rotary_factor"] = rope_dims / head_dim  # the model file says if it can
+    for key, field in OPTIONAL_KEYS.items():
+        val = meta.get(f"{arch}.{key}")
+        if isinstance(val, list) and key == "attention.sliding_window_pattern":
+            cfg["layer_types"] = ["sliding_attention" if v else "full_attention" for v in val]
+        elif val:  # 0 means none, as llama.cpp reads it
+            cfg[field] = get(key)
+    if desc.gguf_config is not None:
+        try:
+            cfg = desc.gguf_config(cfg)
+        except ValueError as exc:
+            raise FormatError(f"{path}: {exc}") from None
     return ModelSpec.from_dict({**cfg, **desc.config_overrides}, source=path)
 
 

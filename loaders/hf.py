@@ -104,6 +104,11 @@ def open_hf_dir(model_dir: str, registry: Registry) -> LayerIndex:
         raise FormatError(f"{model_dir}: no config.json (not an HF model directory)")
     cfg = read_json(config_path)
     arch: Architecture = registry.for_model_type(cfg.get("model_type"), config_path)
+    if arch.hf_config is not None:
+        try:
+            cfg = arch.hf_config(cfg)
+        except ValueError as exc:
+            raise FormatError(f"{config_path}: {exc}") from None
     spec = ModelSpec.from_dict({**cfg, **arch.config_overrides}, source=config_path)
     units: dict[str, Unit] = {EMBED: Unit(EMBED)}
     units.update({k: Unit(k) for k in (layer_key(i) for i in range(spec.num_hidden_layers))})

@@ -31,6 +31,9 @@ ARCHITECTURES: dict[str, Entry] = {
     "qwen2": Entry("llama", "Qwen2ForCausalLM", "qwen2"),
     "qwen3": Entry("llama", "Qwen3ForCausalLM", "qwen3"),
     "phi3": Entry("phi3", "Phi3ForCausalLM", "phi3"),
+    "gemma2": Entry("gemma", "Gemma2ForCausalLM", "gemma2"),
+    "gemma3_text": Entry("gemma", "Gemma3ForCausalLM", "gemma3"),
+    "gemma3": Entry("gemma", "Gemma3ForConditionalGeneration"),  # its text model only
 }
 
 

@@ -12,12 +12,14 @@ def test_every_registered_type_has_a_model_and_an_architecture():
         assert model_class(model_type).__name__ == "Model"
         arch = REGISTRY.for_model_type(model_type, "config.json")
         assert arch.model_type == model_type
-        assert REGISTRY.hf_class(model_type).endswith("ForCausalLM")
+        assert REGISTRY.hf_class(model_type).endswith(("ForCausalLM",
+                                                       "ForConditionalGeneration"))
 
 
 def test_gguf_architectures_resolve_to_model_types():
     assert REGISTRY.for_gguf("llama", "x.gguf").model_type == "llama"
     assert REGISTRY.for_gguf("qwen3", "x.gguf").model_type == "qwen3"
+    assert REGISTRY.for_gguf("gemma3", "x.gguf").model_type == "gemma3_text"
     with pytest.raises(FormatError, match=r"x.gguf: unsupported GGUF architecture 'gemma9'; "
                                           r"supported: llama, qwen2, qwen3, phi3"):
         REGISTRY.for_gguf("gemma9", "x.gguf")
@@ -27,7 +29,8 @@ def test_unknown_model_type_lists_supported():
     with pytest.raises(ValueError, match=r"unsupported model_type 'gpt2'; supported: llama"):
         model_class("gpt2")
     with pytest.raises(FormatError, match=r"^cfg.json: unsupported model_type 'bert'; "
-                                          r"supported: llama, mistral, qwen2, qwen3, phi3$"):
+                                          r"supported: llama, mistral, qwen2, qwen3, phi3, "
+                                          r"gemma2, gemma3_text, gemma3$"):
         REGISTRY.for_model_type("bert", "cfg.json")
 
 
