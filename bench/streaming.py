@@ -28,7 +28,6 @@ from stream_run.engine.stats import peak_rss_bytes
 from stream_run.loaders import LoaderConfig
 from stream_run.scheduler import SchedulerConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DISK_BLOCKS = (disk.MiB, 16 * disk.MiB, 64 * disk.MiB)
 DISK_THREADS = (1, 4)
 
@@ -183,7 +182,7 @@ def run_point_subprocess(cfg: PointConfig, timeout_s: float | None = None) -> St
     """
     proc = subprocess.run([sys.executable, "-m", "stream_run.bench.stream_point",
                            json.dumps(asdict(cfg))],
-                          cwd=ROOT, capture_output=True, text=True, timeout=timeout_s)
+                          capture_output=True, text=True, timeout=timeout_s)
     if proc.returncode != 0:
         lines = [x for x in proc.stderr.strip().splitlines() if x.strip()]
         raise RuntimeError(lines[-1] if lines else f"point exited with {proc.returncode}")

@@ -14,30 +14,58 @@ from dataclasses import dataclass
 from typing import Protocol
 
 
+class LateLike(Protocol):
+    """A step whose units are picked at run time: from these candidates, up to picks of them."""
+
+    @property
+    def candidates(self) -> tuple[str, ...]: ...
+
+    @property
+    def picks(self) -> int: ...
+
+
+def late_need(late: LateLike, load_size: Callable[[str], int]) -> int:
+    """Room a late-bound step may need: picks of its largest candidates."""
+    sizes = sorted((load_size(k) for k in late.candidates), reverse=True)
+    return sum(sizes[:late.picks])
+
+
 @dataclass(frozen=True)
 class PassShape:
     """What a plan is made from.
 
-    steps: each step's units in pass order; steps whose units are known only at run time
-        (late-bound, e.g. routed experts) are left out.
+    steps: each step's units in pass order; a step whose units are known only at run time
+        (late-bound, e.g. routed experts) is a LateLike: its candidates and how many it picks.
     size: bytes a unit holds in the compute tier.
     load_size: bytes a load reserves (the compute form plus raw bytes held while preparing).
     """
 
-    steps: Sequence[tuple[str, ...]]
+    steps: Sequence[tuple[str, ...] | LateLike]
     size: Callable[[str], int]
     load_size: Callable[[str], int]
 
     @property
+    def known(self) -> list[tuple[str, ...]]:
+        return [u for u in self.steps if isinstance(u, tuple)]
+
+    @property
+    def late_bytes(self) -> int:
+        """Room kept free for the largest late-bound step's picks (0 when there is none)."""
+        return max((late_need(u, self.load_size) for u in self.steps
+                    if not isinstance(u, tuple)), default=0)
+
+    @property
     def order(self) -> list[str]:
-        return list(dict.fromkeys(k for units in self.steps for k in units))
+        return list(dict.fromkeys(k for units in self.known for k in units))
 
     def ring_bytes(self, resident: set[str], depth: int) -> int:
-        """Room the streamed units need: depth + 1 of the largest, and at least one step."""
-        streamed = [self.load_size(k) for u in self.steps for k in u if k not in resident]
-        step_need = max((sum(self.load_size(k) for k in set(u) - resident) for u in self.steps),
+        """Room the streamed units need: depth + 1 of the largest, and at least one step;
+        plus the room a late-bound step's picks may take."""
+        known = self.known
+        streamed = [self.load_size(k) for u in known for k in u if k not in resident]
+        step_need = max((sum(self.load_size(k) for k in set(u) - resident) for u in known),
                         default=0)
-        return max(step_need, (depth + 1) * max(streamed, default=0))
+        return max(step_need, (depth + 1) * max(streamed, default=0)) + self.late_bytes
 
 
 class ResidencyPolicy(Protocol):
@@ -59,9 +87,9 @@ class CyclicPolicy:
 
     def plan(self, shape: PassShape, budget: int | None, depth: int) -> set[str]:
         order, size = shape.order, shape.size
-        if budget is None or sum(size(k) for k in order) <= budget:
+        if budget is None or sum(size(k) for k in order) + shape.late_bytes <= budget:
             return set(order)
-        uses = {k: sum(k in u for u in shape.steps) for k in order}
+        uses = {k: sum(k in u for u in shape.known) for k in order}
         resident: set[str] = set()
         for k in sorted(order, key=lambda k: -uses[k]):
             if uses[k] > 1 and size(k) + shape.ring_bytes(resident | {k}, depth) <= budget:
@@ -85,7 +113,7 @@ class LRUPolicy:
 
     def plan(self, shape: PassShape, budget: int | None, depth: int) -> set[str]:
         order = shape.order
-        if budget is None or sum(shape.size(k) for k in order) <= budget:
+        if budget is None or sum(shape.size(k) for k in order) + shape.late_bytes <= budget:
             return set(order)
         return set()
 

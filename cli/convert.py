@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, choices=SUPPORTED_GROUP_SIZES, default=64)
     p.add_argument("--recipe", default="uniform",
                    help="uniform | mixed (embeddings and head 8-bit) | none | a JSON recipe "
-                   "file (format: see engine/recipes.py)")
+                   "file (format: see convert/recipes.py)")
     p.add_argument("--quantizer", choices=QUANTIZER_NAMES, default=DEFAULT_QUANTIZER,
                    help="how weights that cannot be copied losslessly are requantized: rtn "
                    "(default; min/max round-to-nearest, identical to mx.quantize), mse (per "

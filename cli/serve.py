@@ -1,4 +1,4 @@
-"""stream-serve: an OpenAI-compatible HTTP server for one model (see engine/server.py)."""
+"""stream-serve: an OpenAI-compatible HTTP server for one model (the app is in server/app.py)."""
 
 from __future__ import annotations
 

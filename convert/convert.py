@@ -71,7 +71,7 @@ def convert_model(src: str, out: str, *, bits: int = 4, group_size: int = 64,
         out: the directory to create. It must not exist unless force is set; with force, an
             existing stream-convert output there is replaced once the new one is complete.
         bits, group_size: the recipe's quantization (MLX affine: 2-8 bits, group 32/64/128).
-        recipe: "uniform", "mixed", "none" or a JSON recipe file (see engine/recipes.py).
+        recipe: "uniform", "mixed", "none" or a JSON recipe file (see convert/recipes.py).
         progress: show a progress bar on stderr when it is a terminal.
         quantizer: how a weight that cannot be copied losslessly is requantized: "mse"
             (kernels.quant.quantize_search, lower squared weight error), "rtn"

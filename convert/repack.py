@@ -12,7 +12,7 @@ group 64 yet measured worse perplexity on SmolLM2 at 3, 4 and 5 bits (GPL-3 and 
 texts; better at 6 and 8), so it is opt-in: RTN keeps each group's largest-magnitude weight
 and zero exactly, which seems to matter more than squared error. Dense tensors kept at full
 precision are copied byte for byte. The third quantizer, "gptq", needs the whole model and a
-calibration text: engine/calibrate.py runs it and hands its weights to convert_unit.
+calibration text: convert/calibrate.py runs it and hands its weights to convert_unit.
 
 Scales and biases are stored as float16, as mlx-lm does for float16 models: GGUF's block scales
 and minimums are float16 already (so the copies stay exact), float16 has 3 more mantissa bits

@@ -288,7 +288,9 @@ class Batcher:
         return False
 
     async def _step(self, batch: list[tuple[SeqState, list[int]]]) -> None:
-        rows = Batch([SeqRows(np.asarray(ids, dtype=np.int64), seq.kv) for seq, ids in batch])
+        rows = Batch([SeqRows(np.asarray(ids, dtype=np.int64), seq.kv,
+                              len(seq.prompt) if seq.prefilling else None)
+                      for seq, ids in batch])
         t0 = time.perf_counter()
         self._pass_seqs = [seq for seq, _ in batch]
         self._pass = asyncio.get_running_loop().create_task(

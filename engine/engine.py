@@ -146,13 +146,15 @@ class Engine:
         return self.tokenizer.encode(text, add_bos=False)
 
     async def forward(self, ids: np.ndarray, kv: Any, all_logits: bool = False,
-                      more: bool = False) -> tuple[np.ndarray, RunStats]:
+                      more: bool = False, span_end: int | None = None
+                      ) -> tuple[np.ndarray, RunStats]:
         """One streamed forward pass over one sequence's ids (1, L) against its KV cache;
         returns logits (1, L, V) with all_logits, else (1, 1, V), and the run's stats.
 
         more: another pass follows (decoding), so reads for its first units may start now.
+        span_end: these ids are a chunk of a prompt that ends there (positions in kv).
         """
-        logits, stats = await self.runner.forward(ids, kv, all_logits, more)
+        logits, stats = await self.runner.forward(ids, kv, all_logits, more, span_end)
         return logits[None], stats
 
     async def logits(self, ids: Sequence[int]) -> np.ndarray:

@@ -199,7 +199,7 @@ async def _score_window(engine: Engine, ids: np.ndarray, w: Window, res: EvalRes
         lo, hi = max(c, w.first_target - 1), min(e, w.end - 1)
         t0 = time.perf_counter()
         logits, rs = await engine.forward(ids[None, c:e], kv, all_logits=hi > lo,
-                                          more=more or e < w.end)
+                                          more=more or e < w.end, span_end=w.end - w.begin)
         res.forward_s += time.perf_counter() - t0
         res.bytes_read += rs.bytes_read
         if hi > lo:

@@ -58,11 +58,12 @@ class PassRunner:
         return logits, stats
 
     async def forward(self, ids: np.ndarray | Sequence[int], kv: KVCache,
-                      all_logits: bool = False, more: bool = False
-                      ) -> tuple[np.ndarray, RunStats]:
-        """One sequence's pass: logits (L, V) with all_logits, else (1, V)."""
+                      all_logits: bool = False, more: bool = False,
+                      span_end: int | None = None) -> tuple[np.ndarray, RunStats]:
+        """One sequence's pass: logits (L, V) with all_logits, else (1, V). span_end: see
+        SeqRows (a chunk of a longer prompt)."""
         rows = np.asarray(ids, dtype=np.int64).reshape(-1)
-        return await self.run(Batch([SeqRows(rows, kv)], all_logits), more)
+        return await self.run(Batch([SeqRows(rows, kv, span_end)], all_logits), more)
 
 
 def _held_nbytes(index: LayerIndex, key: str, backend: Backend) -> int:

@@ -1,6 +1,6 @@
 """The small ops interface both compute backends implement.
 
-The model code (engine/models) is written once against these ops. Arrays are the backend's
+The model files (models/) are written once against these ops. Arrays are the backend's
 native type (numpy.ndarray or mlx.core.array); the engine converts only token ids in and
 logits out. Shapes: B batch, L sequence, H heads, D head dim, E hidden size.
 """

@@ -68,6 +68,11 @@ class ModelSpec:
             kwargs["quantization"] = cfg["quantization_config"]
         kwargs.update(_rope_fields(cfg, source))
         kwargs["config"] = dict(cfg)
+        for name, kinds, what in _OPTIONAL_TYPES:
+            val = kwargs.get(name)
+            if val is not None and (not isinstance(val, kinds) or isinstance(val, bool)
+                                    and bool not in kinds):
+                raise FormatError(f"{source}: field {name!r} must be {what}, got {val!r}")
         for req in ("hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads", "vocab_size"):
             val = kwargs.get(req)
@@ -77,6 +82,23 @@ class ModelSpec:
             return cls(**kwargs)
         except TypeError as exc:
             raise FormatError(f"{source}: bad config: {exc}") from None
+
+
+# optional fields whose type a model relies on ("false" as a string would be truthy)
+_OPTIONAL_TYPES = (
+    ("num_key_value_heads", (int,), "a positive int"),
+    ("head_dim", (int,), "a positive int"),
+    ("rms_norm_eps", (int, float), "a number"),
+    ("rope_theta", (int, float), "a number"),
+    ("rope_scaling", (dict,), "an object"),
+    ("max_position_embeddings", (int,), "an int"),
+    ("tie_word_embeddings", (bool,), "a boolean"),
+    ("attention_bias", (bool,), "a boolean"),
+    ("sliding_window", (int,), "an int or null"),
+    ("use_sliding_window", (bool,), "a boolean"),
+    ("max_window_layers", (int,), "an int or null"),
+    ("layer_types", (list,), "a list of layer kinds"),
+)
 
 
 def _rope_fields(cfg: dict[str, Any], source: str) -> dict[str, Any]:

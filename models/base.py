@@ -27,10 +27,21 @@ Units = tuple[str, ...]
 
 @dataclass
 class SeqRows:
-    """One sequence of a pass: its new ids (a prompt chunk or the last token) and its cache."""
+    """One sequence of a pass: its new ids (a prompt chunk or the last token) and its cache.
+
+    span_end: where the span these rows belong to ends (a prompt chunk: the prompt's length),
+    when it is past the rows' own end. A model whose computation depends on the length a
+    forward call sees (Phi-3 longrope) uses it, so a chunked prefill computes as one call.
+    """
 
     ids: np.ndarray  # (L,) int
     kv: KVCache
+    span_end: int | None = None
+
+    @property
+    def end(self) -> int:
+        """The last position + 1 that these rows stand for (kv.offset before the pass)."""
+        return max(self.kv.offset + len(self.ids), self.span_end or 0)
 
 
 @dataclass
@@ -67,6 +78,17 @@ class Call:
     units: Units | Callable[[Any], Units]
     run: Callable[[Any, Mapping[str, Any]], Any]
     name: str = ""
+    candidates: Units = ()  # late-bound: the units it picks from, and how many
+    picks: int = 1
+
+
+@dataclass(frozen=True)
+class LateUnits:
+    """A late-bound call in `DecoderModel.units()`: its candidates and how many it picks, so
+    the residency plan and the minimum budget keep room for them."""
+
+    candidates: Units
+    picks: int = 1
 
 
 class DecoderModel:
@@ -79,9 +101,9 @@ class DecoderModel:
         self._layout: list[Units] | None = None
 
     # -- the protocol the engine relies on ---------------------------------------------------
-    def units(self) -> list[Units]:
-        """Each call's units, in pass order, for the calls known before a pass runs (what the
-        residency plan and the minimum budget are made from)."""
+    def units(self) -> list[Units | LateUnits]:
+        """Each call's units in pass order, a late-bound call as LateUnits (what the residency
+        plan and the minimum budget are made from)."""
         return self.layout()
 
     def layout(self) -> list[Units]:

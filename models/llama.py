@@ -19,7 +19,12 @@ import numpy as np
 from stream_run.kernels.backend import Backend, DecodeBlock, FusedBlock, KVCache
 from stream_run.loaders import EMBED, HEAD, Architecture, FormatError, ModelSpec, layer_key
 from stream_run.models.base import Batch, DecoderModel, attend_rows, rope_rows
-from stream_run.models.rope import rope_parameters
+from stream_run.models.rope import (
+    partial_rotary_factor,
+    reject_per_layer_type,
+    rope_parameters,
+    scaling_type,
+)
 
 LINEARS = tuple(f"self_attn.{p}_proj" for p in "qkvo") + tuple(
     f"mlp.{p}_proj" for p in ("gate", "up", "down"))
@@ -28,15 +33,20 @@ LINEARS = tuple(f"self_attn.{p}_proj" for p in "qkvo") + tuple(
 class Model(DecoderModel):
     def __init__(self, spec: ModelSpec, ops: Backend) -> None:
         super().__init__(spec, ops)
-        if spec.config.get("partial_rotary_factor", 1.0) != 1.0:
+        try:
+            reject_per_layer_type(spec.config)
+            prf = partial_rotary_factor(spec.config)
+        except ValueError as exc:
+            raise FormatError(f"model_type {spec.model_type!r}: {exc}") from None
+        if prf != 1.0:  # the fused kernels and the yarn scale fold assume full rotary
             raise FormatError(f"model_type {spec.model_type!r}: partial rotary embeddings "
-                              f"(partial_rotary_factor={spec.config['partial_rotary_factor']}) "
-                              "are not supported for this architecture")
+                              f"(partial_rotary_factor={prf}) are not supported for this "
+                              "architecture")
         assert spec.head_dim is not None and spec.num_key_value_heads is not None
         self.n_heads = spec.num_attention_heads
         self.n_kv_heads = spec.num_key_value_heads
         self.head_dim = spec.head_dim
-        kind = (spec.rope_scaling or {}).get("rope_type", (spec.rope_scaling or {}).get("type"))
+        kind = scaling_type(spec.rope_scaling)
         if kind in ("longrope", "su"):  # switches factor sets by length: see models/phi3.py
             raise FormatError(f"model_type {spec.model_type!r}: rope_scaling type {kind!r} is "
                               "not supported for this architecture")

@@ -24,13 +24,12 @@ import numpy as np
 from stream_run.kernels.backend import Backend, KVCache
 from stream_run.loaders import EMBED, HEAD, Architecture, FormatError, ModelSpec, layer_key
 from stream_run.models.base import Batch, DecoderModel, attend_rows
-from stream_run.models.rope import rope_parameters
-
-
-def _partial_rotary_factor(spec: ModelSpec) -> float:
-    cfg = spec.config
-    params = cfg.get("rope_parameters") or {}
-    return float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
+from stream_run.models.rope import (
+    partial_rotary_factor,
+    reject_per_layer_type,
+    rope_parameters,
+    scaling_type,
+)
 
 
 class Model(DecoderModel):
@@ -40,20 +39,26 @@ class Model(DecoderModel):
         self.n_heads, self.n_kv_heads = spec.num_attention_heads, spec.num_key_value_heads
         self.head_dim = D = spec.head_dim
         self.scale = D**-0.5
-        prf = _partial_rotary_factor(spec)
-        self.rotary_dim = int(D * prf)
-        orig = spec.config.get("original_max_position_embeddings")
-        args = (D, spec.rope_theta, spec.rope_scaling, spec.max_position_embeddings, prf)
+        scaling = dict(spec.rope_scaling or {})
+        longrope = scaling_type(scaling) in ("longrope", "su", "yarn")
+        if longrope:  # HF's Phi3Config reads "su" and "yarn" as longrope too
+            scaling["rope_type"] = "longrope"
+        # one original length for the factors and for the switch between them: top level
+        # (Phi-3's config.json), else inside rope_scaling, else max_position_embeddings
+        orig = spec.config.get("original_max_position_embeddings") or scaling.get(
+            "original_max_position_embeddings") or spec.max_position_embeddings
         try:
+            reject_per_layer_type(spec.config)
+            prf = partial_rotary_factor(spec.config)
+            args = (D, spec.rope_theta, scaling or None, spec.max_position_embeddings, prf)
             self.inv_freq, self.rope_factor = rope_parameters(
                 *args, original_max_position_embeddings=orig)
-            long, _ = rope_parameters(*args, seq_len=spec.max_position_embeddings,
+            long, _ = rope_parameters(*args, seq_len=orig + 1,
                                       original_max_position_embeddings=orig)
         except ValueError as exc:
             raise FormatError(f"phi3: {exc}") from None
-        longrope = (spec.rope_scaling or {}).get("rope_type", (spec.rope_scaling or {}).get(
-            "type")) in ("longrope", "su")
-        self.long_after = (orig or spec.max_position_embeddings) if longrope else None
+        self.rotary_dim = int(D * prf)
+        self.long_after = orig if longrope else None
         self.inv_freq_long = long
         self.windows = self.layer_windows()
 
@@ -62,11 +67,11 @@ class Model(DecoderModel):
         return [self.spec.sliding_window] * self.spec.num_hidden_layers
 
     def pass_context(self, batch: Batch) -> dict[int, np.ndarray]:
-        """Each sequence's inverse frequencies for this pass (short or long factors)."""
-        def pick(end: int) -> np.ndarray:
-            return self.inv_freq_long if self.long_after and end > self.long_after \
-                else self.inv_freq
-        return {id(kv): pick(offset + n) for kv, offset, n in batch.spans}
+        """Each sequence's inverse frequencies for this pass (short or long factors), by the
+        end of the span its rows stand for: a prompt chunk as the whole prompt (one HF call)."""
+        batch.spans  # noqa: B018  (offsets as the pass starts)
+        return {id(s.kv): self.inv_freq_long if self.long_after and s.end > self.long_after
+                else self.inv_freq for s in batch.seqs}
 
     def block(self, layer_idx: int, batch: Batch, ctx: dict[int, np.ndarray], x: Any,
               units: Mapping[str, Any]) -> Any:

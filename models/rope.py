@@ -207,3 +207,31 @@ def _longrope(base: float, dim: int, exponents: np.ndarray, p: dict[str, Any], m
                          f"needs {dim // 2}")
     freqs = 1.0 / (ext * base**exponents)
     return freqs.astype(np.float32), float(attention_factor)
+
+
+def partial_rotary_factor(config: dict[str, Any]) -> float:
+    """The rotated fraction of head_dim from a config.json as read: inside transformers 5's
+    rope_parameters, else top level (Phi-3, GGUF rope.dimension_count), else 1."""
+    params = config.get("rope_parameters")
+    params = params if isinstance(params, dict) else {}
+    value = params.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"partial_rotary_factor must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def scaling_type(scaling: dict[str, Any] | None) -> str:
+    """The rope_scaling dict's type, "default" when there is none."""
+    if not scaling:
+        return "default"
+    return str(scaling.get("rope_type", scaling.get("type", "default")))
+
+
+def reject_per_layer_type(config: dict[str, Any]) -> None:
+    """Raise ValueError for transformers 5's per-layer-type rope_parameters ({"full_attention":
+    {...}, "sliding_attention": {...}}) in a model that has one kind of layer: read as flat,
+    it would silently give the default theta."""
+    params = config.get("rope_parameters")
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        raise ValueError(f"rope_parameters per layer type ({', '.join(params)}) are not "
+                         "supported for this architecture")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stream_run.cache import PassShape, WeightCache
+from stream_run.cache.policy import LateLike, late_need
 from stream_run.scheduler.step import StepLike, UnitLoader, Units, resolve
 
 
@@ -120,10 +121,10 @@ class LayerScheduler:
         """Units kept pinned across passes (the cache's plan)."""
         return self.cache.resident
 
-    def plan_residency(self, steps: Sequence[Units]) -> set[str]:
+    def plan_residency(self, steps: Sequence[Units | LateLike]) -> set[str]:
         """Ask the cache's policy which units stay resident when passes of these steps (each
-        step's units, in order; late-bound steps left out) are walked cyclically, for the
-        current prefetch depth. Asked again whenever the depth changes."""
+        step's units in order; a late-bound step as its candidates and picks) are walked
+        cyclically, for the current prefetch depth. Asked again whenever the depth changes."""
         self._shape = PassShape(list(steps), self.loader.prepared_nbytes, self._load_bytes)
         return self.cache.plan(self._shape, self.depth)
 
@@ -131,10 +132,12 @@ class LayerScheduler:
         """Bytes a load reserves: the compute form plus raw bytes held while preparing."""
         return self.loader.prepared_nbytes(key) + self.loader.transient_nbytes(key)
 
-    def min_budget_bytes(self, steps: Sequence[Units]) -> int:
+    def min_budget_bytes(self, steps: Sequence[Units | LateLike]) -> int:
         """The smallest compute budget that can run these steps (the largest step's units,
-        with the raw bytes their loads hold while preparing)."""
-        return max(sum(self._load_bytes(k) for k in set(units)) for units in steps)
+        with the raw bytes their loads hold while preparing; a late-bound step's largest
+        picks)."""
+        return max(sum(self._load_bytes(k) for k in set(units)) if isinstance(units, tuple)
+                   else late_need(units, self._load_bytes) for units in steps)
 
     async def run_on_compute(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run fn on the compute thread (for work outside a step list, e.g. sampling)."""
@@ -157,11 +160,13 @@ class LayerScheduler:
         loop = asyncio.get_running_loop()
         try:
             idx = 0
-            # each step's units known before the pass (none for a late-bound one), once
+            # each step's units known before the pass (none for a late-bound one), and the
+            # room a late-bound step's picks may need (kept free by prefetches before it)
             known: list[Units] = [() if callable(s.units) else s.units for s in steps]
+            late = [0 if known[i] else self._late_room(s) for i, s in enumerate(steps)]
             while idx < len(steps):
                 units = resolve(steps[idx], x)  # late-bound: from the previous output
-                self._schedule(known, idx, cyclic, units)
+                self._schedule(known, late, idx, cyclic, units)
                 t0 = time.perf_counter()
                 weights = {k: await self._acquire(k, rs, units) for k in units}
                 end = self._resident_run_end(steps, known, idx + 1)
@@ -170,7 +175,7 @@ class LayerScheduler:
                     weights.update((k, self._acquire_hit(k, rs)) for k in more)
                 t1 = time.perf_counter()
                 stats.io_stall_s += t1 - t0
-                self._schedule(known, end, cyclic)
+                self._schedule(known, late, end, cyclic)
                 compute_future = loop.run_in_executor(self._compute, _run_steps, calls, x,
                                                       weights, self._settle)
                 x, times = await asyncio.shield(compute_future)
@@ -207,25 +212,36 @@ class LayerScheduler:
             if self._shape is not None:
                 self.cache.plan(self._shape, self.depth)
 
-    def _schedule(self, known: Sequence[Units], start: int, cyclic: bool = False,
-                  current: Units = ()) -> None:
+    def _late_room(self, step: StepLike) -> int:
+        """Room a late-bound step declares it may need (Step.candidates, Step.picks; 0 when
+        it declares no candidates)."""
+        if not getattr(step, "candidates", ()):
+            return 0
+        return late_need(step, self._load_bytes)  # type: ignore[arg-type]
+
+    def _schedule(self, known: Sequence[Units], late: Sequence[int], start: int,
+                  cyclic: bool = False, current: Units = ()) -> None:
         """Start loads for the units of steps start..start+depth, in order, while they fit.
 
         Loads start in step order and stop at the first unit that does not fit, and a load
         never evicts a unit of the window, so a prefetch is never in the way of an earlier step.
         A late-bound step's units are not known yet and are skipped (current: the resolved
-        units of steps[start], kept too).
+        units of steps[start], kept too); loads past one leave room for its picks.
         """
         tier = self.cache.compute
-        window = list(known[start:start + self.depth + 1])
+        idx = list(range(start, min(start + self.depth + 1, len(known))))
         if cyclic:  # the next pass walks the same units: read its first ones early
-            window += known[:max(0, start + self.depth + 1 - len(known))]
-        keep = {k for units in window for k in units} | set(current)
-        for units in [current, *window]:
+            idx += list(range(min(start, max(0, start + self.depth + 1 - len(known)))))
+        keep = {k for i in idx for k in known[i]} | set(current)
+        room_for_late = 0  # the steps ahead's late-bound picks, still to come
+        resolved = start if current else -1  # its picks are `current`, loading first
+        for units, late_room in [(current, 0), *((known[i], 0 if i == resolved else late[i])
+                                                 for i in idx)]:
+            room_for_late += late_room
             for key in units:
                 if key in tier or key in self._inflight:
                     continue
-                if not tier.can_fit(self._load_bytes(key), keep):
+                if not tier.can_fit(self._load_bytes(key) + room_for_late, keep):
                     return
                 self._start_load(key, keep)
 

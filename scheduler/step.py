@@ -33,11 +33,14 @@ class StepLike(Protocol):
 
 @dataclass(frozen=True)
 class Step:
-    """A StepLike as a plain record."""
+    """A StepLike as a plain record. A late-bound step may declare the units it picks from
+    (candidates) and how many (picks): the budget then keeps room for them."""
 
     units: Units | Callable[[Any], Units]
     run: Callable[[Any, Mapping[str, Any]], Any]
     name: str = ""
+    candidates: Units = ()
+    picks: int = 1
 
 
 def resolve(step: StepLike, x: Any) -> Units:

@@ -273,3 +273,53 @@ def test_a_mis_shaped_fused_weight_is_named_with_both_shapes(tmp_path):
     assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
     assert "'self_attn.qkv_proj.weight'" in run.stderr and "layers.1" in run.stderr
     assert "[112, 64]" in run.stderr and "expected [128, 64]" in run.stderr
+
+
+def test_longrope_prefill_in_chunks_computes_as_one_call(tmp_path):
+    """A prompt past the original context gets the long factors in every prefill chunk, as
+    HF's one forward call gives them (review finding: early chunks got the short ones)."""
+    model = write_phi3(tmp_path, CASES["longrope"])  # original context 16
+    prompt = [(7 * i + 3) % 200 + 3 for i in range(30)]
+    want = hf_greedy(model, prompt, 8)
+
+    async def go(chunk):
+        engine = await Engine.open(str(tmp_path), EngineConfig(backend="numpy",
+                                                                prefill_chunk=chunk))
+        try:
+            done = await engine.complete(prompt, GenerationParams(max_tokens=8, ignore_eos=True))
+            return done.token_ids
+        finally:
+            engine.close()
+
+    for chunk in (512, 8, 1):
+        assert asyncio.run(go(chunk)) == want, chunk
+
+
+def test_original_context_inside_rope_parameters_only(tmp_path):
+    """transformers 5 may keep original_max_position_embeddings inside rope_parameters alone:
+    the switch to the long factors then happens there too."""
+    from stream_run.kernels import get_backend
+    from stream_run.models import model_class, open_model
+
+    write_phi3(tmp_path, CASES["longrope"])
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg.pop("original_max_position_embeddings", None)
+    cfg["rope_parameters"]["original_max_position_embeddings"] = 16
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    spec = open_model(str(tmp_path)).index.spec
+    model = model_class("phi3")(spec, get_backend("numpy", 1))
+    assert model.long_after == 16 and model.rope_factor > 1
+
+
+def test_gguf_partial_rotary_survives_stream_convert(tmp_path):
+    from stream_run.convert.convert import convert_model
+
+    model = write_phi3(tmp_path / "hf", CASES["partial_rotary"])
+    write_phi3_gguf(tmp_path / "m.gguf", model, "F32")
+    convert_model(str(tmp_path / "m.gguf"), str(tmp_path / "q8"), bits=8, group_size=32,
+                  progress=False)
+    cfg = json.loads((tmp_path / "q8" / "config.json").read_text())
+    assert cfg.get("partial_rotary_factor") == 0.5 and "config" not in cfg
+    gguf_logits, _, _, _ = run_engine(tmp_path / "m.gguf", "numpy")
+    packed_logits, _, _, _ = run_engine(tmp_path / "q8", "numpy")
+    assert np.corrcoef(gguf_logits.ravel(), packed_logits.ravel())[0, 1] > 0.999

@@ -352,3 +352,25 @@ async def test_late_bound_step_reads_the_units_its_input_names():
     assert cache.compute.reserved_bytes == 0
     assert sorted(cache.compute.pinned()) == sorted(sched.resident) == ["u0", "u1", "u7"]
     sched.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("budget", [200, 300, 350])
+async def test_late_bound_step_with_declared_candidates_fits_a_tight_budget(budget):
+    """The plan and the prefetches keep room for a late-bound step's picks: with every known
+    unit fitting the budget, the router's choice still gets a slot (it did not before)."""
+    loader = FakeLoader({k: 100 for k in ["u0", "u1", "u2", "u3"]})
+    cache = WeightCache(CacheConfig(compute_bytes=budget))
+    sched = LayerScheduler(cache, loader, SchedulerConfig(prefetch_depth=2, adaptive=False))
+    late = Step(lambda x: (f"u{x}",), lambda x, w: sorted(w), "late", candidates=("u1", "u3"))
+    steps = [Step(("u0",), lambda x, w: 1, "u0"), late,
+             Step(("u2",), lambda x, w: x, "u2"), Step(("u3",), lambda x, w: x, "u3")]
+    assert sched.min_budget_bytes([("u0",), late, ("u2",), ("u3",)]) == 100
+    resident = sched.plan_residency([("u0",), late, ("u2",), ("u3",)])
+    assert 100 * len(resident) <= budget - 100 - 100  # ring + the late step's pick stay free
+    for _ in range(3):
+        out, _ = await sched.run(steps, cyclic=True)
+        assert out == ["u1"]
+    await sched.drop_carried()
+    assert cache.compute.reserved_bytes == 0
+    sched.close()
