@@ -199,7 +199,7 @@ def stream_cmd(args: argparse.Namespace) -> int:
     sweep = run_sweep(
         args.model, budgets, depths, tokens, backend=args.backend, io_workers=args.io_workers,
         adaptive=args.adaptive, in_process=args.in_process, disk_bytes=disk_bytes,
-        disk_seconds=0.3 if quick else 2.0,
+        disk_seconds=0.3 if quick else 2.0, clamp_budgets=args.budget is None,
         progress=lambda r: print(f"  budget {r['budget']} depth {r['prefetch_depth']}: "
                                  f"{r['s_per_token_median']:.3g} s/token", file=sys.stderr))
     records = [sweep.record(b, p) for b, p in sweep.points]

@@ -212,9 +212,12 @@ def _is_size(text: str) -> bool:
     return any(c.isalpha() for c in text)
 
 
-def parse_budgets(text: str, model_bytes: int, min_bytes: int) -> list[Budget]:
+def parse_budgets(text: str, model_bytes: int, min_bytes: int, clamp: bool = False
+                  ) -> list[Budget]:
     """'0.25,0.5,1.0' (fractions of the model's compute-tier bytes), '2GB,4GB' (sizes), 'min'
     (the smallest budget the model runs with), 'none' (unlimited); mixed lists are fine.
+    clamp: a budget below the minimum becomes 'min' (the default sweep, which must run on any
+    model) instead of an error (a budget the user asked for).
 
     Raises:
         ValueError: not a budget, or below the model's minimum (says the minimum).
@@ -237,6 +240,10 @@ def parse_budgets(text: str, model_bytes: int, min_bytes: int) -> list[Budget]:
             raise ValueError(f"--budget {item}: must be > 0 (a fraction in (0, 1] or a size)")
         else:
             nbytes = parse_size(item)
+        if nbytes < min_bytes and clamp:
+            if not any(b.label == "min" for b in out):
+                out.append(Budget("min", min_bytes))
+            continue
         if nbytes < min_bytes:
             raise ValueError(
                 f"--budget {item} ({format_size(nbytes)}) is below the model's minimum "
@@ -329,7 +336,8 @@ def measure_disk(files: Sequence[str], bytes_per_point: int, seconds_per_point: 
 def run_sweep(model: str, budgets: str, depths: Sequence[int], tokens: int, *,
               backend: str = "numpy", io_workers: int = 8, adaptive: bool = False,
               in_process: bool = False, disk_bytes: int = 2**30, disk_seconds: float = 2.0,
-              progress: Callable[[dict], None] | None = None) -> StreamSweep:
+              progress: Callable[[dict], None] | None = None,
+              clamp_budgets: bool = False) -> StreamSweep:
     """Disk first, then every (budget, depth) point.
 
     Raises:
@@ -340,7 +348,7 @@ def run_sweep(model: str, budgets: str, depths: Sequence[int], tokens: int, *,
 
     info = model_info(model)
     model_bytes, min_bytes = model_sizes(model, backend)
-    parsed = parse_budgets(budgets, model_bytes, min_bytes)
+    parsed = parse_budgets(budgets, model_bytes, min_bytes, clamp_budgets)
     sweep = StreamSweep(info, model_bytes, min_bytes,
                         measure_disk(info["files"], disk_bytes, disk_seconds), parsed)
     for budget in parsed:

@@ -58,6 +58,13 @@ class PassShape:
     def order(self) -> list[str]:
         return list(dict.fromkeys(k for units in self.known for k in units))
 
+    def fits_whole(self, budget: int) -> bool:
+        """Everything can stay resident: all units, plus the raw bytes the last load holds
+        while it prepares (its compute form lands beside the others), plus late picks."""
+        order = self.order
+        transient = max((self.load_size(k) - self.size(k) for k in order), default=0)
+        return sum(self.size(k) for k in order) + transient + self.late_bytes <= budget
+
     def ring_bytes(self, resident: set[str], depth: int) -> int:
         """Room the streamed units need: depth + 1 of the largest, and at least one step;
         plus the room a late-bound step's picks may take."""
@@ -87,7 +94,7 @@ class CyclicPolicy:
 
     def plan(self, shape: PassShape, budget: int | None, depth: int) -> set[str]:
         order, size = shape.order, shape.size
-        if budget is None or sum(size(k) for k in order) + shape.late_bytes <= budget:
+        if budget is None or shape.fits_whole(budget):
             return set(order)
         uses = {k: sum(k in u for u in shape.known) for k in order}
         resident: set[str] = set()
@@ -112,9 +119,8 @@ class LRUPolicy:
     name = "lru"
 
     def plan(self, shape: PassShape, budget: int | None, depth: int) -> set[str]:
-        order = shape.order
-        if budget is None or sum(shape.size(k) for k in order) + shape.late_bytes <= budget:
-            return set(order)
+        if budget is None or shape.fits_whole(budget):
+            return set(shape.order)
         return set()
 
 

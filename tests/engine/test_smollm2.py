@@ -118,3 +118,22 @@ def test_small_budget_gives_identical_tokens(smollm2_gguf):
     finally:
         eng.close()
     assert got == case["greedy_ids"][:N_STEPS]
+
+
+def test_budget_at_the_model_size_runs(smollm2_gguf):
+    """A budget from the model's size up to ~2 MB above it was refused mid-pass ("cannot fit"):
+    the last unit's raw block bytes, held while it converts, had no room once everything else
+    was pinned. The plan now keeps that room, streaming a unit or two instead."""
+    async def run(budget):
+        engine = await Engine.open(smollm2_gguf, EngineConfig(backend="numpy",
+                                                              memory_budget_bytes=budget))
+        try:
+            done = await engine.complete([1, 2, 3], GenerationParams(max_tokens=6,
+                                                                     ignore_eos=True))
+            return done.token_ids, engine.model_bytes
+        finally:
+            engine.close()
+
+    want, model_bytes = asyncio.run(run(None))
+    for extra in (0, 1_000_000):
+        assert asyncio.run(run(model_bytes + extra))[0] == want
