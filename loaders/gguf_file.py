@@ -200,6 +200,12 @@ def spec_from_metadata(meta: dict[str, Any], infos: dict[str, tuple], path: str,
     n_heads = get("attention.head_count")
     embd = infos.get("token_embd.weight")
     vocab = embd[1][0] if embd else get("vocab_size", len(meta.get("tokenizer.ggml.tokens", [])))
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if embd and isinstance(tokens, list) and tokens and len(tokens) != vocab:
+        # llama.cpp pads the token list to the embedding's rows; a mismatch is a broken file
+        raise FormatError(f"{path}: tensor 'token_embd.weight' has {vocab} rows but "
+                          f"tokenizer.ggml.tokens has {len(tokens)} tokens; expected one row "
+                          "per token")
     cfg: dict[str, Any] = {
         "model_type": desc.model_type,
         "hidden_size": get("embedding_length"),

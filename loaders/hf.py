@@ -19,6 +19,7 @@ _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.rotary_emb\.)")
 
 
 def read_json(path: str) -> dict:
+    _check_regular(path)
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -29,6 +30,12 @@ def read_json(path: str) -> dict:
     if not isinstance(data, dict):
         raise FormatError(f"{path}: expected a JSON object")
     return data
+
+
+def _check_regular(path: str) -> None:
+    """A FIFO or device in a model directory would block the first read forever."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise FormatError(f"{path}: not a regular file")
 
 
 def weight_files(model_dir: str) -> list[str]:
@@ -45,8 +52,12 @@ def weight_files(model_dir: str) -> list[str]:
                     f"{os.path.join(model_dir, name)}: shard listed in "
                     "model.safetensors.index.json is missing"
                 )
+        for name in files:
+            _check_regular(os.path.join(model_dir, name))
         return [os.path.join(model_dir, n) for n in files]
     files = sorted(n for n in os.listdir(model_dir) if n.endswith(".safetensors"))
+    for name in files:
+        _check_regular(os.path.join(model_dir, name))
     if not files:
         raise FormatError(
             f"{model_dir}: no weights found (expected model.safetensors, sharded "

@@ -129,3 +129,12 @@ def test_a_fifo_as_the_model_is_refused_at_once(tmp_path):
     r = run_cli(fifo, "--prompt", "x")
     assert r.returncode == 2
     assert "not a regular file" in r.stderr and str(fifo) in r.stderr
+
+
+def test_a_fifo_inside_a_model_directory_is_refused(tmp_path):
+    path = tmp_path / "m"
+    write_tiny_model(path, "llama")
+    (path / "model.safetensors").unlink()
+    os.mkfifo(path / "model.safetensors")
+    r = run_cli(path, "--prompt", "x")
+    assert r.returncode == 2 and "model.safetensors: not a regular file" in r.stderr

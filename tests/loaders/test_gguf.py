@@ -51,7 +51,7 @@ def hf_tensors(arch: str, rng: np.random.Generator, tied: bool = True) -> dict[s
 
 
 def write_gguf(path, arch="llama", *, tensors=None, qtype=QT.F32, drop=(), extra=None,
-               meta=None, skip_meta=()) -> dict[str, np.ndarray]:
+               meta=None, skip_meta=(), tokens=None) -> dict[str, np.ndarray]:
     """Write a tiny model GGUF; returns the HF-layout weights keyed by GGUF name."""
     rng = np.random.default_rng(0)
     tensors = hf_tensors(arch, rng) if tensors is None else tensors
@@ -66,6 +66,8 @@ def write_gguf(path, arch="llama", *, tensors=None, qtype=QT.F32, drop=(), extra
             w.add_uint32(k, v)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
     w.add_float32(f"{arch}.rope.freq_base", 1e6)
+    if tokens is not None:
+        w.add_array("tokenizer.ggml.tokens", tokens)
     for k, v in (meta or {}).items():
         (w.add_string if isinstance(v, str) else w.add_float32 if isinstance(v, float)
          else w.add_uint32)(k, v)
@@ -457,3 +459,14 @@ def test_real_smollm2_unpermute_matches_transformers(smollm2):
             theirs = proc.process(gguf.quants.dequantize(raw, QT.Q4_1),
                                   f"blk.{layer_idx}.{gname}.weight").weights
             np.testing.assert_array_equal(ours, theirs)
+
+
+def test_embedding_rows_must_match_the_token_list(tmp_path):
+    """49153 embedding rows for a 49152-token vocabulary ran before; llama.cpp refuses it."""
+    ok, bad = tmp_path / "ok.gguf", tmp_path / "bad.gguf"
+    write_gguf(ok, tokens=[f"t{i}" for i in range(V)])
+    assert open_gguf(str(ok))[0].spec.vocab_size == V
+    write_gguf(bad, tokens=[f"t{i}" for i in range(V - 1)])
+    with pytest.raises(FormatError, match=rf"bad.gguf: tensor 'token_embd.weight' has {V} rows "
+                                          rf"but tokenizer.ggml.tokens has {V - 1} tokens"):
+        open_gguf(str(bad))
