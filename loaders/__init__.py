@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from stream_run.loaders.arch import Architecture, Registry, Shapes
 from stream_run.loaders.errors import FormatError, MissingTensorError, ReadError
@@ -24,6 +24,8 @@ class ModelSource:
     path: str
     index: LayerIndex
     tokenizer: TokenizerData
+    # the model's own sampling defaults (loaders/generation.py); {} when it ships none
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
 
 
 def open_model(path: str, registry: Registry) -> ModelSource:
@@ -34,6 +36,7 @@ def open_model(path: str, registry: Registry) -> ModelSource:
     Raises:
         FormatError / MissingTensorError: with the path and what is wrong.
     """
+    from stream_run.loaders.generation import defaults_from_dir, defaults_from_gguf
     from stream_run.loaders.gguf_file import open_gguf
     from stream_run.loaders.hf import open_hf_dir
     from stream_run.loaders.tokenizer import load_tokenizer_dir, tokenizer_from_gguf
@@ -48,7 +51,7 @@ def open_model(path: str, registry: Registry) -> ModelSource:
             path = os.path.join(path, ggufs[0])
         else:
             index = open_hf_dir(path, registry)
-            return ModelSource(path, index, load_tokenizer_dir(path))
+            return ModelSource(path, index, load_tokenizer_dir(path), defaults_from_dir(path))
     if not os.path.isfile(path):  # a FIFO or device would block the first read forever
         raise FormatError(f"{path}: not a regular file or directory")
     if not os.access(path, os.R_OK):
@@ -56,4 +59,5 @@ def open_model(path: str, registry: Registry) -> ModelSource:
     if not path.endswith(".gguf"):
         raise FormatError(f"{path}: expected a model directory or a .gguf file")
     index, metadata = open_gguf(path, registry)
-    return ModelSource(path, index, tokenizer_from_gguf(metadata, path))
+    return ModelSource(path, index, tokenizer_from_gguf(metadata, path),
+                       defaults_from_gguf(metadata, path))

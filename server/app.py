@@ -85,7 +85,8 @@ class ServerState:
                        code="model_loading")
 
     def limits(self, engine: Engine) -> Limits:
-        return Limits(self.config.model_name, self.config.max_tokens_cap, engine.spec.vocab_size)
+        return Limits(self.config.model_name, self.config.max_tokens_cap, engine.spec.vocab_size,
+                      engine.source.sampling_defaults)
 
 
 STATE = web.AppKey("state", ServerState)
@@ -166,8 +167,12 @@ async def health(request: web.Request) -> web.Response:
 
 
 def _model_card(state: ServerState) -> dict[str, Any]:
-    return {"id": state.config.model_name, "object": "model", "created": state.created,
+    card = {"id": state.config.model_name, "object": "model", "created": state.created,
             "owned_by": "stream-run"}
+    if state.engine is not None:  # what a request's unset sampling fields default to
+        card["sampling_defaults"] = {"temperature": 1.0, "top_p": 1.0,
+                                     **state.engine.source.sampling_defaults}
+    return card
 
 
 async def models(request: web.Request) -> web.Response:

@@ -38,6 +38,9 @@ class Limits:
     model_name: str
     max_tokens_cap: int  # the largest max_tokens a request may ask for (and the default)
     vocab_size: int  # token ids in a prompt must be below it
+    # the model's sampling defaults (generation_config.json / GGUF general.sampling.*) for
+    # fields a request leaves unset; OpenAI's where the model ships none
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -117,7 +120,8 @@ def _common(body: dict[str, Any], limits: Limits, kind: str, prompt: Any,
     if options is not None and not isinstance(options, dict):
         raise bad("'stream_options' must be an object", "stream_options")
     include_usage = _typed(options or {}, "include_usage", bool, False, "stream_options")
-    return ParsedRequest(kind, prompt, max_tokens, _sampling(body), _stop(body.get("stop")),
+    return ParsedRequest(kind, prompt, max_tokens, _sampling(body, limits.sampling_defaults),
+                         _stop(body.get("stop")),
                          stream, include_usage and stream, model)
 
 
@@ -141,18 +145,19 @@ def _number(body: dict[str, Any], name: str, lo: float, hi: float, default: floa
     return float(value)
 
 
-def _sampling(body: dict[str, Any]) -> SamplingParams:
-    temperature = _number(body, "temperature", 0, 2, 1.0)
-    top_p = _number(body, "top_p", 0, 1, 1.0)
+def _sampling(body: dict[str, Any], defaults: dict[str, float]) -> SamplingParams:
+    temperature = _number(body, "temperature", 0, 2, defaults.get("temperature", 1.0))
+    top_p = _number(body, "top_p", 0, 1, defaults.get("top_p", 1.0))
     if top_p == 0:  # only the most likely token: greedy
         temperature, top_p = 0.0, 1.0
     seed = _typed(body, "seed", int, None)
-    top_k = _typed(body, "top_k", int, 0)  # llama.cpp / vLLM extensions
+    top_k = _typed(body, "top_k", int, int(defaults.get("top_k", 0)))  # llama.cpp / vLLM
     if top_k < 0:
         raise bad(f"'top_k' must be >= 0, got {top_k}", "top_k")
     return SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                          min_p=_number(body, "min_p", 0, 0.999, 0.0),
-                          repetition_penalty=_number(body, "repetition_penalty", 0.01, 10, 1.0))
+                          min_p=_number(body, "min_p", 0, 0.999, defaults.get("min_p", 0.0)),
+                          repetition_penalty=_number(body, "repetition_penalty", 0.01, 10,
+                                                     defaults.get("repetition_penalty", 1.0)))
 
 
 def _max_tokens(value: Any, param: str, limits: Limits) -> int | None:
