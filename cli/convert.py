@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="HF or MLX model directory, .gguf file, or packed directory")
     p.add_argument("out", help="output directory (must not exist unless --force)")
     p.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4)
-    p.add_argument("--group-size", type=int, choices=SUPPORTED_GROUP_SIZES, default=64)
+    p.add_argument("--group-size", type=int, choices=SUPPORTED_GROUP_SIZES, default=None,
+                   help="default 64; a tensor already in affine blocks at no more bits (a "
+                   "Q4_1 GGUF at --bits 4) then keeps its own group size: an exact copy")
     p.add_argument("--recipe", default="uniform",
                    help="uniform | mixed (embeddings and head 8-bit) | none | a JSON recipe "
                    "file (format: see convert/recipes.py)")
@@ -80,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"stream-convert: wrote {args.out}: {len(manifest['units'])} units, "
           f"{format_size(manifest['nbytes'])}, recipe {manifest['recipe']['name']}, "
-          f"quantizer {manifest['quantizer']}, "
-          f"in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+          f"quantizer {manifest['quantizer']}, {manifest['tensors']['copied_exactly']} "
+          f"quantized tensors copied exactly and {manifest['tensors']['requantized']} "
+          f"re-quantized, in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
 
 

@@ -57,10 +57,11 @@ log = logging.getLogger(__name__)
 # copied from HF / MLX / packed sources when present
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja", "tokenizer.model")
-QUANTIZER_NAMES = (*QUANTIZERS, GPTQ)  # QUANTIZERS work per tensor, GPTQ per model
+QUANTIZER_NAMES = (*QUANTIZERS, GPTQ)
+DEFAULT_GROUP_SIZE = 64  # QUANTIZERS work per tensor, GPTQ per model
 
 
-def convert_model(src: str, out: str, *, bits: int = 4, group_size: int = 64,
+def convert_model(src: str, out: str, *, bits: int = 4, group_size: int | None = None,
                   recipe: str = "uniform", force: bool = False, progress: bool = True,
                   quantizer: str = DEFAULT_QUANTIZER, calibration: str | None = None,
                   calibration_tokens: int = DEFAULT_TOKENS) -> dict:
@@ -71,6 +72,8 @@ def convert_model(src: str, out: str, *, bits: int = 4, group_size: int = 64,
         out: the directory to create. It must not exist unless force is set; with force, an
             existing stream-convert output there is replaced once the new one is complete.
         bits, group_size: the recipe's quantization (MLX affine: 2-8 bits, group 32/64/128).
+            group_size None: 64, except that a tensor already in affine blocks at no more
+            bits (a Q4_1 GGUF at --bits 4) keeps its own group size: an exact copy.
         recipe: "uniform", "mixed", "none" or a JSON recipe file (see convert/recipes.py).
         progress: show a progress bar on stderr when it is a terminal.
         quantizer: how a weight that cannot be copied losslessly is requantized: "mse"
@@ -90,7 +93,7 @@ def convert_model(src: str, out: str, *, bits: int = 4, group_size: int = 64,
             MissingTensorError: a bad source model.
         ReadError: reading the source failed. OSError: writing the output failed.
     """
-    quant_recipe = make_recipe(recipe, bits, group_size)
+    quant_recipe = make_recipe(recipe, bits, group_size or DEFAULT_GROUP_SIZE)
     if quantizer not in QUANTIZER_NAMES:
         raise ConvertError(f"quantizer={quantizer!r} is not supported; expected one of "
                            f"{', '.join(QUANTIZER_NAMES)}")
@@ -102,7 +105,8 @@ def convert_model(src: str, out: str, *, bits: int = 4, group_size: int = 64,
     out_abs = _check_paths(src, out, force)
     source = open_model(src)
     index = source.index
-    plans = {key: plan_unit(index, unit, quant_recipe) for key, unit in index.units.items()}
+    plans = {key: plan_unit(index, unit, quant_recipe, keep_source_groups=group_size is None)
+             for key, unit in index.units.items()}
     calib = None
     if calibration is not None and text is not None:  # gptq: tokens ready before any write
         window = min(WINDOW, index.spec.max_position_embeddings)
@@ -127,6 +131,11 @@ def convert_model(src: str, out: str, *, bits: int = 4, group_size: int = 64,
                     "recipe": quant_recipe.describe(), "quantizer": quantizer,
                     **({"calibration": calib.describe()} if calib is not None else {}),
                     "quantization": quant, "spec": spec,
+                    "tensors": {  # what became of the quantized tensors (the CLI says it)
+                        "copied_exactly": sum(p.target is not None and p.lossless
+                                              for ps in plans.values() for p in ps),
+                        "requantized": sum(p.target is not None and not p.lossless
+                                           for ps in plans.values() for p in ps)},
                     "nbytes": sum(u["nbytes"] for u in units.values()), "units": units}
         _write_json(os.path.join(tmp, MANIFEST), manifest)  # last: the dir is complete
         _replace(tmp, out_abs)

@@ -92,8 +92,13 @@ class TensorPlan:
             and src.group_size % self.target.group_size == 0
 
 
-def plan_unit(index: LayerIndex, unit: Unit, recipe: Recipe) -> list[TensorPlan]:
+def plan_unit(index: LayerIndex, unit: Unit, recipe: Recipe,
+              keep_source_groups: bool = False) -> list[TensorPlan]:
     """What becomes of each tensor of a unit; every group size is checked before any work.
+
+    keep_source_groups: a tensor already in affine form (GGUF Q4_0/Q4_1/Q8_0, MLX-packed) at
+    no more bits than its target keeps its own group size, so it is copied exactly instead of
+    re-quantized at the recipe's (the group size was not chosen by the user).
 
     Raises:
         ConvertError: a group size does not divide a tensor's input dimension (names it).
@@ -113,6 +118,10 @@ def plan_unit(index: LayerIndex, unit: Unit, recipe: Recipe) -> list[TensorPlan]
             shape = (shape[0], shape[1] * 32 // source_quant.bits)
         name = full_name(unit.key, rel)
         target = recipe.resolve(name, shape, n_layers)
+        src = TensorPlan(rel, name, shape, ref.dtype, source_quant, None).source_affine
+        if keep_source_groups and target is not None and src is not None \
+                and src.bits <= target.bits and src.group_size != target.group_size:
+            target = Quant(target.bits, src.group_size)
         if target is not None and shape[1] % target.group_size:
             raise ConvertError(_group_error(index.source, name, shape, target, recipe))
         plans.append(TensorPlan(rel, name, shape, ref.dtype, source_quant, target))

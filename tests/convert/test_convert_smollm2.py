@@ -148,3 +148,28 @@ def test_tokenizer_of_the_converted_dir_gives_the_same_ids(smollm2_gguf, packed)
     case = next(c for c in REFERENCE["cases"] if "messages" in c)
     text = converted.apply_chat_template(case["messages"])
     assert converted.encode(text, add_bos=False) == case["prompt_ids"]
+
+
+def test_bits_4_keeps_the_q4_1_group_size_and_the_answer(smollm2_gguf, tmp_path):
+    """--bits 4 on a Q4_1 source (group 32) re-quantized it at group 64 before, and answered
+    wrongly; without --group-size a block tensor at no more bits keeps its own group. With
+    the mixed recipe (embedding 8-bit, as its Q8_0) the whole model is an exact copy."""
+    import asyncio
+
+    manifest = convert_model(smollm2_gguf, str(tmp_path / "q4"), bits=4, progress=False)
+    assert manifest["tensors"] == {"copied_exactly": 210, "requantized": 1}  # the Q8_0 embed
+    assert manifest["quantization"]["group_size"] == 32
+    mixed = convert_model(smollm2_gguf, str(tmp_path / "mixed"), bits=4, recipe="mixed",
+                          progress=False)
+    assert mixed["tensors"] == {"copied_exactly": 211, "requantized": 0}
+
+    async def greedy(path):
+        engine = await Engine.open(str(path), EngineConfig(backend="numpy"))
+        try:
+            done = await engine.complete([1, 504, 3458, 314, 4649, 30], GenerationParams(
+                max_tokens=8, ignore_eos=True))
+            return done.token_ids
+        finally:
+            engine.close()
+
+    assert asyncio.run(greedy(tmp_path / "mixed")) == asyncio.run(greedy(smollm2_gguf))
