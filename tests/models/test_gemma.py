@@ -15,6 +15,7 @@ import pytest
 
 from stream_run.engine import Engine, EngineConfig, GenerationParams
 from stream_run.kernels import available_backends
+from tests.hf_reference import hf_greedy, hf_logits
 from tests.tiny_models import VOCAB, write_tokenizer
 
 torch = pytest.importorskip("torch")
@@ -96,23 +97,6 @@ def write_gemma(path, case: str, seed: int = 0):
         (path / "config.json").write_text(json.dumps(cfg))
     write_tokenizer(path, cfg.get("text_config", cfg))
     return model
-
-
-def hf_logits(model, ids: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].numpy()
-
-
-def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    """Greedy decoding as a loop of HF forward calls on its own KV cache."""
-    tokens, cache, ids = [], None, torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(n):
-            out = model(ids, cache=cache, use_cache=True)
-            cache = out.past_key_values
-            tokens.append(int(out.logits[0, -1].argmax()))
-            ids = torch.tensor([[tokens[-1]]])
-    return tokens
 
 
 def run_engine(path, backend: str, budget: int | None = None):

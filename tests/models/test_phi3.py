@@ -11,6 +11,7 @@ import pytest
 
 from stream_run.engine import Engine, EngineConfig, GenerationParams
 from stream_run.kernels import available_backends
+from tests.hf_reference import hf_greedy, hf_logits
 from tests.tiny_models import VOCAB, write_tokenizer
 
 torch = pytest.importorskip("torch")
@@ -45,28 +46,6 @@ def write_phi3(path, overrides: dict, seed: int = 0):
     model.save_pretrained(str(path), safe_serialization=True)
     write_tokenizer(path, json.loads((path / "config.json").read_text()))
     return model
-
-
-def hf_greedy(model, prompt: list[int], n: int) -> list[int]:
-    """Greedy decoding as a loop of HF forward calls on its own KV cache. Not generate():
-    for longrope, Phi-3's prepare_inputs_for_generation drops the cache once the sequence
-    crosses original_max_position_embeddings and recomputes every key with the long factors;
-    the engine (like a forward loop) keeps the cached keys as they were rotated."""
-    out, tokens = None, []
-    with torch.no_grad():
-        ids = torch.tensor([prompt])
-        cache = None
-        for _ in range(n):
-            out = model(ids, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            tokens.append(int(out.logits[0, -1].argmax()))
-            ids = torch.tensor([[tokens[-1]]])
-    return tokens
-
-
-def hf_logits(model, ids: list[int]) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].numpy()
 
 
 def run_engine(path, backend: str, budget: int | None = None):

@@ -10,6 +10,7 @@ import pytest
 
 from stream_run.engine import Engine, EngineConfig, GenerationParams
 from stream_run.kernels import available_backends
+from tests.hf_reference import hf_greedy
 from tests.tiny_models import write_tiny_model
 
 torch = pytest.importorskip("torch")
@@ -29,17 +30,6 @@ async def engine_logits(path, backend):
         return logits, done.token_ids
     finally:
         engine.close()
-
-
-def hf_greedy(model, prompt, n):
-    tokens, cache, ids = [], None, torch.tensor([prompt])
-    with torch.no_grad():
-        for _ in range(n):
-            out = model(ids, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            tokens.append(int(out.logits[0, -1].argmax()))
-            ids = torch.tensor([[tokens[-1]]])
-    return tokens
 
 
 @pytest.mark.reference
