@@ -21,7 +21,12 @@ from typing import Any
 from aiohttp import web
 
 from stream_run.engine.engine import Engine, Generation
-from stream_run.engine.errors import ChatTemplateError, ContextLengthError, QueueFullError
+from stream_run.engine.errors import (
+    ChatTemplateError,
+    ContextLengthError,
+    QueueFullError,
+    ReadError,
+)
 from stream_run.server.openai_api import (
     APIError,
     Limits,
@@ -62,6 +67,9 @@ class ServerState:
         self.open_engine = open_engine
         self.engine: Engine | None = None
         self.error: BaseException | None = None
+        # the weights could not be read for the last generation (a disk or file fault); /health
+        # reports it until a generation completes again
+        self.read_error: str | None = None
         self.loaded = asyncio.Event()  # set when the engine is ready or failed to load
         self.created = int(time.time())
 
@@ -159,8 +167,12 @@ async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.engine is not None:
         b = state.engine.batcher
-        return web.json_response({"status": "ok", "model": state.config.model_name,
-                                  "active": b.n_active, "waiting": b.n_waiting})
+        body = {"status": "ok", "model": state.config.model_name, "active": b.n_active,
+                "waiting": b.n_waiting}
+        if state.read_error is not None:
+            return web.json_response({**body, "status": "error",
+                                      "message": state.read_error}, status=503)
+        return web.json_response(body)
     if state.error is not None:
         return web.json_response({"status": "error", "message": str(state.error)}, status=500)
     return web.json_response({"status": "loading"}, status=503)
@@ -214,13 +226,26 @@ async def _complete(request: web.Request, parse: Callable[[Any, Limits], ParsedR
     generation = await _submit(engine, req, state.config.max_tokens_cap)
     async with generation:
         if req.stream:
-            return await _stream(request, req, generation)
+            return await _stream(request, req, generation, state)
         text, last = [], None
-        async for chunk in generation:
-            text.append(chunk.text)
-            last = chunk
+        try:
+            async for chunk in generation:
+                text.append(chunk.text)
+                last = chunk
+        except ReadError as exc:
+            raise _read_failed(state, exc) from None
         assert last is not None
+        state.read_error = None
         return web.json_response(response(req, "".join(text), last))
+
+
+def _read_failed(state: ServerState, exc: ReadError) -> APIError:
+    """A storage fault, not a bug: one log line, a 503 naming the file, and /health says so
+    until a generation completes again (the engine itself stays usable)."""
+    state.read_error = str(exc)
+    log.error("reading the model failed: %s", exc)
+    return APIError(503, f"reading the model's weights failed: {exc}", "server_error",
+                    code="model_read_error")
 
 
 async def _submit(engine: Engine, req: ParsedRequest, cap: int) -> Generation:
@@ -252,8 +277,8 @@ def _sse(obj: Any) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-async def _stream(request: web.Request, req: ParsedRequest, generation: Generation
-                  ) -> web.StreamResponse:
+async def _stream(request: web.Request, req: ParsedRequest, generation: Generation,
+                  state: ServerState) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await resp.prepare(request)
@@ -268,8 +293,11 @@ async def _stream(request: web.Request, req: ParsedRequest, generation: Generati
                 if req.include_usage and chunk.stats is not None:
                     await resp.write(_sse(usage_chunk(req, chunk.stats.prompt_tokens,
                                                       chunk.stats.generation_tokens)))
+        state.read_error = None
     except ConnectionResetError:  # the client went away; leaving cancels the generation
         return resp
+    except ReadError as exc:  # headers are sent: the error goes in the stream
+        await resp.write(_sse(_read_failed(state, exc).body()))
     except Exception as exc:  # headers are sent: the error goes in the stream
         log.exception("generation failed mid-stream")
         await resp.write(_sse(APIError(500, str(exc), "server_error").body()))
