@@ -17,6 +17,7 @@ from stream_run.cli.common import (
 from stream_run.engine.config import EngineConfig, format_size
 from stream_run.engine.engine import Engine, GenerationParams
 from stream_run.engine.sampling import SamplingParams
+from stream_run.kernels import jit_cache
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +74,10 @@ async def run(args: argparse.Namespace) -> int:
         )
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     engine = await Engine.open(model, config)
+    if engine.backend.name == "numpy" and jit_cache.is_cold():
+        # silence for half a minute reads as a hang; the rates of this run include it
+        print("stream-run: first run of these kernels on this machine: compiling them (about "
+              "20-40 s, once; cached for later runs)", file=sys.stderr, flush=True)
     try:
         if args.verbose:
             print(f"[model] {model}: {engine.spec.model_type}, "

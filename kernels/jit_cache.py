@@ -37,6 +37,16 @@ def cache_dir() -> Path:
     return base / "stream-run" / f"numba-{key}"
 
 
+def is_cold() -> bool:
+    """No kernel has been compiled into the cache yet for these sources (the first run on a
+    machine, or after the kernels changed): the first pass will compile them."""
+    try:
+        path = Path(numba.config.CACHE_DIR or cache_dir())
+        return not any(path.rglob("*.nbi"))
+    except (OSError, RuntimeError):
+        return False
+
+
 def configure() -> None:
     """Point numba's cache at cache_dir() if it can be written there."""
     try:

@@ -63,3 +63,14 @@ def test_numba_runs_on_tbb_where_the_pip_package_is_installed():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          check=True, cwd=Path(__file__).parents[2])
     assert out.stdout.strip().splitlines()[-1] == "tbb"
+
+
+def test_is_cold_until_a_kernel_index_is_in_the_cache(tmp_path, monkeypatch):
+    """stream-run says it is compiling (instead of ~30 s of silence) when this is true."""
+    import numba
+
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path))
+    assert jit_cache.is_cold()
+    (tmp_path / "kernels_x").mkdir()
+    (tmp_path / "kernels_x" / "numba_kernels.qdot-1.py311.nbi").write_bytes(b"")
+    assert not jit_cache.is_cold()
