@@ -93,6 +93,10 @@ def open_gguf(path: str | os.PathLike[str], registry: Registry
     arch = metadata.get("general.architecture")
     desc = registry.for_gguf(arch, path)
     spec = spec_from_metadata(metadata, infos, path, desc)
+    if spec.num_hidden_layers > len(infos):  # every block has tensors; a corrupt count would
+        raise FormatError(                    # make a unit per claimed block first
+            f"{path}: {arch}.block_count={spec.num_hidden_layers} but the file has only "
+            f"{len(infos)} tensors; the header is corrupt")
     units: dict[str, Unit] = {EMBED: Unit(EMBED)}
     units.update({k: Unit(k) for k in (layer_key(i) for i in range(spec.num_hidden_layers))})
     units[HEAD] = Unit(HEAD)

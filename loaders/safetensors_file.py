@@ -65,10 +65,11 @@ def read_safetensors_header(path: str) -> dict[str, SafetensorsEntry]:
 def _entry(path: str, name: str, info: object, base: int, file_size: int) -> SafetensorsEntry:
     try:
         dtype = info["dtype"]  # type: ignore[index]
-        shape = tuple(int(d) for d in info["shape"])  # type: ignore[index]
-        start, end = (int(o) for o in info["data_offsets"])  # type: ignore[index]
+        shape = tuple(_int(d) for d in info["shape"])  # type: ignore[index]
+        start, end = (_int(o) for o in info["data_offsets"])  # type: ignore[index]
     except (TypeError, KeyError, ValueError):
-        raise FormatError(f"{path}: corrupt header entry for tensor {name!r}: {info!r}") from None
+        raise FormatError(f"{path}: corrupt header entry for tensor {name!r}: {info!r}"[:400]
+                          ) from None
     if dtype not in DTYPE_SIZES:
         raise FormatError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
     expected = math.prod(shape) * DTYPE_SIZES[dtype]
@@ -83,3 +84,10 @@ def _entry(path: str, name: str, info: object, base: int, file_size: int) -> Saf
             "bytes; the file is truncated (re-download or re-convert it)"
         )
     return SafetensorsEntry(name, base + start, expected, dtype, shape)
+
+
+def _int(value: object) -> int:
+    """A header integer: an int, not 1.5 or 1e999 (JSON numbers json.loads makes floats)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"not an integer: {value!r}")
+    return value

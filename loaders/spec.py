@@ -78,11 +78,17 @@ class ModelSpec:
             val = kwargs.get(req)
             if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
                 raise FormatError(f"{source}: field {req!r} must be a positive int, got {val!r}")
+        if kwargs["num_hidden_layers"] > MAX_LAYERS:  # a unit is made per layer before any read
+            raise FormatError(f"{source}: field 'num_hidden_layers' is "
+                              f"{kwargs['num_hidden_layers']}, more than {MAX_LAYERS}; the "
+                              "config is corrupt")
         try:
             return cls(**kwargs)
         except TypeError as exc:
             raise FormatError(f"{source}: bad config: {exc}") from None
 
+
+MAX_LAYERS = 65536  # far above any model (405B: 126); a corrupt count is refused
 
 # optional fields whose type a model relies on ("false" as a string would be truthy)
 _OPTIONAL_TYPES = (

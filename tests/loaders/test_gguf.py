@@ -470,3 +470,16 @@ def test_embedding_rows_must_match_the_token_list(tmp_path):
     with pytest.raises(FormatError, match=rf"bad.gguf: tensor 'token_embd.weight' has {V} rows "
                                           rf"but tokenizer.ggml.tokens has {V - 1} tokens"):
         open_gguf(str(bad))
+
+
+def test_a_corrupt_block_count_is_refused_before_any_unit_is_made(tmp_path):
+    """Found by mutating headers: block_count 14 million made a unit per claimed block first
+    (a 70 s stall); now a count beyond the file's tensors, or any absurd count, is refused."""
+    path = tmp_path / "m.gguf"
+    write_gguf(path, skip_meta=("llama.block_count",), meta={"llama.block_count": 1000})
+    with pytest.raises(FormatError, match=r"llama.block_count=1000 but the file has only \d+ "
+                                          r"tensors"):
+        open_gguf(str(path))
+    write_gguf(path, skip_meta=("llama.block_count",), meta={"llama.block_count": 14_090_242})
+    with pytest.raises(FormatError, match="'num_hidden_layers' is 14090242, more than 65536"):
+        open_gguf(str(path))

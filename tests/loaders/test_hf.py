@@ -190,3 +190,24 @@ def test_direct_io_refused_falls_back_with_one_notice(tmp_path, monkeypatch, cap
             np.testing.assert_array_equal(got[k][name].data, want[k][name].data)
     notices = [m for m in caplog.messages if "refuses O_DIRECT" in m]
     assert len(notices) == 1 and "model.safetensors" in notices[0]
+
+
+@pytest.mark.parametrize("bad", [1e999, 1.5, True, "8"])
+def test_header_numbers_must_be_integers(tmp_path, bad):
+    """Found by mutating headers: data_offsets of 1e999 raised OverflowError, and 1.5 was
+    silently truncated; a safetensors header holds integers only."""
+    import json
+
+    write_tiny_model(tmp_path, "llama")
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    name = next(k for k in header if k != "__metadata__")
+    header[name]["data_offsets"][1] = bad
+    raw = json.dumps(header).encode()
+    raw += b" " * ((8 - len(raw) % 8) % 8)
+    # keep the data where it was: the header's length changes, the offsets are relative
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    with pytest.raises(FormatError, match=rf"corrupt header entry for tensor '{name}'"):
+        open_model(str(tmp_path))
