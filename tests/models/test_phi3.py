@@ -11,6 +11,7 @@ import pytest
 
 from stream_run.engine import Engine, EngineConfig, GenerationParams
 from stream_run.kernels import available_backends
+from tests import model_checks
 from tests.hf_reference import hf_greedy, hf_logits
 from tests.tiny_models import VOCAB, write_tokenizer
 
@@ -49,17 +50,7 @@ def write_phi3(path, overrides: dict, seed: int = 0):
 
 
 def run_engine(path, backend: str, budget: int | None = None):
-    async def go():
-        engine = await Engine.open(str(path), EngineConfig(backend=backend,
-                                                            memory_budget_bytes=budget))
-        try:
-            logits = await engine.logits(PROMPT * 3)
-            done = await engine.complete(PROMPT, GenerationParams(max_tokens=N_NEW,
-                                                                  ignore_eos=True))
-            return logits, done.token_ids, done.stats.bytes_read, engine.model_bytes
-        finally:
-            engine.close()
-    return asyncio.run(go())
+    return model_checks.run_engine(path, PROMPT, N_NEW, backend, budget)
 
 
 @pytest.mark.reference
@@ -199,38 +190,10 @@ def test_phi3_converts_to_8_bit_and_runs_on_the_packed_weights(tmp_path):
 
 
 def test_phi3_requests_share_passes_in_stream_serve(tmp_path):
-    openai = pytest.importorskip("openai")
-    from stream_run.server.app import ServerConfig
-    from tests.server.harness import ServerThread
-
+    pytest.importorskip("openai")
     write_phi3(tmp_path, CASES["longrope"])
-    server = ServerThread.for_model(tmp_path, ServerConfig("phi3-tiny", max_tokens_cap=64),
-                                    max_batch=4)
-    try:
-        server.wait_loaded()
-        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0,
-                               timeout=60)
-        prompts = [PROMPT, PROMPT[::-1], PROMPT[2:], PROMPT * 2]
-
-        def one(ids):
-            return client.completions.create(model="phi3-tiny", prompt=ids, max_tokens=20,
-                                             temperature=0).choices[0].text
-
-        alone = [one(p) for p in prompts]
-        before = len(server.engine.batcher.passes)
-
-        async def together():
-            async with openai.AsyncOpenAI(base_url=server.base_url + "/v1", api_key="x",
-                                          max_retries=0, timeout=60) as aclient:
-                outs = await asyncio.gather(*(aclient.completions.create(
-                    model="phi3-tiny", prompt=p, max_tokens=20, temperature=0) for p in prompts))
-            return [o.choices[0].text for o in outs]
-
-        assert asyncio.run(together()) == alone
-        passes = list(server.engine.batcher.passes)[before:]
-        assert max(r.n_seqs for r in passes) >= 2
-    finally:
-        server.close()
+    model_checks.assert_requests_share_passes(tmp_path, [PROMPT, PROMPT[::-1], PROMPT[2:],
+                                                          PROMPT * 2])
 
 
 def test_a_mis_shaped_fused_weight_is_named_with_both_shapes(tmp_path):
