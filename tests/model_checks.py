@@ -54,3 +54,29 @@ def assert_requests_share_passes(path, prompts: list[list[int]]) -> None:
         assert max(r.n_seqs for r in passes) >= 2
     finally:
         server.close()
+
+
+def convert_8bit_reference(model, src, out) -> tuple[dict, dict]:
+    """stream-convert src to 8-bit group 32 at out; returns the HF model's state dict with each
+    weight the packed file quantized replaced by what it dequantizes to (the reference the
+    engine on the packed model must equal), and the packed tensors by name."""
+    import torch
+    from safetensors.numpy import load_file
+
+    from stream_run.convert.convert import convert_model
+    from stream_run.kernels.quant import QuantizedWeight, dequantize
+
+    convert_model(str(src), str(out), bits=8, group_size=32, progress=False)
+    packed = {}
+    for f in out.glob("*.safetensors"):
+        packed.update(load_file(str(f)))
+    state = {}
+    for name, value in model.state_dict().items():
+        stem = name.removesuffix(".weight")
+        if f"{stem}.scales" in packed:
+            qw = QuantizedWeight(packed[name], packed[f"{stem}.scales"],
+                                 packed[f"{stem}.biases"], 8, 32)
+            state[name] = torch.from_numpy(dequantize(qw).reshape(value.shape))
+        else:
+            state[name] = value
+    return state, packed

@@ -255,27 +255,11 @@ def test_a_multimodal_checkpoint_converts_to_its_text_model(tmp_path):
 def test_gemma_converts_to_8_bit_and_runs_on_the_packed_weights(tmp_path, case):
     """The engine on the stream-convert output equals HF on the weights the packed file
     dequantizes to, and stream-eval scores both alike."""
-    from safetensors.numpy import load_file
-
-    from stream_run.convert.convert import convert_model
     from stream_run.engine.perplexity import evaluate
-    from stream_run.kernels.quant import QuantizedWeight, dequantize
 
     model = write_gemma(tmp_path / "hf", case)
-    convert_model(str(tmp_path / "hf"), str(tmp_path / "q8"), bits=8, group_size=32,
-                  progress=False)
-    packed = {}
-    for f in (tmp_path / "q8").glob("*.safetensors"):
-        packed.update(load_file(str(f)))
-    state = {}
-    for name, value in model.state_dict().items():
-        stem = name.removesuffix(".weight")
-        if f"{stem}.scales" in packed:
-            qw = QuantizedWeight(packed[name], packed[f"{stem}.scales"],
-                                 packed[f"{stem}.biases"], 8, 32)
-            state[name] = torch.from_numpy(dequantize(qw).reshape(value.shape))
-        else:
-            state[name] = value
+    state, packed = model_checks.convert_8bit_reference(model, tmp_path / "hf",
+                                                        tmp_path / "q8")
     assert any(f"{n.removesuffix('.weight')}.scales" in packed for n in state if "o_proj" in n)
     state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state)
