@@ -74,6 +74,34 @@ class HalfWeight:
         return int(self.data.nbytes)
 
 
+# GGUF block types: name -> (elements per block, bytes per block), as ggml lays them out.
+GGUF_BLOCK_TYPES = {
+    "Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
+    "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176),
+    "Q6_K": (256, 210),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class BlockWeight:
+    """A (out, in) weight kept as the GGUF file stores it: each row is in // block elements'
+    worth of ggml blocks, data is their bytes as read, uint8 (out, in // block * block bytes),
+    usually a view of the read buffer. Kernels compute on the blocks (kernels/gguf_blocks.py);
+    nothing is converted or widened outside the ops."""
+
+    data: np.ndarray
+    qtype: str  # a GGUF_BLOCK_TYPES key
+    n_in: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.data.shape[0]), self.n_in
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+
 def half_to_float32(hw: HalfWeight) -> np.ndarray:
     """Reference widening of a HalfWeight -> float32 (out, in); exact (every half is a float32)."""
     if hw.dtype == "BF16":
