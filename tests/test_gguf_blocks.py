@@ -1,0 +1,247 @@
+"""kernels/gguf_blocks.py against gguf-py: dequantize bit for bit, matvec within float32's
+summation bound of a float64 reference, on odd shapes, unaligned bytes and bad sizes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+gguf_quants = pytest.importorskip("gguf.quants")
+from gguf import GGMLQuantizationType  # noqa: E402
+
+from stream_run.kernels.gguf_blocks import (  # noqa: E402
+    FAST_KERNELS,
+    check_blocks,
+    dequantize_rows,
+    matvec,
+)
+from stream_run.kernels.quant import GGUF_BLOCK_TYPES, BlockWeight  # noqa: E402
+
+QTYPES = tuple(GGUF_BLOCK_TYPES)
+U = 2.0**-24  # float32 unit roundoff
+# byte offsets of each block's f16 fields (scales and mins)
+HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+# the bytes holding the codes (not scales): zeroed, the dequantized block is its -min terms
+CODE_BYTES = {"Q4_1": (4, 20), "Q5_1": (4, 24), "Q2_K": (16, 80), "Q4_K": (16, 144),
+              "Q5_K": (16, 176)}
+
+
+def random_blocks(qtype: str, out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
+    """Random codes with finite f16 scales of magnitudes 1e-7..1 (subnormal halves included):
+    uint8 (out, row_bytes)."""
+    elems, nbytes = GGUF_BLOCK_TYPES[qtype]
+    raw = rng.integers(0, 256, (out, n_in // elems, nbytes), dtype=np.uint8)
+    for off in HALF_FIELDS[qtype]:
+        scale = rng.standard_normal(raw.shape[:2]) * 10.0 ** rng.uniform(-7, 0, raw.shape[:2])
+        raw[..., off:off + 2] = scale.astype("<f2")[..., None].view(np.uint8)
+    return raw.reshape(out, -1)
+
+
+def quantized_blocks(qtype: str, out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
+    """gguf-py's own quantization of normal weights where it has one, else random_blocks."""
+    try:
+        w = rng.standard_normal((out, n_in)).astype(np.float32)
+        return gguf_quants.quantize(w, GGMLQuantizationType[qtype])
+    except NotImplementedError:
+        return random_blocks(qtype, out, n_in, rng)
+
+
+def reference(data: np.ndarray, qtype: str) -> np.ndarray:
+    with np.errstate(invalid="ignore", over="ignore"):
+        return gguf_quants.dequantize(data, GGMLQuantizationType[qtype]).astype(np.float32)
+
+
+def assert_bits_equal(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape and got.dtype == np.float32
+    diff = got.view(np.uint32) != want.view(np.uint32)
+    assert not diff.any(), (f"{diff.sum()} of {diff.size} differ, first at "
+                            f"{np.argwhere(diff)[0]}: {got[diff][0]!r} != {want[diff][0]!r}")
+
+
+def unaligned(data: np.ndarray) -> np.ndarray:
+    """The same bytes in a buffer starting at an odd address."""
+    buf = np.zeros(data.size + 3, dtype=np.uint8)
+    view = buf[1:1 + data.size]
+    view[:] = data.reshape(-1)
+    assert view.ctypes.data % 2 == 1
+    return view.reshape(data.shape)
+
+
+# --- check_blocks ---
+
+
+def test_check_blocks_view():
+    data = random_blocks("Q4_K", 3, 512, np.random.default_rng(0))
+    flat = data.reshape(-1)
+    got = check_blocks(flat, "Q4_K", (3, 512))
+    assert got.shape == (3, 288) and np.shares_memory(got, flat)
+
+
+@pytest.mark.parametrize("args, message", [
+    ((np.zeros(18 * 4, np.uint8), "Q4_Z", (4, 32)), "unknown GGUF block type 'Q4_Z'"),
+    ((np.zeros(18 * 4, np.uint8), "Q4_0", (4, 48)), "Q4_0 (4, 48): in must be a positive "
+     "multiple of the 32-element block"),
+    ((np.zeros(18 * 4 - 1, np.uint8), "Q4_0", (4, 32)), "Q4_0 (4, 32): got 71 bytes, expected "
+     "72 (truncated)"),
+    ((np.zeros(145, np.uint8), "Q4_K", (1, 256)), "Q4_K (1, 256): got 145 bytes, expected 144"),
+    ((np.zeros(9, np.float64), "Q4_0", (4, 32)), "data must be uint8"),
+])
+def test_check_blocks_errors(args, message):
+    with pytest.raises(ValueError) as err:
+        check_blocks(*args)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    if "got 145" in message:
+        assert "truncated" not in str(err.value)
+
+
+def test_truncated_weight_is_refused():
+    data = random_blocks("Q6_K", 4, 256, np.random.default_rng(1))[:, :-5]  # rows cut short
+    w = BlockWeight(data, "Q6_K", 256)
+    for call in (lambda: dequantize_rows(w), lambda: matvec(np.ones((1, 256), np.float32), w)):
+        with pytest.raises(ValueError, match=r"Q6_K \(4, 256\): got 820 bytes, expected 840 "
+                                             r"\(truncated\)"):
+            call()
+
+
+# --- dequantize_rows: bit for bit ---
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("make", [random_blocks, quantized_blocks])
+def test_dequantize_matches_gguf(qtype, make):
+    rng = np.random.default_rng(QTYPES.index(qtype))
+    elems = GGUF_BLOCK_TYPES[qtype][0]
+    for out, n_in in ((1, elems), (13, 3 * elems), (5, 1024)):
+        data = make(qtype, out, n_in, rng)
+        assert_bits_equal(dequantize_rows(BlockWeight(data, qtype, n_in)), reference(data, qtype))
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_dequantize_any_bytes_unaligned_rows(qtype):
+    """Every byte pattern, NaN and inf scales included, from an odd address; a row subset."""
+    elems, nbytes = GGUF_BLOCK_TYPES[qtype]
+    rng = np.random.default_rng(100 + QTYPES.index(qtype))
+    data = rng.integers(0, 256, (9, 2 * nbytes), dtype=np.uint8)
+    w = BlockWeight(unaligned(data), qtype, 2 * elems)
+    want = reference(data, qtype)
+    assert_bits_equal(dequantize_rows(w), want)
+    rows = np.array([8, 0, 3, 3, -1])
+    assert_bits_equal(dequantize_rows(w, rows), want[rows])
+    assert dequantize_rows(w, np.array([], np.int64)).shape == (0, 2 * elems)
+    with pytest.raises(ValueError, match="row index out of range"):
+        dequantize_rows(w, np.array([9]))
+
+
+# --- matvec: within the float32 summation bound of x @ dequantize(w).T in float64 ---
+
+
+def magnitudes(data: np.ndarray, qtype: str) -> np.ndarray:
+    """|w| + |the block minimum terms| per weight: the scale of the values a kernel adds."""
+    w = np.abs(reference(data, qtype).astype(np.float64))
+    if qtype in CODE_BYTES:
+        lo, hi = CODE_BYTES[qtype]
+        zero = data.copy().reshape(data.shape[0], -1, GGUF_BLOCK_TYPES[qtype][1])
+        zero[..., lo:hi] = 0
+        w += np.abs(reference(zero.reshape(data.shape), qtype).astype(np.float64))
+    return w
+
+
+def check_matvec(x: np.ndarray, w: BlockWeight, data: np.ndarray, generic: bool) -> None:
+    """The bound: 16 lane-wise float32 chains of in / 16 terms (fast kernels) or in-block sums
+    of `elems` terms plus one per block (generic), each term within an ulp of x w; every ulp
+    relative to |x| (|w| + |min terms|)."""
+    got = matvec(x, w, generic=generic)
+    x64 = x.astype(np.float64)
+    want = x64 @ reference(data, w.qtype).astype(np.float64).T
+    elems = GGUF_BLOCK_TYPES[w.qtype][0]
+    terms = elems + w.n_in // elems if generic or w.qtype not in FAST_KERNELS else w.n_in // 16
+    bound = (terms + 8) * U * (np.abs(x64) @ magnitudes(data, w.qtype).T)
+    assert got.shape == want.shape and got.dtype == np.float32
+    excess = np.abs(got - want) - bound
+    assert (excess <= 0).all(), f"max error over the bound {excess.max():.3g} at " \
+        f"{np.unravel_index(excess.argmax(), excess.shape)} ({w.qtype}, N={x.shape[0]})"
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("generic", [False, True])
+def test_matvec_shapes(qtype, generic):
+    rng = np.random.default_rng(200 + QTYPES.index(qtype))
+    elems = GGUF_BLOCK_TYPES[qtype][0]
+    for out, n_in in ((1, elems), (7, elems), (37, 2 * elems), (16, 4 * elems), (61, 2048)):
+        data = random_blocks(qtype, out, n_in, rng)
+        w = BlockWeight(data, qtype, n_in)
+        for n in (1, 2, 3, 4, 5, 7, 8):
+            check_matvec(rng.standard_normal((n, n_in)).astype(np.float32), w, data, generic)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "Q3_K"])
+def test_matvec_unaligned_quantized(qtype):
+    rng = np.random.default_rng(300 + QTYPES.index(qtype))
+    data = quantized_blocks(qtype, 45, 768, rng)
+    w = BlockWeight(unaligned(data), qtype, 768)
+    for n in (1, 4, 6):
+        x = rng.standard_normal((n, 768)).astype(np.float32)
+        check_matvec(x, w, data, False)
+        check_matvec(x, w, data, True)
+
+
+def test_matvec_fast_equals_across_n():
+    """Each row of x gets the same result whatever N it is batched with (fast path)."""
+    rng = np.random.default_rng(4)
+    data = random_blocks("Q4_K", 50, 512, rng)
+    w = BlockWeight(data, "Q4_K", 512)
+    x = rng.standard_normal((8, 512)).astype(np.float32)
+    alone = np.concatenate([matvec(x[i:i + 1], w) for i in range(8)])
+    for n in (2, 4, 8):
+        np.testing.assert_allclose(matvec(x[:n], w), alone[:n], rtol=1e-6, atol=1e-6)
+
+
+def test_matvec_refuses_bad_x():
+    data = random_blocks("Q8_0", 4, 64, np.random.default_rng(5))
+    w = BlockWeight(data, "Q8_0", 64)
+    for x in (np.ones((0, 64)), np.ones((9, 64)), np.ones((1, 32)), np.ones(64)):
+        with pytest.raises(ValueError, match=r"x must be \(N, 64\)"):
+            matvec(x, w)
+    got = matvec(np.ones((2, 128))[:, ::2], w)  # non-contiguous float64: converted
+    np.testing.assert_allclose(got[0], reference(data, "Q8_0").sum(axis=1), rtol=1e-5)
+
+
+PORTABLE_RUN = """
+import sys
+import numpy as np
+from stream_run.kernels.gguf_blocks import FAST_KERNELS, _fast_half, matvec
+from stream_run.kernels.quant import GGUF_BLOCK_TYPES, BlockWeight
+print(_fast_half())
+rng = np.random.default_rng(6)
+for qt in FAST_KERNELS:
+    elems, nbytes = GGUF_BLOCK_TYPES[qt]
+    d = rng.integers(0, 256, (11, 2, nbytes), dtype=np.uint8)
+    for off in {fields}[qt]:
+        d[..., off:off + 2] = np.array([0.01, -3e-6], '<f2')[qt[1] == '8':][:1].view('u1')
+    x = rng.standard_normal((3, 2 * elems)).astype(np.float32)
+    np.save(sys.argv[1] + qt + '.npy', matvec(x, BlockWeight(d.reshape(11, -1), qt, 2 * elems)))
+"""
+
+
+@pytest.mark.slow
+def test_portable_target(tmp_path):
+    """The fast kernels compiled for a plain AVX2 target, with the software f16 widening,
+    agree with the host build."""
+    code = PORTABLE_RUN.format(fields=HALF_FIELDS)
+    host = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CPU")}
+    runs = {"avx2": {**host, "NUMBA_CPU_NAME": "haswell", "NUMBA_CACHE_DIR": str(tmp_path)},
+            "host": host}
+    for name, env in runs.items():
+        done = subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        if name == "avx2":
+            assert done.stdout.strip() == "False"  # the software widening was compiled
+    for qt in FAST_KERNELS:
+        np.testing.assert_allclose(np.load(tmp_path / f"avx2{qt}.npy"),
+                                   np.load(tmp_path / f"host{qt}.npy"), rtol=1e-5, atol=1e-6)
