@@ -5,6 +5,7 @@
     stream-bench tokens MODEL -p 512 -n 128     llama-bench style pp/tg table
     stream-bench project --shape 70b --bits 4 --budget 24GB    predicted s/token
     stream-bench synth --shape 7b --out DIR     synthetic HF model with random weights
+    stream-bench synth --format gguf --quant q4_k_m --out F.gguf    ... as one GGUF file
 
 Every study prints a Markdown table, appends JSON lines (--json FILE) and draws PNGs
 (--plot DIR); --quick runs a small sweep (under a minute on small models).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import sys
 
@@ -75,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--in-process", action="store_true",
                    help="run points in this process (faster; peak RSS then needs VmHWM reset)")
     t.add_argument("--disk-bytes", default=None, help="bytes per disk point (1GiB)")
+    t.add_argument("--no-llama-cpp", action="store_true",
+                   help="skip the llama.cpp rows (run for a .gguf when llama-cpp-python is "
+                   "installed: same file, same budgets, in a cgroup memory limit)")
     _outputs(t)
 
     k = sub.add_parser("tokens", help="llama-bench style pp/tg tokens per second")
@@ -110,11 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--scratch", default=None, help="where the probe model is written (tmp)")
     _outputs(j)
 
-    s = sub.add_parser("synth", help="write a synthetic HF model with random weights")
+    s = sub.add_parser("synth", help="write a synthetic model (HF or GGUF) with random weights")
     s.add_argument("--arch", default="llama", choices=REGISTRY.model_types)
     s.add_argument("--shape", default="7b", help="7b, 13b, 70b, tiny, or custom")
-    s.add_argument("--dtype", default="bf16", choices=("bf16", "f16", "f32"))
-    s.add_argument("--out", required=True, help="output directory (must not exist)")
+    s.add_argument("--format", default="hf", choices=("hf", "gguf"),
+                   help="hf: a model directory; gguf: one .gguf file, as llama.cpp writes it")
+    s.add_argument("--dtype", default=None, choices=("bf16", "f16", "f32"),
+                   help="HF weights dtype (bf16)")
+    s.add_argument("--quant", default=None,
+                   help="with --format gguf: f32, f16, bf16 (default), q8_0, q4_0, q4_1, q5_0, "
+                   "q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, or llama.cpp's mixes q4_k_m, q5_k_m")
+    s.add_argument("--out", required=True,
+                   help="output directory, or .gguf file with --format gguf (must not exist)")
     s.add_argument("--seed", type=int, default=0)
     _dims(s)
     return p
@@ -224,7 +236,33 @@ def stream_cmd(args: argparse.Namespace) -> int:
                           "this process's peak so far") + "\n")
     print(stream_table(records))
     _plot("stream", args, m["name"], records)
+    if args.model.endswith(".gguf") and os.path.isfile(args.model) and not args.no_llama_cpp:
+        _llama_cpp_rows(args, sweep, tokens, meta)
     return 0
+
+
+def _llama_cpp_rows(args: argparse.Namespace, sweep, tokens: int, meta: dict) -> None:
+    """llama.cpp on the same GGUF at the sweep's budgets (bench.llamacpp_stream)."""
+    from stream_run.bench import llamacpp_stream
+    from stream_run.bench.llamacpp import available
+    from stream_run.bench.report import write_jsonl
+    from stream_run.engine.config import default_threads
+
+    if not available():
+        print("\nllama.cpp rows skipped: llama-cpp-python is not installed (pip install "
+              "llama-cpp-python; build flags in bench/llamacpp.py)")
+        return
+    threads = default_threads()
+    rows = llamacpp_stream.run_rows(
+        args.model, llamacpp_stream.budget_limits(sweep), tokens, threads, timeout_s=1800,
+        progress=lambda r: print(f"  llama.cpp {r.variant}, budget {r.budget}: {r.result}",
+                                 file=sys.stderr))
+    write_jsonl(args.json, [r.record() for r in rows], meta)
+    print(f"\nllama.cpp, same file, {threads} threads, {tokens} tokens timed after one untimed "
+          "pass, file evicted from the page cache first; each run in a cgroup memory limit "
+          "(page cache included) of the budget plus the engine's peak RSS beyond it; read = "
+          "the process's read_bytes\n")
+    print(llamacpp_stream.table(rows))
 
 
 def tokens_cmd(args: argparse.Namespace) -> int:
@@ -394,19 +432,46 @@ def project_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synth_kind(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(HF dtype, GGUF quant or None) from --format, --dtype and --quant."""
+    if args.format == "hf":
+        if args.quant:
+            raise ValueError("--quant needs --format gguf (an HF synth takes --dtype)")
+        return args.dtype or "bf16", None
+    if args.quant and args.dtype:
+        raise ValueError("--format gguf takes --quant (f32, f16 and bf16 included), not --dtype")
+    if not args.out.endswith(".gguf"):
+        raise ValueError(f"--out must be a .gguf file with --format gguf, got {args.out!r}")
+    quant = args.quant or args.dtype or "bf16"
+    return (quant if quant in ("bf16", "f16", "f32") else "bf16"), quant
+
+
 def synth(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from stream_run.bench.synth import SynthSpec, synthesize
 
+    dtype, quant = _synth_kind(args)
+    if os.path.exists(args.out):
+        raise FileExistsError(f"{args.out}: already exists; choose a new --out "
+                              + ("directory" if quant is None else "file"))
     if args.shape == "custom":
-        spec = SynthSpec(arch=args.arch, dtype=args.dtype, seed=args.seed, **_custom(args))
+        spec = SynthSpec(arch=args.arch, dtype=dtype, seed=args.seed, **_custom(args))
     else:
-        spec = SynthSpec.from_shape(args.shape, arch=args.arch, dtype=args.dtype, seed=args.seed)
-    print(f"writing {args.out}: {args.arch} {args.shape} {args.dtype}, "
-          f"{format_size(spec.nbytes)}", file=sys.stderr)
-    with tqdm(total=spec.nbytes, unit="B", unit_scale=True, file=sys.stderr) as bar:
-        synthesize(spec, args.out, progress=bar.update)
+        spec = SynthSpec.from_shape(args.shape, arch=args.arch, dtype=dtype, seed=args.seed)
+    if quant is None:
+        nbytes, what = spec.nbytes, dtype
+        write = functools.partial(synthesize, spec, args.out)
+    else:
+        from stream_run.bench.synth_gguf import file_bytes, synthesize_gguf
+
+        nbytes, what = file_bytes(spec, quant), f"GGUF {quant}"  # checks quant and arch
+        write = functools.partial(synthesize_gguf, spec, quant, args.out,
+                                  f"synth-{args.shape}-{quant}")  # no arch: llama.cpp keys on phi3
+    print(f"writing {args.out}: {args.arch} {args.shape} {what}, {format_size(nbytes)}",
+          file=sys.stderr)
+    with tqdm(total=nbytes, unit="B", unit_scale=True, file=sys.stderr) as bar:
+        write(progress=bar.update)
     return 0
 
 

@@ -175,8 +175,9 @@ def _write_shard(path: str, tensors: list, spec: SynthSpec, pool: _Pool,
                 left -= n
 
 
-def write_tokenizer(out: str) -> None:
-    """A byte-level tokenizer with no merges (ids 0..255 are bytes, then <s>, </s>)."""
+def make_tokenizer():
+    """A byte-level tokenizer with no merges (ids 0..255 are bytes, then <s>, </s>): the one
+    every synthetic model carries (tokenizer.json, or GGUF tokenizer.ggml.* metadata)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -184,7 +185,12 @@ def write_tokenizer(out: str) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<s>", "</s>"])
-    tok.save(os.path.join(out, "tokenizer.json"))
+    return tok
+
+
+def write_tokenizer(out: str) -> None:
+    """tokenizer.json and tokenizer_config.json of make_tokenizer() (BOS added)."""
+    make_tokenizer().save(os.path.join(out, "tokenizer.json"))
     with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
         json.dump({"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True}, f)
 
