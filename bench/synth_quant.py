@@ -151,12 +151,36 @@ def _q6_k(b: np.ndarray, d: float) -> None:
     _put_f16(b, 208, d)
 
 
+# The symmetric types' lowest code has no positive twin (Q4_0: -8..7): it becomes 0, so the
+# weights have zero mean, as a quantizer of symmetric weights leaves them.
+def _q4_0(b: np.ndarray, d: float) -> None:
+    qs = b[:, 2:18]
+    lo, hi = qs & 15, qs >> 4
+    b[:, 2:18] = np.where(lo == 0, 8, lo) | (np.where(hi == 0, 8, hi) << 4)
+    _put_f16(b, 0, d)
+
+
+def _q5_0(b: np.ndarray, d: float) -> None:
+    qs = b[:, 6:22]
+    low = np.concatenate([qs & 15, qs >> 4], axis=1)  # (n, 32): element j's low 4 bits
+    high = np.unpackbits(b[:, 2:6], axis=1, bitorder="little")  # (n, 32): its 5th bit
+    high |= ((low == 0) & (high == 0)).astype(np.uint8)  # code 0 (-16) -> 16 (0)
+    b[:, 2:6] = np.packbits(high, axis=1, bitorder="little")
+    _put_f16(b, 0, d)
+
+
+def _q8_0(b: np.ndarray, d: float) -> None:
+    qs = b[:, 2:34].view(np.int8)
+    qs[qs == -128] = 0
+    _put_f16(b, 0, d)
+
+
 FILLERS: dict[Q, Callable[[np.ndarray, float], None]] = {
-    Q.Q4_0: lambda b, d: _put_f16(b, 0, d),
+    Q.Q4_0: _q4_0,
     Q.Q4_1: lambda b, d: (_put_f16(b, 0, d), _put_f16(b, 2, -7.5 * d)),
-    Q.Q5_0: lambda b, d: _put_f16(b, 0, d),
+    Q.Q5_0: _q5_0,
     Q.Q5_1: lambda b, d: (_put_f16(b, 0, d), _put_f16(b, 2, -15.5 * d)),
-    Q.Q8_0: lambda b, d: _put_f16(b, 0, d),
+    Q.Q8_0: _q8_0,
     Q.Q2_K: _q2_k,
     Q.Q3_K: _q3_k,
     Q.Q4_K: lambda b, d: _affine_k(b, d, 0, 4, 7.5, 8),
