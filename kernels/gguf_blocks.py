@@ -24,18 +24,26 @@ Every f16 field is read byte-wise: the rows are views of the file's bytes and ne
 dequantize_rows decodes each block with the reference's own float32 operations in its order
 (products and sums rounded separately, no FMA), so it equals gguf.quants.dequantize bit for bit.
 
-matvec has two paths. The fast one (Q4_0, Q8_0, Q4_K, Q5_K, Q6_K) is explicit LLVM vector IR
-(like kernels/simd.py): per block or 32-byte chunk, the codes are widened to 16-lane float32
-vectors with the (sub-)block scale folded in (w = d q or d sc q - dmin m, one multiply or fused
-multiply-add per 16 weights), then fused into the accumulators of every row of x, so the
-weights are decoded once for all N rows of x; several weight rows share each x load; each row
-prefetches the next group of rows. x stays float32 (no int8 quantization of activations, so
-no error beyond float32 rounding: see matvec). The generic path (every type; the only one for
-Q4_1, Q5_0, Q5_1, Q2_K, Q3_K) decodes each block exactly into a stack buffer and dots it.
+matvec has three paths, all parallel over output rows, several weight rows per inner call
+(sharing each x load), each prefetching the next group of rows:
+- Integer (Q4_0, Q4_K, Q5_K, Q6_K), llama.cpp's: x is quantized once per call to int8 per block
+  of 32 (Q4_0) or 256 (K types) elements, scale dx = max|x| / 127, as llama.cpp's Q8_0 / Q8_K
+  activations (dx kept float32 here). Per weight block, in LLVM vector IR: codes times x codes
+  as int8 pairs summed to int16 (vpmaddubsw), times the integer sub-block scales summed to
+  int32 (vpmaddwd), exact; then one float multiply-add per block by d dx (mins and offsets via
+  precomputed group sums of x). Numerical effect: the result is x_q @ w.T within float32
+  rounding, x_q = dx rint(x / dx), |x - x_q| <= dx / 2 per element: an error up to
+  sum_k |w_k| dx_k / 2, typically ~0.5-1 % of max|y| for Gaussian x (tests check both bounds).
+- Float (Q8_0): codes widened to 16-lane float32 vectors, block scale folded in, fused into
+  float32 accumulators; no quantization of x.
+- Generic (every type; the only one for Q4_1, Q5_0, Q5_1, Q2_K, Q3_K): each block decoded
+  exactly into a stack buffer, then dotted in float32.
+The fast paths decode each weight block once for all N rows of x.
 """
 
 from __future__ import annotations
 
+import llvmlite.binding as llvm
 import numba
 import numpy as np
 from llvmlite import ir
@@ -331,9 +339,9 @@ def _matvec_generic(x, data, tid, elems, nbytes, out):
                     out[r, o] += _dot(x[r], blk * elems, q, elems)
 
 
-# --- fast matvec: explicit LLVM vector IR per type (Q4_0, Q8_0, Q4_K, Q5_K, Q6_K) ---
+# --- fast matvec: explicit LLVM vector IR ---
 
-LANES = 16  # float32 lanes per vector: one AVX-512 register, two AVX2 ones
+LANES = 16  # float32 lanes per vector of the float path: one AVX-512 register, two AVX2 ones
 # (weight rows, rows of x) per inner call, by rows of x: 8 accumulator chains each, weights
 # decoded once for all rows of x, each x load shared by the weight rows
 GROUPS = ((8, 1), (4, 2), (2, 4), (1, 8))
@@ -341,39 +349,51 @@ GROUPS = ((8, 1), (4, 2), (2, 4), (1, 8))
 _F32, _I8, _I16, _I32, _I64 = (ir.FloatType(), ir.IntType(8), ir.IntType(16), ir.IntType(32),
                                ir.IntType(64))
 _VF, _VI8 = ir.VectorType(_F32, LANES), ir.VectorType(_I8, LANES)
+_B32, _W16, _D8, _F8 = (ir.VectorType(_I8, 32), ir.VectorType(_I16, 16), ir.VectorType(_I32, 8),
+                        ir.VectorType(_F32, 8))
+
+
+def _target_features() -> frozenset[str]:
+    """The ISA features numba compiles for: NUMBA_CPU_FEATURES where set, else the host's
+    (numba keeps the host's features under NUMBA_CPU_NAME too)."""
+    if numba.config.CPU_FEATURES is not None:
+        return frozenset(f[1:] for f in numba.config.CPU_FEATURES.split(",") if f[:1] == "+")
+    return frozenset(k for k, v in llvm.get_host_cpu_features().items() if v)
 
 
 def _fast_half() -> bool:
-    """Whether numba's target widens f16 in hardware (x86 F16C, aarch64); numba compiles for
-    the host unless NUMBA_CPU_NAME / NUMBA_CPU_FEATURES name another target."""
-    if numba.config.CPU_NAME or numba.config.CPU_FEATURES:
-        return "+f16c" in (numba.config.CPU_FEATURES or "")
-    return HALF_SCALES
+    """Whether the target widens f16 in one instruction (x86 F16C; every aarch64 does)."""
+    return HALF_SCALES if numba.config.CPU_FEATURES is None else (
+        "f16c" in _target_features())
 
 
 class _Emit:
-    """IR helpers for one kernel body: vector constants, loads at byte offsets of a block."""
+    """IR helpers for one kernel body: constants, loads at byte offsets, the few vector ops
+    the decoders need, as target intrinsics where the target has them (else plain IR with the
+    same integer results)."""
 
     def __init__(self, builder: ir.IRBuilder) -> None:
         self.b = builder
         self.fast_half = _fast_half()
+        features = _target_features()
+        self.avx2, self.sse2 = "avx2" in features, "sse2" in features
 
-    def i8s(self, v: int) -> ir.Constant:
-        return ir.Constant(_VI8, [v] * LANES)
+    def i8s(self, v: int, n: int = LANES) -> ir.Constant:
+        return ir.Constant(ir.VectorType(_I8, n), [v] * n)
 
     def at(self, p, off, ty):
-        return self.b.bitcast(self.b.gep(p, [ir.Constant(_I64, off)]), ty.as_pointer())
+        off = ir.Constant(_I64, off) if isinstance(off, int) else off
+        return self.b.bitcast(self.b.gep(p, [off]), ty.as_pointer())
+
+    def load(self, p, off, ty):
+        return self.b.load(self.at(p, off, ty), align=1)
 
     def bytes16(self, p, off: int):
-        return self.b.load(self.at(p, off, _VI8), align=1)
-
-    def byte(self, p, off: int):
-        """The byte at p + off as i32, zero-extended."""
-        return self.b.zext(self.b.load(self.at(p, off, _I8), align=1), _I32)
+        return self.load(p, off, _VI8)
 
     def half(self, p, off: int):
         """The f16 at p + off as float, exact, any alignment."""
-        h = self.b.load(self.at(p, off, _I16), align=1)
+        h = self.load(p, off, _I16)
         if self.fast_half:
             return self.b.fpext(self.b.bitcast(h, ir.HalfType()), _F32)
         return self._half_soft(self.b.zext(h, _I32))
@@ -388,41 +408,61 @@ class _Emit:
         bits = b.select(is_special, special, b.bitcast(scaled, _I32))
         return b.bitcast(b.or_(bits, b.shl(b.and_(h, i32(0x8000)), i32(16))), _F32)
 
-    def splat(self, s):
+    def splat(self, s, n: int = LANES):
         b = self.b
-        v = b.insert_element(ir.Constant(_VF, ir.Undefined), s, ir.Constant(_I32, 0))
-        return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, LANES), [0] * LANES))
+        v = b.insert_element(ir.Constant(ir.VectorType(s.type, n), ir.Undefined), s,
+                             ir.Constant(_I32, 0))
+        return b.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), [0] * n))
+
+    def lanes(self, v, idx: list[int]):
+        """The lanes idx of v, as a vector."""
+        return self.b.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, len(idx)), idx))
+
+    def call(self, name: str, ret, args):
+        fn = cgutils.get_or_insert_function(self.b.module,
+                                            ir.FunctionType(ret, [a.type for a in args]), name)
+        return self.b.call(fn, args)
 
     def fma(self, a, x, c):
-        fn = cgutils.get_or_insert_function(
-            self.b.module, ir.FunctionType(_VF, [_VF, _VF, _VF]), f"llvm.fmuladd.v{LANES}f32")
-        return self.b.call(fn, [a, x, c])
-
-    def affine(self, q, d, m):
-        """Unsigned codes q (<16 x i8>) -> d q - m as float32 lanes."""
-        return self.fma(self.b.uitofp(q, _VF), self.splat(d), self.splat(self.b.fneg(m)))
+        """a * x + c, fused where the target has FMA (llvm.fmuladd); scalars or vectors."""
+        suffix = f"v{a.type.count}f32" if isinstance(a.type, ir.VectorType) else "f32"
+        return self.call(f"llvm.fmuladd.{suffix}", a.type, [a, x, c])
 
     def scaled(self, q, d):
         """Signed codes q (<16 x i8>) -> d q as float32 lanes."""
         return self.b.fmul(self.b.sitofp(q, _VF), self.splat(d))
 
-    def bit_to_4(self, h, bit: int):
+    def bit_to_4(self, h, bit: int, n: int = LANES):
         """Bit `bit` of each byte of h moved to bit 4 (the fifth bit of a 5-bit code)."""
-        shifted = self.b.shl(h, self.i8s(4 - bit)) if bit <= 4 else self.b.lshr(
-            h, self.i8s(bit - 4))
-        return self.b.and_(shifted, self.i8s(16))
+        shifted = self.b.shl(h, self.i8s(4 - bit, n)) if bit <= 4 else self.b.lshr(
+            h, self.i8s(bit - 4, n))
+        return self.b.and_(shifted, self.i8s(16, n))
+
+    def maddubs(self, a, x):
+        """Unsigned bytes a times signed bytes x (<32 x i8>), adjacent pairs summed with int16
+        saturation -> <16 x i16> (x86 vpmaddubsw; no pair reaches the limit here)."""
+        if self.avx2:
+            return self.call("llvm.x86.avx2.pmadd.ub.sw", _W16, [a, x])
+        b, w32 = self.b, ir.VectorType(_I16, 32)
+        prod = b.mul(b.zext(a, w32), b.sext(x, w32))
+        return self.call("llvm.sadd.sat.v16i16", _W16, [self.lanes(prod, list(range(0, 32, 2))),
+                                                      self.lanes(prod, list(range(1, 32, 2)))])
+
+    def madd(self, a, s):
+        """int16 a times s (<2n x i16>), adjacent pairs summed -> <n x i32> (x86 vpmaddwd)."""
+        n = a.type.count // 2
+        if n == 8 and self.avx2:
+            return self.call("llvm.x86.avx2.pmadd.wd", _D8, [a, s])
+        if n == 4 and self.sse2:
+            return self.call("llvm.x86.sse2.pmadd.wd", ir.VectorType(_I32, 4), [a, s])
+        b, wide = self.b, ir.VectorType(_I32, 2 * n)
+        prod = b.mul(b.sext(a, wide), b.sext(s, wide))
+        return b.add(self.lanes(prod, list(range(0, 2 * n, 2))),
+                     self.lanes(prod, list(range(1, 2 * n, 2))))
 
 
-# Each decoder gives a block's unit u (one vector step of the inner loop) as (element offset in
-# the block, 16 float32 weights) pairs; units = block elems / (16 * pairs per unit).
-
-
-def _ir_q4_0(e: _Emit, p, u: int) -> list:
-    d = e.half(p, 0)
-    q = e.bytes16(p, 2)
-    lo = e.b.sub(e.b.and_(q, e.i8s(15)), e.i8s(8))
-    hi = e.b.sub(e.b.lshr(q, e.i8s(4)), e.i8s(8))
-    return [(0, e.scaled(lo, d)), (16, e.scaled(hi, d))]
+# Float path (Q8_0): a decoder gives a block's unit u (one vector step of the inner loop) as
+# (element offset in the block, 16 float32 weights) pairs; units = block elems / 16 / pairs.
 
 
 def _ir_q8_0(e: _Emit, p, u: int) -> list:
@@ -430,66 +470,114 @@ def _ir_q8_0(e: _Emit, p, u: int) -> list:
     return [(0, e.scaled(e.bytes16(p, 2), d)), (16, e.scaled(e.bytes16(p, 18), d))]
 
 
-def _k4_scale_min(e: _Emit, p, d, dmin, j: int):
-    """Q4_K/Q5_K sub-block j's d * sc and dmin * m (kernels' _scale_min_k4 in IR)."""
-    b, c = e.b, (lambda v: ir.Constant(_I32, v))
-    if j < 4:
-        sc = b.and_(e.byte(p, 4 + j), c(63))
-        m = b.and_(e.byte(p, 8 + j), c(63))
-    else:
-        mixed = e.byte(p, 8 + j)
-        sc = b.or_(b.and_(mixed, c(15)), b.shl(b.lshr(e.byte(p, j), c(6)), c(4)))
-        m = b.or_(b.lshr(mixed, c(4)), b.shl(b.lshr(e.byte(p, 4 + j), c(6)), c(4)))
-    return b.fmul(d, b.sitofp(sc, _F32)), b.fmul(dmin, b.sitofp(m, _F32))
+_FLOAT = {"Q8_0": (_ir_q8_0, 1)}  # name -> (decoder, units per block)
 
 
-def _ir_k4(e: _Emit, p, u: int, qh: bool) -> list:
-    """Q4_K (qh False) or Q5_K chunk u: 32 bytes, sub-blocks 2u (low nibbles), 2u + 1 (high)."""
-    d, dmin = e.half(p, 0), e.half(p, 2)
-    q0 = (48 if qh else 16) + 32 * u
-    out = []
-    for s in range(2):
-        dl, ml = _k4_scale_min(e, p, d, dmin, 2 * u + s)
-        for g in range(2):
-            q = e.bytes16(p, q0 + 16 * g)
-            q = e.b.and_(q, e.i8s(15)) if s == 0 else e.b.lshr(q, e.i8s(4))
-            if qh:
-                q = e.b.or_(q, e.bit_to_4(e.bytes16(p, 16 + 16 * g), 2 * u + s))
-            out.append((64 * u + 32 * s + 16 * g, e.affine(q, dl, ml)))
-    return out
+# Integer path (llama.cpp's): x quantized once per call to int8 per block (_quantize_x), each
+# weight block's codes times x's as int8 pairs summed to int16 (vpmaddubsw), times the integer
+# sub-block scales summed to int32 (vpmaddwd), exact; one float multiply-add per block. Each
+# decoder adds a weight row's block to the accumulators of every row of x.
 
 
-def _ir_q4_k(e: _Emit, p, u: int) -> list:
-    return _ir_k4(e, p, u, False)
+class _XBlock:
+    """One row of quantized x at the current block: xq (i8*, its first element), dx (its
+    scale), bs (i16*, its group sums), xc (Q4_0: -8 dx sum(xq), the offset's term)."""
+
+    def __init__(self, xq, dx, bs, xc) -> None:
+        self.xq, self.dx, self.bs, self.xc = xq, dx, bs, xc
 
 
-def _ir_q5_k(e: _Emit, p, u: int) -> list:
-    return _ir_k4(e, p, u, True)
-
-
-def _ir_q6_k(e: _Emit, p, u: int) -> list:
-    """Q6_K unit u = 2 h + g: lanes l = 16 g .. 16 g + 15 of half h, elements 128 h + 32 k + l
-    (k = 0..3) from ql[64 h + l] (k even: low nibble), ql[64 h + 32 + l], qh[32 h + l]."""
+def _int_q4_0(e: _Emit, p, xs: list, accs: list) -> None:
     b = e.b
-    h, g = u >> 1, u & 1
+    d = e.half(p, 0)
+    q = e.bytes16(p, 2)
+    w = b.and_(b.shuffle_vector(q, b.lshr(q, e.i8s(4)), ir.Constant(
+        ir.VectorType(_I32, 32), list(range(32)))), e.i8s(15, 32))  # codes 0..31 in order
+    ones = ir.Constant(_W16, [1] * 16)
+    for x, (acc, bias) in zip(xs, accs, strict=True):
+        dot = e.madd(e.maddubs(w, e.load(x.xq, 0, _B32)), ones)
+        b.store(e.fma(b.sitofp(dot, _F8), e.splat(b.fmul(d, x.dx), 8), b.load(acc)), acc)
+        b.store(e.fma(d, x.xc, b.load(bias)), bias)
+
+
+def _k4_scales(e: _Emit, p):
+    """Q4_K/Q5_K's 8 scales and 8 mins as <16 x i16> (llama.cpp's 32-bit unpacking)."""
+    b, c = e.b, (lambda v: ir.Constant(_I32, v))
+    u0, u1, u2 = (e.load(p, 4 + 4 * k, _I32) for k in range(3))
+    m6, m4, m2 = c(0x3F3F3F3F), c(0x0F0F0F0F), c(0x03030303)
+    words = (b.and_(u0, m6),
+             b.or_(b.and_(u2, m4), b.shl(b.and_(b.lshr(u0, c(6)), m2), c(4))),
+             b.and_(u1, m6),
+             b.or_(b.and_(b.lshr(u2, c(4)), m4), b.shl(b.and_(b.lshr(u1, c(6)), m2), c(4))))
+    v = ir.Constant(ir.VectorType(_I32, 4), None)
+    for k, word in enumerate(words):
+        v = b.insert_element(v, word, c(k))
+    return b.zext(b.bitcast(v, ir.VectorType(_I8, 16)), _W16)
+
+
+def _int_k4(e: _Emit, p, xs: list, accs: list, qh: bool) -> None:
+    """Q4_K (qh False) or Q5_K: chunk c's low nibbles are sub-block 2c, high ones 2c + 1."""
+    b = e.b
+    d, dmin = e.half(p, 0), e.half(p, 2)
+    scales = _k4_scales(e, p)
+    high = e.load(p, 16, _B32) if qh else None
+    terms = []  # (codes <32 x i8>, element offset, scale <16 x i16>)
+    for c in range(4):
+        w = e.load(p, (48 if qh else 16) + 32 * c, _B32)
+        for s in range(2):
+            q = b.and_(w if s == 0 else b.lshr(w, e.i8s(4, 32)), e.i8s(15, 32))
+            if qh:
+                q = b.or_(q, e.bit_to_4(high, 2 * c + s, 32))
+            terms.append((q, 64 * c + 32 * s, e.lanes(scales, [2 * c + s] * 16)))
+    mins = e.lanes(scales, list(range(8, 16)))
+    for x, (acc, _) in zip(xs, accs, strict=True):
+        dot = None
+        for q, off, scale in terms:
+            t = e.madd(e.maddubs(q, e.load(x.xq, off, _B32)), scale)
+            dot = t if dot is None else b.add(dot, t)
+        m = e.madd(mins, e.load(x.bs, 0, ir.VectorType(_I16, 8)))  # <4 x i32>
+        m = b.shuffle_vector(m, ir.Constant(m.type, None), ir.Constant(
+            ir.VectorType(_I32, 8), list(range(8))))
+        v = e.fma(b.sitofp(dot, _F8), e.splat(b.fmul(d, x.dx), 8), b.load(acc))
+        b.store(e.fma(b.sitofp(m, _F8), e.splat(b.fneg(b.fmul(dmin, x.dx)), 8), v), acc)
+
+
+def _int_q4_k(e: _Emit, p, xs: list, accs: list) -> None:
+    _int_k4(e, p, xs, accs, False)
+
+
+def _int_q5_k(e: _Emit, p, xs: list, accs: list) -> None:
+    _int_k4(e, p, xs, accs, True)
+
+
+def _int_q6_k(e: _Emit, p, xs: list, accs: list) -> None:
+    """Q6_K: per half h, ql[64 h + l] and ql[64 h + 32 + l] give 4 low bits (low nibbles: the
+    half's elements l and 32 + l; high: 64 + l, 96 + l), qh[32 h + l] 2 bits each; q - 32."""
+    b = e.b
     d = e.half(p, 208)
-    a = e.bytes16(p, 64 * h + 16 * g)
-    a2 = e.bytes16(p, 64 * h + 32 + 16 * g)
-    c = e.bytes16(p, 128 + 32 * h + 16 * g)
-    out = []
-    for k, src in enumerate((a, a2, a, a2)):
-        low = b.and_(src, e.i8s(15)) if k < 2 else b.lshr(src, e.i8s(4))
-        top = b.shl(b.and_(b.lshr(c, e.i8s(2 * k)), e.i8s(3)), e.i8s(4))
-        q = b.sub(b.or_(low, top), e.i8s(32))
-        sb = 8 * h + 2 * k + g  # (128 h + 32 k + 16 g) // 16
-        sc = b.sitofp(b.load(e.at(p, 192 + sb, _I8), align=1), _F32)
-        out.append((32 * k + 128 * h + 16 * g, e.scaled(q, b.fmul(d, sc))))
-    return out
+    scales = b.sext(e.load(p, 192, ir.VectorType(_I8, 16)), _W16)
+    terms = []
+    for h in range(2):
+        a, a2 = e.load(p, 64 * h, _B32), e.load(p, 64 * h + 32, _B32)
+        top = e.load(p, 128 + 32 * h, _B32)
+        for k, src in enumerate((a, a2, a, a2)):
+            low = b.and_(src if k < 2 else b.lshr(src, e.i8s(4, 32)), e.i8s(15, 32))
+            hi2 = b.shl(b.and_(b.lshr(top, e.i8s(2 * k, 32)), e.i8s(3, 32)), e.i8s(4, 32))
+            sb = 8 * h + 2 * k  # this vector's 32 elements are sub-blocks sb, sb + 1
+            terms.append((b.or_(low, hi2), 128 * h + 32 * k,
+                          e.lanes(scales, [sb] * 8 + [sb + 1] * 8)))
+    for x, (acc, _) in zip(xs, accs, strict=True):
+        # the -32 offset: sum_j sc_j * 32 * (sum of x's group j)
+        offset = e.madd(scales, e.load(x.bs, 0, _W16))
+        dot = b.sub(ir.Constant(_D8, None), b.shl(offset, ir.Constant(_D8, [5] * 8)))
+        for q, off, scale in terms:
+            dot = b.add(dot, e.madd(e.maddubs(q, e.load(x.xq, off, _B32)), scale))
+        b.store(e.fma(b.sitofp(dot, _F8), e.splat(b.fmul(d, x.dx), 8), b.load(acc)), acc)
 
 
-# name -> (decoder, units per block)
-_FAST = {"Q4_0": (_ir_q4_0, 1), "Q8_0": (_ir_q8_0, 1), "Q4_K": (_ir_q4_k, 4),
-         "Q5_K": (_ir_q5_k, 4), "Q6_K": (_ir_q6_k, 4)}
+# name -> (decoder, x block elements, elements per x group sum)
+_INT = {"Q4_0": (_int_q4_0, 32, 32), "Q4_K": (_int_q4_k, 256, 32),
+        "Q5_K": (_int_q5_k, 256, 32), "Q6_K": (_int_q6_k, 256, 16)}
 
 
 def _prefetch(builder: ir.IRBuilder, ptr) -> None:
@@ -500,7 +588,7 @@ def _prefetch(builder: ir.IRBuilder, ptr) -> None:
 
 
 def _lane_sum(builder: ir.IRBuilder, v):
-    n = LANES
+    n = v.type.count
     while n > 1:
         n //= 2
         lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
@@ -510,25 +598,30 @@ def _lane_sum(builder: ir.IRBuilder, v):
     return builder.extract_element(v, ir.Constant(_I32, 0))
 
 
-def _emit_rows(builder, qtype: str, n_rows: int, n_x: int, w_rows, x_rows, n_blocks, ahead):
-    """IR: dot products of n_x rows of x with n_rows weight rows -> [[float] * n_x] per row."""
-    decode, units = _FAST[qtype]
+def _prefetch_rows(builder, blocks, nbytes: int, ahead) -> None:
+    """Prefetch each block's lines `ahead` bytes on: the same block of the next group of rows
+    (the hardware prefetcher sees only short row streams)."""
+    for p in blocks:
+        for line in range(0, nbytes, 64):
+            _prefetch(builder, builder.gep(p, [builder.add(ahead, ir.Constant(_I64, line))]))
+
+
+def _emit_float(builder, qtype: str, w_rows, x_rows, n_blocks, ahead) -> list:
+    """IR: dot products of rows x_rows of x (float32) with weight rows w_rows (float path)
+    -> [[float] * len(x_rows)] per weight row."""
+    decode, units = _FLOAT[qtype]
     elems, nbytes = GGUF_BLOCK_TYPES[qtype]
     e = _Emit(builder)
     zero = ir.Constant(_VF, None)
-    accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(n_x)]
-            for _ in range(n_rows)]
+    accs = [[cgutils.alloca_once_value(builder, zero) for _ in x_rows] for _ in w_rows]
     with cgutils.for_range(builder, n_blocks) as loop:
         blk = loop.index
         k0 = builder.mul(blk, ir.Constant(_I64, elems))
         blocks = [builder.gep(w, [builder.mul(blk, ir.Constant(_I64, nbytes))]) for w in w_rows]
+        _prefetch_rows(builder, blocks, nbytes, ahead)
         for u in range(units):
             x_vecs = {}
             for i, p in enumerate(blocks):
-                if u == 0:
-                    for line in range(0, nbytes, 64):
-                        _prefetch(builder, builder.gep(p, [builder.add(ahead, ir.Constant(
-                            _I64, line))]))
                 for off, w in decode(e, p, u):
                     if off not in x_vecs:  # loaded once per unit, shared by the weight rows
                         at = builder.add(k0, ir.Constant(_I64, off))
@@ -539,6 +632,28 @@ def _emit_rows(builder, qtype: str, n_rows: int, n_x: int, w_rows, x_rows, n_blo
     return [[_lane_sum(builder, builder.load(acc)) for acc in row] for row in accs]
 
 
+def _emit_int(builder, qtype: str, w_rows, x_rows: list, n_blocks, ahead) -> list:
+    """IR: the integer path's dot products; x_rows: (xq, dx, bs, xc) row pointers of x."""
+    decode, _, group = _INT[qtype]
+    elems, nbytes = GGUF_BLOCK_TYPES[qtype]
+    e = _Emit(builder)
+    accs = [[(cgutils.alloca_once_value(builder, ir.Constant(_F8, None)),
+              cgutils.alloca_once_value(builder, ir.Constant(_F32, 0.0))) for _ in x_rows]
+            for _ in w_rows]
+    with cgutils.for_range(builder, n_blocks) as loop:
+        blk = loop.index
+        xs = [_XBlock(builder.gep(xq, [builder.mul(blk, ir.Constant(_I64, elems))]),
+                      builder.load(builder.gep(dx, [blk])),
+                      builder.gep(bs, [builder.mul(blk, ir.Constant(_I64, elems // group))]),
+                      builder.load(builder.gep(xc, [blk]))) for xq, dx, bs, xc in x_rows]
+        blocks = [builder.gep(w, [builder.mul(blk, ir.Constant(_I64, nbytes))]) for w in w_rows]
+        _prefetch_rows(builder, blocks, nbytes, ahead)
+        for p, row_accs in zip(blocks, accs, strict=True):
+            decode(e, p, xs, row_accs)
+    return [[builder.fadd(_lane_sum(builder, builder.load(acc)), builder.load(bias))
+             for acc, bias in row] for row in accs]
+
+
 def _literal(ty, name: str) -> int:
     if not isinstance(ty, types.IntegerLiteral):
         raise TypingError(f"_rows: {name} must be a compile-time integer, got {ty}")
@@ -546,29 +661,39 @@ def _literal(ty, name: str) -> int:
 
 
 @intrinsic(prefer_literal=True)
-def _rows(typingctx, kind, n_rows, n_x, data, o, x, r0, out):
+def _rows(typingctx, kind, n_rows, n_x, data, o, xs, r0, out):
     """out[r0 + j, o + i] = dot(x[r0 + j], dequantized row o + i of data) for i < n_rows,
-    j < n_x; kind (an index of QTYPES), n_rows, n_x compile-time constants. No bounds checks:
-    the caller keeps the rows in range and x, out, data C-contiguous."""
-    qtype = QTYPES[_literal(kind, "kind")]
-    rows, xs = _literal(n_rows, "n_rows"), _literal(n_x, "n_x")
+    j < n_x; kind (an index of QTYPES; the float path for QTYPES[kind - 100]), n_rows, n_x
+    compile-time constants; xs: (x,) for the float path, (xq, dx, bs, xc) for the integer one.
+    No bounds checks: the caller keeps the rows in range and every array C-contiguous."""
+    k = _literal(kind, "kind")
+    qtype, floats = QTYPES[k % 100], k >= 100
+    rows, n_xs = _literal(n_rows, "n_rows"), _literal(n_x, "n_x")
     elems, nbytes = GGUF_BLOCK_TYPES[qtype]
-    sig = types.void(kind, n_rows, n_x, data, o, x, r0, out)
+    sig = types.void(kind, n_rows, n_x, data, o, xs, r0, out)
 
     def codegen(context, builder, sig, args):
-        data_a, x_a, out_a = (context.make_array(sig.args[i])(context, builder, args[i])
-                              for i in (3, 5, 7))
+        data_a, out_a = (context.make_array(sig.args[i])(context, builder, args[i])
+                         for i in (3, 7))
+        x_arrays = [context.make_array(ty)(context, builder, v) for ty, v in zip(
+            sig.args[5], cgutils.unpack_tuple(builder, args[5]), strict=True)]
         o, r0 = (context.cast(builder, args[i], sig.args[i], types.int64) for i in (4, 6))
         row_bytes = builder.extract_value(data_a.shape, 1)
-        n_in = builder.extract_value(x_a.shape, 1)
+        n_in = builder.extract_value(x_arrays[0].shape, 1)
         n_out = builder.extract_value(out_a.shape, 1)
         n_blocks = builder.udiv(n_in, ir.Constant(_I64, elems))
         w_rows = [builder.gep(data_a.data, [builder.mul(builder.add(o, ir.Constant(_I64, i)),
                                                         row_bytes)]) for i in range(rows)]
-        x_rows = [builder.gep(x_a.data, [builder.mul(builder.add(r0, ir.Constant(_I64, j)),
-                                                     n_in)]) for j in range(xs)]
+        x_rows = []
+        for j in range(n_xs):
+            r = builder.add(r0, ir.Constant(_I64, j))
+            x_rows.append(tuple(builder.gep(a.data, [builder.mul(r, builder.extract_value(
+                a.shape, 1))]) for a in x_arrays))
         ahead = builder.mul(row_bytes, ir.Constant(_I64, rows))
-        sums = _emit_rows(builder, qtype, rows, xs, w_rows, x_rows, n_blocks, ahead)
+        if floats:
+            sums = _emit_float(builder, qtype, w_rows, [x[0] for x in x_rows], n_blocks, ahead)
+        else:
+            sums = _emit_int(builder, qtype, w_rows, x_rows, n_blocks, ahead)
         for i, row in enumerate(sums):
             for j, s in enumerate(row):
                 at = builder.add(builder.mul(builder.add(r0, ir.Constant(_I64, j)), n_out),
@@ -579,33 +704,71 @@ def _rows(typingctx, kind, n_rows, n_x, data, o, x, r0, out):
 
 
 @njit(**_INLINE)
-def _group(kind, n_rows, n_x, x, r0, data, o0, o1, out):
+def _group(kind, n_rows, n_x, xs, r0, data, o0, o1, out):
     """Rows o0..o1 of the weight against rows r0..r0 + n_x of x: n_rows at a time, then one."""
     n_full = (o1 - o0) // n_rows
     for i in range(n_full):
-        _rows(kind, n_rows, n_x, data, o0 + n_rows * i, x, r0, out)
+        _rows(kind, n_rows, n_x, data, o0 + n_rows * i, xs, r0, out)
     for i in range(o1 - o0 - n_rows * n_full):
-        _rows(kind, 1, n_x, data, o0 + n_rows * n_full + i, x, r0, out)
+        _rows(kind, 1, n_x, data, o0 + n_rows * n_full + i, xs, r0, out)
 
 
 @njit(**_INLINE)
-def _tile(kind, x, data, o0, o1, out):
+def _tile(kind, xs, data, o0, o1, out):
     """Rows o0..o1 of the weight against every row of x, in groups of 8, 4, 2, 1 rows of x."""
     r0 = 0
-    while r0 < x.shape[0]:
-        left = x.shape[0] - r0
+    n = xs[0].shape[0]
+    while r0 < n:
+        left = n - r0
         if left >= 8:
-            _group(kind, 1, 8, x, r0, data, o0, o1, out)
+            _group(kind, 1, 8, xs, r0, data, o0, o1, out)
             r0 += 8
         elif left >= 4:
-            _group(kind, 2, 4, x, r0, data, o0, o1, out)
+            _group(kind, 2, 4, xs, r0, data, o0, o1, out)
             r0 += 4
         elif left >= 2:
-            _group(kind, 4, 2, x, r0, data, o0, o1, out)
+            _group(kind, 4, 2, xs, r0, data, o0, o1, out)
             r0 += 2
         else:
-            _group(kind, 8, 1, x, r0, data, o0, o1, out)
+            _group(kind, 8, 1, xs, r0, data, o0, o1, out)
             r0 += 1
+
+
+@njit(cache=True, nogil=True)
+def _quantize_x(x, block, group):
+    """x (N, in) float32 -> int8 codes xq = rint(x / dx), per block of x its scale
+    dx = max|x| / 127 (NaN where the block holds a NaN or inf), per group the int16 sum of xq,
+    and per block xc = -8 dx sum(xq) (Q4_0's offset term). |x - dx xq| <= dx / 2 (plus a few
+    float32 ulps of x) per element.
+
+    Integer reductions only (max|x| over the bit patterns): they vectorise without fastmath.
+    """
+    n, n_in = x.shape
+    xq = np.empty((n, n_in), dtype=np.int8)
+    dx = np.empty((n, n_in // block), dtype=np.float32)
+    bs = np.empty((n, n_in // group), dtype=np.int16)
+    xc = np.empty((n, n_in // block), dtype=np.float32)
+    for r in range(n):
+        bits = x[r].view(np.int32)
+        for blk in range(n_in // block):
+            k0 = blk * block
+            top = np.int32(0)
+            for i in range(block):
+                top = max(top, bits[k0 + i] & 0x7FFFFFFF)
+            amax = np.int32(top).view(np.float32)  # |x| max, or inf/NaN
+            inv = np.float32(127) / amax if 0 < top < 0x7F800000 else np.float32(0)
+            for i in range(block):
+                xq[r, k0 + i] = np.int32(np.rint(x[r, k0 + i] * inv))
+            dx[r, blk] = amax / np.float32(127) if top < 0x7F800000 else np.float32(np.nan)
+            total = np.int32(0)
+            for g in range(block // group):
+                s = np.int32(0)
+                for i in range(group):
+                    s += np.int32(xq[r, k0 + g * group + i])
+                bs[r, k0 // group + g] = s
+                total += s
+            xc[r, blk] = np.float32(-8) * dx[r, blk] * np.float32(total)
+    return xq, dx, bs, xc
 
 
 # One parallel driver per fast type: the type must be a compile-time constant down to _rows.
@@ -613,34 +776,40 @@ def _tile(kind, x, data, o0, o1, out):
 
 @njit(**_JIT)
 def _matvec_q4_0(x, data, out):
+    xs = _quantize_x(x, 32, 32)
     for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(0, x, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+        _tile(0, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
 
 
 @njit(**_JIT)
 def _matvec_q8_0(x, data, out):
     for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(4, x, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+        _tile(104, (x,), data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
 
 
 @njit(**_JIT)
 def _matvec_q4_k(x, data, out):
+    xs = _quantize_x(x, 256, 32)
     for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(7, x, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+        _tile(7, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
 
 
 @njit(**_JIT)
 def _matvec_q5_k(x, data, out):
+    xs = _quantize_x(x, 256, 32)
     for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(8, x, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+        _tile(8, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
 
 
 @njit(**_JIT)
 def _matvec_q6_k(x, data, out):
+    xs = _quantize_x(x, 256, 16)
     for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(9, x, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+        _tile(9, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
 
 
+# fast types whose kernels quantize x (to int8 per this many elements of each row)
+QUANTIZED_X = {name: block for name, (_, block, _) in _INT.items()}
 FAST_KERNELS = {"Q4_0": _matvec_q4_0, "Q8_0": _matvec_q8_0, "Q4_K": _matvec_q4_k,
                 "Q5_K": _matvec_q5_k, "Q6_K": _matvec_q6_k}
 
@@ -649,10 +818,10 @@ def matvec(x: np.ndarray, w: BlockWeight, *, generic: bool = False) -> np.ndarra
     """x (N, in) float32, 1 <= N <= 8 -> x @ dequantize(w).T, (N, out) float32, computed on the
     blocks; parallel over output rows, each weight byte read from memory once for all N rows.
 
-    Accuracy: every product and sum is float32 (x is not quantized). The fast kernels fold the
-    block scale into the weights (d q, or d sc q - dmin m in one fused multiply-add: within an
-    ulp of the dequantized weight) and sum each row in 16 lane-wise chains of in / 16 terms,
-    added pairwise at the end; so |y - x @ w.T| <= ~(in / 16 + 6) * 2**-24 * (|x| @ |w|.T).
+    Accuracy (see the module docstring): Q4_0, Q4_K, Q5_K, Q6_K quantize x to int8 per block
+    (QUANTIZED_X) as llama.cpp does: the result is x_q @ w.T, |x - x_q| <= dx / 2 per element
+    (dx = the block's max|x| / 127), within float32 rounding. Q8_0 and the generic path keep x
+    float32: within ~(in / 16 + 8) * 2**-24 * (|x| @ (|w| + |mins|).T) of x @ w.T.
 
     Args:
         generic: use the exact-decode reference path even where a fast kernel exists.

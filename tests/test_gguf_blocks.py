@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType  # noqa: E402
 
 from stream_run.kernels.gguf_blocks import (  # noqa: E402
     FAST_KERNELS,
+    QUANTIZED_X,
     check_blocks,
     dequantize_rows,
     matvec,
@@ -151,20 +152,52 @@ def magnitudes(data: np.ndarray, qtype: str) -> np.ndarray:
     return w
 
 
+def quantize_x(x: np.ndarray, block: int) -> np.ndarray:
+    """x as the integer kernels see it: dx * rint(x / dx) per block, dx = max|x| / 127
+    (float32 operations in the kernel's order, so the same codes)."""
+    xb = x.reshape(x.shape[0], -1, block)
+    amax = np.abs(xb).max(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+    dx = amax / np.float32(127)
+    return (np.rint(xb * inv).astype(np.float64) * dx).reshape(x.shape), np.repeat(
+        dx[..., 0], block, axis=-1)
+
+
 def check_matvec(x: np.ndarray, w: BlockWeight, data: np.ndarray, generic: bool) -> None:
-    """The bound: 16 lane-wise float32 chains of in / 16 terms (fast kernels) or in-block sums
-    of `elems` terms plus one per block (generic), each term within an ulp of x w; every ulp
-    relative to |x| (|w| + |min terms|)."""
+    """Float rounding: 16 lane-wise float32 chains of in / 16 terms (float fast path), or
+    in-block sums of `elems` terms plus one per block (generic), or 8 lanes of in / block
+    block terms (integer path: its integer dots are exact), each term within an ulp of x w;
+    every ulp relative to |x| (|w| + |min terms|). The integer path quantizes x, to x_q with
+    |x - x_q| <= dx / 2 per element: its result must be within the rounding bound of x_q @ w
+    and within that plus |w| @ dx / 2 of x @ w."""
     got = matvec(x, w, generic=generic)
-    x64 = x.astype(np.float64)
-    want = x64 @ reference(data, w.qtype).astype(np.float64).T
+    weights = reference(data, w.qtype).astype(np.float64)
+    scale = magnitudes(data, w.qtype)
     elems = GGUF_BLOCK_TYPES[w.qtype][0]
-    terms = elems + w.n_in // elems if generic or w.qtype not in FAST_KERNELS else w.n_in // 16
-    bound = (terms + 8) * U * (np.abs(x64) @ magnitudes(data, w.qtype).T)
+    x64 = x.astype(np.float64)
+    if generic or w.qtype not in FAST_KERNELS:
+        terms = elems + w.n_in // elems
+    elif w.qtype in QUANTIZED_X:
+        terms = w.n_in // 8 // QUANTIZED_X[w.qtype] + 4 * 8
+        xq, dx = quantize_x(x, QUANTIZED_X[w.qtype])
+        rounding = (terms + 8) * U * (np.abs(xq) @ scale.T)
+        assert_within(got, xq @ weights.T, rounding, w, "quantized x")
+        quantization = (np.float64(0.5) + 1e-4) * (dx @ np.abs(weights).T)
+        assert_within(got, x64 @ weights.T, rounding + quantization, w, "x")
+        return
+    else:
+        terms = w.n_in // 16
+    assert_within(got, x64 @ weights.T, (terms + 8) * U * (np.abs(x64) @ scale.T), w, "x")
+
+
+def assert_within(got: np.ndarray, want: np.ndarray, bound: np.ndarray, w: BlockWeight,
+                  name: str) -> None:
     assert got.shape == want.shape and got.dtype == np.float32
     excess = np.abs(got - want) - bound
     assert (excess <= 0).all(), f"max error over the bound {excess.max():.3g} at " \
-        f"{np.unravel_index(excess.argmax(), excess.shape)} ({w.qtype}, N={x.shape[0]})"
+        f"{np.unravel_index(excess.argmax(), excess.shape)} ({w.qtype}, N={got.shape[0]}, " \
+        f"against {name})"
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
@@ -228,20 +261,27 @@ for qt in FAST_KERNELS:
 """
 
 
+# numba targets: an AVX2-only x86 (AMD Zen 2) through the AVX2 intrinsics; plain IR (no target
+# intrinsics, software f16 widening) on a Haswell. Each run compiles every fast kernel afresh.
+TARGETS = {"avx2": ("znver2", "+sse2,+ssse3,+sse4.1,+sse4.2,+avx,+avx2,+fma,+f16c,+bmi2"),
+           "plain": ("haswell", "")}
+
+
 @pytest.mark.slow
-def test_portable_target(tmp_path):
-    """The fast kernels compiled for a plain AVX2 target, with the software f16 widening,
-    agree with the host build."""
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_portable_target(tmp_path, target):
+    """The fast kernels compiled for another target agree with the host's."""
     code = PORTABLE_RUN.format(fields=HALF_FIELDS)
     host = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CPU")}
-    runs = {"avx2": {**host, "NUMBA_CPU_NAME": "haswell", "NUMBA_CACHE_DIR": str(tmp_path)},
-            "host": host}
+    cpu, features = TARGETS[target]
+    runs = {target: {**host, "NUMBA_CPU_NAME": cpu, "NUMBA_CPU_FEATURES": features,
+                     "NUMBA_CACHE_DIR": str(tmp_path)}, "host": host}
     for name, env in runs.items():
         done = subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], env=env,
                               capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
-        if name == "avx2":
+        if name == "plain":
             assert done.stdout.strip() == "False"  # the software widening was compiled
     for qt in FAST_KERNELS:
-        np.testing.assert_allclose(np.load(tmp_path / f"avx2{qt}.npy"),
-                                   np.load(tmp_path / f"host{qt}.npy"), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.load(tmp_path / f"{target}{qt}.npy"),
+                                   np.load(tmp_path / f"host{qt}.npy"), rtol=1e-6, atol=1e-7)

@@ -1,0 +1,130 @@
+"""The GGUF block matvec alone (kernels/gguf_blocks.py): GB/s of weight bytes read, cold weights,
+against the machine's read bandwidth measured with all cores.
+
+    python -m stream_run.bench.gguf_matvec [--types Q4_0,Q8_0,Q4_K,Q5_K,Q6_K] [-n 1,4]
+        [--shapes 4096x4096,4096x11008,11008x4096,576x1536] [--threads 2] [-r 9]
+        [--footprint-mb 1024] [--generic]
+
+Shapes are in x out (a 7B model's q/o 4096x4096, gate/up 4096x11008, down 11008x4096; and
+SmolLM2's gate 576x1536). Each (type, shape) gets random blocks with finite f16 scales, copied
+until the copies fill --footprint-mb (well past the L3 of this project's VMs), and one
+repetition times a pass of matvec over every copy, as decode reads each layer's weights once.
+Prints per setting the median [min-max] GB/s of weight bytes over the repetitions, the per-call
+time, and the median rate as a share of the bound: a numba prange sum over a uint8 array of
+the same footprint (read as 8-byte words) with the same threads, its passes alternating with
+the matvec passes so that both see the same load from other work on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from stream_run.kernels.gguf_blocks import FAST_KERNELS, matvec
+from stream_run.kernels.quant import GGUF_BLOCK_TYPES, BlockWeight
+
+SHAPES = "4096x4096,4096x11008,11008x4096,576x1536"
+HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
+               "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
+
+
+@njit(parallel=True, cache=True)
+def _sum_words(words, n_chunks):
+    """Sum (mod 2**64) of words, n_chunks parallel tasks: every byte read once."""
+    per = words.shape[0] // n_chunks
+    sums = np.zeros(n_chunks, dtype=np.uint64)
+    for c in prange(n_chunks):
+        acc = np.uint64(0)
+        for i in range(per):
+            acc += words[c * per + i]
+        sums[c] = acc
+    return sums.sum()
+
+
+def weights(qtype: str, n_in: int, n_out: int, footprint: int,
+            rng: np.random.Generator) -> list[BlockWeight]:
+    """Copies of random (n_out, n_in) blocks filling about footprint bytes, one buffer."""
+    elems, nbytes = GGUF_BLOCK_TYPES[qtype]
+    row_bytes = n_in // elems * nbytes
+    n_copies = max(2, footprint // (n_out * row_bytes))
+    raw = rng.integers(0, 256, (n_copies, n_out, n_in // elems, nbytes), dtype=np.uint8)
+    scale = np.array([0.01, -0.003], dtype="<f2").view(np.uint8)
+    for i, off in enumerate(HALF_FIELDS[qtype]):
+        raw[..., off:off + 2] = scale[2 * i:2 * i + 2]
+    return [BlockWeight(copy.reshape(n_out, row_bytes), qtype, n_in) for copy in raw]
+
+
+def pass_s(ws: list[BlockWeight], x: np.ndarray, generic: bool) -> float:
+    t0 = time.perf_counter()
+    for w in ws:
+        matvec(x, w, generic=generic)
+    return time.perf_counter() - t0
+
+
+def row(ws: list[BlockWeight], x: np.ndarray, generic: bool, words: np.ndarray,
+        repetitions: int) -> str:
+    """One table row: passes over ws alternate with read passes over words (the bound), so
+    both see the same load from whatever else runs on the machine."""
+    pass_s(ws[:2], x, generic)  # compile or load, first touch
+    _sum_words(words, 256)
+    times, bounds = [], []
+    for _ in range(repetitions):
+        times.append(pass_s(ws, x, generic))
+        t0 = time.perf_counter()
+        _sum_words(words, 256)
+        bounds.append(words.nbytes / (time.perf_counter() - t0) / 1e9)
+    rates = [ws[0].nbytes * len(ws) / t / 1e9 for t in times]
+    med, bound = statistics.median(rates), statistics.median(bounds)
+    w = ws[0]
+    path = "generic" if generic or w.qtype not in FAST_KERNELS else "fast"
+    return (f"| {w.qtype} | {w.n_in}x{w.shape[0]} | {x.shape[0]} | {path} | "
+            f"{statistics.median(times) / len(ws) * 1e6:.0f} | {med:.1f} "
+            f"[{min(rates):.1f}-{max(rates):.1f}] | {bound:.1f} [{min(bounds):.1f}-"
+            f"{max(bounds):.1f}] | {100 * med / bound:.0f} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m stream_run.bench.gguf_matvec",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--types", default="Q4_0,Q8_0,Q4_K,Q5_K,Q6_K")
+    p.add_argument("--shapes", default=SHAPES, help=f"in x out, comma list (default {SHAPES})")
+    p.add_argument("-n", "--rows", default="1,4", help="rows of x, comma list (default 1,4)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("-r", "--repetitions", type=int, default=9)
+    p.add_argument("--footprint-mb", type=int, default=1024)
+    p.add_argument("--generic", action="store_true",
+                   help="also time the generic decode-and-dot path of the fast types")
+    args = p.parse_args(argv)
+    numba.set_num_threads(args.threads)
+    rng = np.random.default_rng(0)
+    footprint = args.footprint_mb << 20
+    print(f"threads {args.threads}, footprint {args.footprint_mb} MB per setting, "
+          f"load {os.getloadavg()[0]:.2f}")
+    print("| type | in x out | N | path | us/call | GB/s median [min-max] | "
+          "bound GB/s median [min-max] | % of bound |")
+    print("|---|---|---:|---|---:|---|---:|---:|")
+    words = np.ones(footprint // 8, dtype=np.uint64)
+    for qtype in args.types.split(","):
+        for shape in args.shapes.split(","):
+            n_in, n_out = (int(s) for s in shape.split("x"))
+            if n_in % GGUF_BLOCK_TYPES[qtype][0]:
+                print(f"| {qtype} | {shape} | - | in is not a multiple of the block | | | | |")
+                continue
+            ws = weights(qtype, n_in, n_out, footprint, rng)
+            paths = [False] + ([True] if args.generic and qtype in FAST_KERNELS else [])
+            for n in (int(s) for s in args.rows.split(",")):
+                x = rng.standard_normal((n, n_in)).astype(np.float32)
+                for generic in paths:
+                    print(row(ws, x, generic, words, args.repetitions), flush=True)
+            del ws
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
