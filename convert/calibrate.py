@@ -44,7 +44,13 @@ from stream_run.kernels.gptq import (
     inverse_hessian_factor,
 )
 from stream_run.kernels.numpy_backend import NumpyBackend
-from stream_run.kernels.quant import HalfWeight, QuantizedWeight, dequantize, half_to_float32
+from stream_run.kernels.quant import (
+    BlockWeight,
+    HalfWeight,
+    QuantizedWeight,
+    dequantize,
+    half_to_float32,
+)
 from stream_run.loaders import EMBED, HEAD, HostTensor, ModelSpec, layer_key
 from stream_run.models import model_class
 from stream_run.models.base import Batch, SeqRows
@@ -303,4 +309,8 @@ def as_float32(w: Any) -> Any:
         return dequantize(w)
     if isinstance(w, HalfWeight):
         return half_to_float32(w)
+    if isinstance(w, BlockWeight):
+        from stream_run.kernels.gguf_blocks import dequantize_rows
+
+        return dequantize_rows(w)
     return w

@@ -1,29 +1,85 @@
-"""Raw stored bytes (uint8 arrays) to compute arrays: dense floats (2-D F16/BF16 kept at 16 bits),
-and GGUF blocks to affine form.
+"""Raw stored bytes (uint8 arrays) to compute arrays, decided tensor by tensor by one table
+(FORMATS: storage dtype -> compute form on each backend).
 
-GGUF Q4_0, Q4_1 and Q8_0 are affine with 32-element groups, so they map onto MLX's packed form
-losslessly: dequantize(gguf_to_affine(raw)) equals GGUF's own dequantization bit for bit (the
-products d * q are exact in float32, so scales * q + biases rounds the same way).
+- Dense F32 stays float32; 2-D F16/BF16 matrices stay 16-bit (HalfWeight), 1-D ones widen.
+- MLX affine triples (U32 words + scales + biases) stay packed (QuantizedWeight).
+- GGUF block types, on the numpy backend, stay the bytes as read (BlockWeight): the kernels
+  of kernels/gguf_blocks.py compute on the blocks; nothing is converted or widened at read.
+- GGUF blocks on MLX: the types whose blocks are affine over 32 elements (Q4_0, Q4_1, Q5_0,
+  Q5_1, Q8_0, Q4_K, Q5_K) map onto MLX's packed form losslessly at read (gguf_to_affine:
+  dequantize(gguf_to_affine(raw)) equals gguf-py's dequantization bit for bit: d * q and the
+  K-quants' d * sc are exact in float32, so scales * q + biases rounds the same way). Q2_K,
+  Q3_K and Q6_K scale 16-element sub-blocks, a group size MLX has not: they are dequantized at
+  read to float16 (2 bytes a weight against their 2.6-6.6 bits, and the rounding of float16).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from stream_run.kernels.quant import HALF_DTYPES, HalfWeight, QuantizedWeight, check_quantized
+from stream_run.kernels.quant import (
+    GGUF_BLOCK_TYPES,
+    HALF_DTYPES,
+    BlockWeight,
+    HalfWeight,
+    QuantizedWeight,
+    check_quantized,
+    pack,
+)
 
 DENSE_DTYPES = ("F32", "F16", "BF16")
 GGUF_BLOCK = 32
-# dtype -> (bits, bytes per 32-element block)
-GGUF_TYPES = {"Q4_0": (4, 18), "Q4_1": (4, 20), "Q8_0": (8, 34)}
+# GGUF types that are affine over 32-element groups: dtype -> (bits, bytes per 32 elements as
+# stored, the K-quants' super-block header shared out). The MLX backend maps these losslessly.
+GGUF_TYPES = {"Q4_0": (4, 18), "Q4_1": (4, 20), "Q8_0": (8, 34), "Q5_0": (5, 22),
+              "Q5_1": (5, 24), "Q4_K": (4, 18), "Q5_K": (5, 22)}
+# GGUF types with 16-element sub-block scales (no MLX group size): float16 at read on MLX.
+GGUF_HALF_ON_MLX = ("Q2_K", "Q3_K", "Q6_K")
+
+
+@dataclass(frozen=True)
+class Format:
+    """How one storage dtype is computed, on each backend."""
+
+    storage: str  # "dense" | "half" | "mlx-affine" | "gguf-blocks"
+    numpy: str
+    mlx: str
+    mlx_exact: bool  # the MLX compute form holds the stored values exactly
+
+
+def _gguf_format(dtype: str) -> Format:
+    if dtype in GGUF_TYPES:
+        bits = GGUF_TYPES[dtype][0]
+        return Format("gguf-blocks", "BlockWeight: the blocks as read",
+                      f"QuantizedWeight, {bits}-bit affine, group 32, float32 scales", True)
+    return Format("gguf-blocks", "BlockWeight: the blocks as read",
+                  "float16 (dequantized at read)", False)
+
+
+FORMATS: dict[str, Format] = {
+    "F32": Format("dense", "float32, a view of the read buffer", "mx.float32", True),
+    "F16": Format("half", "2-D: HalfWeight (float16, widened inside the ops); 1-D: float32",
+                  "2-D: mx.float16; 1-D: float32", True),
+    "BF16": Format("half", "2-D: HalfWeight (bf16 bits, widened inside the ops); 1-D: float32",
+                   "2-D: mx.bfloat16; 1-D: float32", True),
+    "U32": Format("mlx-affine", "QuantizedWeight: packed words as read, float16/32 scales",
+                  "QuantizedWeight (mx.quantized_matmul)", True),
+    **{dtype: _gguf_format(dtype) for dtype in GGUF_BLOCK_TYPES},
+}
 
 
 def _check_size(data: np.ndarray, nbytes: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    if data.size < nbytes:
+        raise ValueError(
+            f"{dtype} tensor of shape {tuple(shape)} is truncated: got {data.size} of its "
+            f"{nbytes} bytes; hint: the file is truncated or its header is wrong"
+        )
     if data.size != nbytes:
         raise ValueError(
             f"{dtype} tensor of shape {tuple(shape)}: got {data.size} bytes, expected {nbytes}; "
@@ -52,18 +108,18 @@ def to_float32(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarr
 
 
 def _blocks(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    """Raw bytes -> (out * in / 32, block bytes) uint8, after checking shape and size."""
-    if dtype not in GGUF_TYPES:
+    """Raw bytes -> (n_blocks, block bytes) uint8, after checking shape and size."""
+    if dtype not in GGUF_BLOCK_TYPES:
         raise ValueError(
-            f"dtype {dtype!r} is not a GGUF block type; expected one of {tuple(GGUF_TYPES)}"
+            f"dtype {dtype!r} is not a GGUF block type; expected one of {tuple(GGUF_BLOCK_TYPES)}"
         )
-    if len(shape) != 2 or shape[1] % GGUF_BLOCK:
+    block, block_bytes = GGUF_BLOCK_TYPES[dtype]
+    if len(shape) != 2 or shape[1] % block:
         raise ValueError(
             f"{dtype} tensor of shape {tuple(shape)}: expected 2-D (out, in) with in a multiple "
-            f"of {GGUF_BLOCK}"
+            f"of {block}"
         )
-    block_bytes = GGUF_TYPES[dtype][1]
-    n_blocks = shape[0] * shape[1] // GGUF_BLOCK
+    n_blocks = shape[0] * shape[1] // block
     raw = _check_size(data, n_blocks * block_bytes, dtype, shape)
     return raw.reshape(n_blocks, block_bytes)
 
@@ -73,41 +129,98 @@ def _f16(blocks: np.ndarray, at: int) -> np.ndarray:
     return np.ascontiguousarray(blocks[:, at : at + 2]).view("<f2")[:, 0].astype(np.float32)
 
 
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """ggml's 4-bit order: (nb, 16k) bytes -> (nb, 32k) codes, per 16 bytes the 16 low
+    nibbles, then the 16 high ones (a 32-element run)."""
+    runs = qs.reshape(qs.shape[0], -1, 16)
+    codes = np.concatenate([runs & np.uint8(15), runs >> np.uint8(4)], axis=2)
+    return codes.reshape(qs.shape[0], -1)
+
+
+def _k_scales(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's 12 scale bytes -> the 8 sub-blocks' 6-bit scales and mins (nb, 8) each."""
+    sc = np.empty((scales.shape[0], 8), np.uint8)
+    mn = np.empty_like(sc)
+    sc[:, :4] = scales[:, 0:4] & np.uint8(63)
+    mn[:, :4] = scales[:, 4:8] & np.uint8(63)
+    sc[:, 4:] = (scales[:, 8:12] & np.uint8(15)) | ((scales[:, 0:4] >> np.uint8(6)) << np.uint8(4))
+    mn[:, 4:] = (scales[:, 8:12] >> np.uint8(4)) | ((scales[:, 4:8] >> np.uint8(6)) << np.uint8(4))
+    return sc, mn
+
+
+def _high_bits(qh: np.ndarray, n: int) -> np.ndarray:
+    """Q5_0/Q5_1: the little-endian 32-bit qh -> (nb, 32) fifth bits of elements 0..31."""
+    word = np.ascontiguousarray(qh).view("<u4")[:, :1]
+    return ((word >> np.arange(n, dtype=np.uint32)) & np.uint32(1)).astype(np.uint8)
+
+
+def _affine_codes(blocks: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GGUF blocks -> (codes (nb, block) uint8, scales, biases (nb, block // 32) float32), with
+    w = scales * code + biases per 32 elements exactly as ggml dequantizes them."""
+    d = _f16(blocks, 0)[:, None]
+    if dtype == "Q8_0":  # int8 q -> q + 128 as uint8
+        return blocks[:, 2:] ^ np.uint8(0x80), d, np.float32(-128) * d
+    if dtype in ("Q4_0", "Q4_1"):
+        q = _nibbles(blocks[:, -16:])
+        return q, d, (np.float32(-8) * d if dtype == "Q4_0" else _f16(blocks, 2)[:, None])
+    if dtype in ("Q5_0", "Q5_1"):
+        at = 2 if dtype == "Q5_0" else 4
+        q = _nibbles(blocks[:, at + 4:]) | (_high_bits(blocks[:, at:at + 4], 32) << np.uint8(4))
+        return q, d, (np.float32(-16) * d if dtype == "Q5_0" else _f16(blocks, 2)[:, None])
+    # Q4_K / Q5_K: 8 sub-blocks of 32, w = d * sc * q - dmin * m
+    dmin = _f16(blocks, 2)[:, None]
+    sc, mn = _k_scales(blocks[:, 4:16])
+    scales = d * sc.astype(np.float32)
+    biases = -(dmin * mn.astype(np.float32))
+    qs = blocks[:, -128:].reshape(-1, 4, 32)  # chunk i: sub-block 2i low, 2i + 1 high nibbles
+    q = np.stack([qs & np.uint8(15), qs >> np.uint8(4)], axis=2)  # (nb, 4, 2, 32)
+    if dtype == "Q5_K":
+        qh = blocks[:, 16:48]  # bit 2i (low) and 2i + 1 (high) of byte l: element l's fifth bit
+        shifts = np.arange(8, dtype=np.uint8).reshape(4, 2, 1)
+        q = q | (((qh[:, None, None, :] >> shifts) & np.uint8(1)) << np.uint8(4))
+    return q.reshape(-1, 256), scales, biases
+
+
+def _pack_rows(q: np.ndarray, bits: int) -> np.ndarray:
+    """quant.pack's layout, without its 8-byte-per-element temporaries for 4 and 8 bits (and in
+    row chunks of 1M elements for 5)."""
+    if bits == 8:
+        return np.ascontiguousarray(q).view("<u4")
+    if bits == 4:
+        return np.ascontiguousarray(q[:, 0::2] | (q[:, 1::2] << np.uint8(4))).view("<u4")
+    step = max(1, (1 << 20) // q.shape[1])
+    return np.concatenate([pack(q[r:r + step], bits) for r in range(0, q.shape[0], step)])
+
+
 def gguf_to_affine(
     data: np.ndarray, dtype: str, shape: tuple[int, ...], half_scales: bool = False
 ) -> QuantizedWeight:
-    """GGUF Q4_0/Q4_1/Q8_0 bytes of an (out, in) tensor -> QuantizedWeight (group size 32).
+    """GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K bytes of an (out, in) tensor -> QuantizedWeight
+    (group size 32; 4, 5 or 8 bits), lossless.
 
-    Scales and biases are float32, or with half_scales float16, which holds every GGUF scale
-    (stored as f16) and bias exactly; a bias that is not exact in float16 (-128 d overflows
-    for d > 511.98) keeps that tensor's biases float32.
+    Scales and biases are float32, or with half_scales float16 where every one is exact in
+    float16 (a Q4_0/Q8_0 bias -8 d / -128 d overflows it for large d; K-quant products d * sc
+    need up to 17 bits): then that tensor keeps float32.
 
     Raises:
         ValueError: unsupported dtype, shape not (out, in) with in % 32 == 0, or wrong size.
     """
+    if dtype not in GGUF_TYPES:
+        raise ValueError(
+            f"dtype {dtype!r} has no lossless affine form; expected one of {tuple(GGUF_TYPES)}")
     blocks = _blocks(data, dtype, shape)
     out, n_in = shape
-    d = _f16(blocks, 0)
-    if dtype == "Q8_0":
-        q_bytes = blocks[:, 2:] ^ np.uint8(0x80)  # int8 q -> q + 128 as uint8: 8-bit stream
-        scales, biases = d, np.float32(-128) * d
-    else:
-        qs = blocks[:, -16:]
-        # GGUF: low nibbles are elements 0..15, high nibbles 16..31; affine packs element j at
-        # bits 4j, i.e. byte t holds elements 2t (low) and 2t+1 (high).
-        vals = np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=1)  # (nb, 32)
-        q_bytes = vals[:, 0::2] | (vals[:, 1::2] << np.uint8(4))  # (nb, 16)
-        if dtype == "Q4_0":
-            scales, biases = d, np.float32(-8) * d
-        else:
-            scales, biases = d, _f16(blocks, 2)
-    packed = np.ascontiguousarray(q_bytes).reshape(out, -1).view("<u4")
+    q, scales, biases = _affine_codes(blocks, dtype)
+    bits = GGUF_TYPES[dtype][0]
+    packed = _pack_rows(q.reshape(out, n_in), bits)
     groups = n_in // GGUF_BLOCK
     scales, biases = (a.reshape(out, groups).astype(np.float32) for a in (scales, biases))
     if half_scales:
-        scales, biases = scales.astype(np.float16), _half_if_exact(biases)
+        half_s = _half_if_exact(scales)
+        if half_s.dtype == np.float16:
+            scales, biases = half_s, _half_if_exact(biases)
     return QuantizedWeight(packed.astype(np.uint32, copy=False), scales, biases,
-                           bits=GGUF_TYPES[dtype][0], group_size=GGUF_BLOCK)
+                           bits=bits, group_size=GGUF_BLOCK)
 
 
 def _half_if_exact(a: np.ndarray) -> np.ndarray:
@@ -195,17 +308,19 @@ def _packed_u32(name: str, t: Any) -> np.ndarray:
 
 
 def prepare_unit(
-    tensors: Mapping[str, Any], quantization: Mapping[str, Any] | None, half_scales: bool = False
-) -> dict[str, np.ndarray | QuantizedWeight | HalfWeight]:
-    """One unit's raw tensors -> host compute form (float32 arrays, numpy Quantized/HalfWeights).
+    tensors: Mapping[str, Any], quantization: Mapping[str, Any] | None, half_scales: bool = False,
+    blocks: bool = False,
+) -> dict[str, Prepared]:
+    """One unit's raw tensors -> host compute form, by FORMATS.
 
     MLX triples "x.weight" (U32) + "x.scales" + "x.biases" become one QuantizedWeight under
     "x.weight" (scales and biases widened to float32; with half_scales, F16 ones stay float16
-    views of the raw bytes); GGUF Q4_0/Q4_1/Q8_0 become QuantizedWeights (float16 scales and
-    biases with half_scales, see gguf_to_affine); 2-D F16/BF16 matrices become HalfWeights,
-    which may be views of the raw buffers (keeping them alive), as may F32 tensors, except in a
-    unit with GGUF blocks (there they are copied so the buffer can go); 1-D F16/BF16 tensors
-    become new float32 arrays.
+    views of the raw bytes). GGUF block tensors: with blocks (the numpy backend) a BlockWeight,
+    a view of the raw bytes; without, a lossless QuantizedWeight (gguf_to_affine) or, for
+    Q2_K/Q3_K/Q6_K, a float16 HalfWeight (the MLX backend). 2-D F16/BF16 matrices become
+    HalfWeights, which may be views of the raw buffers (keeping them alive), as may F32
+    tensors, except in a unit with converted GGUF blocks (there they are copied so the buffer
+    can go); 1-D F16/BF16 tensors become new float32 arrays.
 
     Raises:
         ValueError: names the tensor: unknown dtype, missing scales/biases, bad shapes or sizes.
@@ -233,9 +348,9 @@ def prepare_unit(
     for name, t in tensors.items():
         if name in consumed or name in out:
             continue
-        if t.dtype in GGUF_TYPES:
+        if t.dtype in GGUF_BLOCK_TYPES:
             try:
-                out[name] = gguf_to_affine(t.data, t.dtype, t.shape, half_scales)
+                out[name] = _gguf(t, blocks, half_scales)
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
         elif t.dtype in HALF_DTYPES and len(t.shape) == 2:
@@ -244,14 +359,40 @@ def prepare_unit(
             out[name] = _dense(name, t)
         else:
             raise ValueError(f"{name}: {no_compute_form(t.dtype)}")
-    if any(t.dtype in GGUF_TYPES for t in tensors.values()):
+    if not blocks and any(t.dtype in GGUF_BLOCK_TYPES for t in tensors.values()):
         # GGUF blocks are converted, so nothing else should pin the raw buffer: one small norm
         # kept as a view would hold every block byte beside its converted form.
         out = {k: _owned(v) for k, v in out.items()}
     return out
 
 
-Prepared = np.ndarray | QuantizedWeight | HalfWeight
+def _gguf(t: Any, blocks: bool, half_scales: bool) -> Prepared:
+    shape = tuple(int(d) for d in t.shape)
+    if len(shape) == 2 and blocks:
+        return BlockWeight(block_rows(t.data, t.dtype, shape), t.dtype, shape[1])
+    if len(shape) == 2 and t.dtype in GGUF_TYPES:
+        return gguf_to_affine(t.data, t.dtype, shape, half_scales)
+    # 16-element sub-blocks on MLX, or a 1-D block tensor: dequantized at read
+    flat = shape if len(shape) == 2 else (1, math.prod(shape))
+    from stream_run.kernels.gguf_blocks import dequantize_rows  # numba: compiled on first use
+
+    w = dequantize_rows(BlockWeight(block_rows(t.data, t.dtype, flat), t.dtype, flat[1]))
+    if len(shape) != 2:
+        return w.reshape(shape)
+    return HalfWeight(w.astype(np.float16), "F16")
+
+
+def block_rows(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """GGUF block bytes of a (out, in) tensor -> a uint8 (out, row bytes) view, size-checked.
+
+    Raises:
+        ValueError: unknown type, in not a multiple of the block, or the wrong byte count
+            (a truncated tensor says so).
+    """
+    return _blocks(data, dtype, shape).reshape(shape[0], -1)
+
+
+Prepared = np.ndarray | QuantizedWeight | HalfWeight | BlockWeight
 
 
 def _owned(v: Prepared) -> Prepared:
@@ -265,9 +406,8 @@ def _owned(v: Prepared) -> Prepared:
 def no_compute_form(dtype: str) -> str:
     """Why a storage dtype cannot be prepared, with a hint for the GGUF types that
     stream-convert can repack (K-quants and friends are dequantized there, not per token)."""
-    runnable = (*DENSE_DTYPES, "U32", *GGUF_TYPES)
-    if dtype.startswith(("Q", "IQ", "TQ")):
-        return (f"GGUF type {dtype} has no compute form in this engine (GGUF types that run "
-                f"directly: {', '.join(GGUF_TYPES)}); hint: convert the model first: "
-                "stream-convert MODEL OUT")
+    runnable = (*DENSE_DTYPES, "U32", *GGUF_BLOCK_TYPES)
+    if dtype.startswith(("Q", "IQ", "TQ", "MXFP", "NVFP")):
+        return (f"GGUF type {dtype} has no compute form in this engine (GGUF types it runs: "
+                f"{', '.join(GGUF_BLOCK_TYPES)}); hint: use a GGUF quantized to one of those")
     return f"dtype {dtype!r} has no compute form; expected one of {runnable}"

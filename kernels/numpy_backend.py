@@ -1,5 +1,5 @@
 """The numpy backend (the CPU default): float32 numpy + BLAS, numba kernels on packed weights
-(quantized, and 16-bit dense weights widened on the fly)."""
+(MLX affine, GGUF blocks as read, and 16-bit dense weights widened on the fly)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from stream_run.kernels import fused
+from stream_run.kernels import fused, gguf_blocks
 from stream_run.kernels.formats import prepare_unit
 from stream_run.kernels.kv_cache import LayeredKVCache, Ring, layer_windows, window_mask
 from stream_run.kernels.numba_kernels import (
@@ -22,7 +22,7 @@ from stream_run.kernels.numba_kernels import (
     kernel_weight,
     qmatvec,
 )
-from stream_run.kernels.quant import HalfWeight, QuantizedWeight
+from stream_run.kernels.quant import BlockWeight, HalfWeight, QuantizedWeight
 
 # Up to this many rows of x (decode, small batches) a quantized or 16-bit linear runs the fused
 # numba matvec; above it, widening blocks of the weight to float32 and calling BLAS is faster.
@@ -44,9 +44,14 @@ def check_ids(ids: np.ndarray, n_rows: int) -> np.ndarray:
     return ids.astype(np.int64, copy=False)
 
 
-def _float32_rows(w: QuantizedWeight | HalfWeight, rows: np.ndarray) -> np.ndarray:
+Packed = QuantizedWeight | HalfWeight | BlockWeight
+
+
+def _float32_rows(w: Packed, rows: np.ndarray) -> np.ndarray:
     if isinstance(w, HalfWeight):
         return half_rows(w.data, w.dtype, rows)
+    if isinstance(w, BlockWeight):
+        return gguf_blocks.dequantize_rows(w, rows)
     return dequantize_rows(w.packed, w.scales, w.biases, w.bits, w.group_size, rows)
 
 
@@ -213,7 +218,7 @@ class NumpyBackend:
     def prepare(
         self, tensors: Mapping[str, Any], quantization: Mapping[str, Any] | None
     ) -> dict[str, Any]:
-        return prepare_unit(tensors, quantization, self.half_scales)
+        return prepare_unit(tensors, quantization, self.half_scales, blocks=True)
 
     def nbytes(self, prepared: Mapping[str, Any]) -> int:
         return sum(int(v.nbytes) for v in prepared.values())
@@ -231,14 +236,14 @@ class NumpyBackend:
                 table.packed, table.scales, table.biases, table.bits, table.group_size, ids
             )
             return rows.reshape(*ids.shape, table.shape[1])
-        if isinstance(table, HalfWeight):
-            return half_rows(table.data, table.dtype, ids).reshape(*ids.shape, table.shape[1])
+        if isinstance(table, (HalfWeight, BlockWeight)):
+            return _float32_rows(table, ids.reshape(-1)).reshape(*ids.shape, table.shape[1])
         return table[ids]
 
     def linear(self, x: np.ndarray, w: Any, bias: np.ndarray | None = None) -> np.ndarray:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        if isinstance(w, (QuantizedWeight, HalfWeight)):
+        if isinstance(w, (QuantizedWeight, HalfWeight, BlockWeight)):
             y = self._packed_linear(x2, w)
         else:
             y = x2 @ w.T  # BLAS sgemm with a transposed operand: no copy of w
@@ -246,13 +251,15 @@ class NumpyBackend:
             y += bias
         return y.reshape(*lead, y.shape[-1])
 
-    def _packed_linear(self, x: np.ndarray, w: QuantizedWeight | HalfWeight) -> np.ndarray:
+    def _packed_linear(self, x: np.ndarray, w: Packed) -> np.ndarray:
         n_out, n_in = w.shape
         if x.shape[1] != n_in:
             raise ValueError(f"linear: x has {x.shape[1]} features, weight {w.shape} wants {n_in}")
         if x.shape[0] <= MATVEC_MAX_ROWS:
             if isinstance(w, HalfWeight):
                 return half_matvec(x, w.data, w.dtype)
+            if isinstance(w, BlockWeight):
+                return gguf_blocks.matvec(np.ascontiguousarray(x, dtype=np.float32), w)
             return qmatvec(x, w.packed, w.scales, w.biases, w.bits, w.group_size)
         x = np.ascontiguousarray(x, dtype=np.float32)
         y = np.empty((x.shape[0], n_out), dtype=np.float32)

@@ -6,8 +6,9 @@ weights stay packed (uint32 words) with float32 scales and biases per group, or 
 where the backend keeps them so (half_scales: numpy on a CPU that widens float16 in hardware,
 for GGUF blocks and F16-stored MLX scales). 1-D F16/BF16 tensors (norms, biases) and F32 are
 float32. The cache reserves this many bytes before a read starts, so the figure must equal what
-prepare() produces (one known exception: a GGUF Q8_0/Q4_0 tensor whose biases overflow float16
-keeps them float32, see formats.gguf_to_affine).
+prepare() produces. GGUF block tensors: a backend whose compute forms view the read buffer
+(numpy) keeps their bytes as read (blocks=True); the others (MLX) hold them as
+formats.prepare_unit converts them: lossless affine (float32 scales and biases), or float16.
 """
 
 from __future__ import annotations
@@ -16,23 +17,25 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from stream_run.kernels.formats import no_compute_form
+from stream_run.kernels.formats import GGUF_TYPES, no_compute_form
+from stream_run.kernels.quant import GGUF_BLOCK_TYPES
 
-GGUF_AFFINE = {"Q4_0": (4, 32), "Q4_1": (4, 32), "Q8_0": (8, 32)}  # -> (bits, group_size)
 DENSE_DTYPES = ("F32", "F16", "BF16")
 HALF_DTYPES = ("F16", "BF16")
 
 
 def prepared_nbytes(
     dtype: str, shape: tuple[int, ...], quant_bits: int | None = None, *, widened: bool = False,
-    half_scales: bool = False,
+    half_scales: bool = False, blocks: bool = False,
 ) -> int:
     """Compute-form bytes of one stored tensor.
 
     widened=True: a dense tensor that prepare() widens to float32 whatever its shape, which is
     what happens to the scales and biases of an MLX-packed weight (dtype "U32"; its packed
     words are kept as they are). unit_nbytes() applies that rule by name.
-    half_scales=True: GGUF blocks become float16 scales and biases, 2 bytes each.
+    blocks=True: a 2-D GGUF block tensor stays its stored bytes. Otherwise the GGUF_TYPES
+    become affine (half_scales=True: float16 scales and biases where exact, which the size
+    counts them as), the rest float16; a 1-D block tensor becomes float32.
     """
     n = math.prod(shape)
     if dtype in HALF_DTYPES and len(shape) == 2 and not widened:
@@ -41,9 +44,15 @@ def prepared_nbytes(
         return 4 * n
     if dtype == "U32":
         return 4 * n
-    if dtype in GGUF_AFFINE:
-        bits, group = GGUF_AFFINE[dtype]
-        return n * bits // 8 + 2 * (2 if half_scales else 4) * (n // group)
+    if dtype in GGUF_BLOCK_TYPES:
+        block, block_bytes = GGUF_BLOCK_TYPES[dtype]
+        if len(shape) != 2:
+            return 4 * n
+        if blocks:
+            return n // block * block_bytes
+        if dtype in GGUF_TYPES:
+            return n * GGUF_TYPES[dtype][0] // 8 + 2 * (2 if half_scales else 4) * (n // 32)
+        return 2 * n
     raise ValueError(no_compute_form(dtype))
 
 
@@ -61,10 +70,8 @@ def _viewed(tensors: Mapping[str, Any], half_scales: bool) -> bool:
     """Whether prepare() on a view-making backend keeps views of the read buffer: packed U32
     words, F32 tensors and 2-D F16/BF16 matrices stay in the buffer (when aligned, as the
     reader's buffers and safetensors offsets make them), as do F16 scales and biases with
-    half_scales; everything else is converted. A unit with GGUF blocks keeps no views
-    (prepare_unit copies its dense tensors)."""
-    if any(t.dtype in GGUF_AFFINE for t in tensors.values()):
-        return False
+    half_scales, and 2-D GGUF block tensors (computed on as read); everything else is
+    converted."""
     companions = _companions(tensors)
     return any(_is_view(name, t, companions, half_scales) for name, t in tensors.items())
 
@@ -72,14 +79,17 @@ def _viewed(tensors: Mapping[str, Any], half_scales: bool) -> bool:
 def _is_view(name: str, t: Any, companions: set[str], half_scales: bool) -> bool:
     if name in companions:
         return t.dtype == "F32" or (half_scales and t.dtype == "F16")
-    return t.dtype in ("U32", "F32") or (t.dtype in HALF_DTYPES and len(tuple(t.shape)) == 2)
+    two_d = len(tuple(t.shape)) == 2
+    return t.dtype in ("U32", "F32") or (two_d and t.dtype in (*HALF_DTYPES, *GGUF_BLOCK_TYPES))
 
 
-def _tensor_nbytes(name: str, t: Any, companions: set[str], half_scales: bool) -> int:
+def _tensor_nbytes(name: str, t: Any, companions: set[str], half_scales: bool,
+                   blocks: bool = False) -> int:
     shape = tuple(t.shape)
     if name in companions and half_scales and t.dtype == "F16":
         return 2 * math.prod(shape)  # kept as float16
-    return prepared_nbytes(t.dtype, shape, widened=name in companions, half_scales=half_scales)
+    return prepared_nbytes(t.dtype, shape, widened=name in companions, half_scales=half_scales,
+                           blocks=blocks)
 
 
 def held_nbytes(tensors: Mapping[str, Any], views_raw: bool, half_scales: bool = False) -> int:
@@ -112,17 +122,18 @@ def transient_nbytes(
     return sum(int(t.nbytes) for t in tensors.values())
 
 
-def unit_nbytes(tensors: Mapping[str, Any], half_scales: bool = False) -> int:
+def unit_nbytes(tensors: Mapping[str, Any], half_scales: bool = False,
+                blocks: bool = False) -> int:
     """Compute-form bytes of one unit: {name: object with .dtype and .shape}, as prepare() takes.
 
     "x.scales" / "x.biases" next to a U32 "x.weight" are widened to float32 (2-D or not), or
-    with half_scales kept as they are when F16.
+    with half_scales kept as they are when F16. blocks: GGUF block tensors stay as stored.
     """
     companions = _companions(tensors)
     total = 0
     for name, t in tensors.items():
         try:
-            total += _tensor_nbytes(name, t, companions, half_scales)
+            total += _tensor_nbytes(name, t, companions, half_scales, blocks)
         except ValueError as exc:
             raise ValueError(f"tensor {name!r}: {exc}") from None
     return total

@@ -23,8 +23,7 @@ from stream_run.loaders.spec import ModelSpec
 GGUF_MAGIC = b"GGUF"
 BLOCK = "layers.{bid}"  # == layer_key(bid)
 
-# The engine runs F32/F16/BF16/Q4_0/Q4_1/Q8_0 directly (kernels/formats.py); the other types
-# open so that stream-convert can dequantize them (gguf-py) and repack them.
+# The types the engine computes (kernels/formats.py FORMATS); stream-convert reads them too.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0",
                    "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # Metadata read for any architecture that has it: {arch}.<key> -> HF config field. A
@@ -150,6 +149,9 @@ def _read_header(path: str) -> tuple[dict[str, Any], dict[str, tuple]]:
         )
     import gguf  # deferred: only GGUF users pay for the import
 
+    from stream_run.loaders.gguf_bounds import check_bounds
+
+    check_bounds(path)  # gguf-py would walk a corrupt array count for minutes
     problem = None
     try:
         reader = gguf.GGUFReader(path, "r")

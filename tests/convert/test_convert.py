@@ -13,7 +13,7 @@ import pytest
 from gguf import GGMLQuantizationType as QT
 
 from stream_run.convert.convert import convert_model
-from stream_run.engine import Engine, EngineConfig, FormatError, GenerationParams
+from stream_run.engine import Engine, EngineConfig, GenerationParams
 from stream_run.engine.errors import ConvertError
 from stream_run.kernels.quant import quantize, quantize_search
 from stream_run.loaders.tokenizer import load_tokenizer_dir
@@ -284,13 +284,15 @@ def gguf_types() -> dict[str, QT]:
 
 
 @pytest.mark.parametrize("bits, group, lossless, quantizer", [
-    (8, 32, {QT.Q8_0, QT.Q4_0, QT.Q4_1}, "rtn"), (4, 32, {QT.Q4_0, QT.Q4_1}, "mse"),
+    (8, 32, {QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K}, "rtn"),
+    (4, 32, {QT.Q4_0, QT.Q4_1, QT.Q4_K}, "mse"),
     (8, 64, set(), "mse"), (4, 64, set(), "rtn")])
 def test_gguf_blocks_convert_in_hf_layout(kquant_gguf, tmp_path, bits, group, lossless,
                                           quantizer):
-    """Each weight as gguf-py dequantizes it (q/k un-permuted to HF rows): affine block types
-    (group 32) at no more bits than the target and group 32 are copied exactly, K-quants and
-    the rest requantized by the quantizer asked for."""
+    """Each weight as gguf-py dequantizes it (q/k un-permuted to HF rows): the types that are
+    affine over 32 elements (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K) at no more bits than a
+    group-32 target are copied exactly; Q2_K/Q3_K/Q6_K and the rest are requantized by the
+    quantizer asked for."""
     path, hf = kquant_gguf
     out = tmp_path / "out"
     manifest = convert(path, out, bits=bits, group_size=group, quantizer=quantizer)
@@ -341,14 +343,6 @@ def test_gguf_blocks_at_their_own_bits_convert_losslessly_end_to_end(tmp_path):
     for name, w in hf.items():
         np.testing.assert_array_equal(weights[name], w, err_msg=name)
     assert greedy(tmp_path / "out") == greedy(tmp_path / "q4.gguf")
-
-
-def test_kquant_gguf_needs_conversion_before_running(kquant_gguf):
-    path, _ = kquant_gguf
-    with pytest.raises(FormatError, match=r"kquant\.gguf: unit 'embed': tensor 'embed_tokens"
-                                          r"\.weight': GGUF type Q6_K has no compute form.*"
-                                          r"hint: convert the model first: stream-convert"):
-        asyncio.run(Engine.open(str(path), EngineConfig(backend="numpy")))
 
 
 # --- bad input ---------------------------------------------------------------------------

@@ -8,7 +8,13 @@ import pytest
 
 from stream_run import kernels
 from stream_run.kernels.formats import dequantize_gguf_reference
-from stream_run.kernels.quant import SUPPORTED_BITS, QuantizedWeight, dequantize, quantize
+from stream_run.kernels.quant import (
+    SUPPORTED_BITS,
+    BlockWeight,
+    QuantizedWeight,
+    dequantize,
+    quantize,
+)
 from stream_run.kernels.sizes import unit_nbytes
 
 BACKENDS = [
@@ -96,17 +102,21 @@ def test_prepare_matches_sizes_and_values(ops):
             "ffn.q8.weight",
         ]
     )
-    expected = unit_nbytes(tensors, ops.half_scales)
+    expected = unit_nbytes(tensors, ops.half_scales, blocks=ops.prepare_views_raw)
     assert ops.nbytes(prepared) == expected
     q = prepared["self_attn.q_proj.weight"]
     o = prepared["self_attn.o_proj.weight"]
     assert (q.bits, q.group_size, o.bits, o.group_size) == (4, 64, 8, 32)
-    # half_scales keeps F16-stored and GGUF scales float16; F32-stored ones stay float32
+    # half_scales keeps F16-stored scales float16; F32-stored ones stay float32. numpy keeps
+    # GGUF blocks as read; MLX maps Q8_0 onto its affine form.
     half = np.float16 if ops.half_scales else np.float32
     q8 = prepared["ffn.q8.weight"]
     if ops.name == "numpy":
-        assert (q.scales.dtype, q.biases.dtype, q8.scales.dtype, q8.biases.dtype) == (half,) * 4
+        assert (q.scales.dtype, q.biases.dtype) == (half,) * 2
         assert o.scales.dtype == o.biases.dtype == np.float32
+        assert isinstance(q8, BlockWeight) and q8.nbytes == tensors["ffn.q8.weight"].data.nbytes
+    else:
+        assert (q8.bits, q8.group_size) == (8, 32)
     np.testing.assert_array_equal(to_np(ops, q.packed), w_q.packed)
     np.testing.assert_array_equal(to_np(ops, q.scales), w_q.scales)
     np.testing.assert_array_equal(to_np(ops, o.biases), w_o.biases)
@@ -118,9 +128,9 @@ def test_prepare_matches_sizes_and_values(ops):
 
 
 def test_prepare_errors_name_the_tensor(ops):
-    with pytest.raises(ValueError, match=r"mlp.w.weight: GGUF type Q6_K has no compute form.*"
-                                         r"hint: convert the model first: stream-convert"):
-        ops.prepare({"mlp.w.weight": Raw("Q6_K", (1, 256), np.zeros(210, np.uint8))}, None)
+    with pytest.raises(ValueError, match=r"mlp.w.weight: GGUF type IQ2_XXS has no compute form"
+                                         r".*Q6_K.*hint: use a GGUF quantized to one of those"):
+        ops.prepare({"mlp.w.weight": Raw("IQ2_XXS", (1, 256), np.zeros(66, np.uint8))}, None)
     with pytest.raises(ValueError, match="mlp.w.weight: dtype 'I64' has no compute form"):
         ops.prepare({"mlp.w.weight": Raw("I64", (1, 4), np.zeros(32, np.uint8))}, None)
     qw = quantize(np.ones((4, 64), np.float32), 4, 64)

@@ -1,42 +1,49 @@
-"""Raw bytes -> arrays: dense floats, and GGUF Q4_0/Q4_1/Q8_0 -> affine form losslessly,
-checked against gguf-py's own dequantization."""
+"""Raw bytes -> arrays: dense floats, and the GGUF types that are affine over 32 elements
+(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K) -> affine form losslessly, checked against
+gguf-py's own dequantization."""
 
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, quants
 
 from stream_run.kernels.formats import dequantize_gguf_reference, gguf_to_affine, to_float32
-from stream_run.kernels.quant import dequantize
+from stream_run.kernels.quant import GGUF_BLOCK_TYPES, dequantize
 
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
+AFFINE_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K"]
 
 
 def random_blocks(rng, dtype, out, n_in):
-    """Random block bytes with f16 d (and m) in a sane range; some blocks zero-scaled."""
-    n_blocks = out * n_in // 32
-    raw = rng.integers(0, 256, (n_blocks, BLOCK_BYTES[dtype]), dtype=np.uint8)
+    """Random block bytes with f16 d (and m / dmin) in a sane range; some blocks zero-scaled
+    (the types whose f16 fields lead the block)."""
+    block, block_bytes = GGUF_BLOCK_TYPES[dtype]
+    n_blocks = out * n_in // block
+    raw = rng.integers(0, 256, (n_blocks, block_bytes), dtype=np.uint8)
     d = rng.uniform(-2, 2, n_blocks) * 10.0 ** rng.integers(-6, 3, n_blocks)
     d[::7] = 0.0  # zero blocks
     raw[:, 0:2] = d.astype("<f2").view(np.uint8).reshape(n_blocks, 2)
-    if dtype == "Q4_1":
+    if dtype in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"):
         m = rng.uniform(-4, 4, n_blocks).astype("<f2")
         raw[:, 2:4] = m.view(np.uint8).reshape(n_blocks, 2)
     return raw
 
 
-@pytest.mark.parametrize("dtype", ["Q4_0", "Q4_1", "Q8_0"])
+@pytest.mark.parametrize("dtype", AFFINE_TYPES)
 def test_gguf_to_affine_is_lossless(dtype):
-    rng = np.random.default_rng(len(dtype) + ord(dtype[-1]))
-    out, n_in = 12, 256
+    rng = np.random.default_rng(len(dtype) + ord(dtype[-1]) + ord(dtype[1]))
+    out, n_in = 12, 512
     raw = random_blocks(rng, dtype, out, n_in)
     expected = quants.dequantize(raw.reshape(out, -1), GGMLQuantizationType[dtype])
     assert expected.shape == (out, n_in)
     qw = gguf_to_affine(raw.reshape(-1), dtype, (out, n_in))
-    bits = 8 if dtype == "Q8_0" else 4
+    bits = {"Q8_0": 8, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5}.get(dtype, 4)
     assert (qw.bits, qw.group_size, qw.shape) == (bits, 32, (out, n_in))
     assert qw.packed.dtype == np.uint32 and qw.scales.dtype == qw.biases.dtype == np.float32
     np.testing.assert_array_equal(dequantize(qw), expected)
-    np.testing.assert_array_equal(dequantize_gguf_reference(raw, dtype, (out, n_in)), expected)
+    half = gguf_to_affine(raw.reshape(-1), dtype, (out, n_in), half_scales=True)
+    np.testing.assert_array_equal(dequantize(half), expected)
+    if dtype in ("Q4_0", "Q4_1", "Q8_0"):
+        np.testing.assert_array_equal(dequantize_gguf_reference(raw, dtype, (out, n_in)),
+                                      expected)
 
 
 def test_q4_0_hand_built_block():
@@ -93,12 +100,16 @@ def test_to_float32_bf16():
 
 
 def test_errors_name_the_problem():
-    with pytest.raises(ValueError, match=r"got 10 bytes, expected 12"):
+    with pytest.raises(ValueError, match=r"truncated: got 10 of its 12 bytes"):
         to_float32(np.zeros(10, np.uint8), "F32", (3,))
+    with pytest.raises(ValueError, match=r"got 14 bytes, expected 12"):
+        to_float32(np.zeros(14, np.uint8), "F32", (3,))
     with pytest.raises(ValueError, match="not a dense float type"):
         to_float32(np.zeros(4, np.uint8), "Q4_0", (1,))
-    with pytest.raises(ValueError, match="not a GGUF block type"):
-        gguf_to_affine(np.zeros(18, np.uint8), "Q6_K", (1, 32))
+    with pytest.raises(ValueError, match="Q6_K.* has no lossless affine form"):
+        gguf_to_affine(np.zeros(210, np.uint8), "Q6_K", (1, 256))
+    with pytest.raises(ValueError, match="in a multiple of 256"):
+        gguf_to_affine(np.zeros(144, np.uint8), "Q4_K", (1, 32))
     with pytest.raises(ValueError, match="in a multiple of 32"):
         gguf_to_affine(np.zeros(18, np.uint8), "Q4_0", (1, 48))
     with pytest.raises(ValueError, match="truncated"):

@@ -244,9 +244,12 @@ def test_held_bytes_count_the_read_buffer_a_view_keeps_alive():
     assert transient_nbytes(widened_only, views_raw=True) == norm.size * 2
 
 
-def test_gguf_unit_keeps_no_view_of_its_read_buffer():
-    """A GGUF block unit is converted, so its F32 norm is copied: a view would keep every block
-    byte allocated beside the converted weights."""
+def test_gguf_unit_forms_and_sizes():
+    """With blocks (numpy) a GGUF unit keeps its blocks and its F32 norm as views of the one
+    read buffer: held = the raw bytes, nothing transient. Converted (MLX), the norm is copied
+    (a view would keep every block byte beside the converted weights) and the read buffer is
+    transient."""
+    from stream_run.kernels.quant import BlockWeight
     from stream_run.kernels.sizes import held_nbytes, transient_nbytes
     from tests.kernels.test_formats import random_blocks
 
@@ -258,8 +261,14 @@ def test_gguf_unit_keeps_no_view_of_its_read_buffer():
     norm[:] = rng.standard_normal(64)
     tensors = {"q.weight": Raw("Q4_1", (16, 64), buf[:blocks.size]),
                "n.weight": Raw("F32", (64,), buf[blocks.size:])}
+    viewed = prepare_unit(tensors, None, blocks=True)
+    assert isinstance(viewed["q.weight"], BlockWeight)
+    assert np.shares_memory(viewed["q.weight"].data, buf)
+    assert np.shares_memory(viewed["n.weight"], buf)
+    assert held_nbytes(tensors, views_raw=True) == buf.size
+    assert transient_nbytes(tensors, views_raw=True) == 0
     got = prepare_unit(tensors, None)
     assert not np.shares_memory(got["n.weight"], buf)
     np.testing.assert_array_equal(got["n.weight"], norm)
-    assert held_nbytes(tensors, views_raw=True) == unit_nbytes(tensors)
-    assert transient_nbytes(tensors, views_raw=True) == buf.size
+    assert held_nbytes(tensors, views_raw=False) == unit_nbytes(tensors)
+    assert transient_nbytes(tensors, views_raw=False) == buf.size

@@ -8,8 +8,9 @@ import pytest
 
 from stream_run.kernels import numpy_backend
 from stream_run.kernels.formats import dequantize_gguf_reference
+from stream_run.kernels.gguf_blocks import dequantize_rows
 from stream_run.kernels.numpy_backend import NumpyBackend
-from stream_run.kernels.quant import dequantize, quantize
+from stream_run.kernels.quant import BlockWeight, dequantize, quantize
 
 
 @dataclass
@@ -53,7 +54,8 @@ def test_gguf_unit_through_prepare(dtype):
     t = gguf_blocks(rng, dtype, 16, 96)
     w = NumpyBackend().prepare({"w.weight": t}, None)["w.weight"]
     ref = dequantize_gguf_reference(t.data, dtype, t.shape)
-    np.testing.assert_array_equal(dequantize(w), ref)
+    assert isinstance(w, BlockWeight) and np.shares_memory(w.data, t.data)
+    np.testing.assert_array_equal(dequantize_rows(w), ref)
     ops = NumpyBackend()
     ids = np.array([[15, 0, 3]])
     np.testing.assert_array_equal(ops.embed(w, ids), ref[ids])
@@ -75,7 +77,8 @@ def test_per_tensor_quantization_override_and_bad_size():
     assert (w.bits, w.group_size, w.shape) == (8, 32, (8, 64))
     np.testing.assert_array_equal(dequantize(w), dequantize(qw))
     tensors["mlp.up_proj.weight"].data = tensors["mlp.up_proj.weight"].data[:-4]
-    with pytest.raises(ValueError, match=r"mlp.up_proj.weight: U32 .*got 508 bytes, expected 512"):
+    with pytest.raises(ValueError, 
+                       match=r"mlp.up_proj.weight: U32 .*truncated: got 508 of its 512 bytes"):
         NumpyBackend().prepare(tensors, quantization)
 
 
