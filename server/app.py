@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -48,6 +49,14 @@ class ServerConfig:
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>"
     max_body_bytes: int = 4 * 2**20
     max_tokens_cap: int = 4096  # the largest max_tokens accepted, and the default
+    # a client that takes longer than this to send its body, or to take the next part of a
+    # streamed answer (its socket buffers full), is dropped and its generation cancelled
+    stall_timeout_s: float = 60.0  # inf: wait for ever
+
+    @property
+    def stall_limit_s(self) -> float | None:
+        """stall_timeout_s as asyncio.timeout takes it."""
+        return None if math.isinf(self.stall_timeout_s) else self.stall_timeout_s
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -56,6 +65,8 @@ class ServerConfig:
             raise ValueError(f"max_body_bytes must be > 0, got {self.max_body_bytes}")
         if self.max_tokens_cap <= 0:
             raise ValueError(f"max_tokens_cap must be > 0, got {self.max_tokens_cap}")
+        if not self.stall_timeout_s > 0:
+            raise ValueError(f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
 
 
 class ServerState:
@@ -98,6 +109,10 @@ class ServerState:
 
 
 STATE = web.AppKey("state", ServerState)
+# on shutdown: how long in-flight requests may run on before they are cancelled, and how long a
+# model load that is under way may take to finish (so its engine is closed, not leaked)
+SHUTDOWN_TIMEOUT_S = 2.0
+LOAD_WAIT_S = 30.0
 
 
 def make_app(config: ServerConfig, open_engine: Callable[[], Awaitable[Engine]]
@@ -119,6 +134,8 @@ async def _lifecycle(app: web.Application):
     state = app[STATE]
     loading = asyncio.get_running_loop().create_task(state.load(), name="load-model")
     yield
+    # the load runs in a thread that cannot be cancelled: let it finish, then close its engine
+    await asyncio.wait({loading}, timeout=LOAD_WAIT_S)
     loading.cancel()
     await asyncio.gather(loading, return_exceptions=True)
     if state.engine is not None:
@@ -209,7 +226,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _read_json(request: web.Request) -> Any:
-    raw = await request.read()  # raises 413 past client_max_size
+    timeout = request.app[STATE].config.stall_limit_s
+    try:
+        async with asyncio.timeout(timeout):
+            raw = await request.read()  # raises 413 past client_max_size
+    except TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s",
+                       code="request_timeout") from None
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -277,38 +300,60 @@ def _sse(obj: Any) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
+class _Stalled(Exception):
+    """The client has not taken a streamed part for stall_timeout_s."""
+
+
 async def _stream(request: web.Request, req: ParsedRequest, generation: Generation,
                   state: ServerState) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await resp.prepare(request)
-    if req.kind == "chat":
-        await resp.write(_sse(stream_chunk(req, "", first=True)))
+    timeout = state.config.stall_limit_s
+
+    async def send(obj: Any) -> None:
+        # write() waits while the socket's buffers are full: a client that stops reading would
+        # hold its batch slot, KV cache and handler for ever
+        try:
+            async with asyncio.timeout(timeout):
+                await resp.write(_sse(obj))
+        except TimeoutError:
+            raise _Stalled from None
+
     try:
-        async for chunk in generation:
-            if chunk.text:
-                await resp.write(_sse(stream_chunk(req, chunk.text)))
-            if chunk.finish_reason is not None:
-                await resp.write(_sse(stream_chunk(req, "", chunk.finish_reason)))
-                if req.include_usage and chunk.stats is not None:
-                    await resp.write(_sse(usage_chunk(req, chunk.stats.prompt_tokens,
-                                                      chunk.stats.generation_tokens)))
-        state.read_error = None
+        if req.kind == "chat":
+            await send(stream_chunk(req, "", first=True))
+        try:
+            async for chunk in generation:
+                if chunk.text:
+                    await send(stream_chunk(req, chunk.text))
+                if chunk.finish_reason is not None:
+                    await send(stream_chunk(req, "", chunk.finish_reason))
+                    if req.include_usage and chunk.stats is not None:
+                        await send(usage_chunk(req, chunk.stats.prompt_tokens,
+                                               chunk.stats.generation_tokens))
+            state.read_error = None
+        except ReadError as exc:  # headers are sent: the error goes in the stream
+            await send(_read_failed(state, exc).body())
+        except (ConnectionResetError, _Stalled):
+            raise
+        except Exception as exc:  # headers are sent: the error goes in the stream
+            log.exception("generation failed mid-stream")
+            await send(APIError(500, str(exc), "server_error").body())
+        await send("[DONE]")
+        await resp.write_eof()
     except ConnectionResetError:  # the client went away; leaving cancels the generation
-        return resp
-    except ReadError as exc:  # headers are sent: the error goes in the stream
-        await resp.write(_sse(_read_failed(state, exc).body()))
-    except Exception as exc:  # headers are sent: the error goes in the stream
-        log.exception("generation failed mid-stream")
-        await resp.write(_sse(APIError(500, str(exc), "server_error").body()))
-    await resp.write(_sse("[DONE]"))
-    await resp.write_eof()
+        pass
+    except _Stalled:
+        log.warning("a client took no streamed data for %g s; dropping it", timeout)
+        if request.transport is not None:
+            request.transport.abort()  # discards the buffered output
     return resp
 
 
 async def start_server(app: web.Application, host: str, port: int) -> web.AppRunner:
     """Start app listening on host:port (0: a free port); runner.addresses has the port."""
-    runner = web.AppRunner(app, handler_cancellation=True)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner
