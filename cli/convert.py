@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 
 from stream_run.cli.common import USER_ERRORS, OneLineParser
+from stream_run.cli.signals import exit_status, sigterm_raises
 from stream_run.convert.calibrate import DEFAULT_TOKENS, GPTQ
 from stream_run.convert.convert import QUANTIZER_NAMES, convert_model
 from stream_run.convert.repack import DEFAULT_QUANTIZER
@@ -64,20 +66,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--calibration-tokens must be >= 1, got {args.calibration_tokens}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     try:
-        manifest = convert_model(args.src, args.out, bits=args.bits, group_size=args.group_size,
-                                 recipe=args.recipe, force=args.force, progress=not args.quiet,
-                                 quantizer=args.quantizer, calibration=args.calibration,
-                                 calibration_tokens=args.calibration_tokens)
+        with sigterm_raises():  # so SIGTERM, too, removes the half-written output
+            manifest = convert_model(args.src, args.out, bits=args.bits,
+                                     group_size=args.group_size, recipe=args.recipe,
+                                     force=args.force, progress=not args.quiet,
+                                     quantizer=args.quantizer, calibration=args.calibration,
+                                     calibration_tokens=args.calibration_tokens)
     except (ConvertError, *USER_ERRORS) as exc:
         if args.verbose:
             log.exception("details")
         print(f"stream-convert: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\nstream-convert: interrupted; nothing was written", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        # the signal is held while OUT is swapped, so OUT is either as it was or complete
+        done = _written_since(args.out, started)
+        print(f"\nstream-convert: interrupted; {args.out} "
+              f"{'was written before it' if done else 'is as it was'}", file=sys.stderr)
+        return exit_status(exc)
     from stream_run.engine.config import format_size
 
     print(f"stream-convert: wrote {args.out}: {len(manifest['units'])} units, "
@@ -87,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
           f"re-quantized, in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0
 
+
+def _written_since(out: str, t: float) -> bool:
+    try:
+        return os.stat(os.path.join(out, "manifest.json")).st_mtime >= t
+    except OSError:
+        return False
 
 
 if __name__ == "__main__":

@@ -10,14 +10,20 @@ is built in a temp dir next to OUT and renamed into place only when complete.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from stream_run.convert.calibrate import (
@@ -138,9 +144,11 @@ def convert_model(src: str, out: str, *, bits: int = 4, group_size: int | None =
                                            for ps in plans.values() for p in ps)},
                     "nbytes": sum(u["nbytes"] for u in units.values()), "units": units}
         _write_json(os.path.join(tmp, MANIFEST), manifest)  # last: the dir is complete
-        _replace(tmp, out_abs)
+        with _signals_held():  # OUT is either as it was or complete, never half swapped
+            _replace(tmp, out_abs)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with _signals_held():  # a second Ctrl-C must not leave half the temp dir behind
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
 
@@ -168,7 +176,8 @@ def _write_units(index: LayerIndex, plans: dict[str, list[TensorPlan]], tmp: str
                 else gptq.convert(key, unit_plans, raw)
             del raw
             name = unit_file_name(key)
-            nbytes, digest = write_safetensors(os.path.join(tmp, name), tensors)
+            with _writing(os.path.join(tmp, name)):
+                nbytes, digest = write_safetensors(os.path.join(tmp, name), tensors)
             del tensors  # the unit's raw buffer returns to the reader's pool
             units[key] = {"file": name, "nbytes": nbytes, "sha256": digest, "tensors": entries}
             log.info("%s: %d bytes -> %d bytes", key, index.units[key].nbytes, nbytes)
@@ -229,7 +238,40 @@ def _replace(tmp: str, out_abs: str) -> None:
     except BaseException:
         os.rename(old, out_abs)
         raise
-    shutil.rmtree(old)
+    shutil.rmtree(old, ignore_errors=True)  # OUT is complete: this is only tidying up
+    if os.path.lexists(old):
+        log.warning("could not remove all of the previous output, left at %s", old)
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block ends, then act (main thread only: elsewhere
+    handlers cannot be set, and signals are handled in the main thread anyway)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {sig: signal.signal(sig, lambda n, _f: held.append(n))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        if held:
+            signal.raise_signal(held[0])
+
+
+@contextlib.contextmanager
+def _writing(path: str) -> Iterator[None]:
+    """An OSError while writing an output file names the file (write() and fsync() errors,
+    ENOSPC among them, carry no file name)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), path) from None
 
 
 def quantization_section(plans: dict[str, list[TensorPlan]]) -> dict[str, Any] | None:
@@ -284,10 +326,16 @@ def write_tokenizer(source: ModelSource, out_dir: str) -> None:
         for name in TOKENIZER_FILES:
             path = os.path.join(source.path, name)
             if os.path.exists(path):
-                shutil.copyfile(path, os.path.join(out_dir, name))
+                with _writing(os.path.join(out_dir, name)):
+                    shutil.copyfile(path, os.path.join(out_dir, name))
         return
     tok = source.tokenizer
-    tok.tokenizer.save(os.path.join(out_dir, "tokenizer.json"))
+    path = os.path.join(out_dir, "tokenizer.json")
+    try:
+        tok.tokenizer.save(path)
+    except Exception as exc:  # tokenizers raises a plain Exception: "... (os error 28)"
+        code = re.search(r"\(os error (\d+)\)", str(exc))
+        raise OSError(int(code.group(1)) if code else errno.EIO, str(exc), path) from None
     cfg: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast",
                            "bos_token": tok.bos_token, "eos_token": tok.eos_token,
                            "add_bos_token": tok.add_bos_token,
@@ -300,7 +348,7 @@ def write_tokenizer(source: ModelSource, out_dir: str) -> None:
 
 
 def _write_json(path: str, data: dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    with _writing(path), open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, ensure_ascii=False)
         f.write("\n")
 
