@@ -41,6 +41,9 @@ class Tokenizer:
                 self._template = env.from_string(data.chat_template)
             except jinja2.TemplateError as exc:
                 raise ChatTemplateError(f"chat template does not parse: {exc}") from None
+            except RecursionError:  # jinja's parser recurses per nesting level
+                raise ChatTemplateError("chat template does not parse: nested too "
+                                        "deeply") from None
 
     @property
     def vocab_size(self) -> int:
@@ -86,6 +89,9 @@ class Tokenizer:
             raise
         except jinja2.TemplateError as exc:
             raise ChatTemplateError(f"chat template failed to render: {exc}") from None
+        except Exception as exc:  # the template's own Python errors: 1/0, 'a' + 1, recursion
+            raise ChatTemplateError(f"chat template failed to render: {type(exc).__name__}: "
+                                    f"{exc}") from None
 
     def detokenizer(self, skip_special: bool = False) -> StreamingDetokenizer:
         return StreamingDetokenizer(self, skip_special)

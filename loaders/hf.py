@@ -27,6 +27,8 @@ def read_json(path: str) -> dict:
         raise FormatError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:  # json's decoder recurses per nesting level
+        raise FormatError(f"{path}: not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise FormatError(f"{path}: expected a JSON object")
     return data

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ FORMAT_NAME = "stream-run-packed"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _HASH_CHUNK_BYTES = 8 * 1024 * 1024
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def unit_file_name(key: str) -> str:
@@ -61,9 +63,12 @@ def read_manifest(model_dir: str) -> dict[str, Any] | None:
             data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:  # json's decoder recurses per nesting level
+        raise FormatError(f"{path}: not valid JSON: nested too deeply") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
         return None
-    if data.get("version") != FORMAT_VERSION:
+    version = data.get("version")
+    if isinstance(version, bool) or version != FORMAT_VERSION:
         raise FormatError(
             f"{path}: {FORMAT_NAME} version {data.get('version')!r} is not supported (this "
             f"stream-run reads version {FORMAT_VERSION}); hint: re-run stream-convert"
@@ -86,10 +91,16 @@ def file_checksums(model_dir: str) -> dict[str, str] | None:
         raise FormatError(f"{path}: missing 'units'")
     out = {}
     for key, unit in units.items():
-        try:
-            out[os.path.join(model_dir, unit["file"])] = str(unit["sha256"])
-        except (TypeError, KeyError) as exc:
-            raise FormatError(f"{path}: unit {key!r} lacks {exc}") from None
+        name = unit.get("file") if isinstance(unit, dict) else None
+        digest = unit.get("sha256") if isinstance(unit, dict) else None
+        if not isinstance(name, str) or not name or os.path.basename(name) != name \
+                or name in (".", ".."):
+            raise FormatError(f"{path}: unit {key!r}: 'file' must name a file in {model_dir}, "
+                              f"got {name!r}")
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise FormatError(f"{path}: unit {key!r}: 'sha256' must be 64 hex digits, got "
+                              f"{str(digest)[:80]!r}")
+        out[os.path.join(model_dir, name)] = digest
     return out
 
 
@@ -142,6 +153,6 @@ def is_packed_dir(path: str) -> bool:
     try:
         with open(os.path.join(path, MANIFEST), encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return False
     return isinstance(data, dict) and data.get("format") == FORMAT_NAME

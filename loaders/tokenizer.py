@@ -7,8 +7,10 @@ llama.cpp's keys, and names its pre-tokenizer by `tokenizer.ggml.pre`. We rebuil
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,12 +88,15 @@ def load_tokenizer_dir(model_dir: str) -> TokenizerData:
             f"{model_dir}: no tokenizer.json (only fast tokenizers are supported); hint: create "
             "it with transformers: AutoTokenizer.from_pretrained(d).save_pretrained(d)"
         )
-    try:
+    with _tokenizers_errors(f"{tok_path}: cannot load tokenizer"):
         tok = Tokenizer.from_file(tok_path)
-    except Exception as exc:  # tokenizers raises plain Exception on a bad file
-        raise FormatError(f"{tok_path}: cannot load tokenizer: {exc}") from None
-    cfg = _read_json(os.path.join(model_dir, "tokenizer_config.json"))
-    template = _chat_template(cfg.get("chat_template"))
+    # as transformers does: a file's truncation and padding apply only when a call asks
+    tok.no_truncation()
+    tok.no_padding()
+    _check_encodes(tok, tok_path)
+    cfg_path = os.path.join(model_dir, "tokenizer_config.json")
+    cfg = _read_json(cfg_path)
+    template = _chat_template(cfg.get("chat_template"), cfg_path)
     jinja_path = os.path.join(model_dir, "chat_template.jinja")
     if os.path.exists(jinja_path):
         try:
@@ -120,18 +125,16 @@ def tokenizer_from_gguf(metadata: dict[str, Any], path: str) -> TokenizerData:
     """
     from stream_run.loaders.gguf_file import eos_token_ids
 
-    tokens = metadata.get("tokenizer.ggml.tokens")
-    if not tokens:
-        raise FormatError(f"{path}: no tokenizer.ggml.tokens metadata; the GGUF has no tokenizer")
+    metadata = _checked_gguf(metadata, path)
+    tokens = metadata["tokenizer.ggml.tokens"]
     kind = metadata.get("tokenizer.ggml.model")
-    if kind == "gpt2":
-        tok = _byte_level_bpe(metadata, path)
-    elif kind == "llama":
-        tok = _sentencepiece_bpe(metadata)
-    else:
+    if kind not in ("gpt2", "llama"):
         raise FormatError(f"{path}: unsupported tokenizer.ggml.model {kind!r}; supported: "
                           "gpt2 (byte-level BPE), llama (SentencePiece BPE)")
-    _add_special_tokens(tok, tokens, metadata.get("tokenizer.ggml.token_type"), kind == "gpt2")
+    with _tokenizers_errors(f"{path}: the tokenizer.ggml.* metadata does not make a tokenizer"):
+        tok = _byte_level_bpe(metadata, path) if kind == "gpt2" else _sentencepiece_bpe(metadata)
+        _add_special_tokens(tok, tokens, metadata.get("tokenizer.ggml.token_type"),
+                            kind == "gpt2")
 
     def token(key: str) -> str | None:
         idx = metadata.get(f"tokenizer.ggml.{key}")
@@ -145,9 +148,95 @@ def tokenizer_from_gguf(metadata: dict[str, Any], path: str) -> TokenizerData:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 $B:1",
             special_tokens=[(bos, metadata["tokenizer.ggml.bos_token_id"])])
+    _check_encodes(tok, path)
     template = metadata.get("tokenizer.chat_template")
     return TokenizerData(tok, template if isinstance(template, str) else None, bos,
                          token("eos_token_id"), add_bos, eos_token_ids(metadata))
+
+
+# tokenizer.ggml.* arrays: (element types, element name); a corrupt file can hold any type
+_GGUF_ARRAYS = {"tokens": (str, "strings"), "token_type": (int, "integers"),
+                "merges": (str, "strings"), "scores": ((int, float), "numbers")}
+_GGUF_IDS = ("bos_token_id", "eos_token_id", "eot_token_id", "eom_token_id",
+             "unknown_token_id")
+
+
+def _checked_gguf(meta: dict[str, Any], path: str) -> dict[str, Any]:
+    """The tokenizer.ggml.* values checked for type and range before any is used (corrupt
+    files hold anything); returns meta.
+
+    Raises:
+        FormatError: naming the key, what it should be and what it is.
+    """
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise FormatError(f"{path}: no tokenizer.ggml.tokens metadata; the GGUF has no tokenizer")
+    for name, (kind, what) in _GGUF_ARRAYS.items():
+        val = meta.get(f"tokenizer.ggml.{name}")
+        if val is None:
+            continue
+        if not isinstance(val, list) or not all(isinstance(v, kind) and not isinstance(v, bool)
+                                                for v in val):
+            raise FormatError(f"{path}: tokenizer.ggml.{name} must be an array of {what}, got "
+                              f"{_describe(val)}")
+        if name in ("token_type", "scores") and len(val) != len(tokens):
+            raise FormatError(f"{path}: tokenizer.ggml.{name} has {len(val)} entries for "
+                              f"{len(tokens)} tokens; expected one per token")
+    if meta.get("tokenizer.ggml.model") == "llama" and "tokenizer.ggml.merges" not in meta \
+            and "tokenizer.ggml.scores" not in meta:
+        raise FormatError(f"{path}: a llama (SentencePiece) tokenizer needs "
+                          "tokenizer.ggml.merges or tokenizer.ggml.scores; the file has neither")
+    bad = next((m for m in meta.get("tokenizer.ggml.merges", ()) if " " not in m[1:-1]), None)
+    if bad is not None:
+        raise FormatError(f"{path}: tokenizer.ggml.merges entry {bad[:40]!r} is not two tokens "
+                          "separated by a space")
+    for name in _GGUF_IDS:
+        val = meta.get(f"tokenizer.ggml.{name}")
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int)):
+            raise FormatError(f"{path}: tokenizer.ggml.{name} must be an integer, got "
+                              f"{_describe(val)}")
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    if unk is not None and not 0 <= unk < len(tokens):
+        raise FormatError(f"{path}: tokenizer.ggml.unknown_token_id={unk} is not a token id "
+                          f"(the vocabulary has {len(tokens)})")
+    pre_type = meta.get("tokenizer.ggml.pre")
+    if pre_type is not None and not isinstance(pre_type, str):
+        raise FormatError(f"{path}: tokenizer.ggml.pre must be a string, got "
+                          f"{_describe(pre_type)}")
+    return meta
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, list):
+        kinds = sorted({type(v).__name__ for v in value})
+        return f"an array of {'/'.join(kinds) or 'nothing'}"
+    return f"{type(value).__name__} {repr(value)[:40]}"
+
+
+PROBE = "Hello, world! 123 naïve 日本 🤖\n\t  <|im_start|>"
+
+
+def _check_encodes(tok: Tokenizer, path: str) -> None:
+    """Encode and decode a probe text once at load: a tokenizer that cannot (an unk token
+    missing from its vocabulary, say) fails here, named, not on a user's first request."""
+    with _tokenizers_errors(f"{path}: the tokenizer it describes cannot encode text"):
+        tok.decode(tok.encode(PROBE, add_special_tokens=True).ids)
+
+
+@contextlib.contextmanager
+def _tokenizers_errors(what: str) -> Iterator[None]:
+    """tokenizers' errors as FormatError(what: ...): it raises plain Exception, or panics (a
+    pyo3 PanicException, which is a BaseException) on values its Rust code did not expect."""
+    try:
+        yield
+    except FormatError:
+        raise
+    except Exception as exc:
+        raise FormatError(f"{what}: {exc}") from None
+    except BaseException as exc:
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise FormatError(f"{what}: {exc}") from None
 
 
 def _byte_level_bpe(meta: dict[str, Any], path: str) -> Tokenizer:
@@ -235,19 +324,32 @@ def _read_json(path: str) -> dict[str, Any]:
             data = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise FormatError(f"{path}: not valid JSON: {exc}") from None
+    except RecursionError:  # json's decoder recurses per nesting level
+        raise FormatError(f"{path}: not valid JSON: nested too deeply") from None
     if not isinstance(data, dict):
         raise FormatError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    try:  # "\udcff" is valid JSON but no text: it would fail in the tokenizer, later
+        json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError as exc:
+        raise FormatError(f"{path}: a string holds an unpaired surrogate "
+                          f"({exc.object[exc.start:exc.end]!r}), which is not text") from None
     return data
 
 
-def _chat_template(value: Any) -> str | None:
-    """tokenizer_config.json's chat_template: a string, or a list of {name, template}."""
-    if isinstance(value, str):
+def _chat_template(value: Any, path: str) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or a list of {name, template}.
+
+    Raises:
+        FormatError: any other shape (a template that is not a string, say).
+    """
+    if value is None or isinstance(value, str):
         return value
-    if isinstance(value, list):
-        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+    if isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                       and isinstance(t.get("template"), str) for t in value):
+        named = {t["name"]: t["template"] for t in value}
         return named.get("default") or next(iter(named.values()), None)
-    return None
+    raise FormatError(f"{path}: chat_template must be a string or a list of {{\"name\": ..., "
+                      f"\"template\": ...}} strings, got {_describe(value)}")
 
 
 def _token_str(value: Any) -> str | None:
