@@ -533,11 +533,26 @@ def _k4_scales(e: _Emit, p):
     return b.zext(b.bitcast(v, ir.VectorType(_I8, 16)), _W16)
 
 
+def _in_memory(e: _Emit, value, name: str):
+    """value stored in a stack slot of the kernel's frame, behind a compiler barrier: LLVM then
+    reloads its lanes from memory (a broadcast load folds into the instruction using it)
+    instead of rebuilding them with shuffles."""
+    b = e.b
+    slot = cgutils.alloca_once(b, value.type, name=name)
+    b.store(value, slot, align=32)
+    barrier = ir.InlineAsm(ir.FunctionType(ir.VoidType(), [slot.type]), "", "r,~{memory}",
+                           side_effect=True)
+    b.call(barrier, [slot])
+    return b.bitcast(slot, _I32.as_pointer())
+
+
 def _int_k4(e: _Emit, p, xs: list, accs: list, qh: bool) -> None:
     """Q4_K (qh False) or Q5_K: chunk c's low nibbles are sub-block 2c, high ones 2c + 1."""
     b = e.b
     d, dmin = e.half(p, 0), e.half(p, 2)
     scales = _k4_scales(e, p)
+    wide = b.zext(e.lanes(scales, list(range(8))), _D8)  # the scales as 8 x i32
+    pairs = _in_memory(e, b.or_(wide, b.shl(wide, ir.Constant(_D8, [16] * 8))), "k4_scales")
     high = e.load(p, 16, _B32) if qh else None
     terms = []  # (codes <32 x i8>, element offset, scale <16 x i16>)
     for c in range(4):
@@ -546,7 +561,8 @@ def _int_k4(e: _Emit, p, xs: list, accs: list, qh: bool) -> None:
             q = b.and_(w if s == 0 else b.lshr(w, e.i8s(4, 32)), e.i8s(15, 32))
             if qh:
                 q = b.or_(q, e.bit_to_4(high, 2 * c + s, 32))
-            terms.append((q, 64 * c + 32 * s, e.lanes(scales, [2 * c + s] * 16)))
+            word = b.load(b.gep(pairs, [ir.Constant(_I64, 2 * c + s)]), align=4)
+            terms.append((q, 64 * c + 32 * s, b.bitcast(e.splat(word, 8), _W16)))
     mins = e.lanes(scales, list(range(8, 16)))
     for x, acc in zip(xs, accs, strict=True):
         dot = ir.Constant(_D8, None)
