@@ -379,6 +379,7 @@ class _Emit:
         self.avx2, self.sse2 = "avx2" in features, "sse2" in features
         # 256-bit VNNI: AVX-VNNI, or AVX512-VNNI with VL (not AMX)
         self.vnni = "avxvnni" in features or {"avx512vnni", "avx512vl"} <= features
+        self.gfni = {"gfni", "avx"} <= features
 
     def i8s(self, v: int, n: int = LANES) -> ir.Constant:
         return ir.Constant(ir.VectorType(_I8, n), [v] * n)
@@ -439,6 +440,19 @@ class _Emit:
         shifted = self.b.shl(h, self.i8s(4 - bit, n)) if bit <= 4 else self.b.lshr(
             h, self.i8s(bit - 4, n))
         return self.b.and_(shifted, self.i8s(16, n))
+
+    def nibbles(self, q):
+        """16 bytes -> their low nibbles then their high ones (<32 x i8>). With GFNI: one
+        vgf2p8affineqb on q in both halves, a bit matrix per half (x & 15, x >> 4)."""
+        b = self.b
+        if self.gfni:
+            lo, hi = [0, 0, 0, 0, 8, 4, 2, 1], [0, 0, 0, 0, 128, 64, 32, 16]
+            return self.call("llvm.x86.vgf2p8affineqb.256", _B32, [
+                self.lanes(q, list(range(16)) * 2), ir.Constant(_B32, lo * 2 + hi * 2),
+                ir.Constant(_I8, 0)])
+        both = b.shuffle_vector(q, b.lshr(q, self.i8s(4)), ir.Constant(
+            ir.VectorType(_I32, 32), list(range(32))))
+        return b.and_(both, self.i8s(15, 32))
 
     def maddubs(self, a, x):
         """Unsigned bytes a times signed bytes x (<32 x i8>), adjacent pairs summed with int16
@@ -509,9 +523,7 @@ def _int_q4_0(e: _Emit, p, xs: list, accs: list) -> None:
     lanes of the dot), -8 times each, as the accumulator's start: exact in int32."""
     b = e.b
     d = e.half(p, 0)
-    q = e.bytes16(p, 2)
-    w = b.and_(b.shuffle_vector(q, b.lshr(q, e.i8s(4)), ir.Constant(
-        ir.VectorType(_I32, 32), list(range(32)))), e.i8s(15, 32))  # codes 0..31 in order
+    w = e.nibbles(e.bytes16(p, 2))  # codes 0..31 in order
     for x, acc in zip(xs, accs, strict=True):
         offset = b.sext(e.load(x.bs, 0, ir.VectorType(_I16, 8)), _D8)
         dot = e.dot_bytes(offset, w, e.load(x.xq, 0, _B32))
