@@ -184,3 +184,24 @@ def test_run_exits_cleanly_when_signalled_mid_generation(tiny, sig):
         pytest.xfail("stream-run dies of SIGTERM's default action (no cleanup, the shell sees "
                      "143): cli/common.py run_main needs a SIGTERM handler (issue 17 report)")
     assert_clean(child, rc, sig)
+
+
+def test_cancel_on_sigterm_unwinds_the_main_task():
+    """The helper cli/common.py's run_main would use for stream-run (see the test above)."""
+    import asyncio
+
+    from stream_run.cli.signals import Terminated, cancel_on_sigterm, exit_status
+
+    cleaned = []
+
+    async def body():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.sleep(30)
+        finally:
+            cleaned.append(True)
+
+    with pytest.raises(Terminated) as exc:
+        asyncio.run(cancel_on_sigterm(body()))
+    assert cleaned == [True] and exit_status(exc.value) == 143
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handed back
