@@ -4,6 +4,7 @@ template, a GGUF's tokenizer.ggml.* metadata).
 
     python -m stream_run.bench.fuzz_headers [--inputs 100000] [--seconds 0] [--seed 0]
                                             [--only manifest.json,tokenizer.json]
+    python -m stream_run.bench.fuzz_headers --atheris DIR --only tokenizer.json
 
 Each input is a valid tiny file with bytes flipped, cut or inserted (in the header, where the
 parsers work) or, for the JSON files and the GGUF tokenizer metadata, with one value of the
@@ -15,7 +16,8 @@ The only allowed outcome is one of the project's errors (FormatError, MissingTen
 ReadError; ChatTemplateError for the tokenizer targets, which also compile the chat template,
 encode, decode and render a chat) or a clean open, within 2 s: anything else, or a slow input,
 is reported with the first few examples and makes the exit code 1. A Python-level hang is cut
-at 2 s (SIGALRM); a native one ends the run with a traceback dump after 60 s.
+at 2 s (SIGALRM); a native one ends the run with a traceback dump after 60 s. --atheris runs
+one parser under libFuzzer instead (coverage-guided; atheris is not a dependency).
 tests/loaders/test_fuzz.py runs a short sweep; the closing notes report the long ones.
 """
 
@@ -497,6 +499,44 @@ def _run(targets: dict[str, Target], rng: random.Random, inputs: int, seconds: f
             "outcomes": {name: len(t.seen) for name, t in targets.items()}}
 
 
+def fuzz_atheris(name: str, inputs: int, seed: int, workdir: str) -> None:
+    """Coverage-guided: libFuzzer (atheris) on one parser, the same rule; for the JSON
+    documents half of the mutations are fuzz()'s value-level ones. Does not return: libFuzzer
+    exits 0 after `inputs` runs, or non-zero on a finding, its input saved in workdir."""
+    import atheris
+
+    targets = make_targets(Path(tempfile.mkdtemp(dir=workdir)))
+    target = targets[name]
+    corpus = Path(workdir) / f"corpus-{name.replace(' ', '_').replace('*', 'x')}"
+    corpus.mkdir(exist_ok=True)
+    (corpus / "valid").write_bytes(target.valid)
+
+    def one(data: bytes) -> None:
+        target.dest.write_bytes(data)
+        try:
+            target.call()
+        except target.allowed:
+            pass
+        finally:
+            if target.restore:
+                target.dest.write_bytes(target.valid)
+
+    def mutate(data: bytes, max_size: int, mutation_seed: int) -> bytes:
+        rng = random.Random(mutation_seed)
+        if target.structured and rng.random() < 0.5:
+            mutant = _mutate_json(data, rng)
+            if mutant is not None and len(mutant) <= max_size:
+                return mutant
+        return atheris.Mutate(data, max_size)
+
+    atheris.instrument_all()
+    atheris.Setup([sys.argv[0], f"-runs={inputs}", f"-seed={seed + 1}", f"-timeout={SLOW_S:g}",
+                   f"-max_len={max(len(target.valid) * 4, 65536)}",
+                   f"-artifact_prefix={workdir}/", "-print_final_stats=1", str(corpus)],
+                  one, custom_mutator=mutate)
+    atheris.Fuzz()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m stream_run.bench.fuzz_headers",
                                 description=__doc__.split("\n")[0])
@@ -506,9 +546,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None,
                    help="comma-separated parsers (default all: gguf, safetensors, config.json, "
                    "manifest.json, tokenizer.json, tokenizer_config.json, gguf tokenizer.*)")
+    p.add_argument("--atheris", metavar="DIR", default=None,
+                   help="coverage-guided instead (pip install atheris): libFuzzer on the one "
+                   "--only parser, its corpus and findings in DIR")
     args = p.parse_args(argv)
     t0 = time.monotonic()
     only = args.only.split(",") if args.only else None
+    if args.atheris:
+        if not only or len(only) != 1:
+            p.error("--atheris fuzzes one parser: give it with --only")
+        fuzz_atheris(only[0], args.inputs, args.seed, args.atheris)
     result = fuzz(args.inputs, args.seconds, args.seed, only)
     print(json.dumps({"inputs": result["inputs"], "unexpected": result["unexpected"],
                       "outcomes": result["outcomes"],
