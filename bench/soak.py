@@ -102,6 +102,7 @@ class SoakReport:
     errors: dict[str, int] = field(default_factory=dict)  # error kind -> count
     latency_p50_s: float | None = None
     latency_p99_s: float | None = None
+    latency_by_kind: dict[str, list[float | None]] = field(default_factory=dict)  # p50, p99
     ttft_p50_s: float | None = None
     ttft_p99_s: float | None = None
     rss_start_bytes: int = 0
@@ -129,6 +130,8 @@ class _Stats:
         self.outcomes: collections.Counter[str] = collections.Counter()
         self.errors: collections.Counter[str] = collections.Counter()
         self.latency: list[float] = []
+        self.latency_by_kind: collections.defaultdict[str, list[float]] = \
+            collections.defaultdict(list)
         self.ttft: list[float] = []
         self.requests = 0
         self.served = 0
@@ -308,6 +311,7 @@ class Client:
             if valid:
                 self.stats.served += 1
                 self.stats.latency.append(time.monotonic() - t0)
+                self.stats.latency_by_kind[kind].append(self.stats.latency[-1])
             else:
                 self.stats.errors["expected_4xx"] += 1
             return True
@@ -478,6 +482,8 @@ def _fill(report: SoakReport, stats: _Stats) -> None:
     report.errors = {k: stats.errors.get(k, 0) for k in ("expected_4xx", *UNEXPECTED)}
     report.latency_p50_s, report.latency_p99_s = (_pct(stats.latency, 0.5),
                                                   _pct(stats.latency, 0.99))
+    report.latency_by_kind = {k: [_pct(v, 0.5), _pct(v, 0.99)]
+                              for k, v in sorted(stats.latency_by_kind.items())}
     report.ttft_p50_s, report.ttft_p99_s = _pct(stats.ttft, 0.5), _pct(stats.ttft, 0.99)
     if report.rss_start_bytes:
         report.rss_growth_pct = round(100 * (report.rss_end_bytes - report.rss_start_bytes)
@@ -522,6 +528,7 @@ def format_report(r: SoakReport) -> str:
         ("requests, served", f"{r.requests}, {r.served}"),
         *((f"errors: {k}", str(v)) for k, v in r.errors.items()),
         ("latency p50 / p99", f"{_s(r.latency_p50_s)} / {_s(r.latency_p99_s)}"),
+        *((f"... {k}", f"{_s(p50)} / {_s(p99)}") for k, (p50, p99) in r.latency_by_kind.items()),
         ("first token p50 / p99", f"{_s(r.ttft_p50_s)} / {_s(r.ttft_p99_s)}"),
         ("RSS start / end / peak", f"{_mb(r.rss_start_bytes)} / {_mb(r.rss_end_bytes)} / "
                                    f"{_mb(r.rss_peak_bytes)}"),
