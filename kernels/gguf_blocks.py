@@ -26,18 +26,20 @@ dequantize_rows decodes each block with the reference's own float32 operations i
 
 matvec has three paths, all parallel over output rows, several weight rows per inner call
 (sharing each x load), each prefetching the next group of rows:
-- Integer (Q4_0, Q4_K, Q5_K, Q6_K), llama.cpp's: x is quantized once per call to int8 per block
-  of 32 (Q4_0) or 256 (K types) elements, scale dx = max|x| / 127, as llama.cpp's Q8_0 / Q8_K
-  activations (dx kept float32 here). Per weight block, in LLVM vector IR: codes times x codes
-  as int8 pairs summed to int16 (vpmaddubsw), times the integer sub-block scales summed to
-  int32 (vpmaddwd), exact; then one float multiply-add per block by d dx (mins and offsets via
-  precomputed group sums of x). Numerical effect: the result is x_q @ w.T within float32
-  rounding, x_q = dx rint(x / dx), |x - x_q| <= dx / 2 per element: an error up to
-  sum_k |w_k| dx_k / 2, typically ~0.5-1 % of max|y| for Gaussian x (tests check both bounds).
+- Integer (Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), llama.cpp's: x is quantized once per call
+  to int8 per block of 32 (the 32-element types) or 256 (K types) elements, scale
+  dx = max|x| / 127, as llama.cpp's Q8_0 / Q8_1 / Q8_K activations (dx kept float32 here).
+  Per weight block, in LLVM vector IR: codes times x codes as int8 pairs summed to int16
+  (vpmaddubsw), times the integer sub-block scales summed to int32 (vpmaddwd), exact
+  (vpdpbusd / vpdpwssd where the target has VNNI); then one float multiply-add per block by
+  d dx (mins and offsets via precomputed group sums of x). Numerical effect: the result is
+  x_q @ w.T within float32 rounding, x_q = dx rint(x / dx), |x - x_q| <= dx / 2 per element:
+  an error up to sum_k |w_k| dx_k / 2, typically ~0.5-1 % of max|y| for Gaussian x (the tests
+  check both bounds).
 - Float (Q8_0): codes widened to 16-lane float32 vectors, block scale folded in, fused into
   float32 accumulators; no quantization of x.
-- Generic (every type; the only one for Q4_1, Q5_0, Q5_1, Q2_K, Q3_K): each block decoded
-  exactly into a stack buffer, then dotted in float32.
+- Generic (every type; the only one for Q2_K, Q3_K): each block decoded exactly into a stack
+  buffer, then dotted in float32.
 The fast paths decode each weight block once for all N rows of x.
 """
 
@@ -512,10 +514,11 @@ _FLOAT = {"Q8_0": (_ir_q8_0, 1)}  # name -> (decoder, units per block)
 
 class _XBlock:
     """One row of quantized x at the current block: xq (i8*, its first element), dx (its
-    scale), bs (i16*, its group sums, times the type's offset for Q4_0)."""
+    scale), bs (i16*, its group sums, times the type's offset for Q4_0 / Q5_0), xf (float*:
+    dx times its sums per 4 elements, for the min terms of Q4_1 / Q5_1; else None)."""
 
-    def __init__(self, xq, dx, bs) -> None:
-        self.xq, self.dx, self.bs = xq, dx, bs
+    def __init__(self, xq, dx, bs, xf) -> None:
+        self.xq, self.dx, self.bs, self.xf = xq, dx, bs, xf
 
 
 def _int_q4_0(e: _Emit, p, xs: list, accs: list) -> None:
@@ -528,6 +531,44 @@ def _int_q4_0(e: _Emit, p, xs: list, accs: list) -> None:
         offset = b.sext(e.load(x.bs, 0, ir.VectorType(_I16, 8)), _D8)
         dot = e.dot_bytes(offset, w, e.load(x.xq, 0, _B32))
         b.store(e.fma(b.sitofp(dot, _F8), e.splat(b.fmul(d, x.dx), 8), b.load(acc)), acc)
+
+
+def _int_q4_1(e: _Emit, p, xs: list, accs: list) -> None:
+    """Q4_1: sum (d q + m) x = d dx sum q xq + m sum x, the second from x's lane sums."""
+    _int_32(e, p, xs, accs, e.nibbles(e.bytes16(p, 4)), e.half(p, 0), e.half(p, 2))
+
+
+def _int_q5_0(e: _Emit, p, xs: list, accs: list) -> None:
+    """Q5_0: as Q4_0 with bit l of the u32 qh as code l's bit 4, offset -16."""
+    q = e.b.or_(e.nibbles(e.bytes16(p, 6)), _bits_to_16(e, p, 2))
+    _int_32(e, p, xs, accs, q, e.half(p, 0), None)
+
+
+def _int_q5_1(e: _Emit, p, xs: list, accs: list) -> None:
+    q = e.b.or_(e.nibbles(e.bytes16(p, 8)), _bits_to_16(e, p, 4))
+    _int_32(e, p, xs, accs, q, e.half(p, 0), e.half(p, 2))
+
+
+def _bits_to_16(e: _Emit, p, off: int):
+    """The 32 bits at p + off (little-endian) as 32 bytes, 16 where the bit is set, else 0."""
+    b = e.b
+    spread = e.lanes(e.load(p, off, ir.VectorType(_I8, 4)), [k // 8 for k in range(32)])
+    bit = b.and_(spread, ir.Constant(_B32, [1 << (k % 8) for k in range(32)]))
+    return b.select(b.icmp_unsigned("!=", bit, e.i8s(0, 32)), e.i8s(16, 32), e.i8s(0, 32))
+
+
+def _int_32(e: _Emit, p, xs: list, accs: list, q, d, m) -> None:
+    """A 32-element block of unsigned codes q (<32 x i8>, in order), scale d, and min m (or
+    None: the offset is in x's group sums, the accumulator's start)."""
+    b = e.b
+    for x, acc in zip(xs, accs, strict=True):
+        start = ir.Constant(_D8, None) if m is not None else b.sext(
+            e.load(x.bs, 0, ir.VectorType(_I16, 8)), _D8)
+        dot = e.dot_bytes(start, q, e.load(x.xq, 0, _B32))
+        v = e.fma(b.sitofp(dot, _F8), e.splat(b.fmul(d, x.dx), 8), b.load(acc))
+        if m is not None:
+            v = e.fma(e.load(x.xf, 0, _F8), e.splat(m, 8), v)
+        b.store(v, acc)
 
 
 def _k4_scales(e: _Emit, p):
@@ -621,7 +662,9 @@ def _int_q6_k(e: _Emit, p, xs: list, accs: list) -> None:
 
 
 # name -> (decoder, x block elements, elements per x group sum, factor of the group sums)
-_INT = {"Q4_0": (_int_q4_0, 32, 4, -8), "Q4_K": (_int_q4_k, 256, 32, 1),
+_INT = {"Q4_0": (_int_q4_0, 32, 4, -8), "Q4_1": (_int_q4_1, 32, 4, 1),
+        "Q5_0": (_int_q5_0, 32, 4, -16), "Q5_1": (_int_q5_1, 32, 4, 1),
+        "Q4_K": (_int_q4_k, 256, 32, 1),
         "Q5_K": (_int_q5_k, 256, 32, 1), "Q6_K": (_int_q6_k, 256, 16, 1)}
 
 
@@ -688,7 +731,7 @@ def _emit_float(builder, qtype: str, w_rows, x_rows, n_blocks, ahead) -> list:
 
 
 def _emit_int(builder, qtype: str, w_rows, x_rows: list, n_blocks, ahead) -> list:
-    """IR: the integer path's dot products; x_rows: (xq, dx, bs) row pointers of x."""
+    """IR: the integer path's dot products; x_rows: (xq, dx, bs[, xf]) row pointers of x."""
     decode, _, group, _ = _INT[qtype]
     elems, nbytes = GGUF_BLOCK_TYPES[qtype]
     e = _Emit(builder)
@@ -698,8 +741,10 @@ def _emit_int(builder, qtype: str, w_rows, x_rows: list, n_blocks, ahead) -> lis
         blk = loop.index
         xs = [_XBlock(builder.gep(xq, [builder.mul(blk, ir.Constant(_I64, elems))]),
                       builder.load(builder.gep(dx, [blk])),
-                      builder.gep(bs, [builder.mul(blk, ir.Constant(_I64, elems // group))]))
-              for xq, dx, bs in x_rows]
+                      builder.gep(bs, [builder.mul(blk, ir.Constant(_I64, elems // group))]),
+                      builder.gep(xr[3], [builder.mul(blk, ir.Constant(_I64, elems // 4))])
+                      if len(xr) > 3 else None)
+              for xr in x_rows for xq, dx, bs in [xr[:3]]]
         blocks = [builder.gep(w, [builder.mul(blk, ir.Constant(_I64, nbytes))]) for w in w_rows]
         _prefetch_rows(builder, blk, blocks, nbytes, ahead)
         for p, row_accs in zip(blocks, accs, strict=True):
@@ -717,7 +762,7 @@ def _literal(ty, name: str) -> int:
 def _rows(typingctx, kind, n_rows, n_x, data, o, xs, r0, out):
     """out[r0 + j, o + i] = dot(x[r0 + j], dequantized row o + i of data) for i < n_rows,
     j < n_x; kind (an index of QTYPES; the float path for QTYPES[kind - 100]), n_rows, n_x
-    compile-time constants; xs: (x,) for the float path, (xq, dx, bs) for the integer one.
+    compile-time constants; xs: (x,) for the float path, (xq, dx, bs[, xf]) for the integer one.
     No bounds checks: the caller keeps the rows in range and every array C-contiguous."""
     k = _literal(kind, "kind")
     qtype, floats = QTYPES[k % 100], k >= 100
@@ -829,6 +874,42 @@ def _matvec_q4_0(x, data, out):
         _tile(0, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
 
 
+@njit(cache=True, nogil=True)
+def _lane_sums(xq, dx, block):
+    """dx times the sums of xq per 4 elements, float32 (N, in / 4): Q4_1 / Q5_1's min terms."""
+    n, n_in = xq.shape
+    xf = np.empty((n, n_in // 4), dtype=np.float32)
+    for r in range(n):
+        for g in range(n_in // 4):
+            s = np.int32(xq[r, 4 * g]) + np.int32(xq[r, 4 * g + 1]) + np.int32(
+                xq[r, 4 * g + 2]) + np.int32(xq[r, 4 * g + 3])
+            xf[r, g] = dx[r, 4 * g // block] * np.float32(s)
+    return xf
+
+
+@njit(**_JIT)
+def _matvec_q4_1(x, data, out):
+    xq, dx, bs = _quantize_x(x, 32, 4, 1)
+    xs = (xq, dx, bs, _lane_sums(xq, dx, 32))
+    for t in prange((data.shape[0] + TILE - 1) // TILE):
+        _tile(1, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+
+
+@njit(**_JIT)
+def _matvec_q5_0(x, data, out):
+    xs = _quantize_x(x, 32, 4, -16)
+    for t in prange((data.shape[0] + TILE - 1) // TILE):
+        _tile(2, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+
+
+@njit(**_JIT)
+def _matvec_q5_1(x, data, out):
+    xq, dx, bs = _quantize_x(x, 32, 4, 1)
+    xs = (xq, dx, bs, _lane_sums(xq, dx, 32))
+    for t in prange((data.shape[0] + TILE - 1) // TILE):
+        _tile(3, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+
+
 @njit(**_JIT)
 def _matvec_q8_0(x, data, out):
     for t in prange((data.shape[0] + TILE - 1) // TILE):
@@ -858,7 +939,8 @@ def _matvec_q6_k(x, data, out):
 
 # fast types whose kernels quantize x (to int8 per this many elements of each row)
 QUANTIZED_X = {name: block for name, (_, block, _, _) in _INT.items()}
-FAST_KERNELS = {"Q4_0": _matvec_q4_0, "Q8_0": _matvec_q8_0, "Q4_K": _matvec_q4_k,
+FAST_KERNELS = {"Q4_0": _matvec_q4_0, "Q4_1": _matvec_q4_1, "Q5_0": _matvec_q5_0,
+                "Q5_1": _matvec_q5_1, "Q8_0": _matvec_q8_0, "Q4_K": _matvec_q4_k,
                 "Q5_K": _matvec_q5_k, "Q6_K": _matvec_q6_k}
 
 
@@ -866,7 +948,7 @@ def matvec(x: np.ndarray, w: BlockWeight, *, generic: bool = False) -> np.ndarra
     """x (N, in) float32, 1 <= N <= 8 -> x @ dequantize(w).T, (N, out) float32, computed on the
     blocks; parallel over output rows, each weight byte read from memory once for all N rows.
 
-    Accuracy (see the module docstring): Q4_0, Q4_K, Q5_K, Q6_K quantize x to int8 per block
+    Accuracy (see the module docstring): the integer types quantize x to int8 per block
     (QUANTIZED_X) as llama.cpp does: the result is x_q @ w.T, |x - x_q| <= dx / 2 per element
     (dx = the block's max|x| / 127), within float32 rounding. Q8_0 and the generic path keep x
     float32: within ~(in / 16 + 8) * 2**-24 * (|x| @ (|w| + |mins|).T) of x @ w.T.

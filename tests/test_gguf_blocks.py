@@ -166,8 +166,8 @@ def quantize_x(x: np.ndarray, block: int) -> np.ndarray:
 
 def check_matvec(x: np.ndarray, w: BlockWeight, data: np.ndarray, generic: bool) -> None:
     """Float rounding: 16 lane-wise float32 chains of in / 16 terms (float fast path), or
-    in-block sums of `elems` terms plus one per block (generic), or 8 lanes of in / block
-    block terms (integer path: its integer dots are exact), each term within an ulp of x w;
+    in-block sums of `elems` terms plus one per block (generic), or 8 lanes of up to 2 terms
+    per block (integer path: its integer dots are exact), each term within an ulp of x w;
     every ulp relative to |x| (|w| + |min terms|). The integer path quantizes x, to x_q with
     |x - x_q| <= dx / 2 per element: its result must be within the rounding bound of x_q @ w
     and within that plus |w| @ dx / 2 of x @ w."""
@@ -179,7 +179,7 @@ def check_matvec(x: np.ndarray, w: BlockWeight, data: np.ndarray, generic: bool)
     if generic or w.qtype not in FAST_KERNELS:
         terms = elems + w.n_in // elems
     elif w.qtype in QUANTIZED_X:
-        terms = w.n_in // 8 // QUANTIZED_X[w.qtype] + 4 * 8
+        terms = 2 * (w.n_in // QUANTIZED_X[w.qtype]) + 16  # 2 multiply-adds a block a lane
         xq, dx = quantize_x(x, QUANTIZED_X[w.qtype])
         rounding = (terms + 8) * U * (np.abs(xq) @ scale.T)
         assert_within(got, xq @ weights.T, rounding, w, "quantized x")
