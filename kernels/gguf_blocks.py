@@ -26,8 +26,8 @@ dequantize_rows decodes each block with the reference's own float32 operations i
 
 matvec has three paths, all parallel over output rows, several weight rows per inner call
 (sharing each x load), each prefetching the next group of rows:
-- Integer (Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K), llama.cpp's: x is quantized once per call
-  to int8 per block of 32 (the 32-element types) or 256 (K types) elements, scale
+- Integer (every type but Q8_0), llama.cpp's: x is quantized once per call to int8 per block
+  of 32 (the 32-element types) or 256 (K types) elements, scale
   dx = max|x| / 127, as llama.cpp's Q8_0 / Q8_1 / Q8_K activations (dx kept float32 here).
   Per weight block, in LLVM vector IR: codes times x codes as int8 pairs summed to int16
   (vpmaddubsw), times the integer sub-block scales summed to int32 (vpmaddwd), exact
@@ -38,8 +38,8 @@ matvec has three paths, all parallel over output rows, several weight rows per i
   check both bounds).
 - Float (Q8_0): codes widened to 16-lane float32 vectors, block scale folded in, fused into
   float32 accumulators; no quantization of x.
-- Generic (every type; the only one for Q2_K, Q3_K): each block decoded exactly into a stack
-  buffer, then dotted in float32.
+- Generic (any type, matvec(..., generic=True): the reference): each block decoded exactly
+  into a stack buffer, then dotted in float32.
 The fast paths decode each weight block once for all N rows of x.
 """
 
@@ -640,8 +640,6 @@ def _int_q6_k(e: _Emit, p, xs: list, accs: list) -> None:
     """Q6_K: per half h, ql[64 h + l] and ql[64 h + 32 + l] give 4 low bits (low nibbles: the
     half's elements l and 32 + l; high: 64 + l, 96 + l), qh[32 h + l] 2 bits each; q - 32."""
     b = e.b
-    d = e.half(p, 208)
-    scales = b.sext(e.load(p, 192, ir.VectorType(_I8, 16)), _W16)
     terms = []
     for h in range(2):
         a, a2 = e.load(p, 64 * h, _B32), e.load(p, 64 * h + 32, _B32)
@@ -649,23 +647,79 @@ def _int_q6_k(e: _Emit, p, xs: list, accs: list) -> None:
         for k, src in enumerate((a, a2, a, a2)):
             low = b.and_(src if k < 2 else b.lshr(src, e.i8s(4, 32)), e.i8s(15, 32))
             hi2 = b.shl(b.and_(b.lshr(top, e.i8s(2 * k, 32)), e.i8s(3, 32)), e.i8s(4, 32))
-            sb = 8 * h + 2 * k  # this vector's 32 elements are sub-blocks sb, sb + 1
-            terms.append((b.or_(low, hi2), 128 * h + 32 * k,
-                          e.lanes(scales, [sb] * 8 + [sb + 1] * 8)))
+            terms.append((b.or_(low, hi2), 128 * h + 32 * k))
+    scales = b.sext(e.load(p, 192, ir.VectorType(_I8, 16)), _W16)
+    _dot_k16(e, xs, accs, terms, scales, e.half(p, 208), 32)
+
+
+def _int_q3_k(e: _Emit, p, xs: list, accs: list) -> None:
+    """Q3_K: element 128 c + 32 s + l has bits 2s of qs[32 c + l] and bit 4c + s of hmask[l]
+    as bit 2; q - 4. Its 16 6-bit scales (minus 32) unpacked as llama.cpp does."""
+    b, c32 = e.b, (lambda v: ir.Constant(_I32, v))
+    hmask = e.load(p, 0, _B32)
+    terms = []
+    for c in range(2):
+        qs = e.load(p, 32 + 32 * c, _B32)
+        for s in range(4):
+            low = b.and_(b.lshr(qs, e.i8s(2 * s, 32)), e.i8s(3, 32))
+            high = b.shl(b.and_(b.lshr(hmask, e.i8s(4 * c + s, 32)), e.i8s(1, 32)), e.i8s(2, 32))
+            terms.append((b.or_(low, high), 128 * c + 32 * s))
+    a0, a1, a2 = (e.load(p, 96 + 4 * k, _I32) for k in range(3))
+    m4, m2 = c32(0x0F0F0F0F), c32(0x03030303)
+    words = (b.or_(b.and_(a0, m4), b.shl(b.and_(a2, m2), c32(4))),
+             b.or_(b.and_(a1, m4), b.shl(b.and_(b.lshr(a2, c32(2)), m2), c32(4))),
+             b.or_(b.and_(b.lshr(a0, c32(4)), m4), b.shl(b.and_(b.lshr(a2, c32(4)), m2), c32(4))),
+             b.or_(b.and_(b.lshr(a1, c32(4)), m4), b.shl(b.and_(b.lshr(a2, c32(6)), m2), c32(4))))
+    v = ir.Constant(ir.VectorType(_I32, 4), None)
+    for k, word in enumerate(words):
+        v = b.insert_element(v, word, c32(k))
+    scales = b.sub(b.zext(b.bitcast(v, ir.VectorType(_I8, 16)), _W16),
+                   ir.Constant(_W16, [32] * 16))
+    _dot_k16(e, xs, accs, terms, scales, e.half(p, 108), 4)
+
+
+def _int_q2_k(e: _Emit, p, xs: list, accs: list) -> None:
+    """Q2_K: element 128 c + 32 s + l is bits 2s of qs[32 c + l]; per 16 elements a 4-bit
+    scale (low nibble of scales[j]) and min (high nibble): d sc q - dmin m."""
+    b = e.b
+    terms = []
+    for c in range(2):
+        qs = e.load(p, 16 + 32 * c, _B32)
+        for s in range(4):
+            terms.append((b.and_(b.lshr(qs, e.i8s(2 * s, 32)), e.i8s(3, 32)), 128 * c + 32 * s))
+    raw = e.load(p, 0, ir.VectorType(_I8, 16))
+    scales = b.zext(b.and_(raw, e.i8s(15)), _W16)
+    mins = b.zext(b.lshr(raw, e.i8s(4)), _W16)
+    _dot_k16(e, xs, accs, terms, scales, e.half(p, 80), 0, mins, e.half(p, 82))
+
+
+def _dot_k16(e: _Emit, xs: list, accs: list, terms: list, scales, d, offset: int,
+             mins=None, dmin=None) -> None:
+    """A 256-element block with a scale per 16 elements: terms (codes <32 x i8>, element
+    offset: the vector covers sub-blocks off / 16 and off / 16 + 1), scales <16 x i16>; the
+    codes' value is code - offset; mins (<16 x i16>, times dmin) subtracted where given."""
+    b = e.b
+    pairs = [e.lanes(scales, [off // 16] * 8 + [off // 16 + 1] * 8) for _, off in terms]
     for x, acc in zip(xs, accs, strict=True):
-        # the -32 offset: sum_j sc_j * 32 * (sum of x's group j)
-        offset = e.madd(scales, e.load(x.bs, 0, _W16))
-        dot = b.sub(ir.Constant(_D8, None), b.shl(offset, ir.Constant(_D8, [5] * 8)))
-        for q, off, scale in terms:
+        sums = e.load(x.bs, 0, _W16)  # x's sums per 16 elements
+        dot = ir.Constant(_D8, None)
+        if offset:  # sum_j sc_j * offset * (sum of x's group j), subtracted
+            dot = b.mul(e.madd(scales, sums), ir.Constant(_D8, [-offset] * 8))
+        for (q, off), scale in zip(terms, pairs, strict=True):
             dot = e.dot_pairs(dot, e.maddubs(q, e.load(x.xq, off, _B32)), scale)
-        b.store(e.fma(b.sitofp(dot, _F8), e.splat(b.fmul(d, x.dx), 8), b.load(acc)), acc)
+        v = e.fma(b.sitofp(dot, _F8), e.splat(b.fmul(d, x.dx), 8), b.load(acc))
+        if mins is not None:
+            m = b.sitofp(e.madd(mins, sums), _F8)
+            v = e.fma(m, e.splat(b.fneg(b.fmul(dmin, x.dx)), 8), v)
+        b.store(v, acc)
 
 
 # name -> (decoder, x block elements, elements per x group sum, factor of the group sums)
 _INT = {"Q4_0": (_int_q4_0, 32, 4, -8), "Q4_1": (_int_q4_1, 32, 4, 1),
         "Q5_0": (_int_q5_0, 32, 4, -16), "Q5_1": (_int_q5_1, 32, 4, 1),
-        "Q4_K": (_int_q4_k, 256, 32, 1),
-        "Q5_K": (_int_q5_k, 256, 32, 1), "Q6_K": (_int_q6_k, 256, 16, 1)}
+        "Q2_K": (_int_q2_k, 256, 16, 1), "Q3_K": (_int_q3_k, 256, 16, 1),
+        "Q4_K": (_int_q4_k, 256, 32, 1), "Q5_K": (_int_q5_k, 256, 32, 1),
+        "Q6_K": (_int_q6_k, 256, 16, 1)}
 
 
 def _prefetch(builder: ir.IRBuilder, ptr) -> None:
@@ -917,6 +971,20 @@ def _matvec_q8_0(x, data, out):
 
 
 @njit(**_JIT)
+def _matvec_q2_k(x, data, out):
+    xs = _quantize_x(x, 256, 16, 1)
+    for t in prange((data.shape[0] + TILE - 1) // TILE):
+        _tile(5, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+
+
+@njit(**_JIT)
+def _matvec_q3_k(x, data, out):
+    xs = _quantize_x(x, 256, 16, 1)
+    for t in prange((data.shape[0] + TILE - 1) // TILE):
+        _tile(6, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+
+
+@njit(**_JIT)
 def _matvec_q4_k(x, data, out):
     xs = _quantize_x(x, 256, 32, 1)
     for t in prange((data.shape[0] + TILE - 1) // TILE):
@@ -940,8 +1008,9 @@ def _matvec_q6_k(x, data, out):
 # fast types whose kernels quantize x (to int8 per this many elements of each row)
 QUANTIZED_X = {name: block for name, (_, block, _, _) in _INT.items()}
 FAST_KERNELS = {"Q4_0": _matvec_q4_0, "Q4_1": _matvec_q4_1, "Q5_0": _matvec_q5_0,
-                "Q5_1": _matvec_q5_1, "Q8_0": _matvec_q8_0, "Q4_K": _matvec_q4_k,
-                "Q5_K": _matvec_q5_k, "Q6_K": _matvec_q6_k}
+                "Q5_1": _matvec_q5_1, "Q8_0": _matvec_q8_0, "Q2_K": _matvec_q2_k,
+                "Q3_K": _matvec_q3_k, "Q4_K": _matvec_q4_k, "Q5_K": _matvec_q5_k,
+                "Q6_K": _matvec_q6_k}
 
 
 def matvec(x: np.ndarray, w: BlockWeight, *, generic: bool = False) -> np.ndarray:
