@@ -247,7 +247,8 @@ def test_matvec_refuses_bad_x():
 PORTABLE_RUN = """
 import sys
 import numpy as np
-from stream_run.kernels.gguf_blocks import FAST_KERNELS, _fast_half, matvec
+from stream_run.kernels.gguf_blocks import FAST_KERNELS, matvec
+from stream_run.kernels.gguf_simd import _fast_half
 from stream_run.kernels.quant import GGUF_BLOCK_TYPES, BlockWeight
 print(_fast_half())
 rng = np.random.default_rng(6)
