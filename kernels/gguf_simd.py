@@ -43,6 +43,11 @@ from stream_run.kernels.quant import GGUF_BLOCK_TYPES
 
 QTYPES = tuple(GGUF_BLOCK_TYPES)  # a kernel's type id is its index here
 TILE = 16  # weight rows per parallel task
+# Weight rows per inner call for one row of x (decode). The float path shares each float32 x
+# load across 8 rows; the integer path reads x as bytes and runs 2 rows: 8 interleaved rows
+# ran up to 20 % slower on short rows (4096 x 11008 Q4_K / Q4_0, weights from RAM), one row
+# at a time up to 25 % slower on long ones (11008 x 4096).
+ROWS_INT = 2
 LANES = 16  # float32 lanes per vector of the float path: one AVX-512 register, two AVX2 ones
 
 _JIT = {"parallel": True, "cache": True, "fastmath": False, "nogil": True}
@@ -485,25 +490,49 @@ def _emit_float(builder, qtype: str, w_rows, x_rows, n_blocks, ahead) -> list:
 
 
 def _emit_int(builder, qtype: str, w_rows, x_rows: list, n_blocks, ahead) -> list:
-    """IR: the integer path's dot products; x_rows: (xq, dx, bs[, xf]) row pointers of x."""
+    """IR: the integer path's dot products; x_rows: (xq, dx, bs[, xf]) row pointers of x.
+
+    32-element blocks with under 4 (weight row, x row) pairs alternate two accumulators per
+    pair, two blocks a step: one multiply-add chain of 4 cycles a block bounded them."""
+    elems, _ = GGUF_BLOCK_TYPES[qtype]
+    e = _Emit(builder)
+    chains = 2 if elems == 32 and len(w_rows) * len(x_rows) < 4 else 1
+    accs = [[[cgutils.alloca_once_value(builder, ir.Constant(_F8, None)) for _ in x_rows]
+             for _ in w_rows] for _ in range(chains)]
+    steps = builder.udiv(n_blocks, ir.Constant(_I64, chains))
+    with cgutils.for_range(builder, steps) as loop:
+        for c in range(chains):
+            blk = builder.add(builder.mul(loop.index, ir.Constant(_I64, chains)),
+                              ir.Constant(_I64, c))
+            _emit_block(e, qtype, w_rows, x_rows, blk, ahead, accs[c])
+    if chains == 2:  # an odd block count: the last block
+        odd = builder.icmp_unsigned("!=", builder.urem(n_blocks, ir.Constant(_I64, 2)),
+                                    ir.Constant(_I64, 0))
+        with builder.if_then(odd):
+            last = builder.sub(n_blocks, ir.Constant(_I64, 1))
+            _emit_block(e, qtype, w_rows, x_rows, last, ahead, accs[0])
+    sums = [[builder.load(acc) for acc in row] for row in accs[0]]
+    for c in range(1, chains):
+        sums = [[builder.fadd(v, builder.load(acc)) for v, acc in zip(row, acc_row, strict=True)]
+                for row, acc_row in zip(sums, accs[c], strict=True)]
+    return [[_lane_sum(builder, v) for v in row] for row in sums]
+
+
+def _emit_block(e: _Emit, qtype: str, w_rows, x_rows: list, blk, ahead, accs) -> None:
+    """IR: block blk of every weight row, added to accs (per weight row, per row of x)."""
+    builder = e.b
     decode, _, group, _ = _INT[qtype]
     elems, nbytes = GGUF_BLOCK_TYPES[qtype]
-    e = _Emit(builder)
-    accs = [[cgutils.alloca_once_value(builder, ir.Constant(_F8, None)) for _ in x_rows]
-            for _ in w_rows]
-    with cgutils.for_range(builder, n_blocks) as loop:
-        blk = loop.index
-        xs = [_XBlock(builder.gep(xq, [builder.mul(blk, ir.Constant(_I64, elems))]),
-                      builder.load(builder.gep(dx, [blk])),
-                      builder.gep(bs, [builder.mul(blk, ir.Constant(_I64, elems // group))]),
-                      builder.gep(xr[3], [builder.mul(blk, ir.Constant(_I64, elems // 4))])
-                      if len(xr) > 3 else None)
-              for xr in x_rows for xq, dx, bs in [xr[:3]]]
-        blocks = [builder.gep(w, [builder.mul(blk, ir.Constant(_I64, nbytes))]) for w in w_rows]
-        _prefetch_rows(builder, blk, blocks, nbytes, ahead)
-        for p, row_accs in zip(blocks, accs, strict=True):
-            decode(e, p, xs, row_accs)
-    return [[_lane_sum(builder, builder.load(acc)) for acc in row] for row in accs]
+    xs = [_XBlock(builder.gep(xq, [builder.mul(blk, ir.Constant(_I64, elems))]),
+                  builder.load(builder.gep(dx, [blk])),
+                  builder.gep(bs, [builder.mul(blk, ir.Constant(_I64, elems // group))]),
+                  builder.gep(xr[3], [builder.mul(blk, ir.Constant(_I64, elems // 4))])
+                  if len(xr) > 3 else None)
+          for xr in x_rows for xq, dx, bs in [xr[:3]]]
+    blocks = [builder.gep(w, [builder.mul(blk, ir.Constant(_I64, nbytes))]) for w in w_rows]
+    _prefetch_rows(builder, blk, blocks, nbytes, ahead)
+    for p, row_accs in zip(blocks, accs, strict=True):
+        decode(e, p, xs, row_accs)
 
 
 def _literal(ty, name: str) -> int:
@@ -566,8 +595,9 @@ def _group(kind, n_rows, n_x, xs, r0, data, o0, o1, out):
 
 
 @njit(**_INLINE)
-def _tile(kind, xs, data, o0, o1, out):
-    """Rows o0..o1 of the weight against every row of x, in groups of 8, 4, 2, 1 rows of x."""
+def _tile(kind, rows1, xs, data, o0, o1, out):
+    """Rows o0..o1 of the weight against every row of x, in groups of 8, 4, 2, 1 rows of x;
+    a single row of x against rows1 weight rows at a time (a compile-time constant)."""
     r0 = 0
     n = xs[0].shape[0]
     while r0 < n:
@@ -582,7 +612,7 @@ def _tile(kind, xs, data, o0, o1, out):
             _group(kind, 4, 2, xs, r0, data, o0, o1, out)
             r0 += 2
         else:
-            _group(kind, 8, 1, xs, r0, data, o0, o1, out)
+            _group(kind, rows1, 1, xs, r0, data, o0, o1, out)
             r0 += 1
 
 
@@ -625,7 +655,7 @@ def _quantize_x(x, block, group, factor):
 def _matvec_q4_0(x, data, out):
     xs = _quantize_x(x, 32, 4, -8)
     for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(0, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+        _tile(0, ROWS_INT, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
 
 
 @njit(cache=True, nogil=True)
@@ -646,14 +676,14 @@ def _matvec_q4_1(x, data, out):
     xq, dx, bs = _quantize_x(x, 32, 4, 1)
     xs = (xq, dx, bs, _lane_sums(xq, dx, 32))
     for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(1, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+        _tile(1, ROWS_INT, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
 
 
 @njit(**_JIT)
 def _matvec_q5_0(x, data, out):
     xs = _quantize_x(x, 32, 4, -16)
     for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(2, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+        _tile(2, ROWS_INT, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
 
 
 @njit(**_JIT)
@@ -661,48 +691,48 @@ def _matvec_q5_1(x, data, out):
     xq, dx, bs = _quantize_x(x, 32, 4, 1)
     xs = (xq, dx, bs, _lane_sums(xq, dx, 32))
     for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(3, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+        _tile(3, ROWS_INT, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
 
 
 @njit(**_JIT)
 def _matvec_q8_0(x, data, out):
     for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(104, (x,), data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+        _tile(104, 8, (x,), data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
 
 
 @njit(**_JIT)
 def _matvec_q2_k(x, data, out):
     xs = _quantize_x(x, 256, 16, 1)
     for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(5, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+        _tile(5, ROWS_INT, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
 
 
 @njit(**_JIT)
 def _matvec_q3_k(x, data, out):
     xs = _quantize_x(x, 256, 16, 1)
     for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(6, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+        _tile(6, ROWS_INT, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
 
 
 @njit(**_JIT)
 def _matvec_q4_k(x, data, out):
     xs = _quantize_x(x, 256, 32, 1)
     for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(7, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+        _tile(7, ROWS_INT, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
 
 
 @njit(**_JIT)
 def _matvec_q5_k(x, data, out):
     xs = _quantize_x(x, 256, 32, 1)
     for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(8, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+        _tile(8, ROWS_INT, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
 
 
 @njit(**_JIT)
 def _matvec_q6_k(x, data, out):
     xs = _quantize_x(x, 256, 16, 1)
     for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(9, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+        _tile(9, ROWS_INT, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
 
 
 # fast types whose kernels quantize x (to int8 per this many elements of each row)
