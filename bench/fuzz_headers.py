@@ -29,6 +29,7 @@ import copy
 import faulthandler
 import json
 import math
+import os
 import random
 import re
 import signal
@@ -434,6 +435,8 @@ def fuzz(inputs: int, seconds: float = 0.0, seed: int = 0, only: list[str] | Non
     """Run `inputs` mutants per parser (or for `seconds` in all, when set); returns counts and
     the first examples of each unexpected outcome."""
     rng = random.Random(seed)
+    # tokenizers' panics are expected outcomes here: a symbolized backtrace each takes seconds
+    os.environ["RUST_BACKTRACE"] = "0"
     alarm = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGALRM, _on_alarm) if alarm else None
     try:
@@ -505,6 +508,7 @@ def fuzz_atheris(name: str, inputs: int, seed: int, workdir: str) -> None:
     exits 0 after `inputs` runs, or non-zero on a finding, its input saved in workdir."""
     import atheris
 
+    os.environ["RUST_BACKTRACE"] = "0"  # as in fuzz()
     targets = make_targets(Path(tempfile.mkdtemp(dir=workdir)))
     target = targets[name]
     corpus = Path(workdir) / f"corpus-{name.replace(' ', '_').replace('*', 'x')}"
