@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = run_metadata()
     bw = memory_bandwidth_gbs()
     print(f"# decode benchmark: {model}\n# {json.dumps(meta)}")
-    print(f"# RAM read bandwidth (best of 5, 512 MiB sum): {bw:.2f} GB/s")
+    print(f"# RAM read bandwidth (best of 5, 512 MiB, all cores): {bw:.2f} GB/s")
     print("| backend | pp tok/s (median [min-max]) | tg tok/s (median [min-max]) "
           "| bytes/token | bound tok/s | tg / bound |")
     print("|---|---|---|---|---|---|")

@@ -130,7 +130,7 @@ def bandwidth_lines(results: Sequence, test: str) -> str:
     from stream_run.bench.env import memory_bandwidth_gbs
 
     bw = memory_bandwidth_gbs()
-    lines = [f"RAM read bandwidth (best of 5, 512 MiB sum): {bw:.2f} GB/s"]
+    lines = [f"RAM read bandwidth (best of 5, 512 MiB, all cores): {bw:.2f} GB/s"]
     for r in results:
         rates = r.rates(test)
         if not rates:
