@@ -58,12 +58,18 @@ class PassShape:
     def order(self) -> list[str]:
         return list(dict.fromkeys(k for units in self.known for k in units))
 
-    def fits_whole(self, budget: int) -> bool:
-        """Everything can stay resident: all units, plus the raw bytes the last load holds
-        while it prepares (its compute form lands beside the others), plus late picks."""
+    @property
+    def whole_bytes(self) -> int:
+        """The budget that keeps everything resident: all units, plus the raw bytes the last
+        load holds while it prepares (its compute form lands beside the others), plus late
+        picks."""
         order = self.order
         transient = max((self.load_size(k) - self.size(k) for k in order), default=0)
-        return sum(self.size(k) for k in order) + transient + self.late_bytes <= budget
+        return sum(self.size(k) for k in order) + transient + self.late_bytes
+
+    def fits_whole(self, budget: int) -> bool:
+        """Everything can stay resident within budget (whole_bytes)."""
+        return self.whole_bytes <= budget
 
     def ring_bytes(self, resident: set[str], depth: int) -> int:
         """Room the streamed units need: depth + 1 of the largest, and at least one step;

@@ -27,6 +27,9 @@ class CacheConfig:
     compute_bytes: int | None = None
     host_bytes: int | None = 0
     policy: str = "cyclic"  # cache/policy.py: which units stay resident
+    # not None: compute_bytes is picked when the engine opens, from the memory available,
+    # leaving room for a KV cache of this many positions (0: the model's context)
+    auto_kv_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -184,11 +187,13 @@ class WeightCache:
         self.disk_bytes_read = 0
         self.disk_reads = 0
 
-    def plan(self, shape: PassShape, depth: int) -> set[str]:
+    def plan(self, shape: PassShape, depth: int, set_aside: int = 0) -> set[str]:
         """Make the policy's plan for passes of this shape at this prefetch depth, and move the
         resident pins to it: units leaving the plan become evictable, units joining it that
-        are already loaded stay."""
-        new = self.policy.plan(shape, self.compute.budget_bytes, depth)
+        are already loaded stay. set_aside: bytes of the budget the plan leaves out (a pass's
+        activations reserved for its duration)."""
+        budget = self.compute.budget_bytes
+        new = self.policy.plan(shape, None if budget is None else budget - set_aside, depth)
         for key in self.resident - new:
             if key in self.compute:
                 self.compute.unpin(key)

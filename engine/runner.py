@@ -4,26 +4,85 @@ through (loaders' reads + the backend's host -> compute conversion)."""
 
 from __future__ import annotations
 
+import gc
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import psutil
 
+from stream_run.cache import BudgetError
+from stream_run.engine.config import (
+    BudgetChoice,
+    Headroom,
+    format_size,
+    memory_headroom,
+    pick_budget,
+)
+from stream_run.engine.stats import rss_bytes
 from stream_run.kernels.backend import Backend, KVCache
+from stream_run.kernels.numpy_backend import DEQUANT_BLOCK_ELEMENTS
 from stream_run.kernels.sizes import held_nbytes, transient_nbytes, unit_nbytes
 from stream_run.loaders import FormatError, HostTensor, LayerIndex, UnitReader
 from stream_run.models.base import Batch, DecoderModel, SeqRows
 from stream_run.scheduler import LayerScheduler, RunStats, StepLike
 
+log = logging.getLogger(__name__)
+WARM_ROWS = (1, 16)  # a decode row and a prefill chunk: the matvec and the dequantize paths
+SMALL_PASS_ROWS = 8  # passes this small have activations the margin covers (decode, fused)
+SCRATCH_IN_MARGIN = 16 * 2**20  # activations the margin covers; a pass's beyond it are budgeted
+DEQUANT_BLOCK_BYTES = 4 * DEQUANT_BLOCK_ELEMENTS  # float32 weight rows a prefill matmul makes
+PREFILL_ROWS = 512  # EngineConfig.prefill_chunk's default: the auto budget's first chunk
+
 
 class PassRunner:
-    """Runs a model's passes on the scheduler (what the batcher and Engine.forward call)."""
+    """Runs a model's passes on the scheduler (what the batcher and Engine.forward call).
+
+    Made when the engine opens: it loads the backend's kernels before any weight is read
+    (warm_up) and records the process's RSS then as baseline_rss_bytes, the figure the memory
+    budget's promise is stated against: peak RSS <= baseline + budget + KV caches + 64 MB.
+    """
 
     def __init__(self, model: DecoderModel, scheduler: LayerScheduler,
                  units: BackendUnitLoader) -> None:
         self.model = model
         self.scheduler = scheduler
         self.units = units
+        self.budget_choice: BudgetChoice | None = None  # what an auto budget picked
+        self._warned_scratch = False
+        self.warm_up()
+        gc.collect()
+        self.baseline_rss_bytes = rss_bytes()
+
+    def warm_up(self) -> None:
+        """Run the backend's linear and embedding kernels once on tiny zero weights of every
+        storage form the model has, on the compute thread. Loading numba's compiled kernels
+        (and LLVM with them) takes ~45 MB the first time one runs: memory of the process,
+        not of the weights, so it belongs before the baseline. Best effort: a form that fails
+        here fails with its real error at the first pass."""
+        try:
+            self.scheduler.call_on_compute(_warm_up, self.units)
+        except Exception as exc:  # noqa: BLE001 - the first pass reports real errors
+            log.debug("kernel warm-up skipped: %s", exc)
+
+    def set_memory_budget(self, nbytes: int | None) -> None:
+        """Set the compute tier's budget (None: unlimited) and plan residency for it.
+
+        Raises:
+            BudgetError: smaller than the largest step's units (min_budget_bytes).
+        """
+        need = self.min_budget_bytes
+        if nbytes is not None and nbytes < need:
+            raise BudgetError(f"memory budget {format_size(nbytes)} is smaller than the largest "
+                              f"unit set one step needs ({format_size(need)})")
+        self.scheduler.cache.compute.budget_bytes = nbytes
+        self.plan()
+
+    @property
+    def whole_model_bytes(self) -> int:
+        """The smallest budget that keeps every unit resident (no unit is ever re-read)."""
+        return self.scheduler.whole_bytes(self.model.units())
 
     async def make_kv_cache(self, max_len: int) -> KVCache:
         """A KV cache for one sequence of up to max_len tokens (made on the compute thread:
@@ -40,8 +99,67 @@ class PassRunner:
         return self.model.calls(batch)  # a Call is a scheduler StepLike as it is
 
     def plan(self) -> set[str]:
-        """Plan which units stay resident for the decode cycle (the cache's policy decides)."""
+        """Plan which units stay resident for the decode cycle (the cache's policy decides).
+        The first plan of an engine opened with an auto budget picks the budget first.
+
+        Raises:
+            BudgetError: the auto budget cannot hold the model's largest step.
+        """
+        auto = self.scheduler.cache.config.auto_kv_tokens
+        if auto is not None and self.budget_choice is None:
+            self.budget_choice = self.pick_budget(auto or self.model.spec.max_position_embeddings)
+            log.info("memory budget auto: %s", self.budget_choice.describe())
+            self.scheduler.cache.compute.budget_bytes = self.budget_choice.budget_bytes
         return self.scheduler.plan_residency(self.model.units())
+
+    def pick_budget(self, kv_tokens: int) -> BudgetChoice:
+        """The largest budget the memory available now allows with room for a KV cache of
+        kv_tokens positions (engine.config.pick_budget), and no more than the whole model
+        plus the activations of a first prefill chunk (PREFILL_ROWS rows) beside it.
+
+        Raises:
+            BudgetError: not even the model's largest step fits.
+        """
+        try:
+            headroom = memory_headroom()
+        except OSError:  # no /proc (not Linux): what psutil says is available
+            headroom = Headroom(psutil.virtual_memory().available, "available memory")
+        # enough for the whole model and a first prefill chunk's activations beside it
+        first_chunk = self._scratch([(0, min(PREFILL_ROWS, kv_tokens))], 1)
+        return pick_budget(headroom, self.kv_bytes(kv_tokens),
+                           self.whole_model_bytes + first_chunk, self.min_budget_bytes)
+
+    def scratch_bytes(self, batch: Batch) -> int:
+        """What a pass's activations may hold at once beyond the SCRATCH_IN_MARGIN the margin
+        covers, reserved in the budget for the pass: 0 for passes of at most SMALL_PASS_ROWS
+        rows (decoding: fused kernels, kilobytes). Else an upper bound, float32: the attention
+        scores of the largest sequence (heads x rows x keys) and its mask, the MLP's gate, up
+        and product (3 x rows x intermediate), six hidden-sized arrays per row (x, norm, q, k,
+        v, output), the logits, and one block of weights dequantized for the matmul."""
+        logit_rows = len(batch.ids) if batch.all_logits else len(batch.seqs)
+        return self._scratch([(offset, n) for _, offset, n in batch.spans], logit_rows)
+
+    def _scratch(self, spans: Sequence[tuple[int, int]], logit_rows: int) -> int:
+        rows = sum(n for _, n in spans)
+        if rows <= SMALL_PASS_ROWS:
+            return 0
+        spec = self.model.spec
+        assert spec.head_dim is not None
+        width = max(spec.hidden_size, spec.num_attention_heads * spec.head_dim)
+        attn = max(n * (offset + n) * (4 * spec.num_attention_heads + 2) for offset, n in spans)
+        dequant = min(DEQUANT_BLOCK_BYTES, 4 * spec.intermediate_size * spec.hidden_size)
+        need = (attn + 4 * rows * (3 * spec.intermediate_size + 6 * width)
+                + 4 * logit_rows * spec.vocab_size + dequant)
+        return max(0, need - SCRATCH_IN_MARGIN)
+
+    def kv_bytes(self, n_tokens: int) -> int:
+        """Bytes of one sequence's KV cache for n_tokens positions (float32 keys and values;
+        a sliding-window layer holds its window at most)."""
+        spec = self.model.spec
+        assert spec.head_dim is not None and spec.num_key_value_heads is not None
+        per_position = 2 * spec.num_key_value_heads * spec.head_dim * 4
+        return sum(per_position * min(n_tokens, w or n_tokens)
+                   for w in self.model.layer_windows())
 
     @property
     def min_budget_bytes(self) -> int:
@@ -52,7 +170,16 @@ class PassRunner:
 
         more: another pass follows (decoding), so reads for its first units may start now.
         """
-        logits, stats = await self.scheduler.run(self.steps(batch), cyclic=more)
+        logits, stats = await self.scheduler.run(self.steps(batch), cyclic=more,
+                                                 scratch_bytes=self.scratch_bytes(batch))
+        if stats.scratch_over_bytes and not self._warned_scratch:
+            self._warned_scratch = True
+            log.warning("a pass of %d rows needs %s for activations beyond the margin, %s "
+                        "more than the memory budget leaves beside its largest step; peak "
+                        "memory may exceed the budget's promise by that much (hint: a smaller "
+                        "prefill chunk or a larger budget)", len(batch.ids),
+                        format_size(self.scratch_bytes(batch)),
+                        format_size(stats.scratch_over_bytes))
         for seq in batch.seqs:
             seq.kv.advance(len(seq.ids))
         return logits, stats
@@ -77,19 +204,38 @@ def _held_nbytes(index: LayerIndex, key: str, backend: Backend) -> int:
 
 
 class BackendUnitLoader:
+    """Reads through the UnitReader and prepares with the backend; sizes a unit by what it
+    holds in RAM: its compute form, plus its read buffer while it is read and prepared, or for
+    as long as it is cached when the compute form views the buffer (numpy). The buffer is
+    counted as the reader fills it (UnitReader.buffer_nbytes: with the gaps between tensors
+    that coalescing reads), not as the sum of its tensors."""
+
     def __init__(self, index: LayerIndex, reader: UnitReader, backend: Backend) -> None:
         self.index = index
         self.reader = reader
         self.backend = backend
         self.prepare_off_compute_thread = backend.prepare_off_compute_thread
-        self._sizes = {key: _held_nbytes(index, key, backend) for key in index.units}
-        self._transient = {
-            key: transient_nbytes(unit.tensors, backend.prepare_views_raw, backend.half_scales)
-            for key, unit in index.units.items()
-        }
+        self._sizes: dict[str, int] = {}
+        self._transient: dict[str, int] = {}
+        for key, unit in index.units.items():
+            held = _held_nbytes(index, key, backend)
+            transient = transient_nbytes(unit.tensors, backend.prepare_views_raw,
+                                         backend.half_scales)
+            buffer = reader.buffer_nbytes(key)
+            if transient:  # converted: the buffer is held only until prepare() returns
+                self._sizes[key], self._transient[key] = held, max(transient, buffer)
+            else:  # the compute form views the buffer: held counts its tensors' bytes
+                self._sizes[key] = held + max(0, buffer - unit.nbytes)
+                self._transient[key] = 0
 
     def read(self, key: str) -> dict[str, HostTensor]:
         return self.reader.read(key)
+
+    def expect(self, key: str) -> None:
+        self.reader.expect(key)
+
+    def forget(self, key: str) -> None:
+        self.reader.forget(key)
 
     def prepare(self, key: str, raw: dict[str, HostTensor]) -> tuple[Any, int]:
         value = self.backend.prepare(raw, self.index.units[key].quantization)
@@ -103,3 +249,33 @@ class BackendUnitLoader:
 
     def transient_nbytes(self, key: str) -> int:
         return self._transient[key]
+
+
+def _warm_up(units: BackendUnitLoader) -> None:
+    """Prepare each distinct unit layout (by tensor names, dtypes and row widths) shrunk to 8
+    rows of zeros, and run every 2-D weight through linear and embed."""
+    seen: set[tuple] = set()
+    ops = units.backend
+    for unit in units.index.units.values():
+        layout = tuple(sorted((n, t.dtype, t.shape[1:]) for n, t in unit.tensors.items()))
+        if layout in seen:
+            continue
+        seen.add(layout)
+        tiny = {n: _tiny(t.dtype, t.shape, t.nbytes) for n, t in unit.tensors.items()}
+        for w in ops.prepare(tiny, unit.quantization).values():
+            shape = tuple(getattr(w, "shape", ()))
+            if len(shape) != 2:
+                continue
+            for n_rows in WARM_ROWS:
+                ops.synchronize(ops.linear(ops.from_numpy(np.zeros((n_rows, shape[1]),
+                                                                   np.float32)), w))
+            ops.synchronize(ops.embed(w, np.zeros((1, 2), np.int64)))
+
+
+def _tiny(dtype: str, shape: tuple[int, ...], nbytes: int) -> HostTensor:
+    """Zero bytes of a tensor cut to its first 8 rows (a 1-D tensor as it is): every format's
+    rows are independent, and zeros are a valid weight in all of them."""
+    if len(shape) != 2:
+        return HostTensor(dtype, shape, np.zeros(nbytes, np.uint8))
+    rows = min(8, shape[0])
+    return HostTensor(dtype, (rows, shape[1]), np.zeros(nbytes // shape[0] * rows, np.uint8))

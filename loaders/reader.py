@@ -58,7 +58,13 @@ class UnitReader:
     """Reads units of a LayerIndex. Thread-safe: read() runs on the I/O pool.
 
     pread mode reads into buffers of `buffers`, reused once the arrays read into them are
-    gone (evicted from the cache), so a streamed unit does not fault in fresh pages."""
+    gone (evicted from the cache), so a streamed unit does not fault in fresh pages. mmap mode
+    maps each read's byte ranges on their own, so the pages leave RSS when the unit's arrays
+    die (one mapping of the whole file kept every page ever touched resident).
+
+    buffer_nbytes(key) is what a read of the unit holds in RAM (the budget counts it), and
+    expect(key) / forget(key) tell the pool which reads are coming (it keeps idle buffers
+    for them only)."""
 
     def __init__(self, index: LayerIndex, config: LoaderConfig | None = None) -> None:
         self.index = index
@@ -66,7 +72,6 @@ class UnitReader:
         self.fault_hook: FaultHook | None = None
         self.buffers = BufferPool()
         self._fds: dict[str, int] = {}
-        self._maps: dict[str, mmap.mmap] = {}
         self._lock = threading.Lock()
         self.direct = self.config.direct_io and hasattr(os, "O_DIRECT")
         if self.config.direct_io and not self.direct:
@@ -91,23 +96,64 @@ class UnitReader:
             for path in unit.files:
                 if path not in self._verified:
                     self._verify(path, key)
-        if self.config.read_mode == "mmap":
-            return {n: self._host(r, self._map(r.path, key)[r.offset:r.offset + r.nbytes])
-                    for n, r in unit.tensors.items()}
         spans = _coalesce(list(unit.tensors.values()))
-        direct = self.direct
-        bounds = [_aligned(s.start, s.end) if direct else (s.start, s.end) for s in spans]
+        if self.config.read_mode == "mmap":
+            return self._map_unit(spans, key)
+        bounds = self._bounds(spans)
         buf = self.buffers.take(sum(b - a for a, b in bounds))
         out: dict[str, HostTensor] = {}
         pos = 0
         for span, (lo, hi) in zip(spans, bounds, strict=True):
             dest = buf[pos:pos + hi - lo]
             if not self._read_span(span.path, lo, dest, span.end - lo, key):
+                del buf, dest, out  # idle now: the retry's take reuses it
                 return self.read(key)  # O_DIRECT was refused; self.direct is now False
             for r in span.refs:
                 at = pos + r.offset - lo
-                out[r.name] = self._host(r, buf[at:at + r.nbytes])
+                out[r.name] = self._host(r, buf[at:at + r.nbytes], in_place=True)
             pos += hi - lo
+        return out
+
+    def buffer_nbytes(self, key: str) -> int:
+        """Bytes a read of the unit holds in RAM: its byte ranges as read, with the gaps
+        between tensors that coalescing reads too (in mmap mode plus the copies of GGUF q/k
+        rows; pread un-permutes them in place). At least the unit's tensor bytes: its raw
+        arrays are views of these. Page slack (O_DIRECT alignment, a partly used last page,
+        an mmap's start) is left to the margin: under 12 KiB per unit."""
+        spans = _coalesce(list(self.index.units[key].tensors.values()))
+        copies = sum(r.nbytes for s in spans for r in s.refs if r.unpermute_heads)
+        return sum(s.end - s.start for s in spans) + (
+            copies if self.config.read_mode == "mmap" else 0)
+
+    def expect(self, key: str) -> None:
+        """A read of the unit will start soon (room is reserved for it): the pool keeps an
+        idle buffer that fits it, and frees idle buffers that no expected read fits."""
+        if self.config.read_mode == "pread":
+            self.buffers.expect(self._read_nbytes(key))
+
+    def forget(self, key: str) -> None:
+        """An expected read of the unit was cancelled before it started (after it took its
+        buffer this does nothing): the pool frees the idle buffer it kept for it."""
+        if self.config.read_mode == "pread":
+            self.buffers.forget(self._read_nbytes(key))
+
+    def _read_nbytes(self, key: str) -> int:
+        return sum(b - a for a, b in self._bounds(
+            _coalesce(list(self.index.units[key].tensors.values()))))
+
+    def _bounds(self, spans: list[_Span]) -> list[tuple[int, int]]:
+        direct = self.direct
+        return [_aligned(s.start, s.end) if direct else (s.start, s.end) for s in spans]
+
+    def _map_unit(self, spans: list[_Span], key: str) -> dict[str, HostTensor]:
+        """Map each span on its own: the mapping lives as long as the arrays viewing it."""
+        out: dict[str, HostTensor] = {}
+        for span in spans:
+            start = _map_start(span.start)
+            view = self._map(span.path, start, span.end - start, key)
+            for r in span.refs:
+                at = r.offset - start
+                out[r.name] = self._host(r, view[at:at + r.nbytes])
         return out
 
     def _verify(self, path: str, key: str) -> None:
@@ -144,12 +190,21 @@ class UnitReader:
                     self._fds.clear()
             return False
 
-    def _host(self, ref: TensorRef, data: np.ndarray) -> HostTensor:
+    def _host(self, ref: TensorRef, data: np.ndarray, in_place: bool = False) -> HostTensor:
+        """in_place: data is the reader's own buffer, so un-permuted rows are written back
+        into it (the unit then holds no second copy of its q/k bytes)."""
         if ref.unpermute_heads:
             from stream_run.loaders.gguf_file import unpermute_rows
 
-            rows = ref.shape[0]
-            data = unpermute_rows(data.reshape(rows, -1), ref.unpermute_heads).reshape(-1)
+            rows, heads = ref.shape[0], ref.unpermute_heads
+            if in_place and rows % heads == 0:
+                # head by head: a temporary of one head's rows, not of the whole tensor
+                per_head = data.reshape(heads, rows // heads, -1)
+                for h in range(heads):
+                    per_head[h] = unpermute_rows(per_head[h], 1)
+            else:
+                data = np.ascontiguousarray(unpermute_rows(data.reshape(rows, -1), heads)
+                                            ).reshape(-1)
         return HostTensor(ref.dtype, ref.shape, data)
 
     def _fd(self, path: str, key: str) -> int:
@@ -168,16 +223,15 @@ class UnitReader:
                 self._fds[path] = fd
             return fd
 
-    def _map(self, path: str, key: str) -> np.ndarray:
-        with self._lock:
-            m = self._maps.get(path)
-            if m is None:
-                try:
-                    with open(path, "rb") as f:
-                        m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-                except OSError as exc:
-                    raise ReadError(f"{path}: cannot map for unit {key!r}: {exc}") from None
-                self._maps[path] = m
+    def _map(self, path: str, start: int, length: int, key: str) -> np.ndarray:
+        fd = self._fd(path, key)
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook(path, start, length)
+            m = mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=start)
+        except (OSError, ValueError) as exc:
+            raise ReadError(f"{path}: cannot map bytes [{start}, {start + length}) for unit "
+                            f"{key!r}: {exc}; the file was truncated or replaced") from None
         return np.frombuffer(m, dtype=np.uint8)
 
     def _pread_into(self, path: str, offset: int, dest: np.ndarray, need: int, key: str) -> None:
@@ -216,16 +270,15 @@ class UnitReader:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
-            for m in self._maps.values():
-                try:
-                    m.close()
-                except BufferError:  # a view is still alive; the GC will unmap it
-                    pass
-            self._maps.clear()
+        self.buffers.trim()
 
 
 class _DirectRefused(Exception):
     """The filesystem refused O_DIRECT (EINVAL on open or read)."""
+
+
+def _map_start(offset: int) -> int:
+    return offset - offset % mmap.ALLOCATIONGRANULARITY
 
 
 def _aligned(start: int, end: int) -> tuple[int, int]:

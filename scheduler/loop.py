@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,20 +25,35 @@ from stream_run.cache.policy import LateLike, late_need
 from stream_run.scheduler.step import StepLike, UnitLoader, Units, resolve
 
 
-def _run_steps(calls: Sequence[tuple[StepLike, Units]], x: Any, weights: Mapping[str, Any],
+def _run_steps(calls: Sequence[tuple[StepLike, Units]], x: Any, weights: dict[str, Any],
                settle: Callable[[Any], None] | None = None
                ) -> tuple[Any, list[tuple[float, float]]]:
     """Run (step, its units) in order on the compute thread, each on the previous one's
     output; returns the last output and each step's (start, end) time. The last output, if
-    any, goes to settle (once per call, not per step)."""
+    any, goes to settle (once per call, not per step).
+
+    weights is emptied before returning: the executor's work item keeps its arguments until
+    after the result is set, and by then the event loop may evict these units and read into
+    their buffers, which must be free (a unit kept alive here held its buffer outside the
+    budget)."""
     times = []
-    for step, units in calls:
-        t0 = time.perf_counter()
-        x = step.run(x, {k: weights[k] for k in units})
-        times.append((t0, time.perf_counter()))
-    if settle is not None and x is not None:
-        settle(x)
+    try:
+        for step, units in calls:
+            t0 = time.perf_counter()
+            x = step.run(x, {k: weights[k] for k in units})
+            times.append((t0, time.perf_counter()))
+        if settle is not None and x is not None:
+            settle(x)
+    finally:
+        weights.clear()
     return x, times
+
+
+def _prepare_boxed(prepare: Callable[[str, Any], tuple[Any, int]], key: str, box: list[Any]
+                   ) -> tuple[Any, int]:
+    """prepare(key, raw) with raw taken out of box: the executor's work item, which outlives
+    the call, holds only the empty box, not the read buffer (free once prepare returns)."""
+    return prepare(key, box.pop())
 
 
 @dataclass(frozen=True)
@@ -75,15 +90,27 @@ class RunStats:
     units_read: int = 0
     hits: int = 0
     misses: int = 0
+    scratch_over_bytes: int = 0  # activations that did not fit in the budget beside a step
     # (kind, label, start, end) with kind "read" | "compute", perf_counter seconds
     intervals: list[tuple[str, str, float, float]] = field(default_factory=list)
 
     def add(self, other: RunStats) -> None:
         self.prefetch_depth = max(self.prefetch_depth, other.prefetch_depth)
         self.intervals.extend(other.intervals)
+        self.scratch_over_bytes = max(self.scratch_over_bytes, other.scratch_over_bytes)
         for name in ("compute_s", "io_stall_s", "read_s", "prepare_s", "bytes_read",
                      "units_read", "hits", "misses"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class _Load:
+    """One unit's load in flight: the bytes reserved for it, and whether its read started."""
+
+    key: str
+    nbytes: int
+    reserved: bool = True
+    started: bool = False
 
 
 @dataclass
@@ -139,12 +166,21 @@ class LayerScheduler:
         return max(sum(self._load_bytes(k) for k in set(units)) if isinstance(units, tuple)
                    else late_need(units, self._load_bytes) for units in steps)
 
+    def call_on_compute(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run fn on the compute thread and wait for it (set-up before any pass, from a thread
+        that is not running the event loop)."""
+        return self._compute.submit(fn, *args).result()
+
+    def whole_bytes(self, steps: Sequence[Units | LateLike]) -> int:
+        """The smallest compute budget that keeps every unit of these steps resident."""
+        return PassShape(list(steps), self.loader.prepared_nbytes, self._load_bytes).whole_bytes
+
     async def run_on_compute(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run fn on the compute thread (for work outside a step list, e.g. sampling)."""
         return await asyncio.get_running_loop().run_in_executor(self._compute, fn, *args)
 
-    async def run(self, steps: Sequence[StepLike], x: Any = None, cyclic: bool = False
-                  ) -> tuple[Any, RunStats]:
+    async def run(self, steps: Sequence[StepLike], x: Any = None, cyclic: bool = False,
+                  scratch_bytes: int = 0) -> tuple[Any, RunStats]:
         """Run the steps in order with prefetch, the first on x and each on the output of the
         one before; returns the last step's output and the run's stats. On error or
         cancellation, in-flight reads are cancelled and awaited and every pin taken by this
@@ -152,12 +188,18 @@ class LayerScheduler:
 
         cyclic: another pass over the same units follows (decoding), so the prefetch window
         wraps around into it and reads for its first units stay in flight when this run ends.
+        scratch_bytes: memory the steps' computation takes beside the weights (a prefill
+        chunk's activations), reserved in the compute tier for the run: the residency plan
+        shrinks for it and units are evicted to make room. Capped so the largest step's units
+        still fit (what is left is over the budget, stats.scratch_over_bytes).
         """
         stats = RunStats(prefetch_depth=self.depth)
         rs = _RunState(stats)
         compute_future: asyncio.Future[Any] | None = None
         carry: set[str] = set()  # loads for the next pass, left in flight on success
         loop = asyncio.get_running_loop()
+        scratch = self._reserve_scratch(steps, scratch_bytes)
+        stats.scratch_over_bytes = scratch_bytes - scratch
         try:
             idx = 0
             # each step's units known before the pass (none for a late-bound one), and the
@@ -200,7 +242,31 @@ class LayerScheduler:
             await self._cancel_inflight(keep=carry)
             for k in rs.held:
                 self.cache.release(k)
+            if scratch:
+                self.cache.cancel_reservation(scratch)
+                if self._shape is not None:
+                    self.cache.plan(self._shape, self.depth)
         return x, stats
+
+    def _reserve_scratch(self, steps: Sequence[StepLike], nbytes: int) -> int:
+        """Reserve up to nbytes in the compute tier for a run's activations, leaving room for
+        its largest step; returns what was reserved (0 without a budget)."""
+        tier = self.cache.compute
+        if nbytes <= 0 or tier.budget_bytes is None:
+            return 0
+        need = self.min_budget_bytes([self._late_or_units(s) for s in steps])
+        nbytes = min(nbytes, max(0, tier.budget_bytes - need))
+        if self._shape is not None:
+            self.cache.plan(self._shape, self.depth, set_aside=nbytes)
+        nbytes = min(nbytes, max(0, int(tier.free_bytes()) + tier.evictable_bytes()))
+        if nbytes:
+            self.cache.reserve(nbytes)
+        return nbytes
+
+    def _late_or_units(self, step: StepLike) -> Units | LateLike:
+        if not callable(step.units):
+            return step.units
+        return step if getattr(step, "candidates", ()) else ()  # type: ignore[return-value]
 
     def _adapt(self, stats: RunStats) -> None:
         """Read further ahead after a pass in which compute waited on reads; the residency
@@ -264,10 +330,25 @@ class LayerScheduler:
         return value
 
     def _start_load(self, key: str, keep: Collection[str] = ()) -> None:
-        size = self._load_bytes(key)
-        self.cache.reserve(size, keep)
-        task = asyncio.get_running_loop().create_task(self._load(key, size))
+        """Reserve room for the unit's load (evicting what must go), tell the loader a read is
+        coming (so a buffer freed by the eviction waits for it), and start the load."""
+        load = _Load(key, self._load_bytes(key))
+        self.cache.reserve(load.nbytes, keep)
+        self.loader.expect(key)
+        task = asyncio.get_running_loop().create_task(self._load(load))
+        # also when the task is cancelled before it runs (its finally would never run)
+        task.add_done_callback(lambda _: self._end_load(load))
         self._inflight[key] = task
+
+    def _end_load(self, load: _Load) -> None:
+        """Give back what a load still holds: its reservation, and the loader's expectation
+        of a read that never started."""
+        if load.reserved:
+            load.reserved = False
+            self.cache.cancel_reservation(load.nbytes)
+        if not load.started:
+            load.started = True
+            self.loader.forget(load.key)
 
     async def _acquire(self, key: str, rs: _RunState, keep: Collection[str]) -> Any:
         """The unit's compute-tier value, pinned once for the current step.
@@ -290,7 +371,7 @@ class LayerScheduler:
         rs.held.append(key)  # the load's pin becomes this step's pin
         return tier.peek(key)
 
-    async def _load(self, key: str, size: int) -> RunStats:
+    async def _load(self, load: _Load) -> RunStats:
         """Read and prepare one unit into the compute tier, pinned once for its consumer.
 
         Returns the read's statistics; the run that consumes the unit adds them to its own
@@ -298,11 +379,17 @@ class LayerScheduler:
         """
         loop = asyncio.get_running_loop()
         stats = RunStats()
+        key = load.key
+
+        def read() -> Any:
+            load.started = True  # on the I/O thread, before the read takes a buffer
+            return self.loader.read(key)
+
         try:
             raw = self.cache.host.get(key)
             if raw is None:
                 t0 = time.perf_counter()
-                raw = await loop.run_in_executor(self._io, self.loader.read, key)
+                raw = await loop.run_in_executor(self._io, read)
                 t1 = time.perf_counter()
                 nbytes = self.loader.raw_nbytes(key)
                 stats.read_s += t1 - t0
@@ -313,12 +400,18 @@ class LayerScheduler:
                     stats.intervals.append(("read", key, t0, t1))
                 if self.cache.host.can_fit(nbytes):
                     self.cache.host.put(key, raw, nbytes)
+            else:  # a host-tier hit: no read will take a buffer
+                load.started = True
+                self.loader.forget(key)
             pool = self._io if self.loader.prepare_off_compute_thread else self._compute
             t2 = time.perf_counter()
-            value, nbytes = await loop.run_in_executor(pool, self.loader.prepare, key, raw)
+            box = [raw]
+            del raw  # the read buffer goes back to the pool unless the value views it
+            value, nbytes = await loop.run_in_executor(pool, _prepare_boxed,
+                                                       self.loader.prepare, key, box)
             stats.prepare_s += time.perf_counter() - t2
         finally:
-            self.cache.cancel_reservation(size)
+            self._end_load(load)
         self.cache.admit(key, value, nbytes)  # pinned once for the step that consumes it
         return stats
 

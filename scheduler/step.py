@@ -64,15 +64,27 @@ class UnitLoader(Protocol):
         thread, or on an I/O thread when prepare_off_compute_thread is true."""
         ...
 
+    def expect(self, key: str) -> None:
+        """A read of the unit will start soon: room is reserved for it (units were evicted to
+        make it). Called on the event loop; the loader may keep memory freed by the eviction
+        for that read, and nothing else."""
+        ...
+
+    def forget(self, key: str) -> None:
+        """The expected read of the unit will not come (its load was cancelled before the
+        read started, or the unit came from the host tier). Called on the event loop."""
+        ...
+
     def raw_nbytes(self, key: str) -> int:
         """Bytes read from disk for the unit."""
         ...
 
     def prepared_nbytes(self, key: str) -> int:
-        """Bytes the unit takes in the compute tier, known before reading it."""
+        """Bytes the unit holds in memory once prepared, known before reading it: its compute
+        form, and the read buffer too when the compute form views it."""
         ...
 
     def transient_nbytes(self, key: str) -> int:
-        """Raw bytes held beside the compute form only while the unit is read and prepared
-        (0 when the compute form is a view of the read buffer)."""
+        """Bytes held beside those only while the unit is read and prepared: the read buffer
+        when the compute form does not view it (0 when it does)."""
         ...

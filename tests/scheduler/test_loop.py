@@ -1,6 +1,7 @@
 """Scheduler behaviour with a fake loader: overlap, budgets, cancellation, errors."""
 
 import asyncio
+import collections
 import threading
 import time
 
@@ -19,9 +20,20 @@ class FakeLoader:
         self.read_s = read_s
         self.fail = fail
         self.reads = []
+        self.expected = collections.Counter()  # reads announced and not yet started
         self.lock = threading.Lock()
 
+    def expect(self, key):
+        with self.lock:
+            self.expected[key] += 1
+
+    def forget(self, key):
+        with self.lock:
+            self.expected[key] -= 1
+
     def read(self, key):
+        with self.lock:
+            self.expected[key] -= 1  # the read takes its buffer
         time.sleep(self.read_s)
         if key == self.fail:
             raise OSError(f"injected failure reading {key}")
@@ -124,6 +136,8 @@ async def test_cancel_mid_run_leaves_nothing_pinned_or_pending():
     assert cache.compute.pinned() == []
     assert cache.compute.reserved_bytes == 0
     assert sched._inflight == {}
+    await asyncio.sleep(0.05)  # a read already running when cancelled ends on its thread
+    assert set(loader.expected.values()) <= {0}  # every announced read started or was forgotten
     log = []
     await sched.run(make_steps(KEYS, log=log))  # still usable
     assert [k for k, _ in log] == KEYS
@@ -239,6 +253,8 @@ async def test_cancel_after_cyclic_run_releases_carried_loads():
     with pytest.raises(asyncio.CancelledError):
         await task
     assert sched._inflight == {} and cache.compute.reserved_bytes == 0
+    await asyncio.sleep(0.03)  # a read already running when cancelled ends on its thread
+    assert set(loader.expected.values()) <= {0}
     assert resident  # the plan may have changed as the window deepened: pins follow the plan
     assert sorted(cache.compute.pinned()) == sorted(k for k in sched.resident
                                                     if k in cache.compute)
@@ -372,5 +388,38 @@ async def test_late_bound_step_with_declared_candidates_fits_a_tight_budget(budg
         out, _ = await sched.run(steps, cyclic=True)
         assert out == ["u1"]
     await sched.drop_carried()
+    assert cache.compute.reserved_bytes == 0
+    sched.close()
+
+
+def test_compute_call_lets_go_of_its_weights_before_its_result_is_set():
+    """The executor's work item keeps its arguments until after the result is set, when the
+    event loop may already evict the units and read into their buffers: the call empties the
+    weights it was given."""
+    from stream_run.scheduler.loop import _run_steps
+
+    weights = {"u0": object(), "u1": object()}
+    out, times = _run_steps([(Step(("u0", "u1"), lambda x, w: len(w)), ("u0", "u1"))], None,
+                            weights)
+    assert out == 2 and len(times) == 1 and weights == {}
+
+
+@pytest.mark.asyncio
+async def test_a_pass_reserves_its_activations_in_the_budget():
+    """scratch_bytes (a prefill chunk's activations) is reserved for the run: residents make
+    room, reads fit beside it, and the plan comes back after."""
+    sched, cache, loader = make(budget=600, depth=2, adaptive=False)
+    steps = make_steps(KEYS)
+    resident = set(sched.plan_residency(units_of(steps)))
+    seen = []
+    probe = [Step(s.units, lambda x, w, s=s: seen.append(
+        (cache.compute.reserved_bytes, cache.compute.used_bytes)) or s.run(x, w), s.name)
+        for s in steps]
+    _, stats = await sched.run(probe, scratch_bytes=300)
+    assert stats.scratch_over_bytes == 0
+    assert all(reserved >= 300 and reserved + used <= 600 for reserved, used in seen)
+    assert cache.compute.reserved_bytes == 0 and sched.resident == resident
+    _, stats = await sched.run(make_steps(KEYS), scratch_bytes=10_000)  # capped: a step fits
+    assert stats.scratch_over_bytes == 10_000 - 500
     assert cache.compute.reserved_bytes == 0
     sched.close()
