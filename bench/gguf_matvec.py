@@ -3,7 +3,7 @@ against the machine's read bandwidth measured with all cores.
 
     python -m stream_run.bench.gguf_matvec [--types Q4_0,Q8_0,Q4_K,Q5_K,Q6_K] [-n 1,4]
         [--shapes 4096x4096,4096x11008,11008x4096,576x1536,1536x576] [--threads N] [-r 9]
-        [--footprint-mb 1024] [--generic]
+        [--footprint-mb 1024] [--generic] [--gguf MODEL.gguf]
 
 Shapes are in x out: a 7B model's q/o 4096x4096, gate/up 4096x11008, down 11008x4096, and
 SmolLM2's gate/up 576x1536 and down 1536x576 (K types need in % 256 == 0: 576 is skipped).
@@ -15,6 +15,8 @@ median rate as a share of the bound: a numba prange sum over a uint8 array of th
 footprint (read as 8-byte words) with the same threads (default: every CPU), its passes
 alternating with the matvec passes so that both see the same load from other work on the
 machine. The bound is a simple reader, not a ceiling: the matvec, which prefetches, can beat it.
+With --gguf, one row per N: a pass over the file's matrices that decode multiplies each token
+(every 2-D block-quantized tensor but token_embd), read from its mmap as the engine would.
 """
 
 from __future__ import annotations
@@ -62,32 +64,47 @@ def weights(qtype: str, n_in: int, n_out: int, footprint: int,
     return [BlockWeight(copy.reshape(n_out, row_bytes), qtype, n_in) for copy in raw]
 
 
-def pass_s(ws: list[BlockWeight], x: np.ndarray, generic: bool) -> float:
+def model_weights(path: str) -> list[BlockWeight]:
+    """The block-quantized matrices of a .gguf file that decode multiplies every token (all 2-D
+    ones but token_embd, which decode only gathers a row of), in file order, as views."""
+    from gguf import GGUFReader
+
+    out = []
+    for t in GGUFReader(path).tensors:
+        if t.tensor_type.name in GGUF_BLOCK_TYPES and len(t.shape) == 2 and \
+                not t.name.startswith("token_embd"):
+            data = np.asarray(t.data)
+            out.append(BlockWeight(data.reshape(int(t.shape[1]), -1), t.tensor_type.name,
+                                   int(t.shape[0])))
+    return out
+
+
+def pass_s(ws: list[BlockWeight], xs: dict[int, np.ndarray], generic: bool) -> float:
     t0 = time.perf_counter()
     for w in ws:
-        matvec(x, w, generic=generic)
+        matvec(xs[w.n_in], w, generic=generic)
     return time.perf_counter() - t0
 
 
-def row(ws: list[BlockWeight], x: np.ndarray, generic: bool, words: np.ndarray,
-        repetitions: int) -> str:
+def row(label: str, ws: list[BlockWeight], xs: dict[int, np.ndarray], generic: bool,
+        words: np.ndarray, repetitions: int) -> str:
     """One table row: passes over ws alternate with read passes over words (the bound), so
     both see the same load from whatever else runs on the machine."""
-    pass_s(ws[:2], x, generic)  # compile or load, first touch
+    pass_s(ws[:2], xs, generic)  # compile or load, first touch
+    pass_s(ws, xs, generic)
     _sum_words(words, 256)
     times, bounds = [], []
     for _ in range(repetitions):
-        times.append(pass_s(ws, x, generic))
+        times.append(pass_s(ws, xs, generic))
         t0 = time.perf_counter()
         _sum_words(words, 256)
         bounds.append(words.nbytes / (time.perf_counter() - t0) / 1e9)
-    rates = [ws[0].nbytes * len(ws) / t / 1e9 for t in times]
+    rates = [sum(w.nbytes for w in ws) / t / 1e9 for t in times]
     med, bound = statistics.median(rates), statistics.median(bounds)
-    w = ws[0]
-    path = "generic" if generic or w.qtype not in FAST_KERNELS else "fast"
-    return (f"| {w.qtype} | {w.n_in}x{w.shape[0]} | {x.shape[0]} | {path} | "
-            f"{statistics.median(times) / len(ws) * 1e6:.0f} | {med:.1f} "
-            f"[{min(rates):.1f}-{max(rates):.1f}] | {bound:.1f} [{min(bounds):.1f}-"
+    n = next(iter(xs.values())).shape[0]
+    path = "generic" if generic or ws[0].qtype not in FAST_KERNELS else "fast"
+    return (f"| {label} | {n} | {path} | {statistics.median(times) / len(ws) * 1e6:.0f} | "
+            f"{med:.1f} [{min(rates):.1f}-{max(rates):.1f}] | {bound:.1f} [{min(bounds):.1f}-"
             f"{max(bounds):.1f}] | {100 * med / bound:.0f} |")
 
 
@@ -102,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--footprint-mb", type=int, default=1024)
     p.add_argument("--generic", action="store_true",
                    help="also time the generic decode-and-dot path of the fast types")
+    p.add_argument("--gguf", help="time one pass over this .gguf's matrices instead (per token)")
     args = p.parse_args(argv)
     numba.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -112,6 +130,14 @@ def main(argv: list[str] | None = None) -> int:
           "bound GB/s median [min-max] | % of bound |")
     print("|---|---|---:|---|---:|---|---:|---:|")
     words = np.ones(footprint // 8, dtype=np.uint64)
+    if args.gguf:
+        ws = model_weights(args.gguf)
+        mix = "+".join(sorted({w.qtype for w in ws}))
+        label = f"{mix} | {os.path.basename(args.gguf)}: {len(ws)} matrices"
+        for n in (int(s) for s in args.rows.split(",")):
+            xs = {k: rng.standard_normal((n, k)).astype(np.float32) for k in {w.n_in for w in ws}}
+            print(row(label, ws, xs, False, words, args.repetitions), flush=True)
+        return 0
     for qtype in args.types.split(","):
         for shape in args.shapes.split(","):
             n_in, n_out = (int(s) for s in shape.split("x"))
@@ -121,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             ws = weights(qtype, n_in, n_out, footprint, rng)
             paths = [False] + ([True] if args.generic and qtype in FAST_KERNELS else [])
             for n in (int(s) for s in args.rows.split(",")):
-                x = rng.standard_normal((n, n_in)).astype(np.float32)
+                xs = {n_in: rng.standard_normal((n, n_in)).astype(np.float32)}
                 for generic in paths:
-                    print(row(ws, x, generic, words, args.repetitions), flush=True)
+                    print(row(f"{qtype} | {shape}", ws, xs, generic, words, args.repetitions),
+                          flush=True)
             del ws
     return 0
 
