@@ -230,13 +230,7 @@ class _XBlock:
 def _int_q4_0(e: _Emit, p, xs: list, accs: list) -> None:
     """Q4_0: sum (q - 8) x = sum q x - 8 sum x, the second from x's sums per 4 elements (the
     lanes of the dot), -8 times each, as the accumulator's start: exact in int32."""
-    b = e.b
-    d = e.half(p, 0)
-    w = e.nibbles(e.bytes16(p, 2))  # codes 0..31 in order
-    for x, acc in zip(xs, accs, strict=True):
-        offset = b.sext(e.load(x.bs, 0, ir.VectorType(_I16, 8)), _D8)
-        dot = e.dot_bytes(offset, w, e.load(x.xq, 0, _B32))
-        b.store(e.fma(b.sitofp(dot, _F8), e.splat(b.fmul(d, x.dx), 8), b.load(acc)), acc)
+    _int_32(e, p, xs, accs, e.nibbles(e.bytes16(p, 2)), e.half(p, 0), None)
 
 
 def _int_q4_1(e: _Emit, p, xs: list, accs: list) -> None:
