@@ -544,6 +544,9 @@ def _rows(typingctx, kind, n_rows, n_x, data, o, xs, r0, out):
     No bounds checks: the caller keeps the rows in range and every array C-contiguous."""
     k = _literal(kind, "kind")
     qtype, floats = QTYPES[k % 100], k >= 100
+    for name, ty in (("data", data), ("out", out), *(("xs", a) for a in xs)):
+        if not (isinstance(ty, types.Array) and ty.layout == "C" and ty.ndim == 2):
+            raise TypingError(f"_rows: {name} must be C-contiguous 2-d arrays, got {ty}")
     rows, n_xs = _literal(n_rows, "n_rows"), _literal(n_x, "n_x")
     elems, nbytes = GGUF_BLOCK_TYPES[qtype]
     sig = types.void(kind, n_rows, n_x, data, o, xs, r0, out)
