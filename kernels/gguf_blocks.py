@@ -329,8 +329,9 @@ def matvec(x: np.ndarray, w: BlockWeight, *, generic: bool = False) -> np.ndarra
 
     Accuracy (see the module docstring): the integer types quantize x to int8 per block
     (QUANTIZED_X) as llama.cpp does: the result is x_q @ w.T, |x - x_q| <= dx / 2 per element
-    (dx = the block's max|x| / 127), within float32 rounding. Q8_0 and the generic path keep x
-    float32: within ~(in / 16 + 8) * 2**-24 * (|x| @ (|w| + |mins|).T) of x @ w.T.
+    (dx = the block's max|x| / 127), within float32 rounding; for Gaussian x that is ~0.5-1 %
+    of max|y|. Q8_0 and the generic path keep x float32: within (in / 16 + 8) (Q8_0) or
+    (block + in / block + 8) (generic) * 2**-24 * (|x| @ (|w| + |mins|).T) of x @ w.T.
 
     Args:
         generic: use the exact-decode reference path even where a fast kernel exists.
