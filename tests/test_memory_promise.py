@@ -31,7 +31,7 @@ from stream_run.engine.config import MARGIN_BYTES
 
 STREAM_RUN = shutil.which("stream-run", path=os.path.dirname(sys.executable))
 PROMPT = "The budget is a promise."
-LONG_PROMPT = " ".join(["weights stream from disk through a budget"] * 16)  # 655 bytes
+LONG_PROMPT = " ".join(["weights stream from disk through a budget"] * 16)  # 671 bytes
 MAX_TOKENS = 4
 # 1024 wide, 4096 MLP, 8192 vocab: f16 10 blocks = 335 MB; Q4_0 20 blocks = 181 MB
 SHAPE = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
