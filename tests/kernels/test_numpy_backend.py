@@ -60,7 +60,9 @@ def test_gguf_unit_through_prepare(dtype):
     ids = np.array([[15, 0, 3]])
     np.testing.assert_array_equal(ops.embed(w, ids), ref[ids])
     x = rng.standard_normal((1, 2, 96)).astype(np.float32)
-    scale_free_close(ops.linear(x, w).reshape(2, 16), x.reshape(2, 96), ref)
+    # the int8 types round x per 32-element block (kernels/gguf_blocks.matvec): |dx| <= max/254
+    rtol = 1e-5 if dtype == "Q8_0" else 1.5e-2
+    scale_free_close(ops.linear(x, w).reshape(2, 16), x.reshape(2, 96), ref, rtol)
 
 
 def test_per_tensor_quantization_override_and_bad_size():
