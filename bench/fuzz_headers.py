@@ -456,6 +456,7 @@ def _run(targets: dict[str, Target], rng: random.Random, inputs: int, seconds: f
     counts: collections.Counter = collections.Counter()
     bad: collections.Counter = collections.Counter()
     examples: dict = {}
+    found: dict = {}  # the whole first input of each finding
     deadline = time.monotonic() + seconds if seconds else None
     while deadline is None and min(counts[n] for n in targets) < inputs or \
             deadline is not None and time.monotonic() < deadline:
@@ -488,6 +489,8 @@ def _run(targets: dict[str, Target], rng: random.Random, inputs: int, seconds: f
             if time.monotonic() - t0 > SLOW_S and (name, "slow") not in examples:
                 bad[(name, "slow")] += 1
                 examples[(name, "slow")] = data
+            for key in bad:
+                found.setdefault(key, data)
             shape = _outcome(error)
             if shape not in target.seen:  # a new outcome: worth mutating further
                 target.seen.add(shape)
@@ -499,6 +502,7 @@ def _run(targets: dict[str, Target], rng: random.Random, inputs: int, seconds: f
                 target.dest.write_bytes(target.valid)
     return {"inputs": dict(counts), "unexpected": {f"{a}: {b}": n for (a, b), n in bad.items()},
             "examples": {f"{a}: {b}": e for (a, b), e in examples.items()},
+            "found": {f"{a}: {b}": d for (a, b), d in found.items()},
             "outcomes": {name: len(t.seen) for name, t in targets.items()}}
 
 
@@ -550,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=None,
                    help="comma-separated parsers (default all: gguf, safetensors, config.json, "
                    "manifest.json, tokenizer.json, tokenizer_config.json, gguf tokenizer.*)")
+    p.add_argument("--save", metavar="DIR", default=None,
+                   help="write the whole first input of each finding here")
     p.add_argument("--atheris", metavar="DIR", default=None,
                    help="coverage-guided instead (pip install atheris): libFuzzer on the one "
                    "--only parser, its corpus and findings in DIR")
@@ -564,6 +570,10 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"inputs": result["inputs"], "unexpected": result["unexpected"],
                       "outcomes": result["outcomes"],
                       "seconds": round(time.monotonic() - t0, 1), "seed": args.seed}))
+    if args.save:
+        os.makedirs(args.save, exist_ok=True)
+        for key, data in result["found"].items():
+            Path(args.save, re.sub(r"[^\w.-]+", "_", key)).write_bytes(data)
     for key, text in result["examples"].items():  # a slow input: its bytes, abridged
         print(f"--- {key}\n{text if isinstance(text, str) else repr(text[:2000])}",
               file=sys.stderr)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import datetime
 import json
+import threading
 from collections.abc import Sequence
 from typing import Any
 
 import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError, safe_range
 
 from stream_run.loaders import TokenizerData
 
@@ -22,6 +23,48 @@ def _raise(message: str) -> None:
     raise ChatTemplateError(message)
 
 
+MAX_RENDER_ITEMS = 1_000_000  # range items and repeated characters/elements per render
+MAX_EXPONENT = 4096
+
+
+class _TemplateEnv(ImmutableSandboxedEnvironment):
+    """HF's sandbox plus a bound on what one render may build: a model's template such as
+    'x' * 10**8, range loops nested in range loops, or 10 ** 10 ** 10 held a server thread
+    for minutes or took its memory. Renders run in worker threads: the budget is per thread."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._left = threading.local()
+        self.globals["range"] = self._range
+
+    def start_render(self) -> None:
+        self._left.items = MAX_RENDER_ITEMS
+
+    def _spend(self, n: int) -> None:
+        left = getattr(self._left, "items", MAX_RENDER_ITEMS) - n
+        if left < 0:
+            raise SecurityError(f"the chat template builds more than {MAX_RENDER_ITEMS} "
+                                "items in one render")
+        self._left.items = left
+
+    def _range(self, *args: int) -> range:
+        r = safe_range(*args)
+        self._spend(len(r))
+        return r
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > MAX_EXPONENT \
+                and isinstance(left, (int, float)) and abs(left) not in (0, 1):
+            raise SecurityError(f"the chat template raises to the power {right}")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int):
+                    self._spend(len(seq) * max(n, 0))
+        return super().call_binop(context, operator, left, right)
+
+
 class Tokenizer:
     def __init__(self, data: TokenizerData) -> None:
         self.data = data
@@ -29,7 +72,7 @@ class Tokenizer:
         self.eos_token_ids = list(data.eos_token_ids)
         self._template = None
         if data.chat_template:
-            env = ImmutableSandboxedEnvironment(
+            env = self._env = _TemplateEnv(
                 trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
             )
             env.filters["tojson"] = lambda x, indent=None: json.dumps(
@@ -80,6 +123,7 @@ class Tokenizer:
         """
         if self._template is None:
             raise ChatTemplateError("the model has no chat template")
+        self._env.start_render()
         try:
             return self._template.render(
                 messages=list(messages), add_generation_prompt=add_generation_prompt,

@@ -145,9 +145,11 @@ def tokenizer_from_gguf(metadata: dict[str, Any], path: str) -> TokenizerData:
     default_bos = kind == "llama" or metadata.get("tokenizer.ggml.pre") in ("llama-bpe", "llama3")
     add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", default_bos))
     if add_bos and bos is not None:
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 $B:1",
-            special_tokens=[(bos, metadata["tokenizer.ggml.bos_token_id"])])
+        with _tokenizers_errors(f"{path}: tokenizer.ggml.bos_token_id names {bos!r}, which "
+                                "cannot be made to lead every prompt"):
+            tok.post_processor = processors.TemplateProcessing(
+                single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 $B:1",
+                special_tokens=[(bos, metadata["tokenizer.ggml.bos_token_id"])])
     _check_encodes(tok, path)
     template = metadata.get("tokenizer.chat_template")
     return TokenizerData(tok, template if isinstance(template, str) else None, bos,

@@ -173,3 +173,28 @@ def test_gguf_array_count_past_the_end_is_refused_at_once(tmp_path):
                        "items at byte"):
         open_model(str(path), REGISTRY)
     assert time.monotonic() - t0 < 1
+
+
+@pytest.mark.parametrize("template", [
+    "{{ 'a' * 99999999 }}",  # a 100 MB string (libFuzzer: out of memory)
+    "{{ messages * 99999999 }}",
+    "{% for i in range(99999) %}{% for j in range(99999) %}x{% endfor %}{% endfor %}",
+    "{{ 10 ** 99999999 }}",
+])
+def test_chat_template_that_builds_too_much_is_refused_at_once(tok_dir, template):
+    _edit(tok_dir / "tokenizer_config.json", chat_template=template)
+    tok = Tokenizer(load_tokenizer_dir(str(tok_dir)))
+    t0 = time.monotonic()
+    with pytest.raises(ChatTemplateError, match="builds more than|raises to the power"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert time.monotonic() - t0 < 1
+    _edit(tok_dir / "tokenizer_config.json", chat_template="{{ '=' * 8 }}{{ 2 ** 10 }}")
+    assert Tokenizer(load_tokenizer_dir(str(tok_dir))).apply_chat_template([]) == "========1024"
+
+
+def test_gguf_bos_token_that_cannot_lead_a_template():
+    meta = _gguf_tokenizer_metadata()
+    meta["tokenizer.ggml.tokens"][0] = "Ġw <s>"  # ValueError from TemplateProcessing before
+    meta["tokenizer.ggml.add_bos_token"] = True
+    with pytest.raises(FormatError, match="cannot be made to lead every prompt"):
+        tokenizer_from_gguf(meta, "m.gguf")
