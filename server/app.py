@@ -311,12 +311,12 @@ async def _stream(request: web.Request, req: ParsedRequest, generation: Generati
     await resp.prepare(request)
     timeout = state.config.stall_limit_s
 
-    async def send(obj: Any) -> None:
+    async def send(obj: Any | None) -> None:
         # write() waits while the socket's buffers are full: a client that stops reading would
-        # hold its batch slot, KV cache and handler for ever
+        # hold its batch slot, KV cache and handler for ever. None: the end of the stream
         try:
             async with asyncio.timeout(timeout):
-                await resp.write(_sse(obj))
+                await (resp.write_eof() if obj is None else resp.write(_sse(obj)))
         except TimeoutError:
             raise _Stalled from None
 
@@ -341,7 +341,7 @@ async def _stream(request: web.Request, req: ParsedRequest, generation: Generati
             log.exception("generation failed mid-stream")
             await send(APIError(500, str(exc), "server_error").body())
         await send("[DONE]")
-        await resp.write_eof()
+        await send(None)
     except ConnectionResetError:  # the client went away; leaving cancels the generation
         pass
     except _Stalled:
