@@ -6,6 +6,7 @@
     stream-bench project --shape 70b --bits 4 --budget 24GB    predicted s/token
     stream-bench synth --shape 7b --out DIR     synthetic HF model with random weights
     stream-bench synth --format gguf --quant q4_k_m --out F.gguf    ... as one GGUF file
+    stream-bench soak MODEL --duration 3600 --clients 8    stream-serve under a mixed load
 
 Every study prints a Markdown table, appends JSON lines (--json FILE) and draws PNGs
 (--plot DIR); --quick runs a small sweep (under a minute on small models).
@@ -129,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory, or .gguf file with --format gguf (must not exist)")
     s.add_argument("--seed", type=int, default=0)
     _dims(s)
+
+    from stream_run.bench import soak
+
+    soak.add_arguments(sub.add_parser("soak", help="drive stream-serve with concurrent clients "
+                                      "for a set time; errors, RSS growth, latency"))
     return p
 
 
@@ -477,8 +483,10 @@ def synth(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from stream_run.bench import soak
+
     commands = {"synth": synth, "disk": disk_cmd, "stream": stream_cmd, "tokens": tokens_cmd,
-                "project": project_cmd}
+                "project": project_cmd, "soak": soak.main_from_args}
     try:
         return commands[args.command](args)
     except (*USER_ERRORS, RuntimeError) as exc:

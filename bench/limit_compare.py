@@ -51,8 +51,8 @@ def run_engine(model: str, limit: int, tokens: int, threads: int, extra: list[st
     cgroup = make_cgroup(limit)
     try:
         disk.evict([model])
-        cmd = ["stream-run", model, "--prompt", "Hello", "--max-tokens", str(tokens + 1),
-               "--temp", "0", "--threads", str(threads),
+        cmd = [sys.executable, "-m", "stream_run.cli.run", model, "--prompt", "Hello",
+               "--max-tokens", str(tokens + 1), "--temp", "0", "--threads", str(threads),
                "--memory-budget", "auto", "--direct-io", *extra]
         script = f'echo $$ > {cgroup}/cgroup.procs && exec "$@"'
         t0 = time.perf_counter()

@@ -140,19 +140,21 @@ def run_main(prog: str, fn: Callable[[argparse.Namespace], Awaitable[int]],
     """Run an async CLI body on uvloop; a user error becomes one line on stderr and exit 2."""
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
+    from stream_run.cli.signals import cancel_on_sigterm, exit_status
+
     try:
         try:
             import uvloop
         except ImportError:  # pragma: no cover - uvloop is a dependency off Windows
-            return asyncio.run(fn(args))
-        return uvloop.run(fn(args))
+            return asyncio.run(cancel_on_sigterm(fn(args)))
+        return uvloop.run(cancel_on_sigterm(fn(args)))
     except (UsageError, *USER_ERRORS) as exc:
         if args.verbose and not isinstance(exc, UsageError):
             logging.getLogger(prog).exception("details")
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (cli/signals.py): 130 / 143
         print(f"\n{prog}: interrupted", file=sys.stderr)
-        return 130
+        return exit_status(exc)
 
 

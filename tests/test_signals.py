@@ -180,9 +180,6 @@ def test_run_exits_cleanly_when_signalled_mid_generation(tiny, sig):
         assert time.monotonic() < deadline
         time.sleep(0.005)
     rc = child.stop(sig)
-    if sig == signal.SIGTERM and rc == -signal.SIGTERM:
-        pytest.xfail("stream-run dies of SIGTERM's default action (no cleanup, the shell sees "
-                     "143): cli/common.py run_main needs a SIGTERM handler (issue 17 report)")
     assert_clean(child, rc, sig)
 
 

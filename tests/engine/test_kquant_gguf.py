@@ -1,7 +1,7 @@
 """A GGUF with every block type (K-quants, Q4_0..Q8_0) runs as read, on both backends, against
 HF transformers in float32 on the weights gguf-py dequantizes the file to (the independent
-reference): logits of a prompt (the prefill path: blocks dequantized into BLAS tiles) and
-greedy tokens (the decode path: kernels on the blocks)."""
+reference): logits of a long prompt (blocks dequantized into BLAS tiles, exact) and greedy
+tokens (the decode path: kernels on the blocks, x rounded to int8 per block as llama.cpp)."""
 
 import asyncio
 
@@ -12,7 +12,8 @@ from stream_run.engine import Engine, EngineConfig, GenerationParams
 from tests.hf_reference import hf_greedy, hf_logits
 from tests.packed_models import kquant_config, write_kquant_gguf
 
-PROMPT = [5, 17, 42, 99, 3, 64, 120, 7, 11, 2, 88, 31]  # > 8 rows: the BLAS path
+# more rows than BLOCK_MATVEC_MAX_ROWS: the prompt runs the exact dequantize + BLAS path
+PROMPT = [(37 * i + 5) % 250 + 2 for i in range(72)]
 N_STEPS = 12
 
 
