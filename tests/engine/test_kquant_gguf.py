@@ -12,7 +12,7 @@ from stream_run.engine import Engine, EngineConfig, GenerationParams
 from tests.hf_reference import hf_greedy, hf_logits
 from tests.packed_models import kquant_config, write_kquant_gguf
 
-# more rows than BLOCK_MATVEC_MAX_ROWS: the prompt runs the exact dequantize + BLAS path
+# a long prompt: the exact dequantize + BLAS path
 PROMPT = [(37 * i + 5) % 250 + 2 for i in range(72)]
 N_STEPS = 12
 

@@ -11,7 +11,7 @@ from gguf import GGMLQuantizationType, quants
 
 from stream_run.kernels.formats import FORMATS, GGUF_HALF_ON_MLX, GGUF_TYPES
 from stream_run.kernels.gguf_blocks import QUANTIZED_X
-from stream_run.kernels.numpy_backend import BLOCK_MATVEC_MAX_ROWS, NumpyBackend
+from stream_run.kernels.numpy_backend import NumpyBackend
 from stream_run.kernels.quant import GGUF_BLOCK_TYPES, BlockWeight, QuantizedWeight
 from stream_run.kernels.sizes import held_nbytes, transient_nbytes, unit_nbytes
 
@@ -81,10 +81,10 @@ def test_numpy_computes_on_the_blocks_as_read(dtype):
     ref = reference(blocks, dtype, (out, n_in))
     ids = np.array([[19, 0, 7]])
     np.testing.assert_array_equal(ops.embed(w, ids), ref[ids])
-    for n_rows in (1, 3, 12, BLOCK_MATVEC_MAX_ROWS + 1):  # matvec passes; dequantize + BLAS
+    for n_rows in (1, 3, 12):  # matvec, few rows, dequantize + BLAS
         x = rng.standard_normal((n_rows, n_in)).astype(np.float32)
         got = ops.linear(x, w)
-        if n_rows <= BLOCK_MATVEC_MAX_ROWS and dtype in QUANTIZED_X:  # x rounded to int8
+        if n_rows <= 8 and dtype in QUANTIZED_X:  # x rounded to int8 per block
             block = QUANTIZED_X[dtype]
             dx = np.abs(x.reshape(n_rows, -1, block)).max(axis=2) / 127  # (N, blocks)
             slack = (np.repeat(dx, block, axis=1) / 2) @ np.abs(ref.T).astype(np.float64)
