@@ -71,6 +71,11 @@ class PassShape:
         """Everything can stay resident within budget (whole_bytes)."""
         return self.whole_bytes <= budget
 
+    def streamed_bytes(self, resident: set[str]) -> int:
+        """Bytes a pass reads with this resident set: every known unit not in it, once (a
+        late-bound step's picks are not counted: they do not depend on the depth)."""
+        return sum(self.size(k) for k in self.order if k not in resident)
+
     def ring_bytes(self, resident: set[str], depth: int) -> int:
         """Room the streamed units need: depth + 1 of the largest, and at least one step;
         plus the room a late-bound step's picks may take."""

@@ -203,6 +203,11 @@ class WeightCache:
         self.resident = new
         return new
 
+    def preview(self, shape: PassShape, depth: int) -> set[str]:
+        """The policy's plan for this shape at this depth, without moving any pin (to weigh a
+        depth before taking it)."""
+        return self.policy.plan(shape, self.compute.budget_bytes, depth)
+
     def reserve(self, nbytes: int, keep: Collection[str] = ()) -> None:
         """Room in the compute tier for a load in flight (evicting unpinned units not in
         keep); raises BudgetError when it cannot fit."""

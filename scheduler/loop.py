@@ -59,8 +59,9 @@ def _prepare_boxed(prepare: Callable[[str, Any], tuple[Any, int]], key: str, box
 @dataclass(frozen=True)
 class SchedulerConfig:
     """prefetch_depth: steps read ahead to start with. adaptive: deepen by one after a pass in
-    which compute waited on reads for more than 5 % of its time, up to max_prefetch_depth
-    (the byte budget still bounds what is in flight)."""
+    which compute waited on reads for more than 5 % of its time, up to max_prefetch_depth,
+    when the deeper window pays (LayerScheduler._deeper_pays: its ring slot is free, or the
+    disk sat idle long enough to read what the plan would stop keeping resident)."""
 
     prefetch_depth: int = 2
     io_workers: int = 8
@@ -91,6 +92,8 @@ class RunStats:
     hits: int = 0
     misses: int = 0
     scratch_over_bytes: int = 0  # activations that did not fit in the budget beside a step
+    wall_s: float = 0.0
+    disk_busy_s: float = 0.0  # wall time with at least one read in flight
     # (kind, label, start, end) with kind "read" | "compute", perf_counter seconds
     intervals: list[tuple[str, str, float, float]] = field(default_factory=list)
 
@@ -99,7 +102,7 @@ class RunStats:
         self.intervals.extend(other.intervals)
         self.scratch_over_bytes = max(self.scratch_over_bytes, other.scratch_over_bytes)
         for name in ("compute_s", "io_stall_s", "read_s", "prepare_s", "bytes_read",
-                     "units_read", "hits", "misses"):
+                     "units_read", "hits", "misses", "wall_s", "disk_busy_s"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -142,6 +145,9 @@ class LayerScheduler:
         self._inflight: dict[str, asyncio.Task[RunStats]] = {}
         self._shape: PassShape | None = None  # the pass the residency plan was made for
         self.depth = config.prefetch_depth  # current prefetch depth (adaptive)
+        self._reading = 0  # reads in flight, and the disk's busy time (_disk_busy)
+        self._busy_from = 0.0
+        self._busy_s = 0.0
 
     @property
     def resident(self) -> set[str]:
@@ -195,6 +201,7 @@ class LayerScheduler:
         """
         stats = RunStats(prefetch_depth=self.depth)
         rs = _RunState(stats)
+        t_run, busy0 = time.perf_counter(), self._disk_busy()
         compute_future: asyncio.Future[Any] | None = None
         carry: set[str] = set()  # loads for the next pass, left in flight on success
         loop = asyncio.get_running_loop()
@@ -234,6 +241,8 @@ class LayerScheduler:
                 # unit kept alive here would hold its read buffer outside the budget.
                 weights = {}
                 idx = end
+            stats.wall_s = time.perf_counter() - t_run
+            stats.disk_busy_s = self._disk_busy() - busy0
             self._adapt(stats)
             carry = set(self._inflight) if cyclic else set()
         finally:
@@ -269,14 +278,49 @@ class LayerScheduler:
         return step if getattr(step, "candidates", ()) else ()  # type: ignore[return-value]
 
     def _adapt(self, stats: RunStats) -> None:
-        """Read further ahead after a pass in which compute waited on reads; the residency
-        plan is remade for the deeper window (its ring of streamed slots grows)."""
+        """Read further ahead after a pass in which compute waited on reads, if that pays; the
+        residency plan is remade for the deeper window (its ring of streamed slots grows)."""
         if (self.config.adaptive and stats.units_read
                 and self.depth < self.config.max_prefetch_depth
-                and stats.io_stall_s > 0.05 * stats.compute_s):
+                and stats.io_stall_s > 0.05 * stats.compute_s
+                and (self._shape is None or self._deeper_pays(self._shape, stats))):
             self.depth += 1
             if self._shape is not None:
                 self.cache.plan(self._shape, self.depth)
+
+    def _deeper_pays(self, shape: PassShape, stats: RunStats) -> bool:
+        """Whether one more step of prefetch is worth its ring slot, judged on the pass just run.
+
+        Free when the plan at depth + 1 keeps as many bytes resident. Otherwise every pass
+        would also read the units the plan gives up, and a deeper window only starts reads
+        earlier: it can hide at most the stall during which the disk sat idle (no read in
+        flight). A pass whose disk was busy throughout waited on bandwidth, not on the window,
+        so the depth stays (deepening there shrank the resident set and read more per token).
+        """
+        extra = (shape.streamed_bytes(self.cache.preview(shape, self.depth + 1))
+                 - shape.streamed_bytes(self.cache.preview(shape, self.depth)))
+        if extra <= 0:
+            return True
+        if stats.disk_busy_s <= 0 or stats.bytes_read <= 0:
+            return False
+        idle_s = max(0.0, stats.wall_s - stats.disk_busy_s)
+        rate = stats.bytes_read / stats.disk_busy_s  # bytes/s while reading
+        return min(stats.io_stall_s, idle_s) > extra / rate
+
+    def _disk_busy(self) -> float:
+        """Seconds so far with at least one read in flight (as the event loop sees them)."""
+        return self._busy_s + (time.perf_counter() - self._busy_from if self._reading else 0.0)
+
+    def _count_read(self, start: bool) -> None:
+        now = time.perf_counter()
+        if start:
+            if not self._reading:
+                self._busy_from = now
+            self._reading += 1
+            return
+        self._reading -= 1
+        if not self._reading:
+            self._busy_s += now - self._busy_from
 
     def _late_room(self, step: StepLike) -> int:
         """Room a late-bound step declares it may need (Step.candidates, Step.picks; 0 when
@@ -389,7 +433,11 @@ class LayerScheduler:
             raw = self.cache.host.get(key)
             if raw is None:
                 t0 = time.perf_counter()
-                raw = await loop.run_in_executor(self._io, read)
+                self._count_read(True)
+                try:
+                    raw = await loop.run_in_executor(self._io, read)
+                finally:
+                    self._count_read(False)
                 t1 = time.perf_counter()
                 nbytes = self.loader.raw_nbytes(key)
                 stats.read_s += t1 - t0

@@ -319,29 +319,80 @@ async def test_settle_gets_the_last_result_of_each_compute_call():
 
 @pytest.mark.asyncio
 async def test_deeper_prefetch_replans_residency_and_bytes_still_match_the_plan():
-    """Slow reads deepen the window; the cache's policy re-plans for the larger ring (fewer
-    resident units, more bytes in flight), and once the depth settles every pass reads exactly
-    the units the new plan streams."""
-    sched, cache, loader = make(budget=600, depth=1, max_depth=2, read_s=0.01)
+    """When a deeper window pays (here: a recorded pass whose disk sat idle while compute
+    waited), the cache's policy re-plans for the larger ring (fewer resident units, more bytes
+    in flight), and every later pass reads exactly the units the new plan streams."""
+    from stream_run.scheduler.loop import RunStats
+
+    sched, cache, loader = make(budget=600, depth=1, max_depth=2, adaptive=True)
     steps = make_steps(KEYS, compute_s=0.001)
     first = set(sched.plan_residency(units_of(steps)))
     assert len(first) == 4  # 600 - ring of 2 slots = 400
-    depths = []
-    for _ in range(3):
-        _, stats = await sched.run(steps, cyclic=True)
-        depths.append(stats.prefetch_depth)
-    assert sched.depth == 2 and depths[0] == 1 and depths[-1] == 2
+    await sched.run(steps, cyclic=True)
+    # 400 bytes in 0.1 s of reading, 0.5 s stalled of which 0.4 s with no read in flight:
+    # giving up a 100-byte unit (0.025 s of reading) pays
+    sched._adapt(RunStats(compute_s=0.1, io_stall_s=0.5, wall_s=0.6, disk_busy_s=0.1,
+                          bytes_read=400, units_read=4))
+    assert sched.depth == 2
     assert len(sched.resident) == 3  # 600 - ring of 3 slots = 300
-    assert sorted(cache.compute.pinned()) == sorted(sched.resident)
     streamed = [k for k in KEYS if k not in sched.resident]
-    for _ in range(2):
+    await sched.run(steps, cyclic=True)  # reads the units that joined the plan
+    for _ in range(3):
         before = len(loader.reads)
         _, stats = await sched.run(steps, cyclic=True)
-        assert stats.bytes_read == 100 * len(streamed)
         assert sorted(set(loader.reads[before:])) == sorted(streamed)
         assert cache.compute.used_bytes + cache.compute.reserved_bytes <= 700
+    assert stats.bytes_read == 100 * len(streamed)
     await sched.drop_carried()
     assert cache.compute.reserved_bytes == 0
+    assert sorted(cache.compute.pinned()) == sorted(sched.resident)
+    sched.close()
+
+
+@pytest.mark.asyncio
+async def test_prefetch_does_not_deepen_into_the_resident_set_when_reads_are_bandwidth_bound():
+    """Issue 16: reads slower than compute under a tight budget. Deepening the window would
+    take ring room from the resident set, so every pass would read more: the disk was busy
+    throughout, so a deeper window could not hide the stall, and the depth and the plan stay.
+    (Before, the depth grew every pass and the resident set shrank with it.)"""
+    sched, cache, loader = make(budget=600, depth=1, max_depth=16, read_s=0.02)
+    steps = make_steps(KEYS, compute_s=0.001)
+    resident = set(sched.plan_residency(units_of(steps)))
+    assert len(resident) == 4
+    await sched.run(steps, cyclic=True)  # cold: reads the resident units too
+    reads = []
+    for _ in range(4):
+        _, stats = await sched.run(steps, cyclic=True)
+        assert stats.io_stall_s > 0.05 * stats.compute_s  # compute did wait on reads
+        reads.append(stats.bytes_read)
+    await sched.drop_carried()
+    assert sched.depth == 1 and sched.resident == resident
+    assert reads == [400] * 4  # the 4 streamed units, once per pass
+    assert sorted(cache.compute.pinned()) == sorted(resident)
+    sched.close()
+
+
+@pytest.mark.asyncio
+async def test_adaptation_weighs_a_deeper_window_against_the_residency_it_costs():
+    """The rule on recorded figures: a deeper ring that comes out of free budget is taken on
+    any stall; one that evicts resident units only when the stall the disk sat idle through is
+    longer than reading those units would take."""
+    from stream_run.scheduler.loop import RunStats
+
+    busy = dict(compute_s=1.0, io_stall_s=2.0, wall_s=3.0, bytes_read=400, units_read=4)
+    sched, _, _ = make(budget=600, depth=1)
+    sched.plan_residency(units_of(make_steps(KEYS)))
+    sched._adapt(RunStats(disk_busy_s=3.0, **busy))  # disk busy throughout
+    assert sched.depth == 1 and len(sched.resident) == 4
+    sched._adapt(RunStats(disk_busy_s=2.9, **busy))  # 0.1 s idle < 0.725 s to read 100 bytes
+    assert sched.depth == 1
+    sched._adapt(RunStats(disk_busy_s=1.0, **busy))  # 2 s idle > 0.25 s to read 100 bytes
+    assert sched.depth == 2 and len(sched.resident) == 3
+    sched.close()
+    sched, _, _ = make(budget=200, depth=1)  # nothing resident at any depth: the ring is free
+    sched.plan_residency(units_of(make_steps(KEYS)))
+    sched._adapt(RunStats(disk_busy_s=3.0, **busy))
+    assert sched.depth == 2 and sched.resident == set()
     sched.close()
 
 
