@@ -141,7 +141,9 @@ def run_main(prog: str, fn: Callable[[argparse.Namespace], Awaitable[int]],
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
     from stream_run.cli.signals import cancel_on_sigterm, exit_status
+    from stream_run.loaders.sigbus import set_program
 
+    set_program(prog)  # a bus error on a mapped model file is "PROG: error: ..." too
     try:
         try:
             import uvloop

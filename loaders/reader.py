@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stream_run.loaders import sigbus
 from stream_run.loaders.buffers import ALIGN, BufferPool
 from stream_run.loaders.errors import FormatError, ReadError
 from stream_run.loaders.index import HostTensor, LayerIndex, TensorRef
@@ -64,7 +65,14 @@ class UnitReader:
 
     buffer_nbytes(key) is what a read of the unit holds in RAM (the budget counts it), and
     expect(key) / forget(key) tell the pool which reads are coming (it keeps idle buffers
-    for them only)."""
+    for them only).
+
+    Files are opened at their first read and kept open, so a file replaced on disk (renamed
+    over, deleted) keeps being read as it was opened (a warning says so). Before each read the
+    file is measured (fstat): one that shrank below the bytes the model reads from it (mmap
+    mode: a mapped page past the end would raise SIGBUS) or grew (rewritten in place with other
+    contents) is a ReadError; check_files() does the same for every open file. In mmap mode
+    loaders/sigbus.py turns a bus error that no check caught into one line and exit 2."""
 
     def __init__(self, index: LayerIndex, config: LoaderConfig | None = None) -> None:
         self.index = index
@@ -72,6 +80,9 @@ class UnitReader:
         self.fault_hook: FaultHook | None = None
         self.buffers = BufferPool()
         self._fds: dict[str, int] = {}
+        self._opened: dict[str, os.stat_result] = {}  # each open file as it was opened
+        self._warned_replaced: set[str] = set()
+        self._need = _bytes_needed(index)  # per file: the end of its last tensor
         self._lock = threading.Lock()
         self.direct = self.config.direct_io and hasattr(os, "O_DIRECT")
         if self.config.direct_io and not self.direct:
@@ -82,6 +93,8 @@ class UnitReader:
                 f"{index.source}: cannot verify checksums: the model has no {MANIFEST} (only "
                 "stream-convert output has one); hint: run without --verify"
             )
+        if self.config.read_mode == "mmap":
+            sigbus.prepare()  # compiled now, not at the first read
 
     def read(self, key: str) -> dict[str, HostTensor]:
         """Read all tensors of unit `key` (blocking). With config.verify, the unit's files are
@@ -113,6 +126,19 @@ class UnitReader:
                 out[r.name] = self._host(r, buf[at:at + r.nbytes], in_place=True)
             pos += hi - lo
         return out
+
+    def check_files(self) -> None:
+        """Check every file read so far against how it was opened (what read() checks for
+        its unit's files). Cheap (an fstat and a stat per file): stream-serve calls it in mmap
+        mode before each request, whose passes touch mapped pages of resident units.
+
+        Raises:
+            ReadError: a file shrank below the bytes the model reads from it, or grew.
+        """
+        with self._lock:
+            fds = dict(self._fds)
+        for path, fd in fds.items():
+            self._check_file(path, fd, None)
 
     def buffer_nbytes(self, key: str) -> int:
         """Bytes a read of the unit holds in RAM: its byte ranges as read, with the gaps
@@ -190,6 +216,35 @@ class UnitReader:
                     self._fds.clear()
             return False
 
+    def _check_file(self, path: str, fd: int, key: str | None) -> None:
+        """The open file still holds the model's bytes as far as a size can tell."""
+        try:
+            now = os.fstat(fd)
+        except OSError as exc:
+            raise ReadError(f"{path}: cannot stat the open file: {exc.strerror}") from None
+        opened, need = self._opened[path], self._need.get(path, 0)
+        what = f"unit {key!r}" if key is not None else "the model"
+        # pread mode finds the end where a read crosses it (units before it still read right)
+        if now.st_size < need and self.config.read_mode == "mmap":
+            raise ReadError(
+                f"{path}: the file was truncated while the engine ran: it has {now.st_size} "
+                f"bytes, {what} reads up to byte {need}; hint: restore the file")
+        if now.st_size > opened.st_size:
+            raise ReadError(
+                f"{path}: the file changed while the engine ran: it has {now.st_size} bytes, "
+                f"{opened.st_size} when it was opened (rewritten in place with other "
+                "contents?); hint: restore the file, or restart to load the new one")
+        if path not in self._warned_replaced:
+            try:
+                same = os.path.samestat(os.stat(path), now)
+            except OSError:
+                same = False
+            if not same:
+                self._warned_replaced.add(path)
+                log.warning("%s: the file was replaced or removed after the engine opened it; "
+                            "still reading the file as it was opened (restart to load the new "
+                            "one)", path)
+
     def _host(self, ref: TensorRef, data: np.ndarray, in_place: bool = False) -> HostTensor:
         """in_place: data is the reader's own buffer, so un-permuted rows are written back
         into it (the unit then holds no second copy of its q/k bytes)."""
@@ -221,10 +276,14 @@ class UnitReader:
                         f"{path}: cannot open for unit {key!r}: {exc.strerror}"
                     ) from None
                 self._fds[path] = fd
+                self._opened[path] = os.fstat(fd)
+                if self.config.read_mode == "mmap":
+                    sigbus.register(fd, path, self._need.get(path, 0))
             return fd
 
     def _map(self, path: str, start: int, length: int, key: str) -> np.ndarray:
         fd = self._fd(path, key)
+        self._check_file(path, fd, key)
         try:
             if self.fault_hook is not None:
                 self.fault_hook(path, start, length)
@@ -236,6 +295,7 @@ class UnitReader:
 
     def _pread_into(self, path: str, offset: int, dest: np.ndarray, need: int, key: str) -> None:
         fd = self._fd(path, key)
+        self._check_file(path, fd, key)
         view = memoryview(dest)
         done = 0
         try:
@@ -268,6 +328,7 @@ class UnitReader:
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
+                sigbus.unregister(fd)
                 os.close(fd)
             self._fds.clear()
         self.buffers.trim()
@@ -275,6 +336,14 @@ class UnitReader:
 
 class _DirectRefused(Exception):
     """The filesystem refused O_DIRECT (EINVAL on open or read)."""
+
+
+def _bytes_needed(index: LayerIndex) -> dict[str, int]:
+    need: dict[str, int] = {}
+    for unit in index.units.values():
+        for t in unit.tensors.values():
+            need[t.path] = max(need.get(t.path, 0), t.offset + t.nbytes)
+    return need
 
 
 def _map_start(offset: int) -> int:
