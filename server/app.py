@@ -183,6 +183,8 @@ async def _auth(request: web.Request, handler: Callable) -> web.StreamResponse:
 async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if state.engine is not None:
+        if (problem := _files_problem(state.engine)) is not None:
+            state.read_error = str(problem)
         b = state.engine.batcher
         body = {"status": "ok", "model": state.config.model_name, "active": b.n_active,
                 "waiting": b.n_waiting}
@@ -246,6 +248,8 @@ async def _complete(request: web.Request, parse: Callable[[Any, Limits], ParsedR
     state = request.app[STATE]
     engine = state.ready_engine()
     req = parse(await _read_json(request), state.limits(engine))
+    if (problem := _files_problem(engine)) is not None:
+        raise _read_failed(state, problem)
     generation = await _submit(engine, req, state.config.max_tokens_cap)
     async with generation:
         if req.stream:
@@ -260,6 +264,20 @@ async def _complete(request: web.Request, parse: Callable[[Any, Limits], ParsedR
         assert last is not None
         state.read_error = None
         return web.json_response(response(req, "".join(text), last))
+
+
+def _files_problem(engine: Engine) -> ReadError | None:
+    """mmap mode: a pass touches the mapped pages of resident units, and touching one past the
+    end of a file that shrank kills the process (SIGBUS; loaders/sigbus.py prints why). So the
+    files are measured before each request (an fstat each): a shrunk one is a 503 instead. A
+    file that shrinks while a pass runs still ends the server, with one line naming it."""
+    if engine.reader.config.read_mode != "mmap":
+        return None
+    try:
+        engine.reader.check_files()
+    except ReadError as exc:
+        return exc
+    return None
 
 
 def _read_failed(state: ServerState, exc: ReadError) -> APIError:
