@@ -89,6 +89,7 @@ class RunStats:
     prefetch_depth: int = 0
     bytes_read: int = 0
     units_read: int = 0
+    resident_reads: int = 0  # reads of units the plan keeps resident (a warm-up pass)
     hits: int = 0
     misses: int = 0
     scratch_over_bytes: int = 0  # activations that did not fit in the budget beside a step
@@ -102,7 +103,8 @@ class RunStats:
         self.intervals.extend(other.intervals)
         self.scratch_over_bytes = max(self.scratch_over_bytes, other.scratch_over_bytes)
         for name in ("compute_s", "io_stall_s", "read_s", "prepare_s", "bytes_read",
-                     "units_read", "hits", "misses", "wall_s", "disk_busy_s"):
+                     "units_read", "resident_reads", "hits", "misses", "wall_s",
+                     "disk_busy_s"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -301,8 +303,8 @@ class LayerScheduler:
                  - shape.streamed_bytes(self.cache.preview(shape, self.depth)))
         if extra <= 0:
             return True
-        if stats.disk_busy_s <= 0 or stats.bytes_read <= 0:
-            return False
+        if stats.resident_reads or stats.disk_busy_s <= 0 or stats.bytes_read <= 0:
+            return False  # a warm-up pass (the first) also reads the resident set: not the ring
         idle_s = max(0.0, stats.wall_s - stats.disk_busy_s)
         rate = stats.bytes_read / stats.disk_busy_s  # bytes/s while reading
         return min(stats.io_stall_s, idle_s) > extra / rate
@@ -443,6 +445,7 @@ class LayerScheduler:
                 stats.read_s += t1 - t0
                 stats.bytes_read += nbytes
                 stats.units_read += 1
+                stats.resident_reads += key in self.cache.resident
                 self.cache.record_read(nbytes)
                 if self.record_intervals:
                     stats.intervals.append(("read", key, t0, t1))
