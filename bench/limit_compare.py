@@ -10,12 +10,20 @@ evicted from the page cache first:
   budget from the cgroup's limit (cli/common.py), as a user inside a container would;
 - llama.cpp, its default (mmap, repacked) and with repacking off (bench/llamacpp_stream.py).
 Per run: decode s/token (the engine's Generation line; llama.cpp's per-token evals), GB read
-per token, the cgroup's peak and whether it was OOM-killed. Root only (skipped otherwise).
+per token, the cgroup's peak and whether it was OOM-killed, and the load average at its end.
+
+The disk's ceiling is measured in the same run, before the first row and after the last: the
+best of sequential O_DIRECT reads of the model file (bench/disk.py) at the engine's read sizes
+and queue depths. The engine runs with a hook that prints one line per scheduler pass, so the
+decode passes are profiled too: seconds, GB read against the file bytes of the units the plan
+streams, GB/s against the ceiling, the share of the pass with a read in flight, I/O stall,
+compute, hit rate and prefetch depth. Root only (skipped otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -24,6 +32,7 @@ import sys
 import time
 
 from stream_run.bench import disk
+from stream_run.bench.env import load_average
 from stream_run.bench.llamacpp_stream import (
     VARIANTS,
     _oom_kills,
@@ -35,6 +44,10 @@ from stream_run.bench.llamacpp_stream import (
 from stream_run.engine.config import parse_size
 
 GB = 1e9
+MiB = 2**20
+PASS = "limit_compare pass "  # the engine child's per-pass lines on stderr
+PASS_FIELDS = ("wall_s", "compute_s", "io_stall_s", "read_s", "prepare_s", "disk_busy_s",
+               "bytes_read", "units_read", "hits", "misses", "prefetch_depth")
 
 
 def _size(text: str, file_bytes: int) -> int:
@@ -45,13 +58,76 @@ def _size(text: str, file_bytes: int) -> int:
     return int(frac * file_bytes)
 
 
+def disk_ceiling(model: str, max_bytes: int = 2 << 30) -> tuple[float, str]:
+    """The best GB/s of sequential O_DIRECT reads of the file, over the read sizes and queue
+    depths the engine uses (one unit per I/O thread, preads of up to 64 MiB); with the points."""
+    points = [disk.measure_point([model], "direct", "seq", block, threads, max_bytes, 2.0)
+              for block in (4 * MiB, 64 * MiB) for threads in (1, 2, 4, 8)]
+    done = [p for p in points if not p.skipped]
+    if not done:
+        return 0.0, points[0].skipped or "no point measured"
+    best = max(done, key=lambda p: p.gbs)
+    return best.gbs, (f"{best.gbs:.2f} GB/s at {best.block_bytes // MiB} MiB x "
+                      f"{best.threads} threads (of {', '.join(f'{p.gbs:.2f}' for p in done)})")
+
+
+def _engine_child(argv: list[str]) -> int:
+    """stream-run (cli/run.py) with one line per scheduler pass on stderr: the pass's RunStats,
+    the depth after it, and the file bytes of the units the residency plan streams."""
+    from stream_run.cli import run as cli_run
+    from stream_run.scheduler.loop import LayerScheduler
+
+    plain = LayerScheduler.run
+
+    async def run(self, steps, *args, **kwargs):  # type: ignore[no-untyped-def]
+        x, stats = await plain(self, steps, *args, **kwargs)
+        shape = self._shape
+        rec = {k: getattr(stats, k) for k in PASS_FIELDS}
+        rec.update(steps=len(steps), depth_after=self.depth, resident=len(self.resident),
+                   streamed_file_bytes=None if shape is None else sum(
+                       self.loader.raw_nbytes(k) for k in shape.order
+                       if k not in self.resident))
+        print(PASS + json.dumps(rec), file=sys.stderr, flush=True)
+        return x, stats
+
+    LayerScheduler.run = run  # type: ignore[method-assign]
+    return cli_run.main(argv)
+
+
+def _decode_profile(passes: list[dict], tokens: int) -> dict:
+    """Medians over the decode passes (the last `tokens` passes; the first is the prompt)."""
+    dec = passes[-tokens:] if len(passes) > tokens else passes[1:]
+    if not dec:
+        return {}
+
+    def med(fn) -> float:  # type: ignore[no-untyped-def]
+        return statistics.median(fn(p) for p in dec)
+
+    return {
+        "passes": len(dec),
+        "s_per_pass": med(lambda p: p["wall_s"]),
+        "gb_per_pass": med(lambda p: p["bytes_read"] / GB),
+        "streamed_file_gb": med(lambda p: (p["streamed_file_bytes"] or 0) / GB),
+        "gbs": med(lambda p: p["bytes_read"] / p["wall_s"] / GB if p["wall_s"] else 0),
+        "busy": med(lambda p: p["disk_busy_s"] / p["wall_s"] if p["wall_s"] else 0),
+        "gbs_busy": med(lambda p: p["bytes_read"] / p["disk_busy_s"] / GB
+                        if p["disk_busy_s"] else 0),
+        "stall_s": med(lambda p: p["io_stall_s"]),
+        "compute_s": med(lambda p: p["compute_s"]),
+        "hit_rate": med(lambda p: p["hits"] / max(1, p["hits"] + p["misses"])),
+        "depth": f"{dec[0]['prefetch_depth']}->{dec[-1]['depth_after']}",
+        "resident": dec[-1]["resident"],
+    }
+
+
 def run_engine(model: str, limit: int, tokens: int, threads: int, extra: list[str]) -> dict:
     """stream-run in a cgroup of `limit` bytes; returns its figures or why it failed."""
     row: dict = {"engine": "stream-run", "limit_gb": limit / GB}
     cgroup = make_cgroup(limit)
     try:
         disk.evict([model])
-        cmd = [sys.executable, "-m", "stream_run.cli.run", model, "--prompt", "Hello",
+        cmd = [sys.executable, "-m", "stream_run.bench.limit_compare", "--engine-child",
+               model, "--prompt", "Hello",
                "--max-tokens", str(tokens + 1), "--temp", "0", "--threads", str(threads),
                "--memory-budget", "auto", "--direct-io", *extra]
         script = f'echo $$ > {cgroup}/cgroup.procs && exec "$@"'
@@ -72,6 +148,9 @@ def run_engine(model: str, limit: int, tokens: int, threads: int, extra: list[st
             row["gb_read_total"] = gbytes
         row["oom"] = _oom_kills(cgroup) > 0 or proc.returncode == -9
         row["rc"] = proc.returncode
+        passes = [json.loads(x[len(PASS):]) for x in out.splitlines() if x.startswith(PASS)]
+        row["profile"] = _decode_profile(passes, tokens)
+        row["passes"] = passes
         if proc.returncode != 0:
             lines = [x for x in out.strip().splitlines() if x.strip()]
             row["error"] = lines[-1] if lines else f"exit {proc.returncode}"
@@ -79,7 +158,22 @@ def run_engine(model: str, limit: int, tokens: int, threads: int, extra: list[st
         row["cgroup_peak_gb"] = (_read_int(os.path.join(cgroup, "memory.max_usage_in_bytes"))
                                  or 0) / GB
         remove_cgroup(cgroup)
+        row["load"] = load_average()
     return row
+
+
+def _load(load: list[float] | None) -> str:
+    return "/".join(f"{x:.1f}" for x in load) if load else "-"
+
+
+def _profile_line(p: dict, ceiling_gbs: float) -> str:
+    share = f" ({100 * p['gbs'] / ceiling_gbs:.0f} % of the ceiling)" if ceiling_gbs else ""
+    return (f"  decode passes ({p['passes']}, medians): {p['s_per_pass']:.3f} s, "
+            f"{p['gb_per_pass']:.3f} GB read (plan streams {p['streamed_file_gb']:.3f} GB of "
+            f"the file), {p['gbs']:.2f} GB/s{share}, a read in flight {100 * p['busy']:.0f} % "
+            f"of the pass ({p['gbs_busy']:.2f} GB/s then), I/O stall {p['stall_s']:.3f} s, "
+            f"compute {p['compute_s']:.3f} s, hit rate {100 * p['hit_rate']:.1f} %, depth "
+            f"{p['depth']}, {p['resident']} units resident")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--no-llama-cpp", action="store_true")
     p.add_argument("--engine-args", default="", help="extra stream-run flags, one string")
+    p.add_argument("--no-disk", action="store_true", help="skip the disk ceiling")
+    p.add_argument("--passes", action="store_true", help="print every engine pass's figures")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--engine-child"]:
+        return _engine_child(argv[1:])
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("limit_compare: needs root (cgroup v1 memory limits); skipped", file=sys.stderr)
@@ -101,16 +200,27 @@ def main(argv: list[str] | None = None) -> int:
     limit = _size(args.limit, file_bytes)
     print(f"{os.path.basename(args.model)}: {file_bytes / GB:.2f} GB, cgroup limit "
           f"{limit / GB:.2f} GB, {args.tokens} tokens, {args.threads} threads")
-    print("| engine | s/token | GB read/token | cgroup peak GB | result |")
-    print("|---|---|---|---|---|")
+    ceiling = 0.0
+    if not args.no_disk:
+        ceiling, how = disk_ceiling(args.model)
+        print(f"disk ceiling (O_DIRECT, sequential): {how}, load {_load(load_average())}",
+              flush=True)
+    print("| engine | s/token | GB read/token | cgroup peak GB | result | load 1/5/15 |")
+    print("|---|---|---|---|---|---|")
     for _ in range(args.repeats):
         r = run_engine(args.model, limit, args.tokens, args.threads, args.engine_args.split())
         per = r.get("gb_read_total", 0) / max(1, r.get("tokens", 1) + 1)
         result = "OOM-killed" if r["oom"] else r.get("error", "ok")
         s = r.get("s_per_token")
         print(f"| stream-run (budget {r.get('budget')}) | {s:.3f} | {per:.2f} | "
-              f"{r['cgroup_peak_gb']:.2f} | {result} |" if s else
-              f"| stream-run | - | - | {r['cgroup_peak_gb']:.2f} | {result} |", flush=True)
+              f"{r['cgroup_peak_gb']:.2f} | {result} | {_load(r['load'])} |" if s else
+              f"| stream-run | - | - | {r['cgroup_peak_gb']:.2f} | {result} | "
+              f"{_load(r['load'])} |", flush=True)
+        if r.get("profile"):
+            print(_profile_line(r["profile"], ceiling), flush=True)
+        for i, rec in enumerate(r["passes"] if args.passes else []):
+            print(f"  pass {i}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else
+                                             f"{k} {v}" for k, v in rec.items()))
         if args.no_llama_cpp:
             continue
         for variant, no_repack in VARIANTS:
@@ -120,7 +230,10 @@ def main(argv: list[str] | None = None) -> int:
             b = statistics.median(row.bytes_per_token) / GB if row.bytes_per_token else 0
             peak = (row.cgroup_peak_bytes or 0) / GB
             print(f"| llama.cpp {variant} | {f'{s:.3f}' if s else '-'} | {b:.2f} | {peak:.2f} "
-                  f"| {row.result} |", flush=True)
+                  f"| {row.result} | {_load(load_average())} |", flush=True)
+    if not args.no_disk:
+        _, how = disk_ceiling(args.model)
+        print(f"disk ceiling after the rows: {how}, load {_load(load_average())}")
     return 0
 
 
