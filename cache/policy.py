@@ -120,7 +120,7 @@ class CyclicPolicy:
         n_stream = len(rest) - n_keep
         streamed = {rest[int((i + 0.5) * len(rest) / n_stream)] for i in range(n_stream)}
         resident |= set(rest) - streamed
-        return _fit(resident, order, size, budget - ring)
+        return _fill(_fit(resident, order, size, budget - ring), order, size, budget - ring)
 
 
 class LRUPolicy:
@@ -154,4 +154,17 @@ def _fit(keys: set[str], order: list[str], size: Callable[[str], int], room: int
         if sum(size(x) for x in keep) <= room:
             break
         keep.discard(k)
+    return keep
+
+
+def _fill(keys: set[str], order: list[str], size: Callable[[str], int], room: int) -> set[str]:
+    """Add units not in keys, largest first, while they fit in what room has left: every byte
+    left over is a byte each pass reads that it need not (the even spread counts units and
+    _fit drops whole ones, which left up to a unit's bytes unused)."""
+    keep = set(keys)
+    left = room - sum(size(k) for k in keep)
+    for k in sorted((k for k in order if k not in keep), key=size, reverse=True):
+        if size(k) <= left:
+            keep.add(k)
+            left -= size(k)
     return keep
