@@ -223,12 +223,12 @@ class UnitReader:
         except OSError as exc:
             raise ReadError(f"{path}: cannot stat the open file: {exc.strerror}") from None
         opened, need = self._opened[path], self._need.get(path, 0)
-        what = f"unit {key!r}" if key is not None else "the model"
+        reading = f" (reading unit {key!r})" if key is not None else ""
         # pread mode finds the end where a read crosses it (units before it still read right)
         if now.st_size < need and self.config.read_mode == "mmap":
             raise ReadError(
                 f"{path}: the file was truncated while the engine ran: it has {now.st_size} "
-                f"bytes, {what} reads up to byte {need}; hint: restore the file")
+                f"bytes, the model reads up to byte {need}{reading}; hint: restore the file")
         if now.st_size > opened.st_size:
             raise ReadError(
                 f"{path}: the file changed while the engine ran: it has {now.st_size} bytes, "

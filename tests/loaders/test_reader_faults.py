@@ -38,10 +38,11 @@ def test_mmap_truncated_file_is_a_read_error_before_mapping(model):
         size = os.path.getsize(path)
         os.truncate(path, size // 2)
         match = (rf"{path}: the file was truncated while the engine ran: it has {size // 2} "
-                 rf"bytes, unit 'layers\.0' reads up to byte {size}; hint: restore the file")
+                 rf"bytes, the model reads up to byte {size} \(reading unit 'layers\.0'\); "
+                 "hint: restore the file")
         with pytest.raises(ReadError, match=match):
             reader.read(layer_key(0))  # its bytes are still there: the file is checked whole
-        with pytest.raises(ReadError, match=rf"{path}: .* the model reads up to byte {size}"):
+        with pytest.raises(ReadError, match=rf"{path}: .* the model reads up to byte {size}; "):
             reader.check_files()
     finally:
         reader.close()
