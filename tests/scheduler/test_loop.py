@@ -386,9 +386,11 @@ async def test_adaptation_weighs_a_deeper_window_against_the_residency_it_costs(
     assert sched.depth == 1 and len(sched.resident) == 4
     sched._adapt(RunStats(disk_busy_s=2.9, **busy))  # 0.1 s idle < 0.725 s to read 100 bytes
     assert sched.depth == 1
+    sched._adapt(RunStats(disk_busy_s=2.0, **busy))  # 1 s idle < twice 0.5 s: too close
+    assert sched.depth == 1
     sched._adapt(RunStats(disk_busy_s=1.0, resident_reads=4, **busy))  # the cold first pass
     assert sched.depth == 1  # it read the resident set too: its idle disk is not the ring's
-    sched._adapt(RunStats(disk_busy_s=1.0, **busy))  # 2 s idle > 0.25 s to read 100 bytes
+    sched._adapt(RunStats(disk_busy_s=1.0, **busy))  # 2 s idle > twice 0.25 s to read 100 bytes
     assert sched.depth == 2 and len(sched.resident) == 3
     sched.close()
     sched, _, _ = make(budget=200, depth=1)  # nothing resident at any depth: the ring is free
