@@ -7,6 +7,7 @@
     stream-bench synth --shape 7b --out DIR     synthetic HF model with random weights
     stream-bench synth --format gguf --quant q4_k_m --out F.gguf    ... as one GGUF file
     stream-bench soak MODEL --duration 3600 --clients 8    stream-serve under a mixed load
+    stream-bench prefill MODEL --prompts 512,2048 --limit 4GiB    time to first token, long prompts
 
 Every study prints a Markdown table, appends JSON lines (--json FILE) and draws PNGs
 (--plot DIR); --quick runs a small sweep (under a minute on small models).
@@ -135,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     soak.add_arguments(sub.add_parser("soak", help="drive stream-serve with concurrent clients "
                                       "for a set time; errors, RSS growth, latency"))
+    from stream_run.bench import prefill
+
+    prefill.add_arguments(sub.add_parser("prefill", help="time to first token and bytes read "
+                                         "for long prompts: layer-major, chunked, llama.cpp"))
     return p
 
 
@@ -483,10 +488,11 @@ def synth(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from stream_run.bench import soak
+    from stream_run.bench import prefill, soak
 
     commands = {"synth": synth, "disk": disk_cmd, "stream": stream_cmd, "tokens": tokens_cmd,
-                "project": project_cmd, "soak": soak.main_from_args}
+                "project": project_cmd, "soak": soak.main_from_args,
+                "prefill": prefill.main_from_args}
     try:
         return commands[args.command](args)
     except (*USER_ERRORS, RuntimeError) as exc:

@@ -72,6 +72,16 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fixed-prefetch", action="store_true",
                    help="keep --prefetch-depth fixed instead of adapting it")
     p.add_argument("--read-mode", choices=("pread", "mmap"), default="pread")
+    p.add_argument("--prefill-memory", default=None,
+                   help="memory a prompt's activations may take, e.g. 256MB (taken from the "
+                   "memory budget while the prompt runs): a prompt goes through each unit "
+                   "once when they fit, else in as few passes as fit (default: what the "
+                   "budget leaves beside the largest step; no budget: a quarter of the memory "
+                   "available)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt rows computed together inside a unit (bounds the MLP and "
+                   "attention scratch); also the prompt rows per pass while other requests "
+                   "decode (default 512)")
     p.add_argument("--threads", "-t", type=int, default=None,
                    help="CPU threads for the numba kernels and BLAS (default: physical cores)")
     p.add_argument("--verify", action="store_true",
@@ -88,6 +98,12 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     if budget is not None and budget <= 0:
         raise UsageError(f"--memory-budget must be > 0, got {args.memory_budget!r}")
     host_budget = _size_flag("--host-budget", args.host_budget)
+    prefill_memory = None if args.prefill_memory is None else _size_flag(
+        "--prefill-memory", args.prefill_memory)
+    if prefill_memory is not None and prefill_memory <= 0:
+        raise UsageError(f"--prefill-memory must be > 0, got {args.prefill_memory!r}")
+    if args.prefill_chunk <= 0:
+        raise UsageError(f"--prefill-chunk must be > 0, got {args.prefill_chunk}")
     try:
         sched = SchedulerConfig(prefetch_depth=args.prefetch_depth,
                                 adaptive=not args.fixed_prefetch)
@@ -101,6 +117,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(backend=args.backend, memory_budget_bytes=budget,
                         memory_budget_auto=auto,
                         host_budget_bytes=host_budget, scheduler=sched, threads=args.threads,
+                        prefill_chunk=args.prefill_chunk, prefill_memory_bytes=prefill_memory,
                         loader=LoaderConfig(read_mode=args.read_mode, direct_io=args.direct_io,
                                             verify=args.verify))
 
@@ -118,10 +135,23 @@ def stats_lines(s: GenerationStats, budget: int | None) -> list[str]:
         f"Prompt: {s.prompt_tokens} tokens, {s.prompt_tps:.3f} tokens-per-sec",
         f"Generation: {s.generation_tokens} tokens, {s.generation_tps:.3f} tokens-per-sec",
         f"Peak memory: {s.peak_rss_bytes / 1e9:.3f} GB",
+        prefill_line(s),
         f"Disk: {format_size(s.bytes_read)} read in {s.units_read} unit reads, cache hit rate "
         f"{hit}, I/O stall {s.io_stall_s:.3f} s, prefetch depth {s.prefetch_depth}, budget "
         f"{format_size(budget) if budget else 'unlimited'}",
     ]
+
+
+def prefill_line(s: GenerationStats) -> str:
+    """How the prompt ran: passes over the model, bytes read meanwhile, time to first token,
+    and why it took more than one pass."""
+    passes = f"{s.prefill_passes} pass{'es' if s.prefill_passes != 1 else ''}"
+    why = {"prefill memory": f" (its activations exceed --prefill-memory "
+                             f"{format_size(s.prefill_memory_bytes)}: as few as fit)",
+           "decoding": " (riding the passes of requests already decoding)"}.get(
+        s.prefill_split, "")
+    return (f"Prefill: {s.prompt_tokens} tokens in {passes}{why}, "
+            f"{format_size(s.prefill_bytes_read)} read, time to first token {s.ttft_s:.3f} s")
 
 
 def memory_line(peak_rss: int, baseline: int, budget: int | None, kv_bytes: int) -> str:

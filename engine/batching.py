@@ -1,10 +1,19 @@
 """Continuous batching: one task owns the forward passes; requests join and leave between them.
 
 Every pass walks the model's units once (embed, blocks, head) for all active sequences: a
-decoding sequence feeds its last token, a new one feeds a chunk of its prompt (the prompt
-tokens of one pass are capped at EngineConfig.prefill_chunk), so a streamed layer is read once
-per step however many requests share it. Each sequence has its own KV cache, sampler, stop
-conditions and output slot; the consumer (Engine.generate) drains the slot.
+decoding sequence feeds its last token, a new one feeds its prompt, so a streamed layer is read
+once per step however many requests share it.
+
+Prompts (layer-major prefill): with no sequence decoding, a pass takes as many prompt rows as
+the prefill memory allows (PassRunner.prefill_rows), so a prompt that fits goes through each
+unit once, whatever its length, and each block computes its rows in tiles of prefill_chunk
+rows. With sequences decoding, a pass carries at most prefill_chunk prompt rows beside their
+tokens: the decoders need a pass per token anyway, so the prompt's chunks cost no extra reads,
+and a decoder waits at most one chunk's compute for its next token instead of a whole long
+prompt's (the trade-off: a prompt that arrives while others decode is read once per chunk).
+
+Each sequence has its own KV cache, sampler, stop conditions and output slot; the consumer
+(Engine.generate) drains the slot.
 
 Cancellation: a consumer that goes away marks its sequence cancelled. If every sequence of the
 running pass is cancelled, the pass is cancelled and stops at the next layer boundary (the
@@ -264,16 +273,26 @@ class Batcher:
 
     def _plan(self) -> list[tuple[SeqState, list[int]]]:
         """The (sequence, ids to feed) of the next pass: every decoding sequence's last token,
-        then prompt chunks first come first served within the prefill token budget."""
+        and prompt rows first come first served: at most prefill_chunk of them while any
+        sequence decodes, else as many as the prefill memory allows (see the module doc)."""
         batch: list[tuple[SeqState, list[int]]] = []
+        decoding = any(not s.prefilling for s in self.active)
         budget = self.prefill_chunk
+        spans: list[tuple[int, int]] = []  # (offset, rows) of the pass so far
         for seq in self.active:
             if not seq.prefilling:
                 batch.append((seq, seq.history[-1:]))
-            elif budget > 0:
-                n = min(budget, len(seq.prompt) - seq.n_prefilled)
-                batch.append((seq, seq.prompt[seq.n_prefilled:seq.n_prefilled + n]))
+                spans.append((seq.kv.offset, 1))
+                continue
+            want = len(seq.prompt) - seq.n_prefilled
+            if decoding:
+                n = min(budget, want)
                 budget -= n
+            else:
+                n = self.runner.prefill_rows(spans, seq.n_prefilled, want)
+            if n > 0:
+                batch.append((seq, seq.prompt[seq.n_prefilled:seq.n_prefilled + n]))
+                spans.append((seq.n_prefilled, n))
         return batch
 
     def _more(self, batch: list[tuple[SeqState, list[int]]]) -> bool:
@@ -315,11 +334,23 @@ class Batcher:
         self.passes.append(PassRecord(len(batch), sum(len(ids) for _, ids in batch), n_prefill,
                                       rs.bytes_read, time.perf_counter() - t0, rs.compute_s,
                                       rs.io_stall_s))
+        decoding = n_prefill < len(batch)
         for seq, ids in batch:
             seq.run.add(rs)
             if seq.prefilling:
-                seq.n_prefilled += len(ids)
+                self._count_prefill(seq, len(ids), rs, decoding)
         await self._sample(batch, logits)
+
+    def _count_prefill(self, seq: SeqState, n: int, rs: RunStats, decoding: bool) -> None:
+        """A pass carried n prompt rows of seq: the prefill stats (passes, bytes read, why a
+        prompt took more than one pass)."""
+        st = seq.stats
+        st.prefill_passes += 1
+        st.prefill_bytes_read += rs.bytes_read
+        st.prefill_memory_bytes = self.runner.prefill_memory_bytes
+        seq.n_prefilled += n
+        if seq.prefilling and not st.prefill_split:
+            st.prefill_split = "decoding" if decoding else "prefill memory"
 
     async def _sample(self, batch: list[tuple[SeqState, list[int]]], logits: np.ndarray
                       ) -> None:

@@ -76,7 +76,13 @@ class EngineConfig:
     # RAM already, so 0 avoids holding weights twice
     host_budget_bytes: int = 0
     max_context: int | None = None  # default: the model's max_position_embeddings
-    prefill_chunk: int = 512  # prompt tokens per pass, over all requests joining a batch
+    # rows per tile of a block's computation; also the prompt tokens per pass while other
+    # requests decode (their passes carry the prompt in chunks of this size)
+    prefill_chunk: int = 512
+    # activation memory a prefill pass may take (reserved in the memory budget while it runs):
+    # a prompt runs through each unit in as few passes as fit in it. None: what the budget
+    # leaves beside the largest step (no budget: a quarter of the memory available)
+    prefill_memory_bytes: int | None = None
     max_batch: int = 16  # requests decoded together; more wait for a slot
     max_queue: int | None = None  # requests waiting for a slot; None = unbounded
     threads: int | None = None  # CPU threads for numba kernels and BLAS; None = physical cores
@@ -99,6 +105,8 @@ class EngineConfig:
             raise ValueError(f"max_context must be > 0, got {self.max_context}")
         if self.prefill_chunk <= 0:
             raise ValueError(f"prefill_chunk must be > 0, got {self.prefill_chunk}")
+        if self.prefill_memory_bytes is not None and self.prefill_memory_bytes <= 0:
+            raise ValueError(f"prefill_memory_bytes must be > 0, got {self.prefill_memory_bytes}")
         if self.max_batch <= 0:
             raise ValueError(f"max_batch must be > 0, got {self.max_batch}")
         if self.threads is not None and not 1 <= self.threads <= usable_cpus():

@@ -53,7 +53,8 @@ class Engine:
             if isinstance(self.backend, ComputeThreadInit) else None
         self.scheduler = LayerScheduler(self.cache, self.units, config.scheduler, init,
                                         self.backend.start)
-        self.runner = PassRunner(self.model, self.scheduler, self.units)
+        self.runner = PassRunner(self.model, self.scheduler, self.units, config.prefill_chunk,
+                                 config.prefill_memory_bytes)
         self._lock = asyncio.Lock()  # one pass at a time: the batcher, logits()
         self.batcher = Batcher(self.runner, self._lock, self.tokenizer, config.max_batch,
                                config.max_queue, config.prefill_chunk)
@@ -122,6 +123,12 @@ class Engine:
         return self.runner.min_budget_bytes
 
     def _check_budget(self) -> None:
+        prefill, tile = self.config.prefill_memory_bytes, self.runner.tile_need_bytes
+        if prefill is not None and prefill < tile:
+            raise BudgetError(
+                f"prefill memory (--prefill-memory) {format_size(prefill)} is below what one "
+                f"tile of {self.config.prefill_chunk} prompt rows needs ({format_size(tile)}); "
+                f"use at least {format_size(tile)}, or a smaller --prefill-chunk")
         budget = self.config.memory_budget_bytes
         if budget is None:
             return

@@ -25,6 +25,7 @@ from stream_run.engine.config import (
 )
 from stream_run.engine.stats import rss_bytes
 from stream_run.kernels.backend import Backend, KVCache
+from stream_run.kernels.kv_cache import ATTN_SCORE_BYTES
 from stream_run.kernels.numpy_backend import DEQUANT_BLOCK_ELEMENTS
 from stream_run.kernels.sizes import held_nbytes, transient_nbytes, unit_nbytes
 from stream_run.loaders import FormatError, HostTensor, LayerIndex, UnitReader
@@ -36,7 +37,10 @@ WARM_ROWS = (1, 16)  # a decode row and a prefill chunk: the matvec and the dequ
 SMALL_PASS_ROWS = 8  # passes this small have activations the margin covers (decode, fused)
 SCRATCH_IN_MARGIN = 16 * 2**20  # activations the margin covers; a pass's beyond it are budgeted
 DEQUANT_BLOCK_BYTES = 4 * DEQUANT_BLOCK_ELEMENTS  # float32 weight rows a prefill matmul makes
-PREFILL_ROWS = 512  # EngineConfig.prefill_chunk's default: the auto budget's first chunk
+PREFILL_ROWS = 512  # EngineConfig.prefill_chunk's default: rows per tile of a block's compute
+# Without a memory budget, the default prefill memory is this fraction of the memory available
+# when the first prefill asks (with one: what the budget leaves beside the largest step).
+PREFILL_HEADROOM_FRACTION = 0.25
 MMAP_THRESHOLD_BYTES = 2**20  # allocations this large are mapped and unmapped on their own
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 
@@ -51,10 +55,17 @@ class PassRunner:
     """
 
     def __init__(self, model: DecoderModel, scheduler: LayerScheduler,
-                 units: BackendUnitLoader) -> None:
+                 units: BackendUnitLoader, tile_rows: int = PREFILL_ROWS,
+                 prefill_memory_bytes: int | None = None) -> None:
+        """tile_rows: rows per tile of a block's computation (EngineConfig.prefill_chunk).
+        prefill_memory_bytes: what a pass's activations may take (see prefill_memory_bytes);
+        None: derived from the budget."""
         self.model = model
         self.scheduler = scheduler
         self.units = units
+        self.tile_rows = tile_rows
+        self._prefill_memory = prefill_memory_bytes
+        self._headroom_prefill: int | None = None
         self.budget_choice: BudgetChoice | None = None  # what an auto budget picked
         self._warned_scratch = False
         fix_mmap_threshold()
@@ -103,7 +114,7 @@ class PassRunner:
         self.units.reader.buffers.trim()
 
     def steps(self, batch: Batch) -> list[StepLike]:
-        return self.model.calls(batch)  # a Call is a scheduler StepLike as it is
+        return self.model.calls(batch, self.tile_rows)  # a Call is a scheduler StepLike as is
 
     def plan(self) -> set[str]:
         """Plan which units stay resident for the decode cycle (the cache's policy decides).
@@ -132,32 +143,90 @@ class PassRunner:
         except OSError:  # no /proc (not Linux): what psutil says is available
             headroom = Headroom(psutil.virtual_memory().available, "available memory")
         # enough for the whole model and a first prefill chunk's activations beside it
-        first_chunk = self._scratch([(0, min(PREFILL_ROWS, kv_tokens))], 1)
+        first_chunk = self.activation_bytes([(0, min(self.tile_rows, kv_tokens))], 1)
         return pick_budget(headroom, self.kv_bytes(kv_tokens),
                            self.whole_model_bytes + first_chunk, self.min_budget_bytes)
 
     def scratch_bytes(self, batch: Batch) -> int:
         """What a pass's activations may hold at once beyond the SCRATCH_IN_MARGIN the margin
         covers, reserved in the budget for the pass: 0 for passes of at most SMALL_PASS_ROWS
-        rows (decoding: fused kernels, kilobytes). Else an upper bound, float32: the attention
-        scores of the largest sequence (heads x rows x keys) and its mask, the MLP's gate, up
-        and product (3 x rows x intermediate), six hidden-sized arrays per row (x, norm, q, k,
-        v, output), the logits, and one block of weights dequantized for the matmul."""
+        rows (decoding: fused kernels, kilobytes). Else activation_bytes less the margin."""
         logit_rows = len(batch.ids) if batch.all_logits else len(batch.seqs)
-        return self._scratch([(offset, n) for _, offset, n in batch.spans], logit_rows)
-
-    def _scratch(self, spans: Sequence[tuple[int, int]], logit_rows: int) -> int:
-        rows = sum(n for _, n in spans)
-        if rows <= SMALL_PASS_ROWS:
+        spans = [(offset, n) for _, offset, n in batch.spans]
+        if sum(n for _, n in spans) <= SMALL_PASS_ROWS:
             return 0
+        return max(0, self.activation_bytes(spans, logit_rows) - SCRATCH_IN_MARGIN)
+
+    def activation_bytes(self, spans: Sequence[tuple[int, int]], logit_rows: int) -> int:
+        """An upper bound, float32, of what a pass over rows of these (offset, n) spans holds
+        beside the weights. The hidden state of every row (one buffer, each block's row tiles
+        written over it) and its RoPE tables, then per tile of tile_rows rows: the MLP's gate,
+        up and product (3 x rows x intermediate), six hidden-sized arrays per row (norm, q, k,
+        v, output, residual), the attention scores of one query block (at most
+        ATTN_SCORE_BYTES, or one row over every key: kernels.kv_cache.query_blocks) and its
+        mask (kernels.kv_cache.window_mask); the logits, and one block of weights dequantized
+        for the matmul."""
         spec = self.model.spec
         assert spec.head_dim is not None
+        rows = sum(n for _, n in spans)
         width = max(spec.hidden_size, spec.num_attention_heads * spec.head_dim)
-        attn = max(n * (offset + n) * (4 * spec.num_attention_heads + 2) for offset, n in spans)
+        tile = min(rows, self.tile_rows)
+        keys = max(offset + n for offset, n in spans)
+        heads = spec.num_attention_heads
+        q_rows = min(tile, max(1, ATTN_SCORE_BYTES // (4 * heads * keys)))
+        attn = q_rows * keys * (4 * heads + 10)  # scores; the mask's int64 distances, bools
         dequant = min(DEQUANT_BLOCK_BYTES, 4 * spec.intermediate_size * spec.hidden_size)
-        need = (attn + 4 * rows * (3 * spec.intermediate_size + 6 * width)
+        return (4 * rows * (width + spec.head_dim) + attn
+                + 4 * tile * (3 * spec.intermediate_size + 6 * width)
                 + 4 * logit_rows * spec.vocab_size + dequant)
-        return max(0, need - SCRATCH_IN_MARGIN)
+
+    @property
+    def prefill_memory_bytes(self) -> int:
+        """What a prefill pass's activations may take (activation_bytes): the setting
+        (EngineConfig.prefill_memory_bytes), else what the memory budget leaves beside the
+        model's largest step (plus the margin's share, SCRATCH_IN_MARGIN), else (no budget) a
+        quarter of the memory available when first asked; never less than one tile's need
+        (tile_need_bytes). Beyond the margin's share it is taken from the budget while the
+        pass runs (LayerScheduler.run's scratch_bytes: resident units make room, and are read
+        again after it), so peak memory stays within the budget's promise."""
+        if self._prefill_memory is not None:
+            return self._prefill_memory
+        budget = self.scheduler.cache.compute.budget_bytes
+        if budget is not None:
+            return max(self.tile_need_bytes,
+                       budget - self.min_budget_bytes + SCRATCH_IN_MARGIN)
+        if self._headroom_prefill is None:
+            try:
+                free = memory_headroom().available_bytes
+            except OSError:
+                free = psutil.virtual_memory().available
+            self._headroom_prefill = max(self.tile_need_bytes,
+                                         int(free * PREFILL_HEADROOM_FRACTION))
+        return self._headroom_prefill
+
+    @property
+    def tile_need_bytes(self) -> int:
+        """The activations of a prefill of one tile (tile_rows rows from position 0)."""
+        return self.activation_bytes([(0, self.tile_rows)], 1)
+
+    def prefill_rows(self, spans: Sequence[tuple[int, int]], offset: int, want: int) -> int:
+        """How many of `want` prompt rows at offset may join a pass that already holds rows of
+        spans (offset, n), with the activations within prefill_memory_bytes: the most that
+        fit, at least one tile's worth when the pass has nothing yet (so every pass makes
+        progress), 0 when none fits beside what it holds."""
+        limit = self.prefill_memory_bytes
+        logit_rows = len(spans) + 1
+
+        def fits(n: int) -> bool:
+            return self.activation_bytes([*spans, (offset, n)], logit_rows) <= limit
+
+        if fits(want):
+            return want
+        lo, hi = 0, want  # fits(lo), not fits(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo if spans else max(lo, min(want, self.tile_rows))
 
     def kv_bytes(self, n_tokens: int) -> int:
         """Bytes of one sequence's KV cache for n_tokens positions (float32 keys and values;

@@ -46,6 +46,13 @@ class GenerationStats:
     unit_misses: int = 0
     peak_rss_bytes: int = 0
     prefetch_depth: int = 0
+    prefill_passes: int = 0  # passes that carried prompt rows of this request
+    prefill_bytes_read: int = 0  # bytes those passes read
+    prefill_memory_bytes: int = 0  # the activation bound they ran under
+    # why the prompt took more than one pass: "" (it did not), "prefill memory" (its
+    # activations did not fit at once) or "decoding" (other requests were decoding: the
+    # prompt rode their passes in prefill_chunk rows)
+    prefill_split: str = ""
 
     @property
     def prompt_tps(self) -> float:

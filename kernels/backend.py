@@ -51,6 +51,11 @@ class KVCache(Protocol):
 
     def advance(self, n: int) -> None: ...
 
+    def at(self, offset: int) -> KVCache:
+        """The same cache seen at a later offset, by a row tile of a pass (models/base.py
+        row_tiles): its update and attend write and read at that offset."""
+        ...
+
     def trim(self, n: int) -> None:
         """Drop the last n tokens (used to roll back a cancelled step). A sliding layer can
         roll back only within what its ring still holds (one token once it has wrapped).
@@ -132,6 +137,11 @@ class Backend(Protocol):
 
     def concatenate(self, xs: list[Any], axis: int) -> Any:
         """Join arrays along axis (the batched step stacks the rows of several sequences)."""
+        ...
+
+    def write_rows(self, x: Any, start: int, y: Any) -> Any:
+        """x (1, T, E) with rows start..start+n replaced by y (1, n, E); returns it (numpy
+        writes in place, so a pass's row tiles share one hidden-state buffer)."""
         ...
 
     def reshape(self, x: Any, shape: tuple[int, ...]) -> Any: ...

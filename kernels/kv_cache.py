@@ -13,6 +13,7 @@ max(0, p - W + 1) .. p (HF's convention: key j is visible iff 0 <= p - j < W).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -76,6 +77,13 @@ class LayeredKVCache:
 
     def advance(self, n: int) -> None:
         self.offset = check_room(self.offset, n, self.max_len)
+
+    def at(self, offset: int) -> LayeredKVCache:
+        """This cache as a row tile of a pass sees it: the same layers, at offset (the rows of
+        the tiles before it are written; the shared offset advances after the whole pass)."""
+        view = copy.copy(self)
+        view.offset = offset
+        return view
 
     def trim(self, n: int) -> None:
         """Drop the last n tokens. A full layer can always roll back (later writes overwrite);
@@ -197,3 +205,27 @@ def window_mask(L: int, T: int, offset: int, window: int | None) -> np.ndarray:
     and, with a window, offset + i - j < window."""
     d = offset + np.arange(L)[:, None] - np.arange(T)[None, :]
     return d >= 0 if window is None else (d >= 0) & (d < window)
+
+
+# Float32 attention scores one query block may hold: a long prompt's rows attend in blocks of
+# rows (query_blocks), so no pass holds a rows x keys score matrix per head.
+ATTN_SCORE_BYTES = 16 * 2**20
+
+
+def query_blocks(L: int, T: int, heads: int, offset: int, window: int | None,
+                 nbytes: int | None = None) -> list[tuple[int, int, int, int]]:
+    """Blocks (q0, q1, lo, hi) of L query rows over T keys (heads query heads; query i at key
+    index offset + i, see window_mask): rows q0..q1-1 see only keys lo..hi-1, so each block
+    runs as its own attention call on those keys, at offset offset + q0 - lo, with the same
+    result per row. One block when the whole (heads, L, T) score matrix fits in nbytes; else
+    as many rows per block as fit (at least one). nbytes: ATTN_SCORE_BYTES by default."""
+    nbytes = ATTN_SCORE_BYTES if nbytes is None else nbytes
+    if 4 * heads * L * T <= nbytes:
+        return [(0, L, 0, T)]
+    rows = max(1, nbytes // (4 * heads * max(1, T)))
+    out = []
+    for q0 in range(0, L, rows):
+        q1 = min(L, q0 + rows)
+        lo = 0 if window is None else max(0, offset + q0 - window + 1)
+        out.append((q0, q1, lo, min(T, offset + q1)))
+    return out

@@ -23,7 +23,13 @@ import mlx.core as mx  # noqa: E402  (after the environment default above)
 import numpy as np
 
 from stream_run.kernels.formats import prepare_unit
-from stream_run.kernels.kv_cache import LayeredKVCache, Ring, layer_windows, window_mask
+from stream_run.kernels.kv_cache import (
+    LayeredKVCache,
+    Ring,
+    layer_windows,
+    query_blocks,
+    window_mask,
+)
 from stream_run.kernels.quant import HalfWeight, QuantizedWeight
 
 DEVICES = ("auto", "cpu", "gpu")
@@ -138,7 +144,20 @@ class MLXKVCache(LayeredKVCache):
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, offset: int,
               window: int | None = None, softcap: float | None = None) -> mx.array:
-    """MLXBackend.attention (also a sliding layer's)."""
+    """MLXBackend.attention (also a sliding layer's): in blocks of query rows over the keys
+    each block sees (kv_cache.query_blocks) when the whole score matrix would exceed
+    ATTN_SCORE_BYTES (mx.fast's attention materialises it on the CPU)."""
+    blocks = query_blocks(q.shape[2], k.shape[2], q.shape[0] * q.shape[1], offset, window)
+    if len(blocks) == 1:
+        return _attention(q, k, v, scale, offset, window, softcap)
+    return mx.concatenate([
+        _attention(q[:, :, q0:q1], k[:, :, lo:hi], v[:, :, lo:hi], scale, offset + q0 - lo,
+                   window, softcap)
+        for q0, q1, lo, hi in blocks], axis=2)
+
+
+def _attention(q: mx.array, k: mx.array, v: mx.array, scale: float, offset: int,
+               window: int | None, softcap: float | None) -> mx.array:
     L, T = q.shape[2], k.shape[2]
     if softcap is not None:  # mx.fast's attention has no soft-capping
         visible = None if L == 1 and T <= (window or T) else window_mask(L, T, offset, window)
@@ -296,6 +315,10 @@ class MLXBackend:
 
     def concatenate(self, xs: list[mx.array], axis: int) -> mx.array:
         return mx.concatenate(xs, axis=axis)
+
+    def write_rows(self, x: mx.array, start: int, y: mx.array) -> mx.array:
+        x[:, start:start + y.shape[1]] = y
+        return x
 
     def reshape(self, x: mx.array, shape: tuple[int, ...]) -> mx.array:
         return x.reshape(shape)

@@ -13,7 +13,13 @@ import numpy as np
 
 from stream_run.kernels import fused, gguf_blocks
 from stream_run.kernels.formats import prepare_unit
-from stream_run.kernels.kv_cache import LayeredKVCache, Ring, layer_windows, window_mask
+from stream_run.kernels.kv_cache import (
+    LayeredKVCache,
+    Ring,
+    layer_windows,
+    query_blocks,
+    window_mask,
+)
 from stream_run.kernels.numba_kernels import (
     HALF_SCALES,
     dequantize_rows,
@@ -183,7 +189,22 @@ class NumpyKVCache(LayeredKVCache):
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, offset: int,
               window: int | None = None, softcap: float | None = None) -> np.ndarray:
-    """NumpyBackend.attention (also a sliding layer's attention for several rows)."""
+    """NumpyBackend.attention (also a sliding layer's attention for several rows): in blocks
+    of query rows over the keys each block sees (kv_cache.query_blocks) when the whole score
+    matrix would exceed ATTN_SCORE_BYTES."""
+    L = q.shape[2]
+    blocks = query_blocks(L, k.shape[2], q.shape[0] * q.shape[1], offset, window)
+    if len(blocks) == 1:
+        return _attention(q, k, v, scale, offset, window, softcap)
+    out = np.empty(q.shape, np.result_type(q, v))
+    for q0, q1, lo, hi in blocks:
+        out[:, :, q0:q1] = _attention(q[:, :, q0:q1], k[:, :, lo:hi], v[:, :, lo:hi], scale,
+                                      offset + q0 - lo, window, softcap)
+    return out
+
+
+def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, offset: int,
+               window: int | None, softcap: float | None) -> np.ndarray:
     B, Hq, L, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -365,6 +386,12 @@ class NumpyBackend:
 
     def concatenate(self, xs: list[np.ndarray], axis: int) -> np.ndarray:
         return np.concatenate(xs, axis=axis)
+
+    def write_rows(self, x: np.ndarray, start: int, y: np.ndarray) -> np.ndarray:
+        if not x.flags.writeable:
+            x = x.copy()
+        x[:, start:start + y.shape[1]] = y
+        return x
 
     def reshape(self, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         return np.reshape(x, shape)

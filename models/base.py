@@ -114,14 +114,21 @@ class DecoderModel:
             self._layout = [(EMBED,), *((layer_key(i),) for i in range(n)), head]
         return self._layout
 
-    def calls(self, batch: Batch) -> list[Call]:
-        """The pass over batch as calls; the last returns logits (N or T, V) float32."""
+    def calls(self, batch: Batch, tile_rows: int | None = None) -> list[Call]:
+        """The pass over batch as calls; the last returns logits (N or T, V) float32.
+
+        tile_rows: each block runs the pass's rows in tiles of at most this many rows, in
+        order (row_tiles), so a long prompt goes through every unit in one pass while the
+        activations of one tile bound the memory a block's computation takes. None: one tile.
+        """
         units = self.layout()
         batch.spans  # noqa: B018  (fixes each sequence's offset before the pass: see spans)
-        ctx = self.pass_context(batch)
+        tiles = [(t, self.pass_context(t))
+                 for t in (row_tiles(batch, tile_rows) if tile_rows else [batch])]
         return [
             Call(units[0], partial(self._embed_call, batch), "embed"),
-            *(Call(units[1 + i], partial(self.block, i, batch, ctx), layer_key(i))
+            *(Call(units[1 + i], partial(self.block, i, *tiles[0]) if len(tiles) == 1
+                   else partial(self._tiled_block, i, tiles), layer_key(i))
               for i in range(self.spec.num_hidden_layers)),
             Call(units[-1], partial(self._head_call, batch), "head"),
         ]
@@ -162,6 +169,18 @@ class DecoderModel:
         return self.ops.linear(self.final_norm(h, w), table)
 
     # -- glue ----------------------------------------------------------------------------------
+    def _tiled_block(self, layer_idx: int, tiles: Sequence[tuple[Batch, Any]], h: Any,
+                     units: Mapping[str, Any]) -> Any:
+        """The block on each row tile in order, its output written over the tile's rows of h
+        (a tile needs only its own rows of h and the keys the tiles before it stored)."""
+        start = 0
+        for tile, ctx in tiles:
+            n = len(tile.ids)
+            y = self.block(layer_idx, tile, ctx, h[:, start:start + n], units)
+            h = self.ops.write_rows(h, start, y)
+            start += n
+        return h
+
     def _embed_call(self, batch: Batch, _x: Any, units: Mapping[str, Any]) -> Any:
         return self.embed(batch, units[EMBED])
 
@@ -169,6 +188,31 @@ class DecoderModel:
         if not batch.all_logits and h.shape[1] != len(batch.seqs):
             h = self.ops.concatenate([h[:, r:r + 1] for r in batch.last_rows], axis=1)
         return self.ops.to_numpy(self.head(h, units))[0]
+
+
+def row_tiles(batch: Batch, rows: int) -> list[Batch]:
+    """The pass's rows cut, in order, into tiles of at most `rows` rows (a sequence's span may
+    be cut across tiles). A tile's sequences see their caches at the tile's first position
+    (KVCache.at) and keep the whole span's end (SeqRows.span_end), so running the tiles one
+    after another computes what one call on all rows would."""
+    if len(batch.ids) <= rows:
+        return [batch]
+    tiles: list[Batch] = []
+    seqs: list[SeqRows] = []
+    free = rows
+    for s, (kv, offset, n) in zip(batch.seqs, batch.spans, strict=True):
+        a = 0
+        while a < n:
+            b = min(n, a + free)
+            seqs.append(SeqRows(s.ids[a:b], kv.at(offset + a), s.end))
+            free -= b - a
+            a = b
+            if free == 0:
+                tiles.append(Batch(seqs, batch.all_logits))
+                seqs, free = [], rows
+    if seqs:
+        tiles.append(Batch(seqs, batch.all_logits))
+    return tiles
 
 
 def attend_rows(ops: Backend, batch: Batch, fn: Callable[[KVCache, int, Any, Any, Any], Any],

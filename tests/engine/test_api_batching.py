@@ -64,7 +64,9 @@ def test_eight_concurrent_greedy_requests_match_the_reference(model):
 
 def test_requests_join_a_running_batch_between_steps(model):
     path, cfg, weights = model
-    engine = open_engine(path, prefill_chunk=4)  # prompts longer than 4 prefill over passes
+    # prompts longer than 4 rows prefill in chunks of 4 while another request decodes; alone,
+    # a prompt goes through the model in one pass (layer-major prefill)
+    engine = open_engine(path, prefill_chunk=4)
 
     async def run():
         first = asyncio.create_task(ids_of(engine, PROMPTS[0], max_tokens=30, ignore_eos=True))
@@ -78,7 +80,10 @@ def test_requests_join_a_running_batch_between_steps(model):
         first, late = asyncio.run(run())
         joined = [r for r in engine.batcher.passes if r.n_prefill and r.n_seqs > r.n_prefill]
         assert joined  # a prompt chunk rode along with decoding rows
-        assert max(r.n_tokens - r.n_seqs for r in engine.batcher.passes) <= 4 - 1
+        assert max(r.n_tokens - r.n_seqs for r in joined) <= 4 - 1
+        first_pass = engine.batcher.passes[0]
+        assert (first_pass.n_seqs, first_pass.n_tokens) == (1, len(PROMPTS[0])) \
+            and len(PROMPTS[0]) > 4  # the first prompt, alone: one pass, tiles of 4 rows
     finally:
         engine.close()
     assert first[0] == reference_greedy(cfg, weights, PROMPTS[0], 30)

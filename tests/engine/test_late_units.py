@@ -25,8 +25,8 @@ class RoutedModel(llama.Model):
     value of the hidden state the step before produced: the choice is known only at run time,
     so the scheduler resolves each block's unit from that output."""
 
-    def calls(self, batch: Batch) -> list[Call]:
-        static = super().calls(batch)
+    def calls(self, batch: Batch, tile_rows: int | None = None) -> list[Call]:
+        static = super().calls(batch)  # one tile: this toy's prompts are a few rows
         ctx = self.pass_context(batch)
         n = self.spec.num_hidden_layers
 

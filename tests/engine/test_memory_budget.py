@@ -18,6 +18,7 @@ from stream_run.engine.config import (
     memory_headroom,
     pick_budget,
 )
+from stream_run.kernels.kv_cache import ATTN_SCORE_BYTES
 from stream_run.models.base import Batch, SeqRows
 from tests.tiny_models import write_tiny_model
 
@@ -167,9 +168,19 @@ def test_activations_are_reserved_for_prefill_chunks_only(tiny):
             assert runner.scratch_bytes(decode) == 0
             sizes = [runner.scratch_bytes(Batch([SeqRows(np.zeros(n, np.int64), kv)]))
                      for n in (512, 1024, 2048)]
-            assert sizes == sorted(sizes)  # grows with the rows (attention: rows x keys)
+            assert sizes == sorted(sizes) and sizes[-1] > 0  # beyond the margin: reserved
+            need = [runner.activation_bytes([(0, n)], 1) for n in (512, 1024, 2048)]
+            assert need[0] < need[1] < need[2]  # grows with the rows
+            assert sizes[-1] == need[-1] - 16 * 2**20
+            # attention runs in query blocks of at most ATTN_SCORE_BYTES of scores, and the
+            # MLP in tiles of prefill_chunk rows: no rows x keys score matrix per head, no
+            # rows x intermediate activations
             heads = spec.num_attention_heads
-            assert sizes[-1] >= 4 * heads * 2048 * 2048 - 16 * 2**20
+            assert sizes[-1] < 4 * heads * 2048 * 2048
+            long = runner.activation_bytes([(0, 65536)], 1)
+            assert long < 4 * 65536 * (spec.hidden_size + spec.head_dim) + 2 * ATTN_SCORE_BYTES \
+                + 4 * 512 * (3 * spec.intermediate_size + 6 * spec.hidden_size) \
+                + 4 * spec.vocab_size + 16 * 2**20
         finally:
             await engine.aclose()
     asyncio.run(go())
