@@ -9,8 +9,9 @@ evicted from the page cache first:
 - the engine: `stream-run MODEL --memory-budget auto --direct-io`, so the engine picks its own
   budget from the cgroup's limit (cli/common.py), as a user inside a container would;
 - llama.cpp, its default (mmap, repacked) and with repacking off (bench/llamacpp_stream.py).
-Per run: decode s/token (the engine's Generation line; llama.cpp's per-token evals), GB read
-per token, the cgroup's peak and whether it was OOM-killed, and the load average at its end.
+Per run: decode s/token and GB read per token (the median of the engine's decode passes, of
+llama.cpp's per-token evals), the cgroup's peak and whether it was OOM-killed, and the load
+average at its end.
 
 The disk's ceiling is measured in the same run, before the first row and after the last: the
 best of sequential O_DIRECT reads of the model file (bench/disk.py) at the engine's read sizes
@@ -209,15 +210,19 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     for _ in range(args.repeats):
         r = run_engine(args.model, limit, args.tokens, args.threads, args.engine_args.split())
-        per = r.get("gb_read_total", 0) / max(1, r.get("tokens", 1) + 1)
+        # per decode pass, as llama.cpp's rows (per eval); the Generation line's rate counts
+        # the prompt's token over the decode time (n tokens in n - 1 passes)
+        prof = r.get("profile") or {}
         result = "OOM-killed" if r["oom"] else r.get("error", "ok")
-        s = r.get("s_per_token")
+        s, per = prof.get("s_per_pass"), prof.get("gb_per_pass", 0.0)
         print(f"| stream-run (budget {r.get('budget')}) | {s:.3f} | {per:.2f} | "
               f"{r['cgroup_peak_gb']:.2f} | {result} | {_load(r['load'])} |" if s else
               f"| stream-run | - | - | {r['cgroup_peak_gb']:.2f} | {result} | "
               f"{_load(r['load'])} |", flush=True)
-        if r.get("profile"):
-            print(_profile_line(r["profile"], ceiling), flush=True)
+        if prof:
+            cli = r.get("s_per_token")
+            print(_profile_line(prof, ceiling) + (f"; the CLI's Generation line: {cli:.3f} s/token"
+                                                  if cli else ""), flush=True)
         for i, rec in enumerate(r["passes"] if args.passes else []):
             print(f"  pass {i}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else
                                              f"{k} {v}" for k, v in rec.items()))
