@@ -58,7 +58,7 @@ def prompt_ids(n: int, vocab: int) -> list[int]:
 
 async def _engine_child(args: argparse.Namespace) -> dict:
     from stream_run.engine import Engine, EngineConfig, GenerationParams
-    from stream_run.engine.config import parse_size
+    from stream_run.engine.config import MARGIN_BYTES, parse_size
     from stream_run.loaders import LoaderConfig
 
     auto = args.memory_budget == "auto"
@@ -95,6 +95,10 @@ async def _engine_child(args: argparse.Namespace) -> dict:
             out.update(ttft_s=time.perf_counter() - t0, passes=passes, engine_bytes=nbytes,
                        io_stall_s=stall, compute_s=compute)
         out.update(read_bytes=_read_bytes() - r0, peak_rss_bytes=_peak_rss())
+        budget = engine.cache.compute.budget_bytes
+        if budget is not None:  # the memory promise: baseline + budget + KV cache + margin
+            out["bound_bytes"] = (engine.runner.baseline_rss_bytes + budget
+                                  + engine.runner.kv_bytes(args.tokens + 1) + MARGIN_BYTES)
         return out
     finally:
         await engine.aclose()
@@ -191,7 +195,7 @@ def _fmt(value: float | None, scale: float = 1.0) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| prompt | mode | TTFT s | prompt tok/s | passes | GB read | I/O stall s | "
-             "peak RSS GB | result |", "|---|---|---|---|---|---|---|---|---|"]
+             "peak RSS GB | promise GB | result |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ok = r.get("result") == "ok"
         ttft = r.get("ttft_s") if ok else None
@@ -201,7 +205,8 @@ def table(rows: list[dict]) -> str:
             f"| {r['tokens']} | {r['mode']} | {_fmt(ttft)} | {_fmt(tps)} | "
             f"{r.get('passes', '-')} | {_fmt(read, 1e9) if read is None else f'{read / 1e9:.3f}'}"
             f" | {_fmt(r.get('io_stall_s') if ok else None)} | "
-            f"{_fmt(r.get('peak_rss_bytes') if ok else None, 1e9)} | {r.get('result')} |")
+            f"{_fmt(r.get('peak_rss_bytes') if ok else None, 1e9)} | "
+            f"{_fmt(r.get('bound_bytes') if ok else None, 1e9)} | {r.get('result')} |")
     return "\n".join(lines)
 
 
@@ -242,7 +247,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk", type=int, default=512,
                    help="prefill_chunk: the chunked path's rows per pass, layer-major's tile")
     p.add_argument("--repeats", "-r", type=int, default=1)
-    p.add_argument("--timeout", type=float, default=3600)
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     p.add_argument("--json", default=None, help="write the rows here as JSON")
 
 
