@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from stream_run.loaders.index import TensorRef
 from stream_run.loaders.spec import ModelSpec
 
 Shapes = dict[str, dict[str, tuple[int, ...]]]  # unit key -> name inside the unit -> shape
@@ -38,6 +39,12 @@ class Architecture:
     gguf_config: the HF-style config built from GGUF metadata -> the config the spec is built
         from, for what a GGUF of the family leaves to llama.cpp's code (values it derives from
         the model size, weights its converter changed). May raise ValueError likewise.
+    hf_units: (spec, unit key, tensor as indexed) -> where it goes: [(unit key, tensor)].
+        A Mixture-of-Experts file gives each routed expert its own unit ("layers.{i}.mlp.
+        experts.{e}"), and splits a tensor stacking every expert ("mlp.experts.gate_up_proj",
+        transformers v5) into each expert's byte sub-ranges. None: every tensor stays in the
+        unit its name gives. May raise FormatError, which the loader reports with the path;
+        the units it may name are those of expected_shapes.
     """
 
     model_type: str
@@ -48,6 +55,7 @@ class Architecture:
     hf_prefixes: tuple[str, ...] = ("",)
     hf_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     gguf_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    hf_units: Callable[[ModelSpec, str, TensorRef], list[tuple[str, TensorRef]]] | None = None
 
 
 class Registry(Protocol):

@@ -123,32 +123,37 @@ def open_hf_dir(model_dir: str, registry: Registry) -> LayerIndex:
         except ValueError as exc:
             raise FormatError(f"{config_path}: {exc}") from None
     spec = ModelSpec.from_dict({**cfg, **arch.config_overrides}, source=config_path)
-    units: dict[str, Unit] = {EMBED: Unit(EMBED)}
-    units.update({k: Unit(k) for k in (layer_key(i) for i in range(spec.num_hidden_layers))})
-    units[HEAD] = Unit(HEAD)
+    expected = arch.expected_shapes(spec)
+    layers = [layer_key(i) for i in range(spec.num_hidden_layers)]
+    # in pass order; units beyond embed, blocks and head (routed experts) come from expected
+    keys = dict.fromkeys([EMBED, *layers, *(k for k in expected if k not in (EMBED, HEAD)), HEAD])
+    units: dict[str, Unit] = {k: Unit(k) for k in keys}
     for path in weight_files(model_dir):
         for name, e in read_safetensors_header(path).items():
             try:
                 where = unit_of(name, arch.hf_prefixes)
+                if where is None:
+                    continue
+                ref = TensorRef(where[1], path, e.offset, e.nbytes, e.dtype, e.shape)
+                placed = [(where[0], ref)] if arch.hf_units is None \
+                    else arch.hf_units(spec, where[0], ref)
             except FormatError as exc:
                 raise FormatError(f"{path}: {exc}") from None
-            if where is None:
-                continue
-            key, rel = where
-            if key not in units:
-                raise FormatError(
-                    f"{path}: tensor {name!r} is for a layer beyond num_hidden_layers="
-                    f"{spec.num_hidden_layers} in config.json"
-                )
-            if key == HEAD and rel.startswith("lm_head.") and spec.tie_word_embeddings:
-                continue  # some tied checkpoints still carry a copy of the embedding
-            units[key].tensors[rel] = TensorRef(rel, path, e.offset, e.nbytes, e.dtype, e.shape)
+            for key, ref in placed:
+                if key not in units:
+                    raise FormatError(
+                        f"{path}: tensor {name!r} is for a layer beyond num_hidden_layers="
+                        f"{spec.num_hidden_layers} in config.json"
+                    )
+                if key == HEAD and ref.name.startswith("lm_head.") and spec.tie_word_embeddings:
+                    continue  # some tied checkpoints still carry a copy of the embedding
+                units[key].tensors[ref.name] = ref
     if spec.quantization:
         for unit in units.values():
             unit.quantization = _unit_quantization(spec.quantization, unit.key)
     index = LayerIndex(spec=spec, units=units, source=model_dir,
                        checksums=file_checksums(model_dir))
-    check_index(index, arch.expected_shapes(spec))
+    check_index(index, expected)
     return index
 
 

@@ -34,6 +34,9 @@ ARCHITECTURES: dict[str, Entry] = {
     "gemma2": Entry("gemma", "Gemma2ForCausalLM", "gemma2"),
     "gemma3_text": Entry("gemma", "Gemma3ForCausalLM", "gemma3"),
     "gemma3": Entry("gemma", "Gemma3ForConditionalGeneration"),  # its text model only
+    "qwen3_moe": Entry("moe", "Qwen3MoeForCausalLM"),
+    "qwen2_moe": Entry("moe", "Qwen2MoeForCausalLM"),
+    "mixtral": Entry("moe", "MixtralForCausalLM"),
 }
 
 

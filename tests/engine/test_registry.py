@@ -30,7 +30,8 @@ def test_unknown_model_type_lists_supported():
         model_class("gpt2")
     with pytest.raises(FormatError, match=r"^cfg.json: unsupported model_type 'bert'; "
                                           r"supported: llama, mistral, qwen2, qwen3, phi3, "
-                                          r"gemma2, gemma3_text, gemma3$"):
+                                          r"gemma2, gemma3_text, gemma3, qwen3_moe, "
+                                          r"qwen2_moe, mixtral$"):
         REGISTRY.for_model_type("bert", "cfg.json")
 
 
