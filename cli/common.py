@@ -139,7 +139,15 @@ def stats_lines(s: GenerationStats, budget: int | None) -> list[str]:
         f"Disk: {format_size(s.bytes_read)} read in {s.units_read} unit reads, cache hit rate "
         f"{hit}, I/O stall {s.io_stall_s:.3f} s, prefetch depth {s.prefetch_depth}, budget "
         f"{format_size(budget) if budget else 'unlimited'}",
-    ]
+    ] + ([expert_line(s)] if s.expert_hits + s.expert_misses else [])
+
+
+def expert_line(s: GenerationStats) -> str:
+    """Routed experts (the units a router picked): their cache hit rate and bytes read."""
+    tokens = max(1, s.prompt_tokens + s.generation_tokens)
+    return (f"Experts: cache hit rate {100 * s.expert_hit_rate:.1f}% of "
+            f"{s.expert_hits + s.expert_misses} picks, {format_size(s.expert_bytes_read)} read "
+            f"({format_size(s.expert_bytes_read // tokens)} per token, prompt and generated)")
 
 
 def prefill_line(s: GenerationStats) -> str:

@@ -423,6 +423,8 @@ class Batcher:
         s.bytes_read, s.units_read = run.bytes_read, run.units_read
         s.io_stall_s, s.read_s, s.compute_s = run.io_stall_s, run.read_s, run.compute_s
         s.unit_hits, s.unit_misses = run.hits, run.misses
+        s.expert_hits, s.expert_misses = run.late_hits, run.late_misses
+        s.expert_bytes_read = run.late_bytes_read
         s.prefetch_depth = run.prefetch_depth
         s.peak_rss_bytes = peak_rss_bytes()
         return s

@@ -44,6 +44,11 @@ class GenerationStats:
     compute_s: float = 0.0
     unit_hits: int = 0
     unit_misses: int = 0
+    # units that late-bound calls picked at run time (routed experts): cache hits, misses and
+    # bytes read for them (all 0 for a dense model)
+    expert_hits: int = 0
+    expert_misses: int = 0
+    expert_bytes_read: int = 0
     peak_rss_bytes: int = 0
     prefetch_depth: int = 0
     prefill_passes: int = 0  # passes that carried prompt rows of this request
@@ -67,8 +72,13 @@ class GenerationStats:
         total = self.unit_hits + self.unit_misses
         return self.unit_hits / total if total else 0.0
 
+    @property
+    def expert_hit_rate(self) -> float:
+        total = self.expert_hits + self.expert_misses
+        return self.expert_hits / total if total else 0.0
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(prompt_tps=self.prompt_tps, generation_tps=self.generation_tps,
-                 hit_rate=self.hit_rate)
+                 hit_rate=self.hit_rate, expert_hit_rate=self.expert_hit_rate)
         return d

@@ -141,6 +141,8 @@ class Model(llama.Model):
         tiles = [(t, self.pass_context(t))
                  for t in (row_tiles(batch, tile_rows) if tile_rows else [batch])]
         calls = [Call((EMBED,), partial(self._embed_call, batch), "embed")]
+        # what this pass's rows can pick: room the scheduler keeps free for a layer's experts
+        picks = min(self.moe.n_experts, len(batch.ids) * self.moe.top_k)
         for i in range(self.spec.num_hidden_layers):
             key = layer_key(i)
             if not self.moe.sparse[i]:
@@ -151,7 +153,7 @@ class Model(llama.Model):
             calls.append(Call((key,), partial(self._route, i, tiles), key))
             calls.append(Call(partial(self._picked_units, i),
                               partial(self._experts, i, tile_rows or len(batch.ids)),
-                              f"{key}.experts", self.experts_of(i), self.moe.n_experts))
+                              f"{key}.experts", self.experts_of(i), picks))
         return [*calls, Call(self.layout()[-1], partial(self._head_call, batch), "head")]
 
     def _picked_units(self, layer_idx: int, routed: Routed) -> Units:

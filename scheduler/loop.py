@@ -92,6 +92,10 @@ class RunStats:
     resident_reads: int = 0  # reads of units the plan keeps resident (a warm-up pass)
     hits: int = 0
     misses: int = 0
+    # the units of late-bound steps (routed experts): acquisitions and bytes read for them
+    late_hits: int = 0
+    late_misses: int = 0
+    late_bytes_read: int = 0
     scratch_over_bytes: int = 0  # activations that did not fit in the budget beside a step
     wall_s: float = 0.0
     disk_busy_s: float = 0.0  # wall time with at least one read in flight
@@ -104,7 +108,7 @@ class RunStats:
         self.scratch_over_bytes = max(self.scratch_over_bytes, other.scratch_over_bytes)
         for name in ("compute_s", "io_stall_s", "read_s", "prepare_s", "bytes_read",
                      "units_read", "resident_reads", "hits", "misses", "wall_s",
-                     "disk_busy_s"):
+                     "disk_busy_s", "late_hits", "late_misses", "late_bytes_read"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -219,7 +223,12 @@ class LayerScheduler:
                 units = resolve(steps[idx], x)  # late-bound: from the previous output
                 self._schedule(known, late, idx, cyclic, units)
                 t0 = time.perf_counter()
+                before = (stats.hits, stats.misses, stats.bytes_read)
                 weights = {k: await self._acquire(k, rs, units) for k in units}
+                if callable(steps[idx].units):
+                    stats.late_hits += stats.hits - before[0]
+                    stats.late_misses += stats.misses - before[1]
+                    stats.late_bytes_read += stats.bytes_read - before[2]
                 end = self._resident_run_end(steps, known, idx + 1)
                 calls = [(steps[idx], units)] + [(steps[i], known[i]) for i in range(idx + 1, end)]
                 for _, more in calls[1:]:  # hits: pinned now, run in the same call

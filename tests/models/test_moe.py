@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from stream_run.engine import Engine, EngineConfig
+from stream_run.engine import Engine, EngineConfig, GenerationParams
 from stream_run.kernels import available_backends
 from stream_run.loaders import FormatError, MissingTensorError, TensorRef, layer_key
 from stream_run.models import moe, open_model
@@ -99,6 +99,31 @@ def test_stacked_experts_load_as_the_same_expert_units(tmp_path, family):
     assert tokens == hf_greedy(model, PROMPT, N_NEW)
 
 
+def test_tiled_prefill_and_concurrent_requests_give_the_tokens_of_single_runs(tmp_path):
+    """A prompt in row tiles of 5 (every dense call tiled, each expert's rows too) computes
+    the logits of HF's one call; requests decoded together in shared passes (each pass
+    reading the union of their experts) give the tokens each gives alone."""
+    model = write_moe(tmp_path, "qwen2_moe")
+    prompts = [PROMPT, PROMPT[::-1], PROMPT[2:]]
+
+    async def go():
+        engine = await Engine.open(str(tmp_path), EngineConfig(backend="numpy",
+                                                                prefill_chunk=5))
+        try:
+            logits = await engine.logits(PROMPT * 3)
+            params = GenerationParams(max_tokens=12, ignore_eos=True)
+            outs = await asyncio.gather(*(engine.complete(p, params) for p in prompts))
+            return logits, [o.token_ids for o in outs], max(engine.batcher.passes,
+                                                            key=lambda r: r.n_seqs).n_seqs
+        finally:
+            engine.close()
+
+    logits, together, widest = asyncio.run(go())
+    np.testing.assert_allclose(logits, hf_logits(model, PROMPT * 3), rtol=1e-4, atol=1e-4)
+    assert widest >= 2
+    assert together == [hf_greedy(model, p, 12) for p in prompts]
+
+
 def test_each_routed_expert_is_a_unit_of_its_own(tmp_path):
     write_moe(tmp_path, "qwen2_moe")
     units = open_model(str(tmp_path)).index.units
@@ -148,6 +173,38 @@ def test_moe_streams_under_a_budget_with_the_tokens_of_a_resident_run(tmp_path, 
         _, streamed, bytes_read, _ = run_engine(tmp_path, budget=budget)
         assert streamed == resident
         assert bytes_read > model_bytes  # experts and blocks were read again and again
+
+
+def test_stats_count_expert_hits_and_bytes(tmp_path):
+    """Resident, each expert is read once (its first pick) and hit after; under half the
+    model's bytes, experts are read again and their hit rate falls. The CLI prints both."""
+    from stream_run.cli.common import stats_lines
+
+    write_moe(tmp_path, "mixtral")
+    index = open_model(str(tmp_path)).index
+    expert_bytes = {k: u.nbytes for k, u in index.units.items() if ".experts." in k}
+
+    async def go(budget):
+        engine = await Engine.open(str(tmp_path), EngineConfig(backend="numpy",
+                                                                memory_budget_bytes=budget))
+        try:
+            done = await engine.complete(PROMPT, GenerationParams(max_tokens=16,
+                                                                  ignore_eos=True))
+            return done.stats, engine.model_bytes
+        finally:
+            engine.close()
+
+    resident, model_bytes = asyncio.run(go(None))
+    n_layers = COMMON["num_hidden_layers"]
+    # at least top-2 picks per layer in each of the 15 decode passes, beside the prompt pass
+    assert resident.expert_hits + resident.expert_misses >= 15 * 2 * n_layers
+    assert resident.expert_misses <= len(expert_bytes)
+    assert 0 < resident.expert_bytes_read <= sum(expert_bytes.values())
+    assert resident.expert_bytes_read < resident.bytes_read
+    streamed, _ = asyncio.run(go(model_bytes // 2))
+    assert streamed.expert_bytes_read > sum(expert_bytes.values())
+    assert streamed.expert_hit_rate < resident.expert_hit_rate
+    assert any(line.startswith("Experts: cache hit rate") for line in stats_lines(streamed, 1))
 
 
 async def _min_budget(path) -> int:
