@@ -35,7 +35,7 @@ from stream_run.models.base import Batch, Call, LateUnits, Units, attend_rows, r
 EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
 MIXTRAL_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # -> canonical
 _EXPERT = re.compile(r"^(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(w[123]|\w+_proj)\.(\w+)$")
-_STACKED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+STACKED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
 def expert_key(layer_idx: int, expert: int) -> str:
@@ -251,7 +251,7 @@ def hf_units(spec: ModelSpec, key: str, ref: TensorRef) -> list[tuple[str, Tenso
                               "match the checkpoint's experts")
         name = f"{MIXTRAL_NAMES.get(linear, linear)}.{what}"
         return [(expert_key(layer_idx, e), replace(ref, name=name))]
-    if ref.name in _STACKED:
+    if ref.name in STACKED:
         return _split_stacked(spec, key, layer_idx, ref)
     return [(key, ref)]
 

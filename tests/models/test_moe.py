@@ -124,6 +124,34 @@ def test_tiled_prefill_and_concurrent_requests_give_the_tokens_of_single_runs(tm
     assert together == [hf_greedy(model, p, 12) for p in prompts]
 
 
+@pytest.mark.reference
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_moe_converts_to_8_bit_with_one_file_per_expert(tmp_path, family):
+    """stream-convert writes each expert unit to a file of its own (one read per expert);
+    the engine on it equals HF on the weights the packed files dequantize to."""
+    from stream_run.kernels.quant import QuantizedWeight, dequantize
+
+    model = write_moe(tmp_path / "hf", family)
+    state, packed = model_checks.convert_8bit_reference(model, tmp_path / "hf",
+                                                        tmp_path / "q8")
+    assert (tmp_path / "q8" / "model-layers.2.mlp.experts.7.safetensors").exists()
+
+    def weight(stem: str) -> np.ndarray:  # HF's stacked experts: rebuilt from the packed ones
+        return dequantize(QuantizedWeight(packed[f"{stem}.weight"], packed[f"{stem}.scales"],
+                                          packed[f"{stem}.biases"], 8, 32))
+
+    for name in [n for n in state if n.endswith(moe.STACKED)]:
+        parts = ["down_proj"] if name.endswith("down_proj") else ["gate_proj", "up_proj"]
+        stem = name.rsplit(".", 1)[0]
+        state[name] = torch.from_numpy(np.stack([
+            np.concatenate([weight(f"{stem}.{e}.{p}") for p in parts])
+            for e in range(N_EXPERTS)]))
+    model.load_state_dict(state)
+    logits, tokens, _, _ = run_engine(tmp_path / "q8")
+    np.testing.assert_allclose(logits, hf_logits(model, PROMPT * 3), rtol=1e-4, atol=1e-4)
+    assert tokens == hf_greedy(model, PROMPT, N_NEW)
+
+
 def test_each_routed_expert_is_a_unit_of_its_own(tmp_path):
     write_moe(tmp_path, "qwen2_moe")
     units = open_model(str(tmp_path)).index.units
