@@ -62,10 +62,15 @@ class PassShape:
     def whole_bytes(self) -> int:
         """The budget that keeps everything resident: all units, plus the raw bytes the last
         load holds while it prepares (its compute form lands beside the others), plus late
-        picks."""
+        picks; late-bound candidates no step names (routed experts) count too, so they can
+        stay once read."""
         order = self.order
+        known = set(order)
+        only_late = {k for u in self.steps if not isinstance(u, tuple)
+                     for k in u.candidates if k not in known}
         transient = max((self.load_size(k) - self.size(k) for k in order), default=0)
-        return sum(self.size(k) for k in order) + transient + self.late_bytes
+        return (sum(self.size(k) for k in order) + sum(self.size(k) for k in only_late)
+                + transient + self.late_bytes)
 
     def fits_whole(self, budget: int) -> bool:
         """Everything can stay resident within budget (whole_bytes)."""

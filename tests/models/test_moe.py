@@ -235,6 +235,24 @@ def test_stats_count_expert_hits_and_bytes(tmp_path):
     assert any(line.startswith("Experts: cache hit rate") for line in stats_lines(streamed, 1))
 
 
+def test_the_whole_model_budget_keeps_every_expert_once_read(tmp_path):
+    """The budget the engine names for keeping everything resident counts every expert (an
+    auto budget is capped by it): at it, no unit is read twice."""
+    write_moe(tmp_path, "qwen3_moe")
+
+    async def whole() -> tuple[int, int]:
+        engine = await Engine.open(str(tmp_path), EngineConfig(backend="numpy"))
+        try:
+            return engine.runner.whole_model_bytes, engine.model_bytes
+        finally:
+            engine.close()
+
+    whole_bytes, model_bytes = asyncio.run(whole())
+    assert whole_bytes >= model_bytes
+    _, _, bytes_read, _ = run_engine(tmp_path, budget=whole_bytes)
+    assert bytes_read <= open_model(str(tmp_path)).index.nbytes
+
+
 async def _min_budget(path) -> int:
     engine = await Engine.open(str(path), EngineConfig(backend="numpy"))
     try:
