@@ -240,7 +240,14 @@ def hf_units(spec: ModelSpec, key: str, ref: TensorRef) -> list[tuple[str, Tenso
     if ref.name == "block_sparse_moe.gate.weight":
         return [(key, replace(ref, name="mlp.gate.weight"))]
     m = _EXPERT.match(ref.name)
+    if not m and ref.name not in STACKED:
+        return [(key, ref)]
     layer_idx = int(key.split(".")[1]) if key.startswith("layers.") else -1
+    sparse = moe_args(spec.model_type, spec.config).sparse
+    if 0 <= layer_idx < len(sparse) and not sparse[layer_idx]:
+        raise FormatError(f"tensor 'model.{key}.{ref.name}' is a routed expert's, but the "
+                          f"config makes layer {layer_idx} dense (mlp_only_layers, "
+                          "decoder_sparse_step); hint: the config must match the checkpoint")
     if m:
         e, linear, what = int(m.group(1)), m.group(2), m.group(3)
         n = moe_args(spec.model_type, spec.config).n_experts
@@ -251,9 +258,7 @@ def hf_units(spec: ModelSpec, key: str, ref: TensorRef) -> list[tuple[str, Tenso
                               "match the checkpoint's experts")
         name = f"{MIXTRAL_NAMES.get(linear, linear)}.{what}"
         return [(expert_key(layer_idx, e), replace(ref, name=name))]
-    if ref.name in STACKED:
-        return _split_stacked(spec, key, layer_idx, ref)
-    return [(key, ref)]
+    return _split_stacked(spec, key, layer_idx, ref)
 
 
 def _split_stacked(spec: ModelSpec, key: str, layer_idx: int, ref: TensorRef

@@ -84,6 +84,14 @@ def test_moe_matches_transformers(tmp_path, family, backend):
 
 
 @pytest.mark.reference
+def test_mixtral_sliding_window_matches_transformers(tmp_path):
+    model = write_moe(tmp_path, "mixtral", sliding_window=6)
+    logits, tokens, _, _ = run_engine(tmp_path)
+    np.testing.assert_allclose(logits, hf_logits(model, PROMPT * 3), rtol=1e-4, atol=1e-4)
+    assert tokens == hf_greedy(model, PROMPT, N_NEW)
+
+
+@pytest.mark.reference
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral"])
 def test_stacked_experts_load_as_the_same_expert_units(tmp_path, family):
     model = write_moe(tmp_path / "stacked", family, stacked=True)
@@ -316,6 +324,9 @@ BAD_INPUT = {
     "router_of_the_wrong_shape": (
         lambda p: _edit(p, lambda w: w.update({ROUTER_1: w[ROUTER_1][:-1]})),
         FormatError, ["'mlp.gate.weight'", "'layers.1'", "[7, 64]", "[8, 64]"]),
+    "experts_in_a_layer_the_config_makes_dense": (
+        lambda p: _config(p, mlp_only_layers=[1]),
+        FormatError, ["'model.layers.1.mlp.experts.0.", "layer 1 dense", "mlp_only_layers"]),
     "top_k_above_the_expert_count": (lambda p: _config(p, num_experts_per_tok=N_EXPERTS + 1),
                                      FormatError, ["'num_experts_per_tok'"]),
 }
