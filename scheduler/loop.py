@@ -212,7 +212,8 @@ class LayerScheduler:
         carry: set[str] = set()  # loads for the next pass, left in flight on success
         loop = asyncio.get_running_loop()
         scratch = self._reserve_scratch(steps, scratch_bytes)
-        stats.scratch_over_bytes = scratch_bytes - scratch
+        if self.cache.compute.budget_bytes is not None:  # no budget: nothing to exceed
+            stats.scratch_over_bytes = scratch_bytes - scratch
         try:
             idx = 0
             # each step's units known before the pass (none for a late-bound one), and the

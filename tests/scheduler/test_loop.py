@@ -478,3 +478,13 @@ async def test_a_pass_reserves_its_activations_in_the_budget():
     assert stats.scratch_over_bytes == 10_000 - 500
     assert cache.compute.reserved_bytes == 0
     sched.close()
+
+
+@pytest.mark.asyncio
+async def test_without_a_budget_activations_are_never_over_it():
+    """No budget: nothing is reserved and nothing is over (stream-run warned 'more than the
+    memory budget leaves' on every 7B-wide prompt of an unlimited run)."""
+    sched, cache, _ = make(budget=None, depth=2, adaptive=False)
+    _, stats = await sched.run(make_steps(KEYS), scratch_bytes=10_000)
+    assert stats.scratch_over_bytes == 0 and cache.compute.reserved_bytes == 0
+    sched.close()
