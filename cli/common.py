@@ -72,6 +72,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fixed-prefetch", action="store_true",
                    help="keep --prefetch-depth fixed instead of adapting it")
     p.add_argument("--read-mode", choices=("pread", "mmap"), default="pread")
+    p.add_argument("--read-parts", type=int, default=4,
+                   help="pread mode: read a unit's large spans as up to this many 16 MiB parts "
+                   "at once (default 4; 1: one read after another)")
     p.add_argument("--prefill-memory", default=None,
                    help="memory a prompt's activations may take, e.g. 256MB (taken from the "
                    "memory budget while the prompt runs): a prompt goes through each unit "
@@ -111,6 +114,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         raise UsageError(f"--prefetch-depth: {exc}") from None
     if args.direct_io and args.read_mode != "pread":
         raise UsageError("--direct-io needs --read-mode pread")
+    if args.read_parts < 1:
+        raise UsageError(f"--read-parts must be >= 1, got {args.read_parts}")
     if args.threads is not None and not 1 <= args.threads <= usable_cpus():
         raise UsageError(f"--threads must be between 1 and {usable_cpus()} (the CPUs this "
                          f"process may use), got {args.threads}")
@@ -119,7 +124,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         host_budget_bytes=host_budget, scheduler=sched, threads=args.threads,
                         prefill_chunk=args.prefill_chunk, prefill_memory_bytes=prefill_memory,
                         loader=LoaderConfig(read_mode=args.read_mode, direct_io=args.direct_io,
-                                            verify=args.verify))
+                                            verify=args.verify, read_parts=args.read_parts))
 
 
 def _size_flag(flag: str, text: str) -> int:

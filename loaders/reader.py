@@ -8,6 +8,7 @@ import mmap
 import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,10 @@ log = logging.getLogger(__name__)
 
 READ_MODES = ("pread", "mmap")
 _CHUNK_BYTES = 64 * 1024 * 1024  # one pread at most; keeps each syscall interruptible
+# A span of at least 2 parts is read as parts of this size in parallel (LoaderConfig.read_parts
+# at once): one pread at a time left the disk at about half its rate while compute shared the
+# CPU (a 7B Q4_K_M streamed at 2 GB: 0.61 -> 0.78-1.09 tok/s with 16 MiB parts, same bytes).
+_PART_BYTES = 16 * 1024 * 1024  # a multiple of O_DIRECT's 4 KiB alignment
 _HAS_PREADV = hasattr(os, "preadv")
 
 # A test hook called before every read: (path, offset, nbytes). It may raise OSError.
@@ -34,17 +39,21 @@ class LoaderConfig:
     cache); direct_io: pread with O_DIRECT, bypassing the page cache (honest cold reads, no
     second copy of the weights in RAM), falling back to buffered reads where refused;
     verify: hash each unit's file before its first read and compare it with the packed
-    model's manifest.json (stream-convert output only)."""
+    model's manifest.json (stream-convert output only); read_parts: pread mode reads a large
+    span as up to this many 16 MiB parts at once (1: one pread after another)."""
 
     read_mode: str = "pread"
     direct_io: bool = False
     verify: bool = False
+    read_parts: int = 4
 
     def __post_init__(self) -> None:
         if self.read_mode not in READ_MODES:
             raise ValueError(f"read_mode must be one of {READ_MODES}, got {self.read_mode!r}")
         if self.direct_io and self.read_mode != "pread":
             raise ValueError("direct_io needs read_mode 'pread'")
+        if self.read_parts < 1:
+            raise ValueError(f"read_parts must be >= 1, got {self.read_parts}")
 
 
 @dataclass
@@ -84,6 +93,7 @@ class UnitReader:
         self._warned_replaced: set[str] = set()
         self._need = _bytes_needed(index)  # per file: the end of its last tensor
         self._lock = threading.Lock()
+        self._parts: ThreadPoolExecutor | None = None  # made at the first span worth splitting
         self.direct = self.config.direct_io and hasattr(os, "O_DIRECT")
         if self.config.direct_io and not self.direct:
             log.warning("O_DIRECT is not available on this platform; using buffered reads")
@@ -297,12 +307,37 @@ class UnitReader:
         fd = self._fd(path, key)
         self._check_file(path, fd, key)
         view = memoryview(dest)
-        done = 0
         try:
             if self.fault_hook is not None:
                 self.fault_hook(path, offset, need)
-            while done < need:
-                chunk = view[done:done + _CHUNK_BYTES]
+        except ReadError:
+            raise
+        except OSError as exc:
+            raise self._read_error(path, key, offset, exc) from None
+        # dest may run past need to O_DIRECT's alignment: reads fill it to its end
+        parts = min(self.config.read_parts, need // _PART_BYTES)
+        if parts < 2:
+            self._pread_part(fd, path, key, view, offset, 0, len(view), need)
+            return
+        pool = self._part_pool()
+        futures = [pool.submit(self._pread_part, fd, path, key, view, offset, lo,
+                               min(len(view), lo + _PART_BYTES), need)
+                   for lo in range(_PART_BYTES, need, _PART_BYTES)]
+        try:
+            self._pread_part(fd, path, key, view, offset, 0, _PART_BYTES, need)
+        finally:  # wait for every part before dest is used or reused, even on an error
+            errors = [e for e in (f.exception() for f in futures) if e is not None]
+        if errors:
+            raise errors[0]
+
+    def _pread_part(self, fd: int, path: str, key: str, view: memoryview, offset: int,
+                    lo: int, hi: int, need: int) -> None:
+        """Fill view[lo:hi] from the file at offset + lo, short reads continued, until the
+        span's first need bytes are in (the file may end within hi's alignment slack)."""
+        done = lo
+        try:
+            while done < min(hi, need):
+                chunk = view[done:min(hi, done + _CHUNK_BYTES)]
                 if _HAS_PREADV:
                     n = os.preadv(fd, [chunk], offset + done)
                 else:  # pragma: no cover - platforms without preadv
@@ -318,12 +353,20 @@ class UnitReader:
         except ReadError:
             raise
         except OSError as exc:
-            if self.direct and exc.errno == errno.EINVAL:
-                raise _DirectRefused from None
-            raise ReadError(
-                f"{path}: read of unit {key!r} failed at byte {offset + done}: "
-                f"{exc.strerror or exc}"
-            ) from None
+            raise self._read_error(path, key, offset + done, exc) from None
+
+    def _read_error(self, path: str, key: str, at: int, exc: OSError) -> Exception:
+        if self.direct and exc.errno == errno.EINVAL:
+            return _DirectRefused()
+        return ReadError(f"{path}: read of unit {key!r} failed at byte {at}: "
+                         f"{exc.strerror or exc}")
+
+    def _part_pool(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._parts is None:
+                self._parts = ThreadPoolExecutor(self.config.read_parts - 1,
+                                                 thread_name_prefix="stream-read-part")
+            return self._parts
 
     def close(self) -> None:
         with self._lock:
@@ -331,6 +374,9 @@ class UnitReader:
                 sigbus.unregister(fd)
                 os.close(fd)
             self._fds.clear()
+            pool, self._parts = self._parts, None
+        if pool is not None:
+            pool.shutdown(wait=True)
         self.buffers.trim()
 
 

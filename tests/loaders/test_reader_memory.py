@@ -68,8 +68,10 @@ def test_gguf_q_k_rows_are_unpermuted_inside_the_read_buffer(tmp_path):
     write_gguf(path)
     index, _ = gguf_file.open_gguf(str(path), REGISTRY)
     unit = index.units[layer_key(0)]
-    raw = UnitReader(index).read(layer_key(0))
-    mapped = UnitReader(index, LoaderConfig("mmap")).read(layer_key(0))
+    readers = [UnitReader(index), UnitReader(index, LoaderConfig("mmap"))]
+    raw, mapped = (r.read(layer_key(0)) for r in readers)
+    for r in readers:  # an open mmap reader keeps the process-wide SIGBUS guard installed
+        r.close()
     for name, heads in (("self_attn.q_proj.weight", N_HEAD), ("self_attn.k_proj.weight", N_KV)):
         ref = unit.tensors[name]
         assert ref.unpermute_heads == heads
