@@ -245,7 +245,13 @@ class PassRunner:
         """One streamed pass; returns the logits (N or T, V) and the run's stats.
 
         more: another pass follows (decoding), so reads for its first units may start now.
+
+        Raises:
+            ReadError: in mmap mode, a model file shrank or grew since it was opened (checked
+                before the pass touches mapped pages of resident units: a bus error else).
         """
+        if self.units.reader.config.read_mode == "mmap":
+            self.units.reader.check_files()
         logits, stats = await self.scheduler.run(self.steps(batch), cyclic=more,
                                                  scratch_bytes=self.scratch_bytes(batch))
         if stats.scratch_over_bytes and not self._warned_scratch:
