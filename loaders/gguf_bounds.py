@@ -87,6 +87,7 @@ def check_bounds(path: str) -> None:
         n_kv, offset = walk.count(offset, 8 + 4 + 1, "the metadata key count")
         if n_tensors * MIN_TENSOR_INFO_BYTES > size - offset:
             raise walk.fail(f"the tensor count {n_tensors}", 8)
+        alignment = 32  # GGUF's default
         for _ in range(n_kv):
             start = offset
             offset = walk.string(offset, "a metadata key")
@@ -94,6 +95,50 @@ def check_bounds(path: str) -> None:
             if offset + 4 > size:
                 raise walk.fail(f"the type of {key}", offset)
             kind = walk.u32.unpack_from(data, offset)[0]
+            if key == "general.alignment" and kind == 4 and offset + 8 <= size:
+                alignment = walk.u32.unpack_from(data, offset + 4)[0] or 32
             offset = walk.value(kind, offset + 4, key)
+        _check_tensor_data(walk, n_tensors, offset, alignment)
     finally:
         data.close()
+
+
+def _check_tensor_data(walk: _Walk, n_tensors: int, offset: int, alignment: int) -> None:
+    """Each tensor's data must lie inside the file: a file cut short is named as truncated at
+    the first tensor it cuts (gguf-py failed to reshape a short memory map, and the message
+    was numpy's). Tensor infos and types gguf-py cannot read are left to it."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    infos = []
+    for _ in range(n_tensors):
+        start = offset
+        offset = walk.string(offset, "a tensor name")
+        name = bytes(walk.data[start + 8:offset]).decode(errors="replace")
+        if offset + 4 > walk.size:
+            raise walk.fail(f"the dimensions of tensor {name!r}", offset)
+        n_dims = walk.u32.unpack_from(walk.data, offset)[0]
+        if n_dims > 8 or offset + 4 + 8 * n_dims + 12 > walk.size:
+            return  # gguf-py names a bad dimension count
+        dims = [walk.u64.unpack_from(walk.data, offset + 4 + 8 * i)[0] for i in range(n_dims)]
+        offset += 4 + 8 * n_dims
+        kind = walk.u32.unpack_from(walk.data, offset)[0]
+        start = walk.u64.unpack_from(walk.data, offset + 4)[0]
+        offset += 12
+        infos.append((name, dims, kind, start))
+    data_start = -(-offset // alignment) * alignment
+    for name, dims, kind, start in infos:
+        try:
+            qtype = GGMLQuantizationType(kind)
+            block, type_bytes = GGML_QUANT_SIZES[qtype]
+        except (ValueError, KeyError):
+            return  # gguf-py refuses the type; the loader names it
+        n = 1
+        for d in dims:
+            n *= d
+        end = data_start + start + n // block * type_bytes
+        if end > walk.size:
+            shape = " x ".join(str(d) for d in reversed(dims))
+            raise FormatError(
+                f"{walk.path}: the file is truncated: tensor {name!r} ({qtype.name}, {shape}) "
+                f"takes bytes {data_start + start} to {end}, the file has {walk.size}; hint: "
+                "re-download it (compare its size with the source's)")
