@@ -27,23 +27,20 @@ import time
 
 import numpy as np
 
-from stream_run.bench.llamacpp_stream import make_cgroup, remove_cgroup
+from stream_run.bench.disk import drop_page_cache
+from stream_run.bench.llamacpp_stream import (
+    _peak_rss,
+    _read_bytes,
+    _read_int,
+    make_cgroup,
+    remove_cgroup,
+)
 
 MODES = ("layer-major", "chunked")
 LLAMA_VARIANTS = {"no-repack": True, "default": False}
 
 
 # --- children: one JSON line on stdout ----------------------------------------------------------
-
-def _read_bytes() -> int:
-    with open("/proc/self/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes:"))
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
 
 def _join(cgroup: str | None) -> None:
     if cgroup:  # first, so that everything the child maps is charged to the limit
@@ -138,20 +135,10 @@ def child_main(args: argparse.Namespace) -> int:
 
 # --- the parent -----------------------------------------------------------------------------
 
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3")
-        return True
-    except OSError:
-        return False
-
-
 def run_child(model: str, mode: str, tokens: int, args: argparse.Namespace) -> dict:
     cgroup = make_cgroup(args.limit_bytes) if args.limit_bytes else None
     try:
-        dropped = drop_caches()
+        dropped = drop_page_cache()
         argv = [sys.executable, "-m", "stream_run.bench.prefill", model, "--child", mode,
                 "--tokens", str(tokens), "--threads", str(args.threads),
                 "--chunk", str(args.chunk), "--cgroup", cgroup or ""]
@@ -179,14 +166,6 @@ def run_child(model: str, mode: str, tokens: int, args: argparse.Namespace) -> d
     finally:
         if cgroup:
             remove_cgroup(cgroup)
-
-
-def _read_int(path: str) -> int | None:
-    try:
-        with open(path) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
 
 
 def _fmt(value: float | None, scale: float = 1.0) -> str:
@@ -254,7 +233,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main_from_args(args: argparse.Namespace) -> int:
     from stream_run.engine.config import parse_size
 
-    args.limit_bytes = parse_size(args.limit) if args.limit else None
+    try:
+        args.limit_bytes = parse_size(args.limit) if args.limit else None
+    except ValueError as exc:
+        print(f"stream-bench prefill: error: --limit: {exc}", file=sys.stderr)
+        return 2
     if args.limit_bytes and args.memory_budget is None:
         args.memory_budget = "auto"
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -272,8 +255,10 @@ def main_from_args(args: argparse.Namespace) -> int:
             return 2
     try:
         prompts = [int(t) for t in args.prompts.split(",")]
+        if min(prompts) <= 0:
+            raise ValueError
     except ValueError:
-        print(f"stream-bench prefill: error: --prompts: not a list of integers: "
+        print(f"stream-bench prefill: error: --prompts: not a list of positive integers: "
               f"{args.prompts!r}", file=sys.stderr)
         return 2
     rows = []
