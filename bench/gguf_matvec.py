@@ -28,27 +28,14 @@ import time
 
 import numba
 import numpy as np
-from numba import njit, prange
 
+from stream_run.bench.env import _parallel_sum  # the RAM bound's read pass
 from stream_run.kernels.gguf_blocks import FAST_KERNELS, matvec
 from stream_run.kernels.quant import GGUF_BLOCK_TYPES, BlockWeight
 
 SHAPES = "4096x4096,4096x11008,11008x4096,576x1536,1536x576"
 HALF_FIELDS = {"Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
                "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,)}
-
-
-@njit(parallel=True, cache=True)
-def _sum_words(words, n_chunks):
-    """Sum (mod 2**64) of words, n_chunks parallel tasks: every byte read once."""
-    per = words.shape[0] // n_chunks
-    sums = np.zeros(n_chunks, dtype=np.uint64)
-    for c in prange(n_chunks):
-        acc = np.uint64(0)
-        for i in range(per):
-            acc += words[c * per + i]
-        sums[c] = acc
-    return sums.sum()
 
 
 def weights(qtype: str, n_in: int, n_out: int, footprint: int,
@@ -92,12 +79,12 @@ def row(label: str, ws: list[BlockWeight], xs: dict[int, np.ndarray], generic: b
     both see the same load from whatever else runs on the machine."""
     pass_s(ws[:2], xs, generic)  # compile or load, first touch
     pass_s(ws, xs, generic)
-    _sum_words(words, 256)
+    _parallel_sum(words, 256)
     times, bounds = [], []
     for _ in range(repetitions):
         times.append(pass_s(ws, xs, generic))
         t0 = time.perf_counter()
-        _sum_words(words, 256)
+        _parallel_sum(words, 256)
         bounds.append(words.nbytes / (time.perf_counter() - t0) / 1e9)
     rates = [sum(w.nbytes for w in ws) / t / 1e9 for t in times]
     med, bound = statistics.median(rates), statistics.median(bounds)
