@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 
 from stream_run.cache import BudgetError, CacheConfig
+from stream_run.kernels.kv_cache import KV_BITS
 from stream_run.loaders import LoaderConfig
 from stream_run.scheduler import SchedulerConfig
 
@@ -83,6 +84,8 @@ class EngineConfig:
     # a prompt runs through each unit in as few passes as fit in it. None: what the budget
     # leaves beside the largest step (no budget: a quarter of the memory available)
     prefill_memory_bytes: int | None = None
+    # KV cache storage: None float32; 8 or 4: group-wise quantized full layers (kv_quant.py)
+    kv_bits: int | None = None
     max_batch: int = 16  # requests decoded together; more wait for a slot
     max_queue: int | None = None  # requests waiting for a slot; None = unbounded
     threads: int | None = None  # CPU threads for numba kernels and BLAS; None = physical cores
@@ -107,6 +110,9 @@ class EngineConfig:
             raise ValueError(f"prefill_chunk must be > 0, got {self.prefill_chunk}")
         if self.prefill_memory_bytes is not None and self.prefill_memory_bytes <= 0:
             raise ValueError(f"prefill_memory_bytes must be > 0, got {self.prefill_memory_bytes}")
+        if self.kv_bits is not None and self.kv_bits not in KV_BITS:
+            raise ValueError(f"kv_bits must be one of {', '.join(map(str, KV_BITS))} or None, "
+                             f"got {self.kv_bits}")
         if self.max_batch <= 0:
             raise ValueError(f"max_batch must be > 0, got {self.max_batch}")
         if self.threads is not None and not 1 <= self.threads <= usable_cpus():

@@ -54,7 +54,7 @@ class Engine:
         self.scheduler = LayerScheduler(self.cache, self.units, config.scheduler, init,
                                         self.backend.start)
         self.runner = PassRunner(self.model, self.scheduler, self.units, config.prefill_chunk,
-                                 config.prefill_memory_bytes)
+                                 config.prefill_memory_bytes, config.kv_bits)
         self._lock = asyncio.Lock()  # one pass at a time: the batcher, logits()
         self.batcher = Batcher(self.runner, self._lock, self.tokenizer, config.max_batch,
                                config.max_queue, config.prefill_chunk)

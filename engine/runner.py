@@ -25,7 +25,7 @@ from stream_run.engine.config import (
 )
 from stream_run.engine.stats import rss_bytes
 from stream_run.kernels.backend import Backend, KVCache
-from stream_run.kernels.kv_cache import ATTN_SCORE_BYTES
+from stream_run.kernels.kv_cache import ATTN_SCORE_BYTES, group_size, position_bytes
 from stream_run.kernels.numpy_backend import DEQUANT_BLOCK_ELEMENTS
 from stream_run.kernels.sizes import held_nbytes, transient_nbytes, unit_nbytes
 from stream_run.loaders import FormatError, HostTensor, LayerIndex, UnitReader
@@ -56,15 +56,23 @@ class PassRunner:
 
     def __init__(self, model: DecoderModel, scheduler: LayerScheduler,
                  units: BackendUnitLoader, tile_rows: int = PREFILL_ROWS,
-                 prefill_memory_bytes: int | None = None) -> None:
+                 prefill_memory_bytes: int | None = None, kv_bits: int | None = None) -> None:
         """tile_rows: rows per tile of a block's computation (EngineConfig.prefill_chunk).
         prefill_memory_bytes: what a pass's activations may take (see prefill_memory_bytes);
-        None: derived from the budget."""
+        None: derived from the budget. kv_bits: the KV caches' storage (EngineConfig.kv_bits).
+
+        Raises:
+            ValueError: kv_bits with a head_dim it cannot group (not a multiple of 32).
+        """
+        if kv_bits is not None:
+            assert model.spec.head_dim is not None
+            group_size(model.spec.head_dim, kv_bits)
         self.model = model
         self.scheduler = scheduler
         self.units = units
         self.tile_rows = tile_rows
         self._prefill_memory = prefill_memory_bytes
+        self.kv_bits = kv_bits
         self._headroom_prefill: int | None = None
         self.budget_choice: BudgetChoice | None = None  # what an auto budget picked
         self._warned_scratch = False
@@ -105,7 +113,8 @@ class PassRunner:
     async def make_kv_cache(self, max_len: int) -> KVCache:
         """A KV cache for one sequence of up to max_len tokens (made on the compute thread:
         MLX arrays belong to the thread that made them)."""
-        return await self.scheduler.run_on_compute(self.model.make_kv_cache, max_len)
+        return await self.scheduler.run_on_compute(self.model.make_kv_cache, max_len,
+                                                   self.kv_bits)
 
     async def idle(self) -> None:
         """No pass follows for now: cancel reads carried over for one, and free idle read
@@ -229,12 +238,15 @@ class PassRunner:
         return lo if spans else max(lo, min(want, self.tile_rows))
 
     def kv_bytes(self, n_tokens: int) -> int:
-        """Bytes of one sequence's KV cache for n_tokens positions (float32 keys and values;
-        a sliding-window layer holds its window at most)."""
+        """Bytes of one sequence's KV cache for n_tokens positions (float32 keys and values,
+        or kv_bits codes with their scales in full layers; a sliding-window layer holds its
+        window at most, in float32)."""
         spec = self.model.spec
         assert spec.head_dim is not None and spec.num_key_value_heads is not None
-        per_position = 2 * spec.num_key_value_heads * spec.head_dim * 4
-        return sum(per_position * min(n_tokens, w or n_tokens)
+        f32 = 2 * spec.num_key_value_heads * spec.head_dim * 4
+        full = f32 if self.kv_bits is None else \
+            2 * spec.num_key_value_heads * position_bytes(spec.head_dim, self.kv_bits)
+        return sum(full * n_tokens if w is None else f32 * min(n_tokens, w)
                    for w in self.model.layer_windows())
 
     @property

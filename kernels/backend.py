@@ -150,10 +150,11 @@ class Backend(Protocol):
 
     def make_kv_cache(
         self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
-        windows: Sequence[int | None] | None = None,
+        windows: Sequence[int | None] | None = None, kv_bits: int | None = None,
     ) -> KVCache:
         """A sequence's cache; windows[i]: None for a full layer, else layer i's sliding window
         (a window >= max_len makes a full layer: it never excludes a key there). None: all full.
+        kv_bits (8 or 4): full layers store keys and values group-wise quantized (kv_quant).
         """
         ...
 

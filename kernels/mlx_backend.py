@@ -26,6 +26,8 @@ from stream_run.kernels.formats import prepare_unit
 from stream_run.kernels.kv_cache import (
     LayeredKVCache,
     Ring,
+    check_bits,
+    group_size,
     layer_windows,
     query_blocks,
     window_mask,
@@ -125,20 +127,84 @@ class MLXSlidingKV:
         self.ring.first_needed(offset)
 
 
+class MLXQuantizedKV:
+    """One full layer of a quantized cache (--kv-bits; kv_quant says what is stored): mx.quantize
+    of float16 keys and values (uint32-packed codes, float16 scales and biases, group along
+    head_dim), written by slice assignment. A pass widens positions [0, end) with mx.dequantize
+    and attends as MLXFullKV does."""
+
+    window = None
+
+    def __init__(self, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
+                 bits: int) -> None:
+        self.bits = check_bits(bits)
+        self.group = group_size(head_dim, bits)
+        lead = (batch, n_kv_heads, max_len)
+        self.k = (mx.zeros((*lead, head_dim * bits // 32), dtype=mx.uint32),
+                  mx.zeros((*lead, head_dim // self.group), dtype=mx.float16),
+                  mx.zeros((*lead, head_dim // self.group), dtype=mx.float16))
+        self.v = tuple(mx.zeros_like(a) for a in self.k)
+
+    @property
+    def arrays(self) -> list[mx.array]:
+        return [*self.k, *self.v]
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.arrays))
+
+    def _store(self, buf: tuple[mx.array, ...], b: int | slice, lo: int, x: mx.array) -> None:
+        parts = mx.quantize(x.astype(mx.float16), group_size=self.group, bits=self.bits)
+        for dst, src in zip(buf, parts, strict=True):
+            dst[b, :, lo:lo + x.shape[-2], :] = src
+
+    def _widen(self, buf: tuple[mx.array, ...], b: int | slice, end: int) -> mx.array:
+        codes, scales, biases = (a[b, :, :end, :] for a in buf)
+        return mx.dequantize(codes, scales, biases, group_size=self.group,
+                             bits=self.bits).astype(mx.float32)
+
+    def update(self, offset: int, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        end = offset + k.shape[2]
+        self._store(self.k, slice(None), offset, k)
+        self._store(self.v, slice(None), offset, v)
+        return self._widen(self.k, slice(None), end), self._widen(self.v, slice(None), end)
+
+    def attend(self, offset: int, q: mx.array, k: mx.array, v: mx.array,
+               scale: float) -> mx.array:
+        L, H, D = q.shape
+        end = offset + L
+        self._store(self.k, slice(0, 1), offset, k.transpose(1, 0, 2)[None])
+        self._store(self.v, slice(0, 1), offset, v.transpose(1, 0, 2)[None])
+        o = mx.fast.scaled_dot_product_attention(
+            q.transpose(1, 0, 2)[None], self._widen(self.k, slice(0, 1), end),
+            self._widen(self.v, slice(0, 1), end), scale=scale,
+            mask="causal" if L > 1 else None)
+        return o[0].transpose(1, 0, 2).reshape(L, H * D)
+
+    def check_rollback(self, offset: int) -> None:
+        return None
+
+
 class MLXKVCache(LayeredKVCache):
     """A sequence's KV cache on MLX: per layer an MLXFullKV, or an MLXSlidingKV where windows
     gives a window (kv_cache.layer_windows). One array pair per layer, so an update copies at
     most one layer when MLX cannot update in place."""
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
-                 windows: Sequence[int | None] | None = None) -> None:
-        layers: list[MLXFullKV | MLXSlidingKV] = [
-            MLXFullKV(batch, n_kv_heads, head_dim, max_len) if w is None
-            else MLXSlidingKV(batch, n_kv_heads, head_dim, w)
+                 windows: Sequence[int | None] | None = None, kv_bits: int | None = None
+                 ) -> None:
+        def full() -> MLXFullKV | MLXQuantizedKV:
+            if kv_bits is None:
+                return MLXFullKV(batch, n_kv_heads, head_dim, max_len)
+            return MLXQuantizedKV(batch, n_kv_heads, head_dim, max_len, kv_bits)
+
+        layers: list[MLXFullKV | MLXSlidingKV | MLXQuantizedKV] = [
+            full() if w is None else MLXSlidingKV(batch, n_kv_heads, head_dim, w)
             for w in layer_windows(n_layers, max_len, windows)]
         # Evaluate now: MLX 0.32 binds lazy arrays to the creating thread's stream, and the
         # cache is made on the engine thread but written on the compute thread.
-        mx.eval([a for layer in layers for a in (layer.k, layer.v)])
+        mx.eval([a for layer in layers for a in (
+            layer.arrays if isinstance(layer, MLXQuantizedKV) else (layer.k, layer.v))])
         super().__init__(layers, max_len)
 
 
@@ -328,9 +394,9 @@ class MLXBackend:
 
     def make_kv_cache(
         self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
-        windows: Sequence[int | None] | None = None,
+        windows: Sequence[int | None] | None = None, kv_bits: int | None = None,
     ) -> MLXKVCache:
-        return MLXKVCache(n_layers, batch, n_kv_heads, head_dim, max_len, windows)
+        return MLXKVCache(n_layers, batch, n_kv_heads, head_dim, max_len, windows, kv_bits)
 
     def synchronize(self, x: Any) -> None:
         mx.eval(x)

@@ -20,6 +20,7 @@ from stream_run.kernels.kv_cache import (
     query_blocks,
     window_mask,
 )
+from stream_run.kernels.kv_quant import NumpyQuantizedKV
 from stream_run.kernels.numba_kernels import (
     HALF_SCALES,
     dequantize_rows,
@@ -176,14 +177,19 @@ class NumpySlidingKV:
 
 
 class NumpyKVCache(LayeredKVCache):
-    """A sequence's KV cache on numpy: per layer a NumpyFullKV, or a NumpySlidingKV where
-    windows gives a window (kv_cache.layer_windows)."""
+    """A sequence's KV cache on numpy: per layer a NumpyFullKV (a NumpyQuantizedKV with
+    kv_bits), or a NumpySlidingKV where windows gives a window (kv_cache.layer_windows)."""
 
     def __init__(self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
-                 windows: Sequence[int | None] | None = None) -> None:
+                 windows: Sequence[int | None] | None = None, kv_bits: int | None = None
+                 ) -> None:
+        def full() -> NumpyFullKV | NumpyQuantizedKV:
+            if kv_bits is None:
+                return NumpyFullKV(batch, n_kv_heads, head_dim, max_len)
+            return NumpyQuantizedKV(batch, n_kv_heads, head_dim, max_len, kv_bits)
+
         super().__init__([
-            NumpyFullKV(batch, n_kv_heads, head_dim, max_len) if w is None
-            else NumpySlidingKV(batch, n_kv_heads, head_dim, w)
+            full() if w is None else NumpySlidingKV(batch, n_kv_heads, head_dim, w)
             for w in layer_windows(n_layers, max_len, windows)], max_len)
 
 
@@ -335,8 +341,10 @@ class NumpyBackend:
         layer = kv.layers[layer_idx]
         slot = offset = kv.offset
         kv._check_room(x.shape[0])
-        if layer.window is not None:
-            if x.shape[0] > 1:  # writing row r into the ring would drop keys rows < r need
+        if isinstance(layer, NumpyQuantizedKV) or layer.window is not None:
+            # a quantized layer attends from its codes (kv_quant); a sliding one writing row
+            # r into the ring would drop keys rows < r need
+            if isinstance(layer, NumpyQuantizedKV) or x.shape[0] > 1:
                 q, k, v = self.block_attention_input(x, norm, eps, qkv, qkv_bias, qk_norm, cos,
                                                      sin, n_heads, n_kv_heads)
                 attn = kv.attend(layer_idx, q, k, v, scale)
@@ -401,9 +409,9 @@ class NumpyBackend:
 
     def make_kv_cache(
         self, n_layers: int, batch: int, n_kv_heads: int, head_dim: int, max_len: int,
-        windows: Sequence[int | None] | None = None,
+        windows: Sequence[int | None] | None = None, kv_bits: int | None = None,
     ) -> NumpyKVCache:
-        return NumpyKVCache(n_layers, batch, n_kv_heads, head_dim, max_len, windows)
+        return NumpyKVCache(n_layers, batch, n_kv_heads, head_dim, max_len, windows, kv_bits)
 
     def synchronize(self, x: Any) -> None:
         return None

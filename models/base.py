@@ -133,13 +133,13 @@ class DecoderModel:
             Call(units[-1], partial(self._head_call, batch), "head"),
         ]
 
-    def make_kv_cache(self, max_len: int) -> KVCache:
-        """A sequence's KV cache: per layer a full part, or a sliding-window part where
-        layer_windows gives a window."""
+    def make_kv_cache(self, max_len: int, kv_bits: int | None = None) -> KVCache:
+        """A sequence's KV cache: per layer a full part (quantized with kv_bits), or a
+        sliding-window part where layer_windows gives a window."""
         spec = self.spec
         assert spec.head_dim is not None and spec.num_key_value_heads is not None
         return self.ops.make_kv_cache(spec.num_hidden_layers, 1, spec.num_key_value_heads,
-                                      spec.head_dim, max_len, self.layer_windows())
+                                      spec.head_dim, max_len, self.layer_windows(), kv_bits)
 
     def layer_windows(self) -> list[int | None]:
         """Each layer's sliding window, None for full attention (the default: all full)."""
