@@ -90,6 +90,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="store the KV cache group-wise quantized to 8 or 4 bits (as mlx-lm's "
                    "--kv-bits): 3.8x or 6.4x smaller than the float32 default; sliding-window "
                    "layers stay float32")
+    p.add_argument("--kv-cache-budget", default="0",
+                   help="memory for finished requests' KV, reused by later prompts that start "
+                   "with the same tokens (a chat's earlier turns), e.g. 1GB (default 0: none "
+                   "kept)")
     p.add_argument("--threads", "-t", type=int, default=None,
                    help="CPU threads for the numba kernels and BLAS (default: physical cores)")
     p.add_argument("--verify", action="store_true",
@@ -110,6 +114,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         "--prefill-memory", args.prefill_memory)
     if prefill_memory is not None and prefill_memory <= 0:
         raise UsageError(f"--prefill-memory must be > 0, got {args.prefill_memory!r}")
+    kv_cache_budget = _size_flag("--kv-cache-budget", args.kv_cache_budget)
+    if kv_cache_budget < 0:
+        raise UsageError(f"--kv-cache-budget must be >= 0, got {args.kv_cache_budget!r}")
     if args.prefill_chunk <= 0:
         raise UsageError(f"--prefill-chunk must be > 0, got {args.prefill_chunk}")
     try:
@@ -128,7 +135,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         memory_budget_auto=auto,
                         host_budget_bytes=host_budget, scheduler=sched, threads=args.threads,
                         prefill_chunk=args.prefill_chunk, prefill_memory_bytes=prefill_memory,
-                        kv_bits=args.kv_bits,
+                        kv_bits=args.kv_bits, kv_cache_budget_bytes=kv_cache_budget,
                         loader=LoaderConfig(read_mode=args.read_mode, direct_io=args.direct_io,
                                             verify=args.verify, read_parts=args.read_parts))
 
@@ -169,7 +176,8 @@ def prefill_line(s: GenerationStats) -> str:
                              f"{format_size(s.prefill_memory_bytes)}: as few as fit)",
            "decoding": " (riding the passes of requests already decoding)"}.get(
         s.prefill_split, "")
-    return (f"Prefill: {s.prompt_tokens} tokens in {passes}{why}, "
+    reused = f" ({s.prompt_tokens_reused} reused)" if s.prompt_tokens_reused else ""
+    return (f"Prefill: {s.prompt_tokens} tokens{reused} in {passes}{why}, "
             f"{format_size(s.prefill_bytes_read)} read, time to first token {s.ttft_s:.3f} s")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from stream_run.cli.common import (
@@ -40,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--ignore-chat-template", action="store_true",
                    help="feed the prompt as raw text instead of a chat message")
+    p.add_argument("--prompt-cache-file", metavar="FILE", default=None,
+                   help="reuse the KV saved in FILE for the prompt's first tokens when they "
+                   "match (a long document asked several questions), then save this run's "
+                   "KV (prompt and answer) to FILE (safetensors; refused if made by another "
+                   "model or --kv-bits)")
     add_engine_flags(p)
     return p
 
@@ -111,6 +117,13 @@ async def run(args: argparse.Namespace) -> int:
         if args.system_prompt and not use_chat:
             prompt = f"{args.system_prompt}\n\n{prompt}"
             request = prompt
+        cache_file = args.prompt_cache_file
+        if cache_file is not None:
+            if os.path.exists(cache_file):
+                n = len(await engine.load_prompt_cache(cache_file))
+                print(f"stream-run: prompt cache: {n} tokens in {cache_file}", file=sys.stderr)
+            engine.enable_prefix_cache(engine.runner.kv_bytes(
+                kv_tokens_bound(prompt, args.system_prompt, args.max_tokens)))
         stats = None
         async for chunk in engine.generate(request, params, system_prompt=system):
             if chunk.text:
@@ -124,8 +137,13 @@ async def run(args: argparse.Namespace) -> int:
             print("==========", file=sys.stderr)
             for line in stats_lines(stats, budget):
                 print(line, file=sys.stderr)
+            if engine.prefix_cache is not None:
+                kv += engine.prefix_cache.nbytes
             print(memory_line(stats.peak_rss_bytes, engine.runner.baseline_rss_bytes, budget,
                               kv), file=sys.stderr)
+        if cache_file is not None:
+            n = await engine.save_prompt_cache(cache_file)
+            print(f"stream-run: prompt cache: saved {n} tokens to {cache_file}", file=sys.stderr)
     finally:
         engine.close()
     return 0

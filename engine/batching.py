@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from stream_run.engine.errors import QueueFullError
+from stream_run.engine.prefix_cache import PrefixCache
 from stream_run.engine.request import Chunk, GenerationParams, StopFilter
 from stream_run.engine.runner import PassRunner
 from stream_run.engine.sampling import Sampler
@@ -166,6 +167,10 @@ class Batcher:
         self._pass: asyncio.Task[Any] | None = None
         self._pass_seqs: list[SeqState] = []
         self._ids = 0
+        # finished requests' KV, kept for later prompts that start like them (Engine sets it
+        # with kv_cache_budget_bytes); _keep: (ids fed, cache) to copy in after the pass
+        self.prefix: PrefixCache | None = None
+        self._keep: list[tuple[list[int], Any]] = []
 
     @property
     def n_active(self) -> int:
@@ -258,6 +263,8 @@ class Batcher:
             self._release_retired()
             batch = self._plan()
             await self._step(batch)
+            if self._keep:
+                await self._keep_prefixes()
 
     async def _admit(self) -> None:
         while self.waiting and len(self.active) < self.max_batch:
@@ -266,6 +273,30 @@ class Batcher:
             seq.t_start = time.perf_counter()
             max_len = len(seq.prompt) + seq.params.max_tokens
             seq.kv = await self.runner.make_kv_cache(max_len)
+            if self.prefix is not None:
+                await self._reuse_prefix(seq, max_len)
+
+    async def _reuse_prefix(self, seq: SeqState, max_len: int) -> None:
+        """Load the longest cached prefix of seq's prompt into its cache (see prefix_cache)."""
+        assert self.prefix is not None
+        entry, n = self.prefix.lookup(seq.prompt)
+        if entry is None:
+            return
+        try:
+            await self.runner.scheduler.run_on_compute(seq.kv.load_state, entry.states, n)
+        except ValueError as exc:  # a sliding ring wrapped past it: start afresh
+            log.debug("prefix of %d tokens not reused: %s", n, exc)
+            seq.kv = await self.runner.make_kv_cache(max_len)
+            return
+        seq.n_prefilled = seq.stats.prompt_tokens_reused = n
+        self.prefix.record_hit(n)
+
+    async def _keep_prefixes(self) -> None:
+        """Copy the KV of the requests that finished in the last pass into the prefix cache."""
+        keep, self._keep = self._keep, []
+        for ids, kv in keep:
+            assert self.prefix is not None
+            self.prefix.put(ids, await self.runner.scheduler.run_on_compute(kv.state))
 
     def _reap(self) -> None:
         for seq in [s for s in self.active if s.cancelled]:
@@ -412,6 +443,8 @@ class Batcher:
             self.finished["error"] += 1
         if seq in self.active:
             self.active.remove(seq)
+        if reason in ("stop", "length") and self.prefix is not None and seq.kv is not None:
+            self._keep.append((seq.history[:seq.kv.offset], seq.kv))  # the ids fed, in order
         seq.kv = None
         self._retired.append(seq)
 

@@ -86,6 +86,9 @@ class EngineConfig:
     prefill_memory_bytes: int | None = None
     # KV cache storage: None float32; 8 or 4: group-wise quantized full layers (kv_quant.py)
     kv_bits: int | None = None
+    # bytes of finished requests' KV kept for prompts that start like them (prefix_cache.py);
+    # 0: none kept. Counted with the KV caches in the memory promise and the auto budget.
+    kv_cache_budget_bytes: int = 0
     max_batch: int = 16  # requests decoded together; more wait for a slot
     max_queue: int | None = None  # requests waiting for a slot; None = unbounded
     threads: int | None = None  # CPU threads for numba kernels and BLAS; None = physical cores
@@ -113,6 +116,9 @@ class EngineConfig:
         if self.kv_bits is not None and self.kv_bits not in KV_BITS:
             raise ValueError(f"kv_bits must be one of {', '.join(map(str, KV_BITS))} or None, "
                              f"got {self.kv_bits}")
+        if self.kv_cache_budget_bytes < 0:
+            raise ValueError(f"kv_cache_budget_bytes must be >= 0, got "
+                             f"{self.kv_cache_budget_bytes}")
         if self.max_batch <= 0:
             raise ValueError(f"max_batch must be > 0, got {self.max_batch}")
         if self.threads is not None and not 1 <= self.threads <= usable_cpus():

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -17,6 +18,9 @@ from stream_run.cache import BudgetError, WeightCache
 from stream_run.engine.batching import Batcher, Generation
 from stream_run.engine.config import EngineConfig, default_threads, format_size, parse_size
 from stream_run.engine.errors import ContextLengthError
+from stream_run.engine.prefix_cache import PrefixCache, model_identity
+from stream_run.engine.prefix_cache import load_file as load_prompt_file
+from stream_run.engine.prefix_cache import save_file as save_prompt_file
 from stream_run.engine.request import Chunk, Completion, GenerationParams, StopFilter
 from stream_run.engine.runner import BackendUnitLoader, PassRunner
 from stream_run.engine.tokenizer import Tokenizer
@@ -58,6 +62,10 @@ class Engine:
         self._lock = asyncio.Lock()  # one pass at a time: the batcher, logits()
         self.batcher = Batcher(self.runner, self._lock, self.tokenizer, config.max_batch,
                                config.max_queue, config.prefill_chunk)
+        self._identity: str | None = None
+        if config.kv_cache_budget_bytes:
+            self.batcher.prefix = PrefixCache(config.kv_cache_budget_bytes)
+            self.runner.kv_reserve_bytes = config.kv_cache_budget_bytes
         self._check_budget()
         self.runner.plan()
 
@@ -107,6 +115,76 @@ class Engine:
         self.scheduler.close()
         self.cache.compute.clear()
         self.reader.close()
+
+    # -- the conversation's KV between requests (prefix_cache.py) ------------------------------
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        """Finished requests' KV, reused by prompts that start like them (kv_cache_budget_bytes;
+        None: off, until a prompt-cache file is loaded)."""
+        return self.batcher.prefix
+
+    def enable_prefix_cache(self, budget_bytes: int) -> PrefixCache:
+        """Keep finished requests' KV within budget_bytes from now on (a budget already larger
+        stays)."""
+        if self.batcher.prefix is None:
+            self.batcher.prefix = PrefixCache(budget_bytes)
+        self.batcher.prefix.budget_bytes = max(self.batcher.prefix.budget_bytes, budget_bytes)
+        return self.batcher.prefix
+
+    @property
+    def kv_format(self) -> str:
+        """What this engine's KV caches store; a prompt-cache file must have been made with the
+        same (float32 caches are the same on every backend; quantized ones are not)."""
+        bits = self.config.kv_bits
+        return "float32" if bits is None else f"{bits}-bit ({self.backend.name})"
+
+    def _file_identity(self) -> dict[str, str]:
+        if self._identity is None:
+            self._identity = model_identity(self.source.index)
+        return {"model": self._identity, "kv": self.kv_format}
+
+    async def save_prompt_cache(self, path: str | os.PathLike[str],
+                                tokens: Sequence[int] | None = None) -> int:
+        """Write the KV the prefix cache holds for tokens (the longest entry that is a prefix of
+        them; None: the entry used or added last) to a prompt-cache file (safetensors, with
+        the model's identity and the KV setting). Returns the number of tokens saved.
+
+        Raises:
+            ValueError: no prefix cache, or no entry for tokens.
+        """
+        prefix = self.batcher.prefix
+        entry = None if prefix is None else (
+            prefix.latest() if tokens is None else prefix.longest(list(tokens)))
+        if entry is None:
+            raise ValueError(f"prompt-cache file {os.fspath(path)}: nothing to save (no finished "
+                             "request's KV is cached; hint: kv_cache_budget_bytes > 0)")
+        ident = self._file_identity()
+        await asyncio.to_thread(save_prompt_file, path, entry, ident)
+        return len(entry.tokens)
+
+    async def load_prompt_cache(self, path: str | os.PathLike[str]) -> list[int]:
+        """Read a prompt-cache file into the prefix cache (enabled, or grown, to hold it): a
+        later prompt starting with its tokens reuses their KV. Returns its token ids.
+
+        Raises:
+            ValueError: one line naming the file: not a prompt cache, damaged or cut short,
+                made by another model, model format or KV setting, or longer than the context.
+        """
+        entry = await asyncio.to_thread(load_prompt_file, path, self._file_identity())
+        n = len(entry.tokens)
+        where = f"prompt-cache file {os.fspath(path)}"
+        if not 0 < n <= self.max_context:
+            raise ValueError(f"{where}: {n} tokens, the context holds 1..{self.max_context}")
+        if int(entry.tokens.min()) < 0 or int(entry.tokens.max()) >= self.spec.vocab_size:
+            raise ValueError(f"{where}: token ids outside the vocabulary of {self.spec.vocab_size}")
+        kv = await self.runner.make_kv_cache(n)  # the states must load into this model's cache
+        try:
+            await self.scheduler.run_on_compute(kv.load_state, entry.states, n)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        del kv
+        self.enable_prefix_cache(entry.nbytes).put(entry.tokens, entry.states)
+        return [int(t) for t in entry.tokens]
 
     @property
     def model_bytes(self) -> int:

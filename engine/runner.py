@@ -73,6 +73,7 @@ class PassRunner:
         self.tile_rows = tile_rows
         self._prefill_memory = prefill_memory_bytes
         self.kv_bits = kv_bits
+        self.kv_reserve_bytes = 0  # KV kept beside the sequences' (the prefix cache's budget)
         self._headroom_prefill: int | None = None
         self.budget_choice: BudgetChoice | None = None  # what an auto budget picked
         self._warned_scratch = False
@@ -153,7 +154,7 @@ class PassRunner:
             headroom = Headroom(psutil.virtual_memory().available, "available memory")
         # enough for the whole model and a first prefill chunk's activations beside it
         first_chunk = self.activation_bytes([(0, min(self.tile_rows, kv_tokens))], 1)
-        return pick_budget(headroom, self.kv_bytes(kv_tokens),
+        return pick_budget(headroom, self.kv_bytes(kv_tokens) + self.kv_reserve_bytes,
                            self.whole_model_bytes + first_chunk, self.min_budget_bytes)
 
     def scratch_bytes(self, batch: Batch) -> int:

@@ -33,6 +33,7 @@ def rss_bytes() -> int:
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    prompt_tokens_reused: int = 0  # prompt tokens whose KV came from the prefix cache
     prompt_s: float = 0.0
     generation_tokens: int = 0
     generation_s: float = 0.0

@@ -78,6 +78,14 @@ class SyncEngine:
     def encode_prompt(self, prompt: Prompt, system_prompt: str | None = None) -> list[int]:
         return self.engine.encode_prompt(prompt, system_prompt)
 
+    def save_prompt_cache(self, path: str, tokens: list[int] | None = None) -> int:
+        """Engine.save_prompt_cache."""
+        return self._call(self.engine.save_prompt_cache(path, tokens))
+
+    def load_prompt_cache(self, path: str) -> list[int]:
+        """Engine.load_prompt_cache."""
+        return self._call(self.engine.load_prompt_cache(path))
+
     def close(self) -> None:
         """Cancel running generations, close the engine and stop the loop thread."""
         if self._loop.is_closed():

@@ -42,6 +42,17 @@ class KVLayer(Protocol):
         hold only the last `window` positions written)."""
         ...
 
+    def state(self, end: int) -> dict[str, np.ndarray]:
+        """Batch row 0's positions [0, end) as numpy copies (a sliding layer: its ring and
+        books), named as load_state and a prompt-cache file take them."""
+        ...
+
+    def load_state(self, state: dict[str, np.ndarray], n: int) -> None:
+        """Into batch row 0: positions [0, n) from a state of this layer's kind and shape
+        holding at least n. Raises ValueError when it cannot serve a pass at n (a sliding
+        ring that has wrapped past them) or does not fit."""
+        ...
+
 
 class LayeredKVCache:
     """A sequence's KV cache: one KVLayer per layer, one shared offset (positions stored).
@@ -84,6 +95,29 @@ class LayeredKVCache:
         view = copy.copy(self)
         view.offset = offset
         return view
+
+    def state(self) -> list[dict[str, np.ndarray]]:
+        """Every layer's state of the positions stored (KVLayer.state): what a prefix cache
+        keeps and a prompt-cache file holds."""
+        return [layer.state(self.offset) for layer in self.layers]
+
+    def load_state(self, states: Sequence[dict[str, np.ndarray]], n: int) -> None:
+        """Positions [0, n) from states (state() of a cache of the same model and KV setting,
+        holding at least n); the offset becomes n.
+
+        Raises:
+            ValueError: a layer cannot take them (wrong kind or shape, a sliding ring that
+                no longer holds what a pass at n needs, n beyond max_len).
+        """
+        check_room(0, n, self.max_len)
+        if len(states) != len(self.layers):
+            raise ValueError(f"KV state has {len(states)} layers, the cache {len(self.layers)}")
+        for layer_idx, (layer, st) in enumerate(zip(self.layers, states, strict=True)):
+            try:
+                layer.load_state(st, n)
+            except (ValueError, KeyError) as exc:
+                raise ValueError(f"layer {layer_idx}: {exc}") from None
+        self.offset = n
 
     def trim(self, n: int) -> None:
         """Drop the last n tokens. A full layer can always roll back (later writes overwrite);
@@ -159,6 +193,66 @@ class Ring:
         if a + n <= self.window:
             return [(a, a + n)]
         return [(a, self.window), (0, a + n - self.window)]
+
+
+def rows_state(names: Sequence[str], arrays: Sequence[Any], end: int) -> dict[str, np.ndarray]:
+    """A full layer's state: batch row 0 of each array, positions [0, end), as numpy copies."""
+    return {name: np.array(a[0, :, :end]) for name, a in zip(names, arrays, strict=True)}
+
+
+def check_rows(names: Sequence[str], arrays: Sequence[Any], state: dict[str, np.ndarray],
+               n: int) -> list[np.ndarray]:
+    """A full layer's state checked against its arrays: the state's [0, n) rows by name.
+
+    Raises:
+        ValueError: a name is missing, or its shape or dtype is not the layer's.
+    """
+    out = []
+    for name, a in zip(names, arrays, strict=True):
+        s = state.get(name)
+        want = (a.shape[1], a.shape[3])
+        if s is None or s.ndim != 3 or (s.shape[0], s.shape[2]) != want or s.shape[1] < n \
+                or np.dtype(s.dtype) != np.dtype(str(a.dtype).removeprefix("mlx.core.")):
+            got = "missing" if s is None else f"{s.dtype} {tuple(s.shape)}"
+            raise ValueError(f"KV state {name!r}: {got}, the cache needs {n} positions of "
+                             f"{want} ({str(a.dtype).removeprefix('mlx.core.')})")
+        out.append(s[:, :n])
+    return out
+
+
+def ring_state(ring: Ring, names: Sequence[str], arrays: Sequence[Any]) -> dict[str, np.ndarray]:
+    """A sliding layer's state: its ring buffers (batch row 0) and books."""
+    st = {name: np.array(a[0]) for name, a in zip(names, arrays, strict=True)}
+    st["ring"] = np.array([ring.window, ring.start, ring.end], dtype=np.int64)
+    return st
+
+
+def load_ring(ring: Ring, names: Sequence[str], arrays: Sequence[Any],
+              state: dict[str, np.ndarray], n: int) -> list[np.ndarray]:
+    """A sliding layer's state checked and its books restored to serve a pass at n; returns
+    the ring buffers to copy in.
+
+    Raises:
+        ValueError: another window, shape or kind, or the ring no longer holds what a pass at
+            n needs (it wrapped past it).
+    """
+    books = state.get("ring")
+    if books is None or books.shape != (3,) or int(books[0]) != ring.window:
+        raise ValueError(f"KV state is not a sliding-window layer of window {ring.window}")
+    bufs = []
+    for name, a in zip(names, arrays, strict=True):
+        s = state.get(name)
+        if s is None or tuple(s.shape) != tuple(a.shape[1:]):
+            raise ValueError(f"KV state {name!r} does not fit the ring {tuple(a.shape[1:])}")
+        bufs.append(s)
+    start, end = int(books[1]), int(books[2])
+    if n > end:
+        raise ValueError(f"KV state holds {end} positions, {n} asked")
+    probe = Ring(ring.window)
+    probe.start, probe.end = start, end
+    probe.first_needed(n)  # raises when the ring wrapped past what a pass at n needs
+    ring.start, ring.end = start, n
+    return bufs
 
 
 def check_room(offset: int, n: int, max_len: int) -> int:

@@ -25,10 +25,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from stream_run.kernels.kv_cache import check_bits, group_size
+from stream_run.kernels.kv_cache import check_bits, check_rows, group_size, rows_state
 from stream_run.kernels.numba_kernels import JIT_DOT, _f16
 
 _SERIAL = {**JIT_DOT, "parallel": False}
+STATE_NAMES = ("k", "k_scales", "k_biases", "v", "v_scales", "v_biases")
 PARALLEL_WORK = 1 << 18  # as fused.PARALLEL_ATTENTION_WORK: below it, threads cost more
 F16_MAX = 65504.0
 
@@ -188,3 +189,11 @@ class NumpyQuantizedKV:
 
     def check_rollback(self, offset: int) -> None:
         return None  # a full layer: later writes overwrite
+
+    def state(self, end: int) -> dict[str, np.ndarray]:
+        return rows_state(STATE_NAMES, (*self.k, *self.v), end)
+
+    def load_state(self, state: dict[str, np.ndarray], n: int) -> None:
+        for dst, src in zip((*self.k, *self.v), check_rows(STATE_NAMES, (*self.k, *self.v),
+                                                           state, n), strict=True):
+            dst[0, :, :n] = src

@@ -27,9 +27,13 @@ from stream_run.kernels.kv_cache import (
     LayeredKVCache,
     Ring,
     check_bits,
+    check_rows,
     group_size,
     layer_windows,
+    load_ring,
     query_blocks,
+    ring_state,
+    rows_state,
     window_mask,
 )
 from stream_run.kernels.quant import HalfWeight, QuantizedWeight
@@ -80,6 +84,15 @@ class MLXFullKV:
     def check_rollback(self, offset: int) -> None:
         return None
 
+    def state(self, end: int) -> dict[str, np.ndarray]:
+        return rows_state(("k", "v"), (self.k, self.v), end)
+
+    def load_state(self, state: dict[str, np.ndarray], n: int) -> None:
+        k, v = check_rows(("k", "v"), (self.k, self.v), state, n)
+        self.k[0, :, :n, :] = mx.array(k)
+        self.v[0, :, :n, :] = mx.array(v)
+        mx.eval(self.k, self.v)
+
 
 class MLXSlidingKV:
     """One sliding-window layer: float32 mx arrays (B, Hkv, window, D), a ring buffer (position
@@ -125,6 +138,18 @@ class MLXSlidingKV:
 
     def check_rollback(self, offset: int) -> None:
         self.ring.first_needed(offset)
+
+    def state(self, end: int) -> dict[str, np.ndarray]:
+        return ring_state(self.ring, ("k", "v"), (self.k, self.v))
+
+    def load_state(self, state: dict[str, np.ndarray], n: int) -> None:
+        k, v = load_ring(self.ring, ("k", "v"), (self.k, self.v), state, n)
+        self.k[0] = mx.array(k)
+        self.v[0] = mx.array(v)
+        mx.eval(self.k, self.v)
+
+
+STATE_NAMES = ("k", "k_scales", "k_biases", "v", "v_scales", "v_biases")  # kv_quant's too
 
 
 class MLXQuantizedKV:
@@ -183,6 +208,15 @@ class MLXQuantizedKV:
 
     def check_rollback(self, offset: int) -> None:
         return None
+
+    def state(self, end: int) -> dict[str, np.ndarray]:
+        return rows_state(STATE_NAMES, self.arrays, end)
+
+    def load_state(self, state: dict[str, np.ndarray], n: int) -> None:
+        for dst, src in zip(self.arrays, check_rows(STATE_NAMES, self.arrays, state, n),
+                            strict=True):
+            dst[0, :, :n, :] = mx.array(src)
+        mx.eval(self.arrays)
 
 
 class MLXKVCache(LayeredKVCache):

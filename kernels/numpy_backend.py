@@ -16,8 +16,12 @@ from stream_run.kernels.formats import prepare_unit
 from stream_run.kernels.kv_cache import (
     LayeredKVCache,
     Ring,
+    check_rows,
     layer_windows,
+    load_ring,
     query_blocks,
+    ring_state,
+    rows_state,
     window_mask,
 )
 from stream_run.kernels.kv_quant import NumpyQuantizedKV
@@ -114,6 +118,14 @@ class NumpyFullKV:
     def check_rollback(self, offset: int) -> None:
         return None
 
+    def state(self, end: int) -> dict[str, np.ndarray]:
+        return rows_state(("k", "v"), (self.k, self.v), end)
+
+    def load_state(self, state: dict[str, np.ndarray], n: int) -> None:
+        k, v = check_rows(("k", "v"), (self.k, self.v), state, n)
+        self.k[0, :, :n] = k
+        self.v[0, :, :n] = v
+
 
 class NumpySlidingKV:
     """One sliding-window layer: k, v float32 (B, Hkv, window, D), a ring buffer (position p
@@ -174,6 +186,13 @@ class NumpySlidingKV:
 
     def check_rollback(self, offset: int) -> None:
         self.ring.first_needed(offset)
+
+    def state(self, end: int) -> dict[str, np.ndarray]:
+        return ring_state(self.ring, ("k", "v"), (self.k, self.v))
+
+    def load_state(self, state: dict[str, np.ndarray], n: int) -> None:
+        k, v = load_ring(self.ring, ("k", "v"), (self.k, self.v), state, n)
+        self.k[0], self.v[0] = k, v
 
 
 class NumpyKVCache(LayeredKVCache):
