@@ -280,7 +280,8 @@ class Batcher:
         """Load the longest cached prefix of seq's prompt into its cache (see prefix_cache)."""
         assert self.prefix is not None
         entry, n = self.prefix.lookup(seq.prompt)
-        if entry is None:
+        if entry is None or not self.runner.model.reuses_prefix(len(entry.tokens),
+                                                                len(seq.prompt)):
             return
         try:
             await self.runner.scheduler.run_on_compute(seq.kv.load_state, entry.states, n)

@@ -141,6 +141,12 @@ class DecoderModel:
         return self.ops.make_kv_cache(spec.num_hidden_layers, 1, spec.num_key_value_heads,
                                       spec.head_dim, max_len, self.layer_windows(), kv_bits)
 
+    def reuses_prefix(self, cached: int, prompt: int) -> bool:
+        """Whether keys a request computed over `cached` positions serve a prompt of `prompt`
+        tokens as the prompt's own pass would compute them (the prefix cache asks; a model
+        whose rotation depends on the sequence's length says when they differ)."""
+        return True
+
     def layer_windows(self) -> list[int | None]:
         """Each layer's sliding window, None for full attention (the default: all full)."""
         return [None] * self.spec.num_hidden_layers

@@ -66,6 +66,12 @@ class Model(DecoderModel):
         """sliding_window on every layer when set (Phi-3 mini 4k: 2047), as HF applies it."""
         return [self.spec.sliding_window] * self.spec.num_hidden_layers
 
+    def reuses_prefix(self, cached: int, prompt: int) -> bool:
+        """longrope: a fresh prompt past the original length rotates every key with the long
+        factors, while keys cached from shorter passes kept the short ones (and the other way
+        round): reuse only when the cached passes and the prompt all stay short."""
+        return not self.long_after or max(cached, prompt) <= self.long_after
+
     def pass_context(self, batch: Batch) -> dict[int, np.ndarray]:
         """Each sequence's inverse frequencies for this pass (short or long factors), by the
         end of the span its rows stand for: a prompt chunk as the whole prompt (one HF call)."""

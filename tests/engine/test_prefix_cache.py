@@ -182,3 +182,26 @@ def test_cli_prompt_cache_file(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "doc.safetensors: made for model" in err[0]
     assert f.read_bytes() == before
+
+
+def test_longrope_reuses_only_short_prefixes(tmp_path):
+    """Phi-3 longrope (original length 16 here): keys cached from passes past it carry the long
+    factors, a fresh short prompt would not (and the other way round), so only a prefix whose
+    passes and new prompt all stay short is reused; the answers match a plain engine."""
+    pytest.importorskip("transformers")
+    from tests.models.test_phi3 import CASES, write_phi3
+
+    write_phi3(tmp_path, CASES["longrope"])
+    params = GenerationParams(max_tokens=4, ignore_eos=True)
+
+    async def turns(budget: int, first: list[int]):
+        async with await Engine.open(str(tmp_path), kv_cache_budget_bytes=budget) as engine:
+            one = await engine.complete(first, params)
+            return await engine.complete(first + one.token_ids + MORE[:2], params)
+
+    short = asyncio.run(turns(64 << 20, FIRST[:8]))  # 8 + 3 fed, then 14 tokens: all short
+    assert short.stats.prompt_tokens_reused == 11
+    long = asyncio.run(turns(64 << 20, FIRST))  # 30 tokens: past 16
+    assert long.stats.prompt_tokens_reused == 0
+    assert [short.token_ids, long.token_ids] == [asyncio.run(turns(0, FIRST[:8])).token_ids,
+                                                 asyncio.run(turns(0, FIRST)).token_ids]
