@@ -162,9 +162,9 @@ def _read_header(path: str) -> tuple[dict[str, Any], dict[str, tuple]]:
     except (ValueError, IndexError, KeyError, OverflowError, TypeError, UnicodeDecodeError) as exc:
         problem = f"{type(exc).__name__}: {exc}"
     if problem is not None:  # raised out here: a chained traceback would keep the map alive
-        raise FormatError(
-            f"{path}: not a valid GGUF file ({problem}); it is truncated "
-            f"({size} bytes) or corrupt; hint: re-download or re-convert it"
+        raise FormatError(  # check_bounds found every length in the file: not cut short
+            f"{path}: not a valid GGUF file: gguf-py cannot read its header ({problem}); "
+            "hint: re-download or re-convert it"
         )
     infos = {}
     for name, type_name, ne, offset, nbytes in tensors:
