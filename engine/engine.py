@@ -19,6 +19,7 @@ from stream_run.engine.config import EngineConfig, default_threads, format_size,
 from stream_run.engine.errors import ContextLengthError
 from stream_run.engine.request import Chunk, Completion, GenerationParams, StopFilter
 from stream_run.engine.runner import BackendUnitLoader, PassRunner
+from stream_run.engine.sampling import TokenLogprob, token_logprobs
 from stream_run.engine.tokenizer import Tokenizer
 from stream_run.kernels import get_backend
 from stream_run.kernels.backend import ComputeThreadInit
@@ -172,11 +173,44 @@ class Engine:
             logits, _ = await self.forward(arr, kv, all_logits=True)
         return logits[0]
 
+    async def prompt_logprobs(self, ids: Sequence[int], top: int = 0
+                              ) -> list[TokenLogprob | None]:
+        """The logprob of each prompt token given the ones before it (the first has no context:
+        None, as OpenAI's echo gives), with the top most likely tokens at each position; one
+        streamed pass in prefill chunks, log-softmax of the raw logits in float64 (the values
+        stream-eval scores). Waits for the batcher's passes (it takes the engine's lock).
+
+        Raises:
+            ValueError: no ids; ContextLengthError: more ids than the context.
+        """
+        if not ids:
+            raise ValueError("the prompt is empty (no tokens)")
+        if len(ids) > self.max_context:
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens, above the context "
+                                     f"length {self.max_context}")
+        arr = np.asarray(ids, dtype=np.int64)
+        n, chunk = len(arr), self.config.prefill_chunk
+        out: list[TokenLogprob | None] = [None]
+        async with self._lock:
+            try:
+                kv = await self.runner.make_kv_cache(n)
+                for c in range(0, n, chunk):
+                    e = min(c + chunk, n)
+                    # row p predicts ids[p + 1]: the last row predicts nothing here
+                    logits, _ = await self.forward(arr[None, c:e], kv, all_logits=True,
+                                                   more=e < n, span_end=n)
+                    rows = logits[0, :min(e, n - 1) - c]
+                    targets = arr[c + 1:c + 1 + len(rows)]
+                    out += await asyncio.to_thread(token_logprobs, rows, targets, top)
+            finally:  # an error or cancel leaves no read in flight
+                await self.runner.idle()
+        return out
+
     def make_params(self, params: GenerationParams | None = None, **overrides: Any
                     ) -> GenerationParams:
         """params (default GenerationParams()) with keyword overrides: max_tokens, stop,
         ignore_eos and the SamplingParams fields (temperature, top_p, top_k, min_p,
-        repetition_penalty, seed); None keeps the value."""
+        repetition_penalty, seed, logprobs); None keeps the value."""
         return (params or GenerationParams()).replace(**overrides)
 
     def check_prompt(self, ids: Sequence[int], max_tokens: int) -> None:
@@ -235,13 +269,15 @@ class Engine:
                        system_prompt: str | None = None, **overrides: Any) -> Completion:
         """The whole completion of `generate` (same arguments): text, ids, finish reason,
         stats and usage."""
-        text, ids = [], []
+        text, ids, logprobs = [], [], []
         chunks = self.generate(prompt, params, system_prompt=system_prompt, **overrides)
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
                 text.append(chunk.text)
                 ids += chunk.token_ids
+                logprobs += chunk.logprobs or []
                 if chunk.finish_reason is not None:
                     assert chunk.stats is not None
-                    return Completion("".join(text), ids, chunk.finish_reason, chunk.stats)
+                    return Completion("".join(text), ids, chunk.finish_reason, chunk.stats,
+                                      logprobs if chunk.logprobs is not None else None)
         raise AssertionError("generate ended without a finish reason")

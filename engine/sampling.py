@@ -1,4 +1,10 @@
-"""Sampling: greedy, temperature, top-k, top-p, min-p, repetition penalty, seeded."""
+"""Sampling: greedy, temperature, top-k, top-p, min-p, repetition penalty, seeded; and the
+logprobs of the sampled tokens.
+
+Logprobs are of the model's own distribution: log-softmax of the raw logits in float64, before
+the repetition penalty, temperature and top-k/p/min-p (vLLM's default "raw_logprobs"), so they
+do not depend on the sampling settings and equal a scoring pass's (stream-eval's) values.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1 = off
     repetition_context: int = 64  # how many recent tokens the penalty looks at
     seed: int | None = None
+    # None: no logprobs; k >= 0: each sampled token's logprob and the k most likely tokens'
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -29,16 +37,57 @@ class SamplingParams:
             # numpy's generator takes seeds >= 0 only; say so before any model is loaded
             ("seed", self.seed is None or (isinstance(self.seed, int) and self.seed >= 0),
              "an integer >= 0"),
+            ("logprobs", self.logprobs is None or (
+                isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
+                and self.logprobs >= 0), "None or an integer >= 0"),
         ]
         for name, ok, want in checks:
             if not ok:
                 raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model, and the top-k alternatives at its position
+    (most likely first; empty when none were asked for)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis, in float64."""
+    x = logits.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
+
+
+def token_logprobs(logits: np.ndarray, tokens: Sequence[int], top: int = 0
+                   ) -> list[TokenLogprob]:
+    """The logprob of tokens[i] under logits[i] (rows (L, V)), with the top most likely."""
+    out = []
+    for row, tok in zip(logits, tokens, strict=True):
+        lp = log_softmax(row)
+        best: tuple[tuple[int, float], ...] = ()
+        if top:
+            k = min(top, lp.size)
+            idx = np.argpartition(-lp, k - 1)[:k]
+            idx = idx[np.lexsort((idx, -lp[idx]))]  # most likely first, ties by id
+            best = tuple((int(i), float(lp[i])) for i in idx)
+        out.append(TokenLogprob(int(tok), float(lp[tok]), best))
+    return out
+
+
 class Sampler:
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+
+    def logprob(self, logits: np.ndarray, token: int) -> TokenLogprob | None:
+        """The sampled token's logprob under (V,) logits, or None when not asked for."""
+        k = self.params.logprobs
+        return None if k is None else token_logprobs(logits[None], [token], k)[0]
 
     def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
         """Pick the next token from (V,) logits; history is the ids so far (for the penalty)."""
