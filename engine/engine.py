@@ -141,8 +141,11 @@ class Engine:
                 f"(the whole model takes {format_size(self.model_bytes)})"
             )
 
-    def encode_prompt(self, prompt: Prompt, system_prompt: str | None = None) -> list[int]:
-        """str -> ids as given; a list of messages -> the chat template; a list of ints as is."""
+    def encode_prompt(self, prompt: Prompt, system_prompt: str | None = None,
+                      tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        """str -> ids as given; a list of messages -> the chat template (given tools in its
+        `tools` variable, OpenAI's function-tool objects, as HF renders them); a list of ints
+        as is."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         items = list(prompt)
@@ -150,7 +153,8 @@ class Engine:
             return [int(t) for t in items]
         if system_prompt:
             items = [{"role": "system", "content": system_prompt}, *items]
-        text = self.tokenizer.apply_chat_template(items, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(items, add_generation_prompt=True,
+                                                  tools=tools)
         return self.tokenizer.encode(text, add_bos=False)
 
     async def forward(self, ids: np.ndarray, kv: Any, all_logits: bool = False,
