@@ -82,9 +82,17 @@ def completion_logprobs(ids: Sequence[int], lps: Sequence[TokenLogprob | None],
         offset += len(text)
     return {"tokens": tokens,
             "token_logprobs": [None if lp is None else lp.logprob for lp in lps],
-            "top_logprobs": [None if lp is None else {strings(t)[0]: v for t, v in lp.top}
-                             for lp in lps],
+            "top_logprobs": [None if lp is None else _top_dict(lp.top, strings) for lp in lps],
             "text_offset": offsets}
+
+
+def _top_dict(top: Sequence[tuple[int, float]], strings: TokenStrings) -> dict[str, float]:
+    """{token text: logprob}; tokens of the same text (parts of one UTF-8 character) keep
+    the likeliest's value, so max() over it is still the top logprob."""
+    out: dict[str, float] = {}
+    for t, v in top:  # most likely first
+        out.setdefault(strings(t)[0], v)
+    return out
 
 
 @dataclass(eq=False)
