@@ -120,7 +120,7 @@ def test_n_choices_and_several_prompts(server, client):
     assert [c.index for c in out.choices] == [0, 1, 2]
     wants = [server.call(server.engine.complete(messages, max_tokens=8, temperature=1.0,
                                                 seed=5 + j)) for j in range(3)]
-    for c, want in zip(out.choices, wants):  # choice j is the seed + j generation
+    for c, want in zip(out.choices, wants, strict=True):  # choice j: the seed + j one
         assert c.message.content == want.text
     assert out.usage.completion_tokens == sum(len(w.token_ids) for w in wants)
     assert out.usage.prompt_tokens == wants[0].usage.prompt_tokens  # the prompt counts once
