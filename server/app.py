@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
@@ -22,6 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
+from stream_run.engine.constraints import JsonObjectConstraint
 from stream_run.engine.engine import Engine, Generation
 from stream_run.engine.errors import (
     ChatTemplateError,
@@ -39,6 +41,7 @@ from stream_run.server.responses import (
     response,
     stream_chunk,
     usage_chunk,
+    vocab_bytes,
 )
 from stream_run.server.tools import ToolStream
 
@@ -89,6 +92,7 @@ class ServerState:
         self.loaded = asyncio.Event()  # set when the engine is ready or failed to load
         self.created = int(time.time())
         self._strings: TokenStrings | None = None
+        self._json: Callable[[], JsonObjectConstraint] | None = None
 
     def strings(self, engine: Engine) -> TokenStrings:
         """Token texts and bytes for logprobs (cached per token)."""
@@ -114,6 +118,15 @@ class ServerState:
                            code="model_load_failed")
         raise APIError(503, "the model is still loading; retry shortly", "unavailable_error",
                        code="model_loading")
+
+    async def json_constraint(self, engine: Engine) -> Callable[[], JsonObjectConstraint]:
+        """What makes each json_object request's constraint (the vocabulary's bytes are
+        gathered once, off the event loop)."""
+        if self._json is None:
+            vocab = await asyncio.to_thread(vocab_bytes, engine.tokenizer, engine.spec.vocab_size)
+            self._json = functools.partial(JsonObjectConstraint, vocab,
+                                           engine.tokenizer.eos_token_ids)
+        return self._json
 
     def limits(self, engine: Engine) -> Limits:
         template = engine.tokenizer.data.chat_template or ""
@@ -339,11 +352,13 @@ async def _start(engine: Engine, req: ParsedRequest, state: ServerState,
                 except ReadError as exc:
                     raise _read_failed(state, exc) from None
         names = {t["function"]["name"] for t in req.tools or []}
+        constraint = await state.json_constraint(engine) if req.json_object else None
         for j in range(req.n):
             generation = None
             if max_tokens > 0:
+                params = req.params(max_tokens, j).replace(constraint=constraint)
                 generation = await stack.enter_async_context(
-                    _submit(engine, req, ids, req.params(max_tokens, j)))
+                    _submit(engine, req, ids, params))
             runs.append(ChoiceRun(p * req.n + j, ids, generation, echo_text, prompt_lps,
                                   ToolStream(names) if req.tools else None))
             if generation is None:

@@ -48,7 +48,7 @@ class ParsedRequest:
     model: str = ""
     n: int = 1
     echo: bool = False  # completions: the prompt opens the text (and its logprobs, if asked)
-    json_object: bool = False  # response_format {"type": "json_object"}: output validated
+    json_object: bool = False  # response_format {"type": "json_object"}: sampling constrained
     tools: list[dict[str, Any]] | None = None  # rendered and parsed (tool_choice "auto")
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
@@ -126,7 +126,7 @@ def _int_in(body: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
 
 
 def _response_format(value: Any) -> bool:
-    """Whether the answer must be a JSON object (validated when it ends, not constrained)."""
+    """Whether the answer must be a JSON object (its sampling is constrained)."""
     if value is None:
         return False
     kind = value.get("type") if isinstance(value, dict) else None
@@ -135,8 +135,8 @@ def _response_format(value: Any) -> bool:
     if kind == "json_object":
         return True
     if kind == "json_schema":
-        raise bad("'response_format' type 'json_schema' is not supported (it needs "
-                  "constrained decoding); use 'json_object'", "response_format")
+        raise bad("'response_format' type 'json_schema' is not supported (only 'json_object' "
+                  "is constrained); use 'json_object'", "response_format")
     raise bad("'response_format' must be {\"type\": \"text\"} or {\"type\": "
               f"\"json_object\"}}, got {value!r}", "response_format")
 

@@ -3,14 +3,12 @@ logprobs in the chat and the completions formats, echo, tool calls, usage."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from stream_run.engine.request import Chunk
 from stream_run.engine.sampling import TokenLogprob
-from stream_run.server.errors import APIError
 from stream_run.server.openai_api import ParsedRequest
 from stream_run.server.tools import ToolStream, parse_tool_calls, tool_call_objects
 
@@ -53,6 +51,15 @@ class TokenStrings:
                 and "\ufffd" in text else text.encode()
             hit = self._cache[token_id] = (text, list(raw))
         return hit
+
+
+def vocab_bytes(tokenizer: Tokenizer, n_ids: int) -> list[bytes | None]:
+    """Each id's bytes for a sampling constraint; None for added (special) tokens and ids the
+    tokenizer does not know (the model's vocabulary may be padded)."""
+    strings = TokenStrings(tokenizer)
+    added = set(tokenizer.tok.get_added_tokens_decoder())
+    known = tokenizer.vocab_size
+    return [None if i in added or i >= known else bytes(strings(i)[1]) for i in range(n_ids)]
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -127,33 +134,15 @@ def _envelope(req: ParsedRequest, obj: str) -> dict[str, Any]:
             "system_fingerprint": "stream-run"}
 
 
-def check_json(req: ParsedRequest, text: str, finish_reason: str | None) -> APIError | None:
-    """response_format json_object: a finished answer must be a JSON object (one cut by
-    max_tokens may be cut short, as OpenAI says)."""
-    if not req.json_object or finish_reason != "stop":
-        return None
-    try:
-        if isinstance(json.loads(text), dict):
-            return None
-    except ValueError:
-        pass
-    return APIError(500, "the model's answer is not a JSON object (response_format "
-                    "json_object is validated, not constrained, on this server): "
-                    f"{text[:200]!r}", "server_error", "response_format",
-                    "json_validation_failed")
-
-
 def response(req: ParsedRequest, runs: Sequence[ChoiceRun], strings: TokenStrings,
              prompt_tokens: int) -> dict[str, Any]:
-    """The non-streaming answer. Raises APIError when a json_object answer is not JSON."""
+    """The non-streaming answer."""
     choices = []
     for run in runs:
         text = "".join(run.text)
         choice: dict[str, Any] = {"index": run.index, "logprobs": None,
                                   "finish_reason": run.finish_reason}
         if req.kind == "chat":
-            if (err := check_json(req, text, run.finish_reason)) is not None:
-                raise err
             message: dict[str, Any] = {"role": "assistant", "content": text}
             if run.tools is not None:
                 content, calls = parse_tool_calls(text, run.tools.names)
@@ -238,8 +227,7 @@ class StreamedChoice:
         return lps
 
     def feed(self, chunk: Chunk) -> list[dict[str, Any]]:
-        """The SSE objects for an engine chunk (an APIError body for a json_object answer
-        that is not JSON, before its finish)."""
+        """The SSE objects for an engine chunk."""
         req, run = self.req, self.run
         run.add(chunk)
         text = run.tools.feed(chunk.text) if run.tools is not None else chunk.text
@@ -257,7 +245,5 @@ class StreamedChoice:
             if calls:
                 out.append(stream_chunk(req, run.index, tool_calls=tool_call_objects(calls)))
                 reason = "tool_calls"
-        if (err := check_json(req, "".join(run.text), reason)) is not None:
-            out.append(err.body())
         out.append(stream_chunk(req, run.index, "", reason))
         return out

@@ -73,7 +73,7 @@ def _tool(tool: Any, param: str) -> dict[str, Any]:
 
 def parse_tool_choice(value: Any, tools: list[dict[str, Any]] | None) -> str:
     """"auto" (the model decides) or "none" (tools are neither rendered nor parsed).
-    "required" and a named function would need constrained decoding: refused."""
+    "required" and a named function would need a grammar per tool schema: refused."""
     if value is None:
         return "auto" if tools else "none"
     if value == "none" or value == "auto" and tools:
@@ -82,7 +82,7 @@ def parse_tool_choice(value: Any, tools: list[dict[str, Any]] | None) -> str:
         raise bad("'tool_choice' is 'auto' but the request has no 'tools'", "tool_choice")
     if value == "required" or isinstance(value, dict):
         raise bad("'tool_choice' may be 'auto' or 'none' on this server (forcing a call "
-                  "needs constrained decoding, which it does not do)", "tool_choice")
+                  "is not supported)", "tool_choice")
     raise bad(f"'tool_choice' must be 'none' or 'auto', got {value!r}", "tool_choice")
 
 

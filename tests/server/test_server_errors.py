@@ -106,12 +106,12 @@ BAD_CHAT = [
      "does not render tools"),
     (chat_body(tool_choice="auto"), 400, "tool_choice", None, "no 'tools'"),
     (chat_body(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required"),
-     400, "tool_choice", None, "constrained"),
+     400, "tool_choice", None, "forcing a call is not supported"),
     (chat_body(functions=[{"name": "f"}]), 400, "functions", None, "deprecated"),
     (chat_body(response_format={"type": "json_object"}), 400, "messages", None, "json"),
     (chat_body(response_format={"type": "xml"}), 400, "response_format", None, "json_object"),
     (chat_body(response_format={"type": "json_schema", "json_schema": {}}), 400,
-     "response_format", None, "constrained"),
+     "response_format", None, "only 'json_object'"),
 ]
 
 
