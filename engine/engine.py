@@ -177,12 +177,16 @@ class Engine:
             logits, _ = await self.forward(arr, kv, all_logits=True)
         return logits[0]
 
-    async def prompt_logprobs(self, ids: Sequence[int], top: int = 0
-                              ) -> list[TokenLogprob | None]:
+    async def prompt_logprobs(self, ids: Sequence[int], top: int = 0,
+                              next_token: bool = False) -> list[TokenLogprob | None]:
         """The logprob of each prompt token given the ones before it (the first has no context:
-        None, as OpenAI's echo gives), with the top most likely tokens at each position; one
-        streamed pass in prefill chunks, log-softmax of the raw logits in float64 (the values
-        stream-eval scores). Waits for the batcher's passes (it takes the engine's lock).
+        None, as OpenAI's echo gives), with the top most likely tokens at each position.
+        next_token: one more entry, the likeliest token after the prompt (what greedy decoding
+        picks first). Log-softmax of the raw logits in float64 (the values stream-eval scores).
+
+        The prompt goes through in as few streamed passes as the prefill memory allows, its
+        logits included (as a prompt does in generate); waits for the batcher's passes (it
+        takes the engine's lock).
 
         Raises:
             ValueError: no ids; ContextLengthError: more ids than the context.
@@ -193,22 +197,43 @@ class Engine:
             raise ContextLengthError(f"the prompt has {len(ids)} tokens, above the context "
                                      f"length {self.max_context}")
         arr = np.asarray(ids, dtype=np.int64)
-        n, chunk = len(arr), self.config.prefill_chunk
+        n = len(arr)
         out: list[TokenLogprob | None] = [None]
         async with self._lock:
             try:
                 kv = await self.runner.make_kv_cache(n)
-                for c in range(0, n, chunk):
-                    e = min(c + chunk, n)
-                    # row p predicts ids[p + 1]: the last row predicts nothing here
+                c = 0
+                while c < n:
+                    e = c + self._score_rows(c, n - c)
                     logits, _ = await self.forward(arr[None, c:e], kv, all_logits=True,
                                                    more=e < n, span_end=n)
-                    rows = logits[0, :min(e, n - 1) - c]
-                    targets = arr[c + 1:c + 1 + len(rows)]
-                    out += await asyncio.to_thread(token_logprobs, rows, targets, top)
+                    targets = arr[c + 1:e + 1]  # row p predicts ids[p + 1]; the last, nothing
+                    out += await asyncio.to_thread(token_logprobs, logits[0, :len(targets)],
+                                                   targets, top)
+                    if e == n and next_token:
+                        last = logits[0, -1:]
+                        out += await asyncio.to_thread(token_logprobs, last,
+                                                       [int(np.argmax(last[0]))], top)
+                    c = e
             finally:  # an error or cancel leaves no read in flight
                 await self.runner.idle()
         return out
+
+    def _score_rows(self, offset: int, want: int) -> int:
+        """How many of want prompt rows at offset one scoring pass takes: the most whose
+        activations and logits fit the prefill memory, at least one tile."""
+        runner = self.runner
+
+        def fits(k: int) -> bool:
+            return runner.activation_bytes([(offset, k)], k) <= runner.prefill_memory_bytes
+
+        if fits(want):
+            return want
+        lo, hi = 0, want  # fits(lo), not fits(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return max(lo, min(want, runner.tile_rows))
 
     def make_params(self, params: GenerationParams | None = None, **overrides: Any
                     ) -> GenerationParams:

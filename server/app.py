@@ -31,7 +31,9 @@ from stream_run.engine.errors import (
     QueueFullError,
     ReadError,
 )
-from stream_run.engine.request import Chunk, GenerationParams
+from stream_run.engine.request import Chunk, GenerationParams, StopFilter
+from stream_run.engine.sampling import SamplingParams, TokenLogprob
+from stream_run.engine.stats import GenerationStats
 from stream_run.server.errors import APIError, bad
 from stream_run.server.openai_api import Limits, ParsedRequest, parse_chat, parse_completion
 from stream_run.server.responses import (
@@ -39,7 +41,6 @@ from stream_run.server.responses import (
     StreamedChoice,
     TokenStrings,
     response,
-    stream_chunk,
     usage_chunk,
     vocab_bytes,
 )
@@ -281,6 +282,9 @@ async def _complete(request: web.Request, parse: Callable[[Any, Limits], ParsedR
         runs, prompt_tokens = await _start(engine, req, state, stack)
         if req.stream:
             return await _stream(request, req, runs, prompt_tokens, state)
+        for run in runs:
+            if run.ready is not None:
+                run.add(run.ready)
         try:
             async for run, chunk in _merged(runs):
                 run.add(chunk)
@@ -343,27 +347,47 @@ async def _start(engine: Engine, req: ParsedRequest, state: ServerState,
         ids = await _encode(engine, req, prompt)
         prompt_tokens += len(ids)
         max_tokens = _fit(engine, req, ids, state.config.max_tokens_cap)
-        echo_text, prompt_lps = "", None
+        echo_text, prompt_lps, ready = "", None, None
         if req.echo:
             echo_text = prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids)
+            if max_tokens == 0:  # the prompt is the answer
+                ready = Chunk("", [], "length", GenerationStats(prompt_tokens=len(ids)))
             if req.logprobs is not None:
+                # a greedy one-token answer (lm-eval's loglikelihood request) comes from the
+                # scoring pass itself: no second pass over the prompt
+                one = max_tokens == 1 and _greedy(req.sampling)
                 try:
-                    prompt_lps = await engine.prompt_logprobs(ids, req.logprobs)
+                    prompt_lps = await engine.prompt_logprobs(ids, req.logprobs, one)
                 except ReadError as exc:
                     raise _read_failed(state, exc) from None
+                if one:
+                    ready = _one_token(engine, req, len(ids), prompt_lps.pop())
         names = {t["function"]["name"] for t in req.tools or []}
         constraint = await state.json_constraint(engine) if req.json_object else None
         for j in range(req.n):
             generation = None
-            if max_tokens > 0:
+            if ready is None:
                 params = req.params(max_tokens, j).replace(constraint=constraint)
                 generation = await stack.enter_async_context(
                     _submit(engine, req, ids, params))
             runs.append(ChoiceRun(p * req.n + j, ids, generation, echo_text, prompt_lps,
-                                  ToolStream(names) if req.tools else None))
-            if generation is None:
-                runs[-1].finish_reason = "length"
+                                  ToolStream(names) if req.tools else None, ready=ready))
     return runs, prompt_tokens
+
+
+def _greedy(sampling: SamplingParams) -> bool:
+    """Whether the first token is the likeliest one (no penalty can change the pick)."""
+    return sampling.temperature == 0 and sampling.repetition_penalty == 1.0
+
+
+def _one_token(engine: Engine, req: ParsedRequest, n_prompt: int, lp: TokenLogprob) -> Chunk:
+    """The whole answer of one greedy token, as the batcher would give it: EOS ends it with
+    no text; a stop string in its text cuts it."""
+    stats = GenerationStats(prompt_tokens=n_prompt, generation_tokens=1)
+    if lp.token_id in engine.tokenizer.eos_token_ids:
+        return Chunk("", [lp.token_id], "stop", stats, logprobs=[lp])
+    text, cut = StopFilter(req.stop).feed(engine.tokenizer.decode([lp.token_id]), final=True)
+    return Chunk(text, [lp.token_id], "stop" if cut else "length", stats, logprobs=[lp])
 
 
 async def _encode(engine: Engine, req: ParsedRequest, prompt: Any) -> list[int]:
@@ -431,8 +455,9 @@ async def _stream(request: web.Request, req: ParsedRequest, runs: list[ChoiceRun
         for run in runs:
             for obj in choices[id(run)].opening():
                 await send(obj)
-            if run.generation is None:  # echo with max_tokens 0: the prompt is the answer
-                await send(stream_chunk(req, run.index, "", "length"))
+            if run.ready is not None:  # answered by the echo's scoring pass
+                for obj in choices[id(run)].feed(run.ready):
+                    await send(obj)
         try:
             async for run, chunk in _merged(runs):
                 for obj in choices[id(run)].feed(chunk):

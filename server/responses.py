@@ -104,7 +104,8 @@ def _top_dict(top: Sequence[tuple[int, float]], strings: TokenStrings) -> dict[s
 
 @dataclass(eq=False)
 class ChoiceRun:
-    """One choice: its prompt, its generation (None with max_tokens 0), what it produced."""
+    """One choice: its prompt, its generation (None when the answer is `ready`), what it
+    produced."""
 
     index: int
     prompt_ids: list[int]
@@ -117,6 +118,7 @@ class ChoiceRun:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    ready: Chunk | None = None  # the whole answer, known without a generation (echo)
 
     def add(self, chunk: Chunk) -> None:
         self.text.append(chunk.text)

@@ -42,7 +42,7 @@ def hf_log_softmax(model):
 
 
 def open_engine(model, **kw) -> Engine:
-    # prefill_chunk 5: the prompt's logprobs come from several passes
+    # prefill_chunk 5: tiles of 5 rows
     return asyncio.run(Engine.open(str(model), EngineConfig(backend="numpy", prefill_chunk=5,
                                                             **kw)))
 
@@ -110,6 +110,36 @@ def test_prompt_logprobs_match_hf_and_stream_eval(model, hf_log_softmax):
     np.testing.assert_allclose(-got, nll, atol=1e-9)
     for p, lp in enumerate(lps[1:]):
         assert [t for t, _ in lp.top] == list(np.argsort(-ref[p], kind="stable")[:2])
+
+
+def test_prompt_logprobs_in_several_passes_and_the_next_token(model, hf_log_softmax):
+    """A prefill memory that holds the activations and logits of 8 rows: the 23-token prompt
+    takes several passes, with the same values."""
+    probe = open_engine(model)
+    memory = probe.runner.activation_bytes([(0, 8)], 8)
+    one = asyncio.run(probe.prompt_logprobs(PROMPT, top=1, next_token=True))
+    probe.close()
+    engine = open_engine(model, prefill_memory_bytes=memory)
+    passes = []
+    forward = engine.forward
+
+    async def counted(ids, *args, **kw):
+        passes.append(ids.shape[1])
+        return await forward(ids, *args, **kw)
+
+    engine.forward = counted
+    try:
+        lps = asyncio.run(engine.prompt_logprobs(PROMPT, top=1, next_token=True))
+        greedy = asyncio.run(engine.complete(PROMPT, max_tokens=1))
+    finally:
+        engine.close()
+    assert len(passes) >= 3 and sum(passes) == len(PROMPT) and max(passes) <= 8
+    assert len(lps) == len(PROMPT) + 1
+    np.testing.assert_allclose([lp.logprob for lp in lps[1:]], [lp.logprob for lp in one[1:]],
+                               atol=1e-5)
+    ref = hf_log_softmax(PROMPT)
+    assert lps[-1].token_id == greedy.token_ids[0] == int(np.argmax(ref[-1]))
+    np.testing.assert_allclose(lps[-1].logprob, ref[-1].max(), atol=1e-4)
 
 
 def test_sync_api_and_bad_values(model):

@@ -99,8 +99,30 @@ def test_completions_echo_scores_the_prompt(server, client):
         assert out.usage.prompt_tokens == len(ids)
         assert out.usage.completion_tokens == max_tokens
         assert choice.finish_reason == "length"
-    last = lp.token_logprobs[-1]  # the generated token's, from the decoding pass
+    last = lp.token_logprobs[-1]  # the greedy token's: the scoring pass's last row
     np.testing.assert_allclose(last, rows[-1].max(), atol=1e-5)
+    plain = client.completions.create(model=NAME, prompt=ids, max_tokens=1, temperature=0,
+                                      logprobs=2)  # through the batcher
+    assert choice.text == server.engine.tokenizer.decode(ids) + plain.choices[0].text
+    assert plain.choices[0].logprobs.tokens == lp.tokens[-1:]
+    np.testing.assert_allclose(plain.choices[0].logprobs.token_logprobs[0], last, atol=1e-5)
+    assert plain.choices[0].finish_reason == choice.finish_reason
+    token_text = plain.choices[0].text
+    if token_text:  # a stop string inside the one token cuts it, as the batcher does
+        kw = {"model": NAME, "prompt": ids, "max_tokens": 1, "temperature": 0,
+              "stop": [token_text[-1]], "logprobs": 0}
+        cut = client.completions.create(echo=True, **kw).choices[0]
+        via_batcher = client.completions.create(**kw).choices[0]
+        assert cut.finish_reason == via_batcher.finish_reason == "stop"
+        assert cut.text == server.engine.tokenizer.decode(ids) + via_batcher.text
+    passes = len(server.engine.batcher.passes)
+    client.completions.create(model=NAME, prompt=ids, max_tokens=1, temperature=0, echo=True,
+                              logprobs=1)
+    assert len(server.engine.batcher.passes) == passes  # one scoring pass, no generation
+    sampled = client.completions.create(model=NAME, prompt=ids, max_tokens=1, temperature=0.5,
+                                        seed=1, echo=True, logprobs=1)
+    assert len(server.engine.batcher.passes) > passes  # not greedy: a generation
+    assert len(sampled.choices[0].logprobs.tokens) == len(ids) + 1
 
     text = client.completions.create(model=NAME, prompt=PROMPT, max_tokens=3, temperature=0,
                                      echo=True)
