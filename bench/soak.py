@@ -62,7 +62,11 @@ def _bad_requests(max_tokens_cap: int) -> list[tuple[str, bytes | Any, tuple[int
                                  "max_tokens": max_tokens_cap + 1}, (400,)),
         ("bad_role", {"model": MODEL_NAME, "messages": [{"role": "robot", "content": "x"}]},
          (400,)),
-        ("logprobs", {"model": MODEL_NAME, "messages": msg, "logprobs": True}, (400,)),
+        ("top_logprobs_out_of_range", {"model": MODEL_NAME, "messages": msg,
+                                       "logprobs": True, "top_logprobs": 21}, (400,)),
+        ("n_over_cap", {"model": MODEL_NAME, "messages": msg, "n": 10_000}, (400,)),
+        ("tools_not_json", {"model": MODEL_NAME, "messages": msg, "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": "{oops"}}]}, (400,)),
         ("unknown_model", {"model": "no-such-model", "messages": msg}, (404,)),
     ]
 

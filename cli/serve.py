@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})")
     p.add_argument("--max-tokens-cap", type=int, default=4096,
                    help="largest max_tokens a request may ask for (also the default)")
+    p.add_argument("--max-n", type=int, default=8,
+                   help="largest n (choices per prompt) a request may ask for; above it: 400")
     p.add_argument("--max-body", default="4MiB", help="largest request body")
     p.add_argument("--stall-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="drop a client that takes longer than this to send its request body "
@@ -62,6 +64,7 @@ def configs(args: argparse.Namespace):
     if not args.stall_timeout > 0:  # also refuses nan
         raise UsageError(f"--stall-timeout must be > 0, got {args.stall_timeout}")
     for flag, value, lo in (("--port", args.port, 0), ("--max-tokens-cap", args.max_tokens_cap, 1),
+                            ("--max-n", args.max_n, 1),
                             ("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0)):
         if value < lo:
             raise UsageError(f"{flag} must be >= {lo}, got {value}")
@@ -72,6 +75,7 @@ def configs(args: argparse.Namespace):
         raise UsageError(f"--max-body: {exc}") from None
     server = ServerConfig(model_name=name, api_key=args.api_key or os.environ.get(API_KEY_ENV),
                           max_body_bytes=max_body, max_tokens_cap=args.max_tokens_cap,
+                          max_n=args.max_n,
                           stall_timeout_s=args.stall_timeout)
     config = engine_config(args)
     try:

@@ -13,12 +13,13 @@ from stream_run.engine.errors import (
     ReadError,
 )
 from stream_run.engine.request import Chunk, Completion, GenerationParams, Usage
-from stream_run.engine.sampling import SamplingParams
+from stream_run.engine.sampling import SamplingParams, TokenLogprob
 from stream_run.engine.stats import GenerationStats
 
 __all__ = [
     "BudgetError", "ChatTemplateError", "Chunk", "Completion", "ContextLengthError", "Engine",
     "EngineConfig", "EngineError", "FormatError", "GenerationParams", "GenerationStats",
-    "MissingTensorError", "QueueFullError", "ReadError", "SamplingParams", "Usage",
+    "MissingTensorError", "QueueFullError", "ReadError", "SamplingParams", "TokenLogprob",
+    "Usage",
     "format_size", "parse_size",
 ]

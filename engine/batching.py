@@ -37,7 +37,7 @@ from stream_run.engine.errors import QueueFullError
 from stream_run.engine.prefix_cache import PrefixCache
 from stream_run.engine.request import Chunk, GenerationParams, StopFilter
 from stream_run.engine.runner import PassRunner
-from stream_run.engine.sampling import Sampler
+from stream_run.engine.sampling import Sampler, TokenLogprob
 from stream_run.engine.stats import GenerationStats, peak_rss_bytes
 from stream_run.engine.tokenizer import StreamingDetokenizer, Tokenizer
 from stream_run.models.base import Batch, SeqRows
@@ -74,6 +74,7 @@ class SeqState:
     n_prefilled: int = 0  # prompt tokens already in the KV cache
     generated: int = 0
     pending: list[int] = field(default_factory=list)  # ids not yet in a yielded chunk
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)  # theirs, when asked
     stats: GenerationStats = field(default_factory=GenerationStats)
     run: RunStats = field(default_factory=RunStats)
     t_submit: float = field(default_factory=time.perf_counter)
@@ -401,9 +402,9 @@ class Batcher:
         toks = await self.runner.scheduler.run_on_compute(
             _sample_rows, [seq.sampler for _, seq in rows], logits[[i for i, _ in rows]],
             [seq.history for _, seq in rows])
-        for (_, seq), tok in zip(rows, toks, strict=True):
+        for (_, seq), (tok, lp) in zip(rows, toks, strict=True):
             if not seq.cancelled:
-                self._emit(seq, tok)
+                self._emit(seq, tok, lp)
 
     def _finish_if_empty(self, seq: SeqState) -> bool:
         if seq.params.max_tokens == 0:
@@ -411,17 +412,19 @@ class Batcher:
             return True
         return False
 
-    def _emit(self, seq: SeqState, tok: int) -> None:
+    def _emit(self, seq: SeqState, tok: int, lp: TokenLogprob | None = None) -> None:
         """Record a sampled token, push the text it completes, finish on a stop or length."""
         seq.history.append(tok)
         seq.pending.append(tok)
+        if lp is not None:
+            seq.pending_logprobs.append(lp)
         seq.generated += 1
         if tok in seq.stops:
             self._finish(seq, "stop")
             return
         text, cut = seq.text_filter.feed(seq.detok.add(tok))
         if text:
-            seq.push(Chunk(text, seq.pending))
+            seq.push(Chunk(text, seq.pending, logprobs=_take_logprobs(seq)))
             seq.pending = []
         if cut:
             self._finish(seq, "stop", cut=True)
@@ -437,7 +440,8 @@ class Batcher:
             tail = ""
             if reason != "cancelled" and not cut:
                 tail = seq.text_filter.feed(seq.detok.flush(), final=True)[0]
-            seq.push(Chunk(tail, seq.pending, finish_reason=reason, stats=self._stats(seq)))
+            seq.push(Chunk(tail, seq.pending, finish_reason=reason, stats=self._stats(seq),
+                           logprobs=_take_logprobs(seq)))
             seq.pending = []
             self.finished[reason] += 1
         else:
@@ -484,6 +488,19 @@ class Batcher:
 
 
 def _sample_rows(samplers: Sequence[Sampler], logits: np.ndarray,
-                 histories: Sequence[list[int]]) -> list[int]:
-    """One token per row of logits (N, V); runs on the compute thread."""
-    return [s(row, h) for s, row, h in zip(samplers, logits, histories, strict=True)]
+                 histories: Sequence[list[int]]) -> list[tuple[int, TokenLogprob | None]]:
+    """One token (and its logprob, when its request asks) per row of logits (N, V); runs on
+    the compute thread."""
+    out = []
+    for s, row, h in zip(samplers, logits, histories, strict=True):
+        tok = s(row, h)
+        out.append((tok, s.logprob(row, tok)))
+    return out
+
+
+def _take_logprobs(seq: SeqState) -> list[TokenLogprob] | None:
+    """The logprobs of seq.pending for its next chunk (None when the request asks for none)."""
+    if seq.params.sampling.logprobs is None:
+        return None
+    out, seq.pending_logprobs = seq.pending_logprobs, []
+    return out

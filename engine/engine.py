@@ -23,6 +23,7 @@ from stream_run.engine.prefix_cache import load_file as load_prompt_file
 from stream_run.engine.prefix_cache import save_file as save_prompt_file
 from stream_run.engine.request import Chunk, Completion, GenerationParams, StopFilter
 from stream_run.engine.runner import BackendUnitLoader, PassRunner
+from stream_run.engine.sampling import TokenLogprob, token_logprobs
 from stream_run.engine.tokenizer import Tokenizer
 from stream_run.kernels import get_backend
 from stream_run.kernels.backend import ComputeThreadInit
@@ -218,8 +219,11 @@ class Engine:
                 f"(the whole model takes {format_size(self.model_bytes)})"
             )
 
-    def encode_prompt(self, prompt: Prompt, system_prompt: str | None = None) -> list[int]:
-        """str -> ids as given; a list of messages -> the chat template; a list of ints as is."""
+    def encode_prompt(self, prompt: Prompt, system_prompt: str | None = None,
+                      tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        """str -> ids as given; a list of messages -> the chat template (given tools in its
+        `tools` variable, OpenAI's function-tool objects, as HF renders them); a list of ints
+        as is."""
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         items = list(prompt)
@@ -227,7 +231,8 @@ class Engine:
             return [int(t) for t in items]
         if system_prompt:
             items = [{"role": "system", "content": system_prompt}, *items]
-        text = self.tokenizer.apply_chat_template(items, add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(items, add_generation_prompt=True,
+                                                  tools=tools)
         return self.tokenizer.encode(text, add_bos=False)
 
     async def forward(self, ids: np.ndarray, kv: Any, all_logits: bool = False,
@@ -250,11 +255,69 @@ class Engine:
             logits, _ = await self.forward(arr, kv, all_logits=True)
         return logits[0]
 
+    async def prompt_logprobs(self, ids: Sequence[int], top: int = 0,
+                              next_token: bool = False) -> list[TokenLogprob | None]:
+        """The logprob of each prompt token given the ones before it (the first has no context:
+        None, as OpenAI's echo gives), with the top most likely tokens at each position.
+        next_token: one more entry, the likeliest token after the prompt (what greedy decoding
+        picks first). Log-softmax of the raw logits in float64 (the values stream-eval scores).
+
+        The prompt goes through in as few streamed passes as the prefill memory allows, its
+        logits included (as a prompt does in generate); waits for the batcher's passes (it
+        takes the engine's lock).
+
+        Raises:
+            ValueError: no ids; ContextLengthError: more ids than the context.
+        """
+        if not ids:
+            raise ValueError("the prompt is empty (no tokens)")
+        if len(ids) > self.max_context:
+            raise ContextLengthError(f"the prompt has {len(ids)} tokens, above the context "
+                                     f"length {self.max_context}")
+        arr = np.asarray(ids, dtype=np.int64)
+        n = len(arr)
+        out: list[TokenLogprob | None] = [None]
+        async with self._lock:
+            try:
+                kv = await self.runner.make_kv_cache(n)
+                c = 0
+                while c < n:
+                    e = c + self._score_rows(c, n - c)
+                    logits, _ = await self.forward(arr[None, c:e], kv, all_logits=True,
+                                                   more=e < n, span_end=n)
+                    targets = arr[c + 1:e + 1]  # row p predicts ids[p + 1]; the last, nothing
+                    out += await asyncio.to_thread(token_logprobs, logits[0, :len(targets)],
+                                                   targets, top)
+                    if e == n and next_token:
+                        last = logits[0, -1:]
+                        out += await asyncio.to_thread(token_logprobs, last,
+                                                       [int(np.argmax(last[0]))], top)
+                    c = e
+            finally:  # an error or cancel leaves no read in flight
+                await self.runner.idle()
+        return out
+
+    def _score_rows(self, offset: int, want: int) -> int:
+        """How many of want prompt rows at offset one scoring pass takes: the most whose
+        activations and logits fit the prefill memory, at least one tile."""
+        runner = self.runner
+
+        def fits(k: int) -> bool:
+            return runner.activation_bytes([(offset, k)], k) <= runner.prefill_memory_bytes
+
+        if fits(want):
+            return want
+        lo, hi = 0, want  # fits(lo), not fits(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return max(lo, min(want, runner.tile_rows))
+
     def make_params(self, params: GenerationParams | None = None, **overrides: Any
                     ) -> GenerationParams:
         """params (default GenerationParams()) with keyword overrides: max_tokens, stop,
         ignore_eos and the SamplingParams fields (temperature, top_p, top_k, min_p,
-        repetition_penalty, seed); None keeps the value."""
+        repetition_penalty, seed, logprobs); None keeps the value."""
         return (params or GenerationParams()).replace(**overrides)
 
     def check_prompt(self, ids: Sequence[int], max_tokens: int) -> None:
@@ -313,13 +376,15 @@ class Engine:
                        system_prompt: str | None = None, **overrides: Any) -> Completion:
         """The whole completion of `generate` (same arguments): text, ids, finish reason,
         stats and usage."""
-        text, ids = [], []
+        text, ids, logprobs = [], [], []
         chunks = self.generate(prompt, params, system_prompt=system_prompt, **overrides)
         async with contextlib.aclosing(chunks):
             async for chunk in chunks:
                 text.append(chunk.text)
                 ids += chunk.token_ids
+                logprobs += chunk.logprobs or []
                 if chunk.finish_reason is not None:
                     assert chunk.stats is not None
-                    return Completion("".join(text), ids, chunk.finish_reason, chunk.stats)
+                    return Completion("".join(text), ids, chunk.finish_reason, chunk.stats,
+                                      logprobs if chunk.logprobs is not None else None)
         raise AssertionError("generate ended without a finish reason")

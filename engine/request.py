@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from stream_run.engine.sampling import SamplingParams
+from stream_run.engine.sampling import SamplingParams, TokenLogprob
 from stream_run.engine.stats import GenerationStats
 
 FINISH_REASONS = ("stop", "length", "cancelled")
@@ -52,12 +52,14 @@ class GenerationParams:
 class Chunk:
     """One streamed piece: a text delta and the ids sampled since the previous chunk (all ids,
     the EOS id included, appear in exactly one chunk). The last chunk has finish_reason
-    ("stop" | "length" | "cancelled") and stats."""
+    ("stop" | "length" | "cancelled") and stats. With SamplingParams.logprobs set, logprobs
+    has one entry per id of token_ids (engine/sampling.py says which distribution)."""
 
     text: str
     token_ids: list[int]
     finish_reason: str | None = None
     stats: GenerationStats | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -78,6 +80,7 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     stats: GenerationStats
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when asked for
 
     @property
     def usage(self) -> Usage:

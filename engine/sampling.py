@@ -1,9 +1,20 @@
-"""Sampling: greedy, temperature, top-k, top-p, min-p, repetition penalty, seeded."""
+"""Sampling: greedy, temperature, top-k, top-p, min-p, repetition penalty, seeded; and the
+logprobs of the sampled tokens.
+
+Logprobs are of the model's own distribution: log-softmax of the raw logits in float64, before
+the repetition penalty, temperature and top-k/p/min-p (vLLM's default "raw_logprobs"), so they
+do not depend on the sampling settings and equal a scoring pass's (stream-eval's) values.
+
+A constraint (engine/constraints.py: a JSON object) limits which tokens may be picked: greedy
+takes the likeliest allowed token, sampling the first allowed one in a Gumbel-perturbed order
+(a draw from the sampling distribution restricted to the allowed tokens).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -17,6 +28,10 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # 1 = off
     repetition_context: int = 64  # how many recent tokens the penalty looks at
     seed: int | None = None
+    # None: no logprobs; k >= 0: each sampled token's logprob and the k most likely tokens'
+    logprobs: int | None = None
+    # makes each request's Constraint (e.g. JsonObjectConstraint via functools.partial)
+    constraint: Callable[[], Constraint] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         checks = [
@@ -29,16 +44,66 @@ class SamplingParams:
             # numpy's generator takes seeds >= 0 only; say so before any model is loaded
             ("seed", self.seed is None or (isinstance(self.seed, int) and self.seed >= 0),
              "an integer >= 0"),
+            ("logprobs", self.logprobs is None or (
+                isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
+                and self.logprobs >= 0), "None or an integer >= 0"),
         ]
         for name, ok, want in checks:
             if not ok:
                 raise ValueError(f"{name} must be {want}, got {getattr(self, name)!r}")
 
 
+class Constraint(Protocol):
+    """Which tokens may come next; told each token picked (engine/constraints.py)."""
+
+    def forced(self) -> int | None: ...
+    def allows(self, token: int) -> bool: ...
+    def advance(self, token: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model, and the top-k alternatives at its position
+    (most likely first; empty when none were asked for)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis, in float64."""
+    x = logits.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(axis=-1, keepdims=True)))
+
+
+def token_logprobs(logits: np.ndarray, tokens: Sequence[int], top: int = 0
+                   ) -> list[TokenLogprob]:
+    """The logprob of tokens[i] under logits[i] (rows (L, V)), with the top most likely."""
+    out = []
+    for row, tok in zip(logits, tokens, strict=True):
+        lp = log_softmax(row)
+        best: tuple[tuple[int, float], ...] = ()
+        if top:
+            k = min(top, lp.size)
+            idx = np.argpartition(-lp, k - 1)[:k]
+            idx = idx[np.lexsort((idx, -lp[idx]))]  # most likely first, ties by id
+            best = tuple((int(i), float(lp[i])) for i in idx)
+        out.append(TokenLogprob(int(tok), float(lp[tok]), best))
+    return out
+
+
 class Sampler:
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
+        self.constraint = params.constraint() if params.constraint is not None else None
+
+    def logprob(self, logits: np.ndarray, token: int) -> TokenLogprob | None:
+        """The sampled token's logprob under (V,) logits, or None when not asked for."""
+        k = self.params.logprobs
+        return None if k is None else token_logprobs(logits[None], [token], k)[0]
 
     def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
         """Pick the next token from (V,) logits; history is the ids so far (for the penalty)."""
@@ -49,8 +114,18 @@ class Sampler:
             vals = logits[ids]
             logits[ids] = np.where(vals > 0, vals / p.repetition_penalty,
                                    vals * p.repetition_penalty)
+        if self.constraint is not None:
+            tok = self._constrained(logits)
+            self.constraint.advance(tok)
+            return tok
         if p.temperature == 0:
             return int(np.argmax(logits))
+        probs = self._probs(logits)
+        return int(self.rng.choice(probs.size, p=probs))
+
+    def _probs(self, logits: np.ndarray) -> np.ndarray:
+        """The sampling distribution: temperature, then top-k, top-p and min-p."""
+        p = self.params
         logits = logits / p.temperature
         if p.top_k and p.top_k < logits.size:
             kth = np.partition(logits, -p.top_k)[-p.top_k]
@@ -66,5 +141,28 @@ class Sampler:
             probs = np.where(mask, probs, 0.0)
         if p.min_p > 0:
             probs = np.where(probs >= p.min_p * probs.max(), probs, 0.0)
-        probs /= probs.sum()
-        return int(self.rng.choice(probs.size, p=probs))
+        return probs / probs.sum()
+
+    def _constrained(self, logits: np.ndarray) -> int:
+        """The likeliest allowed token (greedy), or a draw restricted to the allowed ones; when
+        the sampling filters leave none, the likeliest allowed token of the raw order."""
+        c = self.constraint
+        assert c is not None
+        forced = c.forced()
+        if forced is not None:
+            return forced
+        if self.params.temperature == 0:
+            keys = logits
+        else:
+            with np.errstate(divide="ignore"):
+                keys = np.log(self._probs(logits)) + self.rng.gumbel(size=logits.size)
+        order = np.argsort(-keys, kind="stable")
+        for tok in order:
+            if not np.isfinite(keys[tok]):
+                break
+            if c.allows(int(tok)):
+                return int(tok)
+        for tok in np.argsort(-logits, kind="stable"):
+            if c.allows(int(tok)):
+                return int(tok)
+        raise RuntimeError("the constraint allows no token")

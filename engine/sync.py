@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from stream_run.engine.engine import Engine, Prompt
 from stream_run.engine.request import Chunk, Completion, GenerationParams
+from stream_run.engine.sampling import TokenLogprob
 
 T = TypeVar("T")
 _END = object()
@@ -74,6 +75,10 @@ class SyncEngine:
                  **kwargs: Any) -> Completion:
         """The whole completion (Engine.complete)."""
         return self._call(self.engine.complete(prompt, params, **kwargs))
+
+    def prompt_logprobs(self, ids: list[int], top: int = 0) -> list[TokenLogprob | None]:
+        """Each prompt token's logprob given the ones before (Engine.prompt_logprobs)."""
+        return self._call(self.engine.prompt_logprobs(ids, top))
 
     def encode_prompt(self, prompt: Prompt, system_prompt: str | None = None) -> list[int]:
         return self.engine.encode_prompt(prompt, system_prompt)

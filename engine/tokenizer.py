@@ -114,9 +114,11 @@ class Tokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
     def apply_chat_template(
-        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> str:
-        """Render messages with the model's chat template.
+        """Render messages with the model's chat template; tools (when given) are the
+        template's `tools` variable.
 
         Raises:
             ChatTemplateError: no template, or the template failed to render.
@@ -125,9 +127,11 @@ class Tokenizer:
             raise ChatTemplateError("the model has no chat template")
         self._env.start_render()
         try:
+            extra = {} if tools is None else {"tools": list(tools)}
             return self._template.render(
                 messages=list(messages), add_generation_prompt=add_generation_prompt,
                 bos_token=self.data.bos_token or "", eos_token=self.data.eos_token or "",
+                **extra,
             )
         except ChatTemplateError:
             raise

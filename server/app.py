@@ -10,17 +10,20 @@ and frees its batch slot and KV cache.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hmac
 import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
+from stream_run.engine.constraints import JsonObjectConstraint
 from stream_run.engine.engine import Engine, Generation
 from stream_run.engine.errors import (
     ChatTemplateError,
@@ -28,17 +31,20 @@ from stream_run.engine.errors import (
     QueueFullError,
     ReadError,
 )
-from stream_run.server.openai_api import (
-    APIError,
-    Limits,
-    ParsedRequest,
-    bad,
-    parse_chat,
-    parse_completion,
+from stream_run.engine.request import Chunk, GenerationParams, StopFilter
+from stream_run.engine.sampling import SamplingParams, TokenLogprob
+from stream_run.engine.stats import GenerationStats
+from stream_run.server.errors import APIError, bad
+from stream_run.server.openai_api import Limits, ParsedRequest, parse_chat, parse_completion
+from stream_run.server.responses import (
+    ChoiceRun,
+    StreamedChoice,
+    TokenStrings,
     response,
-    stream_chunk,
     usage_chunk,
+    vocab_bytes,
 )
+from stream_run.server.tools import ToolStream
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,7 @@ class ServerConfig:
     api_key: str | None = None  # when set, /v1/* needs "Authorization: Bearer <key>"
     max_body_bytes: int = 4 * 2**20
     max_tokens_cap: int = 4096  # the largest max_tokens accepted, and the default
+    max_n: int = 8  # the largest n (choices per prompt) a request may ask for
     # a client that takes longer than this to send its body, or to take the next part of a
     # streamed answer (its socket buffers full), is dropped and its generation cancelled
     stall_timeout_s: float = 60.0  # inf: wait for ever
@@ -65,6 +72,8 @@ class ServerConfig:
             raise ValueError(f"max_body_bytes must be > 0, got {self.max_body_bytes}")
         if self.max_tokens_cap <= 0:
             raise ValueError(f"max_tokens_cap must be > 0, got {self.max_tokens_cap}")
+        if self.max_n <= 0:
+            raise ValueError(f"max_n must be > 0, got {self.max_n}")
         if not self.stall_timeout_s > 0:
             raise ValueError(f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
 
@@ -83,6 +92,14 @@ class ServerState:
         self.read_error: str | None = None
         self.loaded = asyncio.Event()  # set when the engine is ready or failed to load
         self.created = int(time.time())
+        self._strings: TokenStrings | None = None
+        self._json: Callable[[], JsonObjectConstraint] | None = None
+
+    def strings(self, engine: Engine) -> TokenStrings:
+        """Token texts and bytes for logprobs (cached per token)."""
+        if self._strings is None:
+            self._strings = TokenStrings(engine.tokenizer)
+        return self._strings
 
     async def load(self) -> None:
         try:
@@ -103,9 +120,20 @@ class ServerState:
         raise APIError(503, "the model is still loading; retry shortly", "unavailable_error",
                        code="model_loading")
 
+    async def json_constraint(self, engine: Engine) -> Callable[[], JsonObjectConstraint]:
+        """What makes each json_object request's constraint (the vocabulary's bytes are
+        gathered once, off the event loop)."""
+        if self._json is None:
+            vocab = await asyncio.to_thread(vocab_bytes, engine.tokenizer, engine.spec.vocab_size)
+            self._json = functools.partial(JsonObjectConstraint, vocab,
+                                           engine.tokenizer.eos_token_ids)
+        return self._json
+
     def limits(self, engine: Engine) -> Limits:
+        template = engine.tokenizer.data.chat_template or ""
         return Limits(self.config.model_name, self.config.max_tokens_cap, engine.spec.vocab_size,
-                      engine.source.sampling_defaults)
+                      engine.source.sampling_defaults, self.config.max_n,
+                      "tools" in template)
 
 
 STATE = web.AppKey("state", ServerState)
@@ -250,20 +278,40 @@ async def _complete(request: web.Request, parse: Callable[[Any, Limits], ParsedR
     req = parse(await _read_json(request), state.limits(engine))
     if (problem := _files_problem(engine)) is not None:
         raise _read_failed(state, problem)
-    generation = await _submit(engine, req, state.config.max_tokens_cap)
-    async with generation:
+    async with contextlib.AsyncExitStack() as stack:  # leaving it cancels what still runs
+        runs, prompt_tokens = await _start(engine, req, state, stack)
         if req.stream:
-            return await _stream(request, req, generation, state)
-        text, last = [], None
+            return await _stream(request, req, runs, prompt_tokens, state)
+        for run in runs:
+            if run.ready is not None:
+                run.add(run.ready)
         try:
-            async for chunk in generation:
-                text.append(chunk.text)
-                last = chunk
+            async for run, chunk in _merged(runs):
+                run.add(chunk)
         except ReadError as exc:
             raise _read_failed(state, exc) from None
-        assert last is not None
         state.read_error = None
-        return web.json_response(response(req, "".join(text), last))
+        return web.json_response(response(req, runs, state.strings(engine), prompt_tokens))
+
+
+async def _merged(runs: Sequence[ChoiceRun]) -> AsyncIterator[tuple[ChoiceRun, Chunk]]:
+    """The chunks of the runs' generations as they come, up to each one's last."""
+    waiting: dict[asyncio.Future[Chunk], ChoiceRun] = {
+        asyncio.ensure_future(r.generation.__anext__()): r for r in runs
+        if r.generation is not None}
+    try:
+        while waiting:
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            for fut in sorted(done, key=lambda f: waiting[f].index):
+                run = waiting.pop(fut)
+                chunk = fut.result()
+                yield run, chunk
+                if chunk.finish_reason is None:
+                    waiting[asyncio.ensure_future(run.generation.__anext__())] = run
+    finally:
+        for fut in waiting:
+            fut.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
 
 
 def _files_problem(engine: Engine) -> ReadError | None:
@@ -289,24 +337,87 @@ def _read_failed(state: ServerState, exc: ReadError) -> APIError:
                     code="model_read_error")
 
 
-async def _submit(engine: Engine, req: ParsedRequest, cap: int) -> Generation:
-    """Tokenize, fit max_tokens to the context, and queue the generation (before any response
-    starts, so each error is a status code)."""
+async def _start(engine: Engine, req: ParsedRequest, state: ServerState,
+                 stack: contextlib.AsyncExitStack) -> tuple[list[ChoiceRun], int]:
+    """Tokenize each prompt, score it for echo with logprobs, fit max_tokens to the context and
+    queue its n generations (before any response starts, so each error is a status code).
+    Returns the choices and the prompt tokens of the request."""
+    runs, prompt_tokens = [], 0
+    for p, prompt in enumerate(req.prompts):
+        ids = await _encode(engine, req, prompt)
+        prompt_tokens += len(ids)
+        max_tokens = _fit(engine, req, ids, state.config.max_tokens_cap)
+        echo_text, prompt_lps, ready = "", None, None
+        if req.echo:
+            echo_text = prompt if isinstance(prompt, str) else engine.tokenizer.decode(ids)
+            if max_tokens == 0:  # the prompt is the answer
+                ready = Chunk("", [], "length", GenerationStats(prompt_tokens=len(ids)))
+            if req.logprobs is not None:
+                # a greedy one-token answer (lm-eval's loglikelihood request) comes from the
+                # scoring pass itself: no second pass over the prompt
+                one = max_tokens == 1 and _greedy(req.sampling)
+                try:
+                    prompt_lps = await engine.prompt_logprobs(ids, req.logprobs, one)
+                except ReadError as exc:
+                    raise _read_failed(state, exc) from None
+                if one:
+                    ready = _one_token(engine, req, len(ids), prompt_lps.pop())
+        names = {t["function"]["name"] for t in req.tools or []}
+        constraint = await state.json_constraint(engine) if req.json_object else None
+        for j in range(req.n):
+            generation = None
+            if ready is None:
+                params = req.params(max_tokens, j).replace(constraint=constraint)
+                generation = await stack.enter_async_context(
+                    _submit(engine, req, ids, params))
+            runs.append(ChoiceRun(p * req.n + j, ids, generation, echo_text, prompt_lps,
+                                  ToolStream(names) if req.tools else None, ready=ready))
+    return runs, prompt_tokens
+
+
+def _greedy(sampling: SamplingParams) -> bool:
+    """Whether the first token is the likeliest one (no penalty can change the pick)."""
+    return sampling.temperature == 0 and sampling.repetition_penalty == 1.0
+
+
+def _one_token(engine: Engine, req: ParsedRequest, n_prompt: int, lp: TokenLogprob) -> Chunk:
+    """The whole answer of one greedy token, as the batcher would give it: EOS ends it with
+    no text; a stop string in its text cuts it."""
+    stats = GenerationStats(prompt_tokens=n_prompt, generation_tokens=1)
+    if lp.token_id in engine.tokenizer.eos_token_ids:
+        return Chunk("", [lp.token_id], "stop", stats, logprobs=[lp])
+    text, cut = StopFilter(req.stop).feed(engine.tokenizer.decode([lp.token_id]), final=True)
+    return Chunk(text, [lp.token_id], "stop" if cut else "length", stats, logprobs=[lp])
+
+
+async def _encode(engine: Engine, req: ParsedRequest, prompt: Any) -> list[int]:
     param = "messages" if req.kind == "chat" else "prompt"
     try:
-        ids = await asyncio.to_thread(engine.encode_prompt, req.prompt)  # long prompts
+        ids = await asyncio.to_thread(engine.encode_prompt, prompt, None, req.tools)
     except ChatTemplateError as exc:
         raise bad(str(exc), param) from None
     if not ids:
         raise bad("the prompt is empty (no tokens)", param)
+    return ids
+
+
+def _fit(engine: Engine, req: ParsedRequest, ids: list[int], cap: int) -> int:
+    """max_tokens for this prompt: the request's, or what the context leaves (up to cap)."""
+    param = "messages" if req.kind == "chat" else "prompt"
     room = engine.max_context - len(ids)
     max_tokens = req.max_tokens if req.max_tokens is not None else min(cap, room)
-    if max_tokens > room or room < 1:
+    if max_tokens > room or room < 1 and not req.echo:  # echo: the prompt may fill it
         raise bad(f"this model's context is {engine.max_context} tokens; the prompt has "
                   f"{len(ids)} and max_tokens is {max_tokens}; shorten the prompt or lower "
                   "max_tokens", param, "context_length_exceeded")
+    return max_tokens
+
+
+def _submit(engine: Engine, req: ParsedRequest, ids: list[int], params: GenerationParams
+            ) -> Generation:
+    param = "messages" if req.kind == "chat" else "prompt"
     try:
-        return engine.submit(ids, req.params(max_tokens))
+        return engine.submit(ids, params)
     except QueueFullError as exc:
         raise APIError(429, str(exc), "rate_limit_error", code="rate_limit_exceeded") from None
     except (ContextLengthError, ValueError) as exc:
@@ -322,12 +433,14 @@ class _Stalled(Exception):
     """The client has not taken a streamed part for stall_timeout_s."""
 
 
-async def _stream(request: web.Request, req: ParsedRequest, generation: Generation,
-                  state: ServerState) -> web.StreamResponse:
+async def _stream(request: web.Request, req: ParsedRequest, runs: list[ChoiceRun],
+                  prompt_tokens: int, state: ServerState) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await resp.prepare(request)
     timeout = state.config.stall_limit_s
+    assert state.engine is not None
+    choices = {id(r): StreamedChoice(req, r, state.strings(state.engine)) for r in runs}
 
     async def send(obj: Any | None) -> None:
         # write() waits while the socket's buffers are full: a client that stops reading would
@@ -339,17 +452,19 @@ async def _stream(request: web.Request, req: ParsedRequest, generation: Generati
             raise _Stalled from None
 
     try:
-        if req.kind == "chat":
-            await send(stream_chunk(req, "", first=True))
+        for run in runs:
+            for obj in choices[id(run)].opening():
+                await send(obj)
+            if run.ready is not None:  # answered by the echo's scoring pass
+                for obj in choices[id(run)].feed(run.ready):
+                    await send(obj)
         try:
-            async for chunk in generation:
-                if chunk.text:
-                    await send(stream_chunk(req, chunk.text))
-                if chunk.finish_reason is not None:
-                    await send(stream_chunk(req, "", chunk.finish_reason))
-                    if req.include_usage and chunk.stats is not None:
-                        await send(usage_chunk(req, chunk.stats.prompt_tokens,
-                                               chunk.stats.generation_tokens))
+            async for run, chunk in _merged(runs):
+                for obj in choices[id(run)].feed(chunk):
+                    await send(obj)
+            if req.include_usage:
+                await send(usage_chunk(req, prompt_tokens,
+                                       sum(r.completion_tokens for r in runs)))
             state.read_error = None
         except ReadError as exc:  # headers are sent: the error goes in the stream
             await send(_read_failed(state, exc).body())

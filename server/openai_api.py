@@ -3,34 +3,22 @@ and SSE chunks built as dicts, errors as OpenAI error objects with their status 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from stream_run.engine.request import Chunk, GenerationParams
+from stream_run.engine.request import GenerationParams
 from stream_run.engine.sampling import SamplingParams
+from stream_run.server.errors import APIError, bad
+from stream_run.server.tools import arguments_object, parse_tool_choice, parse_tools
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOPS = 4
-
-
-class APIError(Exception):
-    """An error answered as {"error": {...}} with an HTTP status."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type = status, message, type
-        self.param, self.code = param, code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
-
-
-def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound for top_logprobs (completions' logprobs: 5; vLLM: 20)
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+__all__ = ["APIError", "bad"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +29,8 @@ class Limits:
     # the model's sampling defaults (generation_config.json / GGUF general.sampling.*) for
     # fields a request leaves unset; OpenAI's where the model ships none
     sampling_defaults: dict[str, float] = field(default_factory=dict)
+    max_n: int = 8  # the largest n (choices per prompt)
+    template_reads_tools: bool = False  # the chat template renders a `tools` list
 
 
 @dataclass
@@ -49,18 +39,31 @@ class ParsedRequest:
     max_tokens is None when the request did not set it (the server fills in the default)."""
 
     kind: str  # "chat" | "completion"
-    prompt: str | list[int] | list[dict[str, Any]]
+    prompts: list[str | list[int] | list[dict[str, Any]]]  # chat: one (its messages)
     max_tokens: int | None
-    sampling: SamplingParams
+    sampling: SamplingParams  # its logprobs: None, or the top-k alternatives wanted
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
     model: str = ""
+    n: int = 1
+    echo: bool = False  # completions: the prompt opens the text (and its logprobs, if asked)
+    json_object: bool = False  # response_format {"type": "json_object"}: sampling constrained
+    tools: list[dict[str, Any]] | None = None  # rendered and parsed (tool_choice "auto")
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def params(self, max_tokens: int) -> GenerationParams:
-        return GenerationParams(max_tokens=max_tokens, sampling=self.sampling, stop=self.stop)
+    @property
+    def logprobs(self) -> int | None:
+        return self.sampling.logprobs
+
+    def params(self, max_tokens: int, index: int = 0) -> GenerationParams:
+        """The generation of choice `index` of a prompt: a seeded request's choices differ
+        (seed + index), so n > 1 samples n answers reproducibly."""
+        sampling = self.sampling
+        if index and sampling.seed is not None:
+            sampling = dataclasses.replace(sampling, seed=sampling.seed + index)
+        return GenerationParams(max_tokens=max_tokens, sampling=sampling, stop=self.stop)
 
 
 def parse_chat(body: Any, limits: Limits) -> ParsedRequest:
@@ -71,32 +74,71 @@ def parse_chat(body: Any, limits: Limits) -> ParsedRequest:
         raise bad("'messages' must be a non-empty array of message objects", "messages")
     prompt = [_message(m, i) for i, m in enumerate(messages)]
     # refused rather than ignored: a client that asked for them would misread a plain answer
-    unsupported = {"logprobs": bool(body.get("logprobs")),
-                   "top_logprobs": body.get("top_logprobs") not in (None, 0),
-                   "tools": bool(body.get("tools")),
-                   "tool_choice": body.get("tool_choice") not in (None, "none"),
-                   "functions": bool(body.get("functions")),
-                   "function_call": body.get("function_call") not in (None, "none")}
-    for name, used in unsupported.items():
-        if used:
-            raise bad(f"'{name}' is not supported by this server", name)
+    for name in ("functions", "function_call"):
+        if body.get(name) not in (None, "none", []):
+            raise bad(f"'{name}' (deprecated) is not supported; use 'tools'", name)
+    tools = parse_tools(body.get("tools"))
+    if parse_tool_choice(body.get("tool_choice"), tools) == "none":
+        tools = None
+    if tools and not limits.template_reads_tools:
+        raise bad("this model's chat template does not render tools (it never reads "
+                  "'tools'), so the model would not see them", "tools")
+    logprobs = _typed(body, "logprobs", bool, False)
+    top = _int_in(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top is not None and not logprobs:
+        raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    json_object = _response_format(body.get("response_format"))
+    if json_object and not any("json" in m["content"].lower() for m in prompt):
+        raise bad("'messages' must contain the word 'json' in some form to use "
+                  "'response_format' of type 'json_object'", "messages")
     cap = body.get("max_completion_tokens", body.get("max_tokens"))
     param = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-    return _common(body, limits, "chat", prompt, _max_tokens(cap, param, limits))
+    req = _common(body, limits, "chat", [prompt], _max_tokens(cap, param, limits),
+                  (top or 0) if logprobs else None)
+    req.json_object, req.tools = json_object, tools
+    return req
 
 
 def parse_completion(body: Any, limits: Limits) -> ParsedRequest:
     """Check a /v1/completions body. Raises APIError (400/404)."""
     body = _object(body)
-    prompt = _prompt(body.get("prompt"), limits)
-    unsupported = {"echo": bool(body.get("echo")), "suffix": bool(body.get("suffix")),
-                   "logprobs": body.get("logprobs") not in (None, 0),
-                   "best_of": body.get("best_of") not in (None, 1)}
-    for name, used in unsupported.items():
-        if used:
-            raise bad(f"'{name}' is not supported by this server", name)
-    return _common(body, limits, "completion", prompt,
-                   _max_tokens(body.get("max_tokens"), "max_tokens", limits))
+    prompts = _prompts(body.get("prompt"), limits)
+    if body.get("suffix"):
+        raise bad("'suffix' is not supported by this server", "suffix")
+    echo = _typed(body, "echo", bool, False)
+    logprobs = _int_in(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+    max_tokens = _max_tokens(body.get("max_tokens"), "max_tokens", limits, allow_zero=echo)
+    req = _common(body, limits, "completion", prompts, max_tokens, logprobs)
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != req.n:
+        raise bad("'best_of' is not supported by this server (only best_of = n)", "best_of")
+    req.echo = echo
+    return req
+
+
+def _int_in(body: dict[str, Any], name: str, lo: int, hi: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise bad(f"'{name}' must be an integer in [{lo}, {hi}], got {value!r}", name)
+    return value
+
+
+def _response_format(value: Any) -> bool:
+    """Whether the answer must be a JSON object (its sampling is constrained)."""
+    if value is None:
+        return False
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return False
+    if kind == "json_object":
+        return True
+    if kind == "json_schema":
+        raise bad("'response_format' type 'json_schema' is not supported (only 'json_object' "
+                  "is constrained); use 'json_object'", "response_format")
+    raise bad("'response_format' must be {\"type\": \"text\"} or {\"type\": "
+              f"\"json_object\"}}, got {value!r}", "response_format")
 
 
 def _object(body: Any) -> dict[str, Any]:
@@ -105,24 +147,26 @@ def _object(body: Any) -> dict[str, Any]:
     return body
 
 
-def _common(body: dict[str, Any], limits: Limits, kind: str, prompt: Any,
-            max_tokens: int | None) -> ParsedRequest:
+def _common(body: dict[str, Any], limits: Limits, kind: str, prompts: list[Any],
+            max_tokens: int | None, logprobs: int | None) -> ParsedRequest:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("'model' must be a non-empty string", "model")
     if model != limits.model_name:
         raise APIError(404, f"the model '{model}' does not exist; this server serves "
                        f"'{limits.model_name}'", param="model", code="model_not_found")
-    if body.get("n", 1) != 1 or isinstance(body.get("n"), bool):
-        raise bad("only n=1 is supported", "n")
+    n = _typed(body, "n", int, 1)
+    if not 1 <= n <= limits.max_n:
+        raise bad(f"'n' must be in [1, {limits.max_n}] on this server (--max-n), got {n}",
+                  "n")
     stream = _typed(body, "stream", bool, False)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad("'stream_options' must be an object", "stream_options")
     include_usage = _typed(options or {}, "include_usage", bool, False, "stream_options")
-    return ParsedRequest(kind, prompt, max_tokens, _sampling(body, limits.sampling_defaults),
-                         _stop(body.get("stop")),
-                         stream, include_usage and stream, model)
+    sampling = dataclasses.replace(_sampling(body, limits.sampling_defaults), logprobs=logprobs)
+    return ParsedRequest(kind, prompts, max_tokens, sampling, _stop(body.get("stop")),
+                         stream, include_usage and stream, model, n)
 
 
 def _typed(obj: dict[str, Any], name: str, kind: type, default: Any, prefix: str = "") -> Any:
@@ -160,11 +204,14 @@ def _sampling(body: dict[str, Any], defaults: dict[str, float]) -> SamplingParam
                                                      defaults.get("repetition_penalty", 1.0)))
 
 
-def _max_tokens(value: Any, param: str, limits: Limits) -> int | None:
+def _max_tokens(value: Any, param: str, limits: Limits, allow_zero: bool = False
+                ) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise bad(f"'{param}' must be a positive integer, got {value!r}", param)
+    lo = 0 if allow_zero else 1  # echo with max_tokens 0: score the prompt only
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        what = "an integer >= 0 (with echo)" if allow_zero else "a positive integer"
+        raise bad(f"'{param}' must be {what}, got {value!r}", param)
     if value > limits.max_tokens_cap:
         raise bad(f"'{param}' is {value}, above this server's limit of "
                   f"{limits.max_tokens_cap}", param)
@@ -200,12 +247,40 @@ def _message(m: Any, i: int) -> dict[str, Any]:
     if not isinstance(content, str):
         raise bad(f"'{param}.content' must be a string or an array of text parts",
                   f"{param}.content")
-    return {"role": "system" if role == "developer" else role, "content": content}
+    out: dict[str, Any] = {"role": "system" if role == "developer" else role,
+                           "content": content}
+    calls = m.get("tool_calls")
+    if role == "assistant" and calls:
+        out["tool_calls"] = [_tool_call(c, f"{param}.tool_calls[{j}]")
+                             for j, c in enumerate(calls if isinstance(calls, list) else [None])]
+    for key in ("tool_call_id", "name"):
+        if isinstance(m.get(key), str):
+            out[key] = m[key]
+    return out
+
+
+def _tool_call(call: Any, param: str) -> dict[str, Any]:
+    """An assistant message's tool call, its arguments decoded as chat templates expect."""
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise bad(f"'{param}' must be {{\"type\": \"function\", \"function\": {{\"name\": "
+                  "..., \"arguments\": ...}}}}", param)
+    args = arguments_object(fn.get("arguments", {}))
+    return {"id": call.get("id"), "type": "function",
+            "function": {"name": fn["name"], "arguments": args}}
+
+
+def _prompts(value: Any, limits: Limits) -> list[str | list[int]]:
+    """A prompt, or an array of them: strings or arrays of token ids."""
+    batch = isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value)
+    prompts = value if batch else [value]
+    if len(prompts) > MAX_PROMPTS:
+        raise bad(f"'prompt' has {len(prompts)} prompts, above this server's limit of "
+                  f"{MAX_PROMPTS}", "prompt")
+    return [_prompt(p, limits) for p in prompts]
 
 
 def _prompt(value: Any, limits: Limits) -> str | list[int]:
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
-        value = value[0]  # a batch of one prompt
     if isinstance(value, str):
         if not value:
             raise bad("'prompt' is empty", "prompt")
@@ -215,55 +290,5 @@ def _prompt(value: Any, limits: Limits) -> str | list[int]:
         if not all(0 <= t < limits.vocab_size for t in value):
             raise bad(f"'prompt' has token ids outside [0, {limits.vocab_size})", "prompt")
         return value
-    raise bad("'prompt' must be a non-empty string or array of token ids (one prompt per "
-              "request)", "prompt")
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def _envelope(req: ParsedRequest, obj: str) -> dict[str, Any]:
-    prefix = "chatcmpl-" if req.kind == "chat" else "cmpl-"
-    return {"id": prefix + req.id, "object": obj, "created": req.created, "model": req.model,
-            "system_fingerprint": "stream-run"}
-
-
-def stream_chunk(req: ParsedRequest, text: str, finish_reason: str | None = None,
-                 first: bool = False) -> dict[str, Any]:
-    """One SSE chunk: a content delta (the first also carries the role) or the finish."""
-    if req.kind == "chat":
-        delta: dict[str, Any] = {"role": "assistant"} if first else {}
-        if text or first:
-            delta["content"] = text
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        out = {**_envelope(req, "chat.completion.chunk"), "choices": [choice]}
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        out = {**_envelope(req, "text_completion"), "choices": [choice]}
-    if req.include_usage:
-        out["usage"] = None
-    return out
-
-
-def usage_chunk(req: ParsedRequest, prompt_tokens: int, completion_tokens: int
-                ) -> dict[str, Any]:
-    obj = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
-    return {**_envelope(req, obj), "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
-
-
-def response(req: ParsedRequest, text: str, last: Chunk) -> dict[str, Any]:
-    """The non-streaming answer."""
-    assert last.stats is not None
-    if req.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": None, "finish_reason": last.finish_reason}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None,
-                  "finish_reason": last.finish_reason}
-        obj = "text_completion"
-    return {**_envelope(req, obj), "choices": [choice],
-            "usage": usage(last.stats.prompt_tokens, last.stats.generation_tokens)}
+    raise bad("'prompt' must be a non-empty string or array of token ids, or an array of "
+              "them", "prompt")

@@ -252,6 +252,7 @@ def test_smollm2_chat_end_to_end(smollm2_gguf):
 @pytest.mark.parametrize("flags,message", [
     (["--max-batch", "0"], "--max-batch must be >= 1"),
     (["--max-queue", "-1"], "--max-queue must be >= 0"),
+    (["--max-n", "0"], "--max-n must be >= 1"),
     (["--max-body", "lots"], "--max-body: not a size"),
     (["--memory-budget", "1KB"], "memory budget"),
 ])

@@ -63,6 +63,8 @@ BAD_CHAT = [
     (chat_body(model="gpt-4"), 404, "model", "model_not_found", "gpt-4"),
     (chat_body(messages=[]), 400, "messages", None, "non-empty"),
     (chat_body(messages="hello"), 400, "messages", None, "non-empty"),
+    (chat_body(messages=[{"role": "assistant", "content": None, "tool_calls": [{"x": 1}]}]),
+     400, "messages[0].tool_calls[0]", None, "function"),
     (chat_body(messages=[{"role": "user"}]), 400, "messages[0].content", None, ""),
     (chat_body(messages=[{"role": "wizard", "content": "x"}]), 400, "messages[0].role", None,
      "wizard"),
@@ -82,15 +84,34 @@ BAD_CHAT = [
     (chat_body(stream_options=[]), 400, "stream_options", None, ""),
     (chat_body(stop=5), 400, "stop", None, "string"),
     (chat_body(stop=["a", "b", "c", "d", "e"]), 400, "stop", None, "4"),
-    (chat_body(n=2), 400, "n", None, "n=1"),
+    (chat_body(n=9), 400, "n", None, "[1, 8]"),  # above the server's cap (--max-n)
+    (chat_body(n=0), 400, "n", None, "[1, 8]"),
+    (chat_body(n="2"), 400, "n", None, "integer"),
     ([1, 2, 3], 400, None, None, "JSON object"),
-    # not supported yet: refused by name rather than silently ignored
-    (chat_body(logprobs=True), 400, "logprobs", None, "not supported"),
-    (chat_body(top_logprobs=3), 400, "top_logprobs", None, "not supported"),
+    (chat_body(logprobs="yes"), 400, "logprobs", None, "boolean"),
+    (chat_body(logprobs=True, top_logprobs=21), 400, "top_logprobs", None, "[0, 20]"),
+    (chat_body(logprobs=True, top_logprobs=-1), 400, "top_logprobs", None, "[0, 20]"),
+    (chat_body(logprobs=True, top_logprobs=2.5), 400, "top_logprobs", None, "integer"),
+    (chat_body(top_logprobs=3), 400, "top_logprobs", None, "needs 'logprobs'"),
+    (chat_body(tools="get_weather"), 400, "tools", None, "array"),
+    (chat_body(tools=[{"type": "function", "function": {"name": "f", "parameters": "{not"}}]),
+     400, "tools[0].function.parameters", None, "not JSON"),
+    (chat_body(tools=[{"type": "function", "function": {"name": "f", "parameters": [1]}}]),
+     400, "tools[0].function.parameters", None, "JSON Schema object"),
+    (chat_body(tools=[{"type": "function", "function": {"name": "no spaces"}}]), 400,
+     "tools[0].function.name", None, "letters"),
+    (chat_body(tools=[{"name": "f"}]), 400, "tools[0]", None, "function"),
+    # a well-formed tool for a template that never reads `tools` (the tiny ChatML one)
     (chat_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", None,
-     "not supported"),
-    (chat_body(tool_choice="auto"), 400, "tool_choice", None, "not supported"),
-    (chat_body(functions=[{"name": "f"}]), 400, "functions", None, "not supported"),
+     "does not render tools"),
+    (chat_body(tool_choice="auto"), 400, "tool_choice", None, "no 'tools'"),
+    (chat_body(tools=[{"type": "function", "function": {"name": "f"}}], tool_choice="required"),
+     400, "tool_choice", None, "forcing a call is not supported"),
+    (chat_body(functions=[{"name": "f"}]), 400, "functions", None, "deprecated"),
+    (chat_body(response_format={"type": "json_object"}), 400, "messages", None, "json"),
+    (chat_body(response_format={"type": "xml"}), 400, "response_format", None, "json_object"),
+    (chat_body(response_format={"type": "json_schema", "json_schema": {}}), 400,
+     "response_format", None, "only 'json_object'"),
 ]
 
 
@@ -100,9 +121,25 @@ def test_bad_chat_requests(server, body, status, param, code, match):
     assert_serves(server)
 
 
+BAD_COMPLETION = [
+    ({"logprobs": 21}, "logprobs", "[0, 20]"), ({"logprobs": True}, "logprobs", "[0, 20]"),
+    ({"echo": "yes"}, "echo", "boolean"), ({"max_tokens": 0}, "max_tokens", "positive"),
+    ({"echo": True, "max_tokens": -1}, "max_tokens", ">= 0"), ({"n": 9}, "n", "[1, 8]"),
+    ({"best_of": 3}, "best_of", "best_of = n"), ({"suffix": "x"}, "suffix", "not supported"),
+    ({"prompt": ["a"] * 65}, "prompt", "limit of 64"),
+]
+
+
+@pytest.mark.parametrize("fields,param,match", BAD_COMPLETION)
+def test_bad_completion_requests(server, fields, param, match):
+    body = {"model": NAME, "prompt": "hello", "max_tokens": 2, **fields}
+    assert_error(*server.request("POST", COMPLETIONS, body), 400, param, None, match)
+    assert_serves(server)
+
+
 @pytest.mark.parametrize("prompt,match", [
-    ("", "empty"), ([], "non-empty"), ([1, 2, 10**6], "token ids"), (["a", "b"], "one prompt"),
-    ({"text": "hi"}, "non-empty"), (None, "non-empty")])
+    ("", "empty"), ([], "non-empty"), ([1, 2, 10**6], "token ids"), (["a", ""], "empty"),
+    ([[1, 2], []], "non-empty"), ({"text": "hi"}, "non-empty"), (None, "non-empty")])
 def test_bad_completion_prompts(server, prompt, match):
     status, body = server.request("POST", COMPLETIONS,
                                   {"model": NAME, "prompt": prompt, "max_tokens": 2})
