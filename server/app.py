@@ -464,7 +464,8 @@ async def _stream(request: web.Request, req: ParsedRequest, runs: list[ChoiceRun
                     await send(obj)
             if req.include_usage:
                 await send(usage_chunk(req, prompt_tokens,
-                                       sum(r.completion_tokens for r in runs)))
+                                       sum(r.completion_tokens for r in runs),
+                                       sum(r.cached_tokens for r in runs)))
             state.read_error = None
         except ReadError as exc:  # headers are sent: the error goes in the stream
             await send(_read_failed(state, exc).body())

@@ -62,9 +62,13 @@ def vocab_bytes(tokenizer: Tokenizer, n_ids: int) -> list[bytes | None]:
     return [None if i in added or i >= known else bytes(strings(i)[1]) for i in range(n_ids)]
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+          ) -> dict[str, Any]:
+    """OpenAI's usage object; prompt_tokens_details.cached_tokens: prompt tokens whose KV came
+    from the prefix cache (--kv-cache-budget), as OpenAI reports its prompt caching."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def chat_logprobs(lps: Sequence[TokenLogprob], strings: TokenStrings) -> dict[str, Any]:
@@ -118,6 +122,7 @@ class ChoiceRun:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache
     ready: Chunk | None = None  # the whole answer, known without a generation (echo)
 
     def add(self, chunk: Chunk) -> None:
@@ -128,6 +133,7 @@ class ChoiceRun:
             self.finish_reason = chunk.finish_reason
             if chunk.stats is not None:
                 self.completion_tokens = chunk.stats.generation_tokens
+                self.cached_tokens = chunk.stats.prompt_tokens_reused
 
 
 def _envelope(req: ParsedRequest, obj: str) -> dict[str, Any]:
@@ -165,7 +171,8 @@ def response(req: ParsedRequest, runs: Sequence[ChoiceRun], strings: TokenString
         choices.append(choice)
     obj = "chat.completion" if req.kind == "chat" else "text_completion"
     return {**_envelope(req, obj), "choices": choices,
-            "usage": usage(prompt_tokens, sum(r.completion_tokens for r in runs))}
+            "usage": usage(prompt_tokens, sum(r.completion_tokens for r in runs),
+                           sum(r.cached_tokens for r in runs))}
 
 
 def stream_chunk(req: ParsedRequest, index: int, text: str = "",
@@ -192,11 +199,11 @@ def stream_chunk(req: ParsedRequest, index: int, text: str = "",
     return out
 
 
-def usage_chunk(req: ParsedRequest, prompt_tokens: int, completion_tokens: int
-                ) -> dict[str, Any]:
+def usage_chunk(req: ParsedRequest, prompt_tokens: int, completion_tokens: int,
+                cached_tokens: int = 0) -> dict[str, Any]:
     obj = "chat.completion.chunk" if req.kind == "chat" else "text_completion"
     return {**_envelope(req, obj), "choices": [],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage(prompt_tokens, completion_tokens, cached_tokens)}
 
 
 class StreamedChoice:
