@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests decoded together (each shares every layer read)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting for a batch slot; more get HTTP 429")
+    p.add_argument("--prompt-cache-dir", default=None, metavar="DIR",
+                   help="POST /v1/prompt_cache saves and loads prompt-cache files by name in "
+                   "DIR (default: off)")
     p.add_argument("--max-context", type=int, default=None,
                    help="context length (default: the model's)")
     add_engine_flags(p)
@@ -68,6 +71,8 @@ def configs(args: argparse.Namespace):
                             ("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0)):
         if value < lo:
             raise UsageError(f"{flag} must be >= {lo}, got {value}")
+    if args.prompt_cache_dir is not None and not os.path.isdir(args.prompt_cache_dir):
+        raise UsageError(f"--prompt-cache-dir: {args.prompt_cache_dir}: not a directory")
     name = args.model_name or os.path.basename(os.path.normpath(model))
     try:
         max_body = parse_size(args.max_body)
@@ -76,7 +81,8 @@ def configs(args: argparse.Namespace):
     server = ServerConfig(model_name=name, api_key=args.api_key or os.environ.get(API_KEY_ENV),
                           max_body_bytes=max_body, max_tokens_cap=args.max_tokens_cap,
                           max_n=args.max_n,
-                          stall_timeout_s=args.stall_timeout)
+                          stall_timeout_s=args.stall_timeout,
+                          prompt_cache_dir=args.prompt_cache_dir)
     config = engine_config(args)
     try:
         config = dataclasses.replace(config, max_batch=args.max_batch, max_queue=args.max_queue,

@@ -34,6 +34,7 @@ from stream_run.engine.errors import (
 from stream_run.engine.request import Chunk, GenerationParams, StopFilter
 from stream_run.engine.sampling import SamplingParams, TokenLogprob
 from stream_run.engine.stats import GenerationStats
+from stream_run.server import prompt_cache as prompt_cache_files
 from stream_run.server.errors import APIError, bad
 from stream_run.server.openai_api import Limits, ParsedRequest, parse_chat, parse_completion
 from stream_run.server.responses import (
@@ -59,6 +60,9 @@ class ServerConfig:
     # a client that takes longer than this to send its body, or to take the next part of a
     # streamed answer (its socket buffers full), is dropped and its generation cancelled
     stall_timeout_s: float = 60.0  # inf: wait for ever
+    # POST /v1/prompt_cache saves and loads prompt-cache files by name in this directory
+    # (server/prompt_cache.py); None: off
+    prompt_cache_dir: str | None = None
 
     @property
     def stall_limit_s(self) -> float | None:
@@ -155,7 +159,13 @@ def make_app(config: ServerConfig, open_engine: Callable[[], Awaitable[Engine]]
     app.router.add_get("/v1/models/{model}", model_info)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/prompt_cache", prompt_cache)
     return app
+
+
+async def prompt_cache(request: web.Request) -> web.Response:
+    return await prompt_cache_files.handle(request, request.app[STATE],
+                                           await _read_json(request))
 
 
 async def _lifecycle(app: web.Application):
