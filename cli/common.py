@@ -144,7 +144,21 @@ def stats_lines(s: GenerationStats, budget: int | None) -> list[str]:
         f"Disk: {format_size(s.bytes_read)} read in {s.units_read} unit reads, cache hit rate "
         f"{hit}, I/O stall {s.io_stall_s:.3f} s, prefetch depth {s.prefetch_depth}, budget "
         f"{format_size(budget) if budget else 'unlimited'}",
-    ] + ([expert_line(s)] if s.expert_hits + s.expert_misses else [])
+    ] + ([expert_line(s)] if s.expert_hits + s.expert_misses else []) + [speculative_line(s)]
+
+
+def speculative_line(s: GenerationStats) -> str:
+    """Decode passes per generated token and the bytes they read per token; with speculative
+    decoding, the drafts and how many were accepted per pass."""
+    head = (f"Decode: {s.generation_tokens} tokens in {s.decode_passes} passes "
+            f"({s.tokens_per_pass:.2f} per pass), {format_size(s.bytes_per_token)} read per "
+            "generated token")
+    if not s.speculative:
+        return head
+    rate = 100 * s.accepted_tokens / s.draft_tokens if s.draft_tokens else 0.0
+    return (f"{head}; speculative ({s.speculative.replace('_', ' ')}): {s.accepted_tokens} of "
+            f"{s.draft_tokens} draft tokens accepted ({rate:.0f}%), {s.accepted_per_pass:.2f} "
+            "accepted per pass")
 
 
 def expert_line(s: GenerationStats) -> str:

@@ -37,6 +37,15 @@ from stream_run.engine.errors import QueueFullError
 from stream_run.engine.request import Chunk, GenerationParams, StopFilter
 from stream_run.engine.runner import PassRunner
 from stream_run.engine.sampling import Sampler
+from stream_run.engine.speculative import (
+    MAX_PASS_ROWS,
+    SpecState,
+    Speculation,
+    draft_with_model,
+    prompt_lookup,
+    settle_draft_kv,
+    verify,
+)
 from stream_run.engine.stats import GenerationStats, peak_rss_bytes
 from stream_run.engine.tokenizer import StreamingDetokenizer, Tokenizer
 from stream_run.models.base import Batch, SeqRows
@@ -78,6 +87,7 @@ class SeqState:
     t_submit: float = field(default_factory=time.perf_counter)
     t_start: float = 0.0
     t_first: float = 0.0
+    spec: SpecState | None = None  # speculative decoding (None: off)
     cancelled: bool = False
     done: bool = False
     finish_reason: str | None = None
@@ -166,6 +176,7 @@ class Batcher:
         self._pass: asyncio.Task[Any] | None = None
         self._pass_seqs: list[SeqState] = []
         self._ids = 0
+        self.speculation = Speculation()  # the engine sets its defaults and draft model
 
     @property
     def n_active(self) -> int:
@@ -198,11 +209,13 @@ class Batcher:
 
     def new_seq(self, prompt: list[int], params: GenerationParams) -> SeqState:
         tok = self.tokenizer
+        spec = self.speculation.state_for(params.speculative, params.num_draft_tokens)
         self._ids += 1
         return SeqState(
             id=self._ids, prompt=list(prompt), params=params, sampler=Sampler(params.sampling),
             stops=set() if params.ignore_eos else set(tok.eos_token_ids),
-            detok=tok.detokenizer(), text_filter=StopFilter(params.stop), history=list(prompt))
+            detok=tok.detokenizer(), text_filter=StopFilter(params.stop), history=list(prompt),
+            spec=spec)
 
     def cancel(self, seq: SeqState) -> None:
         """Cancel a sequence (its consumer went away). Called on the event loop."""
@@ -257,6 +270,7 @@ class Batcher:
                 return
             self._release_retired()
             batch = self._plan()
+            await self._add_drafts(batch)
             await self._step(batch)
 
     async def _admit(self) -> None:
@@ -295,6 +309,29 @@ class Batcher:
                 spans.append((seq.n_prefilled, n))
         return batch
 
+    async def _add_drafts(self, batch: list[tuple[SeqState, list[int]]]) -> None:
+        """Append draft tokens to the rows of decoding sequences that speculate, while the
+        pass stays within MAX_PASS_ROWS rows (first come first served), a draft stays within
+        max_tokens, and the KV cache can roll the draft back."""
+        room = MAX_PASS_ROWS - sum(len(ids) for _, ids in batch)
+        for i, (seq, ids) in enumerate(batch):
+            spec = seq.spec
+            if spec is None or seq.prefilling:
+                continue
+            spec.draft, spec.draft_probs = [], None
+            k = min(spec.length.want(), room, seq.params.max_tokens - seq.generated - 1)
+            if k <= 0 or not seq.kv.rollback_room(1 + k):
+                continue
+            if spec.mode == "prompt_lookup":
+                spec.draft = prompt_lookup(seq.history, k)
+            else:
+                draft = self.speculation.draft
+                assert draft is not None
+                await draft_with_model(draft, spec, seq.sampler, seq.history, k,
+                                       len(seq.prompt) + seq.params.max_tokens)
+            room -= len(spec.draft)
+            batch[i] = (seq, ids + spec.draft)
+
     def _more(self, batch: list[tuple[SeqState, list[int]]]) -> bool:
         """Whether another pass follows this one (unless a stop condition ends it first)."""
         if self.waiting or len(batch) < len(self.active):
@@ -308,7 +345,7 @@ class Batcher:
 
     async def _step(self, batch: list[tuple[SeqState, list[int]]]) -> None:
         rows = Batch([SeqRows(np.asarray(ids, dtype=np.int64), seq.kv,
-                              len(seq.prompt) if seq.prefilling else None)
+                              len(seq.prompt) if seq.prefilling else None, _n_logits(seq))
                       for seq, ids in batch])
         t0 = time.perf_counter()
         self._pass_seqs = [seq for seq, _ in batch]
@@ -339,6 +376,9 @@ class Batcher:
             seq.run.add(rs)
             if seq.prefilling:
                 self._count_prefill(seq, len(ids), rs, decoding)
+            else:
+                seq.stats.decode_passes += 1
+                seq.stats.decode_bytes_read += rs.bytes_read
         await self._sample(batch, logits)
 
     def _count_prefill(self, seq: SeqState, n: int, rs: RunStats, decoding: bool) -> None:
@@ -354,8 +394,10 @@ class Batcher:
 
     async def _sample(self, batch: list[tuple[SeqState, list[int]]], logits: np.ndarray
                       ) -> None:
-        """Sample a token for each sequence that has its whole prompt in the cache."""
-        rows = [(i, seq) for i, (seq, _) in enumerate(batch)
+        """Sample for each sequence that has its whole prompt in the cache: a token, or with a
+        draft the tokens its verification yields (engine/speculative.py)."""
+        starts = np.cumsum([0] + [_n_logits(seq) for seq, _ in batch])
+        rows = [(slice(starts[i], starts[i + 1]), seq) for i, (seq, _) in enumerate(batch)
                 if not seq.cancelled and not seq.prefilling]
         now = time.perf_counter()
         for _, seq in rows:
@@ -363,15 +405,31 @@ class Batcher:
                 seq.stats.prompt_s = now - seq.t_start
                 seq.stats.ttft_s = now - seq.t_submit
                 seq.t_first = now
-        rows = [(i, seq) for i, seq in rows if not self._finish_if_empty(seq)]
+        rows = [(sl, seq) for sl, seq in rows if not self._finish_if_empty(seq)]
         if not rows:
             return
         toks = await self.runner.scheduler.run_on_compute(
-            _sample_rows, [seq.sampler for _, seq in rows], logits[[i for i, _ in rows]],
-            [seq.history for _, seq in rows])
-        for (_, seq), tok in zip(rows, toks, strict=True):
+            _sample_rows, [seq for _, seq in rows], [logits[sl] for sl, _ in rows])
+        for (_, seq), out in zip(rows, toks, strict=True):
             if not seq.cancelled:
-                self._emit(seq, tok)
+                self._settle(seq, out)
+
+    def _settle(self, seq: SeqState, out: list[int]) -> None:
+        """Emit a pass's tokens for seq; with a draft, roll back the KV positions of its
+        rejected tokens first and record how it fared."""
+        spec = seq.spec
+        if spec is not None and spec.draft:
+            k, accepted = len(spec.draft), len(out) - 1
+            seq.kv.trim(k - accepted)
+            settle_draft_kv(spec, accepted)
+            spec.length.update(k, accepted)
+            seq.stats.draft_tokens += k
+            seq.stats.accepted_tokens += accepted
+            spec.draft, spec.draft_probs = [], None
+        for tok in out:
+            self._emit(seq, tok)
+            if seq.done:
+                return
 
     def _finish_if_empty(self, seq: SeqState) -> bool:
         if seq.params.max_tokens == 0:
@@ -427,6 +485,7 @@ class Batcher:
         s.expert_bytes_read = run.late_bytes_read
         s.prefetch_depth = run.prefetch_depth
         s.peak_rss_bytes = peak_rss_bytes()
+        s.speculative = seq.spec.mode if seq.spec is not None else ""
         return s
 
     def _release(self, seq: SeqState) -> None:
@@ -449,7 +508,21 @@ class Batcher:
         self.waiting.clear()
 
 
-def _sample_rows(samplers: Sequence[Sampler], logits: np.ndarray,
-                 histories: Sequence[list[int]]) -> list[int]:
-    """One token per row of logits (N, V); runs on the compute thread."""
-    return [s(row, h) for s, row, h in zip(samplers, logits, histories, strict=True)]
+def _n_logits(seq: SeqState) -> int:
+    """Logit rows a pass returns for seq: its last token and each draft token."""
+    if seq.prefilling or seq.spec is None:
+        return 1
+    return 1 + len(seq.spec.draft)
+
+
+def _sample_rows(seqs: Sequence[SeqState], logits: Sequence[np.ndarray]) -> list[list[int]]:
+    """The tokens of each sequence from its logit rows (1 + draft, V); runs on the compute
+    thread."""
+    out = []
+    for seq, rows in zip(seqs, logits, strict=True):
+        spec = seq.spec
+        if spec is None or not spec.draft:
+            out.append([seq.sampler(rows[0], seq.history)])
+        else:
+            out.append(verify(seq.sampler, rows, seq.history, spec.draft, spec.draft_probs))
+    return out

@@ -42,6 +42,12 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
         """Pick the next token from (V,) logits; history is the ids so far (for the penalty)."""
+        if self.params.temperature == 0:
+            return int(np.argmax(self.penalized(logits, history)))
+        return self.draw(self.probs(logits, history))
+
+    def penalized(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        """(V,) logits as float64 with the repetition penalty applied."""
         p = self.params
         logits = logits.astype(np.float64)
         if p.repetition_penalty != 1.0 and history and p.repetition_context:
@@ -49,9 +55,13 @@ class Sampler:
             vals = logits[ids]
             logits[ids] = np.where(vals > 0, vals / p.repetition_penalty,
                                    vals * p.repetition_penalty)
-        if p.temperature == 0:
-            return int(np.argmax(logits))
-        logits = logits / p.temperature
+        return logits
+
+    def probs(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        """The (V,) distribution a token is drawn from (temperature > 0): penalty,
+        temperature, top-k, top-p, min-p. Speculative sampling compares drafts against it."""
+        p = self.params
+        logits = self.penalized(logits, history) / p.temperature
         if p.top_k and p.top_k < logits.size:
             kth = np.partition(logits, -p.top_k)[-p.top_k]
             logits = np.where(logits < kth, -np.inf, logits)
@@ -66,5 +76,11 @@ class Sampler:
             probs = np.where(mask, probs, 0.0)
         if p.min_p > 0:
             probs = np.where(probs >= p.min_p * probs.max(), probs, 0.0)
-        probs /= probs.sum()
+        return probs / probs.sum()
+
+    def draw(self, probs: np.ndarray) -> int:
+        """A token drawn from a (V,) distribution with this sampler's generator."""
         return int(self.rng.choice(probs.size, p=probs))
+
+    def uniform(self) -> float:
+        return float(self.rng.random())

@@ -1,0 +1,225 @@
+"""Speculative decoding (engine/speculative.py): prompt-lookup and draft-model drafts verified
+in one pass, KV rollback, the adaptive draft length, greedy identity with plain decoding, and
+speculative sampling keeping the target's distribution."""
+
+import asyncio
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from stream_run.engine import Engine, EngineConfig, GenerationParams
+from stream_run.engine.sampling import Sampler, SamplingParams
+from stream_run.engine.speculative import DraftLength, prompt_lookup, verify
+from tests.reference_model import reference_greedy
+from tests.tiny_models import write_tiny_model
+
+# a prompt that repeats itself: tiny random models then tend to continue the pattern, so
+# prompt lookup finds drafts the target accepts (asserted, so no test passes vacuously)
+PROMPT = [5, 17, 42, 99, 3, 250, 7] * 3
+N_NEW = 40
+
+
+def open_engine(path, **kw) -> Engine:
+    return asyncio.run(Engine.open(str(path), EngineConfig(backend="numpy", **kw)))
+
+
+async def complete(engine, prompt, **kw):
+    return await engine.complete(prompt, GenerationParams(max_tokens=kw.pop("n", N_NEW),
+                                                          ignore_eos=True, **kw))
+
+
+def test_prompt_lookup_continues_the_latest_match_of_the_longest_ngram():
+    hist = [1, 2, 3, 4, 9, 1, 2, 3, 5, 6, 7, 2, 3]
+    assert prompt_lookup(hist, 3) == [5, 6, 7]  # (2, 3) last occurred before 5 6 7
+    assert prompt_lookup([1, 2, 3, 9, 8, 1, 2, 3], 2) == [9, 8]  # 3-gram beats later 2-grams
+    assert prompt_lookup([1, 2, 3, 4], 3) == []
+    assert prompt_lookup([4, 4], 3) == []  # a 1-gram is not enough (NGRAM_MIN 2)
+    assert prompt_lookup(hist, 0) == []
+
+
+def test_draft_length_grows_shrinks_pauses_and_comes_back():
+    d = DraftLength(6)
+    assert d.want() == 3
+    d.update(3, 3)
+    assert d.want() == 4
+    d.update(4, 1)
+    assert d.want() == 3
+    d.update(3, 0)
+    d.update(1, 0)  # halved to 0: off for one pass, then again at 1
+    assert [d.want() for _ in range(2)] == [0, 1]
+    d.update(1, 0)  # failing again: the pause doubles
+    assert [d.want() for _ in range(3)] == [0, 0, 1]
+    d.update(1, 1)
+    assert d.backoff == 1 and d.want() == 2
+
+
+def test_greedy_verify_keeps_the_matching_prefix_and_the_correction():
+    logits = np.full((4, 10), -1.0)
+    for row, tok in enumerate([3, 4, 8, 1]):
+        logits[row, tok] = 1.0
+    s = Sampler(SamplingParams())
+    assert verify(s, logits, [0], [3, 4, 5]) == [3, 4, 8]
+    assert verify(s, logits, [0], [3, 4, 8]) == [3, 4, 8, 1]  # all accepted: a bonus token
+    assert verify(s, logits, [0], [7, 4, 8]) == [3]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("spec")
+    cfg, weights = write_tiny_model(path, "llama", n_layers=4)
+    return path, cfg, weights
+
+
+def test_prompt_lookup_greedy_matches_the_reference_and_rolls_back(llama):
+    path, cfg, weights = llama
+    engine = open_engine(path, num_draft_tokens=6)
+    try:
+        spec = asyncio.run(complete(engine, PROMPT, speculative="prompt_lookup"))
+        plain = asyncio.run(complete(engine, PROMPT))
+    finally:
+        engine.close()
+    assert spec.token_ids == plain.token_ids == reference_greedy(cfg, weights, PROMPT, N_NEW)
+    s = spec.stats
+    assert s.speculative == "prompt_lookup"
+    assert s.accepted_tokens > 0 and s.draft_tokens > s.accepted_tokens  # some rolled back
+    assert s.decode_passes < N_NEW and s.tokens_per_pass > 1
+    assert s.bytes_per_token >= 0 and plain.stats.decode_passes == N_NEW - 1
+
+
+def test_streamed_under_a_budget_reads_less_per_token(llama):
+    path, cfg, weights = llama
+    probe = open_engine(path)
+    budget = probe.min_budget_bytes
+    probe.close()
+    engine = open_engine(path, memory_budget_bytes=budget, speculative="prompt_lookup")
+    try:
+        spec = asyncio.run(complete(engine, PROMPT))
+        plain = asyncio.run(complete(engine, PROMPT, speculative="off"))
+    finally:
+        engine.close()
+    assert spec.token_ids == plain.token_ids
+    sp, pl = spec.stats, plain.stats
+    assert sp.accepted_tokens > 0 and pl.bytes_per_token > 0
+    # a verification pass reads what a plain pass reads: bytes per token fall with the
+    # tokens per pass
+    assert sp.decode_bytes_read / sp.decode_passes == pytest.approx(
+        pl.decode_bytes_read / pl.decode_passes, rel=0.15)
+    assert sp.bytes_per_token < pl.bytes_per_token
+
+
+def test_concurrent_requests_share_passes_with_their_drafts(llama):
+    path, cfg, weights = llama
+    prompts = [PROMPT, [11, 12, 13] * 4, [200, 201, 202, 203] * 3, [7]]
+    engine = open_engine(path, speculative="prompt_lookup", num_draft_tokens=3)
+
+    async def run():
+        return await asyncio.gather(*(complete(engine, p, n=24) for p in prompts))
+
+    try:
+        results = asyncio.run(run())
+        passes = list(engine.batcher.passes)
+    finally:
+        engine.close()
+    for p, r in zip(prompts, results, strict=True):
+        assert r.token_ids == reference_greedy(cfg, weights, p, 24)
+    # some pass carried several sequences and draft rows beside them
+    assert any(r.n_seqs > 1 and r.n_tokens > r.n_seqs and r.n_prefill == 0 for r in passes)
+    assert max(r.n_tokens for r in passes if r.n_prefill == 0) <= 8
+    assert sum(r.stats.accepted_tokens for r in results) > 0
+
+
+@pytest.mark.parametrize("variant", ["qwen2", "qwen3", "mistral", "llama3_rope"])
+def test_greedy_identity_across_architectures(tmp_path, variant):
+    cfg, weights = write_tiny_model(tmp_path, variant, n_layers=2)
+    engine = open_engine(tmp_path)
+    try:
+        spec = asyncio.run(complete(engine, PROMPT, speculative="prompt_lookup"))
+        plain = asyncio.run(complete(engine, PROMPT))
+    finally:
+        engine.close()
+    assert spec.token_ids == plain.token_ids
+    assert spec.stats.draft_tokens > 0
+
+
+def test_sliding_window_layers_stop_drafting_before_their_ring_wraps(tmp_path):
+    """A sliding layer that has wrapped cannot roll back several positions: drafts stop there
+    (KVCache.rollback_room) and the tokens stay those of plain decoding."""
+    cfg, weights = write_tiny_model(tmp_path, "mistral", n_layers=2,
+                                    config_overrides={"sliding_window": 30})
+    engine = open_engine(tmp_path)
+    try:
+        spec = asyncio.run(complete(engine, PROMPT, speculative="prompt_lookup"))
+        plain = asyncio.run(complete(engine, PROMPT))
+    finally:
+        engine.close()
+    assert spec.token_ids == plain.token_ids
+    assert spec.stats.decode_passes >= N_NEW - (30 - len(PROMPT)) - 1
+
+
+def test_a_bad_request_setting_is_named():
+    with pytest.raises(ValueError, match="speculative must be one of"):
+        GenerationParams(speculative="lookup")
+    with pytest.raises(ValueError, match="num_draft_tokens must be an int in 1..7"):
+        GenerationParams(num_draft_tokens=8)
+    with pytest.raises(ValueError, match="needs draft_model"):
+        EngineConfig(speculative="draft_model")
+
+
+def test_draft_model_requests_need_an_engine_with_one(llama):
+    engine = open_engine(llama[0])
+    try:
+        with pytest.raises(ValueError, match="has no draft model"):
+            engine.submit(PROMPT, max_tokens=8, speculative="draft_model")
+    finally:
+        engine.close()
+
+
+# -- speculative sampling keeps the target's distribution ----------------------------------
+
+def _chi2_p(counts: np.ndarray, probs: np.ndarray) -> float:
+    keep = probs > 0
+    assert counts[~keep].sum() == 0  # nothing outside the support
+    return float(sps.chisquare(counts[keep], counts.sum() * probs[keep]).pvalue)
+
+
+@pytest.mark.parametrize("draft_kind", ["point", "model"])
+def test_speculative_sampling_keeps_the_target_distribution(llama, draft_kind):
+    """The tiny model's logits for two positions (the target p0, p1); drafts of two tokens,
+    either fixed (prompt lookup: q a point mass) or drawn from another distribution q (a
+    draft model). Over many seeds the first token must follow p0, and the second, given the
+    first was the drafted one, p1 (chi-square, p > 1e-3)."""
+    path, _, _ = llama
+    engine = open_engine(path)
+    params = SamplingParams(temperature=1.5, top_k=6)
+    ctx = PROMPT[:7]
+    s = Sampler(params)
+    try:
+        row0 = asyncio.run(engine.logits(ctx))[-1]
+        p0 = s.probs(row0, ctx)
+        d1 = int(np.argsort(-p0)[1])  # a likely but not the likeliest token
+        row1 = asyncio.run(engine.logits(ctx + [d1]))[-1]
+    finally:
+        engine.close()
+    p1 = s.probs(row1, ctx + [d1])
+    rng = np.random.default_rng(0)
+    V, n = p0.size, 6000
+    first, second = np.zeros(V), np.zeros(V)
+    q = None
+    for seed in range(n):
+        s = Sampler(SamplingParams(temperature=1.5, top_k=6, seed=seed))
+        if draft_kind == "model":  # a different, flatter distribution over the same support
+            q0 = np.where(p0 > 0, 1.0, 0.0) + rng.random(V) * (p0 > 0)
+            q = np.stack([q0 / q0.sum(), np.full(V, 1.0 / V)])
+            draft = [int(rng.choice(V, p=q[0])), int(rng.choice(V, p=q[1]))]
+        else:
+            draft = [d1, 5]
+        # row 1 is right only after d1; the checks below use it only then
+        rows = np.stack([row0, row1, row1])
+        out = verify(s, rows, ctx, draft, q)
+        first[out[0]] += 1
+        if out[0] == d1 and len(out) > 1 and draft[0] == d1:
+            second[out[1]] += 1
+    assert _chi2_p(first, p0) > 1e-3
+    if second.sum() > 200:
+        assert _chi2_p(second, p1) > 1e-3
