@@ -25,8 +25,8 @@ def open_engine(path, **kw) -> Engine:
 
 
 async def complete(engine, prompt, **kw):
-    return await engine.complete(prompt, GenerationParams(max_tokens=kw.pop("n", N_NEW),
-                                                          ignore_eos=True, **kw))
+    params = GenerationParams(max_tokens=kw.pop("n", N_NEW), ignore_eos=True)
+    return await engine.complete(prompt, params.replace(**kw))
 
 
 def test_prompt_lookup_continues_the_latest_match_of_the_longest_ngram():
@@ -223,3 +223,88 @@ def test_speculative_sampling_keeps_the_target_distribution(llama, draft_kind):
     assert _chi2_p(first, p0) > 1e-3
     if second.sum() > 200:
         assert _chi2_p(second, p1) > 1e-3
+
+
+# -- a draft model ---------------------------------------------------------------------------
+
+def test_a_draft_model_sharing_the_tokenizer_drafts_what_the_target_accepts(llama, tmp_path):
+    """The target as its own draft (what a low-bit copy approximates): every greedy draft
+    token is accepted, and the output is the reference's."""
+    path, cfg, weights = llama
+    engine = open_engine(path, speculative="draft_model", draft_model=str(path),
+                         num_draft_tokens=4)
+    try:
+        done = asyncio.run(complete(engine, PROMPT))
+        sampled = asyncio.run(complete(engine, PROMPT, temperature=0.8, seed=3))
+    finally:
+        engine.close()
+    assert done.token_ids == reference_greedy(cfg, weights, PROMPT, N_NEW)
+    s = done.stats
+    assert s.speculative == "draft_model" and s.draft_tokens > 0
+    assert s.accepted_tokens == s.draft_tokens and s.tokens_per_pass > 2.5
+    # sampling with q == p accepts every draft token too (min(1, p/q) = 1)
+    assert sampled.stats.accepted_tokens == sampled.stats.draft_tokens > 0
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused(llama, tmp_path):
+    import json
+    import shutil
+
+    path = llama[0]
+    other = tmp_path / "other"
+    shutil.copytree(path, other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[40:42]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # the same strings, two ids swapped
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ValueError, match=r"draft model .*other: its vocabulary .* is not the "
+                                         r"target's"):
+        open_engine(path, draft_model=str(other))
+
+
+# -- stream-run --------------------------------------------------------------------------------
+
+def test_stream_run_prints_the_speculative_stats_line(llama, tmp_path):
+    from tests.engine.test_cli import run_cli
+
+    path = llama[0]
+    text = "the quick brown fox jumps over the lazy dog " * 3
+    r = run_cli(path, "--prompt", text, "--max-tokens", "24", "--ignore-chat-template",
+                "--prompt-lookup", "--num-draft-tokens", "4")
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stderr.splitlines() if x.startswith("Decode: "))
+    assert "per pass" in line and "read per generated token" in line
+    assert "speculative (prompt lookup):" in line and "accepted per pass" in line
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-draft-tokens", "0"], "--num-draft-tokens must be in 1..7, got 0"),
+    (["--draft-budget", "10MB"], "--draft-budget needs --draft-model"),
+    (["--draft-model", "/no/such/model"], "--draft-model /no/such/model: no such file"),
+    (["--prompt-lookup", "--draft-model", "x"], "choose one"),
+])
+def test_stream_run_bad_speculative_flags_exit_2(llama, flags, message):
+    from tests.engine.test_cli import run_cli
+
+    r = run_cli(llama[0], "--max-tokens", "2", *flags)
+    assert r.returncode == 2 and message in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_stream_run_refuses_a_draft_model_with_another_vocabulary(llama, tmp_path):
+    import json
+    import shutil
+
+    from tests.engine.test_cli import run_cli
+
+    other = tmp_path / "other"
+    shutil.copytree(llama[0], other)
+    tok = json.loads((other / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = list(vocab)[40:42]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(tok))
+    r = run_cli(llama[0], "--max-tokens", "2", "--draft-model", other)
+    assert r.returncode == 2, r.stderr
+    assert "its vocabulary" in r.stderr and len(r.stderr.strip().splitlines()) == 1
