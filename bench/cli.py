@@ -8,6 +8,7 @@
     stream-bench synth --format gguf --quant q4_k_m --out F.gguf    ... as one GGUF file
     stream-bench soak MODEL --duration 3600 --clients 8    stream-serve under a mixed load
     stream-bench prefill MODEL --prompts 512,2048 --limit 4GiB    time to first token, long prompts
+    stream-bench speculative [MODEL] --memory-budget 75MB    tok/s with and without drafts
 
 Every study prints a Markdown table, appends JSON lines (--json FILE) and draws PNGs
 (--plot DIR); --quick runs a small sweep (under a minute on small models).
@@ -140,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     prefill.add_arguments(sub.add_parser("prefill", help="time to first token and bytes read "
                                          "for long prompts: layer-major, chunked, llama.cpp"))
+    from stream_run.bench import speculative
+
+    speculative.add_arguments(sub.add_parser("speculative", help="decode tok/s with and "
+                                             "without speculative decoding (prompt lookup, "
+                                             "a draft model) on grounded tasks and random text"))
     return p
 
 
@@ -488,11 +494,11 @@ def synth(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from stream_run.bench import prefill, soak
+    from stream_run.bench import prefill, soak, speculative
 
     commands = {"synth": synth, "disk": disk_cmd, "stream": stream_cmd, "tokens": tokens_cmd,
                 "project": project_cmd, "soak": soak.main_from_args,
-                "prefill": prefill.main_from_args}
+                "prefill": prefill.main_from_args, "speculative": speculative.main_from_args}
     try:
         return commands[args.command](args)
     except (*USER_ERRORS, RuntimeError) as exc:

@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="speculative decoding with prompt-lookup drafts: continuations of "
                    "n-grams of the prompt and the text so far, verified several per pass over "
                    "the streamed weights (greedy output as plain decoding's)")
-    p.add_argument("--num-draft-tokens", type=int, default=5,
-                   help="the most draft tokens per pass (1-7, default 5; the length adapts "
+    p.add_argument("--num-draft-tokens", type=int, default=7,
+                   help="the most draft tokens per pass (1-7, default 7; the length adapts "
                    "below it, down to off while drafts are rejected)")
     p.add_argument("--draft-model", default=None, metavar="PATH",
                    help="speculative decoding with a draft model that shares the tokenizer, "

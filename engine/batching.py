@@ -44,6 +44,7 @@ from stream_run.engine.speculative import (
     draft_with_model,
     prompt_lookup,
     settle_draft_kv,
+    sweep_rows,
     verify,
 )
 from stream_run.engine.stats import GenerationStats, peak_rss_bytes
@@ -312,9 +313,11 @@ class Batcher:
     async def _add_drafts(self, batch: list[tuple[SeqState, list[int]]]) -> None:
         """Append draft tokens to the rows of decoding sequences that speculate, while the
         pass stays within MAX_PASS_ROWS rows (first come first served), a draft stays within
-        max_tokens, and the KV cache can roll the draft back."""
+        max_tokens, and the KV cache can roll the draft back; then cut drafts (the last
+        sequence's first) so the pass's rows are a count the kernels run in one sweep of the
+        weights (sweep_rows)."""
         room = MAX_PASS_ROWS - sum(len(ids) for _, ids in batch)
-        for i, (seq, ids) in enumerate(batch):
+        for seq, _ in batch:
             spec = seq.spec
             if spec is None or seq.prefilling:
                 continue
@@ -330,7 +333,17 @@ class Batcher:
                 await draft_with_model(draft, spec, seq.sampler, seq.history, k,
                                        len(seq.prompt) + seq.params.max_tokens)
             room -= len(spec.draft)
-            batch[i] = (seq, ids + spec.draft)
+        total = MAX_PASS_ROWS - room  # rows of the pass with every draft
+        cut = total - sweep_rows(total)
+        for i, (seq, ids) in reversed(list(enumerate(batch))):
+            if seq.spec is None or seq.prefilling or not seq.spec.draft:
+                continue
+            if cut > 0:
+                n = min(cut, len(seq.spec.draft))
+                seq.spec.draft, cut = seq.spec.draft[:len(seq.spec.draft) - n], cut - n
+                if seq.spec.draft_probs is not None:
+                    seq.spec.draft_probs = seq.spec.draft_probs[:len(seq.spec.draft)]
+            batch[i] = (seq, ids + seq.spec.draft)
 
     def _more(self, batch: list[tuple[SeqState, list[int]]]) -> bool:
         """Whether another pass follows this one (unless a stop condition ends it first)."""
@@ -418,13 +431,14 @@ class Batcher:
         """Emit a pass's tokens for seq; with a draft, roll back the KV positions of its
         rejected tokens first and record how it fared."""
         spec = seq.spec
-        if spec is not None and spec.draft:
+        if spec is not None:
             k, accepted = len(spec.draft), len(out) - 1
-            seq.kv.trim(k - accepted)
+            if k:
+                seq.kv.trim(k - accepted)
+                spec.length.update(k, accepted)
+                seq.stats.draft_tokens += k
+                seq.stats.accepted_tokens += accepted
             settle_draft_kv(spec, accepted)
-            spec.length.update(k, accepted)
-            seq.stats.draft_tokens += k
-            seq.stats.accepted_tokens += accepted
             spec.draft, spec.draft_probs = [], None
         for tok in out:
             self._emit(seq, tok)

@@ -92,7 +92,7 @@ class EngineConfig:
     # ("off", "prompt_lookup", "draft_model"), the most draft tokens per pass, and a draft
     # model (a path; it shares the tokenizer and stays resident within draft_budget_bytes)
     speculative: str = "off"
-    num_draft_tokens: int = 5
+    num_draft_tokens: int = 7
     draft_model: str | None = None
     draft_budget_bytes: int | None = None
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

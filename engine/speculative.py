@@ -39,6 +39,13 @@ NGRAM_MAX, NGRAM_MIN = 4, 2  # prompt lookup tries the longest n-gram first
 # kernels' few-row matvec path, each weight byte read once for every row)
 MAX_PASS_ROWS = 8
 MAX_DRAFT_TOKENS = MAX_PASS_ROWS - 1
+
+
+def sweep_rows(n: int) -> int:
+    """The most rows, at most n, that the numpy backend's few-row kernels compute in one
+    sweep over each weight (they take rows in groups of 8, 4, 2, 1: 5 rows cost two sweeps,
+    4 rows one), so draft rows beyond it are cut."""
+    return 1 << (max(1, n).bit_length() - 1)
 MAX_PAUSE = 32  # passes without drafts, at most, after drafting failed
 
 
@@ -105,6 +112,7 @@ class SpecState:
     draft: list[int] = field(default_factory=list)
     draft_probs: np.ndarray | None = None  # (k, V) the draft model's q; None: point masses
     draft_kv: Any = None  # the draft model's KV cache for this sequence
+    draft_fed: int = 0  # draft tokens fed to draft_kv while drafting (its rollback)
 
 
 def verify(sampler: Sampler, logits: np.ndarray, history: Sequence[int], draft: Sequence[int],
@@ -167,16 +175,17 @@ async def draft_with_model(runner: PassRunner, state: SpecState, sampler: Sample
             probs.append(q)
         draft.append(t)
         feed = [t]
-    state.draft = draft
+    state.draft, state.draft_fed = draft, k - 1
     state.draft_probs = np.stack(probs) if probs else None
 
 
 def settle_draft_kv(state: SpecState, accepted: int) -> None:
     """After verification: the draft model's cache keeps the accepted draft tokens it holds
-    (it was fed all but the last draft token)."""
-    kv, k = state.draft_kv, len(state.draft)
-    if kv is not None and k:
-        kv.trim((k - 1) - min(accepted, k - 1))
+    (it was fed all but the last token it drafted)."""
+    kv, fed = state.draft_kv, state.draft_fed
+    if kv is not None and fed:
+        kv.trim(fed - min(accepted, fed))
+    state.draft_fed = 0
 
 
 @dataclass
@@ -185,7 +194,7 @@ class Speculation:
     and the draft model's pass runner (None: no draft model)."""
 
     mode: str = "off"
-    num_draft_tokens: int = 5
+    num_draft_tokens: int = 7
     draft: PassRunner | None = None
 
     def state_for(self, speculative: str | None, num_draft_tokens: int | None
