@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -27,6 +28,7 @@ from stream_run.engine.errors import (
     MissingTensorError,
     ReadError,
 )
+from stream_run.engine.speculative import MAX_DRAFT_TOKENS
 from stream_run.engine.stats import GenerationStats
 from stream_run.loaders import LoaderConfig
 from stream_run.scheduler import SchedulerConfig
@@ -91,6 +93,44 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="check each unit file's sha256 against manifest.json before its first "
                    "use (stream-convert output)")
     p.add_argument("--verbose", "-v", action="store_true")
+
+
+def add_speculative_flags(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding (engine/speculative.py), shared by stream-run and stream-serve
+    (where they set the default of requests that do not say)."""
+    p.add_argument("--prompt-lookup", action="store_true",
+                   help="speculative decoding with prompt-lookup drafts: continuations of "
+                   "n-grams of the prompt and the text so far, verified several per pass over "
+                   "the streamed weights")
+    p.add_argument("--num-draft-tokens", type=int, default=7,
+                   help="the most draft tokens per pass (1-7, default 7; the length adapts "
+                   "below it, down to off while drafts are rejected)")
+    p.add_argument("--draft-model", default=None, metavar="PATH",
+                   help="speculative decoding with a draft model that shares the tokenizer, "
+                   "kept resident (e.g. a 3-bit stream-convert copy of MODEL)")
+    p.add_argument("--draft-budget", default=None,
+                   help="memory budget of the draft model, e.g. 50MB (default: unlimited)")
+
+
+def speculative_config(config: EngineConfig, args: argparse.Namespace) -> EngineConfig:
+    """The add_speculative_flags flags on top of config; raises UsageError naming the flag."""
+    if not 1 <= args.num_draft_tokens <= MAX_DRAFT_TOKENS:
+        raise UsageError(f"--num-draft-tokens must be in 1..{MAX_DRAFT_TOKENS}, got "
+                         f"{args.num_draft_tokens}")
+    if args.prompt_lookup and args.draft_model:
+        raise UsageError("--prompt-lookup and --draft-model: choose one")
+    if args.draft_budget is not None and not args.draft_model:
+        raise UsageError("--draft-budget needs --draft-model")
+    budget = None if args.draft_budget is None else _size_flag("--draft-budget",
+                                                                args.draft_budget)
+    if budget is not None and budget <= 0:
+        raise UsageError(f"--draft-budget must be > 0, got {args.draft_budget!r}")
+    if args.draft_model and not os.path.exists(args.draft_model):
+        raise UsageError(f"--draft-model {args.draft_model}: no such file or directory")
+    mode = "draft_model" if args.draft_model else "prompt_lookup" if args.prompt_lookup \
+        else "off"
+    return dataclasses.replace(config, speculative=mode, num_draft_tokens=args.num_draft_tokens,
+                               draft_model=args.draft_model, draft_budget_bytes=budget)
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

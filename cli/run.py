@@ -4,23 +4,23 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 
 from stream_run.cli.common import (
     OneLineParser,
     UsageError,
     add_engine_flags,
+    add_speculative_flags,
     default_model,
     engine_config,
     memory_line,
     run_main,
+    speculative_config,
     stats_lines,
 )
-from stream_run.engine.config import EngineConfig, format_size, parse_size
+from stream_run.engine.config import EngineConfig, format_size
 from stream_run.engine.engine import Engine, GenerationParams
 from stream_run.engine.sampling import SamplingParams
-from stream_run.engine.speculative import MAX_DRAFT_TOKENS
 from stream_run.kernels import available_backends, jit_cache
 
 CHAT_TEMPLATE_TOKENS = 256  # what a chat template may add around the messages, at most
@@ -42,18 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system-prompt", default=None)
     p.add_argument("--ignore-chat-template", action="store_true",
                    help="feed the prompt as raw text instead of a chat message")
-    p.add_argument("--prompt-lookup", action="store_true",
-                   help="speculative decoding with prompt-lookup drafts: continuations of "
-                   "n-grams of the prompt and the text so far, verified several per pass over "
-                   "the streamed weights (greedy output as plain decoding's)")
-    p.add_argument("--num-draft-tokens", type=int, default=7,
-                   help="the most draft tokens per pass (1-7, default 7; the length adapts "
-                   "below it, down to off while drafts are rejected)")
-    p.add_argument("--draft-model", default=None, metavar="PATH",
-                   help="speculative decoding with a draft model that shares the tokenizer, "
-                   "kept resident (e.g. a 3-bit stream-convert copy of MODEL)")
-    p.add_argument("--draft-budget", default=None,
-                   help="memory budget of the draft model, e.g. 50MB (default: unlimited)")
+    add_speculative_flags(p)
     add_engine_flags(p)
     return p
 
@@ -80,33 +69,6 @@ def make_config(args: argparse.Namespace) -> tuple[EngineConfig, GenerationParam
         raise UsageError(f"--stop: {exc}") from None
     return config, params
 
-
-
-def speculative_config(config: EngineConfig, args: argparse.Namespace) -> EngineConfig:
-    """The speculative-decoding flags on top of config; raises UsageError naming the flag."""
-    if not 1 <= args.num_draft_tokens <= MAX_DRAFT_TOKENS:
-        raise UsageError(f"--num-draft-tokens must be in 1..{MAX_DRAFT_TOKENS}, got "
-                         f"{args.num_draft_tokens}")
-    if args.prompt_lookup and args.draft_model:
-        raise UsageError("--prompt-lookup and --draft-model: choose one")
-    if args.draft_budget is not None and not args.draft_model:
-        raise UsageError("--draft-budget needs --draft-model")
-    budget = None if args.draft_budget is None else _size("--draft-budget", args.draft_budget)
-    if budget is not None and budget <= 0:
-        raise UsageError(f"--draft-budget must be > 0, got {args.draft_budget!r}")
-    if args.draft_model and not os.path.exists(args.draft_model):
-        raise UsageError(f"--draft-model {args.draft_model}: no such file or directory")
-    mode = "draft_model" if args.draft_model else "prompt_lookup" if args.prompt_lookup \
-        else "off"
-    return dataclasses.replace(config, speculative=mode, num_draft_tokens=args.num_draft_tokens,
-                               draft_model=args.draft_model, draft_budget_bytes=budget)
-
-
-def _size(flag: str, text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise UsageError(f"{flag}: {exc}") from None
 
 
 def kv_tokens_bound(prompt: str, system_prompt: str | None, max_tokens: int) -> int:

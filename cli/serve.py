@@ -13,9 +13,11 @@ from stream_run.cli.common import (
     OneLineParser,
     UsageError,
     add_engine_flags,
+    add_speculative_flags,
     default_model,
     engine_config,
     run_main,
+    speculative_config,
 )
 from stream_run.engine.config import parse_size
 from stream_run.engine.engine import Engine
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting for a batch slot; more get HTTP 429")
     p.add_argument("--max-context", type=int, default=None,
                    help="context length (default: the model's)")
+    add_speculative_flags(p)
     add_engine_flags(p)
     return p
 
@@ -72,7 +75,7 @@ def configs(args: argparse.Namespace):
     server = ServerConfig(model_name=name, api_key=args.api_key or os.environ.get(API_KEY_ENV),
                           max_body_bytes=max_body, max_tokens_cap=args.max_tokens_cap,
                           stall_timeout_s=args.stall_timeout)
-    config = engine_config(args)
+    config = speculative_config(engine_config(args), args)
     try:
         config = dataclasses.replace(config, max_batch=args.max_batch, max_queue=args.max_queue,
                                      max_context=args.max_context)

@@ -56,11 +56,13 @@ class ParsedRequest:
     stream: bool = False
     include_usage: bool = False
     model: str = ""
+    speculative: str | None = None  # per-request override of the server's default
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
     def params(self, max_tokens: int) -> GenerationParams:
-        return GenerationParams(max_tokens=max_tokens, sampling=self.sampling, stop=self.stop)
+        return GenerationParams(max_tokens=max_tokens, sampling=self.sampling, stop=self.stop,
+                                speculative=self.speculative)
 
 
 def parse_chat(body: Any, limits: Limits) -> ParsedRequest:
@@ -120,9 +122,10 @@ def _common(body: dict[str, Any], limits: Limits, kind: str, prompt: Any,
     if options is not None and not isinstance(options, dict):
         raise bad("'stream_options' must be an object", "stream_options")
     include_usage = _typed(options or {}, "include_usage", bool, False, "stream_options")
+    speculative = _typed(body, "speculative", str, None)  # GenerationParams checks it
     return ParsedRequest(kind, prompt, max_tokens, _sampling(body, limits.sampling_defaults),
                          _stop(body.get("stop")),
-                         stream, include_usage and stream, model)
+                         stream, include_usage and stream, model, speculative)
 
 
 def _typed(obj: dict[str, Any], name: str, kind: type, default: Any, prefix: str = "") -> Any:

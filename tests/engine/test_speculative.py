@@ -308,3 +308,39 @@ def test_stream_run_refuses_a_draft_model_with_another_vocabulary(llama, tmp_pat
     r = run_cli(llama[0], "--max-tokens", "2", "--draft-model", other)
     assert r.returncode == 2, r.stderr
     assert "its vocabulary" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# -- stream-serve ------------------------------------------------------------------------------
+
+def test_stream_serve_default_and_per_request_override(llama):
+    """The server's setting (EngineConfig.speculative) is the default; a request's
+    "speculative" overrides it; a bad value is a 400 and the server keeps serving."""
+    import openai
+
+    from stream_run.server.app import ServerConfig
+    from tests.server.harness import ServerThread
+
+    path, cfg, weights = llama
+    server = ServerThread.for_model(path, ServerConfig("tiny", max_tokens_cap=64),
+                                    speculative="prompt_lookup")
+    try:
+        engine = server.wait_loaded()
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0,
+                               timeout=60)
+
+        def ids(**extra):
+            r = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24,
+                                          temperature=0, extra_body=extra)
+            return r.choices[0].text
+
+        default = ids()
+        drafted = sum(r.n_tokens - r.n_seqs for r in engine.batcher.passes if not r.n_prefill)
+        off = ids(speculative="off")
+        assert sum(r.n_tokens - r.n_seqs for r in engine.batcher.passes
+                   if not r.n_prefill) == drafted  # no draft rows with "off"
+        assert default == off and drafted > 0
+        with pytest.raises(openai.BadRequestError, match="speculative must be one of"):
+            ids(speculative="sometimes")
+        assert ids(speculative="prompt_lookup") == off
+    finally:
+        server.close()
