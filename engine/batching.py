@@ -323,6 +323,7 @@ class Batcher:
                 continue
             spec.draft, spec.draft_probs = [], None
             k = min(spec.length.want(), room, seq.params.max_tokens - seq.generated - 1)
+            k = self.runner.model.verify_rows(seq.kv.offset, 1 + k) - 1
             if k <= 0 or not seq.kv.rollback_room(1 + k):
                 continue
             if spec.mode == "prompt_lookup":

@@ -152,6 +152,12 @@ class DecoderModel:
         return self.ops.make_kv_cache(spec.num_hidden_layers, 1, spec.num_key_value_heads,
                                       spec.head_dim, max_len, self.layer_windows())
 
+    def verify_rows(self, offset: int, n: int) -> int:
+        """How many of n rows at offset one pass may carry (speculative verification) and
+        still compute each row as a pass of its own would: all, unless the model's
+        computation depends on the length a pass sees (Phi-3 longrope)."""
+        return n
+
     def layer_windows(self) -> list[int | None]:
         """Each layer's sliding window, None for full attention (the default: all full)."""
         return [None] * self.spec.num_hidden_layers

@@ -66,6 +66,13 @@ class Model(DecoderModel):
         """sliding_window on every layer when set (Phi-3 mini 4k: 2047), as HF applies it."""
         return [self.spec.sliding_window] * self.spec.num_hidden_layers
 
+    def verify_rows(self, offset: int, n: int) -> int:
+        """A verification pass may not cross long_after: its rows would all take the long
+        factors, where decoding them one by one takes the short ones below it."""
+        if self.long_after and offset < self.long_after < offset + n:
+            return self.long_after - offset
+        return n
+
     def pass_context(self, batch: Batch) -> dict[int, np.ndarray]:
         """Each sequence's inverse frequencies for this pass (short or long factors), by the
         end of the span its rows stand for: a prompt chunk as the whole prompt (one HF call)."""

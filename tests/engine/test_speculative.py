@@ -344,3 +344,27 @@ def test_stream_serve_default_and_per_request_override(llama):
         assert ids(speculative="prompt_lookup") == off
     finally:
         server.close()
+
+
+@pytest.mark.parametrize("case", ["phi3-plain", "phi3-longrope", "gemma2", "gemma3"])
+@pytest.mark.parametrize("prompt", [PROMPT, [5, 17, 42] * 3])  # the second crosses 16
+def test_greedy_identity_on_hf_written_models(tmp_path, case, prompt):
+    """Phi-3 (longrope picks its factors by the length a pass sees: 16 here) and Gemma
+    (sliding layers of window 5: drafts stop once the rings wrap), written by
+    transformers."""
+    arch, _, name = case.partition("-")
+    if arch == "phi3":
+        from tests.models.test_phi3 import CASES, write_phi3
+        write_phi3(tmp_path, CASES[name])
+    else:
+        from tests.models.test_gemma import write_gemma
+        write_gemma(tmp_path, arch)
+    engine = open_engine(tmp_path)
+    try:
+        spec = asyncio.run(complete(engine, prompt, speculative="prompt_lookup"))
+        plain = asyncio.run(complete(engine, prompt))
+    finally:
+        engine.close()
+    assert spec.token_ids == plain.token_ids
+    if case.startswith("phi3"):
+        assert spec.stats.draft_tokens > 0
