@@ -221,15 +221,18 @@ def prefill_line(s: GenerationStats) -> str:
             f"{format_size(s.prefill_bytes_read)} read, time to first token {s.ttft_s:.3f} s")
 
 
-def memory_line(peak_rss: int, baseline: int, budget: int | None, kv_bytes: int) -> str:
-    """Peak RSS against the budget's promise: baseline + budget + KV cache + margin."""
+def memory_line(peak_rss: int, baseline: int, budget: int | None, kv_bytes: int,
+                draft_bytes: int = 0) -> str:
+    """Peak RSS against the budget's promise: baseline + budget + KV cache + margin (+ a draft
+    model's own budget or weights, and its KV caches)."""
     peak = f"Memory: peak RSS {peak_rss / 1e6:.1f} MB"
     if budget is None:
         return f"{peak}, baseline {baseline / 1e6:.1f} MB, no budget"
-    bound = baseline + budget + kv_bytes + MARGIN_BYTES
+    bound = baseline + budget + kv_bytes + MARGIN_BYTES + draft_bytes
+    draft = f" + draft model {draft_bytes / 1e6:.1f} MB" if draft_bytes else ""
     return (f"{peak} {'<=' if peak_rss <= bound else '>'} {bound / 1e6:.1f} MB = baseline "
             f"{baseline / 1e6:.1f} MB + budget {budget / 1e6:.1f} MB + KV cache "
-            f"{kv_bytes / 1e6:.1f} MB + margin {MARGIN_BYTES / 1e6:.1f} MB")
+            f"{kv_bytes / 1e6:.1f} MB + margin {MARGIN_BYTES / 1e6:.1f} MB{draft}")
 
 
 def run_main(prog: str, fn: Callable[[argparse.Namespace], Awaitable[int]],

@@ -71,6 +71,16 @@ def make_config(args: argparse.Namespace) -> tuple[EngineConfig, GenerationParam
 
 
 
+def draft_bytes(engine: Engine, n_tokens: int) -> int:
+    """What a draft model holds beside the target: its budget (else its whole weights) and
+    its KV cache."""
+    draft = engine.draft
+    if draft is None:
+        return 0
+    weights = draft.cache.compute.budget_bytes or draft.model_bytes
+    return weights + draft.runner.kv_bytes(n_tokens)
+
+
 def kv_tokens_bound(prompt: str, system_prompt: str | None, max_tokens: int) -> int:
     """At least the positions the generation's KV cache will hold, known before the tokenizer
     is loaded: a token is at least one byte of text (byte-level BPE, SentencePiece with byte
@@ -128,7 +138,8 @@ async def run(args: argparse.Namespace) -> int:
             for line in stats_lines(stats, budget):
                 print(line, file=sys.stderr)
             print(memory_line(stats.peak_rss_bytes, engine.runner.baseline_rss_bytes, budget,
-                              kv), file=sys.stderr)
+                              kv, draft_bytes(engine, stats.prompt_tokens + params.max_tokens)),
+                  file=sys.stderr)
     finally:
         engine.close()
     return 0

@@ -368,3 +368,15 @@ def test_greedy_identity_on_hf_written_models(tmp_path, case, prompt):
     assert spec.token_ids == plain.token_ids
     if case.startswith("phi3"):
         assert spec.stats.draft_tokens > 0
+
+
+def test_rollback_room_of_full_and_sliding_layers():
+    from stream_run.kernels.numpy_backend import NumpyKVCache
+
+    kv = NumpyKVCache(2, 1, 1, 4, 64, windows=[None, 8])
+    assert kv.rollback_room(8)
+    kv.advance(5)
+    assert kv.rollback_room(3) and not kv.rollback_room(4)  # 5 + 4 would wrap the ring
+    full = NumpyKVCache(2, 1, 1, 4, 64)
+    full.advance(60)
+    assert full.rollback_room(4)
