@@ -68,10 +68,17 @@ def random_prompt(vocab: int, n: int = 200, seed: int = 0) -> list[int]:
 
 
 async def measure(engine, prompt, params) -> dict:
-    t0 = time.perf_counter()
-    done = await engine.complete(prompt, params)
-    s = done.stats
-    return {"ids": done.token_ids, "wall_s": time.perf_counter() - t0,
+    """One generation: its stats, wall time, and the process CPU time of its decode (from
+    the first chunk on: steadier than wall time on a shared machine)."""
+    t0, ids, c_first, stats = time.perf_counter(), [], None, None
+    async for chunk in engine.generate(prompt, params):
+        if c_first is None:
+            c_first = time.process_time()
+        ids += chunk.token_ids
+        stats = chunk.stats or stats
+    s = stats
+    return {"ids": ids, "wall_s": time.perf_counter() - t0,
+            "cpu_s": time.process_time() - c_first,
             "tokens": s.generation_tokens, "tps": s.generation_tps,
             "passes": s.decode_passes, "tokens_per_pass": s.tokens_per_pass,
             "accepted_per_pass": s.accepted_per_pass, "draft": s.draft_tokens,
@@ -112,7 +119,8 @@ async def run(args: argparse.Namespace) -> list[dict]:
                            "spec": {k: v for k, v in spec.items() if k != "ids"},
                            "identical": spec["ids"] == plain["ids"],
                            "first_diff": _first_diff(spec["ids"], plain["ids"]),
-                           "speedup": spec["tps"] / plain["tps"] if plain["tps"] else 0.0}
+                           "speedup": spec["tps"] / plain["tps"] if plain["tps"] else 0.0,
+                           "cpu_ratio": spec["cpu_s"] / plain["cpu_s"]}
                     rows.append(row)
                     print(json.dumps(row), file=sys.stderr, flush=True)
     finally:
@@ -130,8 +138,8 @@ def _first_diff(a: list[int], b: list[int]) -> int | None:
 def table(rows: list[dict]) -> str:
     out = ["| task | mode | tokens | plain tok/s | spec tok/s | speedup | passes plain/spec | "
            "tokens/pass | accepted/pass | accepted/drafted | MB read/token plain/spec | "
-           "identical |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "decode CPU s plain/spec | identical |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p, s = r["plain"], r["spec"]
         same = "yes" if r["identical"] else f"no (from token {r['first_diff']})"
@@ -140,7 +148,7 @@ def table(rows: list[dict]) -> str:
             f"{s['tps']:.1f} | {r['speedup']:.2f}x | {p['passes']}/{s['passes']} | "
             f"{s['tokens_per_pass']:.2f} | {s['accepted_per_pass']:.2f} | "
             f"{s['accepted']}/{s['draft']} | {p['bytes_per_token'] / 1e6:.1f}/"
-            f"{s['bytes_per_token'] / 1e6:.1f} | {same} |")
+            f"{s['bytes_per_token'] / 1e6:.1f} | {p['cpu_s']:.2f}/{s['cpu_s']:.2f} | {same} |")
     return "\n".join(out)
 
 
@@ -156,9 +164,17 @@ def summary(rows: list[dict]) -> list[str]:
                          f"{statistics.median(_bytes_ratio(rows, mode)):.2f}x plain's")
             lines.append(f"{mode}: grounded tasks speedup median {statistics.median(grounded):.2f}x"
                          f" (min {min(grounded):.2f}x, max {max(grounded):.2f}x)")
+        cpu = [r["cpu_ratio"] for r in rows if r["mode"] == mode and r["task"] in GROUNDED]
+        if cpu:
+            lines.append(f"{mode}: grounded tasks: decode CPU time median "
+                         f"{statistics.median(cpu):.2f}x plain's")
         rand = [r for r in rows if r["mode"] == mode and r["task"] == "random"]
         if rand:
             cost = statistics.median(1 - r["speedup"] for r in rand)
+            lines.append(f"{mode}: random text: CPU time median "
+                         f"{statistics.median(r['cpu_ratio'] for r in rand):.3f}x plain's, "
+                         f"decode passes {sum(r['spec']['passes'] for r in rand)} vs "
+                         f"{sum(r['plain']['passes'] for r in rand)}")
             acc = sum(r["spec"]["accepted"] for r in rand) / max(
                 1, sum(r["spec"]["draft"] for r in rand))
             lines.append(f"{mode}: random text: cost {100 * cost:+.1f}% vs plain (acceptance "
