@@ -42,7 +42,6 @@ from stream_run.engine.speculative import (
     SpecState,
     Speculation,
     draft_with_model,
-    prompt_lookup,
     settle_draft_kv,
     sweep_rows,
     verify,
@@ -327,7 +326,7 @@ class Batcher:
             if k <= 0 or not seq.kv.rollback_room(1 + k):
                 continue
             if spec.mode == "prompt_lookup":
-                spec.draft = prompt_lookup(seq.history, k)
+                spec.draft = spec.lookup(seq.history, k)
             else:
                 draft = self.speculation.draft
                 assert draft is not None

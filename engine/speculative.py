@@ -103,6 +103,33 @@ def prompt_lookup(history: Sequence[int], k: int, ngram_max: int = NGRAM_MAX,
     return []
 
 
+class PromptLookup:
+    """prompt_lookup for one growing history, with an index of every n-gram's latest start, so
+    a pass costs O(new tokens) rather than a scan of the whole history."""
+
+    def __init__(self, ngram_max: int = NGRAM_MAX, ngram_min: int = NGRAM_MIN) -> None:
+        self.sizes = range(ngram_max, ngram_min - 1, -1)
+        self.latest: dict[tuple[int, ...], int] = {}  # n-gram -> where its continuation starts
+        self.indexed = 0  # n-grams ending before this index are in `latest`
+
+    def __call__(self, history: Sequence[int], k: int) -> list[int]:
+        """The same as prompt_lookup(history, k) for a history that only grows."""
+        if k <= 0:
+            return []
+        end = len(history) - 1  # n-grams inside history[:-1]
+        for e in range(max(self.indexed, 1), end + 1):
+            for n in self.sizes:
+                if e - n >= 0:
+                    self.latest[tuple(history[e - n:e])] = e
+        self.indexed = max(self.indexed, end + 1)
+        for n in self.sizes:
+            if n <= end:
+                i = self.latest.get(tuple(history[-n:]))
+                if i is not None:
+                    return list(history[i:i + k])
+        return []
+
+
 @dataclass
 class SpecState:
     """A sequence's speculation: its mode, draft length and this pass's draft."""
@@ -113,6 +140,7 @@ class SpecState:
     draft_probs: np.ndarray | None = None  # (k, V) the draft model's q; None: point masses
     draft_kv: Any = None  # the draft model's KV cache for this sequence
     draft_fed: int = 0  # draft tokens fed to draft_kv while drafting (its rollback)
+    lookup: PromptLookup = field(default_factory=PromptLookup)
 
 
 def verify(sampler: Sampler, logits: np.ndarray, history: Sequence[int], draft: Sequence[int],

@@ -380,3 +380,14 @@ def test_rollback_room_of_full_and_sliding_layers():
     full = NumpyKVCache(2, 1, 1, 4, 64)
     full.advance(60)
     assert full.rollback_room(4)
+
+
+def test_the_incremental_lookup_finds_what_the_scan_finds():
+    from stream_run.engine.speculative import PromptLookup
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        hist = rng.integers(0, 6, 200).tolist()  # a small alphabet: many repeats
+        lookup = PromptLookup()
+        for n in range(1, len(hist) + 1, 3):
+            assert lookup(hist[:n], 5) == prompt_lookup(hist[:n], 5)
