@@ -391,3 +391,53 @@ def test_the_incremental_lookup_finds_what_the_scan_finds():
         lookup = PromptLookup()
         for n in range(1, len(hist) + 1, 3):
             assert lookup(hist[:n], 5) == prompt_lookup(hist[:n], 5)
+
+
+def test_sampled_generations_through_the_engine_keep_the_joint_distribution(llama):
+    """End to end (batcher, verification pass, KV rollback): three sampled tokens with
+    prompt-lookup drafts (made after the first token) follow the target's joint
+    distribution p(t1) p(t2 | t1) p(t3 | t1, t2), computed from its logits (top-k 2: 8
+    outcomes)."""
+    path = llama[0]
+    sampling = SamplingParams(temperature=1.5, top_k=2)
+    engine = open_engine(path, speculative="prompt_lookup")
+    n = 800
+    try:
+        s = Sampler(sampling)
+        # a prompt ending in 5 that holds (5, t) for both likely next tokens t, so a draft
+        # follows whichever t1 is sampled
+        ctx, top = [5], [17, 42]
+        for _ in range(6):
+            ctx = [5, top[0], 7, 5, top[1], 8, 5]
+            new = sorted(np.flatnonzero(s.probs(asyncio.run(engine.logits(ctx))[-1], ctx)))
+            if new == sorted(top):
+                break
+            top = [int(t) for t in new]
+        assert new == sorted(top)
+
+        def probs(prefix):
+            ids = ctx + list(prefix)
+            return s.probs(asyncio.run(engine.logits(ids))[-1], ids)
+
+        joint = {(): 1.0}
+        for _ in range(3):
+            joint = {k + (int(t),): pk * p[t] for k, pk in joint.items()
+                     for p in [probs(k)] for t in np.flatnonzero(p)}
+
+        async def draw_all():
+            out = []
+            for seed in range(n):
+                done = await engine.complete(ctx, GenerationParams(
+                    max_tokens=3, ignore_eos=True,
+                    sampling=SamplingParams(temperature=1.5, top_k=2, seed=seed)))
+                out.append((tuple(done.token_ids), done.stats.draft_tokens))
+            return out
+
+        draws = asyncio.run(draw_all())
+    finally:
+        engine.close()
+    assert sum(d > 0 for _, d in draws) > n // 10  # verification passes, not only plain ones
+    keys = sorted(joint)
+    counts = np.array([sum(ids == k for ids, _ in draws) for k in keys], dtype=float)
+    assert counts.sum() == n  # nothing outside the support
+    assert _chi2_p(counts, np.array([joint[k] for k in keys])) > 1e-3
