@@ -441,3 +441,21 @@ def test_sampled_generations_through_the_engine_keep_the_joint_distribution(llam
     counts = np.array([sum(ids == k for ids, _ in draws) for k in keys], dtype=float)
     assert counts.sum() == n  # nothing outside the support
     assert _chi2_p(counts, np.array([joint[k] for k in keys])) > 1e-3
+
+
+def test_a_draft_model_that_disagrees_backs_off_and_keeps_the_output(llama, tmp_path):
+    """Another random model with the same tokenizer as the draft: nearly every draft token is
+    rejected, both KV caches roll back, the draft length falls to off and stays off for
+    longer and longer, and the tokens are the reference's."""
+    path, cfg, weights = llama
+    other = tmp_path / "other"
+    write_tiny_model(other, "llama", n_layers=4, seed=7)
+    engine = open_engine(path, speculative="draft_model", draft_model=str(other))
+    try:
+        done = asyncio.run(complete(engine, PROMPT, n=48))
+    finally:
+        engine.close()
+    assert done.token_ids == reference_greedy(cfg, weights, PROMPT, 48)
+    s = done.stats
+    assert s.accepted_tokens <= s.draft_tokens // 4
+    assert 0 < s.draft_tokens < s.decode_passes // 2  # mostly plain passes once it backs off
