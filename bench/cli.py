@@ -9,6 +9,7 @@
     stream-bench soak MODEL --duration 3600 --clients 8    stream-serve under a mixed load
     stream-bench prefill MODEL --prompts 512,2048 --limit 4GiB    time to first token, long prompts
     stream-bench turns MODEL --tokens 2000 --memory-budget 50%    a chat's second turn
+    stream-bench speculative [MODEL] --memory-budget 75MB    tok/s with and without drafts
 
 Every study prints a Markdown table, appends JSON lines (--json FILE) and draws PNGs
 (--plot DIR); --quick runs a small sweep (under a minute on small models).
@@ -145,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     turns.add_arguments(sub.add_parser("turns", help="a chat's second turn: time to first "
                                        "token with the prefix cache and without"))
+    from stream_run.bench import speculative
+
+    speculative.add_arguments(sub.add_parser("speculative", help="decode tok/s with and "
+                                             "without speculative decoding (prompt lookup, "
+                                             "a draft model) on grounded tasks and random text"))
     return p
 
 
@@ -493,11 +499,12 @@ def synth(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from stream_run.bench import prefill, soak, turns
+    from stream_run.bench import prefill, soak, speculative, turns
 
     commands = {"synth": synth, "disk": disk_cmd, "stream": stream_cmd, "tokens": tokens_cmd,
                 "project": project_cmd, "soak": soak.main_from_args,
-                "prefill": prefill.main_from_args, "turns": turns.main_from_args}
+                "prefill": prefill.main_from_args, "turns": turns.main_from_args,
+                "speculative": speculative.main_from_args}
     try:
         return commands[args.command](args)
     except (*USER_ERRORS, RuntimeError) as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -27,6 +28,7 @@ from stream_run.engine.errors import (
     MissingTensorError,
     ReadError,
 )
+from stream_run.engine.speculative import MAX_DRAFT_TOKENS
 from stream_run.engine.stats import GenerationStats
 from stream_run.kernels.kv_cache import KV_BITS
 from stream_run.loaders import LoaderConfig
@@ -102,6 +104,44 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verbose", "-v", action="store_true")
 
 
+def add_speculative_flags(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding (engine/speculative.py), shared by stream-run and stream-serve
+    (where they set the default of requests that do not say)."""
+    p.add_argument("--prompt-lookup", action="store_true",
+                   help="speculative decoding with prompt-lookup drafts: continuations of "
+                   "n-grams of the prompt and the text so far, verified several per pass over "
+                   "the streamed weights")
+    p.add_argument("--num-draft-tokens", type=int, default=7,
+                   help="the most draft tokens per pass (1-7, default 7; the length adapts "
+                   "below it, down to off while drafts are rejected)")
+    p.add_argument("--draft-model", default=None, metavar="PATH",
+                   help="speculative decoding with a draft model that shares the tokenizer, "
+                   "kept resident (e.g. a 3-bit stream-convert copy of MODEL)")
+    p.add_argument("--draft-budget", default=None,
+                   help="memory budget of the draft model, e.g. 50MB (default: unlimited)")
+
+
+def speculative_config(config: EngineConfig, args: argparse.Namespace) -> EngineConfig:
+    """The add_speculative_flags flags on top of config; raises UsageError naming the flag."""
+    if not 1 <= args.num_draft_tokens <= MAX_DRAFT_TOKENS:
+        raise UsageError(f"--num-draft-tokens must be in 1..{MAX_DRAFT_TOKENS}, got "
+                         f"{args.num_draft_tokens}")
+    if args.prompt_lookup and args.draft_model:
+        raise UsageError("--prompt-lookup and --draft-model: choose one")
+    if args.draft_budget is not None and not args.draft_model:
+        raise UsageError("--draft-budget needs --draft-model")
+    budget = None if args.draft_budget is None else _size_flag("--draft-budget",
+                                                                args.draft_budget)
+    if budget is not None and budget <= 0:
+        raise UsageError(f"--draft-budget must be > 0, got {args.draft_budget!r}")
+    if args.draft_model and not os.path.exists(args.draft_model):
+        raise UsageError(f"--draft-model {args.draft_model}: no such file or directory")
+    mode = "draft_model" if args.draft_model else "prompt_lookup" if args.prompt_lookup \
+        else "off"
+    return dataclasses.replace(config, speculative=mode, num_draft_tokens=args.num_draft_tokens,
+                               draft_model=args.draft_model, draft_budget_bytes=budget)
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The add_engine_flags flags -> EngineConfig; raises UsageError naming the flag."""
     auto = args.memory_budget is not None and args.memory_budget.strip().lower() == "auto"
@@ -157,7 +197,21 @@ def stats_lines(s: GenerationStats, budget: int | None) -> list[str]:
         f"Disk: {format_size(s.bytes_read)} read in {s.units_read} unit reads, cache hit rate "
         f"{hit}, I/O stall {s.io_stall_s:.3f} s, prefetch depth {s.prefetch_depth}, budget "
         f"{format_size(budget) if budget else 'unlimited'}",
-    ] + ([expert_line(s)] if s.expert_hits + s.expert_misses else [])
+    ] + ([expert_line(s)] if s.expert_hits + s.expert_misses else []) + [speculative_line(s)]
+
+
+def speculative_line(s: GenerationStats) -> str:
+    """Decode passes per generated token and the bytes they read per token; with speculative
+    decoding, the drafts and how many were accepted per pass."""
+    head = (f"Decode: {s.generation_tokens} tokens in {s.decode_passes} passes "
+            f"({s.tokens_per_pass:.2f} per pass), {format_size(s.bytes_per_token)} read per "
+            "generated token")
+    if not s.speculative:
+        return head
+    rate = 100 * s.accepted_tokens / s.draft_tokens if s.draft_tokens else 0.0
+    return (f"{head}; speculative ({s.speculative.replace('_', ' ')}): {s.accepted_tokens} of "
+            f"{s.draft_tokens} draft tokens accepted ({rate:.0f}%), {s.accepted_per_pass:.2f} "
+            "accepted per pass")
 
 
 def expert_line(s: GenerationStats) -> str:
@@ -181,15 +235,18 @@ def prefill_line(s: GenerationStats) -> str:
             f"{format_size(s.prefill_bytes_read)} read, time to first token {s.ttft_s:.3f} s")
 
 
-def memory_line(peak_rss: int, baseline: int, budget: int | None, kv_bytes: int) -> str:
-    """Peak RSS against the budget's promise: baseline + budget + KV cache + margin."""
+def memory_line(peak_rss: int, baseline: int, budget: int | None, kv_bytes: int,
+                draft_bytes: int = 0) -> str:
+    """Peak RSS against the budget's promise: baseline + budget + KV cache + margin (+ a draft
+    model's own budget or weights, and its KV caches)."""
     peak = f"Memory: peak RSS {peak_rss / 1e6:.1f} MB"
     if budget is None:
         return f"{peak}, baseline {baseline / 1e6:.1f} MB, no budget"
-    bound = baseline + budget + kv_bytes + MARGIN_BYTES
+    bound = baseline + budget + kv_bytes + MARGIN_BYTES + draft_bytes
+    draft = f" + draft model {draft_bytes / 1e6:.1f} MB" if draft_bytes else ""
     return (f"{peak} {'<=' if peak_rss <= bound else '>'} {bound / 1e6:.1f} MB = baseline "
             f"{baseline / 1e6:.1f} MB + budget {budget / 1e6:.1f} MB + KV cache "
-            f"{kv_bytes / 1e6:.1f} MB + margin {MARGIN_BYTES / 1e6:.1f} MB")
+            f"{kv_bytes / 1e6:.1f} MB + margin {MARGIN_BYTES / 1e6:.1f} MB{draft}")
 
 
 def run_main(prog: str, fn: Callable[[argparse.Namespace], Awaitable[int]],

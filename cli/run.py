@@ -11,10 +11,12 @@ from stream_run.cli.common import (
     OneLineParser,
     UsageError,
     add_engine_flags,
+    add_speculative_flags,
     default_model,
     engine_config,
     memory_line,
     run_main,
+    speculative_config,
     stats_lines,
 )
 from stream_run.engine.config import EngineConfig, format_size
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "match (a long document asked several questions), then save this run's "
                    "KV (prompt and answer) to FILE (safetensors; refused if made by another "
                    "model or --kv-bits)")
+    add_speculative_flags(p)
     add_engine_flags(p)
     return p
 
@@ -60,7 +63,7 @@ def make_config(args: argparse.Namespace) -> tuple[EngineConfig, GenerationParam
     """Flags -> configs; raises UsageError naming the flag."""
     if args.max_tokens < 0:
         raise UsageError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    config = engine_config(args)
+    config = speculative_config(engine_config(args), args)
     flags = {"temperature": "--temp", "top_p": "--top-p", "top_k": "--top-k",
              "min_p": "--min-p", "repetition_penalty": "--repetition-penalty", "seed": "--seed"}
     try:
@@ -77,6 +80,16 @@ def make_config(args: argparse.Namespace) -> tuple[EngineConfig, GenerationParam
         raise UsageError(f"--stop: {exc}") from None
     return config, params
 
+
+
+def draft_bytes(engine: Engine, n_tokens: int) -> int:
+    """What a draft model holds beside the target: its budget (else its whole weights) and
+    its KV cache."""
+    draft = engine.draft
+    if draft is None:
+        return 0
+    weights = draft.cache.compute.budget_bytes or draft.model_bytes
+    return weights + draft.runner.kv_bytes(n_tokens)
 
 
 def kv_tokens_bound(prompt: str, system_prompt: str | None, max_tokens: int) -> int:
@@ -151,7 +164,8 @@ async def run(args: argparse.Namespace) -> int:
             if engine.prefix_cache is not None:
                 kv += engine.prefix_cache.nbytes
             print(memory_line(stats.peak_rss_bytes, engine.runner.baseline_rss_bytes, budget,
-                              kv), file=sys.stderr)
+                              kv, draft_bytes(engine, stats.prompt_tokens + params.max_tokens)),
+                  file=sys.stderr)
         if cache_file is not None:
             n = await engine.save_prompt_cache(cache_file)
             print(f"stream-run: prompt cache: saved {n} tokens to {cache_file}", file=sys.stderr)

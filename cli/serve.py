@@ -13,9 +13,11 @@ from stream_run.cli.common import (
     OneLineParser,
     UsageError,
     add_engine_flags,
+    add_speculative_flags,
     default_model,
     engine_config,
     run_main,
+    speculative_config,
 )
 from stream_run.engine.config import parse_size
 from stream_run.engine.engine import Engine
@@ -52,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "DIR (default: off)")
     p.add_argument("--max-context", type=int, default=None,
                    help="context length (default: the model's)")
+    add_speculative_flags(p)
     add_engine_flags(p)
     return p
 
@@ -83,7 +86,7 @@ def configs(args: argparse.Namespace):
                           max_n=args.max_n,
                           stall_timeout_s=args.stall_timeout,
                           prompt_cache_dir=args.prompt_cache_dir)
-    config = engine_config(args)
+    config = speculative_config(engine_config(args), args)
     try:
         config = dataclasses.replace(config, max_batch=args.max_batch, max_queue=args.max_queue,
                                      max_context=args.max_context)

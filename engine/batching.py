@@ -38,6 +38,15 @@ from stream_run.engine.prefix_cache import PrefixCache
 from stream_run.engine.request import Chunk, GenerationParams, StopFilter
 from stream_run.engine.runner import PassRunner
 from stream_run.engine.sampling import Sampler, TokenLogprob
+from stream_run.engine.speculative import (
+    MAX_PASS_ROWS,
+    SpecState,
+    Speculation,
+    draft_with_model,
+    settle_draft_kv,
+    sweep_rows,
+    verify,
+)
 from stream_run.engine.stats import GenerationStats, peak_rss_bytes
 from stream_run.engine.tokenizer import StreamingDetokenizer, Tokenizer
 from stream_run.models.base import Batch, SeqRows
@@ -80,6 +89,7 @@ class SeqState:
     t_submit: float = field(default_factory=time.perf_counter)
     t_start: float = 0.0
     t_first: float = 0.0
+    spec: SpecState | None = None  # speculative decoding (None: off)
     cancelled: bool = False
     done: bool = False
     finish_reason: str | None = None
@@ -172,6 +182,7 @@ class Batcher:
         # with kv_cache_budget_bytes); _keep: (ids fed, cache) to copy in after the pass
         self.prefix: PrefixCache | None = None
         self._keep: list[tuple[list[int], Any]] = []
+        self.speculation = Speculation()  # the engine sets its defaults and draft model
 
     @property
     def n_active(self) -> int:
@@ -204,11 +215,16 @@ class Batcher:
 
     def new_seq(self, prompt: list[int], params: GenerationParams) -> SeqState:
         tok = self.tokenizer
+        # a constrained request (response_format json_object) samples token by token: its
+        # recognizer advances with each token, which a rejected draft would have to undo
+        spec = None if params.sampling.constraint is not None else \
+            self.speculation.state_for(params.speculative, params.num_draft_tokens)
         self._ids += 1
         return SeqState(
             id=self._ids, prompt=list(prompt), params=params, sampler=Sampler(params.sampling),
             stops=set() if params.ignore_eos else set(tok.eos_token_ids),
-            detok=tok.detokenizer(), text_filter=StopFilter(params.stop), history=list(prompt))
+            detok=tok.detokenizer(), text_filter=StopFilter(params.stop), history=list(prompt),
+            spec=spec)
 
     def cancel(self, seq: SeqState) -> None:
         """Cancel a sequence (its consumer went away). Called on the event loop."""
@@ -263,6 +279,7 @@ class Batcher:
                 return
             self._release_retired()
             batch = self._plan()
+            await self._add_drafts(batch)
             await self._step(batch)
             if self._keep:
                 await self._keep_prefixes()
@@ -328,6 +345,42 @@ class Batcher:
                 spans.append((seq.n_prefilled, n))
         return batch
 
+    async def _add_drafts(self, batch: list[tuple[SeqState, list[int]]]) -> None:
+        """Append draft tokens to the rows of decoding sequences that speculate, while the
+        pass stays within MAX_PASS_ROWS rows (first come first served), a draft stays within
+        max_tokens, and the KV cache can roll the draft back; then cut drafts (the last
+        sequence's first) so the pass's rows are a count the kernels run in one sweep of the
+        weights (sweep_rows)."""
+        room = MAX_PASS_ROWS - sum(len(ids) for _, ids in batch)
+        for seq, _ in batch:
+            spec = seq.spec
+            if spec is None or seq.prefilling:
+                continue
+            spec.draft, spec.draft_probs = [], None
+            k = min(spec.length.want(), room, seq.params.max_tokens - seq.generated - 1)
+            k = self.runner.model.verify_rows(seq.kv.offset, 1 + k) - 1
+            if k <= 0 or not seq.kv.rollback_room(1 + k):
+                continue
+            if spec.mode == "prompt_lookup":
+                spec.draft = spec.lookup(seq.history, k)
+            else:
+                draft = self.speculation.draft
+                assert draft is not None
+                await draft_with_model(draft, spec, seq.sampler, seq.history, k,
+                                       len(seq.prompt) + seq.params.max_tokens)
+            room -= len(spec.draft)
+        total = MAX_PASS_ROWS - room  # rows of the pass with every draft
+        cut = total - sweep_rows(total)
+        for i, (seq, ids) in reversed(list(enumerate(batch))):
+            if seq.spec is None or seq.prefilling or not seq.spec.draft:
+                continue
+            if cut > 0:
+                n = min(cut, len(seq.spec.draft))
+                seq.spec.draft, cut = seq.spec.draft[:len(seq.spec.draft) - n], cut - n
+                if seq.spec.draft_probs is not None:
+                    seq.spec.draft_probs = seq.spec.draft_probs[:len(seq.spec.draft)]
+            batch[i] = (seq, ids + seq.spec.draft)
+
     def _more(self, batch: list[tuple[SeqState, list[int]]]) -> bool:
         """Whether another pass follows this one (unless a stop condition ends it first)."""
         if self.waiting or len(batch) < len(self.active):
@@ -341,7 +394,7 @@ class Batcher:
 
     async def _step(self, batch: list[tuple[SeqState, list[int]]]) -> None:
         rows = Batch([SeqRows(np.asarray(ids, dtype=np.int64), seq.kv,
-                              len(seq.prompt) if seq.prefilling else None)
+                              len(seq.prompt) if seq.prefilling else None, _n_logits(seq))
                       for seq, ids in batch])
         t0 = time.perf_counter()
         self._pass_seqs = [seq for seq, _ in batch]
@@ -372,6 +425,9 @@ class Batcher:
             seq.run.add(rs)
             if seq.prefilling:
                 self._count_prefill(seq, len(ids), rs, decoding)
+            else:
+                seq.stats.decode_passes += 1
+                seq.stats.decode_bytes_read += rs.bytes_read
         await self._sample(batch, logits)
 
     def _count_prefill(self, seq: SeqState, n: int, rs: RunStats, decoding: bool) -> None:
@@ -387,8 +443,10 @@ class Batcher:
 
     async def _sample(self, batch: list[tuple[SeqState, list[int]]], logits: np.ndarray
                       ) -> None:
-        """Sample a token for each sequence that has its whole prompt in the cache."""
-        rows = [(i, seq) for i, (seq, _) in enumerate(batch)
+        """Sample for each sequence that has its whole prompt in the cache: a token, or with a
+        draft the tokens its verification yields (engine/speculative.py)."""
+        starts = np.cumsum([0] + [_n_logits(seq) for seq, _ in batch])
+        rows = [(slice(starts[i], starts[i + 1]), seq) for i, (seq, _) in enumerate(batch)
                 if not seq.cancelled and not seq.prefilling]
         now = time.perf_counter()
         for _, seq in rows:
@@ -396,15 +454,32 @@ class Batcher:
                 seq.stats.prompt_s = now - seq.t_start
                 seq.stats.ttft_s = now - seq.t_submit
                 seq.t_first = now
-        rows = [(i, seq) for i, seq in rows if not self._finish_if_empty(seq)]
+        rows = [(sl, seq) for sl, seq in rows if not self._finish_if_empty(seq)]
         if not rows:
             return
         toks = await self.runner.scheduler.run_on_compute(
-            _sample_rows, [seq.sampler for _, seq in rows], logits[[i for i, _ in rows]],
-            [seq.history for _, seq in rows])
-        for (_, seq), (tok, lp) in zip(rows, toks, strict=True):
+            _sample_rows, [seq for _, seq in rows], [logits[sl] for sl, _ in rows])
+        for (_, seq), out in zip(rows, toks, strict=True):
             if not seq.cancelled:
-                self._emit(seq, tok, lp)
+                self._settle(seq, out)
+
+    def _settle(self, seq: SeqState, out: list[tuple[int, TokenLogprob | None]]) -> None:
+        """Emit a pass's tokens (with their logprobs) for seq; with a draft, roll back the KV
+        positions of its rejected tokens first and record how it fared."""
+        spec = seq.spec
+        if spec is not None:
+            k, accepted = len(spec.draft), len(out) - 1
+            if k:
+                seq.kv.trim(k - accepted)
+                spec.length.update(k, accepted)
+                seq.stats.draft_tokens += k
+                seq.stats.accepted_tokens += accepted
+            settle_draft_kv(spec, accepted)
+            spec.draft, spec.draft_probs = [], None
+        for tok, lp in out:
+            self._emit(seq, tok, lp)
+            if seq.done:
+                return
 
     def _finish_if_empty(self, seq: SeqState) -> bool:
         if seq.params.max_tokens == 0:
@@ -465,6 +540,7 @@ class Batcher:
         s.expert_bytes_read = run.late_bytes_read
         s.prefetch_depth = run.prefetch_depth
         s.peak_rss_bytes = peak_rss_bytes()
+        s.speculative = seq.spec.mode if seq.spec is not None else ""
         return s
 
     def _release(self, seq: SeqState) -> None:
@@ -487,14 +563,26 @@ class Batcher:
         self.waiting.clear()
 
 
-def _sample_rows(samplers: Sequence[Sampler], logits: np.ndarray,
-                 histories: Sequence[list[int]]) -> list[tuple[int, TokenLogprob | None]]:
-    """One token (and its logprob, when its request asks) per row of logits (N, V); runs on
-    the compute thread."""
+def _n_logits(seq: SeqState) -> int:
+    """Logit rows a pass returns for seq: its last token and each draft token."""
+    if seq.prefilling or seq.spec is None:
+        return 1
+    return 1 + len(seq.spec.draft)
+
+
+def _sample_rows(seqs: Sequence[SeqState], logits: Sequence[np.ndarray]
+                 ) -> list[list[tuple[int, TokenLogprob | None]]]:
+    """The tokens of each sequence from its logit rows (1 + draft, V), each with its logprob
+    (from the row it was sampled or accepted at) when its request asks; runs on the compute
+    thread."""
     out = []
-    for s, row, h in zip(samplers, logits, histories, strict=True):
-        tok = s(row, h)
-        out.append((tok, s.logprob(row, tok)))
+    for seq, rows in zip(seqs, logits, strict=True):
+        spec = seq.spec
+        if spec is None or not spec.draft:
+            toks = [seq.sampler(rows[0], seq.history)]
+        else:
+            toks = verify(seq.sampler, rows, seq.history, spec.draft, spec.draft_probs)
+        out.append([(tok, seq.sampler.logprob(rows[j], tok)) for j, tok in enumerate(toks)])
     return out
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import psutil
 
 from stream_run.cache import BudgetError, CacheConfig
+from stream_run.engine.speculative import MAX_DRAFT_TOKENS
+from stream_run.engine.speculative import MODES as SPEC_MODES
 from stream_run.kernels.kv_cache import KV_BITS
 from stream_run.loaders import LoaderConfig
 from stream_run.scheduler import SchedulerConfig
@@ -92,6 +94,13 @@ class EngineConfig:
     max_batch: int = 16  # requests decoded together; more wait for a slot
     max_queue: int | None = None  # requests waiting for a slot; None = unbounded
     threads: int | None = None  # CPU threads for numba kernels and BLAS; None = physical cores
+    # speculative decoding (engine/speculative.py): the default of requests that do not say
+    # ("off", "prompt_lookup", "draft_model"), the most draft tokens per pass, and a draft
+    # model (a path; it shares the tokenizer and stays resident within draft_budget_bytes)
+    speculative: str = "off"
+    num_draft_tokens: int = 7
+    draft_model: str | None = None
+    draft_budget_bytes: int | None = None
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
 
@@ -124,6 +133,16 @@ class EngineConfig:
         if self.threads is not None and not 1 <= self.threads <= usable_cpus():
             raise ValueError(f"threads must be between 1 and {usable_cpus()} (the CPUs this "
                              f"process may use), got {self.threads}")
+        if self.speculative not in SPEC_MODES:
+            raise ValueError(f"speculative must be one of {', '.join(SPEC_MODES)}, got "
+                             f"{self.speculative!r}")
+        if not 1 <= self.num_draft_tokens <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"num_draft_tokens must be in 1..{MAX_DRAFT_TOKENS}, got "
+                             f"{self.num_draft_tokens}")
+        if self.speculative == "draft_model" and self.draft_model is None:
+            raise ValueError("speculative='draft_model' needs draft_model (a model path)")
+        if self.draft_budget_bytes is not None and self.draft_budget_bytes <= 0:
+            raise ValueError(f"draft_budget_bytes must be > 0, got {self.draft_budget_bytes}")
         if self.max_queue is not None and self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
 

@@ -24,6 +24,7 @@ from stream_run.engine.prefix_cache import save_file as save_prompt_file
 from stream_run.engine.request import Chunk, Completion, GenerationParams, StopFilter
 from stream_run.engine.runner import BackendUnitLoader, PassRunner
 from stream_run.engine.sampling import TokenLogprob, token_logprobs
+from stream_run.engine.speculative import Speculation
 from stream_run.engine.tokenizer import Tokenizer
 from stream_run.kernels import get_backend
 from stream_run.kernels.backend import ComputeThreadInit
@@ -67,8 +68,32 @@ class Engine:
         if config.kv_cache_budget_bytes:
             self.batcher.prefix = PrefixCache(config.kv_cache_budget_bytes)
             self.runner.kv_reserve_bytes = config.kv_cache_budget_bytes
+        self.draft = self._open_draft() if config.draft_model else None
+        self.batcher.speculation = Speculation(
+            config.speculative, config.num_draft_tokens,
+            self.draft.runner if self.draft is not None else None)
         self._check_budget()
         self.runner.plan()
+
+    def _open_draft(self) -> Engine:
+        """The draft model (EngineConfig.draft_model), resident within draft_budget_bytes.
+
+        Raises:
+            ValueError: its tokenizer's vocabulary is not the target's.
+        """
+        path = self.config.draft_model
+        assert path is not None
+        draft = Engine(open_model(path), EngineConfig(
+            backend=self.config.backend, memory_budget_bytes=self.config.draft_budget_bytes,
+            threads=self.config.threads, max_batch=1))
+        ours, theirs = self.tokenizer.tok.get_vocab(True), draft.tokenizer.tok.get_vocab(True)
+        if ours != theirs:
+            draft.close()
+            raise ValueError(
+                f"draft model {path}: its vocabulary ({len(theirs)} tokens) is not the "
+                f"target's ({len(ours)} tokens); a draft model must share the target's "
+                "tokenizer")
+        return draft
 
     @classmethod
     async def open(cls, model: str, config: EngineConfig | None = None, *,
@@ -116,6 +141,8 @@ class Engine:
         self.scheduler.close()
         self.cache.compute.clear()
         self.reader.close()
+        if self.draft is not None:
+            self.draft.close()
 
     # -- the conversation's KV between requests (prefix_cache.py) ------------------------------
     @property
@@ -316,8 +343,8 @@ class Engine:
     def make_params(self, params: GenerationParams | None = None, **overrides: Any
                     ) -> GenerationParams:
         """params (default GenerationParams()) with keyword overrides: max_tokens, stop,
-        ignore_eos and the SamplingParams fields (temperature, top_p, top_k, min_p,
-        repetition_penalty, seed, logprobs); None keeps the value."""
+        ignore_eos, speculative, num_draft_tokens and the SamplingParams fields (temperature,
+        top_p, top_k, min_p, repetition_penalty, seed, logprobs); None keeps the value."""
         return (params or GenerationParams()).replace(**overrides)
 
     def check_prompt(self, ids: Sequence[int], max_tokens: int) -> None:

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from stream_run.engine.sampling import SamplingParams, TokenLogprob
+from stream_run.engine.speculative import MAX_DRAFT_TOKENS
+from stream_run.engine.speculative import MODES as SPEC_MODES
 from stream_run.engine.stats import GenerationStats
 
 FINISH_REASONS = ("stop", "length", "cancelled")
@@ -20,8 +22,21 @@ class GenerationParams:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # speculative decoding (engine/speculative.py): "off", "prompt_lookup" or "draft_model"
+    # (the engine's draft model); None: the engine's default (EngineConfig.speculative)
+    speculative: str | None = None
+    num_draft_tokens: int | None = None  # the most draft tokens per pass; None: the engine's
 
     def __post_init__(self) -> None:
+        if self.speculative is not None and self.speculative not in SPEC_MODES:
+            raise ValueError(f"speculative must be one of {', '.join(SPEC_MODES)}, got "
+                             f"{self.speculative!r}")
+        if self.num_draft_tokens is not None and (
+                isinstance(self.num_draft_tokens, bool)
+                or not isinstance(self.num_draft_tokens, int)
+                or not 1 <= self.num_draft_tokens <= MAX_DRAFT_TOKENS):
+            raise ValueError(f"num_draft_tokens must be an int in 1..{MAX_DRAFT_TOKENS}, got "
+                             f"{self.num_draft_tokens!r}")
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) \
                 or self.max_tokens < 0:
             raise ValueError(f"max_tokens must be an int >= 0, got {self.max_tokens!r}")

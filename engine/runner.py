@@ -161,7 +161,7 @@ class PassRunner:
         """What a pass's activations may hold at once beyond the SCRATCH_IN_MARGIN the margin
         covers, reserved in the budget for the pass: 0 for passes of at most SMALL_PASS_ROWS
         rows (decoding: fused kernels, kilobytes). Else activation_bytes less the margin."""
-        logit_rows = len(batch.ids) if batch.all_logits else len(batch.seqs)
+        logit_rows = len(batch.ids) if batch.all_logits else len(batch.logit_rows)
         spans = [(offset, n) for _, offset, n in batch.spans]
         if sum(n for _, n in spans) <= SMALL_PASS_ROWS:
             return 0

@@ -107,6 +107,16 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, history: Sequence[int]) -> int:
         """Pick the next token from (V,) logits; history is the ids so far (for the penalty)."""
+        if self.constraint is not None:
+            tok = self._constrained(self.penalized(logits, history))
+            self.constraint.advance(tok)
+            return tok
+        if self.params.temperature == 0:
+            return int(np.argmax(self.penalized(logits, history)))
+        return self.draw(self.probs(logits, history))
+
+    def penalized(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        """(V,) logits as float64 with the repetition penalty applied."""
         p = self.params
         logits = logits.astype(np.float64)
         if p.repetition_penalty != 1.0 and history and p.repetition_context:
@@ -114,17 +124,16 @@ class Sampler:
             vals = logits[ids]
             logits[ids] = np.where(vals > 0, vals / p.repetition_penalty,
                                    vals * p.repetition_penalty)
-        if self.constraint is not None:
-            tok = self._constrained(logits)
-            self.constraint.advance(tok)
-            return tok
-        if p.temperature == 0:
-            return int(np.argmax(logits))
-        probs = self._probs(logits)
-        return int(self.rng.choice(probs.size, p=probs))
+        return logits
 
-    def _probs(self, logits: np.ndarray) -> np.ndarray:
-        """The sampling distribution: temperature, then top-k, top-p and min-p."""
+    def probs(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
+        """The (V,) distribution a token is drawn from (temperature > 0): penalty,
+        temperature, top-k, top-p, min-p. Speculative sampling compares drafts against it."""
+        return self._filtered(self.penalized(logits, history))
+
+    def _filtered(self, logits: np.ndarray) -> np.ndarray:
+        """The sampling distribution of penalized logits: temperature, then top-k, top-p and
+        min-p."""
         p = self.params
         logits = logits / p.temperature
         if p.top_k and p.top_k < logits.size:
@@ -155,7 +164,7 @@ class Sampler:
             keys = logits
         else:
             with np.errstate(divide="ignore"):
-                keys = np.log(self._probs(logits)) + self.rng.gumbel(size=logits.size)
+                keys = np.log(self._filtered(logits)) + self.rng.gumbel(size=logits.size)
         order = np.argsort(-keys, kind="stable")
         for tok in order:
             if not np.isfinite(keys[tok]):
@@ -166,3 +175,10 @@ class Sampler:
             if c.allows(int(tok)):
                 return int(tok)
         raise RuntimeError("the constraint allows no token")
+
+    def draw(self, probs: np.ndarray) -> int:
+        """A token drawn from a (V,) distribution with this sampler's generator."""
+        return int(self.rng.choice(probs.size, p=probs))
+
+    def uniform(self) -> float:
+        return float(self.rng.random())

@@ -59,6 +59,13 @@ class GenerationStats:
     # activations did not fit at once) or "decoding" (other requests were decoding: the
     # prompt rode their passes in prefill_chunk rows)
     prefill_split: str = ""
+    # speculative decoding: the mode ("" off), decode passes that sampled for this request,
+    # draft tokens they carried and how many were accepted, bytes read by the decode passes
+    speculative: str = ""
+    decode_passes: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    decode_bytes_read: int = 0
 
     @property
     def prompt_tps(self) -> float:
@@ -67,6 +74,21 @@ class GenerationStats:
     @property
     def generation_tps(self) -> float:
         return self.generation_tokens / self.generation_s if self.generation_s > 0 else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Generated tokens per decode pass (1 without speculation)."""
+        return self.generation_tokens / self.decode_passes if self.decode_passes else 0.0
+
+    @property
+    def accepted_per_pass(self) -> float:
+        """Accepted draft tokens per decode pass."""
+        return self.accepted_tokens / self.decode_passes if self.decode_passes else 0.0
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Bytes the decode passes read per generated token."""
+        return self.decode_bytes_read / self.generation_tokens if self.generation_tokens else 0.0
 
     @property
     def hit_rate(self) -> float:
@@ -81,5 +103,7 @@ class GenerationStats:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.update(prompt_tps=self.prompt_tps, generation_tps=self.generation_tps,
-                 hit_rate=self.hit_rate, expert_hit_rate=self.expert_hit_rate)
+                 hit_rate=self.hit_rate, expert_hit_rate=self.expert_hit_rate,
+                 tokens_per_pass=self.tokens_per_pass, accepted_per_pass=self.accepted_per_pass,
+                 bytes_per_token=self.bytes_per_token)
         return d

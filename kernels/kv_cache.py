@@ -119,6 +119,13 @@ class LayeredKVCache:
                 raise ValueError(f"layer {layer_idx}: {exc}") from None
         self.offset = n
 
+    def rollback_room(self, n: int) -> bool:
+        """Whether a pass may write n positions at the offset and then trim any number of
+        them (speculative decoding): always for full layers; for a sliding layer only while
+        its ring has not wrapped and those n positions do not wrap it (a wrapped ring has
+        overwritten positions that a shorter redo needs)."""
+        return all(w is None or self.offset + n <= w for w in self.windows)
+
     def trim(self, n: int) -> None:
         """Drop the last n tokens. A full layer can always roll back (later writes overwrite);
         a sliding layer only while its ring still holds the window the next pass needs: one

@@ -32,11 +32,14 @@ class SeqRows:
     span_end: where the span these rows belong to ends (a prompt chunk: the prompt's length),
     when it is past the rows' own end. A model whose computation depends on the length a
     forward call sees (Phi-3 longrope) uses it, so a chunked prefill computes as one call.
+    n_logits: how many of the last rows return logits (a speculative verification: the last
+    token and each draft token).
     """
 
     ids: np.ndarray  # (L,) int
     kv: KVCache
     span_end: int | None = None
+    n_logits: int = 1
 
     @property
     def end(self) -> int:
@@ -65,6 +68,14 @@ class Batch:
     def last_rows(self) -> np.ndarray:
         """Index of each sequence's last row in the stacked (T, E) hidden state."""
         return np.cumsum([len(s.ids) for s in self.seqs]) - 1
+
+    @cached_property
+    def logit_rows(self) -> np.ndarray:
+        """Rows whose logits the pass returns (without all_logits): each sequence's last
+        n_logits rows, in order."""
+        ends = self.last_rows + 1
+        return np.concatenate([np.arange(e - s.n_logits, e) for s, e in zip(self.seqs, ends,
+                                                                           strict=True)])
 
 
 @dataclass(frozen=True)
@@ -147,6 +158,12 @@ class DecoderModel:
         whose rotation depends on the sequence's length says when they differ)."""
         return True
 
+    def verify_rows(self, offset: int, n: int) -> int:
+        """How many of n rows at offset one pass may carry (speculative verification) and
+        still compute each row as a pass of its own would: all, unless the model's
+        computation depends on the length a pass sees (Phi-3 longrope)."""
+        return n
+
     def layer_windows(self) -> list[int | None]:
         """Each layer's sliding window, None for full attention (the default: all full)."""
         return [None] * self.spec.num_hidden_layers
@@ -191,8 +208,9 @@ class DecoderModel:
         return self.embed(batch, units[EMBED])
 
     def _head_call(self, batch: Batch, h: Any, units: Mapping[str, Any]) -> np.ndarray:
-        if not batch.all_logits and h.shape[1] != len(batch.seqs):
-            h = self.ops.concatenate([h[:, r:r + 1] for r in batch.last_rows], axis=1)
+        rows = batch.logit_rows
+        if not batch.all_logits and h.shape[1] != len(rows):
+            h = self.ops.concatenate([h[:, r:r + 1] for r in rows], axis=1)
         return self.ops.to_numpy(self.head(h, units))[0]
 
 

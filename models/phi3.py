@@ -72,6 +72,13 @@ class Model(DecoderModel):
         round): reuse only when the cached passes and the prompt all stay short."""
         return not self.long_after or max(cached, prompt) <= self.long_after
 
+    def verify_rows(self, offset: int, n: int) -> int:
+        """A verification pass may not cross long_after: its rows would all take the long
+        factors, where decoding them one by one takes the short ones below it."""
+        if self.long_after and offset < self.long_after < offset + n:
+            return self.long_after - offset
+        return n
+
     def pass_context(self, batch: Batch) -> dict[int, np.ndarray]:
         """Each sequence's inverse frequencies for this pass (short or long factors), by the
         end of the span its rows stand for: a prompt chunk as the whole prompt (one HF call)."""

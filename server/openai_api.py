@@ -50,6 +50,7 @@ class ParsedRequest:
     echo: bool = False  # completions: the prompt opens the text (and its logprobs, if asked)
     json_object: bool = False  # response_format {"type": "json_object"}: sampling constrained
     tools: list[dict[str, Any]] | None = None  # rendered and parsed (tool_choice "auto")
+    speculative: str | None = None  # per-request override of the server's default
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -63,7 +64,8 @@ class ParsedRequest:
         sampling = self.sampling
         if index and sampling.seed is not None:
             sampling = dataclasses.replace(sampling, seed=sampling.seed + index)
-        return GenerationParams(max_tokens=max_tokens, sampling=sampling, stop=self.stop)
+        return GenerationParams(max_tokens=max_tokens, sampling=sampling, stop=self.stop,
+                                speculative=self.speculative)
 
 
 def parse_chat(body: Any, limits: Limits) -> ParsedRequest:
@@ -165,8 +167,9 @@ def _common(body: dict[str, Any], limits: Limits, kind: str, prompts: list[Any],
         raise bad("'stream_options' must be an object", "stream_options")
     include_usage = _typed(options or {}, "include_usage", bool, False, "stream_options")
     sampling = dataclasses.replace(_sampling(body, limits.sampling_defaults), logprobs=logprobs)
+    speculative = _typed(body, "speculative", str, None)  # GenerationParams checks it
     return ParsedRequest(kind, prompts, max_tokens, sampling, _stop(body.get("stop")),
-                         stream, include_usage and stream, model, n)
+                         stream, include_usage and stream, model, n, speculative=speculative)
 
 
 def _typed(obj: dict[str, Any], name: str, kind: type, default: Any, prefix: str = "") -> Any:
