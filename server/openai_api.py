@@ -11,6 +11,7 @@ from typing import Any
 
 from stream_run.engine.request import GenerationParams
 from stream_run.engine.sampling import SamplingParams
+from stream_run.engine.speculative import MODES as SPEC_MODES
 from stream_run.server.errors import APIError, bad
 from stream_run.server.tools import arguments_object, parse_tool_choice, parse_tools
 
@@ -167,7 +168,10 @@ def _common(body: dict[str, Any], limits: Limits, kind: str, prompts: list[Any],
         raise bad("'stream_options' must be an object", "stream_options")
     include_usage = _typed(options or {}, "include_usage", bool, False, "stream_options")
     sampling = dataclasses.replace(_sampling(body, limits.sampling_defaults), logprobs=logprobs)
-    speculative = _typed(body, "speculative", str, None)  # GenerationParams checks it
+    speculative = _typed(body, "speculative", str, None)
+    if speculative is not None and speculative not in SPEC_MODES:
+        raise bad(f"speculative must be one of {', '.join(SPEC_MODES)}, got {speculative!r}",
+                  param="speculative")
     return ParsedRequest(kind, prompts, max_tokens, sampling, _stop(body.get("stop")),
                          stream, include_usage and stream, model, n, speculative=speculative)
 
