@@ -36,6 +36,16 @@ EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
 MIXTRAL_NAMES = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # -> canonical
 _EXPERT = re.compile(r"^(?:mlp|block_sparse_moe)\.experts\.(\d+)\.(w[123]|\w+_proj)\.(\w+)$")
 STACKED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+# GGUF: llama.cpp stacks each linear of every expert in one tensor (ffn_gate_exps, (n, I, E))
+GGUF_STACKED = tuple(f"mlp.experts.{p}.weight" for p in EXPERT_LINEARS)
+GGUF_NAMES = {**llama.GGUF_NAMES,
+              "blk.{bid}.ffn_gate_inp.weight": (llama.BLOCK, "mlp.gate.weight"),
+              **{f"blk.{{bid}}.ffn_{g}_exps.weight": (llama.BLOCK, f"mlp.experts.{p}.weight")
+                 for g, p in zip(("gate", "up", "down"), EXPERT_LINEARS, strict=True)},
+              **{f"blk.{{bid}}.ffn_{g}_shexp.weight": (llama.BLOCK, f"mlp.shared_expert.{p}.weight")
+                 for g, p in zip(("gate", "up", "down"), EXPERT_LINEARS, strict=True)},
+              "blk.{bid}.ffn_gate_inp_shexp.weight": (llama.BLOCK, "mlp.shared_expert_gate.weight")}
+GGUF_ARCH = {"qwen3_moe": "qwen3moe", "qwen2_moe": "qwen2moe", "mixtral": "llama"}
 
 
 def expert_key(layer_idx: int, expert: int) -> str:
@@ -239,8 +249,10 @@ def hf_units(spec: ModelSpec, key: str, ref: TensorRef) -> list[tuple[str, Tenso
     expert's byte sub-ranges; mixtral's names (w1, w3, w2; block_sparse_moe) to qwen's."""
     if ref.name == "block_sparse_moe.gate.weight":
         return [(key, replace(ref, name="mlp.gate.weight"))]
+    if ref.name == "mlp.shared_expert_gate.weight" and tuple(ref.shape) == (spec.hidden_size,):
+        return [(key, replace(ref, shape=(1, spec.hidden_size)))]  # a GGUF converter's (E,)
     m = _EXPERT.match(ref.name)
-    if not m and ref.name not in STACKED:
+    if not m and ref.name not in STACKED + GGUF_STACKED:
         return [(key, ref)]
     layer_idx = int(key.split(".")[1]) if key.startswith("layers.") else -1
     sparse = moe_args(spec.model_type, spec.config).sparse
@@ -258,7 +270,56 @@ def hf_units(spec: ModelSpec, key: str, ref: TensorRef) -> list[tuple[str, Tenso
                               "match the checkpoint's experts")
         name = f"{MIXTRAL_NAMES.get(linear, linear)}.{what}"
         return [(expert_key(layer_idx, e), replace(ref, name=name))]
+    if ref.name in GGUF_STACKED:
+        return _split_gguf(spec, layer_idx, ref)
     return _split_stacked(spec, key, layer_idx, ref)
+
+
+def _split_gguf(spec: ModelSpec, layer_idx: int, ref: TensorRef) -> list[tuple[str, TensorRef]]:
+    """ffn_{gate,up}_exps (n_experts, I, E), ffn_down_exps (n_experts, E, I) in HF order: the
+    expert is the outermost dim, so expert e is the e-th 1/n of the bytes, in the file's own
+    (quantized) blocks: each row's blocks run along E (I for down)."""
+    moe, E = moe_args(spec.model_type, spec.config), spec.hidden_size
+    linear = ref.name.split(".")[2]
+    shape = (E, moe.expert_size) if linear == "down_proj" else (moe.expert_size, E)
+    want = (moe.n_experts, *shape)
+    if tuple(ref.shape) != want:
+        what = "expert_count, embedding_length, expert_feed_forward_length" \
+            if linear == "down_proj" else \
+            "expert_count, expert_feed_forward_length, embedding_length"
+        raise FormatError(f"has shape {list(ref.shape)}, expected {list(want)} from the "
+                          f"metadata ({what}); hint: the expert count and sizes must match "
+                          "the stacked expert tensors")
+    per = ref.nbytes // moe.n_experts
+    return [(expert_key(layer_idx, e),
+             replace(ref, name=f"{linear}.weight", offset=ref.offset + e * per, nbytes=per,
+                     shape=shape))
+            for e in range(moe.n_experts)]
+
+
+def gguf_config(model_type: str, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The HF fields from llama.cpp's: its qwen3moe always renormalizes the top-k weights, its
+    qwen2moe never; Mixtral's experts are num_local_experts, each intermediate_size wide.
+
+    Raises:
+        ValueError: naming the GGUF metadata key that is missing or wrong.
+    """
+    arch, cfg = GGUF_ARCH[model_type], dict(cfg)
+    keys = {"num_experts": "expert_count", "num_experts_per_tok": "expert_used_count",
+            "moe_intermediate_size": "expert_feed_forward_length",
+            "shared_expert_intermediate_size": "expert_shared_feed_forward_length"}
+    if model_type == "mixtral":
+        cfg["num_local_experts"] = cfg.pop("num_experts", None)
+        keys = {**keys, "num_local_experts": "expert_count",
+                "intermediate_size": "feed_forward_length"}
+    cfg["norm_topk_prob"] = model_type == "qwen3_moe"
+    try:
+        moe_args(model_type, cfg)
+    except ValueError as exc:
+        field = str(exc).split("'")[1] if "'" in str(exc) else ""
+        key = keys.get(field)
+        raise ValueError(f"GGUF metadata key {arch}.{key}: {exc}" if key else str(exc)) from None
+    return cfg
 
 
 def _split_stacked(spec: ModelSpec, key: str, layer_idx: int, ref: TensorRef
@@ -316,5 +377,7 @@ def _mlp_shapes(prefix: str, inner: int, E: int) -> dict[str, tuple[int, ...]]:
 
 
 def architecture(model_type: str) -> Architecture:
-    return Architecture(model_type, expected_shapes, hf_config=partial(hf_config, model_type),
-                        hf_units=hf_units)
+    return Architecture(model_type, expected_shapes, GGUF_NAMES,
+                        gguf_permuted=llama.GGUF_PERMUTED if model_type == "mixtral" else {},
+                        hf_config=partial(hf_config, model_type),
+                        gguf_config=partial(gguf_config, model_type), hf_units=hf_units)
