@@ -154,3 +154,20 @@ def test_cli_writes_a_custom_moe_gguf(tmp_path):
                        "--router-skew", "1", "--out", str(out)]) == 0
     logits = engine_logits(out, PROMPT)
     assert logits.shape == (len(PROMPT), 300) and np.isfinite(logits).all()
+
+
+def test_moe_cache_bench_reports_hit_rates_and_the_formula(tmp_path, capsys):
+    from stream_run.bench import moe_cache
+
+    spec = SynthSpec.from_shape("tiny-moe", arch="qwen3_moe", router_skew=1.0)
+    synthesize_gguf(spec, "q8_0", str(tmp_path / "m.gguf"))
+    assert moe_cache.main([str(tmp_path / "m.gguf"), "--budgets", "50%", "--tokens", "4",
+                           "--warmup", "2", "--replay", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "replay: 64 picks over 8 tokens, 64 experts" in out
+    rows = [r for r in map(str.split, out.splitlines()) if len(r) == 11 and r[2] in ("lru", "lfru")]
+    assert [r[2] for r in rows] == ["lru", "lfru"]  # budget (value, unit), order, ...
+    for r in rows:  # bytes/token measured over predicted from the hit rate
+        assert abs(float(r[-2]) - 1.0) < 0.05, r
+    assert moe_cache.main([str(tmp_path / "m.gguf"), "--orders", "lru,mru"]) == 2
+    assert "--orders: unknown 'mru'" in capsys.readouterr().err
