@@ -20,8 +20,9 @@ expert that stays after its use is a read saved on a later token.
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from typing import Protocol
 
 _RENORM = 2.0 ** 900  # rescale the values before 2^(t / half_life) overflows a float
@@ -39,8 +40,9 @@ class EvictionOrder(Protocol):
         """A use of key: called on every hit and every insert of the compute tier."""
         ...
 
-    def order(self, keys: list[str]) -> Iterable[str]:
-        """Unpinned keys in LRU order (least recent first) -> the order to evict them in."""
+    def order(self, keys: list[str], present: Collection[str]) -> Iterable[str]:
+        """Unpinned keys in LRU order (least recent first) -> the order to evict them in;
+        present: every key in the tier, pinned ones too. The tier may stop early."""
         ...
 
 
@@ -53,7 +55,7 @@ class LRUOrder:
     def touch(self, key: str) -> None:
         pass
 
-    def order(self, keys: list[str]) -> Iterable[str]:
+    def order(self, keys: list[str], present: Collection[str]) -> Iterable[str]:
         return keys
 
 
@@ -68,6 +70,9 @@ class LFRUOrder:
         self.experts: frozenset[str] = frozenset()
         self.value: dict[str, float] = {}  # survives eviction: the history is the point
         self.uses = 0
+        # (value, use number, key) per touch; an entry whose value is not the key's current
+        # one is stale and skipped: eviction pops the least valued without sorting every key
+        self._heap: list[tuple[float, int, str]] = []
 
     def set_experts(self, keys: Collection[str]) -> None:
         self.experts = frozenset(keys)
@@ -79,15 +84,44 @@ class LFRUOrder:
         gain = math.exp2(self.uses / self.half_life)
         if gain > _RENORM:
             self.value = {k: v / gain for k, v in self.value.items()}
-            self.uses = 0
-            gain = 1.0
-        self.value[key] = self.value.get(key, 0.0) + gain
+            self.uses, gain = 0, 1.0
+            self._heap = [(v, 0, k) for k, v in self.value.items()]
+            heapq.heapify(self._heap)
+        value = self.value[key] = self.value.get(key, 0.0) + gain
+        heapq.heappush(self._heap, (value, self.uses, key))
+        if len(self._heap) > 4 * len(self.value) + 64:  # drop the stale entries
+            self._heap = [(v, 0, k) for k, v in self.value.items()]
+            heapq.heapify(self._heap)
 
-    def order(self, keys: list[str]) -> Iterable[str]:
+    def order(self, keys: list[str], present: Collection[str]) -> Iterable[str]:
         if not self.experts:  # a dense model: plain LRU
             return keys
-        lru_rank = {k: i for i, k in enumerate(keys)}
-        return sorted(keys, key=lambda k: (self.value.get(k, 0.0), lru_rank[k]))
+        return self._ascending(set(keys), present)
+
+    def _ascending(self, keys: set[str], present: Collection[str]) -> Iterator[str]:
+        """keys by value, least first, popped lazily: the tier stops once it has room. Entries
+        popped for keys it keeps (pinned, in flight) or did not get to evict go back; those
+        of keys no longer in the tier are dropped (an insert pushes one again)."""
+        heap, value = self._heap, self.value
+        back: list[tuple[float, int, str]] = []
+        untouched = [k for k in keys if k not in value]  # not expected: every insert touches
+        yield from untouched
+        keys.difference_update(untouched)
+        try:
+            while heap:
+                entry = heapq.heappop(heap)
+                v, _, key = entry
+                if value.get(key) != v or key not in present:
+                    continue  # stale (a later touch pushed the current value), or evicted
+                back.append(entry)
+                if key in keys:
+                    keys.discard(key)
+                    yield key
+                    back.pop()  # evicted: a later insert pushes it again
+            yield from list(keys)  # none expected: a key in the tier without an entry
+        finally:
+            for entry in back:
+                heapq.heappush(heap, entry)
 
     def decayed_count(self, key: str) -> float:
         """key's use count, each use weighted 2^(-age / half_life) (for tests and stats)."""

@@ -131,7 +131,8 @@ class Tier:
         if self.free_bytes() >= nbytes:
             return evicted
         keys = [k for k, e in self._entries.items() if e.pins == 0 and k not in keep]
-        for key in keys if self.evict_order is None else self.evict_order.order(keys):
+        for key in keys if self.evict_order is None else self.evict_order.order(
+                keys, self._entries):
             if self.free_bytes() >= nbytes:
                 break
             if self._entries[key].pins == 0 and key not in keep:

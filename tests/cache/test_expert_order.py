@@ -22,13 +22,13 @@ def test_lfru_evicts_the_least_used_unit_first_ties_by_lru():
             order.touch(key)
     lru = [EXPERTS[0], "layers.3", EXPERTS[1], EXPERTS[2], "layers.1", EXPERTS[3]]
     # one use each: the older one first (a use is worth more the later it came)
-    assert list(order.order(lru)) == [EXPERTS[3], EXPERTS[1], "layers.3", EXPERTS[2],
+    assert list(order.order(lru, lru)) == [EXPERTS[3], EXPERTS[1], "layers.3", EXPERTS[2],
                                       "layers.1", EXPERTS[0]]
-    assert list(LRUOrder().order(lru)) == lru
+    assert list(LRUOrder().order(lru, lru)) == lru
     dense = LFRUOrder()  # a model without experts: plain LRU
     for key in ("layers.1", "layers.1", "layers.0"):
         dense.touch(key)
-    assert list(dense.order(["layers.1", "layers.0"])) == ["layers.1", "layers.0"]
+    assert list(dense.order(["layers.1", "layers.0"], ())) == ["layers.1", "layers.0"]
 
 
 def test_lfru_counts_decay_so_old_popularity_fades():
@@ -39,11 +39,31 @@ def test_lfru_counts_decay_so_old_popularity_fades():
     for _ in range(3):
         order.touch(EXPERTS[1])  # a little, recently
     assert order.decayed_count(EXPERTS[1]) > order.decayed_count(EXPERTS[0])
-    assert list(order.order([EXPERTS[1], EXPERTS[0]])) == [EXPERTS[0], EXPERTS[1]]
+    assert list(order.order([EXPERTS[1], EXPERTS[0]], EXPERTS)) == [EXPERTS[0], EXPERTS[1]]
     for _ in range(5000):  # values are rescaled before 2^(t / half_life) overflows
         order.touch(EXPERTS[2])
     assert order.decayed_count(EXPERTS[2]) == pytest.approx(1 / (1 - 2 ** -0.5), rel=0.01)
     assert np.isfinite(list(order.value.values())).all()
+
+
+def test_lfru_order_pops_lazily_as_a_full_sort_would():
+    """The heap gives the order of sorting every unpinned key by value; keys the tier keeps
+    (pinned) or stops before evicting stay in it; evicted ones leave until inserted again."""
+    rng = np.random.default_rng(1)
+    keys = [f"layers.{i}.mlp.experts.{e}" for i in range(4) for e in range(16)]
+    order = LFRUOrder(half_life=50)
+    order.set_experts(keys)
+    for _ in range(3):
+        for k in rng.choice(keys, 300):
+            order.touch(str(k))
+        present = [str(k) for k in rng.permutation(keys)[:40]]
+        unpinned = present[:30]
+        want = sorted(unpinned, key=lambda k: order.value[k])
+        gen = iter(order.order(unpinned, present))
+        assert [next(gen), next(gen)] == want[:2]
+        gen.close()  # the tier had room: the second key was not evicted
+        assert list(order.order(unpinned[1:] if want[0] == unpinned[0] else
+                                [k for k in unpinned if k != want[0]], present)) == want[1:]
 
 
 def test_half_life_defaults_to_four_uses_per_expert():
