@@ -80,6 +80,8 @@ class LFRUOrder:
             self.half_life = 4.0 * max(1, len(self.experts))
 
     def touch(self, key: str) -> None:
+        if not self.experts:  # a dense model: plain LRU, nothing to count
+            return
         self.uses += 1
         gain = math.exp2(self.uses / self.half_life)
         if gain > _RENORM:
