@@ -121,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write a synthetic model (HF or GGUF) with random weights")
     s.add_argument("--arch", default="llama", choices=REGISTRY.model_types)
-    s.add_argument("--shape", default="7b", help="7b, 13b, 70b, tiny, or custom")
+    s.add_argument("--shape", default="7b", help="7b, 13b, 70b, tiny, or custom; with an MoE "
+                   "--arch: qwen3-30b-a3b, qwen3-moe-mid (qwen3_moe), mixtral-8x7b (mixtral), "
+                   "tiny-moe")
     s.add_argument("--format", default="hf", choices=("hf", "gguf"),
                    help="hf: a model directory; gguf: one .gguf file, as llama.cpp writes it")
     s.add_argument("--dtype", default=None, choices=("bf16", "f16", "f32"),
@@ -132,7 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True,
                    help="output directory, or .gguf file with --format gguf (must not exist)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--router-skew", type=float, default=0.0,
+                   help="MoE: Zipf exponent of expert popularity (0: the uniform routing of "
+                   "random weights; 1: expert of rank r picked about 1/r as often as the top)")
     _dims(s)
+    for name, what in (("experts", "routed experts per layer"),
+                       ("experts-per-tok", "experts each token picks"),
+                       ("expert-size", "each expert's intermediate size"),
+                       ("head-dim", "attention head size (default hidden / heads)")):
+        s.add_argument(f"--{name}", type=int, default=None, help=f"with --shape custom: {what}")
 
     from stream_run.bench import soak
 
@@ -477,10 +487,19 @@ def synth(args: argparse.Namespace) -> int:
     if os.path.exists(args.out):
         raise FileExistsError(f"{args.out}: already exists; choose a new --out "
                               + ("directory" if quant is None else "file"))
+    moe = {"router_skew": args.router_skew}
     if args.shape == "custom":
-        spec = SynthSpec(arch=args.arch, dtype=dtype, seed=args.seed, **_custom(args))
+        moe.update({k: v for k, v in (("num_experts", args.experts),
+                                      ("num_experts_per_tok", args.experts_per_tok),
+                                      ("moe_intermediate_size", args.expert_size),
+                                      ("head_dim", args.head_dim)) if v is not None})
+        spec = SynthSpec(arch=args.arch, dtype=dtype, seed=args.seed, **_custom(args), **moe)
     else:
-        spec = SynthSpec.from_shape(args.shape, arch=args.arch, dtype=dtype, seed=args.seed)
+        for flag in ("experts", "experts_per_tok", "expert_size", "head_dim"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} needs --shape custom")
+        spec = SynthSpec.from_shape(args.shape, arch=args.arch, dtype=dtype, seed=args.seed,
+                                    **moe)
     if quant is None:
         nbytes, what = spec.nbytes, dtype
         write = functools.partial(synthesize, spec, args.out)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from stream_run.bench import synth_moe
 from stream_run.loaders import ModelSpec
 from stream_run.loaders.hf import full_name
 from stream_run.models import REGISTRY
@@ -45,6 +46,12 @@ class SynthSpec:
     vocab_size: int = 320
     dtype: str = "bf16"
     seed: int = 0
+    # Mixture-of-Experts (bench.synth_moe; 0: a dense model) and head_dim (0: hidden / heads)
+    head_dim: int = 0
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    router_skew: float = 0.0  # Zipf exponent of expert popularity (0: uniform)
 
     def __post_init__(self) -> None:
         if self.arch not in REGISTRY.model_types:
@@ -59,11 +66,15 @@ class SynthSpec:
         if self.hidden_size % self.num_attention_heads or (
                 self.num_attention_heads % self.num_key_value_heads):
             raise ValueError("hidden_size must divide by heads, and heads by kv heads")
+        synth_moe.check(self)
 
     @classmethod
     def from_shape(cls, shape: str, **kw) -> SynthSpec:
+        if shape in synth_moe.SHAPES:
+            return cls(**{**kw, **synth_moe.shape_fields(shape, kw.get("arch", "llama"))})
         if shape not in SHAPES:
-            raise ValueError(f"--shape must be one of {', '.join(SHAPES)}, got {shape!r}")
+            raise ValueError(f"--shape must be one of {', '.join([*SHAPES, *synth_moe.SHAPES])}"
+                             f", got {shape!r}")
         e, i, n, h, kv, v = SHAPES[shape]
         return cls(hidden_size=e, intermediate_size=i, num_hidden_layers=n,
                    num_attention_heads=h, num_key_value_heads=kv, vocab_size=v, **kw)
@@ -75,7 +86,7 @@ class SynthSpec:
         spec = ModelSpec.from_dict({**self.config(), **arch.config_overrides})
         for key, shapes in arch.expected_shapes(spec).items():
             for rel, shape in shapes.items():
-                yield full_name(key, rel), shape, _std(rel, shape)
+                yield synth_moe.hf_name(self.arch, full_name(key, rel)), shape, _std(rel, shape)
 
     @property
     def nbytes(self) -> int:
@@ -92,6 +103,8 @@ class SynthSpec:
             "tie_word_embeddings": False, "bos_token_id": 256, "eos_token_id": 257,
             "torch_dtype": {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}[self.dtype],
             "stream_run_synthetic": asdict(self),
+            **({"head_dim": self.head_dim} if self.head_dim else {}),
+            **(synth_moe.config_fields(self) if self.arch in synth_moe.MOE_ARCHS else {}),
         }
 
 
@@ -165,14 +178,18 @@ def _write_shard(path: str, tensors: list, spec: SynthSpec, pool: _Pool,
     text += b" " * (-len(text) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(text)) + text)
-        for _, shape, std in tensors:
-            left = math.prod(shape)
+        for name, shape, std in tensors:
+            edit = synth_moe.skew_edit(spec, name, shape, 1)
+            left, at = math.prod(shape), 0
             while left:
                 n = min(left, POOL_VALUES)
                 data = pool.chunk(n, std)
+                if edit is not None:
+                    data = _encode(edit(at, _decode(data, spec.dtype)), spec.dtype)
                 f.write(data.tobytes())
                 progress(data.nbytes)
                 left -= n
+                at += n
 
 
 def make_tokenizer():

@@ -21,7 +21,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from gguf import GGML_QUANT_VERSION, GGUFValueType, GGUFWriter, TokenType
+from gguf.quants import quantize
 
+from stream_run.bench import synth_moe
 from stream_run.bench.synth import (
     POOL_VALUES,
     SynthSpec,
@@ -31,14 +33,26 @@ from stream_run.bench.synth import (
     _std,
     make_tokenizer,
 )
-from stream_run.bench.synth_quant import FLOATS, QUANTS, BlockPool, Q, nbytes, tensor_type
+from stream_run.bench.synth_quant import (
+    FLOATS,
+    QUANTS,
+    BlockPool,
+    Q,
+    block_elems,
+    nbytes,
+    tensor_type,
+)
 from stream_run.loaders import ModelSpec
 from stream_run.models import ARCHITECTURES, REGISTRY
 
 # Architectures written as GGUF: those whose llama.cpp metadata the llama.* keys cover. Gemma
 # is not: llama.cpp stores its norms with +1 and needs sliding-window and softcap keys.
-GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3")
+GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "qwen3_moe", "mixtral")
+# llama.cpp's stacked experts: one tensor (n_experts, rows, cols) per linear of a sparse layer
+EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
 FLOAT_NAMES = {Q.F32: "f32", Q.F16: "f16", Q.BF16: "bf16"}
+# embedding types that can hold the skewed router's [c, 0, ...] first block (gguf-py quantizes)
+SKEW_EMBED = (*FLOATS, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0)
 BOS_TOKEN, EOS_TOKEN = 256, 257  # as SynthSpec.config and make_tokenizer
 
 
@@ -76,17 +90,30 @@ def plan(spec: SynthSpec, quant: str) -> list[GGUFTensor]:
     gqa = spec.num_key_value_heads != spec.num_attention_heads
     float_mix = QUANTS[quant][0] in FLOATS
     out = []
-    for key, shapes in desc.expected_shapes(mspec).items():
+
+    def add(name: str, rel: str, shape: tuple[int, ...], layer: int | None) -> None:
+        qtype = tensor_type(quant, name, shape, layer, spec.num_hidden_layers, gqa)
+        if spec.router_skew and name == "token_embd.weight" and qtype not in SKEW_EMBED:
+            qtype = Q.Q8_0  # its rows start with a [c, 0, ...] block gguf-py must quantize
+        kind = desc.gguf_permuted.get(rel)
+        heads = None
+        if kind and float_mix:
+            heads = spec.num_attention_heads if kind == "q" else spec.num_key_value_heads
+        out.append(GGUFTensor(name, shape, _std(rel, shape), qtype, heads))
+
+    expected = desc.expected_shapes(mspec)
+    for key, shapes in expected.items():
+        if ".mlp.experts." in key:
+            continue  # stacked into the layer's ffn_*_exps below
         layer = int(key.split(".")[1]) if key.startswith("layers.") else None
         unit = key if layer is None else "layers.{bid}"
         for rel, shape in shapes.items():
-            name = gguf_of[(unit, rel)].replace("{bid}", str(layer))
-            qtype = tensor_type(quant, name, shape, layer, spec.num_hidden_layers, gqa)
-            kind = desc.gguf_permuted.get(rel)
-            heads = None
-            if kind and float_mix:
-                heads = spec.num_attention_heads if kind == "q" else spec.num_key_value_heads
-            out.append(GGUFTensor(name, shape, _std(rel, shape), qtype, heads))
+            add(gguf_of[(unit, rel)].replace("{bid}", str(layer)), rel, shape, layer)
+        first = f"{key}.mlp.experts.0"
+        for p in EXPERT_LINEARS if first in expected else ():
+            rel = f"mlp.experts.{p}.weight"
+            shape = (spec.num_experts, *expected[first][f"{p}.weight"])
+            add(gguf_of[(unit, rel)].replace("{bid}", str(layer)), f"{p}.weight", shape, layer)
     return out
 
 
@@ -132,14 +159,23 @@ def _add_metadata(w: GGUFWriter, spec: SynthSpec, quant: str, name: str) -> None
     w.add_file_type(int(QUANTS[quant][1]))
     w.add_quantization_version(GGML_QUANT_VERSION)
     w.add_string("stream_run.synthetic", json.dumps({**asdict(spec), "quant": quant}))
-    for key, val in (("context_length", cfg["max_position_embeddings"]),
-                     ("embedding_length", spec.hidden_size),
-                     ("block_count", spec.num_hidden_layers),
-                     ("feed_forward_length", spec.intermediate_size),
-                     ("attention.head_count", spec.num_attention_heads),
-                     ("attention.head_count_kv", spec.num_key_value_heads),
-                     ("rope.dimension_count", spec.hidden_size // spec.num_attention_heads),
-                     ("vocab_size", spec.vocab_size)):
+    head_dim = spec.head_dim or spec.hidden_size // spec.num_attention_heads
+    keys = [("context_length", cfg["max_position_embeddings"]),
+            ("embedding_length", spec.hidden_size),
+            ("block_count", spec.num_hidden_layers),
+            ("feed_forward_length", spec.intermediate_size),
+            ("attention.head_count", spec.num_attention_heads),
+            ("attention.head_count_kv", spec.num_key_value_heads),
+            ("rope.dimension_count", head_dim),
+            ("vocab_size", spec.vocab_size)]
+    if spec.head_dim:
+        keys += [("attention.key_length", head_dim), ("attention.value_length", head_dim)]
+    if spec.num_experts:
+        keys += [("expert_count", spec.num_experts),
+                 ("expert_used_count", spec.num_experts_per_tok)]
+        if spec.arch != "mixtral":
+            keys.append(("expert_feed_forward_length", spec.moe_intermediate_size))
+    for key, val in keys:
         w.add_uint32(f"{arch}.{key}", val)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg["rms_norm_eps"])
     w.add_float32(f"{arch}.rope.freq_base", cfg["rope_theta"])
@@ -173,7 +209,28 @@ def _float_chunks(pool: _Pool, t: GGUFTensor) -> Iterator[np.ndarray]:
         left -= n
 
 
-def _tensor_chunks(t: GGUFTensor, pools: dict, seed: int) -> Iterator[np.ndarray]:
+def _tensor_chunks(t: GGUFTensor, pools: dict, spec: SynthSpec) -> Iterator[np.ndarray]:
+    """The tensor's bytes in chunks, with --router-skew's edits (bench.synth_moe)."""
+    floats = t.qtype in FLOATS
+    embed = None
+    if spec.router_skew and t.name == "token_embd.weight" and not floats:
+        first = np.zeros((1, block_elems(t.qtype)), np.float32)
+        first[0, 0] = math.sqrt(spec.hidden_size)
+        embed = quantize(first, t.qtype).reshape(-1)
+    edit = synth_moe.skew_edit(spec, t.name, t.shape, 1 if floats else block_elems(t.qtype),
+                               embed)
+    chunks = _raw_chunks(t, pools, spec.seed)
+    if edit is None:
+        yield from chunks
+        return
+    at, target = 0, FLOAT_NAMES.get(t.qtype)
+    for chunk in chunks:
+        yield edit(at, chunk) if not floats else _encode(
+            edit(at, _decode(chunk, target).reshape(-1)), target)
+        at += chunk.shape[0] if not floats else chunk.size
+
+
+def _raw_chunks(t: GGUFTensor, pools: dict, seed: int) -> Iterator[np.ndarray]:
     if t.qtype not in FLOATS:
         if "blocks" not in pools:
             pools["blocks"] = BlockPool(seed)
@@ -222,7 +279,7 @@ def synthesize_gguf(spec: SynthSpec, quant: str, out: str, name: str | None = No
         w.write_padding(fout, fout.tell())
         for t in tensors:
             written = 0
-            for chunk in _tensor_chunks(t, pools, spec.seed):
+            for chunk in _tensor_chunks(t, pools, spec):
                 fout.write(np.ascontiguousarray(chunk).reshape(-1).view(np.uint8).data)
                 written += chunk.nbytes
                 progress(chunk.nbytes)

@@ -67,7 +67,7 @@ def tensor_type(quant: str, name: str, shape: tuple[int, ...], layer_idx: int | 
     divide fall back as llama.cpp does (K -> Q4_0/Q5_0/Q5_1/Q8_0, else F16).
     """
     base = QUANTS[quant][0]
-    if len(shape) == 1:
+    if len(shape) == 1 or "ffn_gate_inp" in name:  # llama-quantize keeps MoE routers F32
         return Q.F32
     if base in FLOATS:
         return base
@@ -78,7 +78,7 @@ def tensor_type(quant: str, name: str, shape: tuple[int, ...], layer_idx: int | 
         more = use_more_bits(layer_idx, n_layers)
         if name.endswith(("attn_v.weight", "attn_qkv.weight")):
             t = Q.Q6_K if more else (Q.Q5_K if n_layers == 80 and gqa and t == Q.Q4_K else t)
-        elif name.endswith("ffn_down.weight") and more:
+        elif name.endswith(("ffn_down.weight", "ffn_down_exps.weight")) and more:
             t = Q.Q6_K
     if cols % block_elems(t):
         t = K_FALLBACK.get(t, Q.F16)

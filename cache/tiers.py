@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stream_run.cache.errors import BudgetError
+from stream_run.cache.experts import ORDERS, EvictionOrder, make_order
 from stream_run.cache.policy import POLICIES, PassShape, make_policy
 
 
@@ -27,6 +28,7 @@ class CacheConfig:
     compute_bytes: int | None = None
     host_bytes: int | None = 0
     policy: str = "cyclic"  # cache/policy.py: which units stay resident
+    expert_policy: str = "lfru"  # cache/experts.py: the order routed experts are evicted in
     # not None: compute_bytes is picked when the engine opens, from the memory available,
     # leaving room for a KV cache of this many positions (0: the model's context)
     auto_kv_tokens: int | None = None
@@ -35,6 +37,9 @@ class CacheConfig:
         if self.policy not in POLICIES:
             raise ValueError(f"CacheConfig.policy must be one of {', '.join(POLICIES)}, "
                              f"got {self.policy!r}")
+        if self.expert_policy not in ORDERS:
+            raise ValueError(f"CacheConfig.expert_policy must be one of {', '.join(ORDERS)}, "
+                             f"got {self.expert_policy!r}")
         for name in ("compute_bytes", "host_bytes"):
             val = getattr(self, name)
             if val is not None and val < 0:
@@ -70,6 +75,8 @@ class Tier:
     _entries: OrderedDict[str, _Entry] = field(default_factory=OrderedDict)
     used_bytes: int = 0
     reserved_bytes: int = 0
+    # the order make_room evicts unpinned entries in (cache/experts.py); None: LRU
+    evict_order: EvictionOrder | None = None
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries
@@ -85,6 +92,8 @@ class Tier:
             return None
         self.stats.hits += 1
         self._entries.move_to_end(key)
+        if self.evict_order is not None:
+            self.evict_order.touch(key)
         return entry.value
 
     def peek(self, key: str) -> Any | None:
@@ -118,8 +127,12 @@ class Tier:
                 f"{self.reserved_bytes} reserved for reads in flight, "
                 f"{self.used_bytes - self.evictable_bytes()} pinned)"
             )
-        evicted = []
-        for key in list(self._entries):
+        evicted: list[str] = []
+        if self.free_bytes() >= nbytes:
+            return evicted
+        keys = [k for k, e in self._entries.items() if e.pins == 0 and k not in keep]
+        for key in keys if self.evict_order is None else self.evict_order.order(
+                keys, self._entries):
             if self.free_bytes() >= nbytes:
                 break
             if self._entries[key].pins == 0 and key not in keep:
@@ -143,6 +156,8 @@ class Tier:
             self.drop(key)
         self.make_room(nbytes)
         self._entries[key] = _Entry(value, nbytes, pins)
+        if self.evict_order is not None:
+            self.evict_order.touch(key)
         self.used_bytes += nbytes
         self.stats.inserted_bytes += nbytes
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.used_bytes + self.reserved_bytes)
@@ -180,7 +195,8 @@ class WeightCache:
 
     def __init__(self, config: CacheConfig) -> None:
         self.config = config
-        self.compute = Tier("compute", config.compute_bytes)
+        self.compute = Tier("compute", config.compute_bytes,
+                            evict_order=make_order(config.expert_policy))
         self.host = Tier("host", config.host_bytes)
         self.policy = make_policy(config.policy)
         self.resident: set[str] = set()
@@ -193,6 +209,9 @@ class WeightCache:
         are already loaded stay. set_aside: bytes of the budget the plan leaves out (a pass's
         activations reserved for its duration)."""
         budget = self.compute.budget_bytes
+        if self.compute.evict_order is not None:
+            self.compute.evict_order.set_experts(
+                {k for u in shape.steps if not isinstance(u, tuple) for k in u.candidates})
         new = self.policy.plan(shape, None if budget is None else budget - set_aside, depth)
         for key in self.resident - new:
             if key in self.compute:

@@ -68,6 +68,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-budget", default="0",
                    help="bytes of raw unit data cached in RAM below the compute tier (default 0;"
                    " useful with a GPU backend)")
+    p.add_argument("--expert-cache", choices=("lru", "lfru"), default="lfru",
+                   help="Mixture-of-Experts: the order units leave the memory budget in: lfru "
+                   "(frequency-weighted LRU: the least used first, by a decaying use count; "
+                   "default) or lru")
     p.add_argument("--direct-io", action="store_true",
                    help="read with O_DIRECT (no page cache; falls back with a notice)")
     p.add_argument("--prefetch-depth", type=int, default=2,
@@ -174,6 +178,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(backend=args.backend, memory_budget_bytes=budget,
                         memory_budget_auto=auto,
                         host_budget_bytes=host_budget, scheduler=sched, threads=args.threads,
+                        expert_cache=args.expert_cache,
                         prefill_chunk=args.prefill_chunk, prefill_memory_bytes=prefill_memory,
                         kv_bits=args.kv_bits, kv_cache_budget_bytes=kv_cache_budget,
                         loader=LoaderConfig(read_mode=args.read_mode, direct_io=args.direct_io,

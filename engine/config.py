@@ -78,6 +78,9 @@ class EngineConfig:
     # raw unit bytes kept in RAM below the compute tier; on a CPU backend the compute tier is
     # RAM already, so 0 avoids holding weights twice
     host_budget_bytes: int = 0
+    # the order routed experts leave the compute tier in (cache/experts.py): lfru
+    # (frequency-weighted) or lru; a dense model evicts in LRU order either way
+    expert_cache: str = "lfru"
     max_context: int | None = None  # default: the model's max_position_embeddings
     # rows per tile of a block's computation; also the prompt tokens per pass while other
     # requests decode (their passes carry the prompt in chunks of this size)
@@ -114,6 +117,8 @@ class EngineConfig:
                              f"None, got {self.memory_budget_bytes}")
         if self.auto_kv_tokens is not None and self.auto_kv_tokens <= 0:
             raise ValueError(f"auto_kv_tokens must be > 0, got {self.auto_kv_tokens}")
+        if self.expert_cache not in ("lru", "lfru"):
+            raise ValueError(f"expert_cache must be lru or lfru, got {self.expert_cache!r}")
         if self.host_budget_bytes < 0:
             raise ValueError(f"host_budget_bytes must be >= 0, got {self.host_budget_bytes}")
         if self.max_context is not None and self.max_context <= 0:
@@ -150,7 +155,8 @@ class EngineConfig:
     def cache(self) -> CacheConfig:
         auto = (self.auto_kv_tokens or self.max_context or 0) if self.memory_budget_auto else None
         return CacheConfig(compute_bytes=self.memory_budget_bytes,
-                           host_bytes=self.host_budget_bytes, auto_kv_tokens=auto)
+                           host_bytes=self.host_budget_bytes, auto_kv_tokens=auto,
+                           expert_policy=self.expert_cache)
 
 
 # -- the memory available, and the auto budget -------------------------------------------------

@@ -43,7 +43,9 @@ class Architecture:
         A Mixture-of-Experts file gives each routed expert its own unit ("layers.{i}.mlp.
         experts.{e}"), and splits a tensor stacking every expert ("mlp.experts.gate_up_proj",
         transformers v5) into each expert's byte sub-ranges. None: every tensor stays in the
-        unit its name gives. May raise FormatError, which the loader reports with the path;
+        unit its name gives. GGUF files go through it too: the gguf_names table maps a stacked
+        "ffn_gate_exps" to a name hf_units splits. May raise FormatError, which the loader
+        reports with the path;
         the units it may name are those of expected_shapes.
     """
 
@@ -69,6 +71,7 @@ class Registry(Protocol):
         """
         ...
 
-    def for_gguf(self, gguf_arch: Any, source: str) -> Architecture:
-        """The Architecture of a GGUF general.architecture (FormatError likewise)."""
+    def for_gguf(self, gguf_arch: Any, source: str, experts: bool = False) -> Architecture:
+        """The Architecture of a GGUF general.architecture (FormatError likewise); experts:
+        the file sets {arch}.expert_count (llama.cpp writes Mixtral as "llama")."""
         ...

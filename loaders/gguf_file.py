@@ -34,6 +34,11 @@ OPTIONAL_KEYS = {
     "attn_logit_softcapping": "attn_logit_softcapping",
     "final_logit_softcapping": "final_logit_softcapping",
     "rope.freq_base_swa": "rope_local_base_freq",
+    # Mixture-of-Experts (models/moe.py's gguf_config renames them per family)
+    "expert_count": "num_experts",
+    "expert_used_count": "num_experts_per_tok",
+    "expert_feed_forward_length": "moe_intermediate_size",
+    "expert_shared_feed_forward_length": "shared_expert_intermediate_size",
 }
 _BLK = re.compile(r"^blk\.(\d+)\.")
 _REQUIRED = object()
@@ -90,15 +95,19 @@ def open_gguf(path: str | os.PathLike[str], registry: Registry
     path = os.fspath(path)
     metadata, infos = _read_header(path)
     arch = metadata.get("general.architecture")
-    desc = registry.for_gguf(arch, path)
+    # llama.cpp writes Mixtral as "llama" with experts: the expert count picks the family
+    experts = bool(isinstance(arch, str) and metadata.get(f"{arch}.expert_count"))
+    desc = registry.for_gguf(arch, path, experts=experts)
     spec = spec_from_metadata(metadata, infos, path, desc)
     if spec.num_hidden_layers > len(infos):  # every block has tensors; a corrupt count would
         raise FormatError(                    # make a unit per claimed block first
             f"{path}: {arch}.block_count={spec.num_hidden_layers} but the file has only "
             f"{len(infos)} tensors; the header is corrupt")
-    units: dict[str, Unit] = {EMBED: Unit(EMBED)}
-    units.update({k: Unit(k) for k in (layer_key(i) for i in range(spec.num_hidden_layers))})
-    units[HEAD] = Unit(HEAD)
+    expected = desc.expected_shapes(spec)
+    layers = [layer_key(i) for i in range(spec.num_hidden_layers)]
+    # in pass order; units beyond embed, blocks and head (routed experts) come from expected
+    keys = dict.fromkeys([EMBED, *layers, *(k for k in expected if k not in (EMBED, HEAD)), HEAD])
+    units: dict[str, Unit] = {k: Unit(k) for k in keys}
     unknown = []
     for name, (type_name, shape, offset, nbytes) in infos.items():
         where = hf_name(name, desc.gguf_names)
@@ -120,7 +129,13 @@ def open_gguf(path: str | os.PathLike[str], registry: Registry
                     f"{path}: tensor {name!r} has {shape[0]} rows, not divisible by "
                     f"2 * {unpermute} heads; cannot undo llama.cpp's q/k permutation"
                 )
-        units[key].tensors[rel] = TensorRef(rel, path, offset, nbytes, type_name, shape, unpermute)
+        ref = TensorRef(rel, path, offset, nbytes, type_name, shape, unpermute)
+        try:  # a tensor stacking every expert -> each expert's byte sub-range, in its own unit
+            placed = [(key, ref)] if desc.hf_units is None else desc.hf_units(spec, key, ref)
+        except FormatError as exc:
+            raise FormatError(f"{path}: tensor {name!r}: {exc}") from None
+        for key, ref in placed:
+            units[key].tensors[ref.name] = ref
     if unknown:
         raise FormatError(
             f"{path}: unknown tensor name(s) {unknown[:4]} ({len(unknown)} in all) for "
@@ -128,7 +143,6 @@ def open_gguf(path: str | os.PathLike[str], registry: Registry
             "by its model file in models/)"
         )
     index = LayerIndex(spec=spec, units=units, source=path)
-    expected = desc.expected_shapes(spec)
     _check_complete(index, desc, expected)
     check_index(index, expected)
     return index, metadata
@@ -311,15 +325,29 @@ def _rope_scaling(meta: dict, arch: str, infos: dict, path: str) -> dict[str, An
 
 def _check_complete(index: LayerIndex, desc: Architecture,
                     expected: dict[str, dict[str, tuple[int, ...]]]) -> None:
-    """Name a missing tensor by its GGUF name too, before check_index's shape checks."""
+    """Name a missing tensor, or one of the wrong shape, by its GGUF name too, before
+    check_index's checks. A unit inside a layer ("layers.{i}.mlp.experts.{e}") takes its
+    tensors from the layer's stacked ones ("mlp.experts.{name}" in gguf_names)."""
     gguf_of = {rel: g for g, (_, rel) in desc.gguf_names.items()}
+
+    def gguf_name(key: str, rel: str) -> str:
+        parts = key.split(".")
+        bid = parts[1] if parts[0] == "layers" and len(parts) > 1 else ""
+        sub = ".".join(p for p in parts[2:] if not p.isdigit())
+        return gguf_of.get(f"{sub}.{rel}" if sub else rel, "?").replace("{bid}", bid)
+
     for key, shapes in expected.items():
         have = index.units[key].tensors
         missing = [n for n in shapes if n not in have]
         if missing:
-            bid = key.removeprefix("layers.")
-            names = [gguf_of.get(n, "?").replace("{bid}", bid) for n in missing[:4]]
+            names = [gguf_name(key, n) for n in missing[:4]]
             raise MissingTensorError(
                 f"{index.source}: unit {key!r} is missing tensor(s) {missing[:4]} (GGUF {names}), "
                 f"expected for model_type {index.spec.model_type!r}"
             )
+        for name, shape in shapes.items():
+            if tuple(have[name].shape) != shape:
+                raise FormatError(
+                    f"{index.source}: tensor {name!r} of unit {key!r} has shape "
+                    f"{list(have[name].shape)}, expected {list(shape)} from the config "
+                    f"(GGUF {gguf_name(key, name)!r})")

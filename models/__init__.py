@@ -23,6 +23,7 @@ class Entry:
     module: str  # models/<module>.py
     hf_class: str  # config.json "architectures", as stream-convert writes it
     gguf_arch: str | None = None  # GGUF general.architecture (llama.cpp's name), if any
+    gguf_experts: bool = False  # the GGUF of this type sets {gguf_arch}.expert_count
 
 
 ARCHITECTURES: dict[str, Entry] = {
@@ -34,9 +35,9 @@ ARCHITECTURES: dict[str, Entry] = {
     "gemma2": Entry("gemma", "Gemma2ForCausalLM", "gemma2"),
     "gemma3_text": Entry("gemma", "Gemma3ForCausalLM", "gemma3"),
     "gemma3": Entry("gemma", "Gemma3ForConditionalGeneration"),  # its text model only
-    "qwen3_moe": Entry("moe", "Qwen3MoeForCausalLM"),
-    "qwen2_moe": Entry("moe", "Qwen2MoeForCausalLM"),
-    "mixtral": Entry("moe", "MixtralForCausalLM"),
+    "qwen3_moe": Entry("moe", "Qwen3MoeForCausalLM", "qwen3moe", True),
+    "qwen2_moe": Entry("moe", "Qwen2MoeForCausalLM", "qwen2moe", True),
+    "mixtral": Entry("moe", "MixtralForCausalLM", "llama", True),  # llama with experts
 }
 
 
@@ -70,12 +71,16 @@ class ModelRegistry:
     def for_model_type(self, model_type: Any, source: str) -> Architecture:
         return self.module(model_type, source).architecture(model_type)
 
-    def for_gguf(self, gguf_arch: Any, source: str) -> Architecture:
-        by_gguf = {e.gguf_arch: t for t, e in self.entries.items() if e.gguf_arch}
-        if gguf_arch not in by_gguf:
+    def for_gguf(self, gguf_arch: Any, source: str, experts: bool = False) -> Architecture:
+        """experts: the file sets {arch}.expert_count; where one llama.cpp name covers a dense
+        and an expert family ("llama": llama and mixtral) it picks the family."""
+        types = [t for t, e in self.entries.items() if e.gguf_arch and e.gguf_arch == gguf_arch]
+        if not types:
+            known = dict.fromkeys(e.gguf_arch for e in self.entries.values() if e.gguf_arch)
             raise FormatError(f"{source}: unsupported GGUF architecture {gguf_arch!r}; "
-                              f"supported: {', '.join(by_gguf)}")
-        return self.for_model_type(by_gguf[gguf_arch], source)
+                              f"supported: {', '.join(k for k in known if k)}")
+        picked = [t for t in types if self.entries[t].gguf_experts == experts] or types
+        return self.for_model_type(picked[0], source)
 
     def hf_class(self, model_type: str) -> str:
         self.module(model_type)  # raises for an unknown type

@@ -355,3 +355,27 @@ def test_bad_moe_input_exits_2_with_one_line(tmp_path, case):
     assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
     for word in words:
         assert word in run.stderr
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_lfru_expert_cache_streams_with_the_tokens_of_a_resident_run(tmp_path, family):
+    """--expert-cache lfru changes only which experts stay: under half the model and at the
+    smallest budget the tokens are the resident run's, and its experts are read again."""
+    write_moe(tmp_path, family)
+    _, resident, _, model_bytes = run_engine(tmp_path)
+
+    async def go(budget):
+        cfg = EngineConfig(backend="numpy", memory_budget_bytes=budget, expert_cache="lfru")
+        async with await Engine.open(str(tmp_path), cfg) as engine:
+            assert engine.cache.compute.evict_order.name == "lfru"
+            done = await engine.complete(PROMPT, GenerationParams(max_tokens=N_NEW,
+                                                                  ignore_eos=True))
+            return done.token_ids, done.stats
+
+    tokens, stats = asyncio.run(go(model_bytes // 2))
+    assert tokens == resident
+    assert 0 < stats.expert_hit_rate < 1
+    tokens, _ = asyncio.run(go(asyncio.run(_min_budget(tmp_path))))
+    assert tokens == resident
+    with pytest.raises(ValueError, match="expert_cache must be lru or lfru, got 'lfu'"):
+        EngineConfig(expert_cache="lfu")

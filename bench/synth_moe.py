@@ -1,0 +1,183 @@
+"""Synthetic Mixture-of-Experts models: named shapes (Qwen3-30B-A3B, Mixtral 8x7B, tiny ones)
+and an optional skewed router, for the HF and GGUF synths (bench.synth, bench.synth_gguf).
+
+Random weights route about uniformly: every expert is as likely as any other, so an expert
+cache sees no popular experts to keep. --router-skew S makes expert popularity Zipf-like
+(expert of rank r gets a router logit offset of -S ln r, ranks a random permutation per layer)
+with weights alone, so llama.cpp runs the identical file:
+- every token's embedding has the constant c = sqrt(hidden) in dim 0;
+- no sublayer writes dim 0 (row 0 of o_proj and of every down_proj is zero), so the residual
+  stream keeps h[0] = c in every layer;
+- the router's column 0 holds offset_e / x0, where x0 is what the post-attention RMSNorm makes
+  of c at that depth (estimated: the residual's other dims grow by about one unit of variance
+  per sublayer). The offsets are therefore approximate; stream-bench reports the popularity
+  the router actually gives.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+MOE_ARCHS = ("qwen3_moe", "mixtral")  # qwen2_moe would need a shared expert size
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    archs: tuple[str, ...]
+    dims: tuple[int, int, int, int, int, int]  # hidden, intermediate, layers, heads, kv, vocab
+    head_dim: int
+    n_experts: int
+    top_k: int
+    expert_size: int  # mixtral: == intermediate
+
+
+SHAPES = {
+    # Qwen/Qwen3-30B-A3B config.json
+    "qwen3-30b-a3b": MoEShape(("qwen3_moe",), (2048, 6144, 48, 32, 4, 151936), 128, 128, 8, 768),
+    # a few GB at 4 bits: Qwen3-30B-A3B's widths, 16 layers, 64 experts, a 32k vocabulary
+    "qwen3-moe-mid": MoEShape(("qwen3_moe",), (2048, 6144, 16, 32, 4, 32000), 128, 64, 8, 768),
+    # mistralai/Mixtral-8x7B-v0.1 config.json
+    "mixtral-8x7b": MoEShape(("mixtral",), (4096, 14336, 32, 32, 8, 32000), 128, 8, 2, 14336),
+    "tiny-moe": MoEShape(MOE_ARCHS, (64, 128, 4, 4, 2, 320), 16, 16, 2, 64),
+}
+
+
+def shape_fields(shape: str, arch: str) -> dict:
+    """SynthSpec fields of a named MoE shape for arch.
+
+    Raises:
+        ValueError: the shape is not an MoE shape of arch.
+    """
+    s = SHAPES[shape]
+    if arch not in s.archs:
+        raise ValueError(f"--shape {shape} is a {'/'.join(s.archs)} shape, got --arch {arch}")
+    e, i, n, h, kv, v = s.dims
+    return dict(arch=arch, hidden_size=e, intermediate_size=s.expert_size if arch == "mixtral"
+                else i, num_hidden_layers=n, num_attention_heads=h, num_key_value_heads=kv,
+                vocab_size=v, head_dim=s.head_dim, num_experts=s.n_experts,
+                num_experts_per_tok=s.top_k, moe_intermediate_size=s.expert_size)
+
+
+MIXTRAL = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def hf_name(arch: str, full: str) -> str:
+    """A full HF tensor name as the family's Hub checkpoints spell it: Mixtral's experts are
+    block_sparse_moe.experts.{e}.w1/w3/w2 and its router block_sparse_moe.gate."""
+    if arch != "mixtral" or ".mlp." not in full:
+        return full
+    head, tail = full.split(".mlp.", 1)
+    if tail.startswith("experts."):
+        _, e, linear, what = tail.split(".")
+        tail = f"experts.{e}.{MIXTRAL[linear]}.{what}"
+    return f"{head}.block_sparse_moe.{tail}"
+
+
+def config_fields(spec) -> dict:
+    """config.json's expert fields (as transformers names them per family)."""
+    if spec.arch == "mixtral":
+        return {"num_local_experts": spec.num_experts,
+                "num_experts_per_tok": spec.num_experts_per_tok}
+    return {"num_experts": spec.num_experts, "num_experts_per_tok": spec.num_experts_per_tok,
+            "moe_intermediate_size": spec.moe_intermediate_size, "norm_topk_prob": True,
+            "decoder_sparse_step": 1, "mlp_only_layers": []}
+
+
+def check(spec) -> None:
+    """Raises ValueError (one line, naming the flag) for MoE fields synth cannot write."""
+    if spec.arch not in MOE_ARCHS:
+        if spec.num_experts or spec.router_skew:
+            raise ValueError(f"--experts and --router-skew need --arch "
+                             f"{' or '.join(MOE_ARCHS)}, got {spec.arch!r}")
+        return
+    if spec.num_experts <= 0 or not 0 < spec.num_experts_per_tok <= spec.num_experts:
+        raise ValueError(f"--arch {spec.arch} needs an MoE shape ({', '.join(SHAPES)}) or "
+                         "--shape custom with --experts and --experts-per-tok <= --experts")
+    if spec.moe_intermediate_size <= 0:
+        raise ValueError("--expert-size must be > 0")
+    if not 0 <= spec.router_skew <= 8:
+        raise ValueError(f"--router-skew must be in 0..8 (a Zipf exponent), got "
+                         f"{spec.router_skew}")
+
+
+# --- the skewed router: edits on the chunks a tensor is written in ---------------------------
+Edit = Callable[[int, np.ndarray], np.ndarray]  # (first unit's index, units) -> units
+
+
+def skew_edit(spec, name: str, shape: tuple[int, ...], unit_elems: int,
+              embed_block: np.ndarray | None = None) -> Edit | None:
+    """The edit --router-skew makes to one tensor (HF name or GGUF name), on chunks of units
+    (values for floats, blocks of unit_elems values for quantized types); None: unchanged.
+
+    embed_block: the quantized block holding [c, 0, ..., 0] (the embedding's first block of
+    each row) for a quantized embedding.
+    """
+    if not spec.router_skew:
+        return None
+    E = spec.hidden_size
+    c = math.sqrt(E)
+    if name in ("model.embed_tokens.weight", "token_embd.weight"):
+        fill = np.float32(c) if embed_block is None else embed_block
+        if embed_block is None and unit_elems != 1:
+            raise ValueError("a quantized embedding needs its [c, 0, ...] block")
+        return _periodic(E // unit_elems, 1, fill)
+    if name.endswith(("o_proj.weight", "down_proj.weight", "attn_output.weight",
+                      "ffn_down_exps.weight", ".w2.weight")):
+        return _periodic(math.prod(shape[-2:]) // unit_elems, shape[-1] // unit_elems, 0)
+    if name.endswith(("mlp.gate.weight", "ffn_gate_inp.weight", "block_sparse_moe.gate.weight")):
+        layer = int(name.split(".")[2 if name.startswith("model.") else 1])
+        return _router_column(router_offsets(spec, layer) / _x0(spec, layer), E)
+    return None
+
+
+def router_offsets(spec, layer_idx: int) -> np.ndarray:
+    """-S ln(rank) per expert, ranks a permutation by (seed, layer)."""
+    rank = np.random.default_rng([spec.seed, layer_idx]).permutation(spec.num_experts) + 1
+    return (-spec.router_skew * np.log(rank)).astype(np.float32)
+
+
+def _x0(spec, layer_idx: int) -> float:
+    """dim 0 after the post-attention RMSNorm of layer i: c / rms(h), the other dims' variance
+    about 1 + 2i + 1 (the embedding, two sublayers a layer, this layer's attention)."""
+    E = spec.hidden_size
+    var = (E - 1) * (2 + 2 * layer_idx) / E + 1.0  # c^2 / E = 1
+    return math.sqrt(E) / math.sqrt(var)
+
+
+def _periodic(period: int, count: int, fill) -> Edit:
+    """Units whose index modulo period is below count become fill."""
+    def edit(start: int, units: np.ndarray) -> np.ndarray:
+        idx = np.arange(start, start + units.shape[0])
+        mask = idx % period < count
+        if mask.any():
+            units = units.copy()
+            units[mask] = fill
+        return units
+    return edit
+
+
+def _router_column(col: np.ndarray, E: int) -> Edit:
+    """The router (n_experts, E) in float values: column 0 becomes col."""
+    def edit(start: int, units: np.ndarray) -> np.ndarray:
+        idx = np.arange(start, start + units.shape[0])
+        mask = idx % E == 0
+        if mask.any():
+            units = units.astype(np.float32)
+            units[mask] = col[idx[mask] // E]
+        return units
+    return edit
+
+
+def popularity(counts: np.ndarray) -> dict:
+    """Summary of expert picks (n_layers, n_experts): the share of picks the top 10 % of each
+    layer's experts take (uniform: 10 %), and the max/mean ratio."""
+    counts = np.asarray(counts, np.float64)
+    top = max(1, counts.shape[1] // 10)
+    srt = -np.sort(-counts, axis=1)
+    share = srt[:, :top].sum() / max(1.0, counts.sum())
+    return {"top10pct_share": float(share),
+            "max_over_mean": float(srt[:, 0].mean() / max(1e-9, counts.mean()))}
