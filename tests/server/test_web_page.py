@@ -1,0 +1,191 @@
+"""stream-serve's page (GET /, /static/*) and its data, /v1/stream-stats: the page is public
+and has no outside references; the stats stream needs the API key, describes the units, and
+its frames follow a streamed run (unit states, totals equal to the batcher's pass records);
+with nobody watching the engine's hooks are off."""
+
+import asyncio
+import http.client
+import json
+import re
+import threading
+import time
+
+import pytest
+
+from stream_run.engine import Engine, EngineConfig
+from stream_run.server.app import ServerConfig
+from tests.server.harness import ServerThread
+from tests.tiny_models import write_tiny_model
+
+KEY = "page-key"
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    path = tmp_path_factory.mktemp("page")
+    write_tiny_model(path, "llama", n_layers=6)
+    probe = asyncio.run(Engine.open(str(path), EngineConfig(backend="numpy")))
+    budget = max(probe.model_bytes // 2, 3 * probe.min_budget_bytes)  # layers stream
+    probe.close()
+    srv = ServerThread.for_model(path, ServerConfig(NAME, api_key=KEY, max_tokens_cap=64,
+                                                    disk_ceiling_bytes_per_s=2e9),
+                                 memory_budget_bytes=budget)
+    engine = srv.wait_loaded()
+    engine.reader.fault_hook = lambda *a: time.sleep(0.002)  # reads last long enough to see
+    yield srv
+    srv.close()
+
+
+def _get(server, path, key=None):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.getheader("Content-Type"), resp.read()
+    finally:
+        conn.close()
+
+
+class Events:
+    """A /v1/stream-stats reader: (event name, data) pairs, on a thread."""
+
+    def __init__(self, server, query=""):
+        self.conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        self.conn.request("GET", "/v1/stream-stats" + query,
+                          headers={"Authorization": f"Bearer {KEY}"})
+        self.resp = self.conn.getresponse()
+        assert self.resp.status == 200
+        assert self.resp.getheader("Content-Type").startswith("text/event-stream")
+        self.events: list[tuple[str, dict]] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        name = None
+        try:
+            for raw in self.resp:
+                line = raw.decode().rstrip("\n")
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: "):
+                    self.events.append((name, json.loads(line[6:])))
+        except (OSError, ValueError, AttributeError):  # closed under it
+            pass
+
+    def wait(self, pred, timeout_s=30):
+        deadline = time.monotonic() + timeout_s
+        while not pred(self.events):
+            assert time.monotonic() < deadline, f"no such event in {self.events[-3:]}"
+            time.sleep(0.01)
+
+    def close(self):
+        self.conn.sock.close()
+        self.conn.close()
+
+
+def test_page_is_public_and_self_contained(server):
+    status, ctype, body = _get(server, "/")
+    assert status == 200 and ctype.startswith("text/html")
+    html = body.decode()
+    assert '<script src="/static/app.js">' in html and "/static/app.css" in html
+    for name, kind in (("app.js", "text/javascript"), ("app.css", "text/css")):
+        status, ctype, body = _get(server, "/static/" + name)
+        assert status == 200 and ctype.startswith(kind) and body
+        # no CDN: nothing is fetched from another origin
+        assert not re.search(rb"https?://", body), name
+    assert not re.search(r"https?://", html)
+    status, _, body = _get(server, "/static/nothing.js")
+    assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
+
+
+def test_stream_stats_needs_the_key_and_checks_its_query(server):
+    status, _, body = _get(server, "/v1/stream-stats")
+    assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
+    status, _, body = _get(server, "/v1/stream-stats?interval=fast", key=KEY)
+    err = json.loads(body)["error"]
+    assert status == 400 and err["param"] == "interval" and "seconds" in err["message"]
+    status, _, body = _get(server, "/v1/stream-stats?idle=0", key=KEY)
+    assert status == 400 and json.loads(body)["error"]["param"] == "idle"
+
+
+def _states_now(engine, keys):
+    """What the letters must be with no pass running: the cache's own view."""
+    tier, plan = engine.cache.compute, engine.cache.resident
+    return "".join(("R" if k in plan else "s") if k in tier else
+                   ("h" if k in engine.cache.host else "-") for k in keys)
+
+
+def test_frames_follow_a_streamed_run(server):
+    engine = server.engine
+    server.wait_idle()
+    assert engine.scheduler.observer is None and engine.batcher.on_pass is None
+    ev = Events(server, "?interval=0.05&idle=0.5")
+    try:
+        ev.wait(lambda e: len(e) >= 2)
+        name, info = ev.events[0]
+        assert name == "model" and info["model"] == NAME
+        keys = [u["key"] for u in info["units"]]
+        assert keys == list(dict.fromkeys(k for u in engine.runner.model.units() for k in u))
+        assert info["budget_bytes"] == engine.cache.compute.budget_bytes
+        assert info["disk_ceiling_bytes_per_s"] == 2e9
+        assert set(info["states"]) == set("crRsh-")
+        idle = ev.events[1][1]
+        assert idle["units"] == server.call(_snapshot(engine, keys))
+        assert engine.scheduler.observer is not None
+
+        passes_before = len(engine.batcher.passes)
+        n = len(ev.events)
+        status, body = server.request("POST", "/v1/chat/completions", {
+            "model": NAME, "messages": [{"role": "user", "content": "hello there"}],
+            "max_tokens": 12, "temperature": 0, "ignore_eos": True})
+        assert status == 200, body
+        server.wait_idle()
+        # a sequence's first token comes from its last prompt pass: 11 decode tokens
+        ev.wait(lambda e: any(f["totals"]["decode_tokens"] >= 11 for _, f in e[n:]))
+        frames = [f for name, f in ev.events[n:] if name == "frame"]
+        # during the run the strip showed units being read or computed, not only at rest
+        assert any(set(f["units"]) & set("rc") for f in frames)
+        assert len({f["units"] for f in frames}) >= 2
+        last = frames[-1]
+        records = list(engine.batcher.passes)[passes_before:]
+        # the totals are the batcher's own pass records, counted since the watch began
+        assert last["totals"]["decode_tokens"] == sum(r.n_seqs - r.n_prefill for r in records)
+        assert last["totals"]["decode_tokens"] == body["usage"]["completion_tokens"] - 1 == 11
+        assert last["totals"]["bytes_read"] >= sum(r.bytes_read for r in records) > 0
+        busy = [f["recent"] for f in frames if f["recent"]["decode_tokens"]]
+        assert busy and all(r["tokens_per_s"] > 0 and r["bytes_per_token"] > 0 for r in busy)
+        assert all(0 <= r["io_stall_share"] <= 1 and 0 <= r["disk_busy_share"] <= 1.0001
+                   for r in busy)
+        assert last["tiers"]["compute"]["hits"] + last["tiers"]["compute"]["misses"] > 0
+        # idle again: a frame comes every idle interval with the cache's view
+        ev.wait(lambda e: e[-1][1]["active"] == 0
+                and e[-1][1]["units"] == _states_now(engine, keys), timeout_s=10)
+    finally:
+        ev.close()
+    deadline = time.monotonic() + 10
+    while engine.scheduler.observer is not None or engine.batcher.on_pass is not None:
+        assert time.monotonic() < deadline, "the hooks stayed on after the watcher left"
+        time.sleep(0.02)
+
+
+async def _snapshot(engine, keys):
+    return engine.scheduler.unit_states(keys)
+
+
+def test_two_watchers_share_the_hooks(server):
+    engine = server.engine
+    a, b = Events(server), Events(server)
+    try:
+        a.wait(lambda e: e and e[0][0] == "model")
+        b.wait(lambda e: e and e[0][0] == "model")
+        a.close()
+        time.sleep(0.3)
+        assert engine.scheduler.observer is not None  # b still watches
+    finally:
+        b.close()
+    deadline = time.monotonic() + 10
+    while engine.scheduler.observer is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
