@@ -232,7 +232,8 @@ function showFrame(f) {
   strip.dataset.seen = [...seen].sort().join("");
 
   const r = f.recent;
-  $("m-tps").textContent = r.decode_tokens ? `${r.tokens_per_s.toFixed(1)} tok/s` : "idle";
+  $("m-tps").textContent = r.decode_tokens ? `${r.tokens_per_s.toFixed(1)} tok/s`
+    : (r.passes ? "prompt" : "idle");
   const ceiling = info.disk_ceiling_bytes_per_s;
   $("m-disk").textContent = `${fmtBytes(r.disk_bytes_per_s)}/s` +
     (ceiling ? ` of ${fmtBytes(ceiling)}/s` : "") + ` · busy ${pct(r.disk_busy_share)}`;
@@ -241,8 +242,9 @@ function showFrame(f) {
   $("m-bpt").textContent = r.decode_tokens ? fmtBytes(r.bytes_per_token) : "–";
   $("m-stall").textContent = r.passes ? pct(r.io_stall_share) : "–";
   $("m-hit").textContent = pct(r.unit_hit_rate);
-  const tier = (t) => `${pct(t.hits + t.misses ? t.hit_rate : null)} · ` +
-    `${fmtBytes(t.used_bytes)}${t.budget_bytes != null ? ` of ${fmtBytes(t.budget_bytes)}` : ""}`;
+  const tier = (t) => (t.budget_bytes === 0 ? "off"
+    : `${pct(t.hits + t.misses ? t.hit_rate : null)} · ` +
+      `${fmtBytes(t.used_bytes)}${t.budget_bytes != null ? ` of ${fmtBytes(t.budget_bytes)}` : ""}`);
   $("m-compute").textContent = tier(f.tiers.compute);
   $("m-host").textContent = tier(f.tiers.host);
   $("m-expert-row").hidden = r.expert_hit_rate == null;
