@@ -27,17 +27,21 @@ import time
 
 from stream_run.engine import Engine, EngineConfig, parse_size
 from stream_run.server.app import ServerConfig, make_app, start_server
+from stream_run.server.web import json_safe, sse_event
 
 NAME = "bench"
 
 
-def decode_tps(port: int, n_tokens: int) -> tuple[float, int]:
-    """One streamed chat completion; returns (decode tok/s, completion tokens)."""
+def decode_tps(port: int, n_tokens: int) -> tuple[float, float, int]:
+    """One streamed chat completion; returns (decode tok/s, this process's CPU seconds per
+    decode token, completion tokens). CPU time counts the server, the client and the engine's
+    threads alike, and is steadier than wall time on a loaded machine."""
     body = {"model": NAME, "messages": [{"role": "user", "content": "Tell me about disks."}],
             "max_tokens": n_tokens, "temperature": 0, "ignore_eos": True, "stream": True,
             "stream_options": {"include_usage": True}}
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     first = last = None
+    cpu_first = cpu_last = 0.0
     tokens = 0
     try:
         conn.request("POST", "/v1/chat/completions", json.dumps(body),
@@ -53,13 +57,14 @@ def decode_tps(port: int, n_tokens: int) -> tuple[float, int]:
             if obj.get("usage"):
                 tokens = obj["usage"]["completion_tokens"]
             if obj.get("choices") and obj["choices"][0]["delta"].get("content"):
-                last = time.perf_counter()
-                first = first or last
+                last, cpu_last = time.perf_counter(), time.process_time()
+                if first is None:
+                    first, cpu_first = last, cpu_last
     finally:
         conn.close()
     if first is None or last is None or last <= first:
         raise RuntimeError("too few chunks to time")
-    return (tokens - 1) / (last - first), tokens
+    return (tokens - 1) / (last - first), (cpu_last - cpu_first) / (tokens - 1), tokens
 
 
 class Watcher:
@@ -106,7 +111,8 @@ class Watcher:
 
 def hook_costs(engine: Engine, n: int = 2000) -> tuple[float, float]:
     """Seconds per call of what a watched pass adds: the step hook when no frame is due, and
-    one frame (built at most once per watcher interval). Timed on the engine's idle state."""
+    one frame (built at most once per watcher interval, and encoded as /v1/stream-stats sends
+    it). Timed on the engine's idle state."""
     monitor = engine.monitor
     w = monitor.watch(interval_s=1e9)  # never due: the step hook's cheap path
     try:
@@ -115,8 +121,8 @@ def hook_costs(engine: Engine, n: int = 2000) -> tuple[float, float]:
             monitor._on_step(())
         step = (time.perf_counter() - t0) / n
         t0 = time.perf_counter()
-        for _ in range(n):
-            monitor.frame()
+        for _ in range(n):  # built, and encoded as the endpoint sends it
+            sse_event("frame", json_safe(monitor.frame()))
         frame = (time.perf_counter() - t0) / n
     finally:
         w.close()
@@ -162,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.05)
     load_before = os.getloadavg()
     rates: dict[str, list[float]] = {"closed": [], "open": []}
+    cpu: dict[str, list[float]] = {"closed": [], "open": []}
     try:
         decode_tps(port, 8)  # warm-up
         for rep in range(args.repeats):
@@ -174,13 +181,15 @@ def main(argv: list[str] | None = None) -> int:
                         time.sleep(0.05)
                 watcher = Watcher(port, args.page) if kind == "open" else None
                 try:
-                    tps, n = decode_tps(port, args.tokens)
+                    tps, cpu_s, n = decode_tps(port, args.tokens)
                 finally:
                     if watcher is not None:
                         watcher.close()
                 rates[kind].append(tps)
+                cpu[kind].append(1e3 * cpu_s)
                 print(json.dumps({"repeat": rep, "stats_stream": kind, "tokens": n,
                                   "decode_tps": round(tps, 3),
+                                  "cpu_ms_per_token": round(1e3 * cpu_s, 3),
                                   "load1": os.getloadavg()[0]}), flush=True)
         async def costs() -> tuple[float, float]:  # on the loop, as the hooks run
             return hook_costs(engines[0])
@@ -197,12 +206,16 @@ def main(argv: list[str] | None = None) -> int:
           f"{load_after[0]:.2f} {load_after[1]:.2f} ({os.cpu_count()} CPUs)")
     print(f"  stats closed: {_summary(closed)} tok/s")
     print(f"  stats open:   {_summary(opened)} tok/s")
+    print(f"  CPU per token, closed: {_summary(cpu['closed'])} ms")
+    print(f"  CPU per token, open:   {_summary(cpu['open'])} ms")
     n_steps = len(engines[0].monitor.keys)
     print(f"  hook cost: {1e6 * step_s:.2f} us per compute call with no frame due, "
           f"{1e6 * frame_s:.1f} us per frame ({n_steps} units); at 10 frames/s and "
           f"{n_steps} calls per token: {10 * frame_s:.2e} s/s + {n_steps * step_s:.2e} s/token")
     noise = (max(closed) - min(closed)) / statistics.median(closed)
-    print(f"  open/closed median: {statistics.median(opened) / statistics.median(closed):.4f}; "
+    print(f"  open/closed median tok/s: "
+          f"{statistics.median(opened) / statistics.median(closed):.4f}, CPU/token: "
+          f"{statistics.median(cpu['open']) / statistics.median(cpu['closed']):.4f}; "
           f"spread of the closed runs (max-min)/median: {noise:.1%}")
     return 0
 

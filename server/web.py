@@ -79,7 +79,7 @@ def _seconds(request: web.Request, name: str, default: float, lo_hi: tuple[float
     return value
 
 
-def _event(name: str, obj: Any) -> bytes:
+def sse_event(name: str, obj: Any) -> bytes:
     return f"event: {name}\ndata: {json.dumps(obj, allow_nan=False)}\n\n".encode()
 
 
@@ -97,22 +97,22 @@ async def _stream_stats(request: web.Request, state: Any) -> web.StreamResponse:
     try:
         async with engine.monitor.watch(interval, idle) as frames:
             async with asyncio.timeout(timeout):
-                await resp.write(_event("model", info))
+                await resp.write(sse_event("model", info))
             async for frame in frames:
                 # frames are dropped, not queued, while this client is slow: the engine
                 # never waits for it; one that takes nothing for stall_timeout_s is dropped
                 async with asyncio.timeout(timeout):
-                    await resp.write(_event("frame", _finite(frame)))
+                    await resp.write(sse_event("frame", json_safe(frame)))
     except (ConnectionResetError, TimeoutError):
         if request.transport is not None:
             request.transport.abort()
     return resp
 
 
-def _finite(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
     """JSON has no inf or nan: an unlimited budget is null."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     return obj

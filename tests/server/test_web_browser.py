@@ -123,3 +123,12 @@ def test_chat_and_layer_stream_in_chromium(server, browser, tmp_path):
     meta = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant .meta")[-1].text
     assert meta.split(" · ")[0] in ("stopped", "length", "stop")  # it may end before the click
     server.wait_idle()
+
+    # a phone-sized screen: one column, nothing wider than the screen
+    browser.set_window_size(390, 844)
+    time.sleep(0.3)
+    assert browser.execute_script(
+        "return document.documentElement.scrollWidth <= window.innerWidth")
+    chat, stream = find(By.ID, "chat").rect, find(By.ID, "stream").rect
+    assert stream["y"] >= chat["y"] + chat["height"] - 1  # the stream view below the chat
+    assert browser.save_screenshot(str(tmp_path / "stream-serve-page-phone.png"))
