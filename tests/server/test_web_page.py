@@ -189,3 +189,28 @@ def test_two_watchers_share_the_hooks(server):
     while engine.scheduler.observer is not None:
         assert time.monotonic() < deadline
         time.sleep(0.02)
+
+
+def test_the_page_ships_as_package_data():
+    """Every file of server/static is matched by pyproject's package-data (so a wheel has it)."""
+    import fnmatch
+    import pathlib
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    patterns = data["package-data"]["stream_run.server"]
+    files = [p.relative_to(root / "server").as_posix()
+             for p in (root / "server" / "static").iterdir()]
+    assert {"static/index.html", "static/app.js", "static/app.css"} <= set(files)
+    assert all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_disk_ceiling_flag_errors(tmp_path, capsys, value):
+    from stream_run.cli import serve
+
+    write_tiny_model(tmp_path, "llama", n_layers=2)
+    assert serve.main([str(tmp_path), "--port", "0", "--disk-ceiling", value]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("stream-serve: error:") and "--disk-ceiling must be" in last
