@@ -62,8 +62,12 @@ class Watch:
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(QUEUE_FRAMES)
         self.last = 0.0  # perf_counter of the last frame queued
         self.dropped = 0
+        self.ended = False
 
-    def offer(self, frame: dict[str, Any], now: float) -> None:
+    def offer(self, frame: dict[str, Any] | None, now: float) -> None:
+        """Queue a frame (None: the end), dropping the oldest when the queue is full."""
+        if self.ended:
+            return
         self.last = now
         if self.queue.full():
             self.queue.get_nowait()
@@ -75,11 +79,21 @@ class Watch:
 
     async def __anext__(self) -> dict[str, Any]:
         try:
-            return await asyncio.wait_for(self.queue.get(), self.idle_s)
+            frame = await asyncio.wait_for(self.queue.get(), self.idle_s)
         except TimeoutError:  # nothing ran: the state as it is now
+            if self.ended:
+                raise StopAsyncIteration from None
             now = time.perf_counter()
             self.last = now
             return self._monitor.frame(now)
+        if frame is None:
+            raise StopAsyncIteration
+        return frame
+
+    def end(self) -> None:
+        """End the iteration after the frames already queued (the server shuts down)."""
+        self.offer(None, time.perf_counter())
+        self.ended = True
 
     def close(self) -> None:
         self._monitor.unwatch(self)
@@ -114,6 +128,11 @@ class StreamMonitor:
             self._engine.batcher.on_pass = self._on_pass
         w.offer(self.frame(), time.perf_counter())
         return w
+
+    def end_watches(self) -> None:
+        """End every watcher's iteration (Watch.end), e.g. as a server shuts down."""
+        for w in list(self._watches):
+            w.end()
 
     def unwatch(self, w: Watch) -> None:
         if w in self._watches:

@@ -59,6 +59,14 @@ def add_routes(app: web.Application, state_key: web.AppKey[Any]) -> None:
     async def stream_stats(request: web.Request) -> web.StreamResponse:
         return await _stream_stats(request, request.app[state_key])
 
+    async def end_streams(app: web.Application) -> None:
+        # stats streams never end on their own: end them cleanly, before the shutdown
+        # timeout would cancel them
+        engine = app[state_key].engine
+        if engine is not None:
+            engine.monitor.end_watches()
+
+    app.on_shutdown.append(end_streams)
     app.router.add_get("/", index)
     app.router.add_get("/static/{name}", static)
     app.router.add_get("/v1/stream-stats", stream_stats)
@@ -103,6 +111,8 @@ async def _stream_stats(request: web.Request, state: Any) -> web.StreamResponse:
                 # never waits for it; one that takes nothing for stall_timeout_s is dropped
                 async with asyncio.timeout(timeout):
                     await resp.write(sse_event("frame", json_safe(frame)))
+            async with asyncio.timeout(timeout):  # the server shuts down
+                await resp.write_eof()
     except (ConnectionResetError, TimeoutError):
         if request.transport is not None:
             request.transport.abort()

@@ -214,3 +214,20 @@ def test_disk_ceiling_flag_errors(tmp_path, capsys, value):
     assert serve.main([str(tmp_path), "--port", "0", "--disk-ceiling", value]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("stream-serve: error:") and "--disk-ceiling must be" in last
+
+
+def test_shutdown_ends_the_stats_stream_cleanly(tmp_path):
+    """The server's shutdown ends each stats stream (a complete response), instead of leaving
+    it to be cut when the shutdown timeout cancels its handler."""
+    write_tiny_model(tmp_path, "llama", n_layers=2)
+    srv = ServerThread.for_model(tmp_path, ServerConfig(NAME, api_key=KEY))
+    srv.wait_loaded()
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
+    conn.request("GET", "/v1/stream-stats?idle=60", headers={"Authorization": f"Bearer {KEY}"})
+    resp = conn.getresponse()
+    assert resp.readline().startswith(b"event: model")
+    srv.close()
+    rest = resp.read()  # raises IncompleteRead if the chunked body was cut
+    assert rest.count(b"event: frame") <= 1 and resp.isclosed()
+    assert srv.engine is None or srv.engine.scheduler.observer is None
+    conn.close()
