@@ -94,6 +94,7 @@ class Watcher:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the page did not connect")
                 time.sleep(0.1)
+        self.t0, self.cpu0 = time.perf_counter(), self.browser_cpu_s()
         self._drain = threading.Thread(target=self._read, daemon=True)
         self._drain.start()
 
@@ -101,6 +102,26 @@ class Watcher:
         assert self.curl.stdout is not None
         for _ in self.curl.stdout:
             pass
+
+    def browser_cpu_s(self) -> float:
+        """CPU seconds so far of chromium and its children (0 without the page)."""
+        if self.driver is None:
+            return 0.0
+        import psutil
+
+        root = psutil.Process(self.driver.service.process.pid)
+        total = 0.0
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                t = proc.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    def browser_share(self) -> float:
+        """chromium's CPU time per wall second since the page connected (1.0: one core)."""
+        return (self.browser_cpu_s() - self.cpu0) / (time.perf_counter() - self.t0)
 
     def close(self) -> None:
         self.curl.terminate()
@@ -169,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     rates: dict[str, list[float]] = {"closed": [], "open": []}
     cpu: dict[str, list[float]] = {"closed": [], "open": []}
+    browser: list[float] = []  # chromium's CPU share during the open runs (--page)
     try:
         decode_tps(port, 8)  # warm-up
         for rep in range(args.repeats):
@@ -180,8 +202,12 @@ def main(argv: list[str] | None = None) -> int:
                            and time.monotonic() < deadline):
                         time.sleep(0.05)
                 watcher = Watcher(port, args.page) if kind == "open" else None
+                share = None
                 try:
                     tps, cpu_s, n = decode_tps(port, args.tokens)
+                    if watcher is not None and args.page:
+                        share = watcher.browser_share()
+                        browser.append(share)
                 finally:
                     if watcher is not None:
                         watcher.close()
@@ -190,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({"repeat": rep, "stats_stream": kind, "tokens": n,
                                   "decode_tps": round(tps, 3),
                                   "cpu_ms_per_token": round(1e3 * cpu_s, 3),
+                                  "chromium_cpu_share": share,
                                   "load1": os.getloadavg()[0]}), flush=True)
         async def costs() -> tuple[float, float]:  # on the loop, as the hooks run
             return hook_costs(engines[0])
@@ -208,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  stats open:   {_summary(opened)} tok/s")
     print(f"  CPU per token, closed: {_summary(cpu['closed'])} ms")
     print(f"  CPU per token, open:   {_summary(cpu['open'])} ms")
+    if browser:
+        print(f"  chromium with the page open: {_summary([100 * b for b in browser])} % of one "
+              "core")
     n_steps = len(engines[0].monitor.keys)
     print(f"  hook cost: {1e6 * step_s:.2f} us per compute call with no frame due, "
           f"{1e6 * frame_s:.1f} us per frame ({n_steps} units); at 10 frames/s and "

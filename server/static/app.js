@@ -198,6 +198,10 @@ function fmtBytes(n) {
   while (Math.abs(n) >= 1000 && i < units.length - 1) { n /= 1000; i += 1; }
   return `${n.toFixed(n < 10 && i ? 2 : n < 100 && i ? 1 : 0)} ${units[i]}`;
 }
+function setText(id, text) {  // only what changed: each write costs a layout
+  const el = $(id);
+  if (el.textContent !== text) el.textContent = text;
+}
 const pct = (x) => (x == null ? "–" : `${(100 * x).toFixed(1)} %`);
 
 function buildStrip(model) {
@@ -221,7 +225,8 @@ function showFrame(f) {
   const cells = strip.children;
   for (let i = 0; i < cells.length && i < f.units.length; i++) {
     const st = f.units[i];
-    if (cells[i].dataset.state !== st) cells[i].dataset.state = st;
+    if (cells[i].dataset.state === st) continue;  // touch only the cells that change
+    cells[i].dataset.state = st;
     cells[i].title = `${info.units[i].key}: ${STATE_NAMES[st] || st}, ` +
                      `${fmtBytes(info.units[i].bytes)}`;
   }
@@ -232,26 +237,29 @@ function showFrame(f) {
   strip.dataset.seen = [...seen].sort().join("");
 
   const r = f.recent;
-  $("m-tps").textContent = r.decode_tokens ? `${r.tokens_per_s.toFixed(1)} tok/s`
-    : (r.passes ? "prompt" : "idle");
+  setText("m-tps", r.decode_tokens ? `${r.tokens_per_s.toFixed(1)} tok/s`
+    : (r.passes ? "prompt" : "idle"));
   const ceiling = info.disk_ceiling_bytes_per_s;
-  $("m-disk").textContent = `${fmtBytes(r.disk_bytes_per_s)}/s` +
-    (ceiling ? ` of ${fmtBytes(ceiling)}/s` : "") + ` · busy ${pct(r.disk_busy_share)}`;
-  $("m-disk-bar").style.width = ceiling
-    ? `${Math.min(100, 100 * r.disk_bytes_per_s / ceiling)}%` : `${100 * r.disk_busy_share}%`;
-  $("m-bpt").textContent = r.decode_tokens ? fmtBytes(r.bytes_per_token) : "–";
-  $("m-stall").textContent = r.passes ? pct(r.io_stall_share) : "–";
-  $("m-hit").textContent = pct(r.unit_hit_rate);
+  setText("m-disk", `${fmtBytes(r.disk_bytes_per_s)}/s` +
+    (ceiling ? ` of ${fmtBytes(ceiling)}/s` : "") + ` · busy ${pct(r.disk_busy_share)}`);
+  const width = `${Math.round(ceiling ? Math.min(100, 100 * r.disk_bytes_per_s / ceiling)
+    : 100 * r.disk_busy_share)}%`;
+  if ($("m-disk-bar").style.width !== width) $("m-disk-bar").style.width = width;
+  setText("m-bpt", r.decode_tokens ? fmtBytes(r.bytes_per_token) : "–");
+  setText("m-stall", r.passes ? pct(r.io_stall_share) : "–");
+  setText("m-hit", pct(r.unit_hit_rate));
   const tier = (t) => (t.budget_bytes === 0 ? "off"
     : `${pct(t.hits + t.misses ? t.hit_rate : null)} · ` +
       `${fmtBytes(t.used_bytes)}${t.budget_bytes != null ? ` of ${fmtBytes(t.budget_bytes)}` : ""}`);
-  $("m-compute").textContent = tier(f.tiers.compute);
-  $("m-host").textContent = tier(f.tiers.host);
-  $("m-expert-row").hidden = r.expert_hit_rate == null;
-  $("m-expert").textContent = pct(r.expert_hit_rate);
-  $("m-depth").textContent = f.depth;
-  $("m-reqs").textContent = `${f.active} active, ${f.waiting} waiting`;
-  $("m-total").textContent = `${fmtBytes(f.disk.bytes_read)} in ${f.disk.reads} reads`;
+  setText("m-compute", tier(f.tiers.compute));
+  setText("m-host", tier(f.tiers.host));
+  if ($("m-expert-row").hidden !== (r.expert_hit_rate == null)) {
+    $("m-expert-row").hidden = r.expert_hit_rate == null;
+  }
+  setText("m-expert", pct(r.expert_hit_rate));
+  setText("m-depth", String(f.depth));
+  setText("m-reqs", `${f.active} active, ${f.waiting} waiting`);
+  setText("m-total", `${fmtBytes(f.disk.bytes_read)} in ${f.disk.reads} reads`);
 }
 
 function setConn(text, cls) {
@@ -264,7 +272,8 @@ async function runStats() {
   statsController = controller;
   while (statsController === controller) {
     try {
-      const resp = await api("/v1/stream-stats", { signal: controller.signal });
+      const resp = await api(`/v1/stream-stats?interval=${$("rate").value}`,
+                             { signal: controller.signal });
       if (!resp.ok) {
         setConn(await errorText(resp), "bad");
         await new Promise((ok) => setTimeout(ok, 2000));
@@ -300,6 +309,27 @@ async function loadModel() {
     }
   } catch (err) { /* the stats stream reports the connection */ }
 }
+
+// frames per second: more follow the passes closer, and cost the browser more CPU
+const RATE_STORE = "stream-run-stats-interval";
+if ([...$("rate").options].some((o) => o.value === localStorage.getItem(RATE_STORE))) {
+  $("rate").value = localStorage.getItem(RATE_STORE);
+}
+$("rate").addEventListener("change", () => {
+  localStorage.setItem(RATE_STORE, $("rate").value);
+  restartStats();
+});
+
+// a hidden tab takes no frames: the stream closes, and with no watcher the engine's hooks are off
+document.addEventListener("visibilitychange", () => {
+  if (document.hidden) {
+    if (statsController) statsController.abort();
+    statsController = null;
+    setConn("paused");
+  } else if (!statsController) {
+    runStats();
+  }
+});
 
 setRunning(null);
 loadModel().then(runStats);
