@@ -231,3 +231,34 @@ def test_shutdown_ends_the_stats_stream_cleanly(tmp_path):
     assert rest.count(b"event: frame") <= 1 and resp.isclosed()
     assert srv.engine is None or srv.engine.scheduler.observer is None
     conn.close()
+
+
+def test_an_moe_model_shows_each_expert_and_its_hit_rate(tmp_path):
+    """Routed experts are units of their own (cells of the strip), and frames carry the expert
+    hit rate of the recent passes (None for a dense model, as above)."""
+    pytest.importorskip("transformers")
+    from stream_run.engine import GenerationParams
+    from tests.models.test_moe import write_moe
+
+    write_moe(tmp_path, "mixtral")
+
+    async def run():
+        async with await Engine.open(str(tmp_path), EngineConfig(backend="numpy")) as engine:
+            keys = engine.monitor.keys
+            frames = []
+            async with engine.monitor.watch(interval_s=0.02) as watch:
+                gen = engine.submit([1, 2, 3, 4], GenerationParams(max_tokens=6, ignore_eos=True))
+                async with gen:
+                    async for _ in gen:
+                        pass
+                while not watch.queue.empty():
+                    frames.append(watch.queue.get_nowait())
+            frames.append(engine.monitor.frame())
+            return engine, keys, frames
+
+    engine, keys, frames = asyncio.run(run())
+    experts = [k for k in engine.source.index.units if "expert" in k]
+    assert experts and set(experts) <= set(keys)
+    assert len(keys) == len(engine.source.index.units)
+    rates = [f["recent"]["expert_hit_rate"] for f in frames if f["recent"]["passes"]]
+    assert rates and all(r is not None and 0 <= r <= 1 for r in rates)
