@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -55,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=int, default=None,
                    help="context length (default: the model's)")
     add_speculative_flags(p)
+    p.add_argument("--disk-ceiling", type=float, default=None, metavar="GBS",
+                   help="the disk's read rate in GB/s (what `stream-bench disk` measured); the "
+                   "page at / shows the disk rate against it")
     add_engine_flags(p)
     return p
 
@@ -69,6 +73,8 @@ def configs(args: argparse.Namespace):
         raise UsageError(f"MODEL: {model}: no such file or directory")
     if not args.stall_timeout > 0:  # also refuses nan
         raise UsageError(f"--stall-timeout must be > 0, got {args.stall_timeout}")
+    if args.disk_ceiling is not None and not 0 < args.disk_ceiling < math.inf:
+        raise UsageError(f"--disk-ceiling must be a rate in GB/s > 0, got {args.disk_ceiling}")
     for flag, value, lo in (("--port", args.port, 0), ("--max-tokens-cap", args.max_tokens_cap, 1),
                             ("--max-n", args.max_n, 1),
                             ("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0)):
@@ -85,7 +91,9 @@ def configs(args: argparse.Namespace):
                           max_body_bytes=max_body, max_tokens_cap=args.max_tokens_cap,
                           max_n=args.max_n,
                           stall_timeout_s=args.stall_timeout,
-                          prompt_cache_dir=args.prompt_cache_dir)
+                          prompt_cache_dir=args.prompt_cache_dir,
+                          disk_ceiling_bytes_per_s=None if args.disk_ceiling is None
+                          else args.disk_ceiling * 1e9)
     config = speculative_config(engine_config(args), args)
     try:
         config = dataclasses.replace(config, max_batch=args.max_batch, max_queue=args.max_queue,
@@ -129,7 +137,8 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     host, port = runner.addresses[0][:2]
-    print(f"stream-serve: {server.model_name} at http://{host}:{port}/v1 (loading the model)",
+    print(f"stream-serve: {server.model_name} at http://{host}:{port}/v1 (loading the model); "
+          f"its page: http://{host}:{port}/",
           file=sys.stderr, flush=True)
     try:
         await stop.wait()

@@ -27,7 +27,7 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,6 +173,7 @@ class Batcher:
         self.passes: collections.deque[PassRecord] = collections.deque(maxlen=4096)
         self.finished: collections.Counter[str] = collections.Counter()
         self.passes_cancelled = 0  # passes stopped at a layer boundary (nobody wanted them)
+        self.on_pass: Callable[[PassRecord, RunStats], None] | None = None  # after each pass
         self._retired: list[SeqState] = []
         self._task: asyncio.Task[None] | None = None
         self._pass: asyncio.Task[Any] | None = None
@@ -420,6 +421,8 @@ class Batcher:
         self.passes.append(PassRecord(len(batch), sum(len(ids) for _, ids in batch), n_prefill,
                                       rs.bytes_read, time.perf_counter() - t0, rs.compute_s,
                                       rs.io_stall_s))
+        if self.on_pass is not None:  # a watcher (engine.monitor); None: nobody watches
+            self.on_pass(self.passes[-1], rs)
         decoding = n_prefill < len(batch)
         for seq, ids in batch:
             seq.run.add(rs)

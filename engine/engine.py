@@ -18,6 +18,7 @@ from stream_run.cache import BudgetError, WeightCache
 from stream_run.engine.batching import Batcher, Generation
 from stream_run.engine.config import EngineConfig, default_threads, format_size, parse_size
 from stream_run.engine.errors import ContextLengthError
+from stream_run.engine.monitor import StreamMonitor
 from stream_run.engine.prefix_cache import PrefixCache, model_identity
 from stream_run.engine.prefix_cache import load_file as load_prompt_file
 from stream_run.engine.prefix_cache import save_file as save_prompt_file
@@ -74,6 +75,7 @@ class Engine:
             self.draft.runner if self.draft is not None else None)
         self._check_budget()
         self.runner.plan()
+        self.monitor = StreamMonitor(self)  # live pass statistics for watchers (engine/monitor)
 
     def _open_draft(self) -> Engine:
         """The draft model (EngineConfig.draft_model), resident within draft_budget_bytes.

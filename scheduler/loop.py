@@ -56,6 +56,17 @@ def _prepare_boxed(prepare: Callable[[str, Any], tuple[Any, int]], key: str, box
     return prepare(key, box.pop())
 
 
+# LayerScheduler.unit_states' letters
+UNIT_STATES = {
+    "c": "computing (its step runs on the compute thread)",
+    "r": "reading (its load is in flight)",
+    "R": "resident (in the compute tier, kept there by the residency plan)",
+    "s": "streamed (in the compute tier for now; the plan does not keep it)",
+    "h": "in the host-RAM tier only",
+    "-": "on disk only",
+}
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """prefetch_depth: steps read ahead to start with. adaptive: deepen by one after a pass in
@@ -154,11 +165,33 @@ class LayerScheduler:
         self._reading = 0  # reads in flight, and the disk's busy time (_disk_busy)
         self._busy_from = 0.0
         self._busy_s = 0.0
+        # a watcher (engine.monitor) told, on the event loop, as each compute call starts, with
+        # the units it computes; None: nobody watches (one attribute test per call)
+        self.observer: Callable[[Sequence[str]], None] | None = None
+        self._computing: tuple[str, ...] = ()
 
     @property
     def resident(self) -> set[str]:
         """Units kept pinned across passes (the cache's plan)."""
         return self.cache.resident
+
+    def unit_states(self, keys: Sequence[str]) -> str:
+        """A snapshot of where each unit is, one letter per key (call on the event loop, e.g.
+        from the observer; cheap: set lookups). UNIT_STATES names the letters."""
+        tier, host, plan, computing = (self.cache.compute, self.cache.host, self.cache.resident,
+                                       set(self._computing))
+
+        def state(key: str) -> str:
+            if key in computing:
+                return "c"
+            load = self._inflight.get(key)
+            if load is not None and not load.done():
+                return "r"
+            if key in tier:
+                return "R" if key in plan else "s"
+            return "h" if key in host else "-"
+
+        return "".join(state(k) for k in keys)
 
     def plan_residency(self, steps: Sequence[Units | LateLike]) -> set[str]:
         """Ask the cache's policy which units stay resident when passes of these steps (each
@@ -237,10 +270,13 @@ class LayerScheduler:
                 t1 = time.perf_counter()
                 stats.io_stall_s += t1 - t0
                 self._schedule(known, late, end, cyclic)
+                if self.observer is not None:
+                    self._computing = tuple(k for _, held in calls for k in held)
+                    self.observer(self._computing)
                 compute_future = loop.run_in_executor(self._compute, _run_steps, calls, x,
                                                       weights, self._settle)
                 x, times = await asyncio.shield(compute_future)
-                compute_future = None
+                compute_future, self._computing = None, ()
                 stats.compute_s += time.perf_counter() - t1
                 if self.record_intervals:
                     stats.intervals += [("compute", step.name, a, b)
@@ -260,6 +296,7 @@ class LayerScheduler:
         finally:
             if compute_future is not None:  # a cancelled run finishes its compute call
                 await asyncio.gather(compute_future, return_exceptions=True)
+            self._computing = ()
             await self._cancel_inflight(keep=carry)
             for k in rs.held:
                 self.cache.release(k)

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP server (aiohttp): /v1/models, /v1/chat/completions,
-/v1/completions, /health.
+/v1/completions, /health; and its own page, GET /, with /v1/stream-stats (server/web.py).
 
 The model loads in the background after the server starts listening, so /v1/models and /health
 answer at once. Requests become Engine generations, which the engine batches; a client that
@@ -35,6 +35,7 @@ from stream_run.engine.request import Chunk, GenerationParams, StopFilter
 from stream_run.engine.sampling import SamplingParams, TokenLogprob
 from stream_run.engine.stats import GenerationStats
 from stream_run.server import prompt_cache as prompt_cache_files
+from stream_run.server import web as web_page
 from stream_run.server.errors import APIError, bad
 from stream_run.server.openai_api import Limits, ParsedRequest, parse_chat, parse_completion
 from stream_run.server.responses import (
@@ -63,6 +64,8 @@ class ServerConfig:
     # POST /v1/prompt_cache saves and loads prompt-cache files by name in this directory
     # (server/prompt_cache.py); None: off
     prompt_cache_dir: str | None = None
+    # the disk's sequential read rate (stream-bench disk), shown beside the page's disk rate
+    disk_ceiling_bytes_per_s: float | None = None
 
     @property
     def stall_limit_s(self) -> float | None:
@@ -80,6 +83,10 @@ class ServerConfig:
             raise ValueError(f"max_n must be > 0, got {self.max_n}")
         if not self.stall_timeout_s > 0:
             raise ValueError(f"stall_timeout_s must be > 0, got {self.stall_timeout_s}")
+        if self.disk_ceiling_bytes_per_s is not None and not (
+                0 < self.disk_ceiling_bytes_per_s < math.inf):
+            raise ValueError(f"disk_ceiling_bytes_per_s must be > 0, got "
+                             f"{self.disk_ceiling_bytes_per_s}")
 
 
 class ServerState:
@@ -160,6 +167,7 @@ def make_app(config: ServerConfig, open_engine: Callable[[], Awaitable[Engine]]
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/prompt_cache", prompt_cache)
+    web_page.add_routes(app, STATE)  # GET /, /static/*, /v1/stream-stats
     return app
 
 
