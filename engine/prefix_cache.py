@@ -168,6 +168,10 @@ def save_file(path: str | os.PathLike[str], entry: Entry, metadata: dict[str, st
     try:
         safetensors.numpy.save_file(tensors, tmp, metadata=meta)
         os.replace(tmp, path)
+    except Exception as exc:  # noqa: BLE001 - safetensors wraps the OSError (a full disk)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise OSError(f"prompt-cache file {path}: cannot be written ({first}); the earlier "
+                      "file, if any, is left as it was") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

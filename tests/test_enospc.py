@@ -1,8 +1,7 @@
 """A full disk while stream-convert writes: one line naming the file, exit 2, no temp dir left
 behind, and the previous output at OUT untouched. The failure is injected at a file write (any
 user), and made real on a small tmpfs at every size the output passes through (root only).
-
-stream-run keeps no prompt cache on disk: the converter is the only writer of model data."""
+The same for stream-run --prompt-cache-file, the other writer (a real full tmpfs)."""
 
 from __future__ import annotations
 
@@ -152,3 +151,33 @@ def test_real_full_disk_at_every_point_of_the_output(tmp_path, capsys):
                 break
         assert rc == 0  # with room for it, the same conversion goes through
         assert {"tokenizer.json", "manifest.json", "model-embed.safetensors"} <= failed_at
+
+
+def test_full_disk_saving_a_prompt_cache_keeps_the_previous_file(tmp_path, capsys):
+    from stream_run.cli import run as cli_run
+
+    model = tmp_path / "m"
+    write_tiny_model(model, "qwen3")
+    args = [str(model), "--ignore-chat-template", "--max-tokens", "4"]
+    with tmpfs(tmp_path / "disk", "1m") as disk:
+        f = disk / "conv.safetensors"
+        assert cli_run.main([*args, "--prompt", "hello world", "--prompt-cache-file",
+                             str(f)]) == 0
+        before = f.read_bytes()
+        capsys.readouterr()
+        filler = disk / "filler"
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT)  # fill the disk
+        try:
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * 4096)
+        finally:
+            os.close(fd)
+        free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+        assert free < len(before)
+        rc = cli_run.main([*args, "--prompt", "hello world " + "paris is the capital " * 20,
+                           "--prompt-cache-file", str(f)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and "No space left on device" in err[-1], err
+        assert f.read_bytes() == before  # the earlier file, whole
+        assert sorted(p.name for p in disk.iterdir()) == ["conv.safetensors", "filler"]
