@@ -1,0 +1,176 @@
+"""--pipeline N / --hostfile F: the command starts its ranks with mlx.launch (ring backend), and
+each rank opens its stage of the model (engine/pipeline.py). Rank 0 does what one process
+does; ranks past 0 serve passes until rank 0 closes, then print one line of their own memory.
+
+A rank that loses a peer, or that mlx.launch stops because another rank failed, prints one
+line naming itself and exits (no hang)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import sys
+from typing import Any
+
+from stream_run.cli.common import UsageError, memory_line
+from stream_run.engine.config import format_size
+from stream_run.engine.stats import peak_rss_bytes
+
+RANK_ENV = "STREAM_RUN_PIPELINE"  # set in each rank's environment by launch()
+LAUNCH = "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"
+
+
+def add_pipeline_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pipeline", type=int, default=None, metavar="N",
+                   help="split the model's layers over N ranks on this machine (mlx.launch, "
+                   "ring backend on 127.0.0.1); each streams its layers under its own "
+                   "--memory-budget; hidden states pass rank to rank")
+    p.add_argument("--hostfile", default=None, metavar="FILE",
+                   help="spread the pipeline's ranks over the hosts of FILE (mlx.launch's "
+                   "JSON hostfile, one rank per host; the ring backend needs their ips)")
+    p.add_argument("--pipeline-split", default=None, metavar="A,B,...",
+                   help="layers per rank, in order (default: split by bytes, rank 0 also "
+                   "holding the embedding and the head)")
+    p.add_argument("--pipeline-timeout", type=float, default=600.0, metavar="S",
+                   help="how long a rank waits for a peer inside a pass before it stops the "
+                   "run (default 600)")
+
+
+def wanted(args: argparse.Namespace) -> bool:
+    return args.pipeline is not None or args.hostfile is not None
+
+
+def in_rank() -> bool:
+    return os.environ.get(RANK_ENV) == "1" and "MLX_RANK" in os.environ
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Raises UsageError naming the flag."""
+    if args.pipeline is not None and args.pipeline < 2:
+        raise UsageError(f"--pipeline must be >= 2, got {args.pipeline}")
+    if args.hostfile is not None:
+        hosts = _hostfile_hosts(args.hostfile)
+        if args.pipeline is not None and args.pipeline != hosts:
+            raise UsageError(f"--pipeline {args.pipeline} but --hostfile {args.hostfile} has "
+                             f"{hosts} hosts")
+    if args.pipeline_timeout <= 0:
+        raise UsageError(f"--pipeline-timeout must be > 0, got {args.pipeline_timeout}")
+    split_counts(args)
+    if getattr(args, "kv_cache_budget", "0") not in ("0", None) or \
+            getattr(args, "prompt_cache_file", None):
+        raise UsageError("--pipeline: --kv-cache-budget and --prompt-cache-file are not "
+                         "supported with a pipeline (each rank holds its own layers' KV)")
+
+
+def _hostfile_hosts(path: str) -> int:
+    try:
+        with open(path) as f:
+            hosts = json.load(f)
+        if not isinstance(hosts, list) or not hosts:
+            raise ValueError("not a non-empty JSON list of hosts")
+        if any(not isinstance(h, dict) or not h.get("ips") for h in hosts):
+            raise ValueError('each host needs "ips" (the ring backend connects to them)')
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--hostfile {path}: {exc}") from None
+    return len(hosts)
+
+
+def split_counts(args: argparse.Namespace) -> list[int] | None:
+    if args.pipeline_split is None:
+        return None
+    try:
+        return [int(v) for v in args.pipeline_split.split(",")]
+    except ValueError:
+        raise UsageError(f"--pipeline-split {args.pipeline_split!r}: give layer counts per "
+                         "rank, comma-separated (e.g. 10,14)") from None
+
+
+def launch(args: argparse.Namespace, module: str, argv: list[str]) -> int:
+    """Run `python -m module argv` as the pipeline's ranks under mlx.launch; its exit status.
+    mlx.launch ends every rank when one exits with an error."""
+    import subprocess
+
+    cmd = [sys.executable, "-c", LAUNCH, "--backend", "ring"]
+    if args.hostfile is not None:
+        cmd += ["--hostfile", args.hostfile]
+    else:
+        cmd += ["-n", str(args.pipeline)]
+    cmd += ["--starting-port", str(_free_ports(args.pipeline or 2)),
+            "--env", f"{RANK_ENV}=1"]
+    if os.environ.get("PYTHONPATH"):
+        cmd += ["--env", f"PYTHONPATH={os.environ['PYTHONPATH']}"]
+    cmd += ["--", sys.executable, "-m", module, *argv]
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _free_ports(n: int) -> int:
+    """A first port p with p..p+n-1 free on 127.0.0.1 (the ring's listening ports)."""
+    for _ in range(50):
+        base = random.randrange(20000, 60000)
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    return 45000
+
+
+def on_sigterm(rank: int) -> None:
+    """mlx.launch stops the other ranks with SIGTERM when one fails: say so in one line and
+    exit at once (a rank blocked in a receive would not unwind)."""
+
+    def handler(signum: int, frame: Any) -> None:
+        print(f"stream-run: pipeline rank {rank}: stopped (another rank failed or the run "
+              "was interrupted)", file=sys.stderr, flush=True)
+        os._exit(143)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+async def open_rank(args: argparse.Namespace, model: str, config: Any) -> Any:
+    """This rank's PipelineEngine (group joined within --pipeline-timeout)."""
+    from stream_run.engine.pipeline import Link, PipelineEngine, init_group
+
+    rank = int(os.environ["MLX_RANK"])
+    on_sigterm(rank)
+    link = Link(init_group(args.pipeline_timeout), args.pipeline_timeout)
+    try:
+        engine = await PipelineEngine.open_stage(model, config, link, split_counts(args))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.verbose or rank == 0:
+        print(f"stream-run: pipeline {engine.stage.describe}; split "
+              f"{[b - a for a, b in engine.stage_ranges]} layers per rank", file=sys.stderr,
+              flush=True)
+    return engine
+
+
+async def serve_rank(engine: Any) -> int:
+    """Ranks past 0: serve passes until rank 0 closes, then one memory line."""
+    try:
+        await engine.serve()
+        budget = engine.cache.compute.budget_bytes
+        stage = engine.stage
+        kv = engine.runner.kv_bytes(engine.served_positions) * (stage.stop - stage.start) \
+            // max(1, engine.spec.num_hidden_layers)  # this rank's layers' share
+        print(f"[rank {stage.rank}] layers {stage.start}..{stage.stop - 1}, read "
+              f"{format_size(engine.served_bytes_read)}: " + memory_line(
+                  peak_rss_bytes(), engine.runner.baseline_rss_bytes, budget, kv),
+              file=sys.stderr, flush=True)
+    finally:
+        engine.close()
+    return 0
