@@ -21,6 +21,7 @@ from stream_run.engine.config import format_size
 from stream_run.engine.stats import peak_rss_bytes
 
 RANK_ENV = "STREAM_RUN_PIPELINE"  # set in each rank's environment by launch()
+FAILED_WARNINGS = (b"exited with code", b"was killed")
 LAUNCH = "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())"
 
 
@@ -104,10 +105,19 @@ def launch(args: argparse.Namespace, module: str, argv: list[str]) -> int:
     if os.environ.get("PYTHONPATH"):
         cmd += ["--env", f"PYTHONPATH={os.environ['PYTHONPATH']}"]
     cmd += ["--", sys.executable, "-m", module, *argv]
+    failed = False
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
     try:
-        return subprocess.call(cmd)
+        assert proc.stderr is not None
+        for line in proc.stderr:  # mlx.launch exits 0 whatever its ranks did: its warnings
+            failed = failed or any(w in line for w in FAILED_WARNINGS)
+            sys.stderr.buffer.write(line)
+            sys.stderr.flush()
+        proc.wait()
     except KeyboardInterrupt:
+        proc.wait()
         return 130
+    return proc.returncode or (1 if failed else 0)
 
 
 def _free_ports(n: int) -> int:

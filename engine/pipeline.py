@@ -9,9 +9,10 @@ than the logits would be (E against V per row). Each rank streams its units unde
 memory budget, with the same scheduler, cache and policy as one process.
 
 The messages travel the ring 0 -> 1 -> ... -> N-1 -> 0 (the ring backend's send/recv reach
-neighbours only). One message: a fixed int32 header (kind, JSON length, rows, width), the JSON
-(what the pass is: each sequence's id, offset, ids, span end and cache length, and the
-sequences rank 0 has dropped), then the hidden state (rows, width) float32. A numpy backend
+neighbours only). One message is two sends: a fixed int32 header (kind, JSON length, rows,
+width), then one byte array: the JSON (what the pass is: each sequence's id, offset, ids, span
+end and cache length, and the sequences rank 0 has dropped) and the hidden state (rows, width)
+float32. A numpy backend
 converts at the boundary (mx.array <-> numpy). Every link operation runs on the scheduler's
 compute thread (the one thread that touches MLX).
 
@@ -187,17 +188,21 @@ class Link:
                 timer.cancel()
 
     def send(self, msg: Message, dst: int) -> None:
+        """Two sends: the header, then one byte array with the JSON and the hidden rows."""
         mx = self.mx
         blob = json.dumps(msg.meta).encode() if msg.meta else b""
         rows, width = msg.hidden.shape if msg.hidden is not None else (0, 0)
-        arrays = [mx.array(np.array([msg.kind, len(blob), rows, width], np.int32))]
-        if blob:
-            arrays.append(mx.array(np.frombuffer(blob, np.uint8)))
+        parts = [np.frombuffer(blob, np.uint8)]
         if msg.hidden is not None:
-            arrays.append(mx.array(np.ascontiguousarray(msg.hidden, np.float32)))
+            parts.append(np.ascontiguousarray(msg.hidden, np.float32).reshape(-1).view(np.uint8))
+        payload = np.concatenate(parts)
         with self._guard("was sent a message", dst):
-            for a in arrays:
-                mx.eval(mx.distributed.send(a, dst, group=self.group, stream=mx.cpu))
+            mx.eval(mx.distributed.send(
+                mx.array(np.array([msg.kind, len(blob), rows, width], np.int32)), dst,
+                group=self.group, stream=mx.cpu))
+            if len(payload):
+                mx.eval(mx.distributed.send(mx.array(payload), dst, group=self.group,
+                                            stream=mx.cpu))
 
     def recv(self, src: int, watch: bool = True) -> Message:
         """watch=False: no timeout (a stage waiting for the next pass may wait for ever)."""
@@ -205,9 +210,11 @@ class Link:
         with self._guard("was to send a message", src, watch):
             head = self._recv((_HEADER,), mx.int32, src)
         kind, nbytes, rows, width = (int(v) for v in head)
+        size = nbytes + 4 * rows * width
         with self._guard("was to send a message", src):
-            meta = json.loads(bytes(self._recv((nbytes,), mx.uint8, src))) if nbytes else {}
-            hidden = self._recv((rows, width), mx.float32, src) if rows else None
+            payload = self._recv((size,), mx.uint8, src) if size else np.zeros(0, np.uint8)
+        meta = json.loads(payload[:nbytes].tobytes()) if nbytes else {}
+        hidden = payload[nbytes:].view(np.float32).reshape(rows, width) if rows else None
         return Message(kind, meta, hidden)
 
     def _recv(self, shape: tuple[int, ...], dtype: Any, src: int) -> np.ndarray:
