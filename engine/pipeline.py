@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import sys
 import threading
 import weakref
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 PASS, IDLE, STOP, RESULT = 1, 2, 3, 4
 DEFAULT_TIMEOUT_S = 600.0  # the longest a rank waits inside a pass for a peer
 _HEADER = 4  # int32: kind, JSON bytes, rows, width
+_WATCHDOG = ("import os, sys, time; time.sleep(float(sys.argv[2])); "
+             "print('stream-run: ' + sys.argv[3], file=sys.stderr, flush=True); "
+             "os.kill(int(sys.argv[1]), 9)")
 
 
 class PipelineError(RuntimeError):
@@ -406,16 +410,17 @@ def init_group(timeout_s: float) -> Any:
 
     if not mx.distributed.is_available():
         raise PipelineError("--pipeline: this MLX build has no distributed backend")
-    timer = threading.Timer(timeout_s, _die, (
-        f"pipeline rank {os.environ.get('MLX_RANK', '?')}: could not reach the other ranks "
-        f"within {timeout_s:g} s (hint: the hostfile's addresses and ports)",))
-    timer.daemon = True
-    timer.start()
+    message = (f"pipeline rank {os.environ.get('MLX_RANK', '?')}: could not reach the other "
+               f"ranks within {timeout_s:g} s (hint: the hostfile's addresses and ports)")
+    # the ring's connect holds the GIL while it retries: a thread could not fire in time
+    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()),
+                                 str(timeout_s), message], stdin=subprocess.DEVNULL)
     try:
         group = mx.distributed.init(strict=True, backend="ring")
     except RuntimeError as exc:
         raise PipelineError(f"pipeline rank {os.environ.get('MLX_RANK', '?')}: could not "
                             f"join the ring ({exc})") from None
     finally:
-        timer.cancel()
+        watchdog.kill()
+        watchdog.wait()
     return group

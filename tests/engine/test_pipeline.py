@@ -160,7 +160,7 @@ def test_unreachable_rank_times_out(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "stream_run.cli.run", str(tmp_path),
                            "--pipeline", "2", "--pipeline-timeout", "3", "-m", "2"],
                           env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1
+    assert proc.returncode != 0
     assert "pipeline rank 1: could not reach the other ranks within 3 s" in proc.stderr
 
 
