@@ -8,6 +8,7 @@ line naming itself and exits (no hang)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -106,17 +107,25 @@ def launch(args: argparse.Namespace, module: str, argv: list[str]) -> int:
         cmd += ["--env", f"PYTHONPATH={os.environ['PYTHONPATH']}"]
     cmd += ["--", sys.executable, "-m", module, *argv]
     failed = False
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
-    try:
-        assert proc.stderr is not None
-        for line in proc.stderr:  # mlx.launch exits 0 whatever its ranks did: its warnings
-            failed = failed or any(w in line for w in FAILED_WARNINGS)
-            sys.stderr.buffer.write(line)
-            sys.stderr.flush()
-        proc.wait()
-    except KeyboardInterrupt:
-        proc.wait()
-        return 130
+    got: list[int] = []
+    # its own session: Ctrl-C or SIGTERM here stops mlx.launch and the local ranks together
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, start_new_session=True)
+
+    def stop(signum: int, frame: Any) -> None:
+        got.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    assert proc.stderr is not None
+    for line in proc.stderr:  # mlx.launch exits 0 whatever its ranks did: its warnings
+        failed = failed or any(w in line for w in FAILED_WARNINGS)
+        sys.stderr.buffer.write(line)
+        sys.stderr.flush()
+    proc.wait()
+    if got:
+        return 128 + got[0]
     return proc.returncode or (1 if failed else 0)
 
 
