@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import subprocess
 import sys
 import threading
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import psutil
 
 from stream_run.engine.engine import Engine
 from stream_run.engine.runner import PassRunner
@@ -170,6 +172,7 @@ class Link:
         self.size = group.size()
         self.timeout_s = timeout_s
         self.on_lost: Callable[[str], None] = _die  # prints the line and ends the process
+        self._fds: list[int] | None = None  # the ring's sockets (ring_fds), found on first use
         self.next = (self.rank + 1) % self.size
         self.prev = (self.rank - 1) % self.size
 
@@ -211,6 +214,7 @@ class Link:
     def recv(self, src: int, watch: bool = True) -> Message:
         """watch=False: no timeout (a stage waiting for the next pass may wait for ever)."""
         mx = self.mx
+        self._wait_readable(src, self.timeout_s if watch else None)
         with self._guard("was to send a message", src, watch):
             head = self._recv((_HEADER,), mx.int32, src)
         kind, nbytes, rows, width = (int(v) for v in head)
@@ -221,11 +225,38 @@ class Link:
         hidden = payload[nbytes:].view(np.float32).reshape(rows, width) if rows else None
         return Message(kind, meta, hidden)
 
+    def _wait_readable(self, src: int, timeout_s: float | None) -> None:
+        """Sleep in select() until a ring socket has bytes: the ring backend's receive polls
+        while it waits, taking a core's share that the rank computing meanwhile needs (on a
+        2-core machine a pass took twice as long). Nothing to wait on (another backend, sockets
+        not found): the receive waits as it does."""
+        if self._fds is None:
+            self._fds = ring_fds()
+        if not self._fds:
+            return
+        ready, _, _ = select.select(self._fds, [], [], timeout_s)
+        if not ready:
+            self.on_lost(f"pipeline rank {self.rank}: no answer from rank {src} within "
+                         f"{timeout_s:g} s; stopping (hint: --pipeline-timeout)")
+
     def _recv(self, shape: tuple[int, ...], dtype: Any, src: int) -> np.ndarray:
         mx = self.mx
         a = mx.distributed.recv(shape, dtype, src, group=self.group, stream=mx.cpu)
         mx.eval(a)
         return np.array(a)
+
+
+def ring_fds() -> list[int]:
+    """File descriptors of this process's ring connections: TCP sockets established to or
+    from a port of MLX_HOSTFILE (the ring backend's hostfile); [] when there is none."""
+    try:
+        with open(os.environ["MLX_HOSTFILE"]) as f:
+            ports = {int(a.rsplit(":", 1)[1]) for node in json.load(f) for a in node}
+        conns = psutil.Process().net_connections("tcp")
+    except (KeyError, OSError, ValueError, TypeError, psutil.Error):
+        return []
+    return [c.fd for c in conns if c.status == psutil.CONN_ESTABLISHED and c.fd >= 0
+            and (c.laddr.port in ports or (c.raddr and c.raddr.port in ports))]
 
 
 def _die(message: str) -> None:
