@@ -191,3 +191,45 @@ def test_bad_pipeline_flags(tmp_path, flags, message):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def _serve(model: str, port: int, *flags: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "stream_run.cli.serve", model, "--port",
+                             str(port), *flags], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _complete(proc: subprocess.Popen, port: int) -> dict:
+    import urllib.request
+
+    assert proc.stderr is not None
+    for line in proc.stderr:  # "stream-serve: ready (...)" once the model is open
+        if "ready" in line:
+            break
+    body = json.dumps({"model": "m", "prompt": "the quick brown", "max_tokens": 8,
+                       "temperature": 0}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                 {"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return json.loads(r.read())
+
+
+def test_serve_pipeline_same_answer_and_stops(tmp_path):
+    model = tmp_path / "m"
+    write_tiny_model(model, "llama", n_layers=4)
+    answers = []
+    for flags in ((), ("--pipeline", "2")):
+        port = _free_ports(1)
+        proc = _serve(str(model), port, *flags)
+        try:
+            answers.append(_complete(proc, port)["choices"][0]["text"])
+            launcher = psutil.Process(proc.pid)
+            family = [launcher, *launcher.children(recursive=True)]
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+            psutil.wait_procs(family, timeout=30)  # the ranks end with the launcher
+            assert not [p for p in family if p.is_running() and p.status() != "zombie"]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert answers[0] == answers[1] and answers[0]
