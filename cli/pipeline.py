@@ -92,8 +92,70 @@ def split_counts(args: argparse.Namespace) -> list[int] | None:
 
 
 def launch(args: argparse.Namespace, module: str, argv: list[str]) -> int:
-    """Run `python -m module argv` as the pipeline's ranks under mlx.launch; its exit status.
-    mlx.launch ends every rank when one exits with an error."""
+    """Run `python -m module argv` as the pipeline's ranks; their exit status. --hostfile:
+    under mlx.launch (ssh to each host). --pipeline N alone: N local ranks started here
+    (launch_local), as mlx.launch would start them, without its output-forwarding loop, which
+    spins a core (select on its ranks' always-writable stdin) that the ranks need."""
+    if args.hostfile is None:
+        return launch_local(args.pipeline, [sys.executable, "-m", module, *argv])
+    return launch_mlx(args, module, argv)
+
+
+def launch_local(ranks: int, command: list[str], poll_s: float = 0.2) -> int:
+    """Start `command` as ranks 0..ranks-1 on 127.0.0.1 (MLX_RANK, and MLX_HOSTFILE naming a
+    ring of free ports); when one exits with an error, SIGTERM the others (each prints its
+    line); Ctrl-C or SIGTERM here stops them all. Returns 0, or the first failure's status."""
+    import subprocess
+    import tempfile
+    import time
+
+    port = _free_ports(ranks)
+    fd, hostfile = tempfile.mkstemp(prefix="stream-run-ring-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump([[f"127.0.0.1:{port + i}"] for i in range(ranks)], f)
+    got: list[int] = []
+    procs: list[subprocess.Popen] = []
+
+    def stop_all(signum: int = signal.SIGTERM, frame: Any = None) -> None:
+        if frame is not None or signum != signal.SIGTERM:
+            got.append(signum)
+        for p in procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.send_signal(signal.SIGTERM)
+
+    previous = {sig: signal.signal(sig, stop_all) for sig in (signal.SIGINT, signal.SIGTERM)}
+    status = 0
+    try:
+        for rank in range(ranks):
+            env = {**os.environ, RANK_ENV: "1", "MLX_RANK": str(rank),
+                   "MLX_HOSTFILE": hostfile}
+            procs.append(subprocess.Popen(command, env=env,
+                                          stdin=None if rank == 0 else subprocess.DEVNULL))
+        while any(p.poll() is None for p in procs):
+            failed = [(r, p.returncode) for r, p in enumerate(procs)
+                      if p.returncode not in (None, 0)]
+            if failed and not status:
+                rank, rc = failed[0]
+                status = 1
+                print(f"stream-run: pipeline rank {rank} exited with status {rc}; stopping "
+                      "the others", file=sys.stderr, flush=True)
+                stop_all()
+            time.sleep(poll_s)
+        status = status or next((1 for p in procs if p.returncode != 0), 0)
+    finally:
+        stop_all()
+        for p in procs:
+            p.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        os.unlink(hostfile)
+    return 128 + got[0] if got else status
+
+
+def launch_mlx(args: argparse.Namespace, module: str, argv: list[str]) -> int:
+    """The ranks under mlx.launch (ring backend, --hostfile); mlx.launch ends every rank when
+    one exits with an error."""
     import subprocess
 
     cmd = [sys.executable, "-c", LAUNCH, "--backend", "ring"]
@@ -193,3 +255,16 @@ async def serve_rank(engine: Any) -> int:
     finally:
         engine.close()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m stream_run.cli.pipeline N COMMAND...: COMMAND as N local ranks (launch_local)."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2 or not args[0].isdigit():
+        print("usage: python -m stream_run.cli.pipeline N COMMAND...", file=sys.stderr)
+        return 2
+    return launch_local(int(args[0]), args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -222,7 +222,8 @@ class Link:
         with self._guard("was to send a message", src):
             payload = self._recv((size,), mx.uint8, src) if size else np.zeros(0, np.uint8)
         meta = json.loads(payload[:nbytes].tobytes()) if nbytes else {}
-        hidden = payload[nbytes:].view(np.float32).reshape(rows, width) if rows else None
+        hidden = (np.frombuffer(payload[nbytes:].tobytes(), np.float32).reshape(rows, width)
+                  if rows else None)  # a copy: the JSON before it leaves the view unaligned
         return Message(kind, meta, hidden)
 
     def _wait_readable(self, src: int, timeout_s: float | None) -> None:
