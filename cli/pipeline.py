@@ -132,17 +132,20 @@ def launch_local(ranks: int, command: list[str], poll_s: float = 0.2) -> int:
                    "MLX_HOSTFILE": hostfile}
             procs.append(subprocess.Popen(command, env=env,
                                           stdin=None if rank == 0 else subprocess.DEVNULL))
-        while any(p.poll() is None for p in procs):
+        while not status:
+            running = [p.poll() is None for p in procs]
             failed = [(r, p.returncode) for r, p in enumerate(procs)
                       if p.returncode not in (None, 0)]
-            if failed and not status:
+            if failed:
                 rank, rc = failed[0]
                 status = 1
-                print(f"stream-run: pipeline rank {rank} exited with status {rc}; stopping "
-                      "the others", file=sys.stderr, flush=True)
+                print(f"stream-run: pipeline rank {rank} exited with status {rc}"
+                      + ("; stopping the others" if any(running) else ""), file=sys.stderr,
+                      flush=True)
                 stop_all()
+            elif not any(running):
+                break
             time.sleep(poll_s)
-        status = status or next((1 for p in procs if p.returncode != 0), 0)
     finally:
         stop_all()
         for p in procs:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 
 from stream_run.cli.pipeline import on_sigterm
@@ -18,6 +19,12 @@ from stream_run.engine.pipeline import Link, PipelineEngine, init_group
 from stream_run.engine.stats import peak_rss_bytes
 
 PROMPT = [5, 17, 42, 99, 7, 3, 64, 11]
+
+
+def _line(text: str) -> None:
+    """One write of one line: the ranks share the pipe."""
+    sys.stdout.flush()
+    os.write(1, (text + "\n").encode())
 
 
 async def main() -> None:
@@ -33,7 +40,7 @@ async def main() -> None:
         while True:
             outs = await asyncio.gather(engine.complete(PROMPT, params),
                                         engine.complete(PROMPT[:5], params))
-            print("RESULT " + json.dumps([o.token_ids for o in outs]), flush=True)
+            _line("RESULT " + json.dumps([o.token_ids for o in outs]))
             if not forever:
                 break
         kv = engine.runner.kv_bytes(len(PROMPT) + int(n)) * 2
@@ -44,10 +51,10 @@ async def main() -> None:
         engine.close()
     stage = engine.stage
     share = (stage.stop - stage.start) / engine.spec.num_hidden_layers
-    print("MEMORY " + json.dumps({
+    _line("MEMORY " + json.dumps({
         "rank": stage.rank, "layers": [stage.start, stage.stop], "peak": peak_rss_bytes(),
         "baseline": engine.runner.baseline_rss_bytes, "budget": engine.config.memory_budget_bytes,
-        "kv": int(kv * share) if stage.rank else kv}), flush=True)
+        "kv": int(kv * share) if stage.rank else kv}))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,7 +35,12 @@ def launch(ranks: int, *args: str, timeout: float = 240) -> subprocess.Completed
                           timeout=timeout)
 
 
-def _launch_cmd(ranks: int, *command: str) -> list[str]:
+def _launch_cmd(ranks: int, *command: str, mlx_launch: bool = False) -> list[str]:
+    """The ranks started as stream-run --pipeline N starts them (cli.pipeline.launch_local),
+    or under mlx.launch (what --hostfile uses)."""
+    if not mlx_launch:
+        return [sys.executable, "-m", "stream_run.cli.pipeline", str(ranks), sys.executable,
+                *command]
     return [sys.executable, "-c", LAUNCH, "--backend", "ring", "-n", str(ranks),
             "--starting-port", str(_free_ports(ranks)), "--env", f"{RANK_ENV}=1", "--",
             sys.executable, *command]
@@ -117,12 +123,13 @@ def test_ranks_match_one_process_smollm2(smollm2_gguf, ranks, budget, split):
     assert all(m["budget"] == budget for m in mem)
 
 
-def test_killed_rank_ends_the_run(tmp_path):
+@pytest.mark.parametrize("mlx_launch", [False, True])
+def test_killed_rank_ends_the_run(tmp_path, mlx_launch):
     """SIGKILL rank 1 of 3 mid-generation: ranks 0 and 2 each print one line naming
-    themselves, and the run ends (mlx.launch, the ring's lost socket) well within a minute."""
+    themselves, and the run ends (the launcher, the ring's lost socket) well within a minute."""
     write_tiny_model(tmp_path, "llama", n_layers=6)
     proc = subprocess.Popen(_launch_cmd(3, HELPER, str(tmp_path), "30", "none", "none",
-                                        "forever"),
+                                        "forever", mlx_launch=mlx_launch),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         victim = _rank_process(proc.pid, 1)
@@ -133,6 +140,10 @@ def test_killed_rank_ends_the_run(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+    if not mlx_launch:  # mlx.launch exits 0 whatever its ranks did
+        assert proc.returncode == 1
+        assert re.search(r"stream-run: pipeline rank \d exited with status -?\d+", err), \
+            err[-2000:]
     for rank in (0, 2):
         assert f"stream-run: pipeline rank {rank}:" in err, err[-2000:]
 
