@@ -1,8 +1,9 @@
-"""--pipeline N / --hostfile F: the command starts its ranks with mlx.launch (ring backend), and
-each rank opens its stage of the model (engine/pipeline.py). Rank 0 does what one process
-does; ranks past 0 serve passes until rank 0 closes, then print one line of their own memory.
+"""--pipeline N / --hostfile F: the command starts its ranks (N local ones itself; one per host
+of F with mlx.launch), and each rank opens its stage of the model (engine/pipeline.py). Rank 0
+does what one process does; ranks past 0 serve passes until rank 0 closes, then print one line
+of their own memory.
 
-A rank that loses a peer, or that mlx.launch stops because another rank failed, prints one
+A rank that loses a peer, or that the launcher stops because another rank failed, prints one
 line naming itself and exits (no hang)."""
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ LAUNCH = "import sys; from mlx._distributed_utils.launch import main; sys.exit(m
 
 def add_pipeline_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline", type=int, default=None, metavar="N",
-                   help="split the model's layers over N ranks on this machine (mlx.launch, "
+                   help="split the model's layers over N ranks on this machine (mx.distributed "
                    "ring backend on 127.0.0.1); each streams its layers under its own "
                    "--memory-budget; hidden states pass rank to rank")
     p.add_argument("--hostfile", default=None, metavar="FILE",
