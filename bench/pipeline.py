@@ -1,6 +1,6 @@
 """Pipeline overhead on this machine (issue 21): decode s/token of one stream, and aggregate
 tok/s of several concurrent streams (one batched pass per token), for one process at a budget
-against N ranks (stream-run --pipeline's stages, mlx.launch on 127.0.0.1) at budget / N each.
+against N ranks (stream-run --pipeline's stages on 127.0.0.1) at budget / N each.
 
     python -m stream_run.bench.pipeline MODEL --budget 80MB --tokens 24 --streams 4 --ranks 2
 
