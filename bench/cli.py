@@ -117,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--probe-width", type=int, default=None,
                    help="hidden size of the compute probe (2048; 1024 with --quick)")
     j.add_argument("--scratch", default=None, help="where the probe model is written (tmp)")
+    j.add_argument("--hosts", default="1", help="pipeline hosts, e.g. 4 or 4,8 (stream-run "
+                   "--pipeline: each host its own disk and budget; default 1: no pipeline)")
+    j.add_argument("--link-gbps", type=float, default=10.0,
+                   help="the hosts' link, Gb/s (with --hosts; default 10)")
+    j.add_argument("--link-latency-ms", type=float, default=1.0,
+                   help="per hop (with --hosts; default 1)")
+    j.add_argument("--streams", type=int, default=4,
+                   help="concurrent streams for the aggregate throughput (with --hosts)")
     _outputs(j)
 
     s = sub.add_parser("synth", help="write a synthetic model (HF or GGUF) with random weights")
@@ -429,6 +437,46 @@ def _project_inputs(args: argparse.Namespace, layout, dims) -> tuple:
         return rates, [p.to_dict() for p in run.points], source
 
 
+def _pipeline_report(args: argparse.Namespace, layout, dims, hosts: list[int], budgets,
+                     depth: int, rates, points) -> None:
+    """--hosts: the projection over a pipeline of hosts (bench/pipeline_project.py)."""
+    from stream_run.bench import pipeline_project as pp
+    from stream_run.bench.report import seconds
+
+    if args.link_gbps <= 0 or args.link_latency_ms < 0 or args.streams < 1:
+        raise ValueError("--link-gbps must be > 0, --link-latency-ms >= 0, --streams >= 1")
+    hidden = dims[0] if dims else layout_hidden(args)
+    print(f"\npipeline over hosts (budget per host; prefetch depth {depth}):")
+    head = ["hosts", "budget/host", "layers/host", "stage read", "stage compute",
+            "s/token (1 stream)", "tok/s (1 stream)", f"tok/s ({args.streams} streams, "
+            "one pass)", f"tok/s ({args.streams}, micro-batched, bound)"]
+    rows = []
+    for n in (h for h in hosts if h > 1):
+        for b in budgets:
+            p = pp.predict_pipeline(layout, hidden, n, args.link_gbps,
+                                    args.link_latency_ms / 1e3, b.nbytes, depth,
+                                    args.io_workers, rates, points, args.streams)
+            rows.append([str(n), "unlimited" if b.nbytes is None else format_size(b.nbytes),
+                         ",".join(map(str, p.layers_per_host)),
+                         seconds(max(p.stage_read_s)), seconds(max(p.stage_compute_s)),
+                         f"**{seconds(p.s_per_token)}**", f"{1 / p.s_per_token:.3g}",
+                         f"{p.batched_tok_s:.3g}", f"{p.microbatch_tok_s:.3g}"])
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    print("\npipeline assumptions:")
+    for line in pp.assumptions(max(hosts), args.link_gbps, args.link_latency_ms / 1e3):
+        print(f"- {line}")
+
+
+def layout_hidden(args: argparse.Namespace) -> int:
+    """The hidden size of --model (a pipeline hop's row width)."""
+    from stream_run.models import open_model
+
+    return open_model(args.model).index.spec.hidden_size
+
+
 def project_cmd(args: argparse.Namespace) -> int:
     from stream_run.bench import project
     from stream_run.bench.env import run_metadata
@@ -455,6 +503,9 @@ def project_cmd(args: argparse.Namespace) -> int:
     print("\nassumptions:")
     for line in project.assumptions(rates, disk_source):
         print(f"- {line}")
+    hosts = parse_ints(args.hosts, "--hosts", 1, 4096)
+    if any(h > 1 for h in hosts):
+        _pipeline_report(args, layout, dims, hosts, budgets, depths[0], rates, points)
     if args.plot:
         lo = project.min_budget(layout)
         grid = [int(lo + (layout.compute_bytes - lo) * i / 40) for i in range(41)]

@@ -79,6 +79,8 @@ class Layout:
 
     def steps(self) -> list[tuple[str, ...]]:
         blocks = [(u.key,) for u in self.units if u.key not in (EMBED, HEAD)]
+        if not any(u.key == EMBED for u in self.units):  # a pipeline stage past rank 0
+            return blocks
         return [(EMBED,), *blocks, (HEAD, EMBED) if self.tied else (HEAD,)]
 
 

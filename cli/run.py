@@ -7,6 +7,7 @@ import dataclasses
 import os
 import sys
 
+from stream_run.cli import pipeline
 from stream_run.cli.common import (
     OneLineParser,
     UsageError,
@@ -23,6 +24,8 @@ from stream_run.engine.config import EngineConfig, format_size
 from stream_run.engine.engine import Engine, GenerationParams
 from stream_run.engine.sampling import SamplingParams
 from stream_run.kernels import available_backends, jit_cache
+
+add_pipeline_flags = pipeline.add_pipeline_flags
 
 CHAT_TEMPLATE_TOKENS = 256  # what a chat template may add around the messages, at most
 
@@ -55,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "model or --kv-bits)")
     add_speculative_flags(p)
     add_engine_flags(p)
+    add_pipeline_flags(p)
     return p
 
 
@@ -104,6 +108,13 @@ async def run(args: argparse.Namespace) -> int:
     if args.list_models:
         return list_models()
     config, params = make_config(args)
+    if pipeline.wanted(args):
+        pipeline.check_flags(args)
+        if not pipeline.in_rank():  # start the ranks; each runs this command as a rank
+            argv = list(args.argv)
+            if args.prompt == "-":  # mlx.launch never ends the ranks' stdin: read it here
+                argv += ["--prompt", sys.stdin.read()]
+            return pipeline.launch(args, "stream_run.cli.run", argv)
     model = args.model or default_model()
     if model is None:
         raise UsageError(
@@ -121,7 +132,12 @@ async def run(args: argparse.Namespace) -> int:
         # kernels load when the engine opens, before any weight is read)
         print("stream-run: first run of these kernels on this machine: compiling them (about "
               "20-40 s, once; cached for later runs)", file=sys.stderr, flush=True)
-    engine = await Engine.open(model, config)
+    if pipeline.in_rank():
+        engine = await pipeline.open_rank(args, model, config)
+        if engine.link.rank != 0:
+            return await pipeline.serve_rank(engine)
+    else:
+        engine = await Engine.open(model, config)
     if engine.runner.budget_choice is not None:
         print(f"stream-run: memory budget auto: {engine.runner.budget_choice.describe()}",
               file=sys.stderr, flush=True)
@@ -192,7 +208,9 @@ def list_models() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main("stream-run", run, build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv  # what --pipeline's ranks run
+    return run_main("stream-run", run, args)
 
 
 

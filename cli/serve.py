@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 
+from stream_run.cli import pipeline
 from stream_run.cli.common import (
     OneLineParser,
     UsageError,
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the disk's read rate in GB/s (what `stream-bench disk` measured); the "
                    "page at / shows the disk rate against it")
     add_engine_flags(p)
+    pipeline.add_pipeline_flags(p)
     return p
 
 
@@ -108,12 +110,19 @@ async def serve(args: argparse.Namespace) -> int:
     130/143 once in-flight requests are ended and the engine is closed; a second signal exits
     at once). A model that fails to load stops the server with its error."""
     model, server, config = configs(args)
+    if pipeline.wanted(args):
+        pipeline.check_flags(args)
+        if not pipeline.in_rank():  # start the ranks; rank 0 serves HTTP, the rest passes
+            return pipeline.launch(args, "stream_run.cli.serve", list(args.argv))
+        if os.environ["MLX_RANK"] != "0":
+            return await pipeline.serve_rank(await pipeline.open_rank(args, model, config))
     stop = asyncio.Event()
     signals: list[int] = []
 
     async def open_engine() -> Engine:
         try:
-            engine = await Engine.open(model, config)
+            engine = await (pipeline.open_rank(args, model, config) if pipeline.in_rank()
+                            else Engine.open(model, config))
         except Exception:
             stop.set()
             raise
@@ -156,7 +165,9 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_main("stream-serve", serve, build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv  # what --pipeline's ranks run
+    return run_main("stream-serve", serve, args)
 
 
 if __name__ == "__main__":

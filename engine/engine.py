@@ -44,6 +44,8 @@ class Engine:
     """A loaded model. Use `async with await Engine.open(path) as engine`, then `generate` or
     `complete`. Concurrent generations are decoded together (engine.batching)."""
 
+    runner_class = PassRunner  # engine.pipeline's stages run passes with their own
+
     def __init__(self, source: ModelSource, config: EngineConfig) -> None:
         self.source = source
         self.config = config
@@ -56,12 +58,14 @@ class Engine:
         self.cache = WeightCache(config.cache)
         self.reader = UnitReader(source.index, config.loader)
         self.units = BackendUnitLoader(source.index, self.reader, self.backend)
+        self.model = self.stage_model(self.model)
         init = self.backend.init_compute_thread \
             if isinstance(self.backend, ComputeThreadInit) else None
         self.scheduler = LayerScheduler(self.cache, self.units, config.scheduler, init,
                                         self.backend.start)
-        self.runner = PassRunner(self.model, self.scheduler, self.units, config.prefill_chunk,
-                                 config.prefill_memory_bytes, config.kv_bits)
+        self.runner = self.runner_class(self.model, self.scheduler, self.units,
+                                        config.prefill_chunk, config.prefill_memory_bytes,
+                                        config.kv_bits)
         self._lock = asyncio.Lock()  # one pass at a time: the batcher, logits()
         self.batcher = Batcher(self.runner, self._lock, self.tokenizer, config.max_batch,
                                config.max_queue, config.prefill_chunk)
@@ -96,6 +100,10 @@ class Engine:
                 f"target's ({len(ours)} tokens); a draft model must share the target's "
                 "tokenizer")
         return draft
+
+    def stage_model(self, model: Any) -> Any:
+        """The model this engine's passes run (a pipeline stage: its part of it)."""
+        return model
 
     @classmethod
     async def open(cls, model: str, config: EngineConfig | None = None, *,

@@ -1,0 +1,90 @@
+"""Pipeline overhead on this machine (issue 21): decode s/token of one stream, and aggregate
+tok/s of several concurrent streams (one batched pass per token), for one process at a budget
+against N ranks (stream-run --pipeline's stages on 127.0.0.1) at budget / N each.
+
+    python -m stream_run.bench.pipeline MODEL --budget 80MB --tokens 24 --streams 4 --ranks 2
+
+prints one line per configuration, and the machine's load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+
+from stream_run.cli import pipeline as cli_pipeline
+from stream_run.engine.config import EngineConfig, parse_size
+
+PROMPT = [1, 504, 3158, 282, 4649, 30, 2]  # any ids: the same for every configuration
+
+
+async def _decode(engine, tokens: int, streams: int, repeats: int) -> tuple[float, float]:
+    """(best decode s/token of one stream, best aggregate tok/s of `streams` streams)."""
+    params = engine.make_params(max_tokens=tokens, ignore_eos=True)
+    await engine.complete(PROMPT, params.replace(max_tokens=2))  # warm-up
+    one, many = float("inf"), 0.0
+    for _ in range(repeats):
+        c = await engine.complete(PROMPT, params)
+        one = min(one, 1 / c.stats.generation_tps)
+        t0 = time.perf_counter()
+        outs = await asyncio.gather(*(engine.complete(PROMPT[:3 + i], params)
+                                      for i in range(streams)))
+        wall = time.perf_counter() - t0
+        many = max(many, sum(len(o.token_ids) for o in outs) / wall)
+    return one, many
+
+
+async def _run(args: argparse.Namespace) -> None:
+    from stream_run.engine.engine import Engine
+    from stream_run.engine.pipeline import Link, PipelineEngine, init_group
+
+    budget = parse_size(args.budget)
+    if cli_pipeline.in_rank():
+        group = init_group(60)
+        cli_pipeline.on_sigterm(group.rank())
+        n = group.size()
+        engine = await PipelineEngine.open_stage(args.model, EngineConfig(
+            memory_budget_bytes=budget // n), Link(group, 600))
+        if group.rank() != 0:
+            await engine.serve()
+            engine.close()
+            return
+        what = f"{n} ranks, {args.budget} / {n} each, layers per rank " \
+               f"{[b - a for a, b in engine.stage_ranges]}"
+    else:
+        engine = await Engine.open(args.model, EngineConfig(memory_budget_bytes=budget))
+        what = f"1 process, {args.budget}"
+    try:
+        one, many = await _decode(engine, args.tokens, args.streams, args.repeats)
+    finally:
+        engine.close()
+    print(f"{what}: one stream {one:.4f} s/token; {args.streams} streams {many:.2f} tok/s "
+          "aggregate", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="stream-bench pipeline", description=__doc__)
+    p.add_argument("model")
+    p.add_argument("--budget", required=True, help="the total budget (each rank: / ranks)")
+    p.add_argument("--tokens", type=int, default=24)
+    p.add_argument("--streams", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--ranks", type=int, default=2)
+    args = p.parse_args(argv)
+    if cli_pipeline.in_rank():
+        asyncio.run(_run(args))
+        return 0
+    print(f"load average before: {os.getloadavg()}", flush=True)
+    asyncio.run(_run(args))
+    launch = argparse.Namespace(pipeline=args.ranks, hostfile=None)
+    rc = cli_pipeline.launch(launch, "stream_run.bench.pipeline", list(sys.argv[1:]
+                                                                        if argv is None else argv))
+    print(f"load average after: {os.getloadavg()}", flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,458 @@
+"""Pipeline stages over mx.distributed: each rank streams its own contiguous range of layers.
+
+Rank 0 is a whole Engine (tokenizer, batcher, sampling, the embedding and the head); ranks
+1..N-1 run only their blocks. A pass on rank 0 runs the embedding and its own blocks, then
+one call with no units that sends the hidden state to rank 1 and waits for it to come back
+from rank N-1 (the last block's output), then the head. The head lives on rank 0 in every
+case: tied to the embedding it must, and untied the hidden rows that come back are smaller
+than the logits would be (E against V per row). Each rank streams its units under its own
+memory budget, with the same scheduler, cache and policy as one process.
+
+The messages travel the ring 0 -> 1 -> ... -> N-1 -> 0 (the ring backend's send/recv reach
+neighbours only). One message is two sends: a fixed int32 header (kind, JSON length, rows,
+width), then one byte array: the JSON (what the pass is: each sequence's id, offset, ids, span
+end and cache length, and the sequences rank 0 has dropped) and the hidden state (rows, width)
+float32. A numpy backend
+converts at the boundary (mx.array <-> numpy). Every link operation runs on the scheduler's
+compute thread (the one thread that touches MLX).
+
+Failure: a peer that closes its socket makes the ring backend raise; PipelineError carries a
+one-line message. A peer that stops answering is caught by a watchdog around every send and
+receive inside a pass (timeout_s): it prints the message and ends the process, since the
+blocked receive cannot be interrupted. mlx.launch ends the other ranks when one exits with an
+error (their SIGTERM handler prints one line too: cli/pipeline.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import subprocess
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import psutil
+
+from stream_run.engine.engine import Engine
+from stream_run.engine.runner import PassRunner
+from stream_run.loaders import EMBED, HEAD, ModelSource
+from stream_run.models.base import Batch, Call, LateUnits, SeqRows, Units
+
+log = logging.getLogger(__name__)
+
+PASS, IDLE, STOP, RESULT = 1, 2, 3, 4
+DEFAULT_TIMEOUT_S = 600.0  # the longest a rank waits inside a pass for a peer
+_HEADER = 4  # int32: kind, JSON bytes, rows, width
+_WATCHDOG = ("import os, sys, time; time.sleep(float(sys.argv[2])); "
+             "print('stream-run: ' + sys.argv[3], file=sys.stderr, flush=True); "
+             "os.kill(int(sys.argv[1]), 9)")
+
+
+class PipelineError(RuntimeError):
+    """The pipeline lost a rank (one line, naming the rank and the peer)."""
+
+
+def layer_of(key: str) -> int | None:
+    """The layer a unit key or call name belongs to ("layers.3", "layers.3.experts.5",
+    "layers.3.experts"); None for the embedding and the head."""
+    parts = key.split(".")
+    return int(parts[1]) if parts[0] == "layers" and len(parts) > 1 else None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What rank `rank` of `size` runs: layers [start, stop). Rank 0 also has embed and head."""
+
+    rank: int
+    size: int
+    start: int
+    stop: int
+
+    def owns(self, key: str) -> bool:
+        layer = layer_of(key)
+        return self.rank == 0 if layer is None else self.start <= layer < self.stop
+
+    @property
+    def describe(self) -> str:
+        extra = " + embedding and head" if self.rank == 0 else ""
+        layers = f"layers {self.start}..{self.stop - 1}" if self.stop > self.start \
+            else "no layers"
+        return f"rank {self.rank}/{self.size}: {layers}{extra}"
+
+
+def split_layers(sizes: Sequence[int], fixed: int, ranks: int,
+                 counts: Sequence[int] | None = None) -> list[tuple[int, int]]:
+    """Layer ranges [start, stop) per rank. counts: layers per rank as given (--pipeline-split);
+    else by bytes: rank 0 carries `fixed` (embedding and head) beside its blocks, and each
+    rank's boundary falls where the running total of bytes is nearest its even share. Every
+    rank past 0 gets at least one layer.
+
+    Raises:
+        ValueError: counts that do not sum to the layers, or a rank past 0 with none; more
+            ranks than layers + 1.
+    """
+    n = len(sizes)
+    if ranks < 2 or ranks - 1 > n:
+        raise ValueError(f"{ranks} pipeline ranks need 2..{n + 1} (the model has {n} layers)")
+    if counts is not None:
+        if len(counts) != ranks or sum(counts) != n or min(counts) < 0 \
+                or min(counts[1:]) < 1:
+            raise ValueError(f"--pipeline-split {','.join(map(str, counts))}: give {ranks} "
+                             f"layer counts summing to {n}, each rank past 0 at least 1")
+        bounds = np.cumsum([0, *counts]).tolist()
+        return [(bounds[r], bounds[r + 1]) for r in range(ranks)]
+    cum = np.cumsum([fixed, *sizes]).astype(np.float64)  # cum[i]: fixed + layers before i
+    total = cum[-1]
+    bounds = [0]
+    for r in range(1, ranks):
+        target = total * r / ranks
+        b = int(np.argmin(np.abs(cum - target)))
+        lo, hi = bounds[-1] + (1 if r > 1 else 0), n - (ranks - r)
+        bounds.append(min(max(b, lo), hi))
+    bounds.append(n)
+    return [(bounds[r], bounds[r + 1]) for r in range(ranks)]
+
+
+class StageModel:
+    """A model seen by one stage: units() are the stage's units only (residency plan, minimum
+    budget); everything else is the whole model's."""
+
+    def __init__(self, inner: Any, stage: Stage) -> None:
+        self.inner = inner
+        self.stage = stage
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def units(self) -> list[Units | LateUnits]:
+        out: list[Units | LateUnits] = []
+        for u in self.inner.units():
+            keys = u.candidates if isinstance(u, LateUnits) else u
+            if keys and self.stage.owns(keys[0]):
+                out.append(u)
+        return out or [()]
+
+    def stage_calls(self, batch: Batch, tile_rows: int | None) -> tuple[list[Call], list[Call],
+                                                                         list[Call]]:
+        """The whole pass's calls cut in three: before the hand-off (rank 0: embed and its
+        blocks), this stage's blocks, after (rank 0: the head)."""
+        calls = self.inner.calls(batch, tile_rows)
+        head = [c for c in calls if c.name == "head"]
+        body = [c for c in calls if c.name not in ("embed", "head")
+                and self.stage.owns(c.name)]
+        if self.stage.rank == 0:
+            return [calls[0], *body], [], head
+        return [], body, []
+
+
+@dataclass
+class Message:
+    kind: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    hidden: np.ndarray | None = None
+
+
+class Link:
+    """Sends and receives Messages over an mx.distributed group (compute thread only)."""
+
+    def __init__(self, group: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        import mlx.core as mx
+
+        self.mx = mx
+        self.group = group
+        self.rank = group.rank()
+        self.size = group.size()
+        self.timeout_s = timeout_s
+        self.on_lost: Callable[[str], None] = _die  # prints the line and ends the process
+        self._fds: list[int] | None = None  # the ring's sockets (ring_fds), found on first use
+        self.next = (self.rank + 1) % self.size
+        self.prev = (self.rank - 1) % self.size
+
+    @contextmanager
+    def _guard(self, what: str, peer: int, watch: bool = True) -> Iterator[None]:
+        timer = None
+        if watch and self.timeout_s > 0:
+            timer = threading.Timer(self.timeout_s, self.on_lost, (
+                f"pipeline rank {self.rank}: no answer from rank {peer} within "
+                f"{self.timeout_s:g} s ({what}); stopping (hint: --pipeline-timeout)",))
+            timer.daemon = True
+            timer.start()
+        try:
+            yield
+        except RuntimeError as exc:  # the pipeline cannot go on without it: end at once
+            self.on_lost(f"pipeline rank {self.rank}: lost rank {peer} while it {what} "
+                         f"({exc}); stopping")
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def send(self, msg: Message, dst: int) -> None:
+        """Two sends: the header, then one byte array with the JSON and the hidden rows."""
+        mx = self.mx
+        blob = json.dumps(msg.meta).encode() if msg.meta else b""
+        rows, width = msg.hidden.shape if msg.hidden is not None else (0, 0)
+        parts = [np.frombuffer(blob, np.uint8)]
+        if msg.hidden is not None:
+            parts.append(np.ascontiguousarray(msg.hidden, np.float32).reshape(-1).view(np.uint8))
+        payload = np.concatenate(parts)
+        with self._guard("was sent a message", dst):
+            mx.eval(mx.distributed.send(
+                mx.array(np.array([msg.kind, len(blob), rows, width], np.int32)), dst,
+                group=self.group, stream=mx.cpu))
+            if len(payload):
+                mx.eval(mx.distributed.send(mx.array(payload), dst, group=self.group,
+                                            stream=mx.cpu))
+
+    def recv(self, src: int, watch: bool = True) -> Message:
+        """watch=False: no timeout (a stage waiting for the next pass may wait for ever)."""
+        mx = self.mx
+        self._wait_readable(src, self.timeout_s if watch else None)
+        with self._guard("was to send a message", src, watch):
+            head = self._recv((_HEADER,), mx.int32, src)
+        kind, nbytes, rows, width = (int(v) for v in head)
+        size = nbytes + 4 * rows * width
+        with self._guard("was to send a message", src):
+            payload = self._recv((size,), mx.uint8, src) if size else np.zeros(0, np.uint8)
+        meta = json.loads(payload[:nbytes].tobytes()) if nbytes else {}
+        hidden = (np.frombuffer(payload[nbytes:].tobytes(), np.float32).reshape(rows, width)
+                  if rows else None)  # a copy: the JSON before it leaves the view unaligned
+        return Message(kind, meta, hidden)
+
+    def _wait_readable(self, src: int, timeout_s: float | None) -> None:
+        """Sleep in select() until a ring socket has bytes: the ring backend's receive polls
+        while it waits, taking a core's share that the rank computing meanwhile needs (on a
+        2-core machine a pass took twice as long). Nothing to wait on (another backend, sockets
+        not found): the receive waits as it does."""
+        if self._fds is None:
+            self._fds = ring_fds()
+        if not self._fds:
+            return
+        ready, _, _ = select.select(self._fds, [], [], timeout_s)
+        if not ready:
+            self.on_lost(f"pipeline rank {self.rank}: no answer from rank {src} within "
+                         f"{timeout_s:g} s; stopping (hint: --pipeline-timeout)")
+
+    def _recv(self, shape: tuple[int, ...], dtype: Any, src: int) -> np.ndarray:
+        mx = self.mx
+        a = mx.distributed.recv(shape, dtype, src, group=self.group, stream=mx.cpu)
+        mx.eval(a)
+        return np.array(a)
+
+
+def ring_fds() -> list[int]:
+    """File descriptors of this process's ring connections: TCP sockets established to or
+    from a port of MLX_HOSTFILE (the ring backend's hostfile); [] when there is none."""
+    try:
+        with open(os.environ["MLX_HOSTFILE"]) as f:
+            ports = {int(a.rsplit(":", 1)[1]) for node in json.load(f) for a in node}
+        conns = psutil.Process().net_connections("tcp")
+    except (KeyError, OSError, ValueError, TypeError, psutil.Error):
+        return []
+    return [c.fd for c in conns if c.status == psutil.CONN_ESTABLISHED and c.fd >= 0
+            and (c.laddr.port in ports or (c.raddr and c.raddr.port in ports))]
+
+
+def _die(message: str) -> None:
+    print(f"stream-run: {message}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def _as_rows(ops: Any, h: Any) -> np.ndarray:
+    """A (1, T, E) hidden state as (T, E) float32 numpy."""
+    a = np.asarray(ops.to_numpy(h), dtype=np.float32)
+    return a.reshape(-1, a.shape[-1])
+
+
+class PipelineRunner(PassRunner):
+    """A PassRunner whose passes run one stage and hand the hidden state on (see module doc)."""
+
+    link: Link
+    stage: Stage
+
+    def attach(self, link: Link, stage: Stage) -> None:
+        self.link, self.stage = link, stage
+        self._more = False
+        self._sids: dict[int, int] = {}  # id(kv) -> sequence id (rank 0)
+        self._dropped: list[int] = []
+        self._next_sid = 0
+        self._hidden_in: np.ndarray | None = None
+        self._meta_in: dict[str, Any] = {}
+
+    async def run(self, batch: Batch, more: bool = False) -> tuple[np.ndarray, Any]:
+        self._more = more
+        return await super().run(batch, more)
+
+    def steps(self, batch: Batch) -> list[Any]:
+        before, body, after = self.model.stage_calls(batch, self.tile_rows)
+        if self.stage.rank == 0:
+            meta = self._pass_meta(batch)
+            hand = Call((), lambda x, _w: self._hand_off(meta, x), "pipeline")
+            return [*before, hand, *after]
+        recv = Call((), lambda _x, _w: self.model.ops.from_numpy(self._hidden_in[None]),
+                    "pipeline.in")
+        out = Call((), lambda x, _w: self._forward(x), "pipeline.out")
+        return [recv, *body, out]
+
+    def _sid(self, kv: Any) -> int:
+        sid = self._sids.get(id(kv))
+        if sid is None:
+            sid = self._sids[id(kv)] = self._next_sid
+            self._next_sid += 1
+            weakref.finalize(kv, self._forget, id(kv), sid)
+        return sid
+
+    def _forget(self, key: int, sid: int) -> None:
+        self._sids.pop(key, None)
+        self._dropped.append(sid)
+
+    def _pass_meta(self, batch: Batch) -> dict[str, Any]:
+        seqs = [[self._sid(s.kv), int(s.kv.offset), [int(t) for t in s.ids], s.span_end,
+                 int(s.kv.max_len)] for s in batch.seqs]
+        dropped, self._dropped = self._dropped, []
+        return {"seqs": seqs, "all_logits": batch.all_logits, "more": self._more,
+                "drop": dropped}
+
+    def _hand_off(self, meta: dict[str, Any], h: Any) -> Any:
+        """Rank 0: the hidden state to rank 1, and back from the last rank."""
+        link = self.link
+        link.send(Message(PASS, meta, _as_rows(self.model.ops, h)), link.next)
+        back = link.recv(link.prev)
+        if back.kind != RESULT or back.hidden is None:
+            raise PipelineError(f"pipeline rank 0: rank {link.prev} answered message kind "
+                                f"{back.kind}, not a pass's result")
+        return self.model.ops.from_numpy(back.hidden[None])
+
+    def _forward(self, h: Any) -> None:
+        link, rows = self.link, _as_rows(self.model.ops, h)
+        last = link.next == 0
+        link.send(Message(RESULT, {}, rows) if last else Message(PASS, self._meta_in, rows),
+                  link.next)
+
+    def send_control(self, kind: int) -> None:
+        """Rank 0: IDLE or STOP down the chain (compute thread)."""
+        self.link.send(Message(kind), self.link.next)
+
+
+class PipelineEngine(Engine):
+    """An Engine that runs one pipeline stage (rank 0: the whole API; other ranks: serve())."""
+
+    runner_class = PipelineRunner
+
+    def __init__(self, source: ModelSource, config: Any, link: Link,
+                 split: Sequence[int] | None = None) -> None:
+        if config.kv_cache_budget_bytes:
+            raise ValueError("--kv-cache-budget: the prefix cache is not supported with "
+                             "--pipeline (each rank holds its own layers' KV)")
+        self.link = link
+        self._split = split
+        super().__init__(source, config)
+        self.runner.attach(link, self.stage)
+        if link.rank == 0:
+            self.runner.idle = self._idle  # type: ignore[method-assign]
+        self._closed = False
+        self.served_bytes_read = 0  # ranks past 0: what their passes read
+        self.served_positions = 0  # and the longest sequence they held KV for
+
+    def stage_model(self, model: Any) -> Any:
+        spec = model.spec
+        index = self.source.index
+        sizes = [sum(self.units.prepared_nbytes(k) for k in index.units if layer_of(k) == i)
+                 for i in range(spec.num_hidden_layers)]
+        fixed = sum(self.units.prepared_nbytes(k) for k in index.units if k in (EMBED, HEAD))
+        ranges = split_layers(sizes, fixed, self.link.size, self._split)
+        start, stop = ranges[self.link.rank]
+        self.stage = Stage(self.link.rank, self.link.size, start, stop)
+        self.stage_ranges = ranges
+        return StageModel(model, self.stage)
+
+    async def _idle(self) -> None:
+        await PassRunner.idle(self.runner)
+        await self.scheduler.run_on_compute(self.runner.send_control, IDLE)
+
+    def close(self) -> None:
+        if self.link.rank == 0 and not self._closed:
+            self._closed = True
+            try:
+                self.scheduler.call_on_compute(self.runner.send_control, STOP)
+            except PipelineError as exc:
+                log.warning("%s", exc)
+        super().close()
+
+    @classmethod
+    async def open_stage(cls, model: str, config: Any, link: Link,
+                         split: Sequence[int] | None = None) -> PipelineEngine:
+        import asyncio
+
+        from stream_run.models import open_model
+
+        return await asyncio.to_thread(lambda: cls(open_model(model), config, link, split))
+
+    async def serve(self, on_stop: Callable[[], None] | None = None) -> None:
+        """Ranks past 0: run passes as they come until rank 0 says STOP."""
+        assert self.link.rank != 0
+        runner, link = self.runner, self.link
+        kvs: dict[int, Any] = {}
+        while True:
+            msg = await self.scheduler.run_on_compute(link.recv, link.prev, False)
+            if msg.kind in (IDLE, STOP) and link.next != 0:
+                await self.scheduler.run_on_compute(link.send, Message(msg.kind), link.next)
+            if msg.kind == STOP:
+                break
+            if msg.kind == IDLE:
+                await PassRunner.idle(runner)
+                continue
+            if msg.kind != PASS or msg.hidden is None:
+                raise PipelineError(f"pipeline rank {link.rank}: unexpected message kind "
+                                    f"{msg.kind} from rank {link.prev}")
+            for sid in msg.meta["drop"]:
+                kvs.pop(sid, None)
+            seqs = []
+            for sid, offset, ids, span_end, max_len in msg.meta["seqs"]:
+                kv = kvs.get(sid)
+                if kv is None:
+                    kv = kvs[sid] = await runner.make_kv_cache(max_len)
+                kv.offset = offset  # rank 0's cache may have been trimmed
+                seqs.append(SeqRows(np.asarray(ids, np.int64), kv, span_end))
+            runner._hidden_in, runner._meta_in = msg.hidden, msg.meta
+            _, stats = await runner.run(Batch(seqs, msg.meta["all_logits"]),
+                                        msg.meta["more"])
+            self.served_bytes_read += stats.bytes_read
+            self.served_positions = max([self.served_positions,
+                                         *(o + len(i) for _, o, i, _, _ in msg.meta["seqs"])])
+            runner._hidden_in = None
+        if on_stop is not None:
+            on_stop()
+
+
+def init_group(timeout_s: float) -> Any:
+    """mx.distributed's group (ring backend, as mlx.launch set it up), within timeout_s.
+
+    Raises:
+        PipelineError: no distributed environment (not started by mlx.launch).
+    """
+    import mlx.core as mx
+
+    if not mx.distributed.is_available():
+        raise PipelineError("--pipeline: this MLX build has no distributed backend")
+    message = (f"pipeline rank {os.environ.get('MLX_RANK', '?')}: could not reach the other "
+               f"ranks within {timeout_s:g} s (hint: the hostfile's addresses and ports)")
+    # the ring's connect holds the GIL while it retries: a thread could not fire in time
+    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()),
+                                 str(timeout_s), message], stdin=subprocess.DEVNULL)
+    try:
+        group = mx.distributed.init(strict=True, backend="ring")
+    except RuntimeError as exc:
+        raise PipelineError(f"pipeline rank {os.environ.get('MLX_RANK', '?')}: could not "
+                            f"join the ring ({exc})") from None
+    finally:
+        watchdog.kill()
+        watchdog.wait()
+    return group
