@@ -64,7 +64,8 @@ async def _engine_child(args: argparse.Namespace) -> dict:
         memory_budget_auto=auto, auto_kv_tokens=args.tokens + 8 if auto else None,
         memory_budget_bytes=None if auto or args.memory_budget is None
         else parse_size(args.memory_budget),
-        prefill_chunk=args.chunk, loader=LoaderConfig(direct_io=args.direct_io))
+        prefill_chunk=args.chunk, kv_bits=args.kv_bits,
+        loader=LoaderConfig(direct_io=args.direct_io))
     t_open = time.perf_counter()
     engine = await Engine.open(args.model, config)
     try:
@@ -146,6 +147,8 @@ def run_child(model: str, mode: str, tokens: int, args: argparse.Namespace) -> d
             argv += ["--memory-budget", args.memory_budget]
         if args.direct_io:
             argv.append("--direct-io")
+        if args.kv_bits:
+            argv += ["--kv-bits", str(args.kv_bits)]
         t0 = time.perf_counter()
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=args.timeout)
         row: dict = {"mode": mode, "tokens": tokens, "wall_s": time.perf_counter() - t0,
@@ -222,6 +225,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "then runs with --memory-budget auto unless --memory-budget is given")
     p.add_argument("--memory-budget", default=None)
     p.add_argument("--direct-io", action="store_true")
+    p.add_argument("--kv-bits", type=int, choices=(4, 8), default=None,
+                   help="the engine's KV cache quantized (a 2k prompt's float32 KV on a 7B is "
+                   "2.2 GB; llama.cpp's is float16)")
     p.add_argument("--threads", "-t", type=int, default=2)
     p.add_argument("--chunk", type=int, default=512,
                    help="prefill_chunk: the chunked path's rows per pass, layer-major's tile")
