@@ -14,18 +14,16 @@ then the means; the loglikelihoods of both must agree.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import http.client
 import json
 import statistics
 import sys
-import threading
 import time
 
 import numpy as np
 
-from stream_run.engine import Engine, EngineConfig, parse_size
-from stream_run.server.app import ServerConfig, make_app, start_server
+from stream_run.bench.serving import BenchServer
+from stream_run.engine import EngineConfig, parse_size
 
 NAME = "bench"
 
@@ -55,26 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.n < 1 or args.prompt_tokens < 2:
         p.error("-n must be >= 1 and --prompt-tokens >= 2")
-    model = args.model
-    if model is None:
-        from stream_run.cli.common import default_model
-        model = default_model()
     config = EngineConfig(backend="numpy", memory_budget_bytes=parse_size(args.memory_budget))
-
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    engines: list[Engine] = []
-
-    async def open_engine() -> Engine:
-        engines.append(await Engine.open(model, config))
-        return engines[0]
-
-    app = make_app(ServerConfig(NAME), open_engine)
-    runner = asyncio.run_coroutine_threadsafe(start_server(app, "127.0.0.1", 0), loop).result()
-    port = runner.addresses[0][1]
-    while not engines:
-        time.sleep(0.05)
-    engine = engines[0]
+    server = BenchServer(args.model, config, NAME)
+    model, port, engine = server.model, server.port, server.engine
     rng = np.random.default_rng(args.seed)
     vocab = engine.tokenizer.vocab_size
     rows = []
@@ -100,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"loglikelihoods differ: {lls}", file=sys.stderr)
                 return 1
     finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
+        server.close()
     print(f"model {model}, memory budget {args.memory_budget}, model bytes "
           f"{engine.model_bytes}, {args.prompt_tokens}-token prompts, {args.n} requests each")
     for kind in ("greedy", "sampled"):

@@ -14,7 +14,6 @@ own process, as a browser is. One JSON line per run, then median, min and max of
 from __future__ import annotations
 
 import argparse
-import asyncio
 import http.client
 import json
 import os
@@ -25,8 +24,8 @@ import sys
 import threading
 import time
 
+from stream_run.bench.serving import BenchServer
 from stream_run.engine import Engine, EngineConfig, parse_size
-from stream_run.server.app import ServerConfig, make_app, start_server
 from stream_run.server.web import json_safe, sse_event
 
 NAME = "bench"
@@ -169,24 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--repeats must be >= 1 and --tokens >= 8")
     if shutil.which("curl") is None:
         p.error("needs curl (the stats stream's reader)")
-    model = args.model
-    if model is None:
-        from stream_run.cli.common import default_model
-        model = default_model()
     config = EngineConfig(backend="numpy", memory_budget_bytes=parse_size(args.memory_budget))
-    loop = asyncio.new_event_loop()
-    threading.Thread(target=loop.run_forever, daemon=True).start()
-    engines: list[Engine] = []
-
-    async def open_engine() -> Engine:
-        engines.append(await Engine.open(model, config))
-        return engines[0]
-
-    app = make_app(ServerConfig(NAME), open_engine)
-    runner = asyncio.run_coroutine_threadsafe(start_server(app, "127.0.0.1", 0), loop).result()
-    port = runner.addresses[0][1]
-    while not engines:
-        time.sleep(0.05)
+    server = BenchServer(args.model, config, NAME)
+    model, port, engines = server.model, server.port, [server.engine]
     load_before = os.getloadavg()
     rates: dict[str, list[float]] = {"closed": [], "open": []}
     cpu: dict[str, list[float]] = {"closed": [], "open": []}
@@ -221,10 +205,9 @@ def main(argv: list[str] | None = None) -> int:
         async def costs() -> tuple[float, float]:  # on the loop, as the hooks run
             return hook_costs(engines[0])
 
-        step_s, frame_s = asyncio.run_coroutine_threadsafe(costs(), loop).result()
+        step_s, frame_s = server.call(costs())
     finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result()
-        loop.call_soon_threadsafe(loop.stop)
+        server.close()
     load_after = os.getloadavg()
     closed, opened = rates["closed"], rates["open"]
     print(f"model {model}, memory budget {args.memory_budget} (model {engines[0].model_bytes} "
