@@ -217,8 +217,18 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, offset:
     """NumpyBackend.attention (also a sliding layer's attention for several rows): in blocks
     of query rows over the keys each block sees (kv_cache.query_blocks) when the whole score
     matrix would exceed ATTN_SCORE_BYTES."""
-    L = q.shape[2]
-    blocks = query_blocks(L, k.shape[2], q.shape[0] * q.shape[1], offset, window)
+    L, T = q.shape[2], k.shape[2]
+    if 1 < L <= MATVEC_MAX_ROWS and T == offset + L and (window is None or T <= window):
+        # A few rows (a speculative pass's draft rows, or a short chunk): each row as the
+        # one-row pass at its position computes it (its keys, no mask), so a row's bits do not
+        # depend on the rows beside it; one score matrix with masked keys sums in another order
+        out = np.empty(q.shape, np.result_type(q, v))
+        for i in range(L):
+            t = offset + i + 1
+            out[:, :, i:i + 1] = _attention(q[:, :, i:i + 1], k[:, :, :t], v[:, :, :t], scale,
+                                            t - 1, window, softcap)
+        return out
+    blocks = query_blocks(L, T, q.shape[0] * q.shape[1], offset, window)
     if len(blocks) == 1:
         return _attention(q, k, v, scale, offset, window, softcap)
     out = np.empty(q.shape, np.result_type(q, v))

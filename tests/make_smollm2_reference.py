@@ -10,7 +10,8 @@ transformers 5 a GGUF file loads through GgufHfQuantizer, which keeps Q4_1 block
 dense float32 model whatever is installed. The loop below is a plain argmax over the
 full-sequence logits (no KV cache, no EOS stop, no penalties), so each case has exactly N_NEW
 tokens. top2_margins (top-1 minus top-2 logit per step) tell a test where a near-tie could
-legitimately flip under a different float summation order. Prompts are tokenized without
+legitimately flip under a different float summation order, and runner_up_ids (the top-2
+token per step) which token such a flip may pick. Prompts are tokenized without
 special tokens (SmolLM2 adds no BOS); the chat case is the GGUF's own chat template with
 add_generation_prompt=True.
 """
@@ -33,18 +34,21 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):",
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def greedy(model, ids: list[int], n: int) -> tuple[list[int], torch.Tensor, list[float]]:
-    """n argmax tokens; the first step's logits; each step's top-1 minus top-2 logit."""
+def greedy(model, ids: list[int], n: int) -> tuple[list[int], torch.Tensor, list[float],
+                                                   list[int]]:
+    """n argmax tokens; the first step's logits; each step's top-1 minus top-2 logit and its
+    top-2 token."""
     ids = list(ids)
-    first, margins = None, []
+    first, margins, runner_up = None, [], []
     with torch.no_grad():
         for _ in range(n):
             logits = model(torch.tensor([ids])).logits[0, -1]
             first = logits if first is None else first
-            top2 = torch.topk(logits, 2).values
-            margins.append(round(float(top2[0] - top2[1]), 3))
+            top2 = torch.topk(logits, 2)
+            margins.append(round(float(top2.values[0] - top2.values[1]), 3))
+            runner_up.append(int(top2.indices[1]))
             ids.append(int(torch.argmax(logits)))
-    return ids[-n:], first, margins
+    return ids[-n:], first, margins, runner_up
 
 
 def main() -> None:
@@ -61,9 +65,9 @@ def main() -> None:
     cases = []
     for i, prompt in enumerate(PROMPTS):
         ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        out, first, margins = greedy(model, ids, N_NEW)
+        out, first, margins, runner_up = greedy(model, ids, N_NEW)
         case = {"name": f"prompt{i}", "prompt": prompt, "prompt_ids": ids, "greedy_ids": out,
-                "text": tok.decode(out), "top2_margins": margins}
+                "text": tok.decode(out), "top2_margins": margins, "runner_up_ids": runner_up}
         if i == 0:
             top = torch.topk(first, 5)
             case["top5_ids"] = top.indices.tolist()
@@ -71,9 +75,10 @@ def main() -> None:
         cases.append(case)
     text = tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False)
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    out, _, margins = greedy(model, ids, N_NEW)
+    out, _, margins, runner_up = greedy(model, ids, N_NEW)
     cases.append({"name": "chat_capital", "messages": CHAT, "prompt_ids": ids,
-                  "greedy_ids": out, "text": tok.decode(out), "top2_margins": margins})
+                  "greedy_ids": out, "text": tok.decode(out), "top2_margins": margins,
+                  "runner_up_ids": runner_up})
     data = {"model": path.name, "loaded_as": "transformers, GGUF dequantized to float32",
             "transformers": transformers.__version__,
             "torch": torch.__version__, "cases": cases}

@@ -59,3 +59,28 @@ def test_blocked_attention_equals_the_whole_matrix(backend, window, softcap, mon
     blocked = ops.to_numpy(ops.attention(*args, 0.3, offset, window, softcap))
     np.testing.assert_allclose(whole, want, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(blocked, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 64])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_a_few_rows_have_the_bits_of_one_row_passes(window, softcap):
+    """A pass of 2..8 query rows (a speculative pass's draft rows, a short chunk) gives each row
+    the bits the one-row pass at its position gives: the numpy backend runs them one by one
+    over their own keys. One masked score matrix sums each row in another order (its masked
+    keys add zeros), which moved SmolLM2's logits by ~0.3 through the int8-x kernels and made
+    greedy speculative decoding differ from plain decoding (issue 19)."""
+    ops = get_backend("numpy")
+    rng = np.random.default_rng(7)
+    offset, Hq, Hkv, D = 29, 6, 2, 16
+    for L in range(2, 9):
+        q = rng.standard_normal((1, Hq, L, D)).astype(np.float32)
+        k = rng.standard_normal((1, Hkv, offset + L, D)).astype(np.float32)
+        v = rng.standard_normal((1, Hkv, offset + L, D)).astype(np.float32)
+        got = ops.attention(q, k, v, 0.25, offset, window, softcap)
+        for i in range(L):
+            t = offset + i + 1
+            one = ops.attention(q[:, :, i:i + 1], k[:, :, :t], v[:, :, :t], 0.25, t - 1, window,
+                                softcap)
+            np.testing.assert_array_equal(got[:, :, i:i + 1], one, err_msg=f"L={L} row {i}")
+        np.testing.assert_allclose(got, reference(q, k, v, 0.25, offset, window, softcap),
+                                   rtol=1e-5, atol=1e-5)
