@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per hop (with --hosts; default 1)")
     j.add_argument("--streams", type=int, default=4,
                    help="concurrent streams for the aggregate throughput (with --hosts)")
+    j.add_argument("--verify-rows", type=int, default=None,
+                   help="speculative decoding: rows per verification pass (1 + draft tokens, "
+                   "2..8); their compute is timed on the probe")
+    j.add_argument("--tokens-per-pass", default=None,
+                   help="with --verify-rows: tokens kept per pass, e.g. 1.6,2.1 (as `stream-bench "
+                   "speculative` measures them)")
     _outputs(j)
 
     s = sub.add_parser("synth", help="write a synthetic model (HF or GGUF) with random weights")
@@ -417,8 +423,10 @@ def _project_inputs(args: argparse.Namespace, layout, dims) -> tuple:
     fits = not args.model or layout.compute_bytes < 0.5 * psutil.virtual_memory().available
     probe = (contextlib.nullcontext(args.model) if args.model else
              project.probe_model(dims, args.bits, args.group_size, width, args.scratch))
+    rows = (args.verify_rows,) if args.verify_rows else ()
     with probe as model_dir:
-        rates = project.measure_compute(model_dir, args.backend, tokens, resident=fits)
+        rates = project.measure_compute(model_dir, args.backend, tokens, resident=fits,
+                                        verify_rows=rows)
         if not args.model:
             E, I, L = project.probe_dims(dims, width)[:3]
             rates.source = rates.source.replace(
@@ -470,6 +478,51 @@ def _pipeline_report(args: argparse.Namespace, layout, dims, hosts: list[int], b
         print(f"- {line}")
 
 
+def _tokens_per_pass(args: argparse.Namespace) -> list[float]:
+    """--verify-rows / --tokens-per-pass, checked (ValueError names the flag)."""
+    if args.verify_rows is None:
+        if args.tokens_per_pass:
+            raise ValueError("--tokens-per-pass needs --verify-rows")
+        return []
+    if not 2 <= args.verify_rows <= 8:
+        raise ValueError(f"--verify-rows must be 2..8, got {args.verify_rows}")
+    try:
+        accept = [float(a) for a in (args.tokens_per_pass or "").split(",") if a.strip()]
+    except ValueError:
+        raise ValueError(f"--tokens-per-pass must be numbers, e.g. 1.6,2.1, got "
+                         f"{args.tokens_per_pass!r}") from None
+    if any(not 1 <= a <= args.verify_rows for a in accept):
+        raise ValueError(f"--tokens-per-pass values must be 1..{args.verify_rows} (--verify-rows)"
+                         f", got {args.tokens_per_pass!r}")
+    return accept
+
+
+def _speculative_report(args: argparse.Namespace, layout, budgets, depth: int, rates, points,
+                        accept: list[float]) -> None:
+    """--verify-rows: s/token with speculative decoding at the given tokens per pass, and the
+    tokens per pass that halve plain decoding's s/token."""
+    from stream_run.bench import project
+    from stream_run.bench.report import seconds
+
+    k = args.verify_rows
+    print(f"\nspeculative decoding: passes of {k} rows (their block compute "
+          f"{rates.rows_factor[k]:.2f}x one row's, timed on the probe; prefetch depth {depth}):")
+    head = ["budget", "plain s/token", *[f"{a:g} tok/pass" for a in accept],
+            "tok/pass to halve s/token"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for b in budgets:
+        plain = project.predict(layout, b.nbytes, depth, args.io_workers, rates, points)
+        spec = project.predict(layout, b.nbytes, depth, args.io_workers, rates, points, rows=k)
+        need = 2 * spec.s_per_token / plain.s_per_token  # pass time over half a plain token
+        gain = plain.s_per_token / spec.s_per_token  # per tok/pass
+        cells = [f"{seconds(spec.s_per_token / a)} ({gain * a:.2f}x)" for a in accept]
+        print("| " + " | ".join([
+            "unlimited" if b.nbytes is None else format_size(b.nbytes),
+            seconds(plain.s_per_token), *cells,
+            f"{need:.2f}" if need <= k else f"{need:.2f} (more than {k} rows give)"]) + " |")
+
+
 def layout_hidden(args: argparse.Namespace) -> int:
     """The hidden size of --model (a pipeline hop's row width)."""
     from stream_run.models import open_model
@@ -484,6 +537,7 @@ def project_cmd(args: argparse.Namespace) -> int:
     from stream_run.bench.streaming import parse_budgets, parse_ints
 
     depths = parse_ints(args.prefetch_depth, "--prefetch-depth", 0, 16)
+    accept = _tokens_per_pass(args)
     layout, what, dims = _project_target(args)
     budgets = parse_budgets(args.budget, layout.compute_bytes, project.min_budget(layout))
     if args.disk_json and not os.path.exists(args.disk_json):
@@ -503,6 +557,8 @@ def project_cmd(args: argparse.Namespace) -> int:
     print("\nassumptions:")
     for line in project.assumptions(rates, disk_source):
         print(f"- {line}")
+    if args.verify_rows:
+        _speculative_report(args, layout, budgets, depths[0], rates, points, accept)
     hosts = parse_ints(args.hosts, "--hosts", 1, 4096)
     if any(h > 1 for h in hosts):
         _pipeline_report(args, layout, dims, hosts, budgets, depths[0], rates, points)

@@ -26,7 +26,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -209,13 +209,17 @@ class ComputeRates:
     prepare_s_per_byte: float  # host -> compute conversion, per disk byte read
     source: str = ""  # what was measured, in words
     tokens: int = 0
+    # block compute of a pass of k rows (a speculative verification pass) over that of one
+    # row, measured on the same model: {k: factor}
+    rows_factor: dict[int, float] = field(default_factory=dict)
 
 
-async def _measure(path: str, backend: str, budget: int | None, tokens: int) -> ComputeRates:
+async def _measure(path: str, backend: str, budget: int | None, tokens: int,
+                   verify_rows: tuple[int, ...] = ()) -> ComputeRates:
     engine = await Engine.open(path, EngineConfig(backend=backend, memory_budget_bytes=budget))
     try:
         engine.scheduler.record_intervals = True
-        kv = engine.model.make_kv_cache(tokens + 2)
+        kv = engine.model.make_kv_cache(tokens + 2 + max(verify_rows, default=0))
         logits, _ = await engine.forward(np.asarray([[1]]), kv, more=True)
         size = engine.units.prepared_nbytes
         n_layers = engine.spec.num_hidden_layers
@@ -233,9 +237,18 @@ async def _measure(path: str, backend: str, budget: int | None, tokens: int) -> 
             embeds.append(sum(d for label, d in spans if label == "embed"))
             over.append(max(0.0, wall - rs.compute_s - rs.io_stall_s) / (n_layers + 2))
         med = statistics.median
+        factor = {}
+        for k in verify_rows:  # k rows after the context, as a verification pass computes them
+            times = []
+            for _ in range(max(3, tokens // 2)):
+                _, rs = await engine.forward(np.asarray([[tok] * k]), kv, all_logits=True)
+                kv.trim(k)
+                times.append(sum(b - a for kind, label, a, b in rs.intervals
+                                 if kind == "compute" and label.startswith("layers.")))
+            factor[k] = med(times) / med(blocks)
         prepare = await asyncio.to_thread(_prepare_s_per_byte, engine, layer_key(n_layers - 1))
         return ComputeRates(med(blocks) / block_bytes, med(heads) / max(head_bytes, 1),
-                            med(embeds), med(over), prepare, "", tokens)
+                            med(embeds), med(over), prepare, "", tokens, factor)
     finally:
         engine.close()
 
@@ -253,12 +266,13 @@ def _prepare_s_per_byte(engine: Engine, key: str, repeats: int = 3) -> float:
 
 
 def measure_compute(path: str, backend: str = "numpy", tokens: int = 6,
-                    resident: bool = True) -> ComputeRates:
+                    resident: bool = True, verify_rows: tuple[int, ...] = ()) -> ComputeRates:
     """Compute rates from `tokens` decode steps of the model at path, after one untimed pass
     that loads units and compiles kernels: fully resident, or (resident=False, for a model
-    larger than RAM) at the minimum budget, where the compute intervals are timed alone."""
+    larger than RAM) at the minimum budget, where the compute intervals are timed alone.
+    verify_rows: also time passes of that many rows (rows_factor)."""
     budget = None if resident else model_sizes(path, backend)[1]
-    rates = asyncio.run(_measure(path, backend, budget, tokens))
+    rates = asyncio.run(_measure(path, backend, budget, tokens, verify_rows))
     how = "resident" if resident else "minimum budget"
     rates.source = (f"measured on {os.path.basename(os.path.normpath(path))} ({backend}, "
                     f"{how}, median of {tokens} decode steps)")
@@ -318,6 +332,8 @@ class Projection:
     s_per_token: float  # the pipeline's steady state
     bound_s: float  # max(read, compute + overhead): perfect overlap
     bound: str  # "disk", "compute", or "latency" (neither busy >= 90 %: too little overlap)
+    rows: int = 1  # rows per pass (speculative verification: 1 + draft tokens)
+    tokens_per_pass: float = 1.0  # tokens kept per pass; every per-token figure is divided by it
 
     @property
     def tok_s(self) -> float:
@@ -361,8 +377,14 @@ def simulate(steps: list[tuple[str, ...]], compute_s: list[float],
 
 
 def predict(layout: Layout, budget: int | None, depth: int, io_workers: int,
-            rates: ComputeRates, disk_points: list) -> Projection:
+            rates: ComputeRates, disk_points: list, rows: int = 1,
+            tokens_per_pass: float = 1.0) -> Projection:
     """Predicted steady-state decode s/token (see the module docstring).
+
+    rows, tokens_per_pass: speculative decoding, each pass verifying `rows` rows (block and
+    head compute scaled by rates.rows_factor[rows]: every row needs its logits) and keeping
+    tokens_per_pass tokens on average; the pass's time is divided by them (reads are the same
+    for any rows).
 
     Raises:
         ValueError: budget below one step, or no O_DIRECT sequential point in disk_points.
@@ -382,14 +404,15 @@ def predict(layout: Layout, budget: int | None, depth: int, io_workers: int,
              for u in streamed}
     steps = layout.steps()
     per_step = rates.overhead_s_per_step
+    scale = 1.0 if rows == 1 else rates.rows_factor[rows]
     step_s = []
     for keys in steps:
         if keys == (EMBED,):
             work = rates.embed_s
         elif keys[0] == HEAD:
-            work = sum(units[k].compute_bytes for k in keys) * rates.head_s_per_byte
+            work = sum(units[k].compute_bytes for k in keys) * rates.head_s_per_byte * scale
         else:
-            work = units[keys[0]].compute_bytes * rates.block_s_per_byte
+            work = units[keys[0]].compute_bytes * rates.block_s_per_byte * scale
         step_s.append(work + per_step)
     overhead_s = per_step * len(steps)
     compute_s = sum(step_s) - overhead_s
@@ -402,10 +425,11 @@ def predict(layout: Layout, budget: int | None, depth: int, io_workers: int,
     s = simulate(steps, step_s, reads, depth, slots)
     bound = ("disk" if read_s >= 0.9 * s else "compute" if compute_s + overhead_s >= 0.9 * s
              else "latency")
+    a = tokens_per_pass
     return Projection(
         budget, depth, resident_bytes, nbytes,
-        gbs, block, point["threads"], read_s, prepare_s, compute_s, overhead_s, s,
-        max(read_s, compute_s + overhead_s), bound)
+        gbs, block, point["threads"], read_s / a, prepare_s / a, compute_s / a, overhead_s / a,
+        s / a, max(read_s, compute_s + overhead_s) / a, bound, rows, tokens_per_pass)
 
 
 def assumptions(rates: ComputeRates, disk_source: str) -> list[str]:

@@ -129,8 +129,41 @@ def test_cli_measures_the_disk_when_no_curve_is_given(bf16_and_q4, capsys):
     assert f"measured now on {bf16_and_q4[1]}" in out and "| 2 |" in out
 
 
+def test_speculative_projection_divides_a_pass_by_its_tokens(bf16_and_q4, capsys):
+    """--verify-rows k: a pass of k rows reads what one row's does and computes the measured
+    factor more; its s/token is that pass over the tokens it keeps, and the tokens per pass
+    that halve plain s/token are 2 x pass / plain."""
+    layout = project.layout_from_model(bf16_and_q4[1])
+    rates = project.measure_compute(bf16_and_q4[1], tokens=3, verify_rows=(4,))
+    assert rates.rows_factor[4] > 0
+    from stream_run.bench.disk import DiskPoint
+
+    points = [DiskPoint("direct", "seq", 2**20, t, gbs=1.0) for t in (1, 2, 4)]
+    budget = int(0.5 * layout.compute_bytes)
+    plain = project.predict(layout, budget, 2, 8, rates, points)
+    pass4 = project.predict(layout, budget, 2, 8, rates, points, rows=4)
+    spec = project.predict(layout, budget, 2, 8, rates, points, rows=4, tokens_per_pass=2.5)
+    assert spec.s_per_token == pytest.approx(pass4.s_per_token / 2.5)
+    assert pass4.read_s == pytest.approx(plain.read_s)  # the same bytes whatever the rows
+    e = rates.embed_s  # the embedding is the only step not scaled
+    assert pass4.compute_s == pytest.approx((plain.compute_s - e) * rates.rows_factor[4] + e)
+    assert bench_main(["project", "--model", bf16_and_q4[1], "--budget", "0.5", "--quick",
+                       "--verify-rows", "4", "--tokens-per-pass", "1.5,3"]) == 0
+    out = capsys.readouterr().out
+    assert "speculative decoding: passes of 4 rows" in out and "| 3 tok/pass |" in out
+    assert "tok/pass to halve s/token" in out
+
+
 @pytest.mark.parametrize("args, match", [
     (["project", "--shape", "3b", "--budget", "1GB"], "--shape must be one of"),
+    (["project", "--shape", "70b", "--budget", "1GB", "--verify-rows", "9"],
+     "--verify-rows must be 2..8"),
+    (["project", "--shape", "70b", "--budget", "1GB", "--tokens-per-pass", "2"],
+     "--tokens-per-pass needs --verify-rows"),
+    (["project", "--shape", "70b", "--budget", "1GB", "--verify-rows", "4",
+      "--tokens-per-pass", "5"], "--tokens-per-pass values must be 1..4"),
+    (["project", "--shape", "70b", "--budget", "1GB", "--verify-rows", "4",
+      "--tokens-per-pass", "x"], "--tokens-per-pass must be numbers"),
     (["project", "--shape", "70b", "--bits", "7", "--budget", "1GB"], "--bits must be"),
     (["project", "--shape", "70b", "--budget", "1MB"], "below the model's minimum"),
     (["project", "--shape", "70b", "--budget", "big"], "not a size"),
