@@ -40,8 +40,10 @@ from stream_run.engine.runner import PassRunner
 from stream_run.engine.sampling import Sampler, TokenLogprob
 from stream_run.engine.speculative import (
     MAX_PASS_ROWS,
+    PassCost,
     SpecState,
     Speculation,
+    cut_for_cost,
     draft_with_model,
     settle_draft_kv,
     sweep_rows,
@@ -171,6 +173,7 @@ class Batcher:
         self.waiting: collections.deque[SeqState] = collections.deque()
         self.active: list[SeqState] = []
         self.passes: collections.deque[PassRecord] = collections.deque(maxlen=4096)
+        self.pass_cost = PassCost()  # decoding passes' seconds by rows (speculative cuts)
         self.finished: collections.Counter[str] = collections.Counter()
         self.passes_cancelled = 0  # passes stopped at a layer boundary (nobody wanted them)
         self.on_pass: Callable[[PassRecord, RunStats], None] | None = None  # after each pass
@@ -371,7 +374,13 @@ class Batcher:
                                        len(seq.prompt) + seq.params.max_tokens)
             room -= len(spec.draft)
         total = MAX_PASS_ROWS - room  # rows of the pass with every draft
-        cut = total - sweep_rows(total)
+        drafts = [(len(seq.spec.draft), seq.spec.length) for seq, _ in batch
+                  if seq.spec is not None and not seq.prefilling and seq.spec.draft]
+        if drafts and not any(seq.prefilling for seq, _ in batch):
+            cut = total - cut_for_cost(drafts, total - sum(d for d, _ in drafts),
+                                       self.pass_cost)
+        else:
+            cut = total - sweep_rows(total)
         for i, (seq, ids) in reversed(list(enumerate(batch))):
             if seq.spec is None or seq.prefilling or not seq.spec.draft:
                 continue
@@ -418,6 +427,8 @@ class Batcher:
             return
         logits, rs = task.result()
         n_prefill = sum(seq.prefilling for seq, _ in batch)
+        if n_prefill == 0:
+            self.pass_cost.add(sum(len(ids) for _, ids in batch), time.perf_counter() - t0)
         self.passes.append(PassRecord(len(batch), sum(len(ids) for _, ids in batch), n_prefill,
                                       rs.bytes_read, time.perf_counter() - t0, rs.compute_s,
                                       rs.io_stall_s))

@@ -47,6 +47,53 @@ def sweep_rows(n: int) -> int:
     4 rows one), so draft rows beyond it are cut."""
     return 1 << (max(1, n).bit_length() - 1)
 MAX_PAUSE = 32  # passes without drafts, at most, after drafting failed
+DECAY = 0.8  # weight of a sequence's older passes in its acceptance rate
+
+
+class PassCost:
+    """Seconds a decoding pass takes, by its rows (1, 2, 4, 8), measured as passes run: a
+    decayed mean each. What a pass of more rows costs depends on the model and the machine (on
+    a CPU a resident 7B Q4_0 pass of 8 rows computed 5.5x one row's, a SmolLM2 pass streamed
+    at 75 MB 2x), so draft rows are worth it only where the tokens they are expected to add
+    outweigh it (cut_for_cost)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[int, float] = {}
+
+    def add(self, rows: int, seconds: float) -> None:
+        old = self.seconds.get(rows)
+        self.seconds[rows] = seconds if old is None else 0.7 * old + 0.3 * seconds
+
+    def estimate(self, rows: int) -> float | None:
+        """The measured cost of `rows`, else that of the most rows measured below it (so an
+        unmeasured size is tried once), else None."""
+        known = [r for r in self.seconds if r <= rows]
+        return self.seconds[max(known)] if known else None
+
+
+def cut_for_cost(drafts: list[tuple[int, DraftLength]], base_rows: int, cost: PassCost
+                 ) -> int:
+    """The rows (a sweep size: 1, 2, 4 or 8) to give a pass whose sequences have base_rows rows
+    without drafts and drafts of the given lengths (with their DraftLength; cut from the last
+    one first, as the batcher cuts): the size with the most expected tokens per second. Costs
+    not measured yet count as the nearest measured smaller size's."""
+    total = base_rows + sum(d for d, _ in drafts)
+    best, best_rate = sweep_rows(total), -1.0
+    for rows in sorted({sweep_rows(r) for r in range(max(1, base_rows), total + 1)}):
+        cut, tokens = total - rows, float(base_rows - len(drafts))
+        for d, length in reversed(drafts):
+            n = min(cut, d)
+            cut -= n
+            tokens += length.expected_tokens(d - n)
+        if cut > 0:  # fewer rows than the sequences themselves need
+            continue
+        seconds = cost.estimate(rows)
+        if seconds is None:
+            return sweep_rows(total)
+        rate = tokens / max(seconds, 1e-9)
+        if rate > best_rate * 1.02:  # more rows only for a clear gain
+            best, best_rate = rows, rate
+    return best
 
 
 @dataclass
@@ -60,9 +107,19 @@ class DraftLength:
     k: int = 0
     pause: int = 0
     backoff: int = 1
+    # decayed counts of accepted draft tokens and of rejections: a draft token is accepted with
+    # probability about accepted / (accepted + rejected) (the geometric model's estimate)
+    accepted: float = 1.0
+    rejected: float = 1.0
 
     def __post_init__(self) -> None:
         self.k = self.k or max(1, (self.k_max + 1) // 2)
+
+    def expected_tokens(self, d: int) -> float:
+        """Tokens a pass with a draft of d yields, expected: 1 + a + ... + a^d, a this
+        sequence's acceptance rate so far."""
+        a = self.accepted / (self.accepted + self.rejected)
+        return float(sum(a**i for i in range(d + 1)))
 
     def want(self) -> int:
         """The length to draft now; called once per pass of the sequence."""
@@ -74,6 +131,8 @@ class DraftLength:
     def update(self, drafted: int, accepted: int) -> None:
         if drafted == 0:
             return
+        self.accepted = DECAY * self.accepted + accepted
+        self.rejected = DECAY * self.rejected + (accepted < drafted)
         if accepted == drafted:
             self.k = min(self.k_max, self.k + 1)
         elif accepted > 0:

@@ -10,7 +10,13 @@ from scipy import stats as sps
 
 from stream_run.engine import Engine, EngineConfig, GenerationParams
 from stream_run.engine.sampling import Sampler, SamplingParams
-from stream_run.engine.speculative import DraftLength, prompt_lookup, verify
+from stream_run.engine.speculative import (
+    DraftLength,
+    PassCost,
+    cut_for_cost,
+    prompt_lookup,
+    verify,
+)
 from tests.reference_model import reference_greedy
 from tests.tiny_models import write_tiny_model
 
@@ -52,6 +58,35 @@ def test_draft_length_grows_shrinks_pauses_and_comes_back():
     assert [d.want() for _ in range(3)] == [0, 0, 1]
     d.update(1, 1)
     assert d.backoff == 1 and d.want() == 2
+
+
+def test_pass_rows_follow_expected_tokens_per_second():
+    """A pass's rows are the sweep size with the most expected tokens per measured second:
+    draft rows that cost more than they are expected to yield are cut."""
+    sure, coin = DraftLength(7), DraftLength(7)
+    for _ in range(20):
+        sure.update(4, 4)  # every draft token accepted: acceptance near 1
+        coin.update(4, 1)  # one of four, then a rejection: acceptance near 0.5
+    assert sure.expected_tokens(7) > 7.5 and sure.expected_tokens(0) == 1
+    assert 1.4 < coin.expected_tokens(1) < 1.6
+    cheap, dear = PassCost(), PassCost()
+    for rows, seconds in ((1, 1.0), (2, 1.05), (4, 1.1), (8, 1.2)):  # read-bound passes
+        cheap.add(rows, seconds)
+    for rows, seconds in ((1, 1.0), (2, 1.6), (4, 2.17), (8, 5.5)):  # compute-bound (CPU 7B)
+        dear.add(rows, seconds)
+    assert cut_for_cost([(7, sure)], 1, cheap) == 8
+    # acceptance 0.5: 1.875 tokens for 1.1 beats 1.99 for 1.2
+    assert cut_for_cost([(7, coin)], 1, cheap) == 4
+    assert cut_for_cost([(7, sure)], 1, dear) == 4  # 4 tokens for 2.17x beat 8 for 5.5x
+    assert cut_for_cost([(7, coin)], 1, dear) == 1  # 2 tokens for 5.5x, 1.5 for 1.6x: none
+    assert cut_for_cost([(3, coin)], 3, dear) == 4  # rows the sequences need stay
+    unknown = PassCost()
+    assert cut_for_cost([(7, coin)], 1, unknown) == 8  # nothing measured: every draft row
+    unknown.add(1, 1.0)
+    assert unknown.estimate(8) == 1.0  # an unmeasured size costs as the largest measured below
+    unknown.add(8, 3.0)
+    unknown.add(8, 1.0)
+    assert unknown.estimate(8) == pytest.approx(0.7 * 3 + 0.3 * 1)
 
 
 def test_greedy_verify_keeps_the_matching_prefix_and_the_correction():
