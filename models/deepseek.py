@@ -61,7 +61,7 @@ DEFAULTS: dict[str, Any] = {
     "rope_interleave": True,
 }
 NORM_EPS = 1e-6  # q_a_layernorm and kv_a_layernorm: transformers' RMSNorm default, not the config's
-_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight)$")
+_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
 STACKED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 
@@ -375,12 +375,12 @@ def hf_units(spec: ModelSpec, key: str, ref: TensorRef) -> list[tuple[str, Tenso
                           f"{spec.config.get('first_k_dense_replace')}); hint: the config must "
                           "match the checkpoint")
     if m:
-        e, linear = int(m.group(1)), m.group(2)
+        e, linear, what = int(m.group(1)), m.group(2), m.group(3)
         if e >= ds.moe.n_experts:
             raise FormatError(f"tensor 'model.{key}.{ref.name}' is for expert {e}, but "
                               f"config.json has n_routed_experts={ds.moe.n_experts}; hint: the "
                               "expert count must match the checkpoint's experts")
-        return [(expert_key(layer_idx, e), replace(ref, name=f"{linear}.weight"))]
+        return [(expert_key(layer_idx, e), replace(ref, name=f"{linear}.{what}"))]
     E, inner, n = spec.hidden_size, ds.moe.expert_size, ds.moe.n_experts
     up = ref.name.endswith("gate_up_proj")
     want = (n, 2 * inner, E) if up else (n, E, inner)

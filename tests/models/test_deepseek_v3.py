@@ -264,3 +264,33 @@ def test_bad_config_field_exits_2_with_one_line(tmp_path, field):
     assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
     for word in [*words, "config.json"]:
         assert word in run.stderr
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_converts_to_8_bit_with_one_file_per_expert(tmp_path, backend):
+    """stream-convert packs every linear (kv_b_proj too: attention then absorbs what it
+    dequantizes to) and writes each expert unit to a file of its own; the engine on it equals
+    HF on the weights the packed files dequantize to."""
+    from stream_run.kernels.quant import QuantizedWeight, dequantize
+
+    model = write_deepseek(tmp_path / "hf", v_head_dim=16, q_lora_rank=64)  # groups of 32
+    state, packed = model_checks.convert_8bit_reference(model, tmp_path / "hf",
+                                                        tmp_path / "q8")
+    assert (tmp_path / "q8" / "model-layers.2.mlp.experts.7.safetensors").exists()
+    assert "model.layers.1.self_attn.kv_b_proj.scales" in packed
+
+    def weight(stem: str) -> np.ndarray:  # HF's stacked experts: rebuilt from the packed ones
+        return dequantize(QuantizedWeight(packed[f"{stem}.weight"], packed[f"{stem}.scales"],
+                                          packed[f"{stem}.biases"], 8, 32))
+
+    for name in [n for n in state if n.endswith(deepseek.STACKED)]:
+        parts = ["down_proj"] if name.endswith("down_proj") else ["gate_proj", "up_proj"]
+        stem = name.rsplit(".", 1)[0]
+        state[name] = torch.from_numpy(np.stack([
+            np.concatenate([weight(f"{stem}.{e}.{p}") for p in parts])
+            for e in range(N_EXPERTS)]))
+    model.load_state_dict(state)
+    logits, tokens, _, _ = run_engine(tmp_path / "q8", backend)
+    np.testing.assert_allclose(logits, hf_logits(model, PROMPT * 3), rtol=1e-4, atol=1e-4)
+    assert tokens == hf_greedy(model, PROMPT, N_NEW)
