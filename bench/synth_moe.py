@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MOE_ARCHS = ("qwen3_moe", "mixtral")  # qwen2_moe would need a shared expert size
+MOE_ARCHS = ("qwen3_moe", "mixtral", "deepseek_v3")  # qwen2_moe: a shared expert size
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,13 @@ SHAPES = {
     "qwen3-moe-mid": MoEShape(("qwen3_moe",), (2048, 6144, 16, 32, 4, 32000), 128, 64, 8, 768),
     # mistralai/Mixtral-8x7B-v0.1 config.json
     "mixtral-8x7b": MoEShape(("mixtral",), (4096, 14336, 32, 32, 8, 32000), 128, 8, 2, 14336),
+    # deepseek-ai/DeepSeek-V3 config.json (671B; MLA from head_dim 128: see deepseek_fields)
+    "deepseek-v3": MoEShape(("deepseek_v3",), (7168, 18432, 61, 128, 128, 129280), 128, 256, 8,
+                            2048),
+    # a few GB at 4 bits: DeepSeek-V3's MLA and expert widths at 2048 hidden, 8 layers (the
+    # first dense), 64 experts top-8 in 8 groups, a 32k vocabulary
+    "deepseek-v3-mini": MoEShape(("deepseek_v3",), (2048, 6144, 8, 16, 16, 32000), 128, 64, 8,
+                                 768),
     "tiny-moe": MoEShape(MOE_ARCHS, (64, 128, 4, 4, 2, 320), 16, 16, 2, 64),
 }
 
@@ -79,12 +86,35 @@ def hf_name(arch: str, full: str) -> str:
 
 def config_fields(spec) -> dict:
     """config.json's expert fields (as transformers names them per family)."""
+    if spec.arch == "deepseek_v3":
+        return deepseek_fields(spec)
     if spec.arch == "mixtral":
         return {"num_local_experts": spec.num_experts,
                 "num_experts_per_tok": spec.num_experts_per_tok}
     return {"num_experts": spec.num_experts, "num_experts_per_tok": spec.num_experts_per_tok,
             "moe_intermediate_size": spec.moe_intermediate_size, "norm_topk_prob": True,
             "decoder_sparse_step": 1, "mlp_only_layers": []}
+
+
+def deepseek_fields(spec) -> dict:
+    """deepseek_v3's fields, scaled from head_dim as DeepSeek-V3 sets them at 128: no-rope
+    q/k and v heads of head_dim, a rope part of head_dim / 2, a latent of 4 head_dim, a q LoRA
+    rank of 12 head_dim; 8 expert groups (4 kept) where 8 divide the experts in groups of at
+    least 2, else one; one shared expert; the first layer dense (DeepSeek-V3: 3 of 61)."""
+    d = spec.head_dim or spec.hidden_size // spec.num_attention_heads
+    rope = max(2, d // 2 // 2 * 2)
+    n_group = 8 if spec.num_experts % 8 == 0 and spec.num_experts >= 16 else 1
+    return {"n_routed_experts": spec.num_experts,
+            "num_experts_per_tok": spec.num_experts_per_tok,
+            "moe_intermediate_size": spec.moe_intermediate_size, "n_shared_experts": 1,
+            "n_group": n_group, "topk_group": max(1, n_group // 2),
+            "first_k_dense_replace": 3 if spec.num_hidden_layers > 8 else 1,
+            "norm_topk_prob": True, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid",
+            "qk_nope_head_dim": d, "qk_rope_head_dim": rope, "v_head_dim": d,
+            "kv_lora_rank": 4 * d, "q_lora_rank": 12 * d, "rope_interleave": True,
+            # as save_pretrained writes them: transformers repeats no KV heads for MLA, and
+            # its RoPE turns head_dim dims (qk_rope_head_dim)
+            "num_key_value_heads": spec.num_attention_heads, "head_dim": rope}
 
 
 def check(spec) -> None:
@@ -99,6 +129,14 @@ def check(spec) -> None:
                          "--shape custom with --experts and --experts-per-tok <= --experts")
     if spec.moe_intermediate_size <= 0:
         raise ValueError("--expert-size must be > 0")
+    if spec.arch == "deepseek_v3":
+        from stream_run.models.deepseek import deepseek_args
+
+        try:
+            deepseek_args({**deepseek_fields(spec), "num_hidden_layers": spec.num_hidden_layers})
+        except ValueError as exc:
+            raise ValueError(f"--arch deepseek_v3: {exc} (from --experts, --experts-per-tok, "
+                             "--head-dim)") from None
     if not 0 <= spec.router_skew <= 8:
         raise ValueError(f"--router-skew must be in 0..8 (a Zipf exponent), got "
                          f"{spec.router_skew}")

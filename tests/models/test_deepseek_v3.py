@@ -294,3 +294,30 @@ def test_converts_to_8_bit_with_one_file_per_expert(tmp_path, backend):
     logits, tokens, _, _ = run_engine(tmp_path / "q8", backend)
     np.testing.assert_allclose(logits, hf_logits(model, PROMPT * 3), rtol=1e-4, atol=1e-4)
     assert tokens == hf_greedy(model, PROMPT, N_NEW)
+
+
+def test_synth_named_shapes():
+    """stream-bench synth --arch deepseek_v3: deepseek-v3 has DeepSeek-V3's 671B parameters
+    (its MTP layer aside); deepseek-v3-mini is about 2.4B."""
+    from stream_run.bench.synth import SynthSpec
+
+    big = SynthSpec.from_shape("deepseek-v3", arch="deepseek_v3")
+    assert 670e9 < big.nbytes / 2 < 672e9
+    assert 2.3e9 < SynthSpec.from_shape("deepseek-v3-mini", arch="deepseek_v3").nbytes / 2 < 2.5e9
+    with pytest.raises(ValueError, match="'num_experts_per_tok' is 9"):
+        SynthSpec(arch="deepseek_v3", num_experts=16, num_experts_per_tok=9,
+                  moe_intermediate_size=32)
+
+
+@pytest.mark.reference
+def test_synth_tiny_runs_in_the_engine_as_in_transformers(tmp_path):
+    """The tiny synth (float32, a skewed router) in the engine and in transformers."""
+    from stream_run.bench.synth import SynthSpec, synthesize
+
+    spec = SynthSpec.from_shape("tiny-moe", arch="deepseek_v3", dtype="f32", router_skew=1.0)
+    synthesize(spec, str(tmp_path / "m"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "m"), dtype=torch.float32).eval()
+    logits, tokens, _, _ = run_engine(tmp_path / "m")
+    np.testing.assert_allclose(logits, hf_logits(model, PROMPT * 3), rtol=1e-4, atol=1e-4)
+    assert tokens == hf_greedy(model, PROMPT, N_NEW)
