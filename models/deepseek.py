@@ -37,7 +37,6 @@ from typing import Any
 import numpy as np
 
 from stream_run.kernels.kv_cache import LayeredKVCache, check_rows, rows_state
-from stream_run.kernels.quant import HalfWeight, QuantizedWeight
 from stream_run.loaders import (
     EMBED,
     HEAD,
@@ -324,13 +323,11 @@ def route(logits: np.ndarray, bias: np.ndarray, ds: DeepseekArgs
 
 
 def absorbable(ops: Any, w: Any, heads: int, rank: int) -> Any:
-    """kv_b_proj (H * (nope + v_dim), rank) as (H, nope + v_dim, rank) in the backend's
-    arrays: a float32 weight as it is; a packed or 16-bit one through the backend's own
-    linear (x @ w.T of the identity: w.T, float32)."""
-    if isinstance(w, (QuantizedWeight, HalfWeight)) or str(getattr(w, "dtype", "")).endswith(
-            ("float16", "bfloat16")):
-        eye = ops.from_numpy(np.eye(rank, dtype=np.float32)[None])
-        w = ops.transpose(ops.linear(eye, w)[0], (1, 0))  # (out, rank) float32
+    """kv_b_proj (H * (nope + v_dim), rank) as (H, nope + v_dim, rank) float32 in the
+    backend's arrays: a float32 weight as it is; a packed or 16-bit one dequantized for this
+    call (its rows as the backend's embed reads them), as a matmul would read it whole."""
+    if str(getattr(w, "dtype", "")).removeprefix("mlx.core.") != "float32":
+        w = ops.embed(w, np.arange(w.shape[0])[None])[0]  # (out, rank)
     return ops.reshape(w, (heads, w.shape[0] // heads, rank))
 
 

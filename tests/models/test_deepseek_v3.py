@@ -321,3 +321,30 @@ def test_synth_tiny_runs_in_the_engine_as_in_transformers(tmp_path):
     logits, tokens, _, _ = run_engine(tmp_path / "m")
     np.testing.assert_allclose(logits, hf_logits(model, PROMPT * 3), rtol=1e-4, atol=1e-4)
     assert tokens == hf_greedy(model, PROMPT, N_NEW)
+
+
+def test_tiled_prefill_and_concurrent_requests_give_the_tokens_of_single_runs(tmp_path):
+    """A prompt in row tiles of 5 computes HF's logits of one call; requests decoded together
+    in shared passes (each sequence attending over its own latent cache) give the tokens each
+    gives alone."""
+    from stream_run.engine import GenerationParams
+
+    model = write_deepseek(tmp_path)
+    prompts = [PROMPT, PROMPT[::-1], PROMPT[2:]]
+
+    async def go():
+        engine = await Engine.open(str(tmp_path), EngineConfig(backend="numpy",
+                                                                prefill_chunk=5))
+        try:
+            logits = await engine.logits(PROMPT * 3)
+            params = GenerationParams(max_tokens=12, ignore_eos=True)
+            outs = await asyncio.gather(*(engine.complete(p, params) for p in prompts))
+            return logits, [o.token_ids for o in outs], max(engine.batcher.passes,
+                                                            key=lambda r: r.n_seqs).n_seqs
+        finally:
+            engine.close()
+
+    logits, together, widest = asyncio.run(go())
+    np.testing.assert_allclose(logits, hf_logits(model, PROMPT * 3), rtol=1e-4, atol=1e-4)
+    assert widest >= 2
+    assert together == [hf_greedy(model, p, 12) for p in prompts]
