@@ -62,6 +62,37 @@ DEFAULTS: dict[str, Any] = {
 NORM_EPS = 1e-6  # q_a_layernorm and kv_a_layernorm: transformers' RMSNorm default, not the config's
 _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(\w+)$")
 STACKED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+GGUF_STACKED = tuple(f"mlp.experts.{p}.weight" for p in EXPERT_LINEARS)
+KV_B_SPLIT = "gguf_kv_b_split"  # config: kv_b_proj as llama.cpp's attn_k_b and attn_v_b
+BLOCK = "layers.{bid}"
+# GGUF tensor name -> (unit, HF name inside the unit): llama.cpp's deepseek2
+GGUF_NAMES: dict[str, tuple[str, str]] = {
+    "token_embd.weight": (EMBED, "embed_tokens.weight"),
+    "output_norm.weight": (HEAD, "norm.weight"),
+    "output.weight": (HEAD, "lm_head.weight"),
+    **{f"blk.{{bid}}.{g}": (BLOCK, h) for g, h in {
+        "attn_norm.weight": "input_layernorm.weight",
+        "attn_q.weight": "self_attn.q_proj.weight",
+        "attn_q_a.weight": "self_attn.q_a_proj.weight",
+        "attn_q_a_norm.weight": "self_attn.q_a_layernorm.weight",
+        "attn_q_b.weight": "self_attn.q_b_proj.weight",
+        "attn_kv_a_mqa.weight": "self_attn.kv_a_proj_with_mqa.weight",
+        "attn_kv_a_norm.weight": "self_attn.kv_a_layernorm.weight",
+        "attn_kv_b.weight": "self_attn.kv_b_proj.weight",
+        "attn_k_b.weight": "self_attn.k_b_proj.weight",
+        "attn_v_b.weight": "self_attn.v_b_proj.weight",
+        "attn_output.weight": "self_attn.o_proj.weight",
+        "ffn_norm.weight": "post_attention_layernorm.weight",
+        "ffn_gate_inp.weight": "mlp.gate.weight",
+        "exp_probs_b.bias": "mlp.gate.e_score_correction_bias",
+        **{f"ffn_{g}.weight": f"mlp.{p}.weight"
+           for g, p in zip(("gate", "up", "down"), EXPERT_LINEARS, strict=True)},
+        **{f"ffn_{g}_exps.weight": f"mlp.experts.{p}.weight"
+           for g, p in zip(("gate", "up", "down"), EXPERT_LINEARS, strict=True)},
+        **{f"ffn_{g}_shexp.weight": f"mlp.shared_experts.{p}.weight"
+           for g, p in zip(("gate", "up", "down"), EXPERT_LINEARS, strict=True)},
+    }.items()},
+}
 
 
 @dataclass(frozen=True)
@@ -251,16 +282,27 @@ class Model(moe.Model):
                          w.get("self_attn.kv_a_proj_with_mqa.bias"))  # (1, T, rank + rope)
         r = ds.kv_lora_rank
         c = ops.rms_norm(kva[..., :r], w["self_attn.kv_a_layernorm.weight"], NORM_EPS)
-        kv_b = absorbable(ops, w["self_attn.kv_b_proj.weight"], self.n_heads, r)
-        o = attend_rows(ops, batch, partial(self._attend, layer_idx, kv_b), q, c,
+        o = attend_rows(ops, batch, partial(self._attend, layer_idx, self._kv_b(w)), q, c,
                         kva[..., r:], axis=1)  # (1, T, H * v_dim)
         return ops.add(x, ops.linear(o, w["self_attn.o_proj.weight"],
                                      w.get("self_attn.o_proj.bias")))
 
-    def _attend(self, layer_idx: int, kv_b: Any, kv: LatentKVCache, offset: int, q: Any,
-                c: Any, k_pe: Any) -> Any:
+    def _kv_b(self, w: Mapping[str, Any]) -> tuple[Any, Any]:
+        """kv_b_proj's key rows (H, nope, rank) and value rows (H, v_dim, rank), float32: from
+        kv_b_proj, or from llama.cpp's split of it (attn_k_b transposed, attn_v_b)."""
+        ds, H, r = self.ds, self.n_heads, self.ds.kv_lora_rank
+        if "self_attn.kv_b_proj.weight" in w:
+            kv_b = absorbable(self.ops, w["self_attn.kv_b_proj.weight"], H, r)
+            return kv_b[:, :ds.nope, :], kv_b[:, ds.nope:, :]
+        k_b = absorbable(self.ops, w["self_attn.k_b_proj.weight"], H, ds.nope)  # (H, r, nope)
+        return (self.ops.transpose(k_b, (0, 2, 1)),
+                absorbable(self.ops, w["self_attn.v_b_proj.weight"], H, r))
+
+    def _attend(self, layer_idx: int, kv_b: tuple[Any, Any], kv: LatentKVCache, offset: int,
+                q: Any, c: Any, k_pe: Any) -> Any:
         """One sequence: q (1, L, H * (nope + rope)), c (1, L, rank), k_pe (1, L, rope)
-        -> (1, L, H * v_dim), with kv_b (H, nope + v_dim, rank) absorbed."""
+        -> (1, L, H * v_dim), with kv_b's key rows (H, nope, rank) and value rows (H, v_dim,
+        rank) absorbed."""
         ops, ds, H = self.ops, self.ds, self.n_heads
         L = q.shape[1]
         q = ops.transpose(ops.reshape(q, (1, L, H, ds.nope + ds.rope)), (0, 2, 1, 3))
@@ -268,12 +310,13 @@ class Model(moe.Model):
         k_pe = self._rope(ops.reshape(k_pe, (1, 1, L, ds.rope)), offset)
         latent = ops.concatenate([ops.reshape(c, (1, 1, L, ds.kv_lora_rank)), k_pe], axis=-1)
         keys, _ = kv.update(layer_idx, latent, None)  # (1, 1, T, rank + rope)
-        q_lat = q[0, :, :, :ds.nope] @ kv_b[:, :ds.nope, :]  # (H, L, rank)
+        wk, wv = kv_b
+        q_lat = q[0, :, :, :ds.nope] @ wk  # (H, L, rank)
         q_all = ops.concatenate([ops.reshape(q_lat, (1, H, L, ds.kv_lora_rank)), q_pe],
                                 axis=-1)
         # the values are the latent too: its roped tail is dropped after the weighting
         o = ops.attention(q_all, keys, keys, self.scale, keys.shape[2] - L)  # (1, H, L, r + rope)
-        o = o[0, :, :, :ds.kv_lora_rank] @ ops.transpose(kv_b[:, ds.nope:, :], (0, 2, 1))
+        o = o[0, :, :, :ds.kv_lora_rank] @ ops.transpose(wv, (0, 2, 1))
         return ops.reshape(ops.transpose(o, (1, 0, 2)), (1, L, H * ds.v_dim))
 
     def _rope(self, x: Any, offset: int) -> Any:
@@ -322,13 +365,13 @@ def route(logits: np.ndarray, bias: np.ndarray, ds: DeepseekArgs
     return idx, (weight * np.float32(ds.routed_scale)).astype(np.float32)
 
 
-def absorbable(ops: Any, w: Any, heads: int, rank: int) -> Any:
-    """kv_b_proj (H * (nope + v_dim), rank) as (H, nope + v_dim, rank) float32 in the
-    backend's arrays: a float32 weight as it is; a packed or 16-bit one dequantized for this
-    call (its rows as the backend's embed reads them), as a matmul would read it whole."""
+def absorbable(ops: Any, w: Any, heads: int, cols: int) -> Any:
+    """A per-head weight (H * rows, cols) as (H, rows, cols) float32 in the backend's arrays:
+    a float32 weight as it is; a packed or 16-bit one dequantized for this call (its rows as
+    the backend's embed reads them), as a matmul would read it whole."""
     if str(getattr(w, "dtype", "")).removeprefix("mlx.core.") != "float32":
         w = ops.embed(w, np.arange(w.shape[0])[None])[0]  # (out, rank)
-    return ops.reshape(w, (heads, w.shape[0] // heads, rank))
+    return ops.reshape(w, (heads, w.shape[0] // heads, cols))
 
 
 def softmax_scale(qk_dim: int, scaling: dict[str, Any] | None) -> float:
@@ -362,8 +405,11 @@ def hf_units(spec: ModelSpec, key: str, ref: TensorRef) -> list[tuple[str, Tenso
         return []  # MTP: layers num_hidden_layers .. + num_nextn_predict_layers - 1
     if ref.name.startswith("mlp.shared_experts.") and 0 in tuple(ref.shape):
         return []  # transformers writes n_shared_experts=0 as empty shared-expert tensors
+    if ref.name in ("self_attn.k_b_proj.weight", "self_attn.v_b_proj.weight") \
+            and len(ref.shape) == 3:  # GGUF: (H, rows, cols), each head's rows contiguous
+        return [(key, replace(ref, shape=(ref.shape[0] * ref.shape[1], ref.shape[2])))]
     m = _EXPERT.match(ref.name)
-    if not m and ref.name not in STACKED:
+    if not m and ref.name not in STACKED + GGUF_STACKED:
         return [(key, ref)]
     ds = deepseek_args(spec.config)
     if not ds.moe.sparse[layer_idx]:
@@ -379,6 +425,19 @@ def hf_units(spec: ModelSpec, key: str, ref: TensorRef) -> list[tuple[str, Tenso
                               "expert count must match the checkpoint's experts")
         return [(expert_key(layer_idx, e), replace(ref, name=f"{linear}.{what}"))]
     E, inner, n = spec.hidden_size, ds.moe.expert_size, ds.moe.n_experts
+    if ref.name in GGUF_STACKED:  # ffn_{gate,up}_exps (n, I, E), ffn_down_exps (n, E, I)
+        linear = ref.name.split(".")[2]
+        shape = (E, inner) if linear == "down_proj" else (inner, E)
+        if tuple(ref.shape) != (n, *shape):
+            raise FormatError(f"has shape {list(ref.shape)}, expected {[n, *shape]} from the "
+                              "metadata (expert_count, embedding_length, "
+                              "expert_feed_forward_length); hint: the expert count and sizes "
+                              "must match the stacked expert tensors")
+        per = ref.nbytes // n
+        return [(expert_key(layer_idx, e), replace(ref, name=f"{linear}.weight",
+                                                   offset=ref.offset + e * per, nbytes=per,
+                                                   shape=shape))
+                for e in range(n)]
     up = ref.name.endswith("gate_up_proj")
     want = (n, 2 * inner, E) if up else (n, E, inner)
     if tuple(ref.shape) != want or ref.dtype == "U32":
@@ -404,9 +463,13 @@ def expected_shapes(spec: ModelSpec) -> dict[str, dict[str, tuple[int, ...]]]:
         "input_layernorm.weight": (E,), "post_attention_layernorm.weight": (E,),
         "self_attn.kv_a_proj_with_mqa.weight": (ds.latent, E),
         "self_attn.kv_a_layernorm.weight": (ds.kv_lora_rank,),
-        "self_attn.kv_b_proj.weight": (H * (ds.nope + ds.v_dim), ds.kv_lora_rank),
         "self_attn.o_proj.weight": (E, H * ds.v_dim),
     }
+    if spec.config.get(KV_B_SPLIT):  # llama.cpp's attn_k_b (H, rank, nope), attn_v_b, as 2-D
+        attn.update({"self_attn.k_b_proj.weight": (H * ds.kv_lora_rank, ds.nope),
+                     "self_attn.v_b_proj.weight": (H * ds.v_dim, ds.kv_lora_rank)})
+    else:
+        attn["self_attn.kv_b_proj.weight"] = (H * (ds.nope + ds.v_dim), ds.kv_lora_rank)
     if ds.q_lora_rank is None:
         attn["self_attn.q_proj.weight"] = (qk, E)
     else:
@@ -443,8 +506,75 @@ def _mlp_shapes(prefix: str, inner: int, E: int) -> dict[str, tuple[int, ...]]:
             for p in EXPERT_LINEARS}
 
 
+def gguf_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The HF fields from llama.cpp's deepseek2 metadata (cfg["gguf_metadata"]): its MLA
+    widths (key_length_mla and value_length_mla where the converter split kv_b_proj into
+    attn_k_b and attn_v_b, else key_length and value_length), and its expert keys with
+    llama.cpp's defaults where absent (no groups, no renormalization, a scale of 1).
+
+    Raises:
+        ValueError: naming the GGUF metadata key that is missing or wrong.
+    """
+    meta = cfg.get("gguf_metadata") or {}
+    arch = "deepseek2"
+
+    def need(key: str) -> Any:
+        val = meta.get(key)
+        if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
+            raise ValueError(f"GGUF metadata key {arch}.{key} must be a positive int, got "
+                             f"{val!r}")
+        return val
+
+    rope = need("rope.dimension_count")
+    split = "attention.key_length_mla" in meta
+    k_len, v_len = ("attention.key_length_mla", "attention.value_length_mla") if split \
+        else ("attention.key_length", "attention.value_length")
+    if need(k_len) <= rope:
+        raise ValueError(f"GGUF metadata key {arch}.{k_len}={meta[k_len]} must exceed "
+                         f"rope.dimension_count={rope} (it is qk_nope_head_dim + "
+                         "qk_rope_head_dim)")
+    gating = meta.get("expert_gating_func", 1)  # llama.cpp: absent means softmax (V2)
+    if gating != 2:
+        raise ValueError(f"GGUF metadata key {arch}.expert_gating_func is {gating!r}; "
+                         "deepseek_v3 needs 2 (sigmoid); a softmax-gated file is DeepSeek-V2")
+    out = {k: v for k, v in cfg.items() if k not in (
+        "gguf_metadata", "num_experts", "moe_intermediate_size",
+        "shared_expert_intermediate_size", "partial_rotary_factor")}
+    scale = meta.get("expert_weights_scale")
+    out.update({
+        "n_routed_experts": meta.get("expert_count"),
+        "num_experts_per_tok": meta.get("expert_used_count"),
+        "moe_intermediate_size": meta.get("expert_feed_forward_length"),
+        "n_shared_experts": meta.get("expert_shared_count", 0),
+        "first_k_dense_replace": meta.get("leading_dense_block_count", 0),
+        "n_group": meta.get("expert_group_count") or 1,
+        "topk_group": meta.get("expert_group_used_count") or 1,
+        "norm_topk_prob": bool(meta.get("expert_weights_norm", False)),
+        "routed_scaling_factor": float(str(np.float32(scale))) if scale else 1.0,
+        "q_lora_rank": meta.get("attention.q_lora_rank") or None,
+        "kv_lora_rank": need("attention.kv_lora_rank"),
+        "qk_rope_head_dim": rope, "qk_nope_head_dim": meta[k_len] - rope,
+        "v_head_dim": need(v_len), "rope_interleave": True, KV_B_SPLIT: split,
+    })
+    keys = {"n_routed_experts": "expert_count", "num_experts_per_tok": "expert_used_count",
+            "moe_intermediate_size": "expert_feed_forward_length",
+            "n_shared_experts": "expert_shared_count",
+            "first_k_dense_replace": "leading_dense_block_count",
+            "n_group": "expert_group_count", "topk_group": "expert_group_used_count",
+            "routed_scaling_factor": "expert_weights_scale",
+            "q_lora_rank": "attention.q_lora_rank"}
+    try:
+        return hf_config(out)
+    except ValueError as exc:
+        field = str(exc).split("'")[1] if "'" in str(exc) else ""
+        key = keys.get(field)
+        raise ValueError(f"GGUF metadata key {arch}.{key}: {exc}" if key else str(exc)) \
+            from None
+
+
 def architecture(model_type: str) -> Architecture:
-    return Architecture(model_type, expected_shapes, hf_config=hf_config, hf_units=hf_units)
+    return Architecture(model_type, expected_shapes, GGUF_NAMES, hf_config=hf_config,
+                        gguf_config=gguf_config, hf_units=hf_units)
 
 
 __all__: Sequence[str] = ("Model", "architecture", "deepseek_args", "route", "LatentKVCache")
