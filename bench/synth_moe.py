@@ -117,6 +117,24 @@ def deepseek_fields(spec) -> dict:
             "num_key_value_heads": spec.num_attention_heads, "head_dim": rope}
 
 
+def deepseek_gguf_keys(spec) -> tuple[dict[str, int], dict[str, float | bool]]:
+    """llama.cpp's deepseek2 metadata for deepseek_fields (uint32 keys; float32 and bool
+    keys), as its converter wrote them before splitting kv_b_proj (one attn_kv_b; per-head
+    key and value widths under key_length and value_length), which llama.cpp still reads;
+    the expert keys as the current converter writes them."""
+    f = deepseek_fields(spec)
+    ints = {"attention.head_count_kv": spec.num_attention_heads,
+            "attention.key_length": f["qk_nope_head_dim"] + f["qk_rope_head_dim"],
+            "attention.value_length": f["v_head_dim"],
+            "attention.q_lora_rank": f["q_lora_rank"], "attention.kv_lora_rank": f["kv_lora_rank"],
+            "rope.dimension_count": f["qk_rope_head_dim"],
+            "leading_dense_block_count": f["first_k_dense_replace"],
+            "expert_shared_count": f["n_shared_experts"], "expert_gating_func": 2,  # sigmoid
+            "expert_group_count": f["n_group"], "expert_group_used_count": f["topk_group"]}
+    return ints, {"expert_weights_scale": f["routed_scaling_factor"],
+                  "expert_weights_norm": f["norm_topk_prob"]}
+
+
 def check(spec) -> None:
     """Raises ValueError (one line, naming the flag) for MoE fields synth cannot write."""
     if spec.arch not in MOE_ARCHS:

@@ -348,3 +348,36 @@ def test_tiled_prefill_and_concurrent_requests_give_the_tokens_of_single_runs(tm
     np.testing.assert_allclose(logits, hf_logits(model, PROMPT * 3), rtol=1e-4, atol=1e-4)
     assert widest >= 2
     assert together == [hf_greedy(model, p, 12) for p in prompts]
+
+
+@pytest.mark.reference
+def test_gguf_synth_runs_as_in_transformers(tmp_path):
+    """stream-bench synth --format gguf --arch deepseek_v3: llama.cpp's deepseek2 keys and
+    stacked experts (one attn_kv_b); HF on the weights gguf-py dequantizes the file to gives
+    the engine's logits."""
+    gguf = pytest.importorskip("gguf")
+    from stream_run.bench.synth import SynthSpec
+    from stream_run.bench.synth_gguf import synthesize_gguf
+    from tests.loaders.test_gguf_deepseek import set_weights
+
+    spec = SynthSpec.from_shape("tiny-moe", arch="deepseek_v3", router_skew=1.0)
+    path = tmp_path / "m.gguf"
+    synthesize_gguf(spec, "q8_0", str(path))
+    r = gguf.GGUFReader(str(path))
+    meta = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    assert meta["general.architecture"] == "deepseek2"
+    assert (meta["deepseek2.expert_gating_func"], meta["deepseek2.expert_weights_norm"],
+            meta["deepseek2.attention.kv_lora_rank"]) == (2, True, 64)
+    held = {}
+    for t in r.tensors:
+        shape = tuple(reversed([int(d) for d in t.shape]))
+        held[t.name] = gguf.quants.dequantize(t.data, t.tensor_type).reshape(shape)
+    assert "blk.1.attn_kv_b.weight" in held and "blk.1.exp_probs_b.bias" in held
+    cfg = SynthSpec.from_shape("tiny-moe", arch="deepseek_v3", dtype="f32").config()
+    hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in cfg.items()
+                                                  if k != "architectures"})
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    set_weights(model, held)
+    logits, tokens, _, _ = run_engine(path)
+    np.testing.assert_allclose(logits, hf_logits(model, PROMPT * 3), rtol=1e-4, atol=1e-4)
+    assert tokens == hf_greedy(model, PROMPT, N_NEW)
