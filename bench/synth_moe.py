@@ -182,7 +182,8 @@ def skew_edit(spec, name: str, shape: tuple[int, ...], unit_elems: int,
             raise ValueError("a quantized embedding needs its [c, 0, ...] block")
         return _periodic(E // unit_elems, 1, fill)
     if name.endswith(("o_proj.weight", "down_proj.weight", "attn_output.weight",
-                      "ffn_down_exps.weight", ".w2.weight")):
+                      "ffn_down_exps.weight", ".w2.weight", "ffn_down_shexp.weight",
+                      "ffn_down.weight")):
         return _periodic(math.prod(shape[-2:]) // unit_elems, shape[-1] // unit_elems, 0)
     if name.endswith(("mlp.gate.weight", "ffn_gate_inp.weight", "block_sparse_moe.gate.weight")):
         layer = int(name.split(".")[2 if name.startswith("model.") else 1])

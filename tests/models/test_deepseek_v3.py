@@ -381,3 +381,19 @@ def test_gguf_synth_runs_as_in_transformers(tmp_path):
     logits, tokens, _, _ = run_engine(path)
     np.testing.assert_allclose(logits, hf_logits(model, PROMPT * 3), rtol=1e-4, atol=1e-4)
     assert tokens == hf_greedy(model, PROMPT, N_NEW)
+
+
+def test_gguf_synth_router_skew_makes_some_experts_popular(tmp_path):
+    """--router-skew on a deepseek2 GGUF synth concentrates the routers' picks."""
+    from stream_run.bench import synth_moe
+    from stream_run.bench.synth import SynthSpec
+    from stream_run.bench.synth_gguf import synthesize_gguf
+    from tests.bench.test_synth_moe import expert_picks
+
+    shares = {}
+    for skew in (0.0, 2.0):
+        spec = SynthSpec.from_shape("tiny-moe", arch="deepseek_v3", router_skew=skew)
+        synthesize_gguf(spec, "q8_0", str(tmp_path / f"{skew}.gguf"))
+        counts = expert_picks(tmp_path / f"{skew}.gguf")[1:]  # layer 0 is dense
+        shares[skew] = synth_moe.popularity(counts)["top10pct_share"]
+    assert shares[0.0] < 0.2 < 0.3 < shares[2.0], shares
