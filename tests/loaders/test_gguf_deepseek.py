@@ -231,3 +231,23 @@ def test_bad_gguf_metadata_is_named(tmp_path, edit, words):
         open_model(str(tmp_path / "m.gguf"))
     for word in [*words, "m.gguf"]:
         assert word in str(exc.value)
+
+
+def test_split_gguf_converts_to_8_bit(tmp_path):
+    """stream-convert of a GGUF with attn_k_b / attn_v_b: the packed model keeps them (2-D,
+    each head's rows contiguous) and says so in its config; it runs, within 8-bit rounding of
+    HF on the file's weights."""
+    import json
+
+    from stream_run.convert.convert import convert_model
+
+    model = write_deepseek(tmp_path / "hf", **SIZES, qk_nope_head_dim=32)  # k_b rows of 32
+    write_gguf(tmp_path / "m.gguf", model, split=True, qtype="Q8_0")
+    convert_model(str(tmp_path / "m.gguf"), str(tmp_path / "q8"), bits=8, group_size=32,
+                  progress=False)
+    assert json.loads((tmp_path / "q8" / "config.json").read_text())["gguf_kv_b_split"]
+    block = open_model(str(tmp_path / "q8")).index.units["layers.1"].tensors
+    assert "self_attn.k_b_proj.weight" in block and "self_attn.kv_b_proj.weight" not in block
+    logits, tokens, _, _ = run_engine(tmp_path / "q8")
+    want = hf_logits(model, PROMPT * 3)
+    assert np.abs(logits - want).max() < 0.01 * np.abs(want).max()  # measured: 0.5 %
