@@ -22,14 +22,16 @@ by routed_scaling_factor; n_shared_experts shared experts as one MLP in the dens
 first first_k_dense_replace layers have a dense MLP. Multi-token-prediction layers
 (num_nextn_predict_layers, stored as layers num_hidden_layers.. ) are not read.
 
-Config fields missing from config.json take transformers' DeepseekV3Config defaults.
+Config fields missing from config.json take transformers' DeepseekV3Config defaults. From GGUF
+(llama.cpp's deepseek2), kv_b_proj may come split as the current converter writes it: attn_k_b
+(each head's key rows, transposed) and attn_v_b; gguf_config reads llama.cpp's metadata keys.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -576,5 +578,3 @@ def architecture(model_type: str) -> Architecture:
     return Architecture(model_type, expected_shapes, GGUF_NAMES, hf_config=hf_config,
                         gguf_config=gguf_config, hf_units=hf_units)
 
-
-__all__: Sequence[str] = ("Model", "architecture", "deepseek_args", "route", "LatentKVCache")
