@@ -397,3 +397,12 @@ def test_gguf_synth_router_skew_makes_some_experts_popular(tmp_path):
         counts = expert_picks(tmp_path / f"{skew}.gguf")[1:]  # layer 0 is dense
         shares[skew] = synth_moe.popularity(counts)["top10pct_share"]
     assert shares[0.0] < 0.2 < 0.3 < shares[2.0], shares
+
+
+def test_stream_serve_requests_share_passes(tmp_path):
+    """Through stream-serve: concurrent completions share passes and equal the ones run one at
+    a time (each sequence with its own latent cache)."""
+    pytest.importorskip("openai")
+    write_deepseek(tmp_path)
+    model_checks.assert_requests_share_passes(tmp_path, [PROMPT, PROMPT[::-1], PROMPT[2:],
+                                                         PROMPT[:5]])
