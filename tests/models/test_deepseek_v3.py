@@ -406,3 +406,42 @@ def test_stream_serve_requests_share_passes(tmp_path):
     write_deepseek(tmp_path)
     model_checks.assert_requests_share_passes(tmp_path, [PROMPT, PROMPT[::-1], PROMPT[2:],
                                                          PROMPT[:5]])
+
+
+def _edit(path, fn) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(str(path / "model.safetensors"))
+    fn(weights)
+    save_file(weights, str(path / "model.safetensors"))
+
+
+ROUTER = "model.layers.1.mlp.gate.weight"
+BIAS = "model.layers.2.mlp.gate.e_score_correction_bias"
+BAD_EXPERTS = {
+    # n_group=2 keeps 6 experts in groups of 3: expert 6 is beyond them
+    "fewer_experts_in_config": (dict(n_routed_experts=6), ["'model.layers.1.mlp.experts.6.",
+                                                           "n_routed_experts=6"]),
+    "missing_expert_tensor": (lambda w: w.pop("model.layers.2.mlp.experts.5.down_proj.weight"),
+                              ["'layers.2.mlp.experts.5'", "'down_proj.weight'"]),
+    "router_of_the_wrong_shape": (lambda w: w.update({ROUTER: w[ROUTER][:-1]}),
+                                  ["'mlp.gate.weight'", "'layers.1'", "[7, 64]", "[8, 64]"]),
+    "correction_bias_of_the_wrong_shape": (lambda w: w.update({BIAS: w[BIAS][:4]}),
+                                           ["'mlp.gate.e_score_correction_bias'", "[4]", "[8]"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_EXPERTS))
+def test_bad_expert_input_is_named(tmp_path, case):
+    from stream_run.loaders import MissingTensorError
+
+    write_deepseek(tmp_path)
+    edit, words = BAD_EXPERTS[case]
+    if isinstance(edit, dict):
+        _config(tmp_path, **edit)
+    else:
+        _edit(tmp_path, edit)
+    with pytest.raises((FormatError, MissingTensorError)) as exc:
+        open_model(str(tmp_path))
+    for word in words:
+        assert word in str(exc.value)
