@@ -445,3 +445,27 @@ def test_bad_expert_input_is_named(tmp_path, case):
         open_model(str(tmp_path))
     for word in words:
         assert word in str(exc.value)
+
+
+def test_speculative_decoding_gives_the_greedy_tokens(tmp_path):
+    """Draft-model speculation (another random deepseek_v3 as the draft): verification passes
+    of several rows through the latent cache, the rejected rows trimmed; the tokens are HF's
+    greedy ones."""
+    from stream_run.engine import GenerationParams
+
+    model = write_deepseek(tmp_path / "target")
+    write_deepseek(tmp_path / "draft", seed=1)
+
+    async def go():
+        cfg = EngineConfig(backend="numpy", speculative="draft_model",
+                           draft_model=str(tmp_path / "draft"), num_draft_tokens=4)
+        engine = await Engine.open(str(tmp_path / "target"), cfg)
+        try:
+            return await engine.complete(PROMPT, GenerationParams(max_tokens=N_NEW,
+                                                                  ignore_eos=True))
+        finally:
+            engine.close()
+
+    done = asyncio.run(go())
+    assert done.stats.draft_tokens > done.stats.accepted_tokens  # some drafts rolled back
+    assert done.token_ids == hf_greedy(model, PROMPT, N_NEW)
