@@ -45,6 +45,9 @@ SHAPES = {
     # deepseek-ai/DeepSeek-V3 config.json (671B; MLA from head_dim 128: see deepseek_fields)
     "deepseek-v3": MoEShape(("deepseek_v3",), (7168, 18432, 61, 128, 128, 129280), 128, 256, 8,
                             2048),
+    # moonshotai/Kimi-K2-Instruct config.json (1T: DeepSeek-V3's layout, 384 experts in one
+    # group, 64 heads, the first layer dense; see deepseek_fields)
+    "kimi-k2": MoEShape(("deepseek_v3",), (7168, 18432, 61, 64, 64, 163840), 128, 384, 8, 2048),
     # a few GB at 4 bits: DeepSeek-V3's MLA and expert widths at 2048 hidden, 8 layers (the
     # first dense), 64 experts top-8 in 8 groups, a 32k vocabulary
     "deepseek-v3-mini": MoEShape(("deepseek_v3",), (2048, 6144, 8, 16, 16, 32000), 128, 64, 8,
@@ -100,16 +103,19 @@ def deepseek_fields(spec) -> dict:
     """deepseek_v3's fields, scaled from head_dim as DeepSeek-V3 sets them at 128: no-rope
     q/k and v heads of head_dim, a rope part of head_dim / 2, a latent of 4 head_dim, a q LoRA
     rank of 12 head_dim; 8 expert groups (4 kept) where 8 divide the experts in groups of at
-    least 2, else one; one shared expert; the first layer dense (DeepSeek-V3: 3 of 61)."""
+    least 2, else one; one shared expert; the first layer dense (DeepSeek-V3: 3 of 61).
+    Kimi K2's 384 experts: one group, only the first layer dense, as its config has them."""
     d = spec.head_dim or spec.hidden_size // spec.num_attention_heads
     rope = max(2, d // 2 // 2 * 2)
-    n_group = 8 if spec.num_experts % 8 == 0 and spec.num_experts >= 16 else 1
+    kimi = spec.num_experts == 384
+    n_group = 8 if spec.num_experts % 8 == 0 and spec.num_experts >= 16 and not kimi else 1
     return {"n_routed_experts": spec.num_experts,
             "num_experts_per_tok": spec.num_experts_per_tok,
             "moe_intermediate_size": spec.moe_intermediate_size, "n_shared_experts": 1,
             "n_group": n_group, "topk_group": max(1, n_group // 2),
-            "first_k_dense_replace": 3 if spec.num_hidden_layers > 8 else 1,
-            "norm_topk_prob": True, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid",
+            "first_k_dense_replace": 3 if spec.num_hidden_layers > 8 and not kimi else 1,
+            "norm_topk_prob": True, "routed_scaling_factor": 2.827 if kimi else 2.5,
+            "scoring_func": "sigmoid",
             "qk_nope_head_dim": d, "qk_rope_head_dim": rope, "v_head_dim": d,
             "kv_lora_rank": 4 * d, "q_lora_rank": 12 * d, "rope_interleave": True,
             # as save_pretrained writes them: transformers repeats no KV heads for MLA, and

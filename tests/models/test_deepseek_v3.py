@@ -298,12 +298,14 @@ def test_converts_to_8_bit_with_one_file_per_expert(tmp_path, backend):
 
 def test_synth_named_shapes():
     """stream-bench synth --arch deepseek_v3: deepseek-v3 has DeepSeek-V3's 671B parameters
-    (its MTP layer aside); deepseek-v3-mini is about 2.4B."""
+    (its MTP layer aside), kimi-k2 Kimi K2's 1.03T; deepseek-v3-mini is about 2.4B."""
     from stream_run.bench.synth import SynthSpec
 
     big = SynthSpec.from_shape("deepseek-v3", arch="deepseek_v3")
     assert 670e9 < big.nbytes / 2 < 672e9
     assert 2.3e9 < SynthSpec.from_shape("deepseek-v3-mini", arch="deepseek_v3").nbytes / 2 < 2.5e9
+    kimi = SynthSpec.from_shape("kimi-k2", arch="deepseek_v3")  # Kimi K2: about 1.03T
+    assert 1.02e12 < kimi.nbytes / 2 < 1.03e12
     with pytest.raises(ValueError, match="'num_experts_per_tok' is 9"):
         SynthSpec(arch="deepseek_v3", num_experts=16, num_experts_per_tok=9,
                   moe_intermediate_size=32)
