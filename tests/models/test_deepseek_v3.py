@@ -471,3 +471,25 @@ def test_speculative_decoding_gives_the_greedy_tokens(tmp_path):
     done = asyncio.run(go())
     assert done.stats.draft_tokens > done.stats.accepted_tokens  # some drafts rolled back
     assert done.token_ids == hf_greedy(model, PROMPT, N_NEW)
+
+
+@pytest.mark.reference
+def test_legacy_rope_scaling_config_as_deepseek_ships_it(tmp_path):
+    """DeepSeek-V3's own config.json spells yarn transformers-4 style: top-level rope_theta and
+    rope_scaling {"type": "yarn", ...} (mscale == mscale_all_dim, as DeepSeek-V3 and Kimi K2
+    have them); the engine reads it as transformers 5 does."""
+    write_deepseek(tmp_path, "yarn", n_shared_experts=1,
+                   rope_parameters={**YARN, "mscale": 1.0})
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    params = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = params.pop("rope_theta")
+    params["type"] = params.pop("rope_type")
+    cfg["rope_scaling"] = params
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path),
+                                                              dtype=torch.float32).eval()
+    assert model.config.rope_parameters["rope_type"] == "yarn"
+    assert model.model.layers[0].self_attn.scaling != 24**-0.5
+    logits, tokens, _, _ = run_engine(tmp_path)
+    np.testing.assert_allclose(logits, hf_logits(model, PROMPT * 3), rtol=1e-4, atol=1e-4)
+    assert tokens == hf_greedy(model, PROMPT, N_NEW)
