@@ -394,6 +394,12 @@ def hf_config(cfg: dict[str, Any]) -> dict[str, Any]:
     whatever the heads), its head_dim the widest per-head row attention computes on (a q/k
     head, or the absorbed query over the latent), for the engine's activation estimates."""
     ds = deepseek_args(cfg)
+    quant = cfg.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method") == "fp8":
+        raise ValueError("field 'quantization_config' says quant_method 'fp8' (DeepSeek's "
+                         "released FP8 weights, with weight_scale_inv blocks), which the engine "
+                         "does not read; hint: cast them to bf16 first (DeepSeek-V3's "
+                         "inference/fp8_cast_bf16.py), then stream-convert")
     heads = cfg.get("num_attention_heads")
     return {**cfg, "num_key_value_heads": heads, "head_dim": max(ds.nope + ds.rope, ds.latent)}
 

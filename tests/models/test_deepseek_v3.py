@@ -237,6 +237,9 @@ BAD_CONFIG = {
     "num_experts_per_tok": (dict(num_experts_per_tok=5), ["'num_experts_per_tok'"]),
     "routed_scaling_factor": (dict(routed_scaling_factor=None), ["'routed_scaling_factor'"]),
     "scoring_func": (dict(scoring_func="softmax"), ["'scoring_func'"]),
+    "quantization_config": (dict(quantization_config={"quant_method": "fp8",
+                                                      "weight_block_size": [128, 128]}),
+                            ["'quantization_config'", "fp8", "bf16"]),
     "first_k_dense_replace": (dict(first_k_dense_replace=2),
                               ["'model.layers.1.mlp.experts.", "first_k_dense_replace=2"]),
 }
