@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--arch", default="llama", choices=REGISTRY.model_types)
     s.add_argument("--shape", default="7b", help="7b, 13b, 70b, tiny, or custom; with an MoE "
                    "--arch: qwen3-30b-a3b, qwen3-moe-mid (qwen3_moe), mixtral-8x7b (mixtral), "
-                   "tiny-moe")
+                   "deepseek-v3, kimi-k2, deepseek-v3-mini (deepseek_v3), tiny-moe")
     s.add_argument("--format", default="hf", choices=("hf", "gguf"),
                    help="hf: a model directory; gguf: one .gguf file, as llama.cpp writes it")
     s.add_argument("--dtype", default=None, choices=("bf16", "f16", "f32"),

@@ -47,7 +47,7 @@ from stream_run.models import ARCHITECTURES, REGISTRY
 
 # Architectures written as GGUF: those whose llama.cpp metadata the llama.* keys cover. Gemma
 # is not: llama.cpp stores its norms with +1 and needs sliding-window and softcap keys.
-GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "qwen3_moe", "mixtral")
+GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "qwen3_moe", "mixtral", "deepseek_v3")
 # llama.cpp's stacked experts: one tensor (n_experts, rows, cols) per linear of a sparse layer
 EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
 FLOAT_NAMES = {Q.F32: "f32", Q.F16: "f16", Q.BF16: "bf16"}
@@ -175,8 +175,17 @@ def _add_metadata(w: GGUFWriter, spec: SynthSpec, quant: str, name: str) -> None
                  ("expert_used_count", spec.num_experts_per_tok)]
         if spec.arch != "mixtral":
             keys.append(("expert_feed_forward_length", spec.moe_intermediate_size))
+    others: dict[str, float | bool] = {}
+    if spec.arch == "deepseek_v3":
+        ints, others = synth_moe.deepseek_gguf_keys(spec)
+        keys = [*((k, v) for k, v in keys if k not in ints), *ints.items()]
     for key, val in keys:
         w.add_uint32(f"{arch}.{key}", val)
+    for key, other in others.items():
+        if isinstance(other, bool):
+            w.add_bool(f"{arch}.{key}", other)
+        else:
+            w.add_float32(f"{arch}.{key}", other)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg["rms_norm_eps"])
     w.add_float32(f"{arch}.rope.freq_base", cfg["rope_theta"])
     tokens, types, merges = tokenizer_metadata(spec.vocab_size)

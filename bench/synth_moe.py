@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MOE_ARCHS = ("qwen3_moe", "mixtral")  # qwen2_moe would need a shared expert size
+MOE_ARCHS = ("qwen3_moe", "mixtral", "deepseek_v3")  # qwen2_moe: a shared expert size
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,16 @@ SHAPES = {
     "qwen3-moe-mid": MoEShape(("qwen3_moe",), (2048, 6144, 16, 32, 4, 32000), 128, 64, 8, 768),
     # mistralai/Mixtral-8x7B-v0.1 config.json
     "mixtral-8x7b": MoEShape(("mixtral",), (4096, 14336, 32, 32, 8, 32000), 128, 8, 2, 14336),
+    # deepseek-ai/DeepSeek-V3 config.json (671B; MLA from head_dim 128: see deepseek_fields)
+    "deepseek-v3": MoEShape(("deepseek_v3",), (7168, 18432, 61, 128, 128, 129280), 128, 256, 8,
+                            2048),
+    # moonshotai/Kimi-K2-Instruct config.json (1T: DeepSeek-V3's layout, 384 experts in one
+    # group, 64 heads, the first layer dense; see deepseek_fields)
+    "kimi-k2": MoEShape(("deepseek_v3",), (7168, 18432, 61, 64, 64, 163840), 128, 384, 8, 2048),
+    # a few GB at 4 bits: DeepSeek-V3's MLA and expert widths at 2048 hidden, 8 layers (the
+    # first dense), 64 experts top-8 in 8 groups, a 32k vocabulary
+    "deepseek-v3-mini": MoEShape(("deepseek_v3",), (2048, 6144, 8, 16, 16, 32000), 128, 64, 8,
+                                 768),
     "tiny-moe": MoEShape(MOE_ARCHS, (64, 128, 4, 4, 2, 320), 16, 16, 2, 64),
 }
 
@@ -79,12 +89,56 @@ def hf_name(arch: str, full: str) -> str:
 
 def config_fields(spec) -> dict:
     """config.json's expert fields (as transformers names them per family)."""
+    if spec.arch == "deepseek_v3":
+        return deepseek_fields(spec)
     if spec.arch == "mixtral":
         return {"num_local_experts": spec.num_experts,
                 "num_experts_per_tok": spec.num_experts_per_tok}
     return {"num_experts": spec.num_experts, "num_experts_per_tok": spec.num_experts_per_tok,
             "moe_intermediate_size": spec.moe_intermediate_size, "norm_topk_prob": True,
             "decoder_sparse_step": 1, "mlp_only_layers": []}
+
+
+def deepseek_fields(spec) -> dict:
+    """deepseek_v3's fields, scaled from head_dim as DeepSeek-V3 sets them at 128: no-rope
+    q/k and v heads of head_dim, a rope part of head_dim / 2, a latent of 4 head_dim, a q LoRA
+    rank of 12 head_dim; 8 expert groups (4 kept) where 8 divide the experts in groups of at
+    least 2, else one; one shared expert; the first layer dense (DeepSeek-V3: 3 of 61).
+    Kimi K2's 384 experts: one group, only the first layer dense, as its config has them."""
+    d = spec.head_dim or spec.hidden_size // spec.num_attention_heads
+    rope = max(2, d // 2 // 2 * 2)
+    kimi = spec.num_experts == 384
+    n_group = 8 if spec.num_experts % 8 == 0 and spec.num_experts >= 16 and not kimi else 1
+    return {"n_routed_experts": spec.num_experts,
+            "num_experts_per_tok": spec.num_experts_per_tok,
+            "moe_intermediate_size": spec.moe_intermediate_size, "n_shared_experts": 1,
+            "n_group": n_group, "topk_group": max(1, n_group // 2),
+            "first_k_dense_replace": 3 if spec.num_hidden_layers > 8 and not kimi else 1,
+            "norm_topk_prob": True, "routed_scaling_factor": 2.827 if kimi else 2.5,
+            "scoring_func": "sigmoid",
+            "qk_nope_head_dim": d, "qk_rope_head_dim": rope, "v_head_dim": d,
+            "kv_lora_rank": 4 * d, "q_lora_rank": 12 * d, "rope_interleave": True,
+            # as save_pretrained writes them: transformers repeats no KV heads for MLA, and
+            # its RoPE turns head_dim dims (qk_rope_head_dim)
+            "num_key_value_heads": spec.num_attention_heads, "head_dim": rope}
+
+
+def deepseek_gguf_keys(spec) -> tuple[dict[str, int], dict[str, float | bool]]:
+    """llama.cpp's deepseek2 metadata for deepseek_fields (uint32 keys; float32 and bool
+    keys), as its converter wrote them before splitting kv_b_proj (one attn_kv_b; per-head
+    key and value widths under key_length and value_length), which llama.cpp still reads;
+    the expert keys as the current converter writes them."""
+    f = deepseek_fields(spec)
+    ints = {"attention.head_count_kv": spec.num_attention_heads,
+            "attention.key_length": f["qk_nope_head_dim"] + f["qk_rope_head_dim"],
+            "attention.value_length": f["v_head_dim"],
+            "attention.q_lora_rank": f["q_lora_rank"], "attention.kv_lora_rank": f["kv_lora_rank"],
+            "rope.dimension_count": f["qk_rope_head_dim"],
+            "leading_dense_block_count": f["first_k_dense_replace"],
+            "expert_shared_count": f["n_shared_experts"], "expert_gating_func": 2,  # sigmoid
+            "expert_group_count": f["n_group"], "expert_group_used_count": f["topk_group"]}
+    return ints, {"expert_weights_scale": f["routed_scaling_factor"],
+                  "expert_weights_norm": f["norm_topk_prob"]}
 
 
 def check(spec) -> None:
@@ -99,6 +153,14 @@ def check(spec) -> None:
                          "--shape custom with --experts and --experts-per-tok <= --experts")
     if spec.moe_intermediate_size <= 0:
         raise ValueError("--expert-size must be > 0")
+    if spec.arch == "deepseek_v3":
+        from stream_run.models.deepseek import deepseek_args
+
+        try:
+            deepseek_args({**deepseek_fields(spec), "num_hidden_layers": spec.num_hidden_layers})
+        except ValueError as exc:
+            raise ValueError(f"--arch deepseek_v3: {exc} (from --experts, --experts-per-tok, "
+                             "--head-dim)") from None
     if not 0 <= spec.router_skew <= 8:
         raise ValueError(f"--router-skew must be in 0..8 (a Zipf exponent), got "
                          f"{spec.router_skew}")
@@ -126,7 +188,8 @@ def skew_edit(spec, name: str, shape: tuple[int, ...], unit_elems: int,
             raise ValueError("a quantized embedding needs its [c, 0, ...] block")
         return _periodic(E // unit_elems, 1, fill)
     if name.endswith(("o_proj.weight", "down_proj.weight", "attn_output.weight",
-                      "ffn_down_exps.weight", ".w2.weight")):
+                      "ffn_down_exps.weight", ".w2.weight", "ffn_down_shexp.weight",
+                      "ffn_down.weight")):
         return _periodic(math.prod(shape[-2:]) // unit_elems, shape[-1] // unit_elems, 0)
     if name.endswith(("mlp.gate.weight", "ffn_gate_inp.weight", "block_sparse_moe.gate.weight")):
         layer = int(name.split(".")[2 if name.startswith("model.") else 1])

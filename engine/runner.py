@@ -25,7 +25,7 @@ from stream_run.engine.config import (
 )
 from stream_run.engine.stats import rss_bytes
 from stream_run.kernels.backend import Backend, KVCache
-from stream_run.kernels.kv_cache import ATTN_SCORE_BYTES, group_size, position_bytes
+from stream_run.kernels.kv_cache import ATTN_SCORE_BYTES
 from stream_run.kernels.numpy_backend import DEQUANT_BLOCK_ELEMENTS
 from stream_run.kernels.sizes import held_nbytes, transient_nbytes, unit_nbytes
 from stream_run.loaders import FormatError, HostTensor, LayerIndex, UnitReader
@@ -64,9 +64,7 @@ class PassRunner:
         Raises:
             ValueError: kv_bits with a head_dim it cannot group (not a multiple of 32).
         """
-        if kv_bits is not None:
-            assert model.spec.head_dim is not None
-            group_size(model.spec.head_dim, kv_bits)
+        model.check_kv_bits(kv_bits)
         self.model = model
         self.scheduler = scheduler
         self.units = units
@@ -239,16 +237,8 @@ class PassRunner:
         return lo if spans else max(lo, min(want, self.tile_rows))
 
     def kv_bytes(self, n_tokens: int) -> int:
-        """Bytes of one sequence's KV cache for n_tokens positions (float32 keys and values,
-        or kv_bits codes with their scales in full layers; a sliding-window layer holds its
-        window at most, in float32)."""
-        spec = self.model.spec
-        assert spec.head_dim is not None and spec.num_key_value_heads is not None
-        f32 = 2 * spec.num_key_value_heads * spec.head_dim * 4
-        full = f32 if self.kv_bits is None else \
-            2 * spec.num_key_value_heads * position_bytes(spec.head_dim, self.kv_bits)
-        return sum(full * n_tokens if w is None else f32 * min(n_tokens, w)
-                   for w in self.model.layer_windows())
+        """Bytes of one sequence's KV cache for n_tokens positions (DecoderModel.kv_bytes)."""
+        return self.model.kv_bytes(n_tokens, self.kv_bits)
 
     @property
     def min_budget_bytes(self) -> int:

@@ -245,9 +245,6 @@ def spec_from_metadata(meta: dict[str, Any], infos: dict[str, tuple], path: str,
         "eos_token_id": eos_token_ids(meta),
     }
     value_length = get("attention.value_length", None)
-    if value_length is not None and value_length != cfg["head_dim"]:
-        raise FormatError(f"{path}: {arch}.attention.value_length={value_length} differs from "
-                          f"key_length={cfg['head_dim']}; unsupported")
     rope_dims = get("rope.dimension_count", None)
     head_dim = cfg["head_dim"] or cfg["hidden_size"] // n_heads
     if rope_dims is not None and rope_dims != head_dim:
@@ -262,10 +259,18 @@ def spec_from_metadata(meta: dict[str, Any], infos: dict[str, tuple], path: str,
         elif val:  # 0 means none, as llama.cpp reads it
             cfg[field] = get(key)
     if desc.gguf_config is not None:
+        # every {arch}.* key, for a family whose fields OPTIONAL_KEYS does not cover (MLA)
+        cfg["gguf_metadata"] = {k.removeprefix(f"{arch}."): v for k, v in meta.items()
+                                if k.startswith(f"{arch}.")}
         try:
             cfg = desc.gguf_config(cfg)
         except ValueError as exc:
             raise FormatError(f"{path}: {exc}") from None
+        cfg.pop("gguf_metadata", None)
+    # a family whose value heads differ from its key heads says so with v_head_dim
+    if value_length is not None and value_length != cfg["head_dim"] and "v_head_dim" not in cfg:
+        raise FormatError(f"{path}: {arch}.attention.value_length={value_length} differs from "
+                          f"key_length={cfg['head_dim']}; unsupported")
     return ModelSpec.from_dict({**cfg, **desc.config_overrides}, source=path)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from stream_run.kernels.backend import Backend, KVCache
+from stream_run.kernels.kv_cache import group_size, position_bytes
 from stream_run.loaders import EMBED, HEAD, ModelSpec, layer_key
 
 Units = tuple[str, ...]
@@ -151,6 +152,25 @@ class DecoderModel:
         assert spec.head_dim is not None and spec.num_key_value_heads is not None
         return self.ops.make_kv_cache(spec.num_hidden_layers, 1, spec.num_key_value_heads,
                                       spec.head_dim, max_len, self.layer_windows(), kv_bits)
+
+    def check_kv_bits(self, kv_bits: int | None) -> None:
+        """Raise ValueError when the KV cache cannot be stored in kv_bits (a head_dim it
+        cannot group: not a multiple of 32)."""
+        if kv_bits is not None:
+            assert self.spec.head_dim is not None
+            group_size(self.spec.head_dim, kv_bits)
+
+    def kv_bytes(self, n_tokens: int, kv_bits: int | None = None) -> int:
+        """Bytes of one sequence's KV cache for n_tokens positions (float32 keys and values,
+        or kv_bits codes with their scales in full layers; a sliding-window layer holds its
+        window at most, in float32)."""
+        spec = self.spec
+        assert spec.head_dim is not None and spec.num_key_value_heads is not None
+        f32 = 2 * spec.num_key_value_heads * spec.head_dim * 4
+        full = f32 if kv_bits is None else \
+            2 * spec.num_key_value_heads * position_bytes(spec.head_dim, kv_bits)
+        return sum(full * n_tokens if w is None else f32 * min(n_tokens, w)
+                   for w in self.layer_windows())
 
     def reuses_prefix(self, cached: int, prompt: int) -> bool:
         """Whether keys a request computed over `cached` positions serve a prompt of `prompt`

@@ -28,10 +28,11 @@ def test_gguf_architectures_resolve_to_model_types():
 def test_unknown_model_type_lists_supported():
     with pytest.raises(ValueError, match=r"unsupported model_type 'gpt2'; supported: llama"):
         model_class("gpt2")
+    assert REGISTRY.model_types[:11] == ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2",
+                                         "gemma3_text", "gemma3", "qwen3_moe", "qwen2_moe",
+                                         "mixtral"]
     with pytest.raises(FormatError, match=r"^cfg.json: unsupported model_type 'bert'; "
-                                          r"supported: llama, mistral, qwen2, qwen3, phi3, "
-                                          r"gemma2, gemma3_text, gemma3, qwen3_moe, "
-                                          r"qwen2_moe, mixtral$"):
+                                          rf"supported: {', '.join(REGISTRY.model_types)}$"):
         REGISTRY.for_model_type("bert", "cfg.json")
 
 
