@@ -202,9 +202,11 @@ def test_plan_spreads_streamed_units_evenly():
 async def test_prefetch_deepens_when_reads_are_slower_than_compute():
     sched, cache, loader = make(budget=None, depth=1, read_s=0.02)
     cache.compute.budget_bytes = 400  # stream: nothing stays resident
-    for _ in range(3):
+    depths = []
+    for _ in range(9):  # a deepening takes 3 stalled passes of the window of 4
         _, stats = await sched.run(make_steps(KEYS, compute_s=0.002))
-    assert sched.depth == 4 and stats.prefetch_depth == 3
+        depths.append(sched.depth)
+    assert depths == [1, 1, 2, 2, 2, 3, 3, 3, 4] and stats.prefetch_depth == 3
     sched.close()
 
 
@@ -215,12 +217,60 @@ async def test_prefetch_stays_when_compute_hides_reads():
     from stream_run.scheduler.loop import RunStats
 
     sched, _, _ = make(budget=400, depth=2)
-    sched._adapt(RunStats(compute_s=1.0, io_stall_s=0.04, units_read=8))
+    for _ in range(6):
+        sched._adapt(RunStats(compute_s=1.0, io_stall_s=0.04, units_read=8))
     assert sched.depth == 2
     sched._adapt(RunStats(compute_s=1.0, io_stall_s=0.2, units_read=8))
+    sched._adapt(RunStats(compute_s=1.0, io_stall_s=0.2, units_read=8))
+    assert sched.depth == 2  # two stalled passes of the last four: not yet the rule
+    sched._adapt(RunStats(compute_s=1.0, io_stall_s=0.2, units_read=8))
     assert sched.depth == 3
-    sched._adapt(RunStats(compute_s=1.0, io_stall_s=0.2, units_read=0))  # nothing was read
+    for _ in range(4):
+        sched._adapt(RunStats(compute_s=1.0, io_stall_s=0.2, units_read=0))  # nothing read
     assert sched.depth == 3
+    sched.close()
+
+
+@pytest.mark.asyncio
+async def test_one_stalled_pass_among_quiet_ones_does_not_deepen():
+    """A stall spike of one pass (a loaded machine: 0.3 ms typical, 22-73 ms once) is not a
+    reason to read further ahead; stalls in 3 of the last 4 passes are."""
+    from stream_run.scheduler.loop import RunStats
+
+    sched, _, _ = make(budget=400, depth=2)
+    for i in range(40):
+        stall = 0.3 if i % 4 == 3 else 0.001
+        sched._adapt(RunStats(compute_s=1.0, io_stall_s=stall, units_read=8))
+    assert sched.depth == 2
+    sched.close()
+
+
+@pytest.mark.asyncio
+async def test_a_deepening_that_costs_resident_units_and_does_not_help_is_undone():
+    """Giving up a resident unit for a deeper ring is a trial: when the next steady pass
+    stalls more than half as long as before, the depth and the plan go back and the depth
+    stays below the trial's for TRIAL_COOLDOWN passes; when it helps, it stays."""
+    from stream_run.scheduler.loop import TRIAL_COOLDOWN, RunStats
+
+    idle = dict(compute_s=1.0, io_stall_s=2.0, wall_s=3.0, disk_busy_s=1.0, bytes_read=400,
+                units_read=4)
+    sched, _, _ = make(budget=600, depth=1)
+    sched.plan_residency(units_of(make_steps(KEYS)))
+    before = set(sched.resident)
+    for _ in range(3):
+        sched._adapt(RunStats(**idle))
+    assert sched.depth == 2 and len(sched.resident) == 3
+    sched._adapt(RunStats(**{**idle, "resident_reads": 1}))  # the new plan's warm-up: no verdict
+    assert sched.depth == 2
+    sched._adapt(RunStats(**{**idle, "io_stall_s": 1.9}))  # no better: undone
+    assert sched.depth == 1 and sched.resident == before
+    for _ in range(TRIAL_COOLDOWN - 1):
+        sched._adapt(RunStats(**idle))
+    assert sched.depth == 1  # not tried again during the cooldown
+    sched._adapt(RunStats(**idle))  # the cooldown's end: the stalls are still the rule
+    assert sched.depth == 2
+    sched._adapt(RunStats(**{**idle, "io_stall_s": 0.5}))  # the stall fell by 3/4: kept
+    assert sched.depth == 2 and len(sched.resident) == 3
     sched.close()
 
 
@@ -331,8 +381,9 @@ async def test_deeper_prefetch_replans_residency_and_bytes_still_match_the_plan(
     await sched.run(steps, cyclic=True)
     # 400 bytes in 0.1 s of reading, 0.5 s stalled of which 0.4 s with no read in flight:
     # giving up a 100-byte unit (0.025 s of reading) pays
-    sched._adapt(RunStats(compute_s=0.1, io_stall_s=0.5, wall_s=0.6, disk_busy_s=0.1,
-                          bytes_read=400, units_read=4))
+    for _ in range(3):  # the rule: 3 of the last 4 passes stalled
+        sched._adapt(RunStats(compute_s=0.1, io_stall_s=0.5, wall_s=0.6, disk_busy_s=0.1,
+                              bytes_read=400, units_read=4))
     assert sched.depth == 2
     assert len(sched.resident) == 3  # 600 - ring of 3 slots = 300
     streamed = [k for k in KEYS if k not in sched.resident]
@@ -395,7 +446,8 @@ async def test_adaptation_weighs_a_deeper_window_against_the_residency_it_costs(
     sched.close()
     sched, _, _ = make(budget=200, depth=1)  # nothing resident at any depth: the ring is free
     sched.plan_residency(units_of(make_steps(KEYS)))
-    sched._adapt(RunStats(disk_busy_s=3.0, **busy))
+    for _ in range(3):
+        sched._adapt(RunStats(disk_busy_s=3.0, **busy))
     assert sched.depth == 2 and sched.resident == set()
     sched.close()
 
