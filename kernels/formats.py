@@ -72,6 +72,8 @@ FORMATS: dict[str, Format] = {
                    "2-D: mx.bfloat16; 1-D: float32", True),
     "U8": Format("mxfp4", "MXFP4Weight: x_blocks + x_scales as read (kernels/mxfp4.py)",
                  "uint32 codes + uint8 exponents (mx.quantized_matmul, mode mxfp4)", True),
+    "MXFP4": Format("mxfp4", "MXFP4Weight: GGUF's 17-byte blocks as read (kernels/mxfp4.py)",
+                    "uint32 codes + uint8 exponents (mx.quantized_matmul, mode mxfp4)", True),
     "U32": Format("mlx-affine", "QuantizedWeight: packed words as read, float16/32 scales",
                   "QuantizedWeight (mx.quantized_matmul)", True),
     **{dtype: _gguf_format(dtype) for dtype in GGUF_BLOCK_TYPES},
@@ -360,6 +362,11 @@ def prepare_unit(
         if t.dtype in GGUF_BLOCK_TYPES:
             try:
                 out[name] = _gguf(t, blocks, half_scales)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        elif t.dtype == "MXFP4" and len(t.shape) == 2:  # GGUF's: computed as read
+            try:
+                out[name] = mxfp4.from_ggml(t.data, tuple(int(d) for d in t.shape))
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
         elif t.dtype in HALF_DTYPES and len(t.shape) == 2:

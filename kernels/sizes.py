@@ -46,6 +46,8 @@ def prepared_nbytes(
         return 4 * n
     if dtype == "U8":  # MXFP4 codes or exponents: kept as stored (MLX: the same bytes)
         return n
+    if dtype == "MXFP4" and len(shape) == 2:  # GGUF's 17-byte blocks (MLX: the same bytes)
+        return n // 32 * 17
     if dtype in GGUF_BLOCK_TYPES:
         block, block_bytes = GGUF_BLOCK_TYPES[dtype]
         if len(shape) != 2:
@@ -83,7 +85,7 @@ def _is_view(name: str, t: Any, companions: set[str], half_scales: bool) -> bool
         return t.dtype == "F32" or (half_scales and t.dtype == "F16")
     two_d = len(tuple(t.shape)) == 2
     return t.dtype in ("U32", "U8", "F32") \
-        or (two_d and t.dtype in (*HALF_DTYPES, *GGUF_BLOCK_TYPES))
+        or (two_d and t.dtype in (*HALF_DTYPES, *GGUF_BLOCK_TYPES, "MXFP4"))
 
 
 def _tensor_nbytes(name: str, t: Any, companions: set[str], half_scales: bool,

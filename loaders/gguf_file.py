@@ -25,7 +25,7 @@ BLOCK = "layers.{bid}"  # == layer_key(bid)
 
 # The types the engine computes (kernels/formats.py FORMATS); stream-convert reads them too.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0",
-                   "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+                   "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "MXFP4")
 # Metadata read for any architecture that has it: {arch}.<key> -> HF config field. A
 # sliding_window_pattern array (llama.cpp: one bool per layer, true = sliding) -> layer_types.
 OPTIONAL_KEYS = {

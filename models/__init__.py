@@ -38,7 +38,7 @@ ARCHITECTURES: dict[str, Entry] = {
     "qwen3_moe": Entry("moe", "Qwen3MoeForCausalLM", "qwen3moe", True),
     "qwen2_moe": Entry("moe", "Qwen2MoeForCausalLM", "qwen2moe", True),
     "mixtral": Entry("moe", "MixtralForCausalLM", "llama", True),  # llama with experts
-    "gpt_oss": Entry("gpt_oss", "GptOssForCausalLM"),
+    "gpt_oss": Entry("gpt_oss", "GptOssForCausalLM", "gpt-oss", True),
 }
 
 
