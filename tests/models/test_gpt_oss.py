@@ -313,3 +313,146 @@ def test_bad_gpt_oss_input_exits_2_with_one_line(tmp_path, case):
     assert run.stderr.count("\n") == 1 and "Traceback" not in run.stderr
     for word in words:
         assert word in run.stderr
+
+
+# -- GGUF (llama.cpp's gpt-oss) ----------------------------------------------------------------
+GGUF_LINEAR = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+               "input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+               "mlp.router": "ffn_gate_inp"}
+
+
+def gguf_tensors(model) -> dict[str, np.ndarray]:
+    """The model's weights under llama.cpp's gpt-oss names and layout: gate_up_proj's
+    interleaved columns apart as ffn_gate_exps and ffn_up_exps (E, I, H), down (E, H, I)."""
+    out = {}
+    for name, val in model.state_dict().items():
+        arr = val.detach().numpy().astype(np.float32)
+        top = {"model.embed_tokens.weight": "token_embd.weight",
+               "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+        if name in top:
+            out[top[name]] = arr
+            continue
+        _, _, i, rest = name.split(".", 3)
+        if rest == "mlp.experts.gate_up_proj":  # (E, H, 2I)
+            out[f"blk.{i}.ffn_gate_exps.weight"] = np.ascontiguousarray(
+                arr[:, :, 0::2].transpose(0, 2, 1))
+            out[f"blk.{i}.ffn_up_exps.weight"] = np.ascontiguousarray(
+                arr[:, :, 1::2].transpose(0, 2, 1))
+        elif rest == "mlp.experts.gate_up_proj_bias":
+            out[f"blk.{i}.ffn_gate_exps.bias"] = np.ascontiguousarray(arr[:, 0::2])
+            out[f"blk.{i}.ffn_up_exps.bias"] = np.ascontiguousarray(arr[:, 1::2])
+        elif rest == "mlp.experts.down_proj":  # (E, I, H)
+            out[f"blk.{i}.ffn_down_exps.weight"] = np.ascontiguousarray(arr.transpose(0, 2, 1))
+        elif rest == "mlp.experts.down_proj_bias":
+            out[f"blk.{i}.ffn_down_exps.bias"] = arr
+        elif rest == "self_attn.sinks":
+            out[f"blk.{i}.attn_sinks.weight"] = arr
+        else:
+            module, kind = rest.rsplit(".", 1)
+            out[f"blk.{i}.{GGUF_LINEAR[module]}.{kind}"] = arr
+    return out
+
+
+def write_gguf(path, model, edit=None, meta_edit: dict | None = None) -> None:
+    """model as llama.cpp's gpt-oss GGUF with MXFP4 experts (the rest F32); the model's
+    experts are then set to what the file's blocks dequantize to (gguf-py)."""
+    import gguf
+
+    QT = gguf.GGMLQuantizationType
+    cfg, arch = model.config, "gpt-oss"
+    w = gguf.GGUFWriter(str(path), arch)
+    meta = {"block_count": cfg.num_hidden_layers, "context_length": 256,
+            "embedding_length": cfg.hidden_size, "feed_forward_length": cfg.intermediate_size,
+            "attention.head_count": cfg.num_attention_heads,
+            "attention.head_count_kv": cfg.num_key_value_heads,
+            "attention.key_length": cfg.head_dim, "attention.value_length": cfg.head_dim,
+            "expert_count": N_EXPERTS, "expert_used_count": cfg.num_experts_per_tok,
+            "expert_feed_forward_length": cfg.intermediate_size,
+            "attention.sliding_window": cfg.sliding_window,
+            "rope.scaling.original_context_length": YARN["original_max_position_embeddings"],
+            **(meta_edit or {})}
+    for key, val in meta.items():
+        w.add_uint32(f"{arch}.{key}", val)
+    w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
+    w.add_float32(f"{arch}.rope.freq_base", YARN["rope_theta"])
+    w.add_string(f"{arch}.rope.scaling.type", "yarn")
+    w.add_float32(f"{arch}.rope.scaling.factor", YARN["factor"])
+    tokens = ["<s>", "<pad>", "</s>"] + [f"t{i}" for i in range(VOCAB - 3)]
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_string("tokenizer.ggml.pre", "default")
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_array("tokenizer.ggml.merges", [])
+    w.add_array("tokenizer.ggml.token_type", [3, 3, 3] + [1] * (VOCAB - 3))
+    w.add_uint32("tokenizer.ggml.bos_token_id", 0)
+    w.add_uint32("tokenizer.ggml.eos_token_id", 2)
+    tensors = gguf_tensors(model)
+    if edit is not None:
+        edit(tensors)
+    held = {}
+    for name, arr in tensors.items():
+        if name.endswith("_exps.weight"):
+            data = gguf.quants.quantize(arr, QT.MXFP4)
+            w.add_tensor(name, data, raw_dtype=QT.MXFP4)
+            arr = gguf.quants.dequantize(data, QT.MXFP4).reshape(arr.shape)
+        else:
+            w.add_tensor(name, arr)
+        held[name] = arr
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with torch.no_grad():
+        for i in range(cfg.num_hidden_layers):
+            experts = model.model.layers[i].mlp.experts
+            if f"blk.{i}.ffn_gate_exps.weight" not in held:
+                continue
+            gate_up = experts.gate_up_proj.numpy()
+            gate_up[:, :, 0::2] = held[f"blk.{i}.ffn_gate_exps.weight"].transpose(0, 2, 1)
+            gate_up[:, :, 1::2] = held[f"blk.{i}.ffn_up_exps.weight"].transpose(0, 2, 1)
+            experts.down_proj.copy_(torch.from_numpy(
+                held[f"blk.{i}.ffn_down_exps.weight"].transpose(0, 2, 1).copy()))
+
+
+@pytest.mark.reference
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gguf_mxfp4_matches_transformers(tmp_path, backend):
+    """llama.cpp's layout: gate and up apart, each expert a byte range of the stacked MXFP4
+    tensors, computed on the file's blocks; HF float32 on what they dequantize to."""
+    model = make_model(**CONFIGS["sliding"])
+    write_gguf(tmp_path / "m.gguf", model)
+    index = open_model(str(tmp_path / "m.gguf")).index
+    unit = index.units[gpt_oss.expert_key(2, 7)]
+    assert sorted(unit.tensors) == ["down_proj", "down_proj_bias", "gate_proj",
+                                    "gate_proj_bias", "up_proj", "up_proj_bias"]
+    gate = unit.tensors["gate_proj"]
+    assert gate.dtype == "MXFP4" and gate.nbytes == 32 * 64 // 32 * 17
+    assert gate.offset == index.units[gpt_oss.expert_key(2, 6)].tensors["gate_proj"].offset \
+        + gate.nbytes
+    # the file lost swiglu_limit (llama.cpp keeps 7.0 in its code): HF's default here
+    model.config.swiglu_limit = 7.0
+    for layer in model.model.layers:
+        layer.mlp.experts.limit = 7.0
+    logits, tokens, _, _ = model_checks.run_engine(tmp_path / "m.gguf", PROMPT, N_NEW, backend)
+    np.testing.assert_allclose(logits, hf_logits(model, PROMPT * 3), rtol=1e-4, atol=1e-4)
+    assert tokens == hf_greedy(model, PROMPT, N_NEW)
+
+
+GGUF_BAD = {
+    "expert_count_above_the_router": (dict(meta_edit={"expert_count": 9}), FormatError,
+                                      ["blk.0.ffn_gate_exps.weight", "[9, 32, 64]"]),
+    "top_k_above_the_expert_count": (dict(meta_edit={"expert_used_count": 9}), FormatError,
+                                     ["gpt-oss.expert_used_count", "'num_experts_per_tok'"]),
+    "missing_sinks": (dict(edit=lambda t: t.pop("blk.1.attn_sinks.weight")), MissingTensorError,
+                      ["'self_attn.sinks'", "blk.1.attn_sinks.weight"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GGUF_BAD))
+def test_bad_gguf_is_named(tmp_path, case):
+    kwargs, error, words = GGUF_BAD[case]
+    write_gguf(tmp_path / "m.gguf", make_model(**CONFIGS["sliding"]), **kwargs)
+    with pytest.raises(error) as exc:
+        open_model(str(tmp_path / "m.gguf"))
+    for word in words:
+        assert word in str(exc.value)
