@@ -11,6 +11,7 @@ An expert unit holds what its file stores, under the file's names:
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import Any
 
@@ -27,6 +28,7 @@ from stream_run.models import llama
 from stream_run.models.moe_layout import MoEArgs, expert_key
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
+_ONE_EXPERT = re.compile(r"^(\d+)\.(\w+)$")
 EXPERT_TENSORS = ("gate_up_proj", "down_proj")
 GGUF_LAYOUT = "stream_run_gguf_experts"  # config key gguf_config sets: GGUF's expert tensors
 _DENSE_GGUF = ("ffn_norm", "ffn_gate.", "ffn_up.", "ffn_down.")
@@ -172,11 +174,19 @@ def expected_shapes(spec: ModelSpec) -> dict[str, dict[str, tuple[int, ...]]]:
 
 
 def hf_units(spec: ModelSpec, key: str, ref: TensorRef) -> list[tuple[str, TensorRef]]:
-    """A fused expert tensor (n_experts, ...) -> each expert's byte sub-range, in its unit."""
+    """A fused expert tensor (n_experts, ...) -> each expert's byte sub-range, in its unit; one
+    expert's own tensor (mlp.experts.{e}.name, as stream-convert writes them) -> its unit."""
     name = ref.name.removeprefix("mlp.experts.")
     shapes = expert_shapes(spec)
     if name == ref.name or not key.startswith("layers."):
         return [(key, ref)]
+    m = _ONE_EXPERT.match(name)
+    if m:
+        e, n = int(m.group(1)), moe_args(spec.config).n_experts
+        if e >= n:
+            raise FormatError(f"tensor 'model.{key}.{ref.name}' is for expert {e}, but "
+                              f"config.json has num_local_experts={n}")
+        return [(expert_key(int(key.split(".")[1]), e), replace(ref, name=m.group(2)))]
     if name not in shapes:
         if name.endswith(("_blocks", "_scales")) or name in EXPERT_TENSORS:
             stored = "MXFP4" if name.endswith(("_blocks", "_scales")) else "unquantized"

@@ -182,6 +182,19 @@ async def _min_budget(path) -> int:
         return engine.min_budget_bytes
 
 
+@pytest.mark.reference
+def test_converts_with_one_file_per_expert(tmp_path):
+    """stream-convert --bits 8 writes each expert unit to a file of its own (its tensors
+    under mlp.experts.{e}.*; the experts stay as stored, the attention linears are
+    quantized); the engine on it equals HF on the weights the packed files dequantize to."""
+    model = write_oss(tmp_path / "hf", **CONFIGS["sliding"])
+    state, packed = model_checks.convert_8bit_reference(model, tmp_path / "hf", tmp_path / "q8")
+    assert "model.layers.0.self_attn.q_proj.scales" in packed
+    assert (tmp_path / "q8" / "model-layers.2.mlp.experts.7.safetensors").exists()
+    model.load_state_dict(state)
+    check_against(model, tmp_path / "q8")
+
+
 # -- the MXFP4 kernels against independent dequantizers -----------------------------------------
 def _random_mxfp4(rng, out: int = 12, n_in: int = 128):
     blocks = rng.integers(0, 256, (out, n_in // 32, 16), dtype=np.uint8)
