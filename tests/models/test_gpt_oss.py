@@ -469,3 +469,66 @@ def test_bad_gguf_is_named(tmp_path, case):
         open_model(str(tmp_path / "m.gguf"))
     for word in words:
         assert word in str(exc.value)
+
+
+# -- stream-bench synth --arch gpt_oss -----------------------------------------------------------
+def test_synth_named_shapes_have_the_published_sizes():
+    from stream_run.bench.synth import SynthSpec
+
+    small = SynthSpec.from_shape("gpt-oss-20b", arch="gpt_oss", dtype="mxfp4")
+    assert (small.num_experts, small.num_experts_per_tok, small.num_hidden_layers,
+            small.intermediate_size, small.head_dim) == (32, 4, 24, 2880, 64)
+    assert 13.7e9 < small.nbytes < 13.8e9  # openai/gpt-oss-20b's safetensors: 13.76 GB
+    big = SynthSpec.from_shape("gpt-oss-120b", arch="gpt_oss", dtype="mxfp4")
+    assert 65.0e9 < big.nbytes < 65.5e9
+    with pytest.raises(ValueError, match="--dtype mxfp4 .* needs --arch gpt_oss"):
+        SynthSpec.from_shape("tiny-moe", arch="qwen3_moe", dtype="mxfp4")
+    with pytest.raises(ValueError, match="--router-skew is not supported for --arch gpt_oss"):
+        SynthSpec.from_shape("tiny-moe", arch="gpt_oss", router_skew=1.0)
+
+
+def _engine_logits(path, ids):
+    async def go():
+        async with await Engine.open(str(path), EngineConfig(backend="numpy")) as eng:
+            return await eng.logits(ids)
+    return asyncio.run(go())
+
+
+@pytest.mark.reference
+def test_synth_runs_in_the_engine_as_in_transformers(tmp_path):
+    """The f32 synth is the fused layout transformers loads itself; the mxfp4 one is OpenAI's
+    (blocks + scales), against HF on what transformers dequantizes its blocks to."""
+    from safetensors.torch import load_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from stream_run.bench.synth import SynthSpec, synthesize
+
+    synthesize(SynthSpec.from_shape("tiny-moe", arch="gpt_oss", dtype="f32"), str(tmp_path / "f"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "f"), dtype=torch.float32).eval()
+    np.testing.assert_allclose(_engine_logits(tmp_path / "f", PROMPT), hf_logits(model, PROMPT),
+                               rtol=1e-4, atol=1e-4)
+
+    spec = SynthSpec.from_shape("tiny-moe", arch="gpt_oss", dtype="mxfp4")
+    synthesize(spec, str(tmp_path / "m"))
+    state = {}
+    for f in (tmp_path / "m").glob("*.safetensors"):
+        state.update(load_file(str(f)))
+    ref = {}
+    for name, arr in state.items():
+        if name.endswith("_scales"):
+            continue
+        if name.endswith("_blocks"):
+            stem = name.removesuffix("_blocks")
+            ref[stem] = convert_moe_packed_tensors(arr, state[f"{stem}_scales"],
+                                                   dtype=torch.float32)
+        else:
+            ref[name] = arr.float()  # bf16 -> float32, exact
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg.pop("quantization_config")
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.GptOssConfig(**{k: v for k, v in cfg.items() if k != "architectures"}),
+        dtype=torch.float32).eval()
+    model.load_state_dict(ref)
+    np.testing.assert_allclose(_engine_logits(tmp_path / "m", PROMPT), hf_logits(model, PROMPT),
+                               rtol=1e-4, atol=1e-4)
