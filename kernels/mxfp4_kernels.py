@@ -12,22 +12,27 @@ MATVEC_MAX_ROWS = 8  # above: dequantized tiles into BLAS
 DEQUANT_BLOCK_ELEMENTS = 1 << 22  # 16 MB of float32 weight rows per dequantize+BLAS block
 
 _JIT = {"parallel": True, "cache": True, "fastmath": False, "nogil": True}
+_JIT_DOT = {**_JIT, "fastmath": {"reassoc"}}  # the dot products' lanes (not the decode)
+CHUNKS = 256  # row chunks of a matvec: one decode buffer each
 
 
 @njit(inline="always", cache=True)
 def _decode_row(codes, exps, r, ggml, kv, half, out):
-    for b in range(codes.shape[1]):
-        d = half[exps[r, b]]
-        o = b * 32
-        for j in range(16):
-            q = codes[r, b, j]
-            lo, hi = kv[q & 15] * d, kv[q >> 4] * d
-            if ggml:
-                out[o + j] = lo
-                out[o + 16 + j] = hi
-            else:
-                out[o + 2 * j] = lo
-                out[o + 2 * j + 1] = hi
+    """Row r of w into out (in,) float32: each value kvalue * 2**(e - 128), one rounding."""
+    if ggml:
+        for b in range(codes.shape[1]):
+            d, o = half[exps[r, b]], b * 32
+            for j in range(16):
+                q = codes[r, b, j]
+                out[o + j] = kv[q & 15] * d
+                out[o + 16 + j] = kv[q >> 4] * d
+    else:
+        for b in range(codes.shape[1]):
+            d, o = half[exps[r, b]], b * 32
+            for j in range(16):
+                q = codes[r, b, j]
+                out[o + 2 * j] = kv[q & 15] * d
+                out[o + 2 * j + 1] = kv[q >> 4] * d
 
 
 @njit(**_JIT)
@@ -36,19 +41,22 @@ def _dequantize_rows(codes, exps, ggml, rows, kv, half, out):
         _decode_row(codes, exps, rows[i], ggml, kv, half, out[i])
 
 
-@njit(**_JIT)
+@njit(**_JIT_DOT)
 def _matvec(x, codes, exps, ggml, kv, half, y):
-    """y (N, out) = x (N, in) @ w.T: each row of w decoded once into a buffer, dotted with
-    every row of x."""
-    n_in = codes.shape[1] * 32
-    for r in prange(codes.shape[0]):
+    """y (N, out) = x (N, in) @ w.T: each row of w decoded once into a per-chunk buffer (the
+    exact values), dotted with every row of x (lanes summed in any order)."""
+    n_out, n_in = codes.shape[0], codes.shape[1] * 32
+    n_chunks = min(n_out, CHUNKS)
+    step = (n_out + n_chunks - 1) // n_chunks
+    for c in prange(n_chunks):
         row = np.empty(n_in, np.float32)
-        _decode_row(codes, exps, r, ggml, kv, half, row)
-        for n in range(x.shape[0]):
-            acc = np.float32(0)
-            for k in range(n_in):
-                acc += x[n, k] * row[k]
-            y[n, r] = acc
+        for r in range(c * step, min(n_out, (c + 1) * step)):
+            _decode_row(codes, exps, r, ggml, kv, half, row)
+            for n in range(x.shape[0]):
+                acc = np.float32(0)
+                for k in range(n_in):
+                    acc += x[n, k] * row[k]
+                y[n, r] = acc
 
 
 def dequantize_rows(w: MXFP4Weight, rows: np.ndarray | None = None) -> np.ndarray:
