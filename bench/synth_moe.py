@@ -120,6 +120,10 @@ def check(spec) -> None:
                          "--shape custom with --experts and --experts-per-tok <= --experts")
     if spec.moe_intermediate_size <= 0:
         raise ValueError("--expert-size must be > 0")
+    if spec.arch == "gpt_oss" and spec.moe_intermediate_size != spec.intermediate_size:
+        raise ValueError(f"--expert-size must equal --intermediate-size for --arch gpt_oss (its "
+                         f"experts are intermediate_size wide), got {spec.moe_intermediate_size} "
+                         f"and {spec.intermediate_size}")
     if not 0 <= spec.router_skew <= 8:
         raise ValueError(f"--router-skew must be in 0..8 (a Zipf exponent), got "
                          f"{spec.router_skew}")

@@ -485,6 +485,9 @@ def test_synth_named_shapes_have_the_published_sizes():
         SynthSpec.from_shape("tiny-moe", arch="qwen3_moe", dtype="mxfp4")
     with pytest.raises(ValueError, match="--router-skew is not supported for --arch gpt_oss"):
         SynthSpec.from_shape("tiny-moe", arch="gpt_oss", router_skew=1.0)
+    with pytest.raises(ValueError, match="--expert-size must equal --intermediate-size"):
+        SynthSpec(arch="gpt_oss", num_experts=4, num_experts_per_tok=2,
+                  moe_intermediate_size=32)
 
 
 def _engine_logits(path, ids):
