@@ -234,14 +234,18 @@ def test_mxfp4_dequantize_equals_gguf_and_transformers_bit_for_bit():
 @pytest.mark.parametrize("n_rows", [1, 3, 8, 13])
 @pytest.mark.parametrize("layout", ["hf", "ggml"])
 def test_mxfp4_linear_equals_dequantized_matmul(n_rows, layout):
+    """The vector kernel (<= 8 rows of x; 37 weight rows: tiles of 16, 16 and 5, each in calls
+    of 4 rows then single rows),
+    the plain-numba reference, and dequantized tiles into BLAS (13 rows)."""
     rng = np.random.default_rng(n_rows)
-    blocks, scales = _random_mxfp4(rng)
+    blocks, scales = _random_mxfp4(rng, out=37)
     scales[0, :4] = 127  # finite products
     w = mxfp4.from_hf(blocks, scales) if layout == "hf" \
-        else mxfp4.from_ggml(_ggml_bytes(blocks, scales), (12, 128))
+        else mxfp4.from_ggml(_ggml_bytes(blocks, scales), (37, 128))
     x = rng.standard_normal((n_rows, 128)).astype(np.float32)
     ref = x.astype(np.float64) @ mxfp4_kernels.dequantize_rows(w).T.astype(np.float64)
     np.testing.assert_allclose(mxfp4_kernels.linear(x, w), ref, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(mxfp4_kernels.matvec_reference(x, w), ref, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.skipif("mlx" not in BACKENDS, reason="no MLX")
