@@ -219,6 +219,16 @@ def test_converts_with_one_file_per_expert(tmp_path):
     check_against(model, tmp_path / "q8")
 
 
+def test_convert_names_mxfp4_experts_and_writes_nothing(tmp_path):
+    from stream_run.convert.convert import convert_model
+    from stream_run.engine.errors import ConvertError
+
+    write_mxfp4(tmp_path / "hf")
+    with pytest.raises(ConvertError, match="MXFP4 experts .* are computed as stored"):
+        convert_model(str(tmp_path / "hf"), str(tmp_path / "q4"), bits=4, progress=False)
+    assert not (tmp_path / "q4").exists()
+
+
 # -- the MXFP4 kernels against independent dequantizers -----------------------------------------
 def _random_mxfp4(rng, out: int = 12, n_in: int = 128):
     blocks = rng.integers(0, 256, (out, n_in // 32, 16), dtype=np.uint8)
