@@ -119,6 +119,23 @@ def test_gpt_oss_matches_transformers(tmp_path, config, backend):
 
 
 @pytest.mark.reference
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_checkpoint_matches_transformers_on_its_values(tmp_path, backend):
+    """A bf16 checkpoint (16-bit fused experts, stored (in, out)) against HF float32 on the
+    same bf16 values."""
+    import copy
+
+    model = make_model(**CONFIGS["sliding"])
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(str(tmp_path),
+                                                            safe_serialization=True)
+    write_tokenizer(tmp_path, json.loads((tmp_path / "config.json").read_text()))
+    with torch.no_grad():  # the parameters only: RoPE's inv_freq buffer stays float32
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).to(torch.float32))
+    check_against(model, tmp_path, backend)
+
+
+@pytest.mark.reference
 def test_sinks_and_sliding_layers_are_what_makes_it_match(tmp_path):
     """The same checkpoint read with the sinks zeroed, or every layer full, leaves HF's
     logits: both features are exercised by the reference test."""
