@@ -109,8 +109,9 @@ def hf_config(cfg: dict[str, Any]) -> dict[str, Any]:
         val = cfg.get(name, 1.0)
         if isinstance(val, bool) or not isinstance(val, (int, float)) or val <= 0:
             raise ValueError(f"field {name!r} must be a positive number, got {val!r}")
-    size = args.expert_size
-    if mxfp4_experts(cfg) and (size % BLOCK or cfg.get("hidden_size", 0) % BLOCK):
+    hidden = cfg.get("hidden_size")
+    hidden = hidden if isinstance(hidden, int) else 0  # ModelSpec reports a bad one
+    if mxfp4_experts(cfg) and (args.expert_size % BLOCK or hidden % BLOCK):
         raise ValueError(f"fields 'hidden_size' and 'intermediate_size' must be multiples of "
                          f"{BLOCK} for mxfp4 experts")
     return {**cfg, "attention_bias": bool(cfg.get("attention_bias", True)),
