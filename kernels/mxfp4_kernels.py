@@ -84,26 +84,30 @@ def _values(builder: ir.IRBuilder, nibbles):
     return builder.fmul(f, ir.Constant(_VF, [2.0**127] * LANES))
 
 
-def _emit_rows(builder, code_rows, exp_rows, block_stride, exp_stride, half, xa, xb, n_blocks):
+def _emit_rows(builder, code_rows, exp_rows, block_stride, exp_stride, half, x_rows, n_blocks):
+    """IR for the dot products of len(x_rows) rows of x ((xa, xb) pointers) with the weight rows
+    -> their float32 values [weight row][x row]. Each block of a weight row is decoded once
+    for every row of x."""
     zero = ir.Constant(_VF, None)
-    totals = [cgutils.alloca_once_value(builder, zero) for _ in code_rows]
+    totals = [[cgutils.alloca_once_value(builder, zero) for _ in x_rows] for _ in code_rows]
     with cgutils.for_range(builder, n_blocks) as block:
         b = block.index
         j = builder.mul(b, _i64(LANES))
-        x_a = builder.load(builder.bitcast(builder.gep(xa, [j]), _VF.as_pointer()), align=4)
-        x_b = builder.load(builder.bitcast(builder.gep(xb, [j]), _VF.as_pointer()), align=4)
-        for code_row, exp_row, total in zip(code_rows, exp_rows, totals, strict=True):
+        xs = [tuple(builder.load(builder.bitcast(builder.gep(p, [j]), _VF.as_pointer()), align=4)
+                    for p in pair) for pair in x_rows]
+        for code_row, exp_row, row_totals in zip(code_rows, exp_rows, totals, strict=True):
             ptr = builder.gep(code_row, [builder.mul(b, block_stride)])
             w = builder.zext(builder.load(builder.bitcast(ptr, _VI8.as_pointer()), align=1),
                              _VI32)
-            dot = builder.fmul(_values(builder, builder.and_(w, _vi32(15))), x_a)
-            dot = _fmuladd(builder, _values(builder, builder.lshr(w, _vi32(4))), x_b, dot)
+            low = _values(builder, builder.and_(w, _vi32(15)))
+            high = _values(builder, builder.lshr(w, _vi32(4)))
             e = builder.zext(builder.load(builder.gep(exp_row, [builder.mul(b, exp_stride)])),
                              _I64)
-            scale = builder.load(builder.gep(half, [e]))
-            builder.store(_fmuladd(builder, _splat(builder, scale), dot, builder.load(total)),
-                          total)
-    return [_lane_sum(builder, builder.load(t)) for t in totals]
+            scale = _splat(builder, builder.load(builder.gep(half, [e])))
+            for (x_a, x_b), total in zip(xs, row_totals, strict=True):
+                dot = _fmuladd(builder, high, x_b, builder.fmul(low, x_a))
+                builder.store(_fmuladd(builder, scale, dot, builder.load(total)), total)
+    return [[_lane_sum(builder, builder.load(t)) for t in row] for row in totals]
 
 
 def _check(name: str, ty, dtype, ndim: int) -> None:
@@ -111,16 +115,17 @@ def _check(name: str, ty, dtype, ndim: int) -> None:
         raise TypingError(f"mxfp4 dot_rows: {name} must be a {ndim}-d {dtype} array, got {ty}")
 
 
-def _make_dot_rows(n_rows: int):
+def _make_dot_rows(n_rows: int, n_x: int):
     @intrinsic
     def dot_rows(typingctx, codes, exps, half, xa, xb, out, r, o):
-        """out[r, o + i] = dot(x[r], row o + i of w) for i < n_rows: codes (out, in/32, 16)
-        uint8 and exps (out, in/32) uint8 of any strides but the codes' last (1), half the
-        HALF_SCALES table, xa / xb (in/2,) float32 contiguous: the x elements of each block's
-        low and high nibbles. No bounds checks: the caller keeps o + n_rows <= rows."""
+        """out[r + k, o + i] = dot(x[r + k], row o + i of w) for i < n_rows, k < n_x: codes
+        (out, in/32, 16) uint8 and exps (out, in/32) uint8 of any strides but the codes' last
+        (1), half the HALF_SCALES table, xa / xb (N, in/2) float32 C-contiguous: the x elements
+        of each block's low and high nibbles. No bounds checks: the caller keeps
+        o + n_rows <= rows and r + n_x <= N."""
         _check("codes", codes, types.uint8, 3)
         _check("exps", exps, types.uint8, 2)
-        for name, ty, ndim in (("half", half, 1), ("xa", xa, 1), ("xb", xb, 1),
+        for name, ty, ndim in (("half", half, 1), ("xa", xa, 2), ("xb", xb, 2),
                                ("out", out, 2)):
             _check(name, ty, types.float32, ndim)
         for name, ty in (("r", r), ("o", o)):
@@ -141,19 +146,28 @@ def _make_dot_rows(n_rows: int):
             rows = [builder.add(o, _i64(i)) for i in range(n_rows)]
             code_rows = [builder.gep(c_base, [builder.mul(row, c_row)]) for row in rows]
             exp_rows = [builder.gep(e_base, [builder.mul(row, e_row)]) for row in rows]
+            x_len = builder.extract_value(arr[3].shape, 1)
+            x_rows = [tuple(builder.gep(arr[i].data, [builder.mul(builder.add(r, _i64(k)), x_len)])
+                            for i in (3, 4)) for k in range(n_x)]
             values = _emit_rows(builder, code_rows, exp_rows, c_block, e_block, arr[2].data,
-                                arr[3].data, arr[4].data, n_blocks)
-            at = builder.add(builder.mul(r, builder.extract_value(arr[5].shape, 1)), o)
-            for i, value in enumerate(values):
-                builder.store(value, builder.gep(arr[5].data, [builder.add(at, _i64(i))]))
+                                x_rows, n_blocks)
+            n_cols = builder.extract_value(arr[5].shape, 1)
+            for i, row in enumerate(values):
+                for k, value in enumerate(row):
+                    at = builder.add(builder.mul(builder.add(r, _i64(k)), n_cols),
+                                     builder.add(o, _i64(i)))
+                    builder.store(value, builder.gep(arr[5].data, [at]))
 
         return sig, codegen
 
     return dot_rows
 
 
-dot_rows = _make_dot_rows(ROWS)
-dot_row = _make_dot_rows(1)
+# (weight rows, rows of x) per call: decode ROWS weight rows for one row of x; for several,
+# fewer weight rows so the accumulators (rows x rows of x vectors) stay in registers
+dot_rows_1, dot_row_1 = _make_dot_rows(ROWS, 1), _make_dot_rows(1, 1)
+dot_rows_2, dot_row_2 = _make_dot_rows(2, 2), _make_dot_rows(1, 2)
+dot_rows_4, dot_row_4 = _make_dot_rows(2, 4), _make_dot_rows(1, 4)
 
 
 # -- the kernels ---------------------------------------------------------------------------
@@ -184,17 +198,35 @@ def _dequantize_rows(codes, exps, ggml, rows, kv, half, out):
 
 @njit(**_JIT)
 def _matvec(xa, xb, codes, exps, half, y):
-    """y (N, out) = x @ w.T, x given as xa, xb (split): ROWS rows per vector call."""
-    n_out = codes.shape[0]
+    """y (N, out) = x @ w.T, x given as xa, xb (split): rows of x by 4, then 2, then 1 per
+    vector call, each decoding its weight rows once for them."""
+    n_out, N = codes.shape[0], xa.shape[0]
     for t in prange((n_out + TILE - 1) // TILE):
         lo, hi = t * TILE, min(n_out, (t + 1) * TILE)
-        for n in range(xa.shape[0]):
+        n = 0
+        while n + 4 <= N:
+            o = lo
+            while o + 2 <= hi:
+                dot_rows_4(codes, exps, half, xa, xb, y, n, o)
+                o += 2
+            if o < hi:
+                dot_row_4(codes, exps, half, xa, xb, y, n, o)
+            n += 4
+        if n + 2 <= N:
+            o = lo
+            while o + 2 <= hi:
+                dot_rows_2(codes, exps, half, xa, xb, y, n, o)
+                o += 2
+            if o < hi:
+                dot_row_2(codes, exps, half, xa, xb, y, n, o)
+            n += 2
+        if n < N:
             o = lo
             while o + ROWS <= hi:
-                dot_rows(codes, exps, half, xa[n], xb[n], y, n, o)
+                dot_rows_1(codes, exps, half, xa, xb, y, n, o)
                 o += ROWS
             while o < hi:
-                dot_row(codes, exps, half, xa[n], xb[n], y, n, o)
+                dot_row_1(codes, exps, half, xa, xb, y, n, o)
                 o += 1
 
 

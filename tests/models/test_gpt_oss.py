@@ -282,11 +282,11 @@ def test_mxfp4_dequantize_equals_gguf_and_transformers_bit_for_bit():
                           ours[rows])
 
 
-@pytest.mark.parametrize("n_rows", [1, 3, 8, 13])
+@pytest.mark.parametrize("n_rows", [1, 3, 7, 8, 13])
 @pytest.mark.parametrize("layout", ["hf", "ggml"])
 def test_mxfp4_linear_equals_dequantized_matmul(n_rows, layout):
-    """The vector kernel (<= 8 rows of x; 37 weight rows: tiles of 16, 16 and 5, each in calls
-    of 4 rows then single rows),
+    """The vector kernel (<= 8 rows of x, by 4, 2 and 1: 7 takes each; 37 weight rows: tiles
+    of 16, 16 and 5, each in calls of several rows then single ones),
     the plain-numba reference, and dequantized tiles into BLAS (13 rows)."""
     rng = np.random.default_rng(n_rows)
     blocks, scales = _random_mxfp4(rng, out=37)
