@@ -3,13 +3,14 @@ gguf_blocks.py, llama.cpp-style int8 dot products) on the same shapes: GB/s of w
 read and the time per call, cold weights.
 
     python -m stream_run.bench.mxfp4_matvec [--shapes 2880x5760,2880x2880] [-n 1,4] [-r 5]
-        [--footprint-mb 512] [--threads N]
+        [--footprint-mb 512] [--threads N] [--kinds MXFP4,MXFP4-ref,Q4_0]
 
 Shapes are in x out: gpt-oss's expert gate_up (2880x5760) and down (2880x2880). Each (kind,
 shape) gets random blocks (finite scales), copied until the copies fill --footprint-mb, and one
 repetition times a pass of matvec over every copy, as decode reads each expert's weights once.
 Prints per setting the median [min-max] GB/s over the repetitions and the median time per call.
-MXFP4 is 17 bytes per 32 weights, Q4_0 18.
+MXFP4 is 17 bytes per 32 weights, Q4_0 18. MXFP4-ref: the plain-numba decode-then-dot kernel
+(mxfp4_kernels.matvec_reference), the vector kernel's A/B baseline in the same run.
 """
 
 from __future__ import annotations
@@ -42,13 +43,18 @@ def q4_0_weights(n_in: int, n_out: int, footprint: int, rng) -> list[BlockWeight
 
 def run(kind: str, n_in: int, n_out: int, n_rows: int, reps: int, footprint: int) -> str:
     rng = np.random.default_rng(0)
-    ws = mxfp4_weights(n_in, n_out, footprint, rng) if kind == "MXFP4" \
+    mx = kind.startswith("MXFP4")
+    ws = mxfp4_weights(n_in, n_out, footprint, rng) if mx \
         else q4_0_weights(n_in, n_out, footprint, rng)
     x = rng.standard_normal((n_rows, n_in)).astype(np.float32)
-    call = (lambda w: mxfp4_kernels.linear(x, w)) if kind == "MXFP4" \
-        else (lambda w: gguf_matvec(x, w))
+    fn = {"MXFP4": mxfp4_kernels.linear, "MXFP4-ref": mxfp4_kernels.matvec_reference,
+          "Q4_0": gguf_matvec}[kind]
+
+    def call(w):
+        return fn(x, w)
+
     call(ws[0])  # compile
-    nbytes = sum(w.nbytes if kind == "MXFP4" else w.data.nbytes for w in ws)
+    nbytes = sum(w.nbytes if mx else w.data.nbytes for w in ws)
     rates, per_call = [], []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -57,7 +63,7 @@ def run(kind: str, n_in: int, n_out: int, n_rows: int, reps: int, footprint: int
         dt = time.perf_counter() - t0
         rates.append(nbytes / dt / 1e9)
         per_call.append(dt / len(ws) * 1e6)
-    return (f"{kind:6s} {n_in}x{n_out} N={n_rows}: {statistics.median(rates):6.2f} "
+    return (f"{kind:9s} {n_in}x{n_out} N={n_rows}: {statistics.median(rates):6.2f} "
             f"[{min(rates):.2f}-{max(rates):.2f}] GB/s, {statistics.median(per_call):8.0f} "
             f"us/call ({len(ws)} copies)")
 
@@ -69,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-r", "--reps", type=int, default=5)
     p.add_argument("--footprint-mb", type=int, default=512)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--kinds", default="MXFP4,MXFP4-ref,Q4_0")
     args = p.parse_args(argv)
     if args.threads:
         numba.set_num_threads(args.threads)
@@ -76,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape in args.shapes.split(","):
         n_in, n_out = (int(v) for v in shape.split("x"))
         for n in (int(v) for v in args.n.split(",")):
-            for kind in ("MXFP4", "Q4_0"):
+            for kind in args.kinds.split(","):
                 print(run(kind, n_in, n_out, n, args.reps, args.footprint_mb << 20), flush=True)
     return 0
 
