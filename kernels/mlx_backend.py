@@ -262,6 +262,8 @@ def _attention(q: mx.array, k: mx.array, v: mx.array, scale: float, offset: int,
                window: int | None, softcap: float | None,
                sinks: mx.array | None = None) -> mx.array:
     L, T = q.shape[2], k.shape[2]
+    if softcap is not None and sinks is not None:
+        raise ValueError("attention: sinks with softcap are not supported on MLX")
     if softcap is not None:  # mx.fast's attention has no soft-capping
         visible = None if L == 1 and T <= (window or T) else window_mask(L, T, offset, window)
         return _softcapped_attention(q, k, v, scale, softcap, visible)
