@@ -137,11 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--arch", default="llama", choices=REGISTRY.model_types)
     s.add_argument("--shape", default="7b", help="7b, 13b, 70b, tiny, or custom; with an MoE "
                    "--arch: qwen3-30b-a3b, qwen3-moe-mid (qwen3_moe), mixtral-8x7b (mixtral), "
-                   "deepseek-v3, kimi-k2, deepseek-v3-mini (deepseek_v3), tiny-moe")
+                   "deepseek-v3, kimi-k2, deepseek-v3-mini (deepseek_v3), gpt-oss-20b, "
+                   "gpt-oss-120b (gpt_oss), tiny-moe")
     s.add_argument("--format", default="hf", choices=("hf", "gguf"),
                    help="hf: a model directory; gguf: one .gguf file, as llama.cpp writes it")
-    s.add_argument("--dtype", default=None, choices=("bf16", "f16", "f32"),
-                   help="HF weights dtype (bf16)")
+    s.add_argument("--dtype", default=None, choices=("bf16", "f16", "f32", "mxfp4"),
+                   help="HF weights dtype (bf16); mxfp4: gpt_oss's experts MXFP4 as OpenAI "
+                   "ships them, the rest bf16")
     s.add_argument("--quant", default=None,
                    help="with --format gguf: f32, f16, bf16 (default), q8_0, q4_0, q4_1, q5_0, "
                    "q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, or llama.cpp's mixes q4_k_m, q5_k_m")

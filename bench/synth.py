@@ -30,7 +30,8 @@ SHAPES = {
     "70b": (8192, 28672, 80, 64, 8, 128256),
     "tiny": (64, 128, 4, 4, 2, 320),
 }
-DTYPES = {"bf16": ("BF16", 2), "f16": ("F16", 2), "f32": ("F32", 4)}
+DTYPES = {"bf16": ("BF16", 2), "f16": ("F16", 2), "f32": ("F32", 4),
+          "mxfp4": ("BF16", 2)}  # gpt_oss: experts MXFP4 (uint8 blocks + scales), the rest bf16
 POOL_VALUES = 1 << 22  # 4M values per pool slice; chunks are slices of it
 SHARD_BYTES = 2 * 10**9
 
@@ -84,13 +85,16 @@ class SynthSpec:
         are the ones the architecture's model file expects (models/ registry)."""
         arch = REGISTRY.for_model_type(self.arch, "stream-bench synth")
         spec = ModelSpec.from_dict({**self.config(), **arch.config_overrides})
-        for key, shapes in arch.expected_shapes(spec).items():
+        units = arch.expected_shapes(spec)
+        if self.arch in synth_moe.FUSED_ARCHS:
+            units = synth_moe.fuse_experts(units, self.num_experts)
+        for key, shapes in units.items():
             for rel, shape in shapes.items():
                 yield synth_moe.hf_name(self.arch, full_name(key, rel)), shape, _std(rel, shape)
 
     @property
     def nbytes(self) -> int:
-        return sum(math.prod(s) for _, s, _ in self.tensors()) * DTYPES[self.dtype][1]
+        return sum(math.prod(s) * _dtype(self, n)[1] for n, s, _ in self.tensors())
 
     def config(self) -> dict:
         return {
@@ -101,11 +105,19 @@ class SynthSpec:
             "num_key_value_heads": self.num_key_value_heads, "vocab_size": self.vocab_size,
             "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
             "tie_word_embeddings": False, "bos_token_id": 256, "eos_token_id": 257,
-            "torch_dtype": {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}[self.dtype],
+            "torch_dtype": {"bf16": "bfloat16", "f16": "float16", "f32": "float32",
+                            "mxfp4": "bfloat16"}[self.dtype],
             "stream_run_synthetic": asdict(self),
             **({"head_dim": self.head_dim} if self.head_dim else {}),
             **(synth_moe.config_fields(self) if self.arch in synth_moe.MOE_ARCHS else {}),
         }
+
+
+def _dtype(spec: SynthSpec, name: str) -> tuple[str, int]:
+    """A tensor's safetensors dtype and element size: MXFP4 blocks and scales are bytes."""
+    if spec.dtype == "mxfp4" and name.endswith(("_blocks", "_scales")):
+        return "U8", 1
+    return DTYPES[spec.dtype]
 
 
 def _std(name: str, shape: tuple[int, ...]) -> float:
@@ -120,6 +132,7 @@ class _Pool:
     """Random values of one dtype, pre-generated once; chunks are random slices of it."""
 
     def __init__(self, dtype: str, seed: int) -> None:
+        dtype = "bf16" if dtype == "mxfp4" else dtype  # its dense tensors
         self.rng = np.random.default_rng(seed)
         vals = self.rng.standard_normal(2 * POOL_VALUES, dtype=np.float32)
         self.values = _encode(vals, dtype)
@@ -152,11 +165,10 @@ def _decode(a: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _shards(spec: SynthSpec, shard_bytes: int) -> list[list[tuple[str, tuple[int, ...], float]]]:
-    size = DTYPES[spec.dtype][1]
     shards: list[list] = [[]]
     used = 0
     for name, shape, std in spec.tensors():
-        nbytes = math.prod(shape) * size
+        nbytes = math.prod(shape) * _dtype(spec, name)[1]
         if shards[-1] and used + nbytes > shard_bytes:
             shards.append([])
             used = 0
@@ -167,9 +179,9 @@ def _shards(spec: SynthSpec, shard_bytes: int) -> list[list[tuple[str, tuple[int
 
 def _write_shard(path: str, tensors: list, spec: SynthSpec, pool: _Pool,
                  progress: Callable[[int], None]) -> None:
-    st_dtype, size = DTYPES[spec.dtype]
     header, offset = {}, 0
     for name, shape, _ in tensors:
+        st_dtype, size = _dtype(spec, name)
         n = math.prod(shape) * size
         header[name] = {"dtype": st_dtype, "shape": list(shape),
                         "data_offsets": [offset, offset + n]}
@@ -183,9 +195,12 @@ def _write_shard(path: str, tensors: list, spec: SynthSpec, pool: _Pool,
             left, at = math.prod(shape), 0
             while left:
                 n = min(left, POOL_VALUES)
-                data = pool.chunk(n, std)
+                data = synth_moe.mxfp4_chunk(name, pool.values.view(np.uint8), pool.rng, n) \
+                    if spec.dtype == "mxfp4" else None
+                if data is None:
+                    data = pool.chunk(n, std)
                 if edit is not None:
-                    data = _encode(edit(at, _decode(data, spec.dtype)), spec.dtype)
+                    data = _encode(edit(at, _decode(data, pool.dtype)), pool.dtype)
                 f.write(data.tobytes())
                 progress(data.nbytes)
                 left -= n

@@ -22,7 +22,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-MOE_ARCHS = ("qwen3_moe", "mixtral", "deepseek_v3")  # qwen2_moe: a shared expert size
+MOE_ARCHS = ("qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss")  # qwen2_moe: a shared expert size
+# experts written fused per layer ([n_experts, ...] tensors), as these families' Hub
+# checkpoints hold them
+FUSED_ARCHS = ("gpt_oss",)
+MXFP4_SCALE = 120  # e8m0 exponent of synthetic MXFP4 blocks: weights of std ~0.018 (2880 wide)
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,9 @@ SHAPES = {
     "deepseek-v3-mini": MoEShape(("deepseek_v3",), (2048, 6144, 8, 16, 16, 32000), 128, 64, 8,
                                  768),
     "tiny-moe": MoEShape(MOE_ARCHS, (64, 128, 4, 4, 2, 320), 16, 16, 2, 64),
+    # openai/gpt-oss-20b and gpt-oss-120b config.json (experts MXFP4 with --dtype mxfp4)
+    "gpt-oss-20b": MoEShape(("gpt_oss",), (2880, 2880, 24, 64, 8, 201088), 64, 32, 4, 2880),
+    "gpt-oss-120b": MoEShape(("gpt_oss",), (2880, 2880, 36, 64, 8, 201088), 64, 128, 4, 2880),
 }
 
 
@@ -66,8 +73,9 @@ def shape_fields(shape: str, arch: str) -> dict:
     if arch not in s.archs:
         raise ValueError(f"--shape {shape} is a {'/'.join(s.archs)} shape, got --arch {arch}")
     e, i, n, h, kv, v = s.dims
-    return dict(arch=arch, hidden_size=e, intermediate_size=s.expert_size if arch == "mixtral"
-                else i, num_hidden_layers=n, num_attention_heads=h, num_key_value_heads=kv,
+    return dict(arch=arch, hidden_size=e, intermediate_size=s.expert_size
+                if arch in ("mixtral", "gpt_oss") else i, num_hidden_layers=n,
+                num_attention_heads=h, num_key_value_heads=kv,
                 vocab_size=v, head_dim=s.head_dim, num_experts=s.n_experts,
                 num_experts_per_tok=s.top_k, moe_intermediate_size=s.expert_size)
 
@@ -94,6 +102,15 @@ def config_fields(spec) -> dict:
     if spec.arch == "mixtral":
         return {"num_local_experts": spec.num_experts,
                 "num_experts_per_tok": spec.num_experts_per_tok}
+    if spec.arch == "gpt_oss":  # gpt-oss-20b's attention and RoPE; experts intermediate_size
+        return {"num_local_experts": spec.num_experts,
+                "num_experts_per_tok": spec.num_experts_per_tok, "sliding_window": 128,
+                "attention_bias": True,
+                "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                    "beta_slow": 1.0, "truncate": False, "rope_theta": 150000.0,
+                                    "original_max_position_embeddings": 4096},
+                **({"quantization_config": {"quant_method": "mxfp4"}}
+                   if spec.dtype == "mxfp4" else {})}
     return {"num_experts": spec.num_experts, "num_experts_per_tok": spec.num_experts_per_tok,
             "moe_intermediate_size": spec.moe_intermediate_size, "norm_topk_prob": True,
             "decoder_sparse_step": 1, "mlp_only_layers": []}
@@ -143,11 +160,15 @@ def deepseek_gguf_keys(spec) -> tuple[dict[str, int], dict[str, float | bool]]:
 
 def check(spec) -> None:
     """Raises ValueError (one line, naming the flag) for MoE fields synth cannot write."""
+    if spec.dtype == "mxfp4" and spec.arch != "gpt_oss":
+        raise ValueError(f"--dtype mxfp4 (MXFP4 experts) needs --arch gpt_oss, got {spec.arch!r}")
     if spec.arch not in MOE_ARCHS:
         if spec.num_experts or spec.router_skew:
             raise ValueError(f"--experts and --router-skew need --arch "
                              f"{' or '.join(MOE_ARCHS)}, got {spec.arch!r}")
         return
+    if spec.router_skew and spec.arch == "gpt_oss":  # its biases write the residual's dim 0
+        raise ValueError("--router-skew is not supported for --arch gpt_oss")
     if spec.num_experts <= 0 or not 0 < spec.num_experts_per_tok <= spec.num_experts:
         raise ValueError(f"--arch {spec.arch} needs an MoE shape ({', '.join(SHAPES)}) or "
                          "--shape custom with --experts and --experts-per-tok <= --experts")
@@ -161,9 +182,39 @@ def check(spec) -> None:
         except ValueError as exc:
             raise ValueError(f"--arch deepseek_v3: {exc} (from --experts, --experts-per-tok, "
                              "--head-dim)") from None
+    if spec.arch == "gpt_oss" and spec.moe_intermediate_size != spec.intermediate_size:
+        raise ValueError(f"--expert-size must equal --intermediate-size for --arch gpt_oss (its "
+                         f"experts are intermediate_size wide), got {spec.moe_intermediate_size} "
+                         f"and {spec.intermediate_size}")
     if not 0 <= spec.router_skew <= 8:
         raise ValueError(f"--router-skew must be in 0..8 (a Zipf exponent), got "
                          f"{spec.router_skew}")
+
+
+def fuse_experts(shapes: dict[str, dict[str, tuple[int, ...]]], n_experts: int
+                 ) -> dict[str, dict[str, tuple[int, ...]]]:
+    """expected_shapes with each layer's expert units as fused tensors of its block
+    ("mlp.experts.{name}", shape (n_experts, ...)), as FUSED_ARCHS' checkpoints store them."""
+    out: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, unit in shapes.items():
+        layer, sep, expert = key.partition(".mlp.experts.")
+        if not sep:
+            out[key] = dict(unit)
+        elif expert == "0":
+            out[layer].update({f"mlp.experts.{n}": (n_experts, *s) for n, s in unit.items()})
+    return out
+
+
+def mxfp4_chunk(name: str, pool_bytes: np.ndarray, rng: np.random.Generator, n: int
+                ) -> np.ndarray | None:
+    """n bytes of a synthetic MXFP4 tensor (random codes, MXFP4_SCALE exponents), or None for
+    a tensor of another kind."""
+    if name.endswith("_scales"):
+        return np.full(n, MXFP4_SCALE, np.uint8)
+    if name.endswith("_blocks"):
+        start = int(rng.integers(0, pool_bytes.size - n + 1))
+        return pool_bytes[start:start + n]
+    return None
 
 
 # --- the skewed router: edits on the chunks a tensor is written in ---------------------------

@@ -111,6 +111,9 @@ def convert_model(src: str, out: str, *, bits: int = 4, group_size: int | None =
     out_abs = _check_paths(src, out, force)
     source = open_model(src)
     index = source.index
+    if any(t.dtype == "U8" for u in index.units.values() for t in u.tensors.values()):
+        raise ConvertError(f"{src}: MXFP4 experts (uint8 *_blocks + *_scales) are computed as "
+                           "stored and not converted; hint: run the checkpoint directly")
     plans = {key: plan_unit(index, unit, quant_recipe, keep_source_groups=group_size is None)
              for key, unit in index.units.items()}
     calib = None

@@ -112,13 +112,15 @@ class Backend(Protocol):
         ...
 
     def attention(self, q: Any, k: Any, v: Any, scale: float, offset: int,
-                  window: int | None = None, softcap: float | None = None) -> Any:
+                  window: int | None = None, softcap: float | None = None,
+                  sinks: Any = None) -> Any:
         """Causal attention. q (B, Hq, L, D); k, v (B, Hkv, T, D) with T = offset + L.
 
         GQA: Hq is a multiple of Hkv. Query i attends to keys j with j <= offset + i and, with
         a window (a sliding layer), offset + i - j < window. softcap (Gemma 2's logit
         soft-capping): the scaled scores s become tanh(s / softcap) * softcap before the
-        mask. -> (B, Hq, L, D).
+        mask. sinks (Hq,) (gpt-oss): a logit per query head joins each row's softmax, its
+        share dropped (no value). -> (B, Hq, L, D).
         """
         ...
 

@@ -5,6 +5,8 @@
 - MLX affine triples (U32 words + scales + biases) stay packed (QuantizedWeight).
 - GGUF block types, on the numpy backend, stay the bytes as read (BlockWeight): the kernels
   of kernels/gguf_blocks.py compute on the blocks; nothing is converted or widened at read.
+- MXFP4 pairs (HF gpt-oss: uint8 "x_blocks" + "x_scales") become one MXFP4Weight under "x",
+  views of the bytes as read (kernels/mxfp4.py computes on them; MLX: its mxfp4 mode).
 - GGUF blocks on MLX: the types whose blocks are affine over 32 elements (Q4_0, Q4_1, Q5_0,
   Q5_1, Q8_0, Q4_K, Q5_K) map onto MLX's packed form losslessly at read (gguf_to_affine:
   dequantize(gguf_to_affine(raw)) equals gguf-py's dequantization bit for bit: d * q and the
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from stream_run.kernels import mxfp4
 from stream_run.kernels.quant import (
     GGUF_BLOCK_TYPES,
     HALF_DTYPES,
@@ -67,6 +70,10 @@ FORMATS: dict[str, Format] = {
                   "2-D: mx.float16; 1-D: float32", True),
     "BF16": Format("half", "2-D: HalfWeight (bf16 bits, widened inside the ops); 1-D: float32",
                    "2-D: mx.bfloat16; 1-D: float32", True),
+    "U8": Format("mxfp4", "MXFP4Weight: x_blocks + x_scales as read (kernels/mxfp4.py)",
+                 "uint32 codes + uint8 exponents (mx.quantized_matmul, mode mxfp4)", True),
+    "MXFP4": Format("mxfp4", "MXFP4Weight: GGUF's 17-byte blocks as read (kernels/mxfp4.py)",
+                    "uint32 codes + uint8 exponents (mx.quantized_matmul, mode mxfp4)", True),
     "U32": Format("mlx-affine", "QuantizedWeight: packed words as read, float16/32 scales",
                   "QuantizedWeight (mx.quantized_matmul)", True),
     **{dtype: _gguf_format(dtype) for dtype in GGUF_BLOCK_TYPES},
@@ -325,8 +332,12 @@ def prepare_unit(
     Raises:
         ValueError: names the tensor: unknown dtype, missing scales/biases, bad shapes or sizes.
     """
-    out: dict[str, np.ndarray | QuantizedWeight | HalfWeight] = {}
+    out: dict[str, Prepared] = {}
     consumed: set[str] = set()
+    for name, t in tensors.items():
+        if t.dtype == "U8" and name.endswith("_blocks"):
+            out[name.removesuffix("_blocks")] = _mxfp4(name, t, tensors)
+            consumed |= {name, name.removesuffix("_blocks") + "_scales"}
     for name, t in tensors.items():
         if t.dtype != "U32":
             continue
@@ -353,6 +364,11 @@ def prepare_unit(
                 out[name] = _gguf(t, blocks, half_scales)
             except ValueError as exc:
                 raise ValueError(f"{name}: {exc}") from None
+        elif t.dtype == "MXFP4" and len(t.shape) == 2:  # GGUF's: computed as read
+            try:
+                out[name] = mxfp4.from_ggml(t.data, tuple(int(d) for d in t.shape))
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
         elif t.dtype in HALF_DTYPES and len(t.shape) == 2:
             out[name] = _half(name, t)
         elif t.dtype in DENSE_DTYPES:
@@ -364,6 +380,18 @@ def prepare_unit(
         # kept as a view would hold every block byte beside its converted form.
         out = {k: _owned(v) for k, v in out.items()}
     return out
+
+
+def _mxfp4(name: str, t: Any, tensors: Mapping[str, Any]) -> mxfp4.MXFP4Weight:
+    """HF's MXFP4 pair x_blocks (out, in/32, 16) + x_scales (out, in/32), both uint8."""
+    scales_name = name.removesuffix("_blocks") + "_scales"
+    s = tensors.get(scales_name)
+    if s is None or s.dtype != "U8":
+        raise ValueError(f"{name}: MXFP4 blocks without their uint8 {scales_name!r}; hint: the "
+                         "checkpoint is incomplete")
+    blocks = _check_size(t.data, math.prod(t.shape), f"{name}: U8", t.shape).reshape(t.shape)
+    scales = _check_size(s.data, math.prod(s.shape), f"{scales_name}: U8", s.shape)
+    return mxfp4.from_hf(blocks, scales.reshape(s.shape), name)
 
 
 def _gguf(t: Any, blocks: bool, half_scales: bool) -> Prepared:
@@ -392,7 +420,7 @@ def block_rows(data: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarr
     return _blocks(data, dtype, shape).reshape(shape[0], -1)
 
 
-Prepared = np.ndarray | QuantizedWeight | HalfWeight | BlockWeight
+Prepared = np.ndarray | QuantizedWeight | HalfWeight | BlockWeight | mxfp4.MXFP4Weight
 
 
 def _owned(v: Prepared) -> Prepared:

@@ -22,6 +22,7 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")
 import mlx.core as mx  # noqa: E402  (after the environment default above)
 import numpy as np
 
+from stream_run.kernels import mxfp4
 from stream_run.kernels.formats import prepare_unit
 from stream_run.kernels.kv_cache import (
     LayeredKVCache,
@@ -243,22 +244,26 @@ class MLXKVCache(LayeredKVCache):
 
 
 def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, offset: int,
-              window: int | None = None, softcap: float | None = None) -> mx.array:
+              window: int | None = None, softcap: float | None = None,
+              sinks: mx.array | None = None) -> mx.array:
     """MLXBackend.attention (also a sliding layer's): in blocks of query rows over the keys
     each block sees (kv_cache.query_blocks) when the whole score matrix would exceed
     ATTN_SCORE_BYTES (mx.fast's attention materialises it on the CPU)."""
     blocks = query_blocks(q.shape[2], k.shape[2], q.shape[0] * q.shape[1], offset, window)
     if len(blocks) == 1:
-        return _attention(q, k, v, scale, offset, window, softcap)
+        return _attention(q, k, v, scale, offset, window, softcap, sinks)
     return mx.concatenate([
         _attention(q[:, :, q0:q1], k[:, :, lo:hi], v[:, :, lo:hi], scale, offset + q0 - lo,
-                   window, softcap)
+                   window, softcap, sinks)
         for q0, q1, lo, hi in blocks], axis=2)
 
 
 def _attention(q: mx.array, k: mx.array, v: mx.array, scale: float, offset: int,
-               window: int | None, softcap: float | None) -> mx.array:
+               window: int | None, softcap: float | None,
+               sinks: mx.array | None = None) -> mx.array:
     L, T = q.shape[2], k.shape[2]
+    if softcap is not None and sinks is not None:
+        raise ValueError("attention: sinks with softcap are not supported on MLX")
     if softcap is not None:  # mx.fast's attention has no soft-capping
         visible = None if L == 1 and T <= (window or T) else window_mask(L, T, offset, window)
         return _softcapped_attention(q, k, v, scale, softcap, visible)
@@ -270,7 +275,9 @@ def _attention(q: mx.array, k: mx.array, v: mx.array, scale: float, offset: int,
         mask = None  # a ring's filled slots: every key is in the window
     else:
         mask = mx.array(window_mask(L, T, offset, window))
-    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
+    if sinks is not None:
+        sinks = sinks.astype(q.dtype)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, sinks=sinks)
 
 
 def _softcapped_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, softcap: float,
@@ -329,6 +336,10 @@ class MLXBackend:
                 )
             elif isinstance(v, HalfWeight):
                 v = _half_array(v)
+            elif isinstance(v, mxfp4.MXFP4Weight):  # the codes as mx's mxfp4 words
+                codes, exps = mxfp4.to_hf(v)
+                v = mxfp4.MXFP4Weight(mx.array(codes.reshape(codes.shape[0], -1).view(np.uint32)),
+                                      mx.array(exps))
             else:
                 v = mx.array(v)
             out[name] = v
@@ -370,6 +381,9 @@ class MLXBackend:
                 group_size=w.group_size,
                 bits=w.bits,
             )
+        elif isinstance(w, mxfp4.MXFP4Weight):
+            y = mx.quantized_matmul(x, w.codes, w.exponents, transpose=True, group_size=32,
+                                    bits=4, mode="mxfp4")
         else:
             y = x @ _float32(w).T
         return y if bias is None else y + bias
@@ -397,8 +411,9 @@ class MLXBackend:
     def attention(
         self, q: mx.array, k: mx.array, v: mx.array, scale: float, offset: int,
         window: int | None = None, softcap: float | None = None,
+        sinks: mx.array | None = None,
     ) -> mx.array:
-        return attention(q, k, v, scale, offset, window, softcap)
+        return attention(q, k, v, scale, offset, window, softcap, sinks)
 
     def silu_mul(self, gate: mx.array, up: mx.array) -> mx.array:
         return gate * mx.sigmoid(gate) * up
@@ -562,5 +577,7 @@ def _arrays(prepared: Mapping[str, Any]):
     for v in prepared.values():
         if isinstance(v, QuantizedWeight):
             yield from (v.packed, v.scales, v.biases)
+        elif isinstance(v, mxfp4.MXFP4Weight):
+            yield from (v.codes, v.exponents)
         else:
             yield v

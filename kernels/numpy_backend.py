@@ -11,7 +11,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from stream_run.kernels import fused, gguf_blocks
+from stream_run.kernels import fused, gguf_blocks, mxfp4, mxfp4_kernels
 from stream_run.kernels.formats import prepare_unit
 from stream_run.kernels.kv_cache import (
     LayeredKVCache,
@@ -213,7 +213,8 @@ class NumpyKVCache(LayeredKVCache):
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, offset: int,
-              window: int | None = None, softcap: float | None = None) -> np.ndarray:
+              window: int | None = None, softcap: float | None = None,
+              sinks: np.ndarray | None = None) -> np.ndarray:
     """NumpyBackend.attention (also a sliding layer's attention for several rows): in blocks
     of query rows over the keys each block sees (kv_cache.query_blocks) when the whole score
     matrix would exceed ATTN_SCORE_BYTES."""
@@ -226,20 +227,21 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, offset:
         for i in range(L):
             t = offset + i + 1
             out[:, :, i:i + 1] = _attention(q[:, :, i:i + 1], k[:, :, :t], v[:, :, :t], scale,
-                                            t - 1, window, softcap)
+                                            t - 1, window, softcap, sinks)
         return out
     blocks = query_blocks(L, T, q.shape[0] * q.shape[1], offset, window)
     if len(blocks) == 1:
-        return _attention(q, k, v, scale, offset, window, softcap)
+        return _attention(q, k, v, scale, offset, window, softcap, sinks)
     out = np.empty(q.shape, np.result_type(q, v))
     for q0, q1, lo, hi in blocks:
         out[:, :, q0:q1] = _attention(q[:, :, q0:q1], k[:, :, lo:hi], v[:, :, lo:hi], scale,
-                                      offset + q0 - lo, window, softcap)
+                                      offset + q0 - lo, window, softcap, sinks)
     return out
 
 
 def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, offset: int,
-               window: int | None, softcap: float | None) -> np.ndarray:
+               window: int | None, softcap: float | None,
+               sinks: np.ndarray | None = None) -> np.ndarray:
     B, Hq, L, D = q.shape
     Hkv, T = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -254,10 +256,24 @@ def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, offset
     if not (L == 1 and T == offset + 1 and (window is None or T <= window)):
         s5 = scores.reshape(B, Hkv, G, L, T)
         s5[..., ~window_mask(L, T, offset, window)] = -np.inf
+    if sinks is not None:  # a learned logit per query head in the softmax, with no value
+        return (_sink_softmax(scores, sinks, Hkv, G, L) @ v).reshape(B, Hq, L, D)
     scores -= scores.max(axis=-1, keepdims=True)
     np.exp(scores, out=scores)
     scores /= scores.sum(axis=-1, keepdims=True)
     return (scores @ v).reshape(B, Hq, L, D)
+
+
+def _sink_softmax(scores: np.ndarray, sinks: np.ndarray, Hkv: int, G: int, L: int
+                  ) -> np.ndarray:
+    """softmax over each row's scores (B, Hkv, G*L, T) and its query head's sink, the sink's
+    share dropped (gpt-oss)."""
+    sink = np.repeat(np.asarray(sinks, np.float32).reshape(1, Hkv, G, 1), L, axis=2)
+    m = np.maximum(scores.max(axis=-1, keepdims=True), sink)
+    scores -= m
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True) + np.exp(sink - m)
+    return scores
 
 
 class NumpyBackend:
@@ -304,6 +320,8 @@ class NumpyBackend:
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         if isinstance(w, (QuantizedWeight, HalfWeight, BlockWeight)):
             y = self._packed_linear(x2, w)
+        elif isinstance(w, mxfp4.MXFP4Weight):
+            y = mxfp4_kernels.linear(x2, w)
         else:
             y = x2 @ w.T  # BLAS sgemm with a transposed operand: no copy of w
         if bias is not None:
@@ -404,8 +422,9 @@ class NumpyBackend:
     def attention(
         self, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, offset: int,
         window: int | None = None, softcap: float | None = None,
+        sinks: np.ndarray | None = None,
     ) -> np.ndarray:
-        return attention(q, k, v, scale, offset, window, softcap)
+        return attention(q, k, v, scale, offset, window, softcap, sinks)
 
     def silu_mul(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore"):  # exp(-g) -> inf for g << 0 gives silu = -0, correct

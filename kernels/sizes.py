@@ -44,6 +44,10 @@ def prepared_nbytes(
         return 4 * n
     if dtype == "U32":
         return 4 * n
+    if dtype == "U8":  # MXFP4 codes or exponents: kept as stored (MLX: the same bytes)
+        return n
+    if dtype == "MXFP4" and len(shape) == 2:  # GGUF's 17-byte blocks (MLX: the same bytes)
+        return n // 32 * 17
     if dtype in GGUF_BLOCK_TYPES:
         block, block_bytes = GGUF_BLOCK_TYPES[dtype]
         if len(shape) != 2:
@@ -80,12 +84,16 @@ def _is_view(name: str, t: Any, companions: set[str], half_scales: bool) -> bool
     if name in companions:
         return t.dtype == "F32" or (half_scales and t.dtype == "F16")
     two_d = len(tuple(t.shape)) == 2
-    return t.dtype in ("U32", "F32") or (two_d and t.dtype in (*HALF_DTYPES, *GGUF_BLOCK_TYPES))
+    return t.dtype in ("U32", "U8", "F32") \
+        or (two_d and t.dtype in (*HALF_DTYPES, *GGUF_BLOCK_TYPES, "MXFP4"))
 
 
 def _tensor_nbytes(name: str, t: Any, companions: set[str], half_scales: bool,
                    blocks: bool = False) -> int:
     shape = tuple(t.shape)
+    if t.dtype == "U8" and not name.endswith(("_blocks", "_scales")):
+        raise ValueError(f"{no_compute_form(t.dtype)} (uint8 runs only as MXFP4 x_blocks + "
+                         "x_scales)")
     if name in companions and half_scales and t.dtype == "F16":
         return 2 * math.prod(shape)  # kept as float16
     return prepared_nbytes(t.dtype, shape, widened=name in companions, half_scales=half_scales,

@@ -26,6 +26,8 @@ BLOCK = "layers.{bid}"  # == layer_key(bid)
 # The types the engine computes (kernels/formats.py FORMATS); stream-convert reads them too.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0",
                    "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# Types computed only as stacked expert tensors (llama.cpp's MXFP4_MOE files: ffn_*_exps)
+EXPERT_TYPES = ("MXFP4",)
 # Metadata read for any architecture that has it: {arch}.<key> -> HF config field. A
 # sliding_window_pattern array (llama.cpp: one bool per layer, true = sliding) -> layer_types.
 OPTIONAL_KEYS = {
@@ -182,10 +184,12 @@ def _read_header(path: str) -> tuple[dict[str, Any], dict[str, tuple]]:
         )
     infos = {}
     for name, type_name, ne, offset, nbytes in tensors:
-        if type_name not in SUPPORTED_TYPES:
+        if type_name not in SUPPORTED_TYPES and not (
+                type_name in EXPERT_TYPES and name.endswith("_exps.weight")):
             raise FormatError(
                 f"{path}: tensor {name!r} has unsupported type {type_name}; supported: "
-                f"{', '.join(SUPPORTED_TYPES)}; hint: use a GGUF quantized to one of those"
+                f"{', '.join(SUPPORTED_TYPES)} ({', '.join(EXPERT_TYPES)}: stacked expert "
+                "tensors ffn_*_exps only); hint: use a GGUF quantized to one of those"
             )
         block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][0]
         if not ne or ne[0] % block:

@@ -39,6 +39,7 @@ ARCHITECTURES: dict[str, Entry] = {
     "qwen2_moe": Entry("moe", "Qwen2MoeForCausalLM", "qwen2moe", True),
     "mixtral": Entry("moe", "MixtralForCausalLM", "llama", True),  # llama with experts
     "deepseek_v3": Entry("deepseek", "DeepseekV3ForCausalLM", "deepseek2", True),
+    "gpt_oss": Entry("gpt_oss", "GptOssForCausalLM", "gpt-oss", True),
 }
 
 

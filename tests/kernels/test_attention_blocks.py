@@ -11,6 +11,7 @@ import pytest
 from stream_run.kernels import available_backends, get_backend
 from stream_run.kernels import kv_cache as kv_module
 from stream_run.kernels.kv_cache import query_blocks
+from stream_run.kernels.numpy_backend import _attention
 
 BACKENDS = ["numpy"] + (["mlx"] if "mlx" in available_backends() else [])
 
@@ -61,9 +62,10 @@ def test_blocked_attention_equals_the_whole_matrix(backend, window, softcap, mon
     np.testing.assert_allclose(blocked, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("sinks", [False, True])
 @pytest.mark.parametrize("window", [None, 64])
 @pytest.mark.parametrize("softcap", [None, 30.0])
-def test_a_few_rows_have_the_bits_of_one_row_passes(window, softcap):
+def test_a_few_rows_have_the_bits_of_one_row_passes(window, softcap, sinks):
     """A pass of 2..8 query rows (a speculative pass's draft rows, a short chunk) gives each row
     the bits the one-row pass at its position gives: the numpy backend runs them one by one
     over their own keys. One masked score matrix sums each row in another order (its masked
@@ -76,11 +78,17 @@ def test_a_few_rows_have_the_bits_of_one_row_passes(window, softcap):
         q = rng.standard_normal((1, Hq, L, D)).astype(np.float32)
         k = rng.standard_normal((1, Hkv, offset + L, D)).astype(np.float32)
         v = rng.standard_normal((1, Hkv, offset + L, D)).astype(np.float32)
-        got = ops.attention(q, k, v, 0.25, offset, window, softcap)
+        sink = rng.standard_normal(Hq).astype(np.float32) if sinks else None
+        kw = {"sinks": sink} if sinks else {}
+        got = ops.attention(q, k, v, 0.25, offset, window, softcap, **kw)
         for i in range(L):
             t = offset + i + 1
             one = ops.attention(q[:, :, i:i + 1], k[:, :, :t], v[:, :, :t], 0.25, t - 1, window,
-                                softcap)
+                                softcap, **kw)
             np.testing.assert_array_equal(got[:, :, i:i + 1], one, err_msg=f"L={L} row {i}")
-        np.testing.assert_allclose(got, reference(q, k, v, 0.25, offset, window, softcap),
-                                   rtol=1e-5, atol=1e-5)
+        if sinks:  # one masked score matrix is the reference with sinks
+            whole = _attention(q, k, v, 0.25, offset, window, softcap, sink)
+            np.testing.assert_allclose(got, whole, rtol=1e-5, atol=1e-6)
+        else:
+            np.testing.assert_allclose(got, reference(q, k, v, 0.25, offset, window, softcap),
+                                       rtol=1e-5, atol=1e-5)
