@@ -23,6 +23,8 @@ passes that doubles each time it fails again, so speculation costs little when i
 
 from __future__ import annotations
 
+import collections
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -48,6 +50,8 @@ def sweep_rows(n: int) -> int:
     return 1 << (max(1, n).bit_length() - 1)
 MAX_PAUSE = 32  # passes without drafts, at most, after drafting failed
 DECAY = 0.8  # weight of a sequence's older passes in its acceptance rate
+COST_SAMPLES = 5  # passes per row count whose median is its cost
+EXPLORE_EVERY = 16  # a pass in this many keeps every draft row, whatever its estimated cost
 
 
 class PassCost:
@@ -58,17 +62,18 @@ class PassCost:
     outweigh it (cut_for_cost)."""
 
     def __init__(self) -> None:
-        self.seconds: dict[int, float] = {}
+        self.samples: dict[int, collections.deque[float]] = {}
+        self.decisions = 0  # cut_for_cost calls, for its exploration
 
     def add(self, rows: int, seconds: float) -> None:
-        old = self.seconds.get(rows)
-        self.seconds[rows] = seconds if old is None else 0.7 * old + 0.3 * seconds
+        self.samples.setdefault(rows, collections.deque(maxlen=COST_SAMPLES)).append(seconds)
 
     def estimate(self, rows: int) -> float | None:
-        """The measured cost of `rows`, else that of the most rows measured below it (so an
-        unmeasured size is tried once), else None."""
-        known = [r for r in self.seconds if r <= rows]
-        return self.seconds[max(known)] if known else None
+        """The median of the last COST_SAMPLES passes of `rows` (one pass slowed by the rest of
+        a loaded machine does not move it), else that of the most rows measured below it (so
+        an unmeasured size is tried), else None."""
+        known = [r for r in self.samples if r <= rows]
+        return statistics.median(self.samples[max(known)]) if known else None
 
 
 def cut_for_cost(drafts: list[tuple[int, DraftLength]], base_rows: int, cost: PassCost
@@ -78,6 +83,9 @@ def cut_for_cost(drafts: list[tuple[int, DraftLength]], base_rows: int, cost: Pa
     one first, as the batcher cuts): the size with the most expected tokens per second. Costs
     not measured yet count as the nearest measured smaller size's."""
     total = base_rows + sum(d for d, _ in drafts)
+    cost.decisions += 1
+    if cost.decisions % EXPLORE_EVERY == 0:
+        return sweep_rows(total)  # every draft row now and then: its cost stays measured
     best, best_rate = sweep_rows(total), -1.0
     for rows in sorted({sweep_rows(r) for r in range(max(1, base_rows), total + 1)}):
         cut, tokens = total - rows, float(base_rows - len(drafts))

@@ -84,9 +84,12 @@ def test_pass_rows_follow_expected_tokens_per_second():
     assert cut_for_cost([(7, coin)], 1, unknown) == 8  # nothing measured: every draft row
     unknown.add(1, 1.0)
     assert unknown.estimate(8) == 1.0  # an unmeasured size costs as the largest measured below
-    unknown.add(8, 3.0)
-    unknown.add(8, 1.0)
-    assert unknown.estimate(8) == pytest.approx(0.7 * 3 + 0.3 * 1)
+    for seconds in (1.0, 9.0, 1.2, 1.1):  # a spike does not move the median
+        unknown.add(8, seconds)
+    assert unknown.estimate(8) == pytest.approx(1.15)
+    dear.decisions = 0
+    cuts = [cut_for_cost([(7, coin)], 1, dear) for _ in range(32)]
+    assert cuts.count(8) == 2 and cuts.count(1) == 30  # every 16th keeps all rows (exploration)
 
 
 def test_greedy_verify_keeps_the_matching_prefix_and_the_correction():
