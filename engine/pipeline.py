@@ -42,9 +42,11 @@ import numpy as np
 import psutil
 
 from stream_run.engine.engine import Engine
+from stream_run.engine.microbatch import MicroBatcher
 from stream_run.engine.runner import PassRunner
 from stream_run.loaders import EMBED, HEAD, ModelSource
 from stream_run.models.base import Batch, Call, LateUnits, SeqRows, Units
+from stream_run.scheduler import RunStats
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +282,7 @@ class PipelineRunner(PassRunner):
     def attach(self, link: Link, stage: Stage) -> None:
         self.link, self.stage = link, stage
         self._more = False
+        self.outstanding = 0  # rank 0: passes sent on (send_pass) whose rows are not back
         self._sids: dict[int, int] = {}  # id(kv) -> sequence id (rank 0)
         self._dropped: list[int] = []
         self._next_sid = 0
@@ -298,8 +301,50 @@ class PipelineRunner(PassRunner):
             return [*before, hand, *after]
         recv = Call((), lambda _x, _w: self.model.ops.from_numpy(self._hidden_in[None]),
                     "pipeline.in")
-        out = Call((), lambda x, _w: self._forward(x), "pipeline.out")
+        out = Call((), lambda x, _w: self._forward(x, batch), "pipeline.out")
         return [recv, *body, out]
+
+    async def send_pass(self, batch: Batch, more: bool = False) -> RunStats:
+        """Rank 0, micro-batching (engine/microbatch.py): the first half of a pass, the
+        embedding and this rank's blocks, its rows sent on; finish_pass takes them back. The
+        KV caches advance here (rank 0's blocks have written them)."""
+        self._more = more
+        if self.units.reader.config.read_mode == "mmap":
+            self.units.reader.check_files()
+        before, _, _ = self.model.stage_calls(batch, self.tile_rows)
+        meta = self._pass_meta(batch)
+        send = Call((), lambda x, _w: self._send_on(meta, x), "pipeline.out")
+        _, stats = await self.scheduler.run([*before, send], cyclic=True,
+                                            scratch_bytes=self.scratch_bytes(batch))
+        for seq in batch.seqs:
+            seq.kv.advance(len(seq.ids))
+        return stats
+
+    async def finish_pass(self, batch: Batch) -> tuple[np.ndarray, RunStats]:
+        """Rank 0: the oldest pass sent on comes back; its logits (the head on rank 0).
+        cyclic: reads carried for the next pass's first units stay in flight."""
+        _, _, after = self.model.stage_calls(batch, self.tile_rows)
+        back = Call((), lambda _x, _w: self._take_back(), "pipeline.in")
+        return await self.scheduler.run([back, *after], cyclic=True)
+
+    def flush(self) -> None:
+        """Rank 0 (compute thread): take back, and drop, the passes sent on that nobody will
+        finish (a batcher that failed or was cancelled between the halves)."""
+        while self.outstanding:
+            self._take_back()
+
+    def _send_on(self, meta: dict[str, Any], h: Any) -> None:
+        self.link.send(Message(PASS, meta, _as_rows(self.model.ops, h)), self.link.next)
+        self.outstanding += 1
+
+    def _take_back(self) -> Any:
+        link = self.link
+        back = link.recv(link.prev)
+        self.outstanding -= 1
+        if back.kind != RESULT or back.hidden is None:
+            raise PipelineError(f"pipeline rank 0: rank {link.prev} answered message kind "
+                                f"{back.kind}, not a pass's result")
+        return self.model.ops.from_numpy(back.hidden[None])
 
     def _sid(self, kv: Any) -> int:
         sid = self._sids.get(id(kv))
@@ -315,26 +360,26 @@ class PipelineRunner(PassRunner):
 
     def _pass_meta(self, batch: Batch) -> dict[str, Any]:
         seqs = [[self._sid(s.kv), int(s.kv.offset), [int(t) for t in s.ids], s.span_end,
-                 int(s.kv.max_len)] for s in batch.seqs]
+                 int(s.kv.max_len), s.n_logits] for s in batch.seqs]
         dropped, self._dropped = self._dropped, []
         return {"seqs": seqs, "all_logits": batch.all_logits, "more": self._more,
                 "drop": dropped}
 
     def _hand_off(self, meta: dict[str, Any], h: Any) -> Any:
         """Rank 0: the hidden state to rank 1, and back from the last rank."""
-        link = self.link
-        link.send(Message(PASS, meta, _as_rows(self.model.ops, h)), link.next)
-        back = link.recv(link.prev)
-        if back.kind != RESULT or back.hidden is None:
-            raise PipelineError(f"pipeline rank 0: rank {link.prev} answered message kind "
-                                f"{back.kind}, not a pass's result")
-        return self.model.ops.from_numpy(back.hidden[None])
+        self._send_on(meta, h)
+        return self._take_back()
 
-    def _forward(self, h: Any) -> None:
+    def _forward(self, h: Any, batch: Batch) -> None:
+        """Ranks past 0: the rows on; the last rank sends back only the rows the head needs
+        (each sequence's last, or its last n_logits), as rank 0's head would pick them."""
         link, rows = self.link, _as_rows(self.model.ops, h)
-        last = link.next == 0
-        link.send(Message(RESULT, {}, rows) if last else Message(PASS, self._meta_in, rows),
-                  link.next)
+        if link.next != 0:
+            link.send(Message(PASS, self._meta_in, rows), link.next)
+            return
+        if not batch.all_logits and len(rows) != len(batch.logit_rows):
+            rows = rows[batch.logit_rows]
+        link.send(Message(RESULT, {}, rows), link.next)
 
     def send_control(self, kind: int) -> None:
         """Rank 0: IDLE or STOP down the chain (compute thread)."""
@@ -347,14 +392,24 @@ class PipelineEngine(Engine):
     runner_class = PipelineRunner
 
     def __init__(self, source: ModelSource, config: Any, link: Link,
-                 split: Sequence[int] | None = None) -> None:
+                 split: Sequence[int] | None = None, microbatches: int | None = None) -> None:
+        """microbatches: passes rank 0 keeps in flight around the ring for concurrent
+        requests (engine/microbatch.py); None: one per rank; 1: one pass at a time."""
         if config.kv_cache_budget_bytes:
             raise ValueError("--kv-cache-budget: the prefix cache is not supported with "
                              "--pipeline (each rank holds its own layers' KV)")
         self.link = link
         self._split = split
+        self.microbatches = link.size if microbatches is None else microbatches
+        if self.microbatches < 1:
+            raise ValueError(f"--pipeline-microbatches must be >= 1, got {self.microbatches}")
+        if link.rank == 0 and self.microbatches > 1:
+            self.batcher_class = MicroBatcher
         super().__init__(source, config)
         self.runner.attach(link, self.stage)
+        if isinstance(self.batcher, MicroBatcher):
+            self.batcher.groups = self.microbatches
+            self.batcher.row_bytes = 4 * self.spec.hidden_size
         if link.rank == 0:
             self.runner.idle = self._idle  # type: ignore[method-assign]
         self._closed = False
@@ -375,6 +430,7 @@ class PipelineEngine(Engine):
 
     async def _idle(self) -> None:
         await PassRunner.idle(self.runner)
+        await self.scheduler.run_on_compute(self.runner.flush)
         await self.scheduler.run_on_compute(self.runner.send_control, IDLE)
 
     def close(self) -> None:
@@ -388,12 +444,14 @@ class PipelineEngine(Engine):
 
     @classmethod
     async def open_stage(cls, model: str, config: Any, link: Link,
-                         split: Sequence[int] | None = None) -> PipelineEngine:
+                         split: Sequence[int] | None = None,
+                         microbatches: int | None = None) -> PipelineEngine:
         import asyncio
 
         from stream_run.models import open_model
 
-        return await asyncio.to_thread(lambda: cls(open_model(model), config, link, split))
+        return await asyncio.to_thread(lambda: cls(open_model(model), config, link, split,
+                                                   microbatches))
 
     async def serve(self, on_stop: Callable[[], None] | None = None) -> None:
         """Ranks past 0: run passes as they come until rank 0 says STOP."""
@@ -415,18 +473,18 @@ class PipelineEngine(Engine):
             for sid in msg.meta["drop"]:
                 kvs.pop(sid, None)
             seqs = []
-            for sid, offset, ids, span_end, max_len in msg.meta["seqs"]:
+            for sid, offset, ids, span_end, max_len, n_logits in msg.meta["seqs"]:
                 kv = kvs.get(sid)
                 if kv is None:
                     kv = kvs[sid] = await runner.make_kv_cache(max_len)
                 kv.offset = offset  # rank 0's cache may have been trimmed
-                seqs.append(SeqRows(np.asarray(ids, np.int64), kv, span_end))
+                seqs.append(SeqRows(np.asarray(ids, np.int64), kv, span_end, n_logits))
             runner._hidden_in, runner._meta_in = msg.hidden, msg.meta
             _, stats = await runner.run(Batch(seqs, msg.meta["all_logits"]),
                                         msg.meta["more"])
             self.served_bytes_read += stats.bytes_read
             self.served_positions = max([self.served_positions,
-                                         *(o + len(i) for _, o, i, _, _ in msg.meta["seqs"])])
+                                         *(o + len(i) for _, o, i, *_ in msg.meta["seqs"])])
             runner._hidden_in = None
         if on_stop is not None:
             on_stop()

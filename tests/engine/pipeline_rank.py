@@ -1,9 +1,11 @@
 """One rank of a pipeline test, started by mlx.launch (tests/engine/test_pipeline.py).
 
-argv: MODEL N_TOKENS BUDGET_BYTES|none SPLIT|none [forever]. Rank 0 generates N_TOKENS greedy
-tokens (EOS ignored) after a fixed prompt of token ids, twice at once (two concurrent
-requests), and prints `RESULT {json}` with the ids; every rank prints `MEMORY {json}` (peak RSS,
-baseline, budget, KV). "forever": rank 0 generates until it is killed (the killed-rank test).
+argv: MODEL N_TOKENS BUDGET_BYTES|none SPLIT|none [forever] [streams=K] [microbatches=M].
+Rank 0 generates N_TOKENS greedy tokens (EOS ignored) after fixed prompts of token ids, K at
+once (concurrent requests, default 2: PROMPTS), and prints `RESULT {json}` with the ids and
+`OVERLAPPED n` (passes sent on while another was in flight); every rank prints `MEMORY {json}`
+(peak RSS, baseline, budget, KV). "forever": rank 0 generates until it is killed (the
+killed-rank test).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from stream_run.engine.pipeline import Link, PipelineEngine, init_group
 from stream_run.engine.stats import peak_rss_bytes
 
 PROMPT = [5, 17, 42, 99, 7, 3, 64, 11]
+PROMPTS = [PROMPT, PROMPT[:5], PROMPT[:6], PROMPT[2:], PROMPT[:3], PROMPT[1:7]]
 
 
 def _line(text: str) -> None:
@@ -29,21 +32,26 @@ def _line(text: str) -> None:
 
 async def main() -> None:
     model, n, budget, split = sys.argv[1:5]
-    forever = sys.argv[5:] == ["forever"]
+    opts = dict(a.split("=") for a in sys.argv[5:] if "=" in a)
+    forever = "forever" in sys.argv[5:]
+    streams = int(opts.get("streams", 2))
+    microbatches = int(opts["microbatches"]) if "microbatches" in opts else None
     config = EngineConfig(memory_budget_bytes=None if budget == "none" else int(budget))
     group = init_group(30)
     on_sigterm(group.rank())
     counts = None if split == "none" else [int(v) for v in split.split(",")]
-    engine = await PipelineEngine.open_stage(model, config, Link(group, 30), counts)
+    engine = await PipelineEngine.open_stage(model, config, Link(group, 30), counts,
+                                             microbatches)
     if engine.link.rank == 0:
         params = engine.make_params(max_tokens=int(n), ignore_eos=True)
         while True:
-            outs = await asyncio.gather(engine.complete(PROMPT, params),
-                                        engine.complete(PROMPT[:5], params))
+            outs = await asyncio.gather(*(engine.complete(p, params)
+                                          for p in PROMPTS[:streams]))
             _line("RESULT " + json.dumps([o.token_ids for o in outs]))
+            _line(f"OVERLAPPED {getattr(engine.batcher, 'passes_overlapped', 0)}")
             if not forever:
                 break
-        kv = engine.runner.kv_bytes(len(PROMPT) + int(n)) * 2
+        kv = engine.runner.kv_bytes(len(PROMPT) + int(n)) * streams
         engine.close()
     else:
         await engine.serve()

@@ -21,13 +21,13 @@ from stream_run.cli.pipeline import LAUNCH, RANK_ENV, _free_ports
 from stream_run.engine.config import EngineConfig
 from stream_run.engine.engine import Engine
 from stream_run.engine.pipeline import Stage, StageModel, layer_of, split_layers
+from tests.engine.pipeline_rank import PROMPTS
 from tests.tiny_models import write_tiny_model
 
 mx = pytest.importorskip("mlx.core")
 pytestmark = pytest.mark.skipif(not mx.distributed.is_available(),
                                 reason="this MLX build has no distributed backend")
 HELPER = os.path.join(os.path.dirname(__file__), "pipeline_rank.py")
-PROMPT = [5, 17, 42, 99, 7, 3, 64, 11]  # as pipeline_rank.py
 
 
 def launch(ranks: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -46,13 +46,19 @@ def _launch_cmd(ranks: int, *command: str, mlx_launch: bool = False) -> list[str
             sys.executable, *command]
 
 
-def one_process(model: str, n: int, budget: int | None) -> list[list[int]]:
+def one_process(model: str, n: int, budget: int | None, streams: int = 2,
+                alone: bool = False) -> list[list[int]]:
+    """The first `streams` of pipeline_rank.PROMPTS at once in one process (alone: each
+    request on its own, one after another)."""
     async def go() -> list[list[int]]:
         config = EngineConfig(memory_budget_bytes=budget)
         async with await Engine.open(model, config) as engine:
             params = engine.make_params(max_tokens=n, ignore_eos=True)
-            outs = await asyncio.gather(engine.complete(PROMPT, params),
-                                        engine.complete(PROMPT[:5], params))
+            if alone:
+                return [(await engine.complete(p, params)).token_ids
+                        for p in PROMPTS[:streams]]
+            outs = await asyncio.gather(*(engine.complete(p, params)
+                                          for p in PROMPTS[:streams]))
             return [o.token_ids for o in outs]
 
     return asyncio.run(go())
@@ -112,6 +118,27 @@ def test_ranks_match_one_process_tiny(tmp_path, variant, ranks, split):
     budget = 200_000
     want = one_process(str(tmp_path), 12, budget)
     check_run(launch(ranks, str(tmp_path), "12", str(budget), split), ranks, want)
+
+
+def overlapped(proc: subprocess.CompletedProcess) -> int:
+    return sum(int(line.split()[1]) for line in proc.stdout.splitlines()
+               if line.startswith("OVERLAPPED "))
+
+
+@pytest.mark.parametrize(("variant", "ranks", "microbatches"), [("llama", 2, "none"),
+                                                                ("qwen2", 3, "2")])
+def test_microbatched_streams_match_one_process_tiny(tmp_path, variant, ranks, microbatches):
+    """Four concurrent greedy streams, cut into micro-batches kept in flight around the ring,
+    each give the tokens one process gives it alone (and batched together); passes did
+    overlap. microbatches none: one per rank."""
+    write_tiny_model(tmp_path, variant, n_layers=4)
+    budget = 200_000
+    want = one_process(str(tmp_path), 12, budget, streams=4, alone=True)
+    assert one_process(str(tmp_path), 12, budget, streams=4) == want
+    proc = launch(ranks, str(tmp_path), "12", str(budget), "none", "streams=4",
+                  f"microbatches={microbatches}" if microbatches != "none" else "")
+    check_run(proc, ranks, want)
+    assert overlapped(proc) > 0
 
 
 @pytest.mark.slow
