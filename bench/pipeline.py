@@ -1,6 +1,7 @@
 """Pipeline overhead on this machine (issue 21): decode s/token of one stream, and aggregate
-tok/s of several concurrent streams (one batched pass per token), for one process at a budget
-against N ranks (stream-run --pipeline's stages on 127.0.0.1) at budget / N each.
+tok/s of several concurrent streams (with their prefill, and decoding alone), for one process
+at a budget against N ranks (stream-run --pipeline's stages on 127.0.0.1) at budget / N each,
+with --microbatches passes in flight around the ring (default: one per rank).
 
     python -m stream_run.bench.pipeline MODEL --budget 80MB --tokens 24 --streams 4 --ranks 2
 
@@ -21,11 +22,14 @@ from stream_run.engine.config import EngineConfig, parse_size
 PROMPT = [1, 504, 3158, 282, 4649, 30, 2]  # any ids: the same for every configuration
 
 
-async def _decode(engine, tokens: int, streams: int, repeats: int) -> tuple[float, float]:
-    """(best decode s/token of one stream, best aggregate tok/s of `streams` streams)."""
+async def _decode(engine, tokens: int, streams: int, repeats: int
+                  ) -> tuple[float, float, float]:
+    """(best decode s/token of one stream, best aggregate tok/s of `streams` concurrent streams
+    from submission to the last token, best aggregate decode tok/s of them: the tokens after
+    each stream's first over the time from the first stream's first token to the last end)."""
     params = engine.make_params(max_tokens=tokens, ignore_eos=True)
     await engine.complete(PROMPT, params.replace(max_tokens=2))  # warm-up
-    one, many = float("inf"), 0.0
+    one, many, decode = float("inf"), 0.0, 0.0
     for _ in range(repeats):
         c = await engine.complete(PROMPT, params)
         one = min(one, 1 / c.stats.generation_tps)
@@ -34,7 +38,10 @@ async def _decode(engine, tokens: int, streams: int, repeats: int) -> tuple[floa
                                       for i in range(streams)))
         wall = time.perf_counter() - t0
         many = max(many, sum(len(o.token_ids) for o in outs) / wall)
-    return one, many
+        first = min(o.stats.ttft_s for o in outs)
+        end = max(o.stats.ttft_s + o.stats.generation_s for o in outs)
+        decode = max(decode, sum(len(o.token_ids) - 1 for o in outs) / (end - first))
+    return one, many, decode
 
 
 async def _run(args: argparse.Namespace) -> None:
@@ -47,22 +54,26 @@ async def _run(args: argparse.Namespace) -> None:
         cli_pipeline.on_sigterm(group.rank())
         n = group.size()
         engine = await PipelineEngine.open_stage(args.model, EngineConfig(
-            memory_budget_bytes=budget // n), Link(group, 600))
+            memory_budget_bytes=budget // n, threads=args.threads), Link(group, 600),
+            microbatches=args.microbatches)
         if group.rank() != 0:
             await engine.serve()
             engine.close()
             return
         what = f"{n} ranks, {args.budget} / {n} each, layers per rank " \
-               f"{[b - a for a, b in engine.stage_ranges]}"
+               f"{[b - a for a, b in engine.stage_ranges]}, {engine.microbatches} " \
+               "micro-batches"
     else:
-        engine = await Engine.open(args.model, EngineConfig(memory_budget_bytes=budget))
+        engine = await Engine.open(args.model, EngineConfig(memory_budget_bytes=budget,
+                                                            threads=args.threads))
         what = f"1 process, {args.budget}"
     try:
-        one, many = await _decode(engine, args.tokens, args.streams, args.repeats)
+        one, many, decode = await _decode(engine, args.tokens, args.streams, args.repeats)
     finally:
         engine.close()
     print(f"{what}: one stream {one:.4f} s/token; {args.streams} streams {many:.2f} tok/s "
-          "aggregate", flush=True)
+          f"aggregate with their prefill, {decode:.2f} tok/s decoding; load "
+          f"{os.getloadavg()[0]:.2f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,12 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--streams", type=int, default=4)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--ranks", type=int, default=2)
+    p.add_argument("--microbatches", type=int, default=None,
+                   help="passes in flight around the ring (default: one per rank)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="compute threads of each process (default: the physical cores)")
+    p.add_argument("--no-single", action="store_true",
+                   help="skip the one-process baseline (compare runs of the pipeline)")
     args = p.parse_args(argv)
     if cli_pipeline.in_rank():
         asyncio.run(_run(args))
         return 0
     print(f"load average before: {os.getloadavg()}", flush=True)
-    asyncio.run(_run(args))
+    if not args.no_single:
+        asyncio.run(_run(args))
     launch = argparse.Namespace(pipeline=args.ranks, hostfile=None)
     rc = cli_pipeline.launch(launch, "stream_run.bench.pipeline", list(sys.argv[1:]
                                                                         if argv is None else argv))

@@ -9,57 +9,55 @@ than the logits would be (E against V per row). Each rank streams its units unde
 memory budget, with the same scheduler, cache and policy as one process.
 
 The messages travel the ring 0 -> 1 -> ... -> N-1 -> 0 (the ring backend's send/recv reach
-neighbours only). One message is two sends: a fixed int32 header (kind, JSON length, rows,
-width), then one byte array: the JSON (what the pass is: each sequence's id, offset, ids, span
-end and cache length, and the sequences rank 0 has dropped) and the hidden state (rows, width)
-float32. A numpy backend
-converts at the boundary (mx.array <-> numpy). Every link operation runs on the scheduler's
-compute thread (the one thread that touches MLX).
+neighbours only); engine/pipeline_link.py frames them (each sequence's id, offset, ids, span
+end, cache length and logit rows, the sequences rank 0 has dropped, and the hidden rows
+float32). The last rank sends back only the rows the head needs. A numpy backend converts at
+the boundary (mx.array <-> numpy). Every link operation runs on the scheduler's compute thread
+(the one thread that touches MLX).
 
-Failure: a peer that closes its socket makes the ring backend raise; PipelineError carries a
-one-line message. A peer that stops answering is caught by a watchdog around every send and
-receive inside a pass (timeout_s): it prints the message and ends the process, since the
-blocked receive cannot be interrupted. mlx.launch ends the other ranks when one exits with an
-error (their SIGTERM handler prints one line too: cli/pipeline.py).
+Concurrent requests: rank 0 keeps up to `microbatches` passes in flight around the ring, each
+over part of the running sequences (engine/microbatch.py), so the ranks compute at once.
+
+Failure: a peer that closes its socket ends the run with one line (PipelineError's, or the
+link's); a peer that stops answering inside a pass is caught by the link's watchdog
+(timeout_s), and one that vanishes while the ranks wait for the next pass by TCP keepalive.
+mlx.launch, or our launcher, ends the other ranks when one exits with an error (their SIGTERM
+handler prints one line too: cli/pipeline.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import select
-import subprocess
-import sys
-import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import psutil
 
 from stream_run.engine.engine import Engine
 from stream_run.engine.microbatch import MicroBatcher
+from stream_run.engine.pipeline_link import (
+    DEFAULT_TIMEOUT_S,
+    IDLE,
+    PASS,
+    RESULT,
+    STOP,
+    Link,
+    Message,
+    PipelineError,
+    frame_bytes_for,
+    init_group,
+)
 from stream_run.engine.runner import PassRunner
 from stream_run.loaders import EMBED, HEAD, ModelSource
 from stream_run.models.base import Batch, Call, LateUnits, SeqRows, Units
 from stream_run.scheduler import RunStats
 
+__all__ = ["DEFAULT_TIMEOUT_S", "Link", "Message", "PipelineEngine", "PipelineError",
+           "PipelineRunner", "Stage", "StageModel", "init_group", "layer_of", "split_layers"]
+
 log = logging.getLogger(__name__)
-
-PASS, IDLE, STOP, RESULT = 1, 2, 3, 4
-DEFAULT_TIMEOUT_S = 600.0  # the longest a rank waits inside a pass for a peer
-_HEADER = 4  # int32: kind, JSON bytes, rows, width
-_WATCHDOG = ("import os, sys, time; time.sleep(float(sys.argv[2])); "
-             "print('stream-run: ' + sys.argv[3], file=sys.stderr, flush=True); "
-             "os.kill(int(sys.argv[1]), 9)")
-
-
-class PipelineError(RuntimeError):
-    """The pipeline lost a rank (one line, naming the rank and the peer)."""
 
 
 def layer_of(key: str) -> int | None:
@@ -153,118 +151,6 @@ class StageModel:
         if self.stage.rank == 0:
             return [calls[0], *body], [], head
         return [], body, []
-
-
-@dataclass
-class Message:
-    kind: int
-    meta: dict[str, Any] = field(default_factory=dict)
-    hidden: np.ndarray | None = None
-
-
-class Link:
-    """Sends and receives Messages over an mx.distributed group (compute thread only)."""
-
-    def __init__(self, group: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        import mlx.core as mx
-
-        self.mx = mx
-        self.group = group
-        self.rank = group.rank()
-        self.size = group.size()
-        self.timeout_s = timeout_s
-        self.on_lost: Callable[[str], None] = _die  # prints the line and ends the process
-        self._fds: list[int] | None = None  # the ring's sockets (ring_fds), found on first use
-        self.next = (self.rank + 1) % self.size
-        self.prev = (self.rank - 1) % self.size
-
-    @contextmanager
-    def _guard(self, what: str, peer: int, watch: bool = True) -> Iterator[None]:
-        timer = None
-        if watch and self.timeout_s > 0:
-            timer = threading.Timer(self.timeout_s, self.on_lost, (
-                f"pipeline rank {self.rank}: no answer from rank {peer} within "
-                f"{self.timeout_s:g} s ({what}); stopping (hint: --pipeline-timeout)",))
-            timer.daemon = True
-            timer.start()
-        try:
-            yield
-        except RuntimeError as exc:  # the pipeline cannot go on without it: end at once
-            self.on_lost(f"pipeline rank {self.rank}: lost rank {peer} while it {what} "
-                         f"({exc}); stopping")
-        finally:
-            if timer is not None:
-                timer.cancel()
-
-    def send(self, msg: Message, dst: int) -> None:
-        """Two sends: the header, then one byte array with the JSON and the hidden rows."""
-        mx = self.mx
-        blob = json.dumps(msg.meta).encode() if msg.meta else b""
-        rows, width = msg.hidden.shape if msg.hidden is not None else (0, 0)
-        parts = [np.frombuffer(blob, np.uint8)]
-        if msg.hidden is not None:
-            parts.append(np.ascontiguousarray(msg.hidden, np.float32).reshape(-1).view(np.uint8))
-        payload = np.concatenate(parts)
-        with self._guard("was sent a message", dst):
-            mx.eval(mx.distributed.send(
-                mx.array(np.array([msg.kind, len(blob), rows, width], np.int32)), dst,
-                group=self.group, stream=mx.cpu))
-            if len(payload):
-                mx.eval(mx.distributed.send(mx.array(payload), dst, group=self.group,
-                                            stream=mx.cpu))
-
-    def recv(self, src: int, watch: bool = True) -> Message:
-        """watch=False: no timeout (a stage waiting for the next pass may wait for ever)."""
-        mx = self.mx
-        self._wait_readable(src, self.timeout_s if watch else None)
-        with self._guard("was to send a message", src, watch):
-            head = self._recv((_HEADER,), mx.int32, src)
-        kind, nbytes, rows, width = (int(v) for v in head)
-        size = nbytes + 4 * rows * width
-        with self._guard("was to send a message", src):
-            payload = self._recv((size,), mx.uint8, src) if size else np.zeros(0, np.uint8)
-        meta = json.loads(payload[:nbytes].tobytes()) if nbytes else {}
-        hidden = (np.frombuffer(payload[nbytes:].tobytes(), np.float32).reshape(rows, width)
-                  if rows else None)  # a copy: the JSON before it leaves the view unaligned
-        return Message(kind, meta, hidden)
-
-    def _wait_readable(self, src: int, timeout_s: float | None) -> None:
-        """Sleep in select() until a ring socket has bytes: the ring backend's receive polls
-        while it waits, taking a core's share that the rank computing meanwhile needs (on a
-        2-core machine a pass took twice as long). Nothing to wait on (another backend, sockets
-        not found): the receive waits as it does."""
-        if self._fds is None:
-            self._fds = ring_fds()
-        if not self._fds:
-            return
-        ready, _, _ = select.select(self._fds, [], [], timeout_s)
-        if not ready:
-            self.on_lost(f"pipeline rank {self.rank}: no answer from rank {src} within "
-                         f"{timeout_s:g} s; stopping (hint: --pipeline-timeout)")
-
-    def _recv(self, shape: tuple[int, ...], dtype: Any, src: int) -> np.ndarray:
-        mx = self.mx
-        a = mx.distributed.recv(shape, dtype, src, group=self.group, stream=mx.cpu)
-        mx.eval(a)
-        return np.array(a)
-
-
-def ring_fds() -> list[int]:
-    """File descriptors of this process's ring connections: TCP sockets established to or
-    from a port of MLX_HOSTFILE (the ring backend's hostfile); [] when there is none."""
-    try:
-        with open(os.environ["MLX_HOSTFILE"]) as f:
-            ports = {int(a.rsplit(":", 1)[1]) for node in json.load(f) for a in node}
-        conns = psutil.Process().net_connections("tcp")
-    except (KeyError, OSError, ValueError, TypeError, psutil.Error):
-        return []
-    return [c.fd for c in conns if c.status == psutil.CONN_ESTABLISHED and c.fd >= 0
-            and (c.laddr.port in ports or (c.raddr and c.raddr.port in ports))]
-
-
-def _die(message: str) -> None:
-    print(f"stream-run: {message}", file=sys.stderr, flush=True)
-    os._exit(1)
 
 
 def _as_rows(ops: Any, h: Any) -> np.ndarray:
@@ -406,6 +292,7 @@ class PipelineEngine(Engine):
         if link.rank == 0 and self.microbatches > 1:
             self.batcher_class = MicroBatcher
         super().__init__(source, config)
+        link.frame_bytes = frame_bytes_for(self.spec.hidden_size)
         self.runner.attach(link, self.stage)
         if isinstance(self.batcher, MicroBatcher):
             self.batcher.groups = self.microbatches
@@ -488,29 +375,3 @@ class PipelineEngine(Engine):
             runner._hidden_in = None
         if on_stop is not None:
             on_stop()
-
-
-def init_group(timeout_s: float) -> Any:
-    """mx.distributed's group (ring backend, as mlx.launch set it up), within timeout_s.
-
-    Raises:
-        PipelineError: no distributed environment (not started by mlx.launch).
-    """
-    import mlx.core as mx
-
-    if not mx.distributed.is_available():
-        raise PipelineError("--pipeline: this MLX build has no distributed backend")
-    message = (f"pipeline rank {os.environ.get('MLX_RANK', '?')}: could not reach the other "
-               f"ranks within {timeout_s:g} s (hint: the hostfile's addresses and ports)")
-    # the ring's connect holds the GIL while it retries: a thread could not fire in time
-    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()),
-                                 str(timeout_s), message], stdin=subprocess.DEVNULL)
-    try:
-        group = mx.distributed.init(strict=True, backend="ring")
-    except RuntimeError as exc:
-        raise PipelineError(f"pipeline rank {os.environ.get('MLX_RANK', '?')}: could not "
-                            f"join the ring ({exc})") from None
-    finally:
-        watchdog.kill()
-        watchdog.wait()
-    return group
