@@ -122,7 +122,7 @@ class Link:
         self.frame_bytes = MIN_FRAME_BYTES  # both ends set the same (frame_bytes_for)
         self.on_lost: Callable[[str], None] = _die  # prints the line and ends the process
         self.watchdog = Watchdog(lambda message: self.on_lost(message))
-        self._socks: list[socket.socket] | None = None  # the ring's sockets, found on first use
+        self._socks = ring_sockets(self.keepalive_s)  # [] with another backend
         self.next = (self.rank + 1) % self.size
         self.prev = (self.rank - 1) % self.size
 
@@ -184,8 +184,6 @@ class Link:
         """Sleep in select() until a ring socket has bytes (see the module doc); a socket
         that woke it at its end (the peer closed it) ends the run. Nothing to wait on
         (another backend, sockets not found): the receive waits as it does."""
-        if self._socks is None:
-            self._socks = ring_sockets(self.keepalive_s)
         if not self._socks:
             return
         ready, _, _ = select.select(self._socks, [], [], timeout_s)
@@ -206,15 +204,19 @@ class Link:
 
 
 def ring_sockets(keepalive_s: float) -> list[socket.socket]:
-    """This process's ring connections (ring_fds), each a duplicate socket object with TCP
-    keepalive probes keepalive_s apart once idle that long (3 unanswered: the peer is gone,
-    the socket errors, select() wakes)."""
+    """This process's ring connections (ring_fds), each a duplicate socket object, set with
+    TCP_NODELAY (micro-batching sends two small messages back to back: Nagle's algorithm held
+    the second until the first's delayed ACK, tens of ms) and TCP keepalive probes
+    keepalive_s apart once idle that long (3 unanswered: the peer is gone, the socket
+    errors, select() wakes)."""
     socks = []
     for fd in ring_fds():
         try:
             sock = socket.socket(fileno=os.dup(fd))
         except OSError:
             continue
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with contextlib.suppress(OSError, AttributeError):  # not every platform has them all
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(keepalive_s)))

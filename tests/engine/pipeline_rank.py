@@ -5,7 +5,8 @@ Rank 0 generates N_TOKENS greedy tokens (EOS ignored) after fixed prompts of tok
 once (concurrent requests, default 2: PROMPTS), and prints `RESULT {json}` with the ids and
 `OVERLAPPED n` (passes sent on while another was in flight); every rank prints `MEMORY {json}`
 (peak RSS, baseline, budget, KV). "forever": rank 0 generates until it is killed (the
-killed-rank test).
+killed-rank test); "idle": rank 0 waits after its first result (the ranks past it wait for
+the next pass).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ async def main() -> None:
                                           for p in PROMPTS[:streams]))
             _line("RESULT " + json.dumps([o.token_ids for o in outs]))
             _line(f"OVERLAPPED {getattr(engine.batcher, 'passes_overlapped', 0)}")
+            if "idle" in sys.argv[5:]:  # a server with no request: wait until killed
+                await asyncio.sleep(3600)
             if not forever:
                 break
         kv = engine.runner.kv_bytes(len(PROMPT) + int(n)) * streams

@@ -188,6 +188,32 @@ def _rank_process(launcher: int, rank: int) -> psutil.Process:
     raise AssertionError(f"rank {rank} did not start")
 
 
+def test_dead_peer_ends_an_idle_wait(tmp_path):
+    """Ranks started by hand (no launcher to stop the others): rank 2 of 3 dies while rank 1
+    waits, without a timeout, for the next pass from rank 0. Rank 1 must not wait for ever:
+    the socket to rank 2 wakes its select(), and it ends with one line."""
+    write_tiny_model(tmp_path, "llama", n_layers=4)
+    hosts = tmp_path / "ring.json"
+    port = _free_ports(3)
+    hosts.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(3)]))
+    procs = [subprocess.Popen([sys.executable, HELPER, str(tmp_path), "4", "none", "none",
+                               "idle"], env={**os.environ, "MLX_RANK": str(r),
+                                             "MLX_HOSTFILE": str(hosts)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(3)]
+    try:
+        assert procs[0].stdout is not None
+        assert procs[0].stdout.readline().startswith("RESULT ")  # the pipeline ran a request
+        procs[2].kill()
+        _, err = procs[1].communicate(timeout=60)
+        assert procs[1].returncode == 1
+        assert "stream-run: pipeline rank 1: lost" in err, err[-2000:]
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+
+
 def test_unreachable_rank_times_out(tmp_path):
     """A rank whose peers never start stops after --pipeline-timeout with one line."""
     write_tiny_model(tmp_path, "llama")
