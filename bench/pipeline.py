@@ -1,7 +1,7 @@
 """Pipeline overhead on this machine (issue 21): decode s/token of one stream, and aggregate
 tok/s of several concurrent streams (2-token prompts: see _decode), for one process
 at a budget against N ranks (stream-run --pipeline's stages on 127.0.0.1) at budget / N each,
-with --microbatches passes in flight around the ring (default: one per rank).
+with --microbatches passes in flight around the ring (default: auto, as stream-run's).
 
     python -m stream_run.bench.pipeline MODEL --budget 80MB --tokens 24 --streams 4 --ranks 2
 
@@ -58,8 +58,9 @@ async def _run(args: argparse.Namespace) -> None:
             engine.close()
             return
         what = f"{n} ranks, {args.budget} / {n} each, layers per rank " \
-               f"{[b - a for a, b in engine.stage_ranges]}, {engine.microbatches} " \
-               "micro-batches"
+               f"{[b - a for a, b in engine.stage_ranges]}, micro-batches " + (
+                   f"auto ({engine.microbatches if engine.runner.all_resident() else 1})"
+                   if engine.microbatches_auto else str(engine.microbatches))
     else:
         engine = await Engine.open(args.model, EngineConfig(memory_budget_bytes=budget,
                                                             threads=args.threads))
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--microbatches", type=int, default=None,
-                   help="passes in flight around the ring (default: one per rank)")
+                   help="passes in flight around the ring (default: auto, as "
+                   "--pipeline-microbatches)")
     p.add_argument("--threads", type=int, default=None,
                    help="compute threads of each process (default: the physical cores)")
     p.add_argument("--no-single", action="store_true",

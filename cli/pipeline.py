@@ -43,9 +43,9 @@ def add_pipeline_flags(p: argparse.ArgumentParser) -> None:
                    "run (default 600)")
     p.add_argument("--pipeline-microbatches", type=int, default=None, metavar="K",
                    help="concurrent requests: keep up to K passes in flight around the ring, "
-                   "each over part of the running requests, so the ranks work at once "
-                   "(default: one per rank; 1: one pass at a time, each layer read once "
-                   "per step)")
+                   "each over part of the running requests, so the ranks work at once; a "
+                   "streamed layer is then read once per pass (default: one per rank while "
+                   "rank 0's layers are all resident, else 1)")
 
 
 def wanted(args: argparse.Namespace) -> bool:

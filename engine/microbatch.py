@@ -13,13 +13,16 @@ sequence, linear layers per row), so greedy tokens are those of one process. Wha
 each micro-batch is its own pass over every rank's units, so a layer that is not resident is
 read once per micro-batch instead of once per token step (docs/pipeline.md).
 
-One sequence alone (or groups == 1) runs the single-pass path of the plain Batcher.
+One sequence alone (or groups == 1) runs the single-pass path of the plain Batcher. `when`
+decides, before each run of passes, whether to micro-batch at all (a pipeline's auto setting:
+only while its layers are resident).
 """
 
 from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,9 +55,11 @@ class MicroBatcher(Batcher):
     groups = 2
     row_bytes = 4  # bytes of one row coming back (the runner sets: 4 x hidden size)
     passes_overlapped = 0  # passes sent on while another was in flight
+    when: Callable[[], bool] | None = None  # asked before each run of passes: None, always
 
     async def _drain(self) -> None:
         flights: collections.deque[Flight] = collections.deque()
+        groups = self.groups if self.when is None or self.when() else 1
         while True:
             await self._admit()
             self._reap()
@@ -63,8 +68,8 @@ class MicroBatcher(Batcher):
             if not free and not flights:
                 return
             self._release_retired()
-            if free and len(flights) < self.groups:
-                size = -(-len(self.active) // self.groups)  # ceil: as even as the count allows
+            if free and len(flights) < groups:
+                size = -(-len(self.active) // groups)  # ceil: as even as the count allows
                 group = free[:size]
                 back = self.row_bytes * len(group)  # a logit row each (drafts add a few)
                 solo = not flights and len(group) == len(self.active)

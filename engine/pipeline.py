@@ -213,6 +213,12 @@ class PipelineRunner(PassRunner):
         back = Call((), lambda _x, _w: self._take_back(), "pipeline.in")
         return await self.scheduler.run([back, *after], cyclic=True)
 
+    def all_resident(self) -> bool:
+        """Whether the residency plan keeps every unit of this stage resident."""
+        keys = {k for u in self.model.units()
+                for k in (u.candidates if isinstance(u, LateUnits) else u)}
+        return keys <= self.scheduler.resident
+
     def flush(self) -> None:
         """Rank 0 (compute thread): take back, and drop, the passes sent on that nobody will
         finish (a batcher that failed or was cancelled between the halves)."""
@@ -280,12 +286,16 @@ class PipelineEngine(Engine):
     def __init__(self, source: ModelSource, config: Any, link: Link,
                  split: Sequence[int] | None = None, microbatches: int | None = None) -> None:
         """microbatches: passes rank 0 keeps in flight around the ring for concurrent
-        requests (engine/microbatch.py); None: one per rank; 1: one pass at a time."""
+        requests (engine/microbatch.py); 1: one pass at a time; None (auto): one per rank
+        while rank 0's residency plan keeps all its units resident, else one (a streamed
+        layer would be read once per micro-batch; the ranks' byte shares and budgets being
+        alike, rank 0's plan stands for theirs)."""
         if config.kv_cache_budget_bytes:
             raise ValueError("--kv-cache-budget: the prefix cache is not supported with "
                              "--pipeline (each rank holds its own layers' KV)")
         self.link = link
         self._split = split
+        self.microbatches_auto = microbatches is None
         self.microbatches = link.size if microbatches is None else microbatches
         if self.microbatches < 1:
             raise ValueError(f"--pipeline-microbatches must be >= 1, got {self.microbatches}")
@@ -296,6 +306,8 @@ class PipelineEngine(Engine):
         self.runner.attach(link, self.stage)
         if isinstance(self.batcher, MicroBatcher):
             self.batcher.groups = self.microbatches
+            if self.microbatches_auto:
+                self.batcher.when = self.runner.all_resident
             self.batcher.row_bytes = 4 * self.spec.hidden_size
         if link.rank == 0:
             self.runner.idle = self._idle  # type: ignore[method-assign]

@@ -125,20 +125,23 @@ def overlapped(proc: subprocess.CompletedProcess) -> int:
                if line.startswith("OVERLAPPED "))
 
 
-@pytest.mark.parametrize(("variant", "ranks", "microbatches"), [("llama", 2, "none"),
-                                                                ("qwen2", 3, "2")])
-def test_microbatched_streams_match_one_process_tiny(tmp_path, variant, ranks, microbatches):
+@pytest.mark.parametrize(("variant", "ranks", "budget", "microbatches", "overlap"), [
+    ("llama", 2, None, "auto", True),  # all resident: auto micro-batches
+    ("qwen2", 3, 200_000, "2", True),  # streaming, micro-batches asked for
+    ("llama", 2, 200_000, "auto", False),  # streaming: auto keeps one pass at a time
+])
+def test_microbatched_streams_match_one_process_tiny(tmp_path, variant, ranks, budget,
+                                                     microbatches, overlap):
     """Four concurrent greedy streams, cut into micro-batches kept in flight around the ring,
     each give the tokens one process gives it alone (and batched together); passes did
-    overlap. microbatches none: one per rank."""
+    overlap where micro-batching is on."""
     write_tiny_model(tmp_path, variant, n_layers=4)
-    budget = 200_000
     want = one_process(str(tmp_path), 12, budget, streams=4, alone=True)
     assert one_process(str(tmp_path), 12, budget, streams=4) == want
-    proc = launch(ranks, str(tmp_path), "12", str(budget), "none", "streams=4",
-                  f"microbatches={microbatches}" if microbatches != "none" else "")
+    proc = launch(ranks, str(tmp_path), "12", str(budget).lower(), "none", "streams=4",
+                  f"microbatches={microbatches}" if microbatches != "auto" else "")
     check_run(proc, ranks, want)
-    assert overlapped(proc) > 0
+    assert (overlapped(proc) > 0) == overlap
 
 
 @pytest.mark.slow
