@@ -153,6 +153,16 @@ def test_ranks_match_one_process_smollm2(smollm2_gguf, ranks, budget, split):
     assert all(m["budget"] == budget for m in mem)
 
 
+@pytest.mark.slow
+def test_microbatched_streams_match_one_process_smollm2(smollm2_gguf):
+    """The real model, resident, 4 greedy streams in 2 micro-batches over 2 ranks: each
+    stream's tokens are those one process gives it alone."""
+    want = one_process(smollm2_gguf, 8, None, streams=4, alone=True)
+    proc = launch(2, smollm2_gguf, "8", "none", "none", "streams=4", "microbatches=2")
+    check_run(proc, 2, want)
+    assert overlapped(proc) > 0
+
+
 @pytest.mark.parametrize("mlx_launch", [False, True])
 def test_killed_rank_ends_the_run(tmp_path, mlx_launch):
     """SIGKILL rank 1 of 3 mid-generation: ranks 0 and 2 each print one line naming
