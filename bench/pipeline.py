@@ -6,6 +6,7 @@ with --microbatches passes in flight around the ring (default: auto, as stream-r
     python -m stream_run.bench.pipeline MODEL --budget 80MB --tokens 24 --streams 4 --ranks 2
 
 prints one line per configuration, and the machine's load average before and after.
+`--link ROUNDS` times only the hand-off (a one-row message around the ring).
 """
 
 from __future__ import annotations
@@ -39,6 +40,59 @@ async def _decode(engine, tokens: int, streams: int, repeats: int) -> tuple[floa
         wall = time.perf_counter() - t0
         many = max(many, sum(len(o.token_ids) for o in outs) / wall)
     return one, many
+
+
+def _link_round_trips(model: str, rounds: int) -> None:
+    """Ranks only: the round trip of a one-row decode message from rank 0 around the ring
+    (the Link, as a pass sends it) against the ring backend's bare send/recv of as many
+    bytes; rank 0 prints both (best of 3 runs of `rounds`)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from stream_run.engine.pipeline_link import (
+        PASS,
+        Link,
+        Message,
+        frame_bytes_for,
+        init_group,
+    )
+    from stream_run.models import open_model
+
+    group = init_group(60)
+    link = Link(group, 60)
+    width = open_model(model).index.spec.hidden_size
+    link.frame_bytes = frame_bytes_for(width)
+    meta = {"seqs": [[0, 10, [5], None, 100, 1]], "all_logits": False, "more": True,
+            "drop": []}
+    rows = np.ones((1, width), np.float32)
+    bare = mx.array(np.zeros(link.frame_bytes, np.uint8))
+
+    def via_link() -> None:
+        if link.rank == 0:
+            link.send(Message(PASS, meta, rows), link.next)
+            link.recv(link.prev)
+        else:
+            msg = link.recv(link.prev, False)
+            link.send(msg, link.next)
+
+    def via_ring() -> None:
+        if link.rank != 0:
+            mx.eval(mx.distributed.recv_like(bare, link.prev, group=group, stream=mx.cpu))
+        mx.eval(mx.distributed.send(bare, link.next, group=group, stream=mx.cpu))
+        if link.rank == 0:
+            mx.eval(mx.distributed.recv_like(bare, link.prev, group=group, stream=mx.cpu))
+
+    for name, fn in (("link (one frame, select, watchdog)", via_link),
+                     ("bare mx.distributed send/recv", via_ring)):
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for _ in range(rounds):
+                fn()
+            best = min(best, (time.perf_counter() - t0) / rounds)
+        if link.rank == 0:
+            print(f"{group.size()} ranks, {name}: {best * 1e6:.0f} us per round trip of a "
+                  f"{width}-wide row; load {os.getloadavg()[0]:.2f}", flush=True)
 
 
 async def _run(args: argparse.Namespace) -> None:
@@ -88,12 +142,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="compute threads of each process (default: the physical cores)")
     p.add_argument("--no-single", action="store_true",
                    help="skip the one-process baseline (compare runs of the pipeline)")
+    p.add_argument("--link", type=int, default=0, metavar="ROUNDS",
+                   help="only time the hand-off: ROUNDS round trips of a one-row message "
+                   "around the ring, the link's against bare mx.distributed send/recv")
     args = p.parse_args(argv)
     if cli_pipeline.in_rank():
-        asyncio.run(_run(args))
+        if args.link:
+            _link_round_trips(args.model, args.link)
+        else:
+            asyncio.run(_run(args))
         return 0
     print(f"load average before: {os.getloadavg()}", flush=True)
-    if not args.no_single:
+    if not args.no_single and not args.link:
         asyncio.run(_run(args))
     launch = argparse.Namespace(pipeline=args.ranks, hostfile=None)
     rc = cli_pipeline.launch(launch, "stream_run.bench.pipeline", list(sys.argv[1:]
