@@ -276,22 +276,34 @@ def _serve(model: str, port: int, *flags: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def _complete(proc: subprocess.Popen, port: int) -> dict:
+SERVE_PROMPTS = ["the quick brown", "one two", "a b c d e", "hello"]
+
+
+def _complete(proc: subprocess.Popen, port: int) -> list[str]:
+    """The answers to SERVE_PROMPTS, asked all at once."""
     import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
 
     assert proc.stderr is not None
     for line in proc.stderr:  # "stream-serve: ready (...)" once the model is open
         if "ready" in line:
             break
-    body = json.dumps({"model": "m", "prompt": "the quick brown", "max_tokens": 8,
-                       "temperature": 0}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
-                                 {"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return json.loads(r.read())
+
+    def ask(prompt: str) -> str:
+        body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": 8,
+                           "temperature": 0}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                     {"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())["choices"][0]["text"]
+
+    with ThreadPoolExecutor(len(SERVE_PROMPTS)) as pool:
+        return list(pool.map(ask, SERVE_PROMPTS))
 
 
 def test_serve_pipeline_same_answer_and_stops(tmp_path):
+    """Four concurrent requests (micro-batched where they overlap: the tiny model is
+    resident) get the answers one process gives; SIGTERM ends the launcher and the ranks."""
     model = tmp_path / "m"
     write_tiny_model(model, "llama", n_layers=4)
     answers = []
@@ -299,7 +311,7 @@ def test_serve_pipeline_same_answer_and_stops(tmp_path):
         port = _free_ports(1)
         proc = _serve(str(model), port, *flags)
         try:
-            answers.append(_complete(proc, port)["choices"][0]["text"])
+            answers.append(_complete(proc, port))
             launcher = psutil.Process(proc.pid)
             family = [launcher, *launcher.children(recursive=True)]
             proc.send_signal(signal.SIGTERM)
@@ -309,4 +321,4 @@ def test_serve_pipeline_same_answer_and_stops(tmp_path):
         finally:
             if proc.poll() is None:
                 proc.kill()
-    assert answers[0] == answers[1] and answers[0]
+    assert answers[0] == answers[1] and all(answers[0])
