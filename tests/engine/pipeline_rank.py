@@ -6,7 +6,7 @@ once (concurrent requests, default 2: PROMPTS), and prints `RESULT {json}` with 
 `OVERLAPPED n` (passes sent on while another was in flight); every rank prints `MEMORY {json}`
 (peak RSS, baseline, budget, KV). "forever": rank 0 generates until it is killed (the
 killed-rank test); "idle": rank 0 waits after its first result (the ranks past it wait for
-the next pass).
+the next pass); "cancel": first a round whose first stream leaves after one chunk (`KEPT`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,19 @@ def _line(text: str) -> None:
     os.write(1, (text + "\n").encode())
 
 
+async def _cancel_one(engine, params, streams: int) -> None:
+    """Streams of PROMPTS at once, the first closed after its first chunk (mid-flight when
+    micro-batched); prints `KEPT {json}`: the others' ids."""
+    async def first_chunk() -> None:
+        async with engine.submit(PROMPTS[0], params) as gen:
+            async for _ in gen:
+                break
+
+    outs = await asyncio.gather(first_chunk(), *(engine.complete(p, params)
+                                                 for p in PROMPTS[1:streams]))
+    _line("KEPT " + json.dumps([o.token_ids for o in outs[1:]]))
+
+
 async def main() -> None:
     model, n, budget, split = sys.argv[1:5]
     opts = dict(a.split("=") for a in sys.argv[5:] if "=" in a)
@@ -45,6 +58,8 @@ async def main() -> None:
                                              microbatches)
     if engine.link.rank == 0:
         params = engine.make_params(max_tokens=int(n), ignore_eos=True)
+        if "cancel" in sys.argv[5:]:  # the first stream leaves after its first chunk
+            await _cancel_one(engine, params, streams)
         while True:
             outs = await asyncio.gather(*(engine.complete(p, params)
                                           for p in PROMPTS[:streams]))

@@ -153,6 +153,18 @@ def test_ranks_match_one_process_smollm2(smollm2_gguf, ranks, budget, split):
     assert all(m["budget"] == budget for m in mem)
 
 
+def test_microbatched_stream_cancelled_mid_flight(tmp_path):
+    """A stream that leaves while its micro-batch is on the ring: the others still get one
+    process's tokens, and so does the next round of all four (the ring stayed in step)."""
+    write_tiny_model(tmp_path, "llama", n_layers=4)
+    want = one_process(str(tmp_path), 12, None, streams=4, alone=True)
+    proc = launch(2, str(tmp_path), "12", "none", "none", "streams=4", "cancel")
+    check_run(proc, 2, want)
+    kept = [json.loads(line[5:]) for line in proc.stdout.splitlines()
+            if line.startswith("KEPT ")]
+    assert kept == [want[1:]]
+
+
 @pytest.mark.slow
 def test_microbatched_streams_match_one_process_smollm2(smollm2_gguf):
     """The real model, resident, 4 greedy streams in 2 micro-batches over 2 ranks: each
