@@ -273,6 +273,7 @@ def test_cli_pipeline_same_output(tmp_path):
     (["--pipeline", "2", "--pipeline-split", "a,b"], "--pipeline-split 'a,b'"),
     (["--hostfile", "/nonexistent/hosts.json"], "--hostfile /nonexistent/hosts.json"),
     (["--pipeline", "2", "--kv-cache-budget", "1MB"], "--kv-cache-budget"),
+    (["--pipeline", "2", "--pipeline-microbatches", "0"], "--pipeline-microbatches must be"),
 ])
 def test_bad_pipeline_flags(tmp_path, flags, message):
     write_tiny_model(tmp_path, "llama")
