@@ -30,11 +30,6 @@ from stream_run.engine.batching import Batcher, SeqState, pass_rows
 from stream_run.models.base import Batch
 from stream_run.scheduler import RunStats
 
-# The most bytes of results (rows coming back to rank 0) that may be on their way at once while
-# rank 0 sends another pass: the last rank's send must fit the socket's buffer while rank 0 is
-# still in its own send, else both would wait on each other.
-RESULT_SLACK_BYTES = 64 * 1024
-
 
 @dataclass
 class Flight:
@@ -53,7 +48,13 @@ class MicroBatcher(Batcher):
     `groups` passes in flight."""
 
     groups = 2
-    row_bytes = 4  # bytes of one row coming back (the runner sets: 4 x hidden size)
+    row_bytes = 4  # bytes of one row coming back (the engine sets: 4 x hidden size)
+    frame_bytes = 0  # the least a message takes on the wire (the link's frame)
+    # The most bytes of results (rows coming back to rank 0) that may be on their way at once
+    # while rank 0 sends another pass: the last rank's sends must fit rank 0's socket buffer
+    # while rank 0 is still in its own send, else both would wait on each other (the engine
+    # sets the link's Link.buffered_bytes).
+    slack_bytes = 64 * 1024
     passes_overlapped = 0  # passes sent on while another was in flight
     when: Callable[[], bool] | None = None  # asked before each run of passes: None, always
 
@@ -71,10 +72,10 @@ class MicroBatcher(Batcher):
             if free and len(flights) < groups:
                 size = -(-len(self.active) // groups)  # ceil: as even as the count allows
                 group = free[:size]
-                back = self.row_bytes * len(group)  # a logit row each (drafts add a few)
+                back = self._result_bytes(len(group))  # a logit row each (drafts add few)
                 solo = not flights and len(group) == len(self.active)
                 if solo or not flights or back + sum(f.result_bytes for f in flights) \
-                        <= RESULT_SLACK_BYTES:
+                        <= self.slack_bytes:
                     batch = self._plan(group)
                     await self._add_drafts(batch)
                     if solo:
@@ -90,7 +91,11 @@ class MicroBatcher(Batcher):
         t0 = time.perf_counter()
         runner: Any = self.runner
         front = await runner.send_pass(rows, more=self._more(batch))
-        return Flight(batch, rows, t0, front, self.row_bytes * len(rows.logit_rows))
+        return Flight(batch, rows, t0, front, self._result_bytes(len(rows.logit_rows)))
+
+    def _result_bytes(self, rows: int) -> int:
+        """What a pass's result takes on the wire: its rows, or the frame they fit in."""
+        return max(self.frame_bytes, self.row_bytes * rows + 64)
 
     async def _land(self, flight: Flight) -> None:
         runner: Any = self.runner

@@ -309,6 +309,8 @@ class PipelineEngine(Engine):
             if self.microbatches_auto:
                 self.batcher.when = self.runner.all_resident
             self.batcher.row_bytes = 4 * self.spec.hidden_size
+            self.batcher.frame_bytes = link.frame_bytes
+            self.batcher.slack_bytes = link.buffered_bytes
         if link.rank == 0:
             self.runner.idle = self._idle  # type: ignore[method-assign]
         self._closed = False

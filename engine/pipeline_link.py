@@ -42,6 +42,8 @@ PASS, IDLE, STOP, RESULT = 1, 2, 3, 4
 DEFAULT_TIMEOUT_S = 600.0  # the longest a rank waits inside a pass for a peer
 _HEADER_BYTES = 16  # int32: kind, JSON bytes, rows, width
 MIN_FRAME_BYTES = 4096
+SOCKET_BUFFER_BYTES = 4 * 2**20  # asked for each ring socket's send and receive buffers
+MIN_BUFFERED_BYTES = 64 * 1024
 _WATCHDOG = ("import os, sys, time; time.sleep(float(sys.argv[2])); "
              "print('stream-run: ' + sys.argv[3], file=sys.stderr, flush=True); "
              "os.kill(int(sys.argv[1]), 9)")
@@ -123,6 +125,7 @@ class Link:
         self.on_lost: Callable[[str], None] = _die  # prints the line and ends the process
         self.watchdog = Watchdog(lambda message: self.on_lost(message))
         self._socks = ring_sockets(self.keepalive_s)  # [] with another backend
+        self.buffered_bytes = buffered_bytes(self._socks)
         self.next = (self.rank + 1) % self.size
         self.prev = (self.rank - 1) % self.size
 
@@ -206,7 +209,9 @@ class Link:
 def ring_sockets(keepalive_s: float) -> list[socket.socket]:
     """This process's ring connections (ring_fds), each a duplicate socket object, set with
     TCP_NODELAY (micro-batching sends two small messages back to back: Nagle's algorithm held
-    the second until the first's delayed ACK, tens of ms) and TCP keepalive probes
+    the second until the first's delayed ACK, tens of ms), buffers of SOCKET_BUFFER_BYTES
+    (or the kernel's cap: results of several micro-batches wait there for rank 0, see
+    buffered_bytes) and TCP keepalive probes
     keepalive_s apart once idle that long (3 unanswered: the peer is gone, the socket
     errors, select() wakes)."""
     socks = []
@@ -217,6 +222,9 @@ def ring_sockets(keepalive_s: float) -> list[socket.socket]:
             continue
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):  # the kernel caps them
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
         with contextlib.suppress(OSError, AttributeError):  # not every platform has them all
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(keepalive_s)))
@@ -224,6 +232,18 @@ def ring_sockets(keepalive_s: float) -> list[socket.socket]:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
         socks.append(sock)
     return socks
+
+
+def buffered_bytes(socks: list[socket.socket]) -> int:
+    """What a peer may send to this rank, while it reads nothing, before its send blocks: a
+    quarter of the smallest receive buffer (the kernel reports twice what was set, and
+    advertises about half of it as the window); at least MIN_BUFFERED_BYTES, a Linux
+    default's share."""
+    sizes = []
+    for sock in socks:
+        with contextlib.suppress(OSError):
+            sizes.append(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) // 4)
+    return max(MIN_BUFFERED_BYTES, min(sizes, default=0))
 
 
 def ring_fds() -> list[int]:
