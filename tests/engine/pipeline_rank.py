@@ -6,7 +6,8 @@ once (concurrent requests, default 2: PROMPTS), and prints `RESULT {json}` with 
 `OVERLAPPED n` (passes sent on while another was in flight); every rank prints `MEMORY {json}`
 (peak RSS, baseline, budget, KV). "forever": rank 0 generates until it is killed (the
 killed-rank test); "idle": rank 0 waits after its first result (the ranks past it wait for
-the next pass); "cancel": first a round whose first stream leaves after one chunk (`KEPT`).
+the next pass); "cancel": first a round whose first stream leaves after one chunk (`KEPT`);
+"spec": prompt-lookup speculative decoding (`DRAFTED n`: draft tokens verified).
 """
 
 from __future__ import annotations
@@ -57,7 +58,9 @@ async def main() -> None:
     engine = await PipelineEngine.open_stage(model, config, Link(group, 30), counts,
                                              microbatches)
     if engine.link.rank == 0:
-        params = engine.make_params(max_tokens=int(n), ignore_eos=True)
+        params = engine.make_params(max_tokens=int(n), ignore_eos=True,
+                                    speculative="prompt_lookup" if "spec" in sys.argv[5:]
+                                    else None)
         if "cancel" in sys.argv[5:]:  # the first stream leaves after its first chunk
             await _cancel_one(engine, params, streams)
         while True:
@@ -65,6 +68,7 @@ async def main() -> None:
                                           for p in PROMPTS[:streams]))
             _line("RESULT " + json.dumps([o.token_ids for o in outs]))
             _line(f"OVERLAPPED {getattr(engine.batcher, 'passes_overlapped', 0)}")
+            _line(f"DRAFTED {sum(o.stats.draft_tokens for o in outs)}")
             if "idle" in sys.argv[5:]:  # a server with no request: wait until killed
                 await asyncio.sleep(3600)
             if not forever:

@@ -153,6 +153,19 @@ def test_ranks_match_one_process_smollm2(smollm2_gguf, ranks, budget, split):
     assert all(m["budget"] == budget for m in mem)
 
 
+def test_microbatched_speculative_streams_match_one_process(tmp_path):
+    """Prompt-lookup drafts in micro-batched passes: the last rank sends back each sequence's
+    draft rows too (n_logits), and greedy tokens stay those of plain decoding in one
+    process."""
+    write_tiny_model(tmp_path, "llama", n_layers=4)
+    want = one_process(str(tmp_path), 24, None, streams=4, alone=True)
+    proc = launch(2, str(tmp_path), "24", "none", "none", "streams=4", "spec")
+    check_run(proc, 2, want)
+    assert overlapped(proc) > 0
+    assert sum(int(line.split()[1]) for line in proc.stdout.splitlines()
+               if line.startswith("DRAFTED ")) > 0
+
+
 def test_microbatched_stream_cancelled_mid_flight(tmp_path):
     """A stream that leaves while its micro-batch is on the ring: the others still get one
     process's tokens, and so does the next round of all four (the ring stayed in step)."""
