@@ -57,6 +57,7 @@ class MicroBatcher(Batcher):
     # while rank 0 is still in its own send, else both would wait on each other (the engine
     # sets the link's Link.buffered_bytes).
     slack_bytes = 64 * 1024
+    widen: Callable[[], int] | None = None  # asked once for more slack when a pass needs it
     passes_overlapped = 0  # passes sent on while another was in flight
     when: Callable[[], bool] | None = None  # asked before each run of passes: None, always
 
@@ -76,8 +77,10 @@ class MicroBatcher(Batcher):
                 group = free[:size]
                 back = self._result_bytes(len(group))  # a logit row each (drafts add few)
                 solo = not flights and len(group) == len(self.active)
-                if solo or not flights or back + sum(f.result_bytes for f in flights) \
-                        <= self.slack_bytes:
+                waiting = back + sum(f.result_bytes for f in flights)
+                if flights and waiting > self.slack_bytes and self.widen is not None:
+                    self.slack_bytes, self.widen = self.widen(), None
+                if solo or not flights or waiting <= self.slack_bytes:
                     batch = self._plan(group)
                     await self._add_drafts(batch)
                     if solo:

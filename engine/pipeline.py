@@ -311,6 +311,7 @@ class PipelineEngine(Engine):
             self.batcher.row_bytes = 4 * self.spec.hidden_size
             self.batcher.frame_bytes = link.frame_bytes
             self.batcher.slack_bytes = link.buffered_bytes
+            self.batcher.widen = link.widen_receive
         if link.rank == 0:
             self.runner.idle = self._idle  # type: ignore[method-assign]
         self._closed = False

@@ -42,7 +42,7 @@ PASS, IDLE, STOP, RESULT = 1, 2, 3, 4
 DEFAULT_TIMEOUT_S = 600.0  # the longest a rank waits inside a pass for a peer
 _HEADER_BYTES = 16  # int32: kind, JSON bytes, rows, width
 MIN_FRAME_BYTES = 4096
-SOCKET_BUFFER_BYTES = 4 * 2**20  # asked for each ring socket's send and receive buffers
+SOCKET_BUFFER_BYTES = 4 * 2**20  # the receive buffer widen_receive asks for
 MIN_BUFFERED_BYTES = 64 * 1024
 _WATCHDOG = ("import os, sys, time; time.sleep(float(sys.argv[2])); "
              "print('stream-run: ' + sys.argv[3], file=sys.stderr, flush=True); "
@@ -129,6 +129,17 @@ class Link:
         self.next = (self.rank + 1) % self.size
         self.prev = (self.rank - 1) % self.size
 
+    def widen_receive(self) -> int:
+        """Ask for SOCKET_BUFFER_BYTES of receive buffer on this rank's ring sockets (the
+        kernel caps it: net.core.rmem_max); the new buffered_bytes. Only where micro-batching
+        needs it: a fixed buffer ends the kernel's own sizing of it, and runs of one stream
+        with fixed buffers on every socket measured slower here (noisy: 4 runs each)."""
+        for sock in self._socks:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
+        self.buffered_bytes = max(self.buffered_bytes, buffered_bytes(self._socks))
+        return self.buffered_bytes
+
     @contextlib.contextmanager
     def _guard(self, what: str, peer: int, watch: bool = True) -> Iterator[None]:
         if watch:
@@ -209,9 +220,7 @@ class Link:
 def ring_sockets(keepalive_s: float) -> list[socket.socket]:
     """This process's ring connections (ring_fds), each a duplicate socket object, set with
     TCP_NODELAY (micro-batching sends two small messages back to back: Nagle's algorithm held
-    the second until the first's delayed ACK, tens of ms), buffers of SOCKET_BUFFER_BYTES
-    (or the kernel's cap: results of several micro-batches wait there for rank 0, see
-    buffered_bytes) and TCP keepalive probes
+    the second until the first's delayed ACK, tens of ms) and TCP keepalive probes
     keepalive_s apart once idle that long (3 unanswered: the peer is gone, the socket
     errors, select() wakes)."""
     socks = []
@@ -222,9 +231,6 @@ def ring_sockets(keepalive_s: float) -> list[socket.socket]:
             continue
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):  # the kernel caps them
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
         with contextlib.suppress(OSError, AttributeError):  # not every platform has them all
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(keepalive_s)))
