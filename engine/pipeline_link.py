@@ -73,7 +73,9 @@ class Watchdog:
         self._cond = threading.Condition()
         self._deadline: float | None = None
         self._message = ""
-        self._idle = True  # the thread waits without a deadline: arm() must wake it
+        # the deadline the thread sleeps until (None: without one): arm() wakes it only for
+        # an earlier one, so arming again with the same timeout costs a lock, no wake-up
+        self._until: float | None = None
         self._thread: threading.Thread | None = None
 
     def arm(self, timeout_s: float, message: str) -> None:
@@ -83,7 +85,7 @@ class Watchdog:
                 self._thread = threading.Thread(target=self._watch, daemon=True,
                                                 name="pipeline-watchdog")
                 self._thread.start()
-            elif self._idle:
+            elif self._until is None or self._deadline < self._until:
                 self._cond.notify()
 
     def disarm(self) -> None:
@@ -93,11 +95,10 @@ class Watchdog:
     def _watch(self) -> None:
         with self._cond:
             while True:
+                self._until = self._deadline
                 if self._deadline is None:
-                    self._idle = True
                     self._cond.wait()
                     continue
-                self._idle = False
                 left = self._deadline - time.monotonic()
                 if left <= 0:
                     break

@@ -1,6 +1,7 @@
 """One rank of a pipeline test, started by mlx.launch (tests/engine/test_pipeline.py).
 
-argv: MODEL N_TOKENS BUDGET_BYTES|none SPLIT|none [forever] [streams=K] [microbatches=M].
+argv: MODEL N_TOKENS BUDGET_BYTES|none SPLIT|none [forever] [streams=K] [microbatches=M]
+[timeout=S] (the link's --pipeline-timeout, default 30).
 Rank 0 generates N_TOKENS greedy tokens (EOS ignored) after fixed prompts of token ids, K at
 once (concurrent requests, default 2: PROMPTS), and prints `RESULT {json}` with the ids and
 `OVERLAPPED n` (passes sent on while another was in flight); every rank prints `MEMORY {json}`
@@ -55,7 +56,8 @@ async def main() -> None:
     group = init_group(30)
     on_sigterm(group.rank())
     counts = None if split == "none" else [int(v) for v in split.split(",")]
-    engine = await PipelineEngine.open_stage(model, config, Link(group, 30), counts,
+    timeout = float(opts.get("timeout", 30))
+    engine = await PipelineEngine.open_stage(model, config, Link(group, timeout), counts,
                                              microbatches)
     if engine.link.rank == 0:
         params = engine.make_params(max_tokens=int(n), ignore_eos=True,

@@ -5,6 +5,7 @@ rank ends the run with one line per surviving rank, no hang."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from stream_run.cli.pipeline import LAUNCH, RANK_ENV, _free_ports
 from stream_run.engine.config import EngineConfig
 from stream_run.engine.engine import Engine
 from stream_run.engine.pipeline import Stage, StageModel, layer_of, split_layers
+from stream_run.engine.pipeline_link import Watchdog
 from tests.engine.pipeline_rank import PROMPTS
 from tests.tiny_models import write_tiny_model
 
@@ -211,6 +213,56 @@ def test_killed_rank_ends_the_run(tmp_path, mlx_launch):
             err[-2000:]
     for rank in (0, 2):
         assert f"stream-run: pipeline rank {rank}:" in err, err[-2000:]
+
+
+def test_stopped_rank_times_out_inside_a_pass(tmp_path):
+    """SIGSTOP rank 1 (its sockets stay open): rank 0's wait inside a pass gives up after the
+    link's timeout with one line naming rank 1, and the run ends."""
+    write_tiny_model(tmp_path, "llama", n_layers=4)
+    proc = subprocess.Popen(_launch_cmd(2, HELPER, str(tmp_path), "30", "none", "none",
+                                        "forever", "timeout=3"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = None
+    try:
+        victim = _rank_process(proc.pid, 1)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("RESULT ")
+        victim.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "stream-run: pipeline rank 0: no answer from rank 1 within 3 s" in line:
+                break
+        else:
+            raise AssertionError("no timeout line from rank 0")
+        assert time.monotonic() - t0 < 30
+    finally:
+        if victim is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                victim.send_signal(signal.SIGCONT)  # so the launcher's SIGTERM ends it
+        try:
+            proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 1
+
+
+def test_watchdog_fires_only_when_armed_past_its_deadline():
+    fired: list[str] = []
+    dog = Watchdog(fired.append)
+    dog.arm(0.5, "late")
+    dog.disarm()
+    time.sleep(0.8)
+    assert fired == []  # disarmed in time
+    dog.arm(30, "first")
+    dog.arm(0.5, "second")  # a nearer deadline wakes the thread
+    dog.disarm()
+    dog.arm(0.1, "third")
+    deadline = time.monotonic() + 10
+    while not fired and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert fired == ["third"]
 
 
 def _rank_process(launcher: int, rank: int) -> psutil.Process:
