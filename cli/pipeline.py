@@ -41,6 +41,11 @@ def add_pipeline_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pipeline-timeout", type=float, default=600.0, metavar="S",
                    help="how long a rank waits for a peer inside a pass before it stops the "
                    "run (default 600)")
+    p.add_argument("--pipeline-microbatches", type=int, default=None, metavar="K",
+                   help="concurrent requests: keep up to K passes in flight around the ring, "
+                   "each over part of the running requests, so the ranks work at once; a "
+                   "streamed layer is then read once per pass (default: one per rank while "
+                   "rank 0's layers are all resident, else 1)")
 
 
 def wanted(args: argparse.Namespace) -> bool:
@@ -62,6 +67,9 @@ def check_flags(args: argparse.Namespace) -> None:
                              f"{hosts} hosts")
     if args.pipeline_timeout <= 0:
         raise UsageError(f"--pipeline-timeout must be > 0, got {args.pipeline_timeout}")
+    if args.pipeline_microbatches is not None and args.pipeline_microbatches < 1:
+        raise UsageError(f"--pipeline-microbatches must be >= 1, got "
+                         f"{args.pipeline_microbatches}")
     split_counts(args)
     if getattr(args, "kv_cache_budget", "0") not in ("0", None) or \
             getattr(args, "prompt_cache_file", None):
@@ -234,7 +242,8 @@ async def open_rank(args: argparse.Namespace, model: str, config: Any) -> Any:
     on_sigterm(rank)
     link = Link(init_group(args.pipeline_timeout), args.pipeline_timeout)
     try:
-        engine = await PipelineEngine.open_stage(model, config, link, split_counts(args))
+        engine = await PipelineEngine.open_stage(model, config, link, split_counts(args),
+                                                 args.pipeline_microbatches)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.verbose or rank == 0:

@@ -325,15 +325,18 @@ class Batcher:
         for seq in [s for s in self.active if s.cancelled]:
             self._finish(seq, "cancelled")
 
-    def _plan(self) -> list[tuple[SeqState, list[int]]]:
+    def _plan(self, seqs: Sequence[SeqState] | None = None
+              ) -> list[tuple[SeqState, list[int]]]:
         """The (sequence, ids to feed) of the next pass: every decoding sequence's last token,
         and prompt rows first come first served: at most prefill_chunk of them while any
-        sequence decodes, else as many as the prefill memory allows (see the module doc)."""
+        sequence decodes, else as many as the prefill memory allows (see the module doc).
+        seqs: the sequences the pass may carry (default: every active one; a pipeline's
+        micro-batch: some of them)."""
         batch: list[tuple[SeqState, list[int]]] = []
         decoding = any(not s.prefilling for s in self.active)
         budget = self.prefill_chunk
         spans: list[tuple[int, int]] = []  # (offset, rows) of the pass so far
-        for seq in self.active:
+        for seq in self.active if seqs is None else seqs:
             if not seq.prefilling:
                 batch.append((seq, seq.history[-1:]))
                 spans.append((seq.kv.offset, 1))
@@ -403,9 +406,7 @@ class Batcher:
         return False
 
     async def _step(self, batch: list[tuple[SeqState, list[int]]]) -> None:
-        rows = Batch([SeqRows(np.asarray(ids, dtype=np.int64), seq.kv,
-                              len(seq.prompt) if seq.prefilling else None, _n_logits(seq))
-                      for seq, ids in batch])
+        rows = pass_rows(batch)
         t0 = time.perf_counter()
         self._pass_seqs = [seq for seq, _ in batch]
         self._pass = asyncio.get_running_loop().create_task(
@@ -426,6 +427,12 @@ class Batcher:
                 self._finish(seq, None)
             return
         logits, rs = task.result()
+        await self._after_pass(batch, logits, rs, t0)
+
+    async def _after_pass(self, batch: list[tuple[SeqState, list[int]]], logits: np.ndarray,
+                          rs: RunStats, t0: float) -> None:
+        """A pass started at t0 returned logits: record it, count it in each sequence's
+        stats, and sample."""
         n_prefill = sum(seq.prefilling for seq, _ in batch)
         if n_prefill == 0:
             self.pass_cost.add(sum(len(ids) for _, ids in batch), time.perf_counter() - t0)
@@ -575,6 +582,13 @@ class Batcher:
                 seq.push(exc)
                 self._finish(seq, None)
         self.waiting.clear()
+
+
+def pass_rows(batch: Sequence[tuple[SeqState, Sequence[int]]]) -> Batch:
+    """The model's Batch for a planned pass: each sequence's ids with its cache."""
+    return Batch([SeqRows(np.asarray(ids, dtype=np.int64), seq.kv,
+                          len(seq.prompt) if seq.prefilling else None, _n_logits(seq))
+                  for seq, ids in batch])
 
 
 def _n_logits(seq: SeqState) -> int:

@@ -45,6 +45,7 @@ class Engine:
     `complete`. Concurrent generations are decoded together (engine.batching)."""
 
     runner_class = PassRunner  # engine.pipeline's stages run passes with their own
+    batcher_class = Batcher  # and rank 0 of a pipeline keeps several passes in flight
 
     def __init__(self, source: ModelSource, config: EngineConfig) -> None:
         self.source = source
@@ -67,8 +68,9 @@ class Engine:
                                         config.prefill_chunk, config.prefill_memory_bytes,
                                         config.kv_bits)
         self._lock = asyncio.Lock()  # one pass at a time: the batcher, logits()
-        self.batcher = Batcher(self.runner, self._lock, self.tokenizer, config.max_batch,
-                               config.max_queue, config.prefill_chunk)
+        self.batcher = self.batcher_class(self.runner, self._lock, self.tokenizer,
+                                          config.max_batch, config.max_queue,
+                                          config.prefill_chunk)
         self._identity: str | None = None
         if config.kv_cache_budget_bytes:
             self.batcher.prefix = PrefixCache(config.kv_cache_budget_bytes)

@@ -9,55 +9,55 @@ than the logits would be (E against V per row). Each rank streams its units unde
 memory budget, with the same scheduler, cache and policy as one process.
 
 The messages travel the ring 0 -> 1 -> ... -> N-1 -> 0 (the ring backend's send/recv reach
-neighbours only). One message is two sends: a fixed int32 header (kind, JSON length, rows,
-width), then one byte array: the JSON (what the pass is: each sequence's id, offset, ids, span
-end and cache length, and the sequences rank 0 has dropped) and the hidden state (rows, width)
-float32. A numpy backend
-converts at the boundary (mx.array <-> numpy). Every link operation runs on the scheduler's
-compute thread (the one thread that touches MLX).
+neighbours only); engine/pipeline_link.py frames them (each sequence's id, offset, ids, span
+end, cache length and logit rows, the sequences rank 0 has dropped, and the hidden rows
+float32). The last rank sends back only the rows the head needs. A numpy backend converts at
+the boundary (mx.array <-> numpy). Every link operation runs on the scheduler's compute thread
+(the one thread that touches MLX).
 
-Failure: a peer that closes its socket makes the ring backend raise; PipelineError carries a
-one-line message. A peer that stops answering is caught by a watchdog around every send and
-receive inside a pass (timeout_s): it prints the message and ends the process, since the
-blocked receive cannot be interrupted. mlx.launch ends the other ranks when one exits with an
-error (their SIGTERM handler prints one line too: cli/pipeline.py).
+Concurrent requests: rank 0 keeps up to `microbatches` passes in flight around the ring, each
+over part of the running sequences (engine/microbatch.py), so the ranks compute at once.
+
+Failure: a peer that closes its socket ends the run with one line (PipelineError's, or the
+link's); a peer that stops answering inside a pass is caught by the link's watchdog
+(timeout_s), and one that vanishes while the ranks wait for the next pass by TCP keepalive.
+mlx.launch, or our launcher, ends the other ranks when one exits with an error (their SIGTERM
+handler prints one line too: cli/pipeline.py).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import select
-import subprocess
-import sys
-import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import psutil
 
 from stream_run.engine.engine import Engine
+from stream_run.engine.microbatch import MicroBatcher
+from stream_run.engine.pipeline_link import (
+    DEFAULT_TIMEOUT_S,
+    IDLE,
+    PASS,
+    RESULT,
+    STOP,
+    Link,
+    Message,
+    PipelineError,
+    frame_bytes_for,
+    init_group,
+)
 from stream_run.engine.runner import PassRunner
 from stream_run.loaders import EMBED, HEAD, ModelSource
 from stream_run.models.base import Batch, Call, LateUnits, SeqRows, Units
+from stream_run.scheduler import RunStats
+
+__all__ = ["DEFAULT_TIMEOUT_S", "Link", "Message", "PipelineEngine", "PipelineError",
+           "PipelineRunner", "Stage", "StageModel", "init_group", "layer_of", "split_layers"]
 
 log = logging.getLogger(__name__)
-
-PASS, IDLE, STOP, RESULT = 1, 2, 3, 4
-DEFAULT_TIMEOUT_S = 600.0  # the longest a rank waits inside a pass for a peer
-_HEADER = 4  # int32: kind, JSON bytes, rows, width
-_WATCHDOG = ("import os, sys, time; time.sleep(float(sys.argv[2])); "
-             "print('stream-run: ' + sys.argv[3], file=sys.stderr, flush=True); "
-             "os.kill(int(sys.argv[1]), 9)")
-
-
-class PipelineError(RuntimeError):
-    """The pipeline lost a rank (one line, naming the rank and the peer)."""
 
 
 def layer_of(key: str) -> int | None:
@@ -153,118 +153,6 @@ class StageModel:
         return [], body, []
 
 
-@dataclass
-class Message:
-    kind: int
-    meta: dict[str, Any] = field(default_factory=dict)
-    hidden: np.ndarray | None = None
-
-
-class Link:
-    """Sends and receives Messages over an mx.distributed group (compute thread only)."""
-
-    def __init__(self, group: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        import mlx.core as mx
-
-        self.mx = mx
-        self.group = group
-        self.rank = group.rank()
-        self.size = group.size()
-        self.timeout_s = timeout_s
-        self.on_lost: Callable[[str], None] = _die  # prints the line and ends the process
-        self._fds: list[int] | None = None  # the ring's sockets (ring_fds), found on first use
-        self.next = (self.rank + 1) % self.size
-        self.prev = (self.rank - 1) % self.size
-
-    @contextmanager
-    def _guard(self, what: str, peer: int, watch: bool = True) -> Iterator[None]:
-        timer = None
-        if watch and self.timeout_s > 0:
-            timer = threading.Timer(self.timeout_s, self.on_lost, (
-                f"pipeline rank {self.rank}: no answer from rank {peer} within "
-                f"{self.timeout_s:g} s ({what}); stopping (hint: --pipeline-timeout)",))
-            timer.daemon = True
-            timer.start()
-        try:
-            yield
-        except RuntimeError as exc:  # the pipeline cannot go on without it: end at once
-            self.on_lost(f"pipeline rank {self.rank}: lost rank {peer} while it {what} "
-                         f"({exc}); stopping")
-        finally:
-            if timer is not None:
-                timer.cancel()
-
-    def send(self, msg: Message, dst: int) -> None:
-        """Two sends: the header, then one byte array with the JSON and the hidden rows."""
-        mx = self.mx
-        blob = json.dumps(msg.meta).encode() if msg.meta else b""
-        rows, width = msg.hidden.shape if msg.hidden is not None else (0, 0)
-        parts = [np.frombuffer(blob, np.uint8)]
-        if msg.hidden is not None:
-            parts.append(np.ascontiguousarray(msg.hidden, np.float32).reshape(-1).view(np.uint8))
-        payload = np.concatenate(parts)
-        with self._guard("was sent a message", dst):
-            mx.eval(mx.distributed.send(
-                mx.array(np.array([msg.kind, len(blob), rows, width], np.int32)), dst,
-                group=self.group, stream=mx.cpu))
-            if len(payload):
-                mx.eval(mx.distributed.send(mx.array(payload), dst, group=self.group,
-                                            stream=mx.cpu))
-
-    def recv(self, src: int, watch: bool = True) -> Message:
-        """watch=False: no timeout (a stage waiting for the next pass may wait for ever)."""
-        mx = self.mx
-        self._wait_readable(src, self.timeout_s if watch else None)
-        with self._guard("was to send a message", src, watch):
-            head = self._recv((_HEADER,), mx.int32, src)
-        kind, nbytes, rows, width = (int(v) for v in head)
-        size = nbytes + 4 * rows * width
-        with self._guard("was to send a message", src):
-            payload = self._recv((size,), mx.uint8, src) if size else np.zeros(0, np.uint8)
-        meta = json.loads(payload[:nbytes].tobytes()) if nbytes else {}
-        hidden = (np.frombuffer(payload[nbytes:].tobytes(), np.float32).reshape(rows, width)
-                  if rows else None)  # a copy: the JSON before it leaves the view unaligned
-        return Message(kind, meta, hidden)
-
-    def _wait_readable(self, src: int, timeout_s: float | None) -> None:
-        """Sleep in select() until a ring socket has bytes: the ring backend's receive polls
-        while it waits, taking a core's share that the rank computing meanwhile needs (on a
-        2-core machine a pass took twice as long). Nothing to wait on (another backend, sockets
-        not found): the receive waits as it does."""
-        if self._fds is None:
-            self._fds = ring_fds()
-        if not self._fds:
-            return
-        ready, _, _ = select.select(self._fds, [], [], timeout_s)
-        if not ready:
-            self.on_lost(f"pipeline rank {self.rank}: no answer from rank {src} within "
-                         f"{timeout_s:g} s; stopping (hint: --pipeline-timeout)")
-
-    def _recv(self, shape: tuple[int, ...], dtype: Any, src: int) -> np.ndarray:
-        mx = self.mx
-        a = mx.distributed.recv(shape, dtype, src, group=self.group, stream=mx.cpu)
-        mx.eval(a)
-        return np.array(a)
-
-
-def ring_fds() -> list[int]:
-    """File descriptors of this process's ring connections: TCP sockets established to or
-    from a port of MLX_HOSTFILE (the ring backend's hostfile); [] when there is none."""
-    try:
-        with open(os.environ["MLX_HOSTFILE"]) as f:
-            ports = {int(a.rsplit(":", 1)[1]) for node in json.load(f) for a in node}
-        conns = psutil.Process().net_connections("tcp")
-    except (KeyError, OSError, ValueError, TypeError, psutil.Error):
-        return []
-    return [c.fd for c in conns if c.status == psutil.CONN_ESTABLISHED and c.fd >= 0
-            and (c.laddr.port in ports or (c.raddr and c.raddr.port in ports))]
-
-
-def _die(message: str) -> None:
-    print(f"stream-run: {message}", file=sys.stderr, flush=True)
-    os._exit(1)
-
-
 def _as_rows(ops: Any, h: Any) -> np.ndarray:
     """A (1, T, E) hidden state as (T, E) float32 numpy."""
     a = np.asarray(ops.to_numpy(h), dtype=np.float32)
@@ -280,6 +168,7 @@ class PipelineRunner(PassRunner):
     def attach(self, link: Link, stage: Stage) -> None:
         self.link, self.stage = link, stage
         self._more = False
+        self.outstanding = 0  # rank 0: passes sent on (send_pass) whose rows are not back
         self._sids: dict[int, int] = {}  # id(kv) -> sequence id (rank 0)
         self._dropped: list[int] = []
         self._next_sid = 0
@@ -298,8 +187,56 @@ class PipelineRunner(PassRunner):
             return [*before, hand, *after]
         recv = Call((), lambda _x, _w: self.model.ops.from_numpy(self._hidden_in[None]),
                     "pipeline.in")
-        out = Call((), lambda x, _w: self._forward(x), "pipeline.out")
+        out = Call((), lambda x, _w: self._forward(x, batch), "pipeline.out")
         return [recv, *body, out]
+
+    async def send_pass(self, batch: Batch, more: bool = False) -> RunStats:
+        """Rank 0, micro-batching (engine/microbatch.py): the first half of a pass, the
+        embedding and this rank's blocks, its rows sent on; finish_pass takes them back. The
+        KV caches advance here (rank 0's blocks have written them)."""
+        self._more = more
+        if self.units.reader.config.read_mode == "mmap":
+            self.units.reader.check_files()
+        before, _, _ = self.model.stage_calls(batch, self.tile_rows)
+        meta = self._pass_meta(batch)
+        send = Call((), lambda x, _w: self._send_on(meta, x), "pipeline.out")
+        _, stats = await self.scheduler.run([*before, send], cyclic=True,
+                                            scratch_bytes=self.scratch_bytes(batch))
+        for seq in batch.seqs:
+            seq.kv.advance(len(seq.ids))
+        return stats
+
+    async def finish_pass(self, batch: Batch) -> tuple[np.ndarray, RunStats]:
+        """Rank 0: the oldest pass sent on comes back; its logits (the head on rank 0).
+        cyclic: reads carried for the next pass's first units stay in flight."""
+        _, _, after = self.model.stage_calls(batch, self.tile_rows)
+        back = Call((), lambda _x, _w: self._take_back(), "pipeline.in")
+        return await self.scheduler.run([back, *after], cyclic=True)
+
+    def all_resident(self) -> bool:
+        """Whether the residency plan keeps every unit of this stage resident."""
+        keys = {k for u in self.model.units()
+                for k in (u.candidates if isinstance(u, LateUnits) else u)}
+        return keys <= self.scheduler.resident
+
+    def flush(self) -> None:
+        """Rank 0 (compute thread): take back, and drop, the passes sent on that nobody will
+        finish (a batcher that failed or was cancelled between the halves)."""
+        while self.outstanding:
+            self._take_back()
+
+    def _send_on(self, meta: dict[str, Any], h: Any) -> None:
+        self.link.send(Message(PASS, meta, _as_rows(self.model.ops, h)), self.link.next)
+        self.outstanding += 1
+
+    def _take_back(self) -> Any:
+        link = self.link
+        back = link.recv(link.prev)
+        self.outstanding -= 1
+        if back.kind != RESULT or back.hidden is None:
+            raise PipelineError(f"pipeline rank 0: rank {link.prev} answered message kind "
+                                f"{back.kind}, not a pass's result")
+        return self.model.ops.from_numpy(back.hidden[None])
 
     def _sid(self, kv: Any) -> int:
         sid = self._sids.get(id(kv))
@@ -315,26 +252,26 @@ class PipelineRunner(PassRunner):
 
     def _pass_meta(self, batch: Batch) -> dict[str, Any]:
         seqs = [[self._sid(s.kv), int(s.kv.offset), [int(t) for t in s.ids], s.span_end,
-                 int(s.kv.max_len)] for s in batch.seqs]
+                 int(s.kv.max_len), s.n_logits] for s in batch.seqs]
         dropped, self._dropped = self._dropped, []
         return {"seqs": seqs, "all_logits": batch.all_logits, "more": self._more,
                 "drop": dropped}
 
     def _hand_off(self, meta: dict[str, Any], h: Any) -> Any:
         """Rank 0: the hidden state to rank 1, and back from the last rank."""
-        link = self.link
-        link.send(Message(PASS, meta, _as_rows(self.model.ops, h)), link.next)
-        back = link.recv(link.prev)
-        if back.kind != RESULT or back.hidden is None:
-            raise PipelineError(f"pipeline rank 0: rank {link.prev} answered message kind "
-                                f"{back.kind}, not a pass's result")
-        return self.model.ops.from_numpy(back.hidden[None])
+        self._send_on(meta, h)
+        return self._take_back()
 
-    def _forward(self, h: Any) -> None:
+    def _forward(self, h: Any, batch: Batch) -> None:
+        """Ranks past 0: the rows on; the last rank sends back only the rows the head needs
+        (each sequence's last, or its last n_logits), as rank 0's head would pick them."""
         link, rows = self.link, _as_rows(self.model.ops, h)
-        last = link.next == 0
-        link.send(Message(RESULT, {}, rows) if last else Message(PASS, self._meta_in, rows),
-                  link.next)
+        if link.next != 0:
+            link.send(Message(PASS, self._meta_in, rows), link.next)
+            return
+        if not batch.all_logits and len(rows) != len(batch.logit_rows):
+            rows = rows[batch.logit_rows]
+        link.send(Message(RESULT, {}, rows), link.next)
 
     def send_control(self, kind: int) -> None:
         """Rank 0: IDLE or STOP down the chain (compute thread)."""
@@ -347,14 +284,34 @@ class PipelineEngine(Engine):
     runner_class = PipelineRunner
 
     def __init__(self, source: ModelSource, config: Any, link: Link,
-                 split: Sequence[int] | None = None) -> None:
+                 split: Sequence[int] | None = None, microbatches: int | None = None) -> None:
+        """microbatches: passes rank 0 keeps in flight around the ring for concurrent
+        requests (engine/microbatch.py); 1: one pass at a time; None (auto): one per rank
+        while rank 0's residency plan keeps all its units resident, else one (a streamed
+        layer would be read once per micro-batch; the ranks' byte shares and budgets being
+        alike, rank 0's plan stands for theirs)."""
         if config.kv_cache_budget_bytes:
             raise ValueError("--kv-cache-budget: the prefix cache is not supported with "
                              "--pipeline (each rank holds its own layers' KV)")
         self.link = link
         self._split = split
+        self.microbatches_auto = microbatches is None
+        self.microbatches = link.size if microbatches is None else microbatches
+        if self.microbatches < 1:
+            raise ValueError(f"--pipeline-microbatches must be >= 1, got {self.microbatches}")
+        if link.rank == 0 and self.microbatches > 1:
+            self.batcher_class = MicroBatcher
         super().__init__(source, config)
+        link.frame_bytes = frame_bytes_for(self.spec.hidden_size)
         self.runner.attach(link, self.stage)
+        if isinstance(self.batcher, MicroBatcher):
+            self.batcher.groups = self.microbatches
+            if self.microbatches_auto:
+                self.batcher.when = self.runner.all_resident
+            self.batcher.row_bytes = 4 * self.spec.hidden_size
+            self.batcher.frame_bytes = link.frame_bytes
+            self.batcher.slack_bytes = link.buffered_bytes
+            self.batcher.widen = link.widen_receive
         if link.rank == 0:
             self.runner.idle = self._idle  # type: ignore[method-assign]
         self._closed = False
@@ -375,6 +332,7 @@ class PipelineEngine(Engine):
 
     async def _idle(self) -> None:
         await PassRunner.idle(self.runner)
+        await self.scheduler.run_on_compute(self.runner.flush)
         await self.scheduler.run_on_compute(self.runner.send_control, IDLE)
 
     def close(self) -> None:
@@ -388,12 +346,14 @@ class PipelineEngine(Engine):
 
     @classmethod
     async def open_stage(cls, model: str, config: Any, link: Link,
-                         split: Sequence[int] | None = None) -> PipelineEngine:
+                         split: Sequence[int] | None = None,
+                         microbatches: int | None = None) -> PipelineEngine:
         import asyncio
 
         from stream_run.models import open_model
 
-        return await asyncio.to_thread(lambda: cls(open_model(model), config, link, split))
+        return await asyncio.to_thread(lambda: cls(open_model(model), config, link, split,
+                                                   microbatches))
 
     async def serve(self, on_stop: Callable[[], None] | None = None) -> None:
         """Ranks past 0: run passes as they come until rank 0 says STOP."""
@@ -415,44 +375,18 @@ class PipelineEngine(Engine):
             for sid in msg.meta["drop"]:
                 kvs.pop(sid, None)
             seqs = []
-            for sid, offset, ids, span_end, max_len in msg.meta["seqs"]:
+            for sid, offset, ids, span_end, max_len, n_logits in msg.meta["seqs"]:
                 kv = kvs.get(sid)
                 if kv is None:
                     kv = kvs[sid] = await runner.make_kv_cache(max_len)
                 kv.offset = offset  # rank 0's cache may have been trimmed
-                seqs.append(SeqRows(np.asarray(ids, np.int64), kv, span_end))
+                seqs.append(SeqRows(np.asarray(ids, np.int64), kv, span_end, n_logits))
             runner._hidden_in, runner._meta_in = msg.hidden, msg.meta
             _, stats = await runner.run(Batch(seqs, msg.meta["all_logits"]),
                                         msg.meta["more"])
             self.served_bytes_read += stats.bytes_read
             self.served_positions = max([self.served_positions,
-                                         *(o + len(i) for _, o, i, _, _ in msg.meta["seqs"])])
+                                         *(o + len(i) for _, o, i, *_ in msg.meta["seqs"])])
             runner._hidden_in = None
         if on_stop is not None:
             on_stop()
-
-
-def init_group(timeout_s: float) -> Any:
-    """mx.distributed's group (ring backend, as mlx.launch set it up), within timeout_s.
-
-    Raises:
-        PipelineError: no distributed environment (not started by mlx.launch).
-    """
-    import mlx.core as mx
-
-    if not mx.distributed.is_available():
-        raise PipelineError("--pipeline: this MLX build has no distributed backend")
-    message = (f"pipeline rank {os.environ.get('MLX_RANK', '?')}: could not reach the other "
-               f"ranks within {timeout_s:g} s (hint: the hostfile's addresses and ports)")
-    # the ring's connect holds the GIL while it retries: a thread could not fire in time
-    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()),
-                                 str(timeout_s), message], stdin=subprocess.DEVNULL)
-    try:
-        group = mx.distributed.init(strict=True, backend="ring")
-    except RuntimeError as exc:
-        raise PipelineError(f"pipeline rank {os.environ.get('MLX_RANK', '?')}: could not "
-                            f"join the ring ({exc})") from None
-    finally:
-        watchdog.kill()
-        watchdog.wait()
-    return group

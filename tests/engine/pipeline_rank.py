@@ -1,9 +1,14 @@
 """One rank of a pipeline test, started by mlx.launch (tests/engine/test_pipeline.py).
 
-argv: MODEL N_TOKENS BUDGET_BYTES|none SPLIT|none [forever]. Rank 0 generates N_TOKENS greedy
-tokens (EOS ignored) after a fixed prompt of token ids, twice at once (two concurrent
-requests), and prints `RESULT {json}` with the ids; every rank prints `MEMORY {json}` (peak RSS,
-baseline, budget, KV). "forever": rank 0 generates until it is killed (the killed-rank test).
+argv: MODEL N_TOKENS BUDGET_BYTES|none SPLIT|none [forever] [streams=K] [microbatches=M]
+[timeout=S] (the link's --pipeline-timeout, default 30).
+Rank 0 generates N_TOKENS greedy tokens (EOS ignored) after fixed prompts of token ids, K at
+once (concurrent requests, default 2: PROMPTS), and prints `RESULT {json}` with the ids and
+`OVERLAPPED n` (passes sent on while another was in flight); every rank prints `MEMORY {json}`
+(peak RSS, baseline, budget, KV). "forever": rank 0 generates until it is killed (the
+killed-rank test); "idle": rank 0 waits after its first result (the ranks past it wait for
+the next pass); "cancel": first a round whose first stream leaves after one chunk (`KEPT`);
+"spec": prompt-lookup speculative decoding (`DRAFTED n`: draft tokens verified).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from stream_run.engine.pipeline import Link, PipelineEngine, init_group
 from stream_run.engine.stats import peak_rss_bytes
 
 PROMPT = [5, 17, 42, 99, 7, 3, 64, 11]
+PROMPTS = [PROMPT, PROMPT[:5], PROMPT[:6], PROMPT[2:], PROMPT[:3], PROMPT[1:7]]
 
 
 def _line(text: str) -> None:
@@ -27,23 +33,49 @@ def _line(text: str) -> None:
     os.write(1, (text + "\n").encode())
 
 
+async def _cancel_one(engine, params, streams: int) -> None:
+    """Streams of PROMPTS at once, the first closed after its first chunk (mid-flight when
+    micro-batched); prints `KEPT {json}`: the others' ids."""
+    async def first_chunk() -> None:
+        async with engine.submit(PROMPTS[0], params) as gen:
+            async for _ in gen:
+                break
+
+    outs = await asyncio.gather(first_chunk(), *(engine.complete(p, params)
+                                                 for p in PROMPTS[1:streams]))
+    _line("KEPT " + json.dumps([o.token_ids for o in outs[1:]]))
+
+
 async def main() -> None:
     model, n, budget, split = sys.argv[1:5]
-    forever = sys.argv[5:] == ["forever"]
+    opts = dict(a.split("=") for a in sys.argv[5:] if "=" in a)
+    forever = "forever" in sys.argv[5:]
+    streams = int(opts.get("streams", 2))
+    microbatches = int(opts["microbatches"]) if "microbatches" in opts else None
     config = EngineConfig(memory_budget_bytes=None if budget == "none" else int(budget))
     group = init_group(30)
     on_sigterm(group.rank())
     counts = None if split == "none" else [int(v) for v in split.split(",")]
-    engine = await PipelineEngine.open_stage(model, config, Link(group, 30), counts)
+    timeout = float(opts.get("timeout", 30))
+    engine = await PipelineEngine.open_stage(model, config, Link(group, timeout), counts,
+                                             microbatches)
     if engine.link.rank == 0:
-        params = engine.make_params(max_tokens=int(n), ignore_eos=True)
+        params = engine.make_params(max_tokens=int(n), ignore_eos=True,
+                                    speculative="prompt_lookup" if "spec" in sys.argv[5:]
+                                    else None)
+        if "cancel" in sys.argv[5:]:  # the first stream leaves after its first chunk
+            await _cancel_one(engine, params, streams)
         while True:
-            outs = await asyncio.gather(engine.complete(PROMPT, params),
-                                        engine.complete(PROMPT[:5], params))
+            outs = await asyncio.gather(*(engine.complete(p, params)
+                                          for p in PROMPTS[:streams]))
             _line("RESULT " + json.dumps([o.token_ids for o in outs]))
+            _line(f"OVERLAPPED {getattr(engine.batcher, 'passes_overlapped', 0)}")
+            _line(f"DRAFTED {sum(o.stats.draft_tokens for o in outs)}")
+            if "idle" in sys.argv[5:]:  # a server with no request: wait until killed
+                await asyncio.sleep(3600)
             if not forever:
                 break
-        kv = engine.runner.kv_bytes(len(PROMPT) + int(n)) * 2
+        kv = engine.runner.kv_bytes(len(PROMPT) + int(n)) * streams
         engine.close()
     else:
         await engine.serve()

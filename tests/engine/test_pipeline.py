@@ -5,6 +5,7 @@ rank ends the run with one line per surviving rank, no hang."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -21,13 +22,14 @@ from stream_run.cli.pipeline import LAUNCH, RANK_ENV, _free_ports
 from stream_run.engine.config import EngineConfig
 from stream_run.engine.engine import Engine
 from stream_run.engine.pipeline import Stage, StageModel, layer_of, split_layers
+from stream_run.engine.pipeline_link import Watchdog
+from tests.engine.pipeline_rank import PROMPTS
 from tests.tiny_models import write_tiny_model
 
 mx = pytest.importorskip("mlx.core")
 pytestmark = pytest.mark.skipif(not mx.distributed.is_available(),
                                 reason="this MLX build has no distributed backend")
 HELPER = os.path.join(os.path.dirname(__file__), "pipeline_rank.py")
-PROMPT = [5, 17, 42, 99, 7, 3, 64, 11]  # as pipeline_rank.py
 
 
 def launch(ranks: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -46,13 +48,19 @@ def _launch_cmd(ranks: int, *command: str, mlx_launch: bool = False) -> list[str
             sys.executable, *command]
 
 
-def one_process(model: str, n: int, budget: int | None) -> list[list[int]]:
+def one_process(model: str, n: int, budget: int | None, streams: int = 2,
+                alone: bool = False) -> list[list[int]]:
+    """The first `streams` of pipeline_rank.PROMPTS at once in one process (alone: each
+    request on its own, one after another)."""
     async def go() -> list[list[int]]:
         config = EngineConfig(memory_budget_bytes=budget)
         async with await Engine.open(model, config) as engine:
             params = engine.make_params(max_tokens=n, ignore_eos=True)
-            outs = await asyncio.gather(engine.complete(PROMPT, params),
-                                        engine.complete(PROMPT[:5], params))
+            if alone:
+                return [(await engine.complete(p, params)).token_ids
+                        for p in PROMPTS[:streams]]
+            outs = await asyncio.gather(*(engine.complete(p, params)
+                                          for p in PROMPTS[:streams]))
             return [o.token_ids for o in outs]
 
     return asyncio.run(go())
@@ -114,6 +122,30 @@ def test_ranks_match_one_process_tiny(tmp_path, variant, ranks, split):
     check_run(launch(ranks, str(tmp_path), "12", str(budget), split), ranks, want)
 
 
+def overlapped(proc: subprocess.CompletedProcess) -> int:
+    return sum(int(line.split()[1]) for line in proc.stdout.splitlines()
+               if line.startswith("OVERLAPPED "))
+
+
+@pytest.mark.parametrize(("variant", "ranks", "budget", "microbatches", "overlap"), [
+    ("llama", 2, None, "auto", True),  # all resident: auto micro-batches
+    ("qwen2", 3, 200_000, "2", True),  # streaming, micro-batches asked for
+    ("llama", 2, 200_000, "auto", False),  # streaming: auto keeps one pass at a time
+])
+def test_microbatched_streams_match_one_process_tiny(tmp_path, variant, ranks, budget,
+                                                     microbatches, overlap):
+    """Four concurrent greedy streams, cut into micro-batches kept in flight around the ring,
+    each give the tokens one process gives it alone (and batched together); passes did
+    overlap where micro-batching is on."""
+    write_tiny_model(tmp_path, variant, n_layers=4)
+    want = one_process(str(tmp_path), 12, budget, streams=4, alone=True)
+    assert one_process(str(tmp_path), 12, budget, streams=4) == want
+    proc = launch(ranks, str(tmp_path), "12", str(budget).lower(), "none", "streams=4",
+                  f"microbatches={microbatches}" if microbatches != "auto" else "")
+    check_run(proc, ranks, want)
+    assert (overlapped(proc) > 0) == overlap
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("ranks", "budget", "split"), [(2, 40_000_000, "none"),
                                                         (3, 36_000_000, "6,12,12")])
@@ -121,6 +153,41 @@ def test_ranks_match_one_process_smollm2(smollm2_gguf, ranks, budget, split):
     want = one_process(smollm2_gguf, 6, 80_000_000)
     mem = check_run(launch(ranks, smollm2_gguf, "6", str(budget), split), ranks, want)
     assert all(m["budget"] == budget for m in mem)
+
+
+def test_microbatched_speculative_streams_match_one_process(tmp_path):
+    """Prompt-lookup drafts in micro-batched passes: the last rank sends back each sequence's
+    draft rows too (n_logits), and greedy tokens stay those of plain decoding in one
+    process."""
+    write_tiny_model(tmp_path, "llama", n_layers=4)
+    want = one_process(str(tmp_path), 24, None, streams=4, alone=True)
+    proc = launch(2, str(tmp_path), "24", "none", "none", "streams=4", "spec")
+    check_run(proc, 2, want)
+    assert overlapped(proc) > 0
+    assert sum(int(line.split()[1]) for line in proc.stdout.splitlines()
+               if line.startswith("DRAFTED ")) > 0
+
+
+def test_microbatched_stream_cancelled_mid_flight(tmp_path):
+    """A stream that leaves while its micro-batch is on the ring: the others still get one
+    process's tokens, and so does the next round of all four (the ring stayed in step)."""
+    write_tiny_model(tmp_path, "llama", n_layers=4)
+    want = one_process(str(tmp_path), 12, None, streams=4, alone=True)
+    proc = launch(2, str(tmp_path), "12", "none", "none", "streams=4", "cancel")
+    check_run(proc, 2, want)
+    kept = [json.loads(line[5:]) for line in proc.stdout.splitlines()
+            if line.startswith("KEPT ")]
+    assert kept == [want[1:]]
+
+
+@pytest.mark.slow
+def test_microbatched_streams_match_one_process_smollm2(smollm2_gguf):
+    """The real model, resident, 4 greedy streams in 2 micro-batches over 2 ranks: each
+    stream's tokens are those one process gives it alone."""
+    want = one_process(smollm2_gguf, 8, None, streams=4, alone=True)
+    proc = launch(2, smollm2_gguf, "8", "none", "none", "streams=4", "microbatches=2")
+    check_run(proc, 2, want)
+    assert overlapped(proc) > 0
 
 
 @pytest.mark.parametrize("mlx_launch", [False, True])
@@ -148,6 +215,56 @@ def test_killed_rank_ends_the_run(tmp_path, mlx_launch):
         assert f"stream-run: pipeline rank {rank}:" in err, err[-2000:]
 
 
+def test_stopped_rank_times_out_inside_a_pass(tmp_path):
+    """SIGSTOP rank 1 (its sockets stay open): rank 0's wait inside a pass gives up after the
+    link's timeout with one line naming rank 1, and the run ends."""
+    write_tiny_model(tmp_path, "llama", n_layers=4)
+    proc = subprocess.Popen(_launch_cmd(2, HELPER, str(tmp_path), "30", "none", "none",
+                                        "forever", "timeout=3"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = None
+    try:
+        victim = _rank_process(proc.pid, 1)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("RESULT ")
+        victim.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "stream-run: pipeline rank 0: no answer from rank 1 within 3 s" in line:
+                break
+        else:
+            raise AssertionError("no timeout line from rank 0")
+        assert time.monotonic() - t0 < 30
+    finally:
+        if victim is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                victim.send_signal(signal.SIGCONT)  # so the launcher's SIGTERM ends it
+        try:
+            proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 1
+
+
+def test_watchdog_fires_only_when_armed_past_its_deadline():
+    fired: list[str] = []
+    dog = Watchdog(fired.append)
+    dog.arm(0.5, "late")
+    dog.disarm()
+    time.sleep(0.8)
+    assert fired == []  # disarmed in time
+    dog.arm(30, "first")
+    dog.arm(0.5, "second")  # a nearer deadline wakes the thread
+    dog.disarm()
+    dog.arm(0.1, "third")
+    deadline = time.monotonic() + 10
+    while not fired and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert fired == ["third"]
+
+
 def _rank_process(launcher: int, rank: int) -> psutil.Process:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -159,6 +276,32 @@ def _rank_process(launcher: int, rank: int) -> psutil.Process:
                 continue
         time.sleep(0.2)
     raise AssertionError(f"rank {rank} did not start")
+
+
+def test_dead_peer_ends_an_idle_wait(tmp_path):
+    """Ranks started by hand (no launcher to stop the others): rank 2 of 3 dies while rank 1
+    waits, without a timeout, for the next pass from rank 0. Rank 1 must not wait for ever:
+    the socket to rank 2 wakes its select(), and it ends with one line."""
+    write_tiny_model(tmp_path, "llama", n_layers=4)
+    hosts = tmp_path / "ring.json"
+    port = _free_ports(3)
+    hosts.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(3)]))
+    procs = [subprocess.Popen([sys.executable, HELPER, str(tmp_path), "4", "none", "none",
+                               "idle"], env={**os.environ, "MLX_RANK": str(r),
+                                             "MLX_HOSTFILE": str(hosts)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(3)]
+    try:
+        assert procs[0].stdout is not None
+        assert procs[0].stdout.readline().startswith("RESULT ")  # the pipeline ran a request
+        procs[2].kill()
+        _, err = procs[1].communicate(timeout=60)
+        assert procs[1].returncode == 1
+        assert "stream-run: pipeline rank 1: lost" in err, err[-2000:]
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
 
 
 def test_unreachable_rank_times_out(tmp_path):
@@ -195,6 +338,7 @@ def test_cli_pipeline_same_output(tmp_path):
     (["--pipeline", "2", "--pipeline-split", "a,b"], "--pipeline-split 'a,b'"),
     (["--hostfile", "/nonexistent/hosts.json"], "--hostfile /nonexistent/hosts.json"),
     (["--pipeline", "2", "--kv-cache-budget", "1MB"], "--kv-cache-budget"),
+    (["--pipeline", "2", "--pipeline-microbatches", "0"], "--pipeline-microbatches must be"),
 ])
 def test_bad_pipeline_flags(tmp_path, flags, message):
     write_tiny_model(tmp_path, "llama")
@@ -210,22 +354,34 @@ def _serve(model: str, port: int, *flags: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
-def _complete(proc: subprocess.Popen, port: int) -> dict:
+SERVE_PROMPTS = ["the quick brown", "one two", "a b c d e", "hello"]
+
+
+def _complete(proc: subprocess.Popen, port: int) -> list[str]:
+    """The answers to SERVE_PROMPTS, asked all at once."""
     import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
 
     assert proc.stderr is not None
     for line in proc.stderr:  # "stream-serve: ready (...)" once the model is open
         if "ready" in line:
             break
-    body = json.dumps({"model": "m", "prompt": "the quick brown", "max_tokens": 8,
-                       "temperature": 0}).encode()
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
-                                 {"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=120) as r:
-        return json.loads(r.read())
+
+    def ask(prompt: str) -> str:
+        body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": 8,
+                           "temperature": 0}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                     {"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return json.loads(r.read())["choices"][0]["text"]
+
+    with ThreadPoolExecutor(len(SERVE_PROMPTS)) as pool:
+        return list(pool.map(ask, SERVE_PROMPTS))
 
 
 def test_serve_pipeline_same_answer_and_stops(tmp_path):
+    """Four concurrent requests (micro-batched where they overlap: the tiny model is
+    resident) get the answers one process gives; SIGTERM ends the launcher and the ranks."""
     model = tmp_path / "m"
     write_tiny_model(model, "llama", n_layers=4)
     answers = []
@@ -233,7 +389,7 @@ def test_serve_pipeline_same_answer_and_stops(tmp_path):
         port = _free_ports(1)
         proc = _serve(str(model), port, *flags)
         try:
-            answers.append(_complete(proc, port)["choices"][0]["text"])
+            answers.append(_complete(proc, port))
             launcher = psutil.Process(proc.pid)
             family = [launcher, *launcher.children(recursive=True)]
             proc.send_signal(signal.SIGTERM)
@@ -243,4 +399,4 @@ def test_serve_pipeline_same_answer_and_stops(tmp_path):
         finally:
             if proc.poll() is None:
                 proc.kill()
-    assert answers[0] == answers[1] and answers[0]
+    assert answers[0] == answers[1] and all(answers[0])
