@@ -54,7 +54,9 @@ def model(tmp_path_factory):
 @pytest.mark.parametrize("fraction", [1.0, 0.5, 0.25, "min"])
 def test_bytes_per_decode_step_equal_streamed_units(model, fraction, adaptive):
     """With a fixed depth, each decode step reads exactly the units the plan streams; an
-    adaptive (deeper) window may keep a few streamed units cached, never read more."""
+    adaptive window reads at most what the plan of the deepest window it ran streams (a
+    deepening on trial may be undone, scheduler/loop.py _adapt: a step at the deeper depth
+    streams more than the final plan)."""
     path, cfg, weights = model
     probe = open_engine(path)
     total = probe.model_bytes
@@ -67,9 +69,14 @@ def test_bytes_per_decode_step_equal_streamed_units(model, fraction, adaptive):
         toks, stats = asyncio.run(decode_steps(engine, 12))
         streamed = [k for k in engine.source.index.units if k not in engine.scheduler.resident]
         expected = sum(engine.source.index.units[k].nbytes for k in streamed)
+        sched = engine.scheduler
+        deepest = max(
+            sched._shape.streamed_bytes(engine.cache.preview(sched._shape, d))
+            for d in {rs.prefetch_depth for rs in stats} | {sched.depth}) if sched._shape \
+            else expected
         for rs in stats:
             if adaptive:
-                assert rs.bytes_read <= 1.02 * expected
+                assert rs.bytes_read <= 1.02 * max(expected, deepest)
             else:
                 assert abs(rs.bytes_read - expected) <= 0.02 * expected
         assert engine.cache.compute.stats.peak_bytes <= budget
