@@ -55,6 +55,8 @@ class Engine:
         threadpool_limits(self.threads, user_api="blas")  # process-wide, as OpenBLAS is
         self.backend = get_backend(config.backend, self.threads)
         self.model = model_class(self.spec.model_type)(self.spec, self.backend)
+        if hasattr(self.model, "lookahead"):  # a MoE model that can guess its next experts
+            self.model.lookahead = config.expert_lookahead
         self.cache = WeightCache(config.cache)
         self.reader = UnitReader(source.index, config.loader)
         self.units = BackendUnitLoader(source.index, self.reader, self.backend)
