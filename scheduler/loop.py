@@ -465,6 +465,7 @@ class LayerScheduler:
                 rs.stats.add(read)
                 rs.stats.late_bytes_read += read.bytes_read  # routed experts' bytes too
                 self.cache.release(key)
+                self.cache.compute.demote(key)  # its insert counted as a use: undo that
 
     def _resident_run_end(self, steps: Sequence[StepLike], known: Sequence[Units],
                           start: int) -> int:
