@@ -75,7 +75,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--expert-lookahead", action="store_true",
                    help="Mixture-of-Experts: apply the next layer's router to each layer's "
                    "hidden state and read the experts it guesses early (off by default: "
-                   "measured no faster; see docs/moe.md)")
+                   "measured slower; docs/performance.md)")
     p.add_argument("--direct-io", action="store_true",
                    help="read with O_DIRECT (no page cache; falls back with a notice)")
     p.add_argument("--prefetch-depth", type=int, default=2,
