@@ -410,3 +410,22 @@ def test_expert_lookahead_reads_guesses_early_with_the_tokens_of_a_plain_run(tmp
         assert 0 <= stats.lookahead_used <= stats.lookahead_reads
         wasted = stats.lookahead_reads - stats.lookahead_used
         assert (stats.lookahead_wasted_bytes > 0) == (wasted > 0)
+
+
+def test_expert_lookahead_flag_and_its_stats_line(tmp_path):
+    """--expert-lookahead reaches EngineConfig (off without it), and the CLI's Experts line
+    reports the guessed reads, those picked and the bytes wasted."""
+    import argparse
+
+    from stream_run.cli.common import add_engine_flags, engine_config, expert_line
+    from stream_run.engine.stats import GenerationStats
+
+    p = argparse.ArgumentParser()
+    add_engine_flags(p)
+    assert engine_config(p.parse_args(["--expert-lookahead"])).expert_lookahead
+    assert not engine_config(p.parse_args([])).expert_lookahead
+    s = GenerationStats(prompt_tokens=4, generation_tokens=4, expert_hits=30, expert_misses=10,
+                        expert_bytes_read=8 << 20, lookahead_reads=12, lookahead_used=9,
+                        lookahead_wasted_bytes=3 << 20)
+    assert "lookahead: 9 of 12 guessed reads picked, 3.15 MB wasted" in expert_line(s)
+    assert "lookahead" not in expert_line(GenerationStats(expert_hits=1))
