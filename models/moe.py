@@ -56,12 +56,13 @@ class Routed:
 
 
 class Model(llama.Model):
+    # --expert-lookahead: a sparse layer's dense call also takes the next sparse layer's
+    # dense unit and guesses its experts (the engine sets it before the first pass)
+    lookahead = False
+
     def __init__(self, spec: ModelSpec, ops: Any) -> None:
         super().__init__(spec, ops)
         self.moe = moe_args(spec.model_type, spec.config)  # checked at load (hf_config)
-        # --expert-lookahead: a sparse layer's dense call also takes the next sparse layer's
-        # dense unit and guesses its experts (set by the engine before the first pass)
-        self.lookahead = False
 
     def _ahead(self, layer_idx: int) -> int | None:
         """The layer whose experts layer_idx's dense call guesses, or None."""
@@ -144,7 +145,12 @@ class Model(llama.Model):
         layer's residual stream after attention (its post-attention norm, its router)."""
         ops = self.ops
         h = ops.rms_norm(y, w_next["post_attention_layernorm.weight"], self.spec.rms_norm_eps)
-        logits = ops.to_numpy(ops.linear(h, w_next["mlp.gate.weight"]))[0]
+        logits = ops.to_numpy(ops.linear(h, w_next["mlp.gate.weight"]))[0].astype(np.float32)
+        return self._top_experts(w_next, logits)
+
+    def _top_experts(self, w: Mapping[str, Any], logits: np.ndarray) -> np.ndarray:
+        """(n, k) the experts a router with these logits (n, n_experts) picks: the top k
+        (softmax keeps the order); deepseek_v3 overrides it with its grouped choice."""
         return np.argsort(-logits, axis=-1, kind="stable")[:, :self.moe.top_k]
 
     def _attention(self, layer_idx: int, batch: Batch, x: Any, w: Mapping[str, Any]) -> Any:
