@@ -48,7 +48,9 @@ GB = 1e9
 MiB = 2**20
 PASS = "limit_compare pass "  # the engine child's per-pass lines on stderr
 PASS_FIELDS = ("wall_s", "compute_s", "io_stall_s", "read_s", "prepare_s", "disk_busy_s",
-               "bytes_read", "units_read", "hits", "misses", "prefetch_depth")
+               "bytes_read", "units_read", "hits", "misses", "prefetch_depth", "late_hits",
+               "late_misses", "late_bytes_read", "lookahead_reads", "lookahead_used",
+               "lookahead_wasted_bytes")
 
 
 def _size(text: str, file_bytes: int) -> int:
@@ -117,6 +119,11 @@ def _decode_profile(passes: list[dict], tokens: int) -> dict:
         "compute_s": med(lambda p: p["compute_s"]),
         "hit_rate": med(lambda p: p["hits"] / max(1, p["hits"] + p["misses"])),
         "depth": f"{dec[0]['prefetch_depth']}->{dec[-1]['depth_after']}",
+        # routed experts (MoE; 0 for a dense model) and --expert-lookahead, summed
+        "expert_hit_rate": sum(p["late_hits"] for p in dec) / max(1, sum(
+            p["late_hits"] + p["late_misses"] for p in dec)),
+        "lookahead": tuple(sum(p[k] for p in dec) for k in (
+            "lookahead_reads", "lookahead_used", "lookahead_wasted_bytes")),
         "resident": dec[-1]["resident"],
     }
 
@@ -174,7 +181,12 @@ def _profile_line(p: dict, ceiling_gbs: float) -> str:
             f"the file), {p['gbs']:.2f} GB/s{share}, a read in flight {100 * p['busy']:.0f} % "
             f"of the pass ({p['gbs_busy']:.2f} GB/s then), I/O stall {p['stall_s']:.3f} s, "
             f"compute {p['compute_s']:.3f} s, hit rate {100 * p['hit_rate']:.1f} %, depth "
-            f"{p['depth']}, {p['resident']} units resident")
+            f"{p['depth']}, {p['resident']} units resident"
+            + (f", expert hit rate {100 * p['expert_hit_rate']:.1f} %"
+               if p.get("expert_hit_rate") else "")
+            + (f", lookahead {p['lookahead'][1]} of {p['lookahead'][0]} guessed reads picked "
+               f"({p['lookahead'][2] / GB:.3f} GB wasted)" if p.get("lookahead", (0,))[0]
+               else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

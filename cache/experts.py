@@ -40,6 +40,11 @@ class EvictionOrder(Protocol):
         """A use of key: called on every hit and every insert of the compute tier."""
         ...
 
+    def demote(self, key: str) -> None:
+        """key's last touch was no use (an expert read on a wrong lookahead guess): it goes
+        first. Called by the tier, which also moves it to the LRU end."""
+        ...
+
     def order(self, keys: list[str], present: Collection[str]) -> Iterable[str]:
         """Unpinned keys in LRU order (least recent first) -> the order to evict them in;
         present: every key in the tier, pinned ones too. The tier may stop early."""
@@ -53,6 +58,9 @@ class LRUOrder:
         pass
 
     def touch(self, key: str) -> None:
+        pass
+
+    def demote(self, key: str) -> None:
         pass
 
     def order(self, keys: list[str], present: Collection[str]) -> Iterable[str]:
@@ -94,6 +102,11 @@ class LFRUOrder:
         if len(self._heap) > 4 * len(self.value) + 64:  # drop the stale entries
             self._heap = [(v, 0, k) for k, v in self.value.items()]
             heapq.heapify(self._heap)
+
+    def demote(self, key: str) -> None:
+        if key in self.value:  # its value before the wrong guess's insert is lost: 0
+            self.value[key] = 0.0
+            heapq.heappush(self._heap, (0.0, self.uses, key))
 
     def order(self, keys: list[str], present: Collection[str]) -> Iterable[str]:
         if not self.experts:  # a dense model: plain LRU

@@ -96,6 +96,14 @@ class Tier:
             self.evict_order.touch(key)
         return entry.value
 
+    def demote(self, key: str) -> None:
+        """key goes first when room is made (the LRU end; the eviction order's first): its
+        last insert was no use (a wrong lookahead guess)."""
+        if key in self._entries:
+            self._entries.move_to_end(key, last=False)
+            if self.evict_order is not None:
+                self.evict_order.demote(key)
+
     def peek(self, key: str) -> Any | None:
         """Return the value without touching LRU order or statistics."""
         entry = self._entries.get(key)

@@ -72,6 +72,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="Mixture-of-Experts: the order units leave the memory budget in: lfru "
                    "(frequency-weighted LRU: the least used first, by a decaying use count; "
                    "default) or lru")
+    p.add_argument("--expert-lookahead", action="store_true",
+                   help="Mixture-of-Experts: apply the next layer's router to each layer's "
+                   "hidden state and read the experts it guesses early (off by default: "
+                   "measured slower; docs/performance.md)")
     p.add_argument("--direct-io", action="store_true",
                    help="read with O_DIRECT (no page cache; falls back with a notice)")
     p.add_argument("--prefetch-depth", type=int, default=2,
@@ -179,6 +183,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                         memory_budget_auto=auto,
                         host_budget_bytes=host_budget, scheduler=sched, threads=args.threads,
                         expert_cache=args.expert_cache,
+                        expert_lookahead=args.expert_lookahead,
                         prefill_chunk=args.prefill_chunk, prefill_memory_bytes=prefill_memory,
                         kv_bits=args.kv_bits, kv_cache_budget_bytes=kv_cache_budget,
                         loader=LoaderConfig(read_mode=args.read_mode, direct_io=args.direct_io,
@@ -224,7 +229,9 @@ def expert_line(s: GenerationStats) -> str:
     tokens = max(1, s.prompt_tokens + s.generation_tokens)
     return (f"Experts: cache hit rate {100 * s.expert_hit_rate:.1f}% of "
             f"{s.expert_hits + s.expert_misses} picks, {format_size(s.expert_bytes_read)} read "
-            f"({format_size(s.expert_bytes_read // tokens)} per token, prompt and generated)")
+            f"({format_size(s.expert_bytes_read // tokens)} per token, prompt and generated)"
+            + (f"; lookahead: {s.lookahead_used} of {s.lookahead_reads} guessed reads picked, "
+               f"{format_size(s.lookahead_wasted_bytes)} wasted" if s.lookahead_reads else ""))
 
 
 def prefill_line(s: GenerationStats) -> str:

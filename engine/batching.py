@@ -559,6 +559,8 @@ class Batcher:
         s.unit_hits, s.unit_misses = run.hits, run.misses
         s.expert_hits, s.expert_misses = run.late_hits, run.late_misses
         s.expert_bytes_read = run.late_bytes_read
+        s.lookahead_reads, s.lookahead_used = run.lookahead_reads, run.lookahead_used
+        s.lookahead_wasted_bytes = run.lookahead_wasted_bytes
         s.prefetch_depth = run.prefetch_depth
         s.peak_rss_bytes = peak_rss_bytes()
         s.speculative = seq.spec.mode if seq.spec is not None else ""

@@ -81,6 +81,9 @@ class EngineConfig:
     # the order routed experts leave the compute tier in (cache/experts.py): lfru
     # (frequency-weighted) or lru; a dense model evicts in LRU order either way
     expert_cache: str = "lfru"
+    # Mixture-of-Experts: each sparse layer also guesses the next one's experts (its router
+    # on this layer's hidden state) and the scheduler reads them early (models/moe.py)
+    expert_lookahead: bool = False
     max_context: int | None = None  # default: the model's max_position_embeddings
     # rows per tile of a block's computation; also the prompt tokens per pass while other
     # requests decode (their passes carry the prompt in chunks of this size)

@@ -56,6 +56,12 @@ class Engine:
         threadpool_limits(self.threads, user_api="blas")  # process-wide, as OpenBLAS is
         self.backend = get_backend(config.backend, self.threads)
         self.model = model_class(self.spec.model_type)(self.spec, self.backend)
+        if hasattr(self.model, "lookahead"):  # a MoE model that can guess its next experts
+            # not across pipeline stages: a stage's last layer would take the next stage's unit
+            staged = type(self).stage_model is not Engine.stage_model
+            self.model.lookahead = config.expert_lookahead and not staged
+            if config.expert_lookahead and staged:
+                log.warning("--expert-lookahead is ignored with --pipeline")
         self.cache = WeightCache(config.cache)
         self.reader = UnitReader(source.index, config.loader)
         self.units = BackendUnitLoader(source.index, self.reader, self.backend)

@@ -50,6 +50,10 @@ class GenerationStats:
     expert_hits: int = 0
     expert_misses: int = 0
     expert_bytes_read: int = 0
+    # --expert-lookahead: experts read on a guess, those then picked, bytes of the others
+    lookahead_reads: int = 0
+    lookahead_used: int = 0
+    lookahead_wasted_bytes: int = 0
     peak_rss_bytes: int = 0
     prefetch_depth: int = 0
     prefill_passes: int = 0  # passes that carried prompt rows of this request

@@ -330,6 +330,11 @@ class Model(moe.Model):
         out = ops.rope(x, offset, self.inv_freq)
         return out if self.rope_factor == 1.0 else out * self.rope_factor
 
+    def _top_experts(self, w: Mapping[str, Any], logits: np.ndarray) -> np.ndarray:
+        """--expert-lookahead's guess: the grouped, bias-corrected choice (route)."""
+        bias = np.asarray(self.ops.to_numpy(w["mlp.gate.e_score_correction_bias"]), np.float32)
+        return route(logits, bias, self.ds)[0]
+
     def _router(self, w: Mapping[str, Any], y: Any
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(experts' input, shared experts' output or zeros, top-k experts, their weights) of

@@ -46,6 +46,9 @@ class Routed:
     out: np.ndarray  # (T, E) float32: the shared expert's output, or zeros
     idx: np.ndarray  # (T, k) each row's experts
     weight: np.ndarray  # (T, k) float32 their weights
+    # expert lookahead: the next layer's experts its router picks from this layer's hidden
+    # state (the scheduler reads them early, as guesses); () when off
+    lookahead: tuple[str, ...] = ()
 
     @property
     def picked(self) -> list[int]:
@@ -53,9 +56,25 @@ class Routed:
 
 
 class Model(llama.Model):
+    # --expert-lookahead: a sparse layer's dense call also takes the next sparse layer's
+    # dense unit and guesses its experts (the engine sets it before the first pass)
+    lookahead = False
+
     def __init__(self, spec: ModelSpec, ops: Any) -> None:
         super().__init__(spec, ops)
         self.moe = moe_args(spec.model_type, spec.config)  # checked at load (hf_config)
+
+    def _ahead(self, layer_idx: int) -> int | None:
+        """The layer whose experts layer_idx's dense call guesses, or None."""
+        nxt = layer_idx + 1
+        sparse = self.moe.sparse
+        ok = self.lookahead and sparse[layer_idx] and nxt < len(sparse) and sparse[nxt]
+        return nxt if ok else None
+
+    def _dense_units(self, layer_idx: int) -> Units:
+        nxt = self._ahead(layer_idx)
+        return (layer_key(layer_idx),) if nxt is None else (layer_key(layer_idx),
+                                                             layer_key(nxt))
 
     def layer_windows(self) -> list[int | None]:
         """HF's rules: mixtral and qwen3_moe slide every layer when sliding_window is set;
@@ -73,7 +92,7 @@ class Model(llama.Model):
     def units(self) -> list[Units | LateUnits]:
         out: list[Units | LateUnits] = [(EMBED,)]
         for i in range(self.spec.num_hidden_layers):
-            out.append((layer_key(i),))
+            out.append(self._dense_units(i))
             if self.moe.sparse[i]:  # a prefill may pick every expert of the layer
                 out.append(LateUnits(self.experts_of(i), self.moe.n_experts))
         return [*out, self.layout()[-1]]
@@ -94,7 +113,7 @@ class Model(llama.Model):
                     else partial(self._tiled_block, i, tiles)
                 calls.append(Call((key,), run, key))
                 continue
-            calls.append(Call((key,), partial(self._route, i, tiles), key))
+            calls.append(Call(self._dense_units(i), partial(self._route, i, tiles), key))
             calls.append(Call(partial(self._picked_units, i),
                               partial(self._experts, i, tile_rows or len(batch.ids)),
                               f"{key}.experts", self.experts_of(i), picks))
@@ -108,15 +127,31 @@ class Model(llama.Model):
         """Attention, the post-attention norm, the router and the shared expert, per tile."""
         ops, w = self.ops, units[layer_key(layer_idx)]
         parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-        h, start = x, 0
+        h, start, nxt, guess = x, 0, self._ahead(layer_idx), set()
         for tile, _ctx in tiles:
             n = len(tile.ids)
             y = self._attention(layer_idx, tile, x[:, start:start + n], w)
             h = y if len(tiles) == 1 else ops.write_rows(h, start, y)
             parts.append(self._router(w, y))
+            if nxt is not None:
+                guess.update(self._guess(units[layer_key(nxt)], y).reshape(-1).tolist())
             start += n
         xs, outs, idx, weight = (np.concatenate(p) for p in zip(*parts, strict=True))
-        return Routed(h, xs, outs, idx, weight)
+        return Routed(h, xs, outs, idx, weight,
+                      tuple(expert_key(nxt, e) for e in sorted(guess)) if guess else ())
+
+    def _guess(self, w_next: Mapping[str, Any], y: Any) -> np.ndarray:
+        """(n, k) the experts the next layer's router picks for rows y (1, n, E) of this
+        layer's residual stream after attention (its post-attention norm, its router)."""
+        ops = self.ops
+        h = ops.rms_norm(y, w_next["post_attention_layernorm.weight"], self.spec.rms_norm_eps)
+        logits = ops.to_numpy(ops.linear(h, w_next["mlp.gate.weight"]))[0].astype(np.float32)
+        return self._top_experts(w_next, logits)
+
+    def _top_experts(self, w: Mapping[str, Any], logits: np.ndarray) -> np.ndarray:
+        """(n, k) the experts a router with these logits (n, n_experts) picks: the top k
+        (softmax keeps the order); deepseek_v3 overrides it with its grouped choice."""
+        return np.argsort(-logits, axis=-1, kind="stable")[:, :self.moe.top_k]
 
     def _attention(self, layer_idx: int, batch: Batch, x: Any, w: Mapping[str, Any]) -> Any:
         """llama's attention and its residual (llama.Model.block's first half)."""

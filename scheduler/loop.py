@@ -113,6 +113,11 @@ class RunStats:
     late_hits: int = 0
     late_misses: int = 0
     late_bytes_read: int = 0
+    # expert lookahead (a late-bound step's guessed units, read before its router ran):
+    # guesses read, those the step then picked, and the bytes read for the others
+    lookahead_reads: int = 0
+    lookahead_used: int = 0
+    lookahead_wasted_bytes: int = 0
     scratch_over_bytes: int = 0  # activations that did not fit in the budget beside a step
     wall_s: float = 0.0
     disk_busy_s: float = 0.0  # wall time with at least one read in flight
@@ -125,7 +130,8 @@ class RunStats:
         self.scratch_over_bytes = max(self.scratch_over_bytes, other.scratch_over_bytes)
         for name in ("compute_s", "io_stall_s", "read_s", "prepare_s", "bytes_read",
                      "units_read", "resident_reads", "hits", "misses", "wall_s",
-                     "disk_busy_s", "late_hits", "late_misses", "late_bytes_read"):
+                     "disk_busy_s", "late_hits", "late_misses", "late_bytes_read",
+                     "lookahead_reads", "lookahead_used", "lookahead_wasted_bytes"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
@@ -181,6 +187,10 @@ class LayerScheduler:
         # the units it computes; None: nobody watches (one attribute test per call)
         self.observer: Callable[[Sequence[str]], None] | None = None
         self._computing: tuple[str, ...] = ()
+        # expert lookahead: guessed units whose loads started (their bytes), and wrong guesses
+        # whose loads still hold their pin (released once done: _sweep_guesses)
+        self._guessed: dict[str, int] = {}
+        self._orphans: set[str] = set()
 
     @property
     def resident(self) -> set[str]:
@@ -267,7 +277,10 @@ class LayerScheduler:
             late = [0 if known[i] else self._late_room(s) for i, s in enumerate(steps)]
             while idx < len(steps):
                 units = resolve(steps[idx], x)  # late-bound: from the previous output
-                self._schedule(known, late, idx, cyclic, units)
+                if callable(steps[idx].units):
+                    self._settle_guesses(units, rs)
+                self._schedule(known, late, idx, cyclic, units,
+                               getattr(x, "lookahead", ()), stats)
                 t0 = time.perf_counter()
                 before = (stats.hits, stats.misses, stats.bytes_read)
                 weights = {k: await self._acquire(k, rs, units) for k in units}
@@ -301,6 +314,7 @@ class LayerScheduler:
                 # unit kept alive here would hold its read buffer outside the budget.
                 weights = {}
                 idx = end
+            self._settle_guesses((), rs)  # guesses for a step that never came are wrong
             stats.wall_s = time.perf_counter() - t_run
             stats.disk_busy_s = self._disk_busy() - busy0
             self._adapt(stats)
@@ -310,6 +324,8 @@ class LayerScheduler:
                 await asyncio.gather(compute_future, return_exceptions=True)
             self._computing = ()
             await self._cancel_inflight(keep=carry)
+            self._orphans &= carry
+            self._guessed.clear()
             for k in rs.held:
                 self.cache.release(k)
             if scratch:
@@ -427,13 +443,16 @@ class LayerScheduler:
         return late_need(step, self._load_bytes)  # type: ignore[arg-type]
 
     def _schedule(self, known: Sequence[Units], late: Sequence[int], start: int,
-                  cyclic: bool = False, current: Units = ()) -> None:
+                  cyclic: bool = False, current: Units = (), guesses: Units = (),
+                  stats: RunStats | None = None) -> None:
         """Start loads for the units of steps start..start+depth, in order, while they fit.
 
         Loads start in step order and stop at the first unit that does not fit, and a load
         never evicts a unit of the window, so a prefetch is never in the way of an earlier step.
         A late-bound step's units are not known yet and are skipped (current: the resolved
         units of steps[start], kept too); loads past one leave room for its picks.
+        guesses: units a later late-bound step is guessed to pick (expert lookahead), loaded
+        last, into the room kept for that step's picks, when the window's loads all started.
         """
         tier = self.cache.compute
         idx = list(range(start, min(start + self.depth + 1, len(known))))
@@ -451,6 +470,47 @@ class LayerScheduler:
                 if not tier.can_fit(self._load_bytes(key) + room_for_late, keep):
                     return
                 self._start_load(key, keep)
+        # the guessed step's own room (the first late-bound step after start) takes them
+        later = [late[i] for i in idx if i != resolved and late[i]]
+        room_for_late -= later[0] if later else 0
+        for key in guesses:
+            if key in tier or key in self._inflight:
+                continue
+            if not tier.can_fit(self._load_bytes(key) + room_for_late, keep):
+                return
+            self._start_load(key, keep)
+            self._guessed[key] = self.loader.raw_nbytes(key)
+            if stats is not None:
+                stats.lookahead_reads += 1
+
+    def _settle_guesses(self, picked: Units, rs: _RunState) -> None:
+        """A late-bound step resolved to `picked`: its guessed loads that it picked are
+        used (its acquire takes their pin); the others are wrong, their pins released as
+        their loads end (_sweep_guesses), their bytes counted as wasted."""
+        if self._guessed:
+            chosen = set(picked)
+            for key, nbytes in self._guessed.items():
+                if key in chosen:
+                    rs.stats.lookahead_used += 1
+                else:
+                    rs.stats.lookahead_wasted_bytes += nbytes
+                    self._orphans.add(key)
+            self._guessed.clear()
+        self._sweep_guesses(rs)
+
+    def _sweep_guesses(self, rs: _RunState) -> None:
+        """Release the pins of wrong guesses whose loads ended (the unit stays cached,
+        unpinned); their read stats go to this run."""
+        self._orphans &= self._inflight.keys()  # cancelled and released with the others
+        for key in [k for k in self._orphans if self._inflight[k].done()]:
+            self._orphans.discard(key)
+            task = self._inflight.pop(key)
+            if not task.cancelled() and task.exception() is None:
+                read = task.result()
+                rs.stats.add(read)
+                rs.stats.late_bytes_read += read.bytes_read  # routed experts' bytes too
+                self.cache.release(key)
+                self.cache.compute.demote(key)  # its insert counted as a use: undo that
 
     def _resident_run_end(self, steps: Sequence[StepLike], known: Sequence[Units],
                           start: int) -> int:
@@ -499,6 +559,7 @@ class LayerScheduler:
         """
         tier = self.cache.compute
         task = self._inflight.get(key)
+        self._orphans.discard(key)  # a wrong guess picked later: its pin is this step's
         if task is None:
             if key in tier:
                 return self._acquire_hit(key, rs)

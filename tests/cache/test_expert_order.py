@@ -115,3 +115,20 @@ def test_weight_cache_hands_the_plan_s_experts_to_its_order():
                       lambda k: 10)
     cache.plan(shape, depth=2)
     assert cache.compute.evict_order.experts == frozenset(EXPERTS)
+
+
+@pytest.mark.parametrize("name", ["lfru", "lru"])
+def test_a_demoted_unit_is_evicted_first(name):
+    """An expert read on a wrong lookahead guess: its insert counted as a use, so the tier
+    demotes it once the guess is known wrong, and it is the first to go, however popular it
+    was before."""
+    tier = Tier("compute", 3, evict_order=make_order(name))
+    tier.evict_order.set_experts(EXPERTS)
+    for key in EXPERTS[:3]:
+        tier.put(key, key, 1)
+    for _ in range(5):
+        tier.get(EXPERTS[2])  # the most used and the most recent
+    tier.demote(EXPERTS[2])
+    tier.put(EXPERTS[3], EXPERTS[3], 1)
+    assert EXPERTS[2] not in tier and EXPERTS[0] in tier and EXPERTS[1] in tier
+    tier.demote("layers.0.mlp.experts.7")  # not in the tier: nothing to do
