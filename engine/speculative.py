@@ -48,6 +48,8 @@ def sweep_rows(n: int) -> int:
     sweep over each weight (they take rows in groups of 8, 4, 2, 1: 5 rows cost two sweeps,
     4 rows one), so draft rows beyond it are cut."""
     return 1 << (max(1, n).bit_length() - 1)
+
+
 MAX_PAUSE = 32  # passes without drafts, at most, after drafting failed
 DECAY = 0.8  # weight of a sequence's older passes in its acceptance rate
 COST_SAMPLES = 5  # passes per row count whose median is its cost
@@ -55,11 +57,11 @@ EXPLORE_EVERY = 16  # a pass in this many keeps every draft row, whatever its es
 
 
 class PassCost:
-    """Seconds a decoding pass takes, by its rows (1, 2, 4, 8), measured as passes run: a
-    decayed mean each. What a pass of more rows costs depends on the model and the machine (on
-    a CPU a resident 7B Q4_0 pass of 8 rows computed 5.5x one row's, a SmolLM2 pass streamed
-    at 75 MB 2x), so draft rows are worth it only where the tokens they are expected to add
-    outweigh it (cut_for_cost)."""
+    """Seconds a decoding pass takes, by its rows (1, 2, 4, 8), measured as passes run (the
+    median of the last COST_SAMPLES of each size). What a pass of more rows costs depends on
+    the model and the machine (on a CPU a resident 7B Q4_0 pass of 8 rows computed 5.5x one
+    row's, a SmolLM2 pass streamed at 75 MB 2x), so draft rows are worth it only where the
+    tokens they are expected to add outweigh it (cut_for_cost)."""
 
     def __init__(self) -> None:
         self.samples: dict[int, collections.deque[float]] = {}
@@ -81,7 +83,8 @@ def cut_for_cost(drafts: list[tuple[int, DraftLength]], base_rows: int, cost: Pa
     """The rows (a sweep size: 1, 2, 4 or 8) to give a pass whose sequences have base_rows rows
     without drafts and drafts of the given lengths (with their DraftLength; cut from the last
     one first, as the batcher cuts): the size with the most expected tokens per second. Costs
-    not measured yet count as the nearest measured smaller size's."""
+    not measured yet count as the nearest measured smaller size's; with nothing measured, and
+    once in EXPLORE_EVERY calls, every draft row is kept."""
     total = base_rows + sum(d for d, _ in drafts)
     cost.decisions += 1
     if cost.decisions % EXPLORE_EVERY == 0:

@@ -174,9 +174,10 @@ class LayerScheduler:
         self._inflight: dict[str, asyncio.Task[RunStats]] = {}
         self._shape: PassShape | None = None  # the pass the residency plan was made for
         self.depth = config.prefetch_depth  # current prefetch depth (adaptive)
-        # a deepening that gave up resident bytes, on trial: (the depth before, the stall of
-        # the pass that asked for it); and the depth such a deepening may not pass, with the
-        # passes left before it may be tried again (_adapt)
+        # a deepening that gave up resident bytes, on trial: (the depth before, the median
+        # stall of the window that asked for it); the depth a deepening may not pass, with the
+        # passes left before it may be tried again; the last steady passes' stalls, negative
+        # where they were within 5 % of compute (_adapt)
         self._trial: tuple[int, float] | None = None
         self._cap, self._cap_passes = config.max_prefetch_depth, 0
         self._stalls: collections.deque[float] = collections.deque(maxlen=STALL_WINDOW)
