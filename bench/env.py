@@ -179,13 +179,17 @@ def _parallel_sum(words: np.ndarray, chunks: int) -> int:
 
         @njit(parallel=True, cache=False, nogil=True)
         def kernel(w, n_chunks):
-            per = w.shape[0] // n_chunks
+            # 8 independent sums a chunk, so the adds vectorize: one running sum made this a
+            # measure of the add chain (6.6-10 GB/s here while both engines read 25-29)
+            per = w.shape[0] // n_chunks // 8 * 8
             sums = np.zeros(n_chunks, dtype=np.uint64)
             for c in prange(n_chunks):
-                acc = np.uint64(0)
-                for i in range(per):
-                    acc += w[c * per + i]
-                sums[c] = acc
+                rows = w[c * per:(c + 1) * per].reshape(-1, 8)
+                acc = np.zeros(8, dtype=np.uint64)
+                for i in range(rows.shape[0]):
+                    for j in range(8):
+                        acc[j] += rows[i, j]
+                sums[c] = acc.sum()
             return sums.sum()
 
         _SUM = kernel
