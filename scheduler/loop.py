@@ -75,10 +75,12 @@ STALL_WINDOW = 4  # steady passes whose stalls decide a deepening (all but one m
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """prefetch_depth: steps read ahead to start with. adaptive: deepen by one after a pass in
-    which compute waited on reads for more than 5 % of its time, up to max_prefetch_depth,
-    when the deeper window pays (LayerScheduler._deeper_pays: its ring slot is free, or the
-    disk sat idle long enough to read what the plan would stop keeping resident)."""
+    """prefetch_depth: steps read ahead to start with. adaptive: deepen by one when compute
+    waited on reads for more than 5 % of its time in 3 of the last 4 passes, up to
+    max_prefetch_depth, when the deeper window pays (LayerScheduler._deeper_pays: its ring
+    slot is free, or the disk sat idle long enough to read what the plan would stop keeping
+    resident); a deepening that costs resident units is undone if it did not halve the stall
+    (LayerScheduler._adapt)."""
 
     prefetch_depth: int = 2
     io_workers: int = 8
