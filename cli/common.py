@@ -156,7 +156,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     budget = None if args.memory_budget is None or auto else _size_flag("--memory-budget",
                                                                          args.memory_budget)
     if budget is not None and budget <= 0:
-        raise UsageError(f"--memory-budget must be > 0, got {args.memory_budget!r}")
+        raise UsageError(f"--memory-budget must be > 0 bytes, got {args.memory_budget!r} "
+                         "(a size such as 75MB or 4GiB, or auto; a bare number is bytes)")
     host_budget = _size_flag("--host-budget", args.host_budget)
     prefill_memory = None if args.prefill_memory is None else _size_flag(
         "--prefill-memory", args.prefill_memory)

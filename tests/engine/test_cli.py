@@ -72,6 +72,7 @@ def test_prompt_from_stdin_with_chat_template(tiny):
     (["--top-p", "1.5"], "--top-p"),
     (["--temp", "-0.5"], "--temp"),
     (["--memory-budget", "lots"], "--memory-budget: not a size"),
+    (["--memory-budget", "0.5"], "a bare number is bytes"),  # not a fraction, as in bench
     (["--memory-budget", "1KB"], "memory budget 1.00 KB is smaller than"),
     (["--prefetch-depth", "99"], "--prefetch-depth"),
     (["--backend", "cuda"], "invalid choice: 'cuda'"),
