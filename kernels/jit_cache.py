@@ -18,7 +18,10 @@ from pathlib import Path
 
 import numba
 
-SOURCES = ("numba_kernels.py", "fused.py", "simd.py")  # every module with cached kernels
+# every module whose cached kernels call code in another file (gguf_gemm.py inlines
+# gguf_blocks.py's decoders and emits IR with gguf_simd.py's helpers)
+SOURCES = ("numba_kernels.py", "fused.py", "simd.py", "gguf_gemm.py", "gguf_blocks.py",
+           "gguf_simd.py")
 
 
 def source_hash() -> str:

@@ -11,7 +11,7 @@ from typing import Any
 import numba
 import numpy as np
 
-from stream_run.kernels import fused, gguf_blocks, mxfp4, mxfp4_kernels
+from stream_run.kernels import fused, gguf_blocks, gguf_gemm, mxfp4, mxfp4_kernels
 from stream_run.kernels.formats import prepare_unit
 from stream_run.kernels.kv_cache import (
     LayeredKVCache,
@@ -36,11 +36,10 @@ from stream_run.kernels.numba_kernels import (
 from stream_run.kernels.quant import BlockWeight, HalfWeight, QuantizedWeight
 
 # Up to this many rows of x (decode, small batches) a quantized or 16-bit linear runs the fused
-# numba matvec; above it, widening blocks of the weight to float32 and calling BLAS is faster.
+# numba matvec; above it, GGUF blocks run the int8 GEMM (kernels/gguf_gemm.py, x rounded to
+# int8 per 32 elements as decode rounds it), other weights are widened to float32 in blocks
+# for BLAS.
 MATVEC_MAX_ROWS = 8
-# GGUF prefill stays exact (dequantized tiles into BLAS): running chunks of up to 64 rows as
-# int8 block-matvec passes was ~15 % faster on a 7B but changed SmolLM2's answer to the
-# README's question (x rounded to int8 across a 35-token prompt).
 DEQUANT_BLOCK_ELEMENTS = 1 << 22  # 16 MB of float32 weight rows per dequantize+BLAS block
 GELU_C = math.sqrt(2 / math.pi)  # the tanh approximation's constant
 
@@ -247,21 +246,35 @@ def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, offset
     G = Hq // Hkv
     # Query heads h = kv * G + g share kv head h // G: group them instead of repeating K/V.
     qg = np.ascontiguousarray(q).reshape(B, Hkv, G * L, D)
-    scores = qg @ k.swapaxes(-1, -2)  # (B, Hkv, G*L, T)
+    per_head = L > MATVEC_MAX_ROWS  # a prompt's rows: one BLAS call per head
+    if per_head:  # numpy's stacked matmul ran 1-3.4x slower than a loop of 2-d ones
+        scores = np.empty((B, Hkv, G * L, T), np.result_type(q, k))
+        for b in range(B):
+            for h in range(Hkv):
+                np.matmul(qg[b, h], k[b, h].T, out=scores[b, h])
+    else:
+        scores = qg @ k.swapaxes(-1, -2)  # (B, Hkv, G*L, T)
     scores *= np.float32(scale)
     if softcap is not None:
         scores /= np.float32(softcap)
         np.tanh(scores, out=scores)
         scores *= np.float32(softcap)
     if not (L == 1 and T == offset + 1 and (window is None or T <= window)):
-        s5 = scores.reshape(B, Hkv, G, L, T)
-        s5[..., ~window_mask(L, T, offset, window)] = -np.inf
+        np.copyto(scores.reshape(B, Hkv, G, L, T), np.float32(-np.inf),
+                  where=~window_mask(L, T, offset, window))
     if sinks is not None:  # a learned logit per query head in the softmax, with no value
-        return (_sink_softmax(scores, sinks, Hkv, G, L) @ v).reshape(B, Hq, L, D)
-    scores -= scores.max(axis=-1, keepdims=True)
-    np.exp(scores, out=scores)
-    scores /= scores.sum(axis=-1, keepdims=True)
-    return (scores @ v).reshape(B, Hq, L, D)
+        scores = _sink_softmax(scores, sinks, Hkv, G, L)
+    else:
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+    if not per_head:
+        return (scores @ v).reshape(B, Hq, L, D)
+    out = np.empty((B, Hkv, G * L, D), np.result_type(scores, v))
+    for b in range(B):
+        for h in range(Hkv):
+            np.matmul(scores[b, h], v[b, h], out=out[b, h])
+    return out.reshape(B, Hq, L, D)
 
 
 def _sink_softmax(scores: np.ndarray, sinks: np.ndarray, Hkv: int, G: int, L: int
@@ -339,6 +352,8 @@ class NumpyBackend:
                 return gguf_blocks.matvec(np.ascontiguousarray(x, dtype=np.float32), w)
             return qmatvec(x, w.packed, w.scales, w.biases, w.bits, w.group_size)
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if isinstance(w, BlockWeight) and w.qtype in gguf_gemm.GEMM_TYPES:
+            return gguf_gemm.gemm(x, w)  # int8 on the blocks: 3-4x the dequantize + BLAS path
         y = np.empty((x.shape[0], n_out), dtype=np.float32)
         step = max(1, DEQUANT_BLOCK_ELEMENTS // n_in)
         for lo in range(0, n_out, step):  # blocks bound the float32 temporary
