@@ -148,9 +148,11 @@ def _unpack_q2_k(b, r, codes, s, m):
             sc = np.int32(b[o + g])
             s[16 * blk + g, r] = d * np.float32(sc & 15)
             m[16 * blk + g, r] = -(dmin * np.float32(sc >> 4))
-        for e in range(256):  # e = 128 c + 32 sh + l: bits 2 sh of qs[32 c + l]
-            c, sh, lane = e >> 7, (e >> 5) & 3, e & 31
-            _put(codes, r, k + e, (np.int32(b[o + 16 + 32 * c + lane]) >> (2 * sh)) & 3)
+        for c in range(2):  # e = 128 c + 32 sh + l: bits 2 sh of qs[32 c + l]
+            for lane in range(32):
+                qs = np.int32(b[o + 16 + 32 * c + lane])
+                for sh in range(4):
+                    _put(codes, r, k + 128 * c + 32 * sh + lane, (qs >> (2 * sh)) & 3)
 
 
 @njit(**_INLINE)
@@ -160,11 +162,12 @@ def _unpack_q3_k(b, r, codes, s, m):
         d = _half(b, o + 108)
         for g in range(16):
             s[16 * blk + g, r] = d * np.float32(_scale_q3_k(b, o, g))
-        for e in range(256):  # q - 4 (hmask bit clear) = (q + 4 high) - 4
-            c, sh, lane = e >> 7, (e >> 5) & 3, e & 31
-            q = (np.int32(b[o + 32 + 32 * c + lane]) >> (2 * sh)) & 3
-            high = (np.int32(b[o + lane]) >> (e >> 5)) & 1
-            _put(codes, r, k + e, q + 4 * high)
+        for c in range(2):  # e = 128 c + 32 sh + l; q - 4 (hmask bit clear) = (q + 4 high) - 4
+            for lane in range(32):
+                qs, hm = np.int32(b[o + 32 + 32 * c + lane]), np.int32(b[o + lane])
+                for sh in range(4):
+                    high = (hm >> (4 * c + sh)) & 1
+                    _put(codes, r, k + 128 * c + 32 * sh + lane, ((qs >> (2 * sh)) & 3) + 4 * high)
 
 
 @njit(**_INLINE)
@@ -202,11 +205,13 @@ def _unpack_q6_k(b, r, codes, s, m):
         d = _half(b, o + 208)
         for g in range(16):
             s[16 * blk + g, r] = d * np.float32(_i8(b[o + 192 + g]))
-        for e in range(256):  # e = 128 h + t: ql[64 h + t % 64] nibble t // 64, qh[32 h + t % 32]
-            h, t = e >> 7, e & 127
-            lo = (np.int32(b[o + 64 * h + (t & 63)]) >> (4 * (t >> 6))) & 15
-            hi = (np.int32(b[o + 128 + 32 * h + (t & 31)]) >> (2 * (t >> 5))) & 3
-            _put(codes, r, k + e, lo | (hi << 4))
+        for h in range(2):  # e = 128 h + 32 j + l: ql[64 h + (32 j + l) % 64] nibble j // 2,
+            for lane in range(32):  # bits 2 j of qh[32 h + l]
+                qh = np.int32(b[o + 128 + 32 * h + lane])
+                for j in range(4):
+                    ql = np.int32(b[o + 64 * h + 32 * (j & 1) + lane])
+                    q = ((ql >> (4 * (j >> 1))) & 15) | (((qh >> (2 * j)) & 3) << 4)
+                    _put(codes, r, k + 128 * h + 32 * j + lane, q)
 
 
 # --- x: int8 per block of 32, per group its scale and its sum term ---------------------------
