@@ -14,6 +14,7 @@ import numpy as np
 from stream_run.kernels import fused, gguf_blocks, gguf_gemm, mxfp4, mxfp4_kernels
 from stream_run.kernels.formats import prepare_unit
 from stream_run.kernels.kv_cache import (
+    ATTN_SCORE_BYTES,
     LayeredKVCache,
     Ring,
     check_rows,
@@ -40,6 +41,7 @@ from stream_run.kernels.quant import BlockWeight, HalfWeight, QuantizedWeight
 # int8 per 32 elements as decode rounds it), other weights are widened to float32 in blocks
 # for BLAS.
 MATVEC_MAX_ROWS = 8
+PROMPT_ROWS = 128  # attention's query rows per block (kernels/kv_cache.py query_blocks)
 DEQUANT_BLOCK_ELEMENTS = 1 << 22  # 16 MB of float32 weight rows per dequantize+BLAS block
 GELU_C = math.sqrt(2 / math.pi)  # the tanh approximation's constant
 
@@ -228,7 +230,11 @@ def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, offset:
             out[:, :, i:i + 1] = _attention(q[:, :, i:i + 1], k[:, :, :t], v[:, :, :t], scale,
                                             t - 1, window, softcap, sinks)
         return out
-    blocks = query_blocks(L, T, q.shape[0] * q.shape[1], offset, window)
+    heads = q.shape[0] * q.shape[1]
+    # a prompt's rows in blocks of at most PROMPT_ROWS: each block skips the keys after its
+    # last row (causal), ~45 % of a 512-row prompt's score work
+    blocks = query_blocks(L, T, heads, offset, window,
+                          min(ATTN_SCORE_BYTES, 4 * heads * max(1, T) * PROMPT_ROWS))
     if len(blocks) == 1:
         return _attention(q, k, v, scale, offset, window, softcap, sinks)
     out = np.empty(q.shape, np.result_type(q, v))
