@@ -3,7 +3,8 @@ the issue-16 streaming comparison, one command.
 
     python -m stream_run.bench.limit_compare MODEL.gguf --limit 0.5 --tokens 8 --threads 2
 
---limit is a size (2GiB) or a fraction of the file. Each run is a child process in a fresh
+MODEL is a .gguf file or a stream-convert directory (the engine rows only). --limit is a size
+(2GiB) or a fraction of the model's bytes. Each run is a child process in a fresh
 cgroup v1 memory limit (page cache included; bench/llamacpp_stream.make_cgroup), the model file
 evicted from the page cache first:
 - the engine: `stream-run MODEL --memory-budget auto --direct-io`, so the engine picks its own
@@ -61,10 +62,41 @@ def _size(text: str, file_bytes: int) -> int:
     return int(frac * file_bytes)
 
 
+def random_reads(path: str, size: int, max_bytes: int = 1 << 30) -> str:
+    """GB/s of random O_DIRECT reads of `size` bytes (4 KiB multiples) of the file at 1, 4
+    and 8 threads: what the disk gives for reads of one expert's size."""
+    block = max(4096, size // 4096 * 4096)
+    points = [disk.measure_point([path], "direct", "rand", block, threads, max_bytes, 1.5)
+              for threads in (1, 4, 8)]
+    return ", ".join(f"{p.threads} threads {p.gbs:.2f}" if not p.skipped else
+                     f"{p.threads} threads skipped" for p in points) + f" GB/s ({block} B reads)"
+
+
+def model_files(model: str) -> list[str]:
+    """The files of a model: the .gguf itself, or every file of a stream-convert directory."""
+    if not os.path.isdir(model):
+        return [model]
+    return sorted(os.path.join(model, f) for f in os.listdir(model)
+                  if os.path.isfile(os.path.join(model, f)))
+
+
+def drop_caches() -> str:
+    """Drop the whole page cache (root): `sync; echo 3 > /proc/sys/vm/drop_caches`."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+    except OSError as exc:
+        return f"drop_caches failed: {exc}"
+    return "page cache dropped"
+
+
 def disk_ceiling(model: str, max_bytes: int = 2 << 30) -> tuple[float, str]:
-    """The best GB/s of sequential O_DIRECT reads of the file, over the read sizes and queue
-    depths the engine uses (one unit per I/O thread, preads of up to 64 MiB); with the points."""
-    points = [disk.measure_point([model], "direct", "seq", block, threads, max_bytes, 2.0)
+    """The best GB/s of sequential O_DIRECT reads of the file (or a directory's files), over
+    the read sizes and queue depths the engine uses (one unit per I/O thread, preads of up to
+    64 MiB); with the points."""
+    points = [disk.measure_point(model_files(model), "direct", "seq", block, threads,
+                                 max_bytes, 2.0)
               for block in (4 * MiB, 64 * MiB) for threads in (1, 2, 4, 8)]
     done = [p for p in points if not p.skipped]
     if not done:
@@ -128,12 +160,16 @@ def _decode_profile(passes: list[dict], tokens: int) -> dict:
     }
 
 
-def run_engine(model: str, limit: int, tokens: int, threads: int, extra: list[str]) -> dict:
-    """stream-run in a cgroup of `limit` bytes; returns its figures or why it failed."""
+def run_engine(model: str, limit: int, tokens: int, threads: int, extra: list[str],
+               drop: bool = False) -> dict:
+    """stream-run in a cgroup of `limit` bytes; returns its figures or why it failed.
+    drop: drop the whole page cache first (else the model's files are evicted)."""
     row: dict = {"engine": "stream-run", "limit_gb": limit / GB}
     cgroup = make_cgroup(limit)
     try:
-        disk.evict([model])
+        if drop:
+            drop_caches()
+        disk.evict(model_files(model))
         cmd = [sys.executable, "-m", "stream_run.bench.limit_compare", "--engine-child",
                model, "--prompt", "Hello",
                "--max-tokens", str(tokens + 1), "--temp", "0", "--threads", str(threads),
@@ -200,6 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--no-llama-cpp", action="store_true")
     p.add_argument("--engine-args", default="", help="extra stream-run flags, one string")
+    p.add_argument("--engine-args-b", default=None,
+                   help="an A/B: each repeat also runs an engine row with these flags instead")
+    p.add_argument("--ceiling-file", default=None,
+                   help="measure the disk ceiling on this file (default: the model's files)")
+    p.add_argument("--random-read-size", default=None,
+                   help="also measure random O_DIRECT reads of this size (an expert's, e.g. "
+                        "2.8MiB) on the ceiling file at 1, 4 and 8 threads, before and after")
+    p.add_argument("--drop-caches", action="store_true",
+                   help="echo 3 > /proc/sys/vm/drop_caches before each engine row")
     p.add_argument("--no-disk", action="store_true", help="skip the disk ceiling")
     p.add_argument("--passes", action="store_true", help="print every engine pass's figures")
     argv = sys.argv[1:] if argv is None else argv
@@ -209,35 +254,31 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("limit_compare: needs root (cgroup v1 memory limits); skipped", file=sys.stderr)
         return 2
-    file_bytes = os.path.getsize(args.model)
+    file_bytes = sum(os.path.getsize(f) for f in model_files(args.model))
     limit = _size(args.limit, file_bytes)
+    if os.path.isdir(args.model) and not args.no_llama_cpp:
+        print("limit_compare: a stream-convert directory: engine rows only")
+        args.no_llama_cpp = True
+    ceiling_of = args.ceiling_file or args.model
     print(f"{os.path.basename(args.model)}: {file_bytes / GB:.2f} GB, cgroup limit "
           f"{limit / GB:.2f} GB, {args.tokens} tokens, {args.threads} threads")
     ceiling = 0.0
     if not args.no_disk:
-        ceiling, how = disk_ceiling(args.model)
-        print(f"disk ceiling (O_DIRECT, sequential): {how}, load {_load(load_average())}",
+        ceiling, how = disk_ceiling(ceiling_of)
+        print(f"disk ceiling (O_DIRECT, sequential, {os.path.basename(ceiling_of)}): {how}, "
+              f"load {_load(load_average())}",
               flush=True)
+        if args.random_read_size:
+            rand = random_reads(ceiling_of, int(parse_size(args.random_read_size)))
+            print(f"random reads: {rand}, load {_load(load_average())}", flush=True)
     print("| engine | s/token | GB read/token | cgroup peak GB | result | load 1/5/15 |")
     print("|---|---|---|---|---|---|")
+    variants = [("", args.engine_args)]
+    if args.engine_args_b is not None:  # A and B alternate within each repeat
+        variants = [(" A", args.engine_args), (" B", args.engine_args_b)]
     for _ in range(args.repeats):
-        r = run_engine(args.model, limit, args.tokens, args.threads, args.engine_args.split())
-        # per decode pass, as llama.cpp's rows (per eval); the Generation line's rate counts
-        # the prompt's token over the decode time (n tokens in n - 1 passes)
-        prof = r.get("profile") or {}
-        result = "OOM-killed" if r["oom"] else r.get("error", "ok")
-        s, per = prof.get("s_per_pass"), prof.get("gb_per_pass", 0.0)
-        print(f"| stream-run (budget {r.get('budget')}) | {s:.3f} | {per:.2f} | "
-              f"{r['cgroup_peak_gb']:.2f} | {result} | {_load(r['load'])} |" if s else
-              f"| stream-run | - | - | {r['cgroup_peak_gb']:.2f} | {result} | "
-              f"{_load(r['load'])} |", flush=True)
-        if prof:
-            cli = r.get("s_per_token")
-            print(_profile_line(prof, ceiling) + (f"; the CLI's Generation line: {cli:.3f} s/token"
-                                                  if cli else ""), flush=True)
-        for i, rec in enumerate(r["passes"] if args.passes else []):
-            print(f"  pass {i}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else
-                                             f"{k} {v}" for k, v in rec.items()))
+        for tag, extra in variants:
+            _engine_row(args, limit, ceiling, tag, extra)
         if args.no_llama_cpp:
             continue
         for variant, no_repack in VARIANTS:
@@ -249,9 +290,36 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| llama.cpp {variant} | {f'{s:.3f}' if s else '-'} | {b:.2f} | {peak:.2f} "
                   f"| {row.result} | {_load(load_average())} |", flush=True)
     if not args.no_disk:
-        _, how = disk_ceiling(args.model)
+        _, how = disk_ceiling(ceiling_of)
         print(f"disk ceiling after the rows: {how}, load {_load(load_average())}")
+        if args.random_read_size:
+            print(f"random reads after the rows: "
+                  f"{random_reads(ceiling_of, int(parse_size(args.random_read_size)))}, "
+                  f"load {_load(load_average())}")
     return 0
+
+
+def _engine_row(args: argparse.Namespace, limit: int, ceiling: float, tag: str,
+                extra: str) -> None:
+    r = run_engine(args.model, limit, args.tokens, args.threads, extra.split(),
+                   args.drop_caches)
+    # per decode pass, as llama.cpp's rows (per eval); the Generation line's rate counts
+    # the prompt's token over the decode time (n tokens in n - 1 passes)
+    prof = r.get("profile") or {}
+    result = "OOM-killed" if r["oom"] else r.get("error", "ok")
+    s, per = prof.get("s_per_pass"), prof.get("gb_per_pass", 0.0)
+    name = f"stream-run{tag}" + (f" `{extra}`" if tag else "")
+    print(f"| {name} (budget {r.get('budget')}) | {s:.3f} | {per:.2f} | "
+          f"{r['cgroup_peak_gb']:.2f} | {result} | {_load(r['load'])} |" if s else
+          f"| {name} | - | - | {r['cgroup_peak_gb']:.2f} | {result} | "
+          f"{_load(r['load'])} |", flush=True)
+    if prof:
+        cli = r.get("s_per_token")
+        print(_profile_line(prof, ceiling) + (f"; the CLI's Generation line: {cli:.3f} s/token"
+                                              if cli else ""), flush=True)
+    for i, rec in enumerate(r["passes"] if args.passes else []):
+        print(f"  pass {i}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else
+                                         f"{k} {v}" for k, v in rec.items()))
 
 
 if __name__ == "__main__":

@@ -10,12 +10,21 @@ expert that stays after its use is a read saved on a later token.
   alike (the baseline; a dense model always evicts so).
 - "lfru": frequency-weighted LRU. Every unpinned unit, expert or streamed dense unit, by a use
   count that decays with a half-life (in uses; default four per expert of the model), least
-  valued first, ties by LRU. A dense unit is used once a pass, more than all but the most
-  popular experts, so the ones the plan streams stay when the leftover room holds them (as
-  under LRU; letting them go first made a pass read more than LRU's, measured). Each use adds
-  2^(t / half_life) at use number t, so comparing the sums compares the decayed counts at any
-  later time (the common factor 2^(-now / half_life) cancels), and a use changes only its own
-  unit's value.
+  valued first. A dense unit is used once a pass, more than all but the most popular experts,
+  so the ones the plan streams stay when the leftover room holds them (as under LRU; letting
+  them go first made a pass read more than LRU's, measured). Each use adds 2^(e / half_life),
+  e its use number t rounded down to an epoch of half_life / 8 uses, so comparing the sums
+  compares the decayed counts at any later time (the common factor cancels), and a use
+  changes only its own unit's value.
+
+  Ties go to the most recently used first (MRU). Units used as often within an epoch are
+  worth the same; with a use worth more the later it came (no epochs) and ties by LRU, the
+  order among them was recency alone, which is LRU: when every pass picks the same experts
+  (a greedy decode looping on one token) and they do not all fit, each read evicted the one
+  needed soonest and every pick missed (qwen3-moe-mid, a 4-bit-router stream-convert copy at
+  480 MB: 0-10 of 128 picks hit per token for eight tokens). MRU among equals keeps a fixed
+  set and lets the rest take turns (21-48 hit on the same run), and a new expert's first use
+  still counts less than a popular one's many.
 """
 
 from __future__ import annotations
@@ -77,8 +86,9 @@ class LFRUOrder:
         self.half_life = half_life or 1.0
         self.experts: frozenset[str] = frozenset()
         self.value: dict[str, float] = {}  # survives eviction: the history is the point
+        self.last: dict[str, int] = {}  # each key's last use number (ties: the latest first)
         self.uses = 0
-        # (value, use number, key) per touch; an entry whose value is not the key's current
+        # (value, -use number, key) per touch; an entry whose value is not the key's current
         # one is stale and skipped: eviction pops the least valued without sorting every key
         self._heap: list[tuple[float, int, str]] = []
 
@@ -91,22 +101,27 @@ class LFRUOrder:
         if not self.experts:  # a dense model: plain LRU, nothing to count
             return
         self.uses += 1
-        gain = math.exp2(self.uses / self.half_life)
+        epoch = max(1.0, self.half_life / 8)
+        gain = math.exp2(math.floor(self.uses / epoch) * epoch / self.half_life)
         if gain > _RENORM:
             self.value = {k: v / gain for k, v in self.value.items()}
+            self.last = {k: t - self.uses for k, t in self.last.items()}
             self.uses, gain = 0, 1.0
-            self._heap = [(v, 0, k) for k, v in self.value.items()]
-            heapq.heapify(self._heap)
+            self._rebuild()
         value = self.value[key] = self.value.get(key, 0.0) + gain
-        heapq.heappush(self._heap, (value, self.uses, key))
+        self.last[key] = self.uses
+        heapq.heappush(self._heap, (value, -self.uses, key))
         if len(self._heap) > 4 * len(self.value) + 64:  # drop the stale entries
-            self._heap = [(v, 0, k) for k, v in self.value.items()]
-            heapq.heapify(self._heap)
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        self._heap = [(v, -self.last.get(k, 0), k) for k, v in self.value.items()]
+        heapq.heapify(self._heap)
 
     def demote(self, key: str) -> None:
         if key in self.value:  # its value before the wrong guess's insert is lost: 0
             self.value[key] = 0.0
-            heapq.heappush(self._heap, (0.0, self.uses, key))
+            heapq.heappush(self._heap, (0.0, -self.last.get(key, 0), key))
 
     def order(self, keys: list[str], present: Collection[str]) -> Iterable[str]:
         if not self.experts:  # a dense model: plain LRU
@@ -139,7 +154,8 @@ class LFRUOrder:
                 heapq.heappush(heap, entry)
 
     def decayed_count(self, key: str) -> float:
-        """key's use count, each use weighted 2^(-age / half_life) (for tests and stats)."""
+        """key's use count, each use weighted 2^(-age / half_life), its time rounded down to
+        its epoch (for tests and stats)."""
         return self.value.get(key, 0.0) / math.exp2(self.uses / self.half_life)
 
 

@@ -8,8 +8,12 @@ blocks. Only 2-D weights (linears, the embedding, lm_head) are ever quantized: n
 other 1-D tensors stay at full precision whatever a rule says.
 
 Built in: "uniform" (every 2-D weight at --bits/--group-size), "mixed" (embedding and lm_head
-8-bit, attention and MLP at --bits, 4 by default) and "none" (nothing quantized). A recipe file
-is JSON:
+8-bit, attention and MLP at --bits, 4 by default) and "none" (nothing quantized). "uniform" and
+"mixed" keep a Mixture-of-Experts router (ROUTERS) at full precision, as llama.cpp's files hold
+it (F32): it is a few KB a layer, and at 4 bits it picks other experts for the same input (a
+4-bit copy of a qwen3_moe GGUF picked 113-117 of the source's 128 experts per token, so its
+greedy output parted from the source's at the third token). A rule can still set its bits.
+A recipe file is JSON:
 
     {"base": "uniform",              optional: uniform | mixed | none, applied before the rules
      "bits": 4, "group_size": 64,    optional: default --bits / --group-size
@@ -36,6 +40,9 @@ from stream_run.kernels.quant import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 
 BUILTIN = ("uniform", "mixed", "none")
 MIXED_EDGE_BITS = 8  # embeddings and lm_head in the "mixed" recipe
+# Mixture-of-Experts routers (module paths): kept at full precision by "uniform" and "mixed"
+ROUTERS = ("model.layers.*.mlp.gate", "model.layers.*.mlp.shared_expert_gate",
+           "model.layers.*.block_sparse_moe.gate", "model.layers.*.mlp.router")
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 _RULE_KEYS = {"pattern", "layers", "bits", "group_size"}
 _FILE_KEYS = {"base", "bits", "group_size", "rules"}
@@ -136,10 +143,10 @@ def make_recipe(recipe: str, bits: int = 4, group_size: int = 64) -> Recipe:
 def _builtin(name: str, base: Quant) -> Recipe:
     if name == "none":
         return Recipe(name, None, base)
-    rules: tuple[Rule, ...] = ()
+    rules = tuple(Rule(p, updates={"bits": None}) for p in ROUTERS)
     if name == "mixed":
         edge = {"bits": MIXED_EDGE_BITS}
-        rules = (Rule("model.embed_tokens", updates=edge), Rule("lm_head", updates=edge))
+        rules += (Rule("model.embed_tokens", updates=edge), Rule("lm_head", updates=edge))
     return Recipe(name, base, base, rules)
 
 

@@ -36,3 +36,11 @@ def test_a_dense_model_s_profile_line_has_no_expert_figures():
     p = lc._decode_profile([_pass(1.0, 10**9, 0, 0), _pass(0.5, 10**8, 0, 0)], tokens=1)
     line = lc._profile_line(p, ceiling_gbs=0.0)
     assert "expert" not in line and "lookahead" not in line
+
+
+def test_a_stream_convert_directory_is_its_files(tmp_path):
+    (tmp_path / "manifest.json").write_text("{}")
+    (tmp_path / "model-embed.safetensors").write_bytes(b"x" * 10)
+    assert lc.model_files(str(tmp_path)) == [str(tmp_path / "manifest.json"),
+                                             str(tmp_path / "model-embed.safetensors")]
+    assert lc.model_files("/m.gguf") == ["/m.gguf"]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stream_run.convert.recipes import Quant, layer_set, make_recipe
+from stream_run.convert.recipes import ROUTERS, Quant, layer_set, make_recipe
 from stream_run.engine.errors import ConvertError
 
 N_LAYERS = 6
@@ -87,7 +87,9 @@ def test_recipe_file_patterns_layer_ranges_and_later_rules_win(tmp_path):
     assert resolve(r, "model.norm.weight", (64,)) is None
     desc = r.describe()
     assert desc["name"] == path and desc["default"] == {"bits": 4, "group_size": 64}
-    assert desc["rules"][3] == {"pattern": "lm_head", "layers": None, "bits": None}
+    # after the built-in rules that keep MoE routers at full precision
+    assert desc["rules"][len(ROUTERS) + 3] == {"pattern": "lm_head", "layers": None,
+                                               "bits": None}
 
 
 def test_recipe_file_defaults_come_from_the_flags_and_base(tmp_path):
@@ -167,3 +169,18 @@ def test_example_mixed_sensitive_recipe_keeps_the_sensitive_linears_at_group_32(
     want = {(i, "q_proj") for i in range(n_layers)}
     want |= {(i, p) for i in range(5, 10) for p in MLP}
     assert g64 == want
+
+
+def test_builtin_recipes_keep_moe_routers_at_full_precision(tmp_path):
+    """A router at 4 bits picks other experts for the same input (tests/convert/
+    test_convert_moe.py); a rule can still quantize it."""
+    routers = [block(2, f"{m}.weight") for m in ("mlp.gate", "mlp.shared_expert_gate",
+                                                  "block_sparse_moe.gate", "mlp.router")]
+    for name in ("uniform", "mixed"):
+        r = make_recipe(name, 4, 32)
+        for router in routers:
+            assert resolve(r, router, (64, 128)) is None, (name, router)
+        assert resolve(r, block(2, "mlp.gate_proj.weight")) == Quant(4, 32)
+        assert resolve(r, block(2, "mlp.experts.3.up_proj.weight")) == Quant(4, 32)
+    r = make_recipe(write(tmp_path, {"rules": [{"pattern": "*.mlp.gate", "bits": 8}]}), 4, 32)
+    assert resolve(r, routers[0], (64, 128)) == Quant(8, 32)
