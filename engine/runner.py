@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import numba
 import numpy as np
 import psutil
 
@@ -24,6 +25,7 @@ from stream_run.engine.config import (
     pick_budget,
 )
 from stream_run.engine.stats import rss_bytes
+from stream_run.kernels import gguf_gemm
 from stream_run.kernels.backend import Backend, KVCache
 from stream_run.kernels.kv_cache import ATTN_SCORE_BYTES
 from stream_run.kernels.numpy_backend import DEQUANT_BLOCK_ELEMENTS
@@ -173,7 +175,7 @@ class PassRunner:
         v, output, residual), the attention scores of one query block (at most
         ATTN_SCORE_BYTES, or one row over every key: kernels.kv_cache.query_blocks) and its
         mask (kernels.kv_cache.window_mask); the logits, and one block of weights dequantized
-        for the matmul."""
+        for the matmul, or a GGUF matmul's int8 scratch (kernels/gguf_gemm.py), the larger."""
         spec = self.model.spec
         assert spec.head_dim is not None
         rows = sum(n for _, n in spans)
@@ -183,7 +185,9 @@ class PassRunner:
         heads = spec.num_attention_heads
         q_rows = min(tile, max(1, ATTN_SCORE_BYTES // (4 * heads * keys)))
         attn = q_rows * keys * (4 * heads + 10)  # scores; the mask's int64 distances, bools
-        dequant = min(DEQUANT_BLOCK_BYTES, 4 * spec.intermediate_size * spec.hidden_size)
+        dequant = max(min(DEQUANT_BLOCK_BYTES, 4 * spec.intermediate_size * spec.hidden_size),
+                      gguf_gemm.scratch_bytes(tile, max(spec.intermediate_size, width),
+                                              numba.config.NUMBA_NUM_THREADS))
         return (4 * rows * (width + spec.head_dim) + attn
                 + 4 * tile * (3 * spec.intermediate_size + 6 * width)
                 + 4 * logit_rows * spec.vocab_size + dequant)

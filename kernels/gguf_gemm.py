@@ -47,7 +47,7 @@ from stream_run.kernels.gguf_blocks import (
 from stream_run.kernels.gguf_simd import _Emit, _literal, _target_features
 from stream_run.kernels.quant import GGUF_BLOCK_TYPES, BlockWeight
 
-__all__ = ["GEMM_TYPES", "gemm"]
+__all__ = ["GEMM_TYPES", "gemm", "scratch_bytes"]
 
 _FEATURES = _target_features()
 _VNNI512 = {"avx512vnni", "avx512bw", "avx512f"} <= _FEATURES
@@ -495,6 +495,14 @@ def _gemm_q6_k(x, data, out):
 _KERNELS = {"Q4_0": _gemm_q4_0, "Q4_1": _gemm_q4_1, "Q5_0": _gemm_q5_0, "Q5_1": _gemm_q5_1,
             "Q8_0": _gemm_q8_0, "Q2_K": _gemm_q2_k, "Q3_K": _gemm_q3_k, "Q4_K": _gemm_q4_k,
             "Q5_K": _gemm_q5_k, "Q6_K": _gemm_q6_k}
+
+
+def scratch_bytes(rows: int, n_in: int, threads: int) -> int:
+    """What gemm allocates beside x and its result, at most: x's two codes and per group its
+    scale and sum term (groups of 16 at the least), and per thread one tile's codes, scales,
+    mins and rows of output."""
+    return rows * (2 * n_in + 2 * 4 * (n_in // 16)) + threads * (
+        R * n_in + 2 * 4 * R * (n_in // 16) + 4 * R * rows)
 
 
 def gemm(x: np.ndarray, w: BlockWeight, out: np.ndarray | None = None) -> np.ndarray:
