@@ -5,7 +5,7 @@ replaced, in one process, alternating, so both see the same load from other work
         [--shapes 4096x4096,4096x11008,11008x4096] [-r 5]
 
 Shapes are in x out (a 7B's q/o, gate/up, down). Weights: gguf-py's quantization of normal
-values where it has one (else random blocks with finite f16 scales). Prints per setting the
+values where it has one (else random codes with fixed f16 scales). Prints per setting the
 min and median ms of each path over the repetitions, as GOP/s (2 x rows x in x out per call),
 and the GEMM's speed-up on the medians.
 """
@@ -18,12 +18,15 @@ import time
 
 import numpy as np
 
+from stream_run.bench.gguf_matvec import weights
 from stream_run.kernels import gguf_blocks, gguf_gemm
 from stream_run.kernels.numpy_backend import DEQUANT_BLOCK_ELEMENTS
-from stream_run.kernels.quant import GGUF_BLOCK_TYPES, BlockWeight
+from stream_run.kernels.quant import BlockWeight
 
 
 def blocks(qtype: str, n_out: int, n_in: int, rng: np.random.Generator) -> np.ndarray:
+    """gguf-py's quantization of normal values where it has one, else random codes with
+    bench/gguf_matvec.py's fixed f16 scale fields."""
     try:
         from gguf import GGMLQuantizationType
         from gguf.quants import quantize
@@ -31,10 +34,7 @@ def blocks(qtype: str, n_out: int, n_in: int, rng: np.random.Generator) -> np.nd
         w = rng.standard_normal((n_out, n_in)).astype(np.float32)
         return quantize(w, GGMLQuantizationType[qtype])
     except (ImportError, NotImplementedError):
-        elems, nbytes = GGUF_BLOCK_TYPES[qtype]
-        raw = rng.integers(0, 256, (n_out, n_in // elems, nbytes), dtype=np.uint8)
-        raw[..., :2] = np.float16(0.01).reshape(1).view(np.uint8)  # d first in every type
-        return raw.reshape(n_out, -1)
+        return weights(qtype, n_in, n_out, 0, rng)[0].data
 
 
 def dequant_blas(x: np.ndarray, w: BlockWeight) -> np.ndarray:
