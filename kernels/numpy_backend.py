@@ -358,8 +358,10 @@ class NumpyBackend:
                 return gguf_blocks.matvec(np.ascontiguousarray(x, dtype=np.float32), w)
             return qmatvec(x, w.packed, w.scales, w.biases, w.bits, w.group_size)
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if isinstance(w, BlockWeight) and w.qtype in gguf_gemm.GEMM_TYPES:
-            return gguf_gemm.gemm(x, w)  # int8 on the blocks: 3-4x the dequantize + BLAS path
+        if isinstance(w, BlockWeight) and w.qtype in gguf_blocks.QUANTIZED_X:
+            # int8 on the blocks, for the types whose decode kernels round x to int8 (Q8_0's
+            # keep x float32, and so does its prompt path, BLAS)
+            return gguf_gemm.gemm(x, w)
         y = np.empty((x.shape[0], n_out), dtype=np.float32)
         step = max(1, DEQUANT_BLOCK_ELEMENTS // n_in)
         for lo in range(0, n_out, step):  # blocks bound the float32 temporary
