@@ -655,15 +655,27 @@ def _codes(x, block):
 @njit(cache=True, nogil=True)
 def _group_sums(xq, group, factor):
     """Per group of `group` elements of each row of xq, the sum of its codes times factor,
-    as int16 (N, in / group)."""
+    as int16 (N, in / group). Groups of 4 summed from one 32-bit word each, longer ones over
+    a slice: both vectorise (element-indexed loops ran 4-7x slower)."""
     n, n_in = xq.shape
-    bs = np.empty((n, n_in // group), dtype=np.int16)
+    ng = n_in // group
+    bs = np.empty((n, ng), dtype=np.int16)
     for r in range(n):
-        for g in range(n_in // group):
-            s = np.int32(0)
-            for i in range(group):
-                s += np.int32(xq[r, g * group + i])
-            bs[r, g] = s * factor
+        qr, br = xq[r], bs[r]
+        if group == 4:
+            words = qr.view(np.uint32)
+            for g in range(ng):
+                v = words[g]
+                s = (np.int32(np.int8(v & 0xFF)) + np.int32(np.int8((v >> 8) & 0xFF))
+                     + np.int32(np.int8((v >> 16) & 0xFF)) + np.int32(np.int8(v >> 24)))
+                br[g] = s * factor
+        else:
+            for g in range(ng):
+                qg = qr[g * group:g * group + group]
+                s = np.int32(0)
+                for i in range(group):
+                    s += np.int32(qg[i])
+                br[g] = s * factor
     return bs
 
 
