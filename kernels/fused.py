@@ -255,18 +255,6 @@ def residual_norm(x, y, bias, ln, eps):
 
 
 @njit(**_SERIAL)
-def silu_mul(gate, up):
-    """silu(gate) * up, as attention_output_mlp computes it."""
-    n, m = gate.shape
-    act = np.empty((n, m), dtype=np.float32)
-    for r in range(n):
-        for i in range(m):
-            g = gate[r, i]
-            act[r, i] = g / (np.float32(1) + np.exp(-g)) * up[r, i]
-    return act
-
-
-@njit(**_SERIAL)
 def _store_kv(k, v, k_cache, v_cache, offset):
     """k, v (n, Hkv, D) -> rows offset.. of k_cache, v_cache (Hkv, max, D), in place."""
     for r in range(k.shape[0]):

@@ -276,6 +276,18 @@ def _sink_softmax(scores: np.ndarray, sinks: np.ndarray, Hkv: int, G: int, L: in
     return scores
 
 
+def _silu_mul_into(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """NumpyBackend.silu_mul's bits, with one temporary: numpy's vector exp (numba's scalar
+    one ran 2x slower at 11008 wide)."""
+    act = np.negative(gate)
+    with np.errstate(over="ignore"):  # exp(-g) -> inf for g << 0 gives silu = -0, correct
+        np.exp(act, out=act)
+    act += np.float32(1)
+    np.divide(gate, act, out=act)
+    act *= up
+    return act
+
+
 def _block_attention_input(
     x: np.ndarray, norm: np.ndarray, eps: float, qkv: Sequence[BlockWeight],
     qkv_bias: Sequence[np.ndarray | None], qk_norm: Sequence[np.ndarray | None],
@@ -299,12 +311,12 @@ def _block_attention_input(
 def _block_output(x: np.ndarray, attn: np.ndarray, wo: BlockWeight, bo: np.ndarray | None,
                   norm: np.ndarray, eps: float, mlp: Sequence[BlockWeight]) -> np.ndarray:
     """NumpyBackend.block_output on GGUF blocks: o, gate|up (one quantization of their x), down
-    as matvecs; the residuals, norm and SiLU as serial kernels without temporaries."""
+    as matvecs; the residuals and norm in one serial kernel, SiLU in place."""
     o = gguf_blocks.matvec(np.ascontiguousarray(attn, dtype=np.float32), wo)
     h, hn = fused.residual_norm(np.ascontiguousarray(x, dtype=np.float32), o, _or_empty(bo),
                                 norm, eps)
     gate, up = gguf_blocks.matvecs(hn, mlp[:2])
-    out = gguf_blocks.matvec(fused.silu_mul(gate, up), mlp[2])
+    out = gguf_blocks.matvec(_silu_mul_into(gate, up), mlp[2])
     out += h
     return out
 
