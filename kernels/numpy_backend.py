@@ -312,11 +312,11 @@ def _block_output(x: np.ndarray, attn: np.ndarray, wo: BlockWeight, bo: np.ndarr
                   norm: np.ndarray, eps: float, mlp: Sequence[BlockWeight]) -> np.ndarray:
     """NumpyBackend.block_output on GGUF blocks: o, gate|up (one quantization of their x), down
     as matvecs; the residuals and norm in one serial kernel, SiLU in place."""
-    o = gguf_blocks.matvec(np.ascontiguousarray(attn, dtype=np.float32), wo)
+    (o,) = gguf_blocks.matvecs(attn, [wo])
     h, hn = fused.residual_norm(np.ascontiguousarray(x, dtype=np.float32), o, _or_empty(bo),
                                 norm, eps)
     gate, up = gguf_blocks.matvecs(hn, mlp[:2])
-    out = gguf_blocks.matvec(_silu_mul_into(gate, up), mlp[2])
+    (out,) = gguf_blocks.matvecs(_silu_mul_into(gate, up), [mlp[2]])
     out += h
     return out
 

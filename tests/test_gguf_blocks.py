@@ -257,6 +257,12 @@ def test_matvecs_equal_matvec_bit_for_bit(types):
         assert len(got) == len(ws)
         for g, w in zip(got, ws, strict=True):
             np.testing.assert_array_equal(g, matvec(x, w), err_msg=f"{w.qtype} N={n}")
+    # the plan cached on the first weight is not reused for another list starting with it
+    x = rng.standard_normal((2, n_in)).astype(np.float32)
+    other = BlockWeight(random_blocks("Q8_0", 9, n_in, rng), "Q8_0", n_in)
+    for later in ([ws[0], other], ws[:1], ws, [ws[0], other, *ws[1:]]):
+        for g, w in zip(matvecs(x, later), later, strict=True):
+            np.testing.assert_array_equal(g, matvec(x, w), err_msg=f"{w.qtype} later")
 
 
 def test_matvecs_refuses_bad_x():
