@@ -394,7 +394,9 @@ def _plan(ws: Sequence[BlockWeight]) -> list[tuple]:
             part = tuple(idx[lo:lo + WEIGHTS])
             steps.append((kernel, QUANTIZED_X.get(qtype), part, tuple(datas[i] for i in part)
                           + (_NO_DATA,) * (WEIGHTS - len(part))))
-    _PLANS[ws[0]] = (tuple(weakref.ref(w) for w in ws[1:]), steps)
+    if all(np.may_share_memory(d, w.data) for d, w in zip(datas, ws, strict=True)):
+        # views only: a copy (non-contiguous bytes) kept here would be memory off the budget
+        _PLANS[ws[0]] = (tuple(weakref.ref(w) for w in ws[1:]), steps)
     return steps
 
 
