@@ -52,6 +52,11 @@ TILE = 16  # weight rows per parallel task
 # ran up to 20 % slower on short rows (4096 x 11008 Q4_K / Q4_0, weights from RAM), one row
 # at a time up to 25 % slower on long ones (11008 x 4096).
 ROWS_INT = 2
+# Q4_0, Q4_K and Q6_K: 4 rows per call (x's loads shared by twice the rows) ran 13-30 %
+# (Q4_0), 5-13 % (Q4_K), 2-11 % (Q6_K) faster than 2 at 4096 x 4096, 11008 x 4096 and
+# 4096 x 11008 (2 threads, min of 6 passes over 300 MB, machine loaded 4-4.7; 3 rows was
+# slower than 2 for the K types). Q4_1 at SmolLM2's 1536 x 576 ran 15 % slower: 2 elsewhere.
+ROWS_INT4 = 4
 MIN_AHEAD = 4096  # prefetch distance floor, bytes: 2 rows of 324 B (576-in Q4_0) ran 10-25 % slower
 LANES = 16  # float32 lanes per vector of the float path: one AVX-512 register, two AVX2 ones
 
@@ -738,7 +743,7 @@ def _matvec_q4_0(x, xq, dx, datas, outs):
     xq, dx = _codes_of(x, xq, dx, 32)
     xs = (xq, dx, _group_sums(xq, 4, -8))
     for t in prange(_n_tiles(datas)):
-        _task(0, ROWS_INT, xs, datas, outs, t)
+        _task(0, ROWS_INT4, xs, datas, outs, t)
     return xq, dx
 
 
@@ -812,7 +817,7 @@ def _matvec_q4_k(x, xq, dx, datas, outs):
     xq, dx = _codes_of(x, xq, dx, 256)
     xs = (xq, dx, _group_sums(xq, 32, 1))
     for t in prange(_n_tiles(datas)):
-        _task(7, ROWS_INT, xs, datas, outs, t)
+        _task(7, ROWS_INT4, xs, datas, outs, t)
     return xq, dx
 
 
@@ -830,7 +835,7 @@ def _matvec_q6_k(x, xq, dx, datas, outs):
     xq, dx = _codes_of(x, xq, dx, 256)
     xs = (xq, dx, _group_sums(xq, 16, 1))
     for t in prange(_n_tiles(datas)):
-        _task(9, ROWS_INT, xs, datas, outs, t)
+        _task(9, ROWS_INT4, xs, datas, outs, t)
     return xq, dx
 
 
