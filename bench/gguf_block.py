@@ -5,9 +5,9 @@ gate|up as gguf_blocks.matvecs on one quantized x, numba norm/RoPE/residuals).
     python -m stream_run.bench.gguf_block --shape 7b --layout q4_0 -r 20
 
 Random 7B- or SmolLM2-shaped layers (bench.gguf_matvec's random blocks), enough copies to
-read the weights from RAM as decode does; the two paths alternate layer by layer, so both see
-the same load from whatever else runs. Prints us per block (min, 25th percentile, median)
-and the ratio; the minimum is the one least disturbed by other processes.
+read the weights from RAM as decode does (each path runs over all of them in turn); the two
+paths alternate, so both see the same load from whatever else runs. Prints us per block
+(min, 25th percentile, median) and the ratios; the minimum is the least disturbed.
 """
 
 from __future__ import annotations
@@ -100,9 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         for w in ls:
             f(w)
     times: dict[str, list[float]] = {name: [] for name in paths}
-    for rep in range(args.repetitions):
-        for w in ls:
-            for name, f in (paths.items() if rep % 2 == 0 else reversed(paths.items())):
+    for rep in range(args.repetitions):  # a path over every layer, then the other: cold reads
+        for name, f in (paths.items() if rep % 2 == 0 else reversed(paths.items())):
+            for w in ls:
                 t0 = time.perf_counter()
                 f(w)
                 times[name].append(time.perf_counter() - t0)
