@@ -226,6 +226,34 @@ def attention_output_mlp(x, attn, wo, bo, ln, eps, wg, wu, wd):
     return out
 
 
+# The small steps of a block whose linears run elsewhere (GGUF blocks: kernels/gguf_blocks.py's
+# matvecs, one parallel region per weight type): serial, no temporaries, each row on its own.
+
+
+@njit(**_SERIAL)
+def rms_norm(x, weight, eps):
+    """RMSNorm of each row of x (n, E): _rms_norm, callable from Python."""
+    return _rms_norm(x, weight, eps)
+
+
+@njit(**_SERIAL)
+def head_norm_rope(q, k, qn, kn, eps, cos, sin):
+    """_head_norm_rope on q (n, H, D) and k (n, Hkv, D), in place."""
+    _head_norm_rope(q, qn, eps, cos, sin)
+    _head_norm_rope(k, kn, eps, cos, sin)
+
+
+@njit(**_SERIAL)
+def residual_norm(x, y, bias, ln, eps):
+    """h = x + (y + bias) (bias empty when absent), and RMSNorm(h): (h, norm(h))."""
+    n, E = x.shape
+    h = np.empty((n, E), dtype=np.float32)
+    for r in range(n):
+        for e in range(E):
+            h[r, e] = x[r, e] + (y[r, e] + (bias[e] if bias.shape[0] else np.float32(0)))
+    return h, _rms_norm(h, ln, eps)
+
+
 @njit(**_SERIAL)
 def _store_kv(k, v, k_cache, v_cache, offset):
     """k, v (n, Hkv, D) -> rows offset.. of k_cache, v_cache (Hkv, max, D), in place."""

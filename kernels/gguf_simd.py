@@ -19,6 +19,10 @@ Target intrinsics (AVX2 vpmaddubsw / vpmaddwd, VNNI, GFNI) are used where numba'
 them; elsewhere plain IR with the same integer results (tests compile an AVX2-only and a
 plain target).
 
+A driver runs x against up to WEIGHTS weights of its type in one parallel region (q|k|v, gate|up:
+one thread wake-up, one quantization of x), and takes x's codes from a driver before it where it
+ran at the same block size (gguf_blocks.matvecs shares them across types, Q4_K with Q6_K).
+
 Rows are processed in tiles of TILE per parallel task; within a tile, (weight rows, rows of x)
 at a time: (8, 1), (2, 4) for 4..7 rows of x, (4, 2) for 2..3, (1, 8) for 8: 8 accumulator
 chains each; each group of rows prefetches the next one into L2.
@@ -48,6 +52,11 @@ TILE = 16  # weight rows per parallel task
 # ran up to 20 % slower on short rows (4096 x 11008 Q4_K / Q4_0, weights from RAM), one row
 # at a time up to 25 % slower on long ones (11008 x 4096).
 ROWS_INT = 2
+# Q4_0, Q4_K and Q6_K: 4 rows per call (x's loads shared by twice the rows) ran 13-30 %
+# (Q4_0), 5-13 % (Q4_K), 2-11 % (Q6_K) faster than 2 at 4096 x 4096, 11008 x 4096 and
+# 4096 x 11008 (2 threads, min of 6 passes over 300 MB, machine loaded 4-4.7; 3 rows was
+# slower than 2 for the K types). Q4_1 at SmolLM2's 1536 x 576 ran 15 % slower: 2 elsewhere.
+ROWS_INT4 = 4
 MIN_AHEAD = 4096  # prefetch distance floor, bytes: 2 rows of 324 B (576-in Q4_0) ran 10-25 % slower
 LANES = 16  # float32 lanes per vector of the float path: one AVX-512 register, two AVX2 ones
 
@@ -623,17 +632,16 @@ def _tile(kind, rows1, xs, data, o0, o1, out):
 
 
 @njit(cache=True, nogil=True)
-def _quantize_x(x, block, group, factor):
-    """x (N, in) float32 -> int8 codes xq = rint(x / dx), per block of x its scale
-    dx = max|x| / 127 (NaN where the block holds a NaN or inf), and per group the sum of xq
-    times factor as int16. |x - dx xq| <= dx / 2 (plus a few float32 ulps of x) per element.
+def _codes(x, block):
+    """x (N, in) float32 -> int8 codes xq = rint(x / dx) and per block of x its scale
+    dx = max|x| / 127 (NaN where the block holds a NaN or inf). |x - dx xq| <= dx / 2 (plus a
+    few float32 ulps of x) per element.
 
     Integer reductions only (max|x| over the bit patterns): they vectorise without fastmath.
     """
     n, n_in = x.shape
     xq = np.empty((n, n_in), dtype=np.int8)
     dx = np.empty((n, n_in // block), dtype=np.float32)
-    bs = np.empty((n, n_in // group), dtype=np.int16)
     for r in range(n):
         bits = x[r].view(np.int32)
         for blk in range(n_in // block):
@@ -646,22 +654,97 @@ def _quantize_x(x, block, group, factor):
             for i in range(block):
                 xq[r, k0 + i] = np.int32(np.rint(x[r, k0 + i] * inv))
             dx[r, blk] = amax / np.float32(127) if top < 0x7F800000 else np.float32(np.nan)
-        for g in range(n_in // group):
-            s = np.int32(0)
-            for i in range(group):
-                s += np.int32(xq[r, g * group + i])
-            bs[r, g] = s * factor
-    return xq, dx, bs
+    return xq, dx
+
+
+@njit(cache=True, nogil=True)
+def _group_sums(xq, group, factor):
+    """Per group of `group` elements of each row of xq, the sum of its codes times factor,
+    as int16 (N, in / group). Groups of 4 summed from one 32-bit word each, longer ones over
+    a slice: both vectorise (element-indexed loops ran 4-7x slower)."""
+    n, n_in = xq.shape
+    ng = n_in // group
+    bs = np.empty((n, ng), dtype=np.int16)
+    for r in range(n):
+        qr, br = xq[r], bs[r]
+        if group == 4:
+            words = qr.view(np.uint32)
+            for g in range(ng):
+                v = words[g]
+                s = (np.int32(np.int8(v & 0xFF)) + np.int32(np.int8((v >> 8) & 0xFF))
+                     + np.int32(np.int8((v >> 16) & 0xFF)) + np.int32(np.int8(v >> 24)))
+                br[g] = s * factor
+        else:
+            for g in range(ng):
+                qg = qr[g * group:g * group + group]
+                s = np.int32(0)
+                for i in range(group):
+                    s += np.int32(qg[i])
+                br[g] = s * factor
+    return bs
+
+
+@njit(cache=True, nogil=True)
+def _quantize_x(x, block, group, factor):
+    """x (N, in) float32 -> (xq, dx, bs): _codes(x, block) and their _group_sums(group,
+    factor): what the integer kernels take."""
+    xq, dx = _codes(x, block)
+    return xq, dx, _group_sums(xq, group, factor)
+
+
+@njit(**_INLINE)
+def _codes_of(x, xq, dx, block):
+    """x's codes and scales per block: xq, dx as given where they hold x's rows (a driver
+    before this one quantized the same x to the same block size), else computed."""
+    if xq.shape[0] == x.shape[0] and xq.shape[1] == x.shape[1]:
+        return xq, dx
+    return _codes(x, block)
+
+
+@njit(**_INLINE)
+def _n_tiles(datas):
+    n = 0
+    for i in range(len(datas)):
+        n += (datas[i].shape[0] + TILE - 1) // TILE
+    return n
+
+
+@njit(**_INLINE)
+def _which(t, datas):
+    """Task t over the tiles of datas in order -> (weight index, its tile)."""
+    i, first = 0, 0
+    while i < len(datas) - 1:
+        n = (datas[i].shape[0] + TILE - 1) // TILE
+        if t < first + n:
+            break
+        first += n
+        i += 1
+    return i, t - first
 
 
 # One parallel driver per fast type: the type must be a compile-time constant down to _rows.
+# A driver runs x against several weights of its type (datas, outs: tuples of WEIGHTS arrays,
+# unused ones with 0 rows) in one parallel region, over all their tiles: q|k|v or gate|up share
+# one quantization of x and one thread wake-up. xq, dx: x's codes where a caller has them
+# (_codes_of), else any arrays of another shape; the driver returns the codes it used.
+WEIGHTS = 3
+
+
+@njit(**_INLINE)
+def _task(kind, rows1, xs, datas, outs, t):
+    """Tile t of the tiles of datas in order."""
+    i, j = _which(t, datas)
+    d = datas[i]
+    _tile(kind, rows1, xs, d, j * TILE, min(j * TILE + TILE, d.shape[0]), outs[i])
 
 
 @njit(**_JIT)
-def _matvec_q4_0(x, data, out):
-    xs = _quantize_x(x, 32, 4, -8)
-    for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(0, ROWS_INT, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+def _matvec_q4_0(x, xq, dx, datas, outs):
+    xq, dx = _codes_of(x, xq, dx, 32)
+    xs = (xq, dx, _group_sums(xq, 4, -8))
+    for t in prange(_n_tiles(datas)):
+        _task(0, ROWS_INT4, xs, datas, outs, t)
+    return xq, dx
 
 
 @njit(cache=True, nogil=True)
@@ -678,70 +761,84 @@ def _lane_sums(xq, dx, block):
 
 
 @njit(**_JIT)
-def _matvec_q4_1(x, data, out):
-    xq, dx, bs = _quantize_x(x, 32, 4, 1)
-    xs = (xq, dx, bs, _lane_sums(xq, dx, 32))
-    for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(1, ROWS_INT, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+def _matvec_q4_1(x, xq, dx, datas, outs):
+    xq, dx = _codes_of(x, xq, dx, 32)
+    xs = (xq, dx, _group_sums(xq, 4, 1), _lane_sums(xq, dx, 32))
+    for t in prange(_n_tiles(datas)):
+        _task(1, ROWS_INT, xs, datas, outs, t)
+    return xq, dx
 
 
 @njit(**_JIT)
-def _matvec_q5_0(x, data, out):
-    xs = _quantize_x(x, 32, 4, -16)
-    for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(2, ROWS_INT, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+def _matvec_q5_0(x, xq, dx, datas, outs):
+    xq, dx = _codes_of(x, xq, dx, 32)
+    xs = (xq, dx, _group_sums(xq, 4, -16))
+    for t in prange(_n_tiles(datas)):
+        _task(2, ROWS_INT, xs, datas, outs, t)
+    return xq, dx
 
 
 @njit(**_JIT)
-def _matvec_q5_1(x, data, out):
-    xq, dx, bs = _quantize_x(x, 32, 4, 1)
-    xs = (xq, dx, bs, _lane_sums(xq, dx, 32))
-    for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(3, ROWS_INT, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+def _matvec_q5_1(x, xq, dx, datas, outs):
+    xq, dx = _codes_of(x, xq, dx, 32)
+    xs = (xq, dx, _group_sums(xq, 4, 1), _lane_sums(xq, dx, 32))
+    for t in prange(_n_tiles(datas)):
+        _task(3, ROWS_INT, xs, datas, outs, t)
+    return xq, dx
 
 
 @njit(**_JIT)
-def _matvec_q8_0(x, data, out):
-    for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(104, 8, (x,), data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+def _matvec_q8_0(x, xq, dx, datas, outs):
+    for t in prange(_n_tiles(datas)):
+        _task(104, 8, (x,), datas, outs, t)
+    return xq, dx
 
 
 @njit(**_JIT)
-def _matvec_q2_k(x, data, out):
-    xs = _quantize_x(x, 256, 16, 1)
-    for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(5, ROWS_INT, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+def _matvec_q2_k(x, xq, dx, datas, outs):
+    xq, dx = _codes_of(x, xq, dx, 256)
+    xs = (xq, dx, _group_sums(xq, 16, 1))
+    for t in prange(_n_tiles(datas)):
+        _task(5, ROWS_INT, xs, datas, outs, t)
+    return xq, dx
 
 
 @njit(**_JIT)
-def _matvec_q3_k(x, data, out):
-    xs = _quantize_x(x, 256, 16, 1)
-    for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(6, ROWS_INT, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+def _matvec_q3_k(x, xq, dx, datas, outs):
+    xq, dx = _codes_of(x, xq, dx, 256)
+    xs = (xq, dx, _group_sums(xq, 16, 1))
+    for t in prange(_n_tiles(datas)):
+        _task(6, ROWS_INT, xs, datas, outs, t)
+    return xq, dx
 
 
 @njit(**_JIT)
-def _matvec_q4_k(x, data, out):
-    xs = _quantize_x(x, 256, 32, 1)
-    for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(7, ROWS_INT, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+def _matvec_q4_k(x, xq, dx, datas, outs):
+    xq, dx = _codes_of(x, xq, dx, 256)
+    xs = (xq, dx, _group_sums(xq, 32, 1))
+    for t in prange(_n_tiles(datas)):
+        _task(7, ROWS_INT4, xs, datas, outs, t)
+    return xq, dx
 
 
 @njit(**_JIT)
-def _matvec_q5_k(x, data, out):
-    xs = _quantize_x(x, 256, 32, 1)
-    for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(8, ROWS_INT, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+def _matvec_q5_k(x, xq, dx, datas, outs):
+    xq, dx = _codes_of(x, xq, dx, 256)
+    xs = (xq, dx, _group_sums(xq, 32, 1))
+    for t in prange(_n_tiles(datas)):
+        _task(8, ROWS_INT, xs, datas, outs, t)
+    return xq, dx
 
 
 @njit(**_JIT)
-def _matvec_q6_k(x, data, out):
-    xs = _quantize_x(x, 256, 16, 1)
-    for t in prange((data.shape[0] + TILE - 1) // TILE):
-        _tile(9, ROWS_INT, xs, data, t * TILE, min(t * TILE + TILE, data.shape[0]), out)
+def _matvec_q6_k(x, xq, dx, datas, outs):
+    xq, dx = _codes_of(x, xq, dx, 256)
+    xs = (xq, dx, _group_sums(xq, 16, 1))
+    for t in prange(_n_tiles(datas)):
+        _task(9, ROWS_INT4, xs, datas, outs, t)
+    return xq, dx
 
 
-# fast types whose kernels quantize x (to int8 per this many elements of each row)
 QUANTIZED_X = {name: block for name, (_, block, _, _) in _INT.items()}
 FAST_KERNELS = {"Q4_0": _matvec_q4_0, "Q4_1": _matvec_q4_1, "Q5_0": _matvec_q5_0,
                 "Q5_1": _matvec_q5_1, "Q8_0": _matvec_q8_0, "Q2_K": _matvec_q2_k,

@@ -295,6 +295,51 @@ def _sink_softmax(scores: np.ndarray, sinks: np.ndarray, Hkv: int, G: int, L: in
     return scores
 
 
+def _silu_mul_into(gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """NumpyBackend.silu_mul's bits, with one temporary: numpy's vector exp (numba's scalar
+    one ran 2x slower at 11008 wide)."""
+    act = np.negative(gate)
+    with np.errstate(over="ignore"):  # exp(-g) -> inf for g << 0 gives silu = -0, correct
+        np.exp(act, out=act)
+    act += np.float32(1)
+    np.divide(gate, act, out=act)
+    act *= up
+    return act
+
+
+def _block_attention_input(
+    x: np.ndarray, norm: np.ndarray, eps: float, qkv: Sequence[BlockWeight],
+    qkv_bias: Sequence[np.ndarray | None], qk_norm: Sequence[np.ndarray | None],
+    cos: np.ndarray, sin: np.ndarray, n_heads: int, n_kv_heads: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """NumpyBackend.block_attention_input on GGUF blocks: the norm, q|k|v as matvecs (x
+    quantized once, one parallel region per weight type), q/k norm and RoPE in place."""
+    n = x.shape[0]
+    h = fused.rms_norm(np.ascontiguousarray(x, dtype=np.float32), norm, eps)
+    q, k, v = gguf_blocks.matvecs(h, qkv)
+    for t, b in zip((q, k, v), qkv_bias, strict=True):
+        if b is not None:
+            t += b
+    q, k, v = (t.reshape(n, heads, -1) for t, heads in zip(
+        (q, k, v), (n_heads, n_kv_heads, n_kv_heads), strict=True))
+    qn, kn = (_or_empty(w) for w in qk_norm)
+    fused.head_norm_rope(q, k, qn, kn, eps, cos, sin)
+    return q, k, v
+
+
+def _block_output(x: np.ndarray, attn: np.ndarray, wo: BlockWeight, bo: np.ndarray | None,
+                  norm: np.ndarray, eps: float, mlp: Sequence[BlockWeight]) -> np.ndarray:
+    """NumpyBackend.block_output on GGUF blocks: o, gate|up (one quantization of their x), down
+    as matvecs; the residuals and norm in one serial kernel, SiLU in place."""
+    (o,) = gguf_blocks.matvecs(attn, [wo])
+    h, hn = fused.residual_norm(np.ascontiguousarray(x, dtype=np.float32), o, _or_empty(bo),
+                                norm, eps)
+    gate, up = gguf_blocks.matvecs(hn, mlp[:2])
+    (out,) = gguf_blocks.matvecs(_silu_mul_into(gate, up), [mlp[2]])
+    out += h
+    return out
+
+
 class NumpyBackend:
     name = "numpy"
     prepare_off_compute_thread = True
@@ -370,9 +415,12 @@ class NumpyBackend:
         return y
 
     def fuses(self, weights: Sequence[Any], n_rows: int) -> bool:
-        """True when the fused block kernels (kernels/fused.py) can run these linears on n_rows
-        rows: all quantized, and few enough rows for matvec."""
-        return n_rows <= MATVEC_MAX_ROWS and all(isinstance(w, QuantizedWeight) for w in weights)
+        """True when the fused block kernels can run these linears on n_rows rows: few enough
+        rows for matvec, and all quantized (kernels/fused.py) or all GGUF blocks
+        (kernels/gguf_blocks.py's matvecs between fused.py's small serial steps)."""
+        return n_rows <= MATVEC_MAX_ROWS and (
+            all(isinstance(w, QuantizedWeight) for w in weights)
+            or all(isinstance(w, BlockWeight) for w in weights))
 
     def block_attention_input(
         self, x: np.ndarray, norm: np.ndarray, eps: float, qkv: Sequence[QuantizedWeight],
@@ -381,6 +429,9 @@ class NumpyBackend:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """x (N, E) -> q (N, H, D), k, v (N, Hkv, D): norm, q/k/v (+ bias), q/k norm, RoPE with
         per-row cos, sin (N, D/2). Only where fuses() said True."""
+        if isinstance(qkv[0], BlockWeight):
+            return _block_attention_input(x, norm, eps, qkv, qkv_bias, qk_norm, cos, sin,
+                                          n_heads, n_kv_heads)
         wq, wk, wv = (_kernel_tuple(w) for w in qkv)
         bq, bk, bv = (_or_empty(b) for b in qkv_bias)
         qn, kn = (_or_empty(n) for n in qk_norm)
@@ -393,6 +444,8 @@ class NumpyBackend:
         norm: np.ndarray, eps: float, mlp: Sequence[QuantizedWeight],
     ) -> np.ndarray:
         """x (N, E) + o-proj(attn (N, H*D)) -> h; returns h + the SiLU MLP of norm(h)."""
+        if isinstance(wo, BlockWeight):
+            return _block_output(x, attn, wo, bo, norm, eps, mlp)
         wg, wu, wd = (_kernel_tuple(w) for w in mlp)
         return fused.attention_output_mlp(np.ascontiguousarray(x, dtype=np.float32),
                                           np.ascontiguousarray(attn, dtype=np.float32),
@@ -408,6 +461,11 @@ class NumpyBackend:
     ) -> np.ndarray:
         """block_attention_input, kv.attend and block_output for one sequence, in one call
         (a sliding layer's ring takes one row so; several go through the three calls)."""
+        if isinstance(wo, BlockWeight):  # GGUF blocks: the three calls (matvecs between)
+            q, k, v = _block_attention_input(x, norm, eps, qkv, qkv_bias, qk_norm, cos, sin,
+                                             n_heads, n_kv_heads)
+            attn = kv.attend(layer_idx, q, k, v, scale)
+            return _block_output(x, attn, wo, bo, post_norm, eps, mlp)
         layer = kv.layers[layer_idx]
         slot = offset = kv.offset
         kv._check_room(x.shape[0])

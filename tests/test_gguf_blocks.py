@@ -19,6 +19,7 @@ from stream_run.kernels.gguf_blocks import (  # noqa: E402
     check_blocks,
     dequantize_rows,
     matvec,
+    matvecs,
 )
 from stream_run.kernels.quant import GGUF_BLOCK_TYPES, BlockWeight  # noqa: E402
 
@@ -237,6 +238,38 @@ def test_matvec_fast_is_batch_invariant(qtype):
     for n in range(2, 9):
         np.testing.assert_array_equal(matvec(x[:n], w), alone[:n], err_msg=f"N={n}")
     np.testing.assert_array_equal(matvec(x[[5, 2, 7]], w), alone[[5, 2, 7]])
+
+
+@pytest.mark.parametrize("types", [("Q4_0",) * 3, ("Q4_K", "Q4_K", "Q6_K"), ("Q6_K", "Q4_K"),
+                                   ("Q4_1", "Q8_0", "Q5_0", "Q4_1", "Q5_1"), ("Q2_K", "Q3_K"),
+                                   ("Q5_K",) * 4])
+def test_matvecs_equal_matvec_bit_for_bit(types):
+    """Several weights on one x (q|k|v, gate|up): per type one parallel region, x quantized
+    once per block size and shared across types (Q4_K with Q6_K): the same bits as one matvec
+    per weight, for every row count, weights of different heights (tiles crossing weights)."""
+    rng = np.random.default_rng(6)
+    n_in = 512
+    ws = [BlockWeight(random_blocks(t, out, n_in, rng), t, n_in)
+          for t, out in zip(types, (37, 16, 5, 64, 1), strict=False)]
+    for n in (1, 3, 8):
+        x = rng.standard_normal((n, n_in)).astype(np.float32)
+        got = matvecs(x, ws)
+        assert len(got) == len(ws)
+        for g, w in zip(got, ws, strict=True):
+            np.testing.assert_array_equal(g, matvec(x, w), err_msg=f"{w.qtype} N={n}")
+    # the plan cached on the first weight is not reused for another list starting with it
+    x = rng.standard_normal((2, n_in)).astype(np.float32)
+    other = BlockWeight(random_blocks("Q8_0", 9, n_in, rng), "Q8_0", n_in)
+    for later in ([ws[0], other], ws[:1], ws, [ws[0], other, *ws[1:]]):
+        for g, w in zip(matvecs(x, later), later, strict=True):
+            np.testing.assert_array_equal(g, matvec(x, w), err_msg=f"{w.qtype} later")
+
+
+def test_matvecs_refuses_bad_x():
+    w = BlockWeight(random_blocks("Q4_0", 4, 64, np.random.default_rng(5)), "Q4_0", 64)
+    w2 = BlockWeight(random_blocks("Q4_0", 4, 32, np.random.default_rng(5)), "Q4_0", 32)
+    with pytest.raises(ValueError, match=r"x must be \(N, 32\)"):
+        matvecs(np.ones((1, 64), np.float32), [w, w2])
 
 
 def test_matvec_refuses_bad_x():
