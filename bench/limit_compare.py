@@ -235,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--no-llama-cpp", action="store_true")
+    p.add_argument("--llama-variants", default="default,no-repack",
+                   help="llama.cpp rows to run, comma-separated: default (mmap, repacked), "
+                        "no-repack (default: both)")
     p.add_argument("--engine-args", default="", help="extra stream-run flags, one string")
     p.add_argument("--engine-args-b", default=None,
                    help="an A/B: each repeat also runs an engine row with these flags instead")
@@ -251,6 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--engine-child"]:
         return _engine_child(argv[1:])
     args = p.parse_args(argv)
+    names = {("no-repack" if no_repack else "default"): (v, no_repack) for v, no_repack in VARIANTS}
+    wanted = [v.strip() for v in args.llama_variants.split(",") if v.strip()]
+    bad = [v for v in wanted if v not in names]
+    if bad or not wanted:
+        print(f"limit_compare: error: --llama-variants: unknown {bad[0] if bad else '(none)'!r}; "
+              "choose from default, no-repack", file=sys.stderr)
+        return 2
+    variants_llama = [names[v] for v in wanted]
     if os.geteuid() != 0:
         print("limit_compare: needs root (cgroup v1 memory limits); skipped", file=sys.stderr)
         return 2
@@ -281,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
             _engine_row(args, limit, ceiling, tag, extra)
         if args.no_llama_cpp:
             continue
-        for variant, no_repack in VARIANTS:
+        for variant, no_repack in variants_llama:
             row = run_row(args.model, "cgroup", None, limit, args.tokens, args.threads,
                           no_repack, variant)
             s = statistics.median(row.s_per_token) if row.s_per_token else None

@@ -44,3 +44,9 @@ def test_a_stream_convert_directory_is_its_files(tmp_path):
     assert lc.model_files(str(tmp_path)) == [str(tmp_path / "manifest.json"),
                                              str(tmp_path / "model-embed.safetensors")]
     assert lc.model_files("/m.gguf") == ["/m.gguf"]
+
+
+def test_an_unknown_llama_variant_is_named_with_exit_2(capsys):
+    assert lc.main(["m.gguf", "--llama-variants", "no-repack,mmap"]) == 2
+    err = capsys.readouterr().err
+    assert "--llama-variants" in err and "'mmap'" in err
