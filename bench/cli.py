@@ -103,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     j = sub.add_parser("project", help="predict s/token for shapes this machine cannot hold")
     src = j.add_mutually_exclusive_group(required=True)
-    src.add_argument("--shape", help="7b, 13b, 70b, 405b, 1t, or custom (with the sizes)")
+    src.add_argument("--shape", help="7b, 13b, 70b, 405b, 1t, or custom (with the sizes); "
+                     "Mixture-of-Experts: deepseek-v3, kimi-k2, qwen3-235b-a22b, "
+                     "qwen3-30b-a3b, gpt-oss-120b, mixtral-8x7b, ... (bench/moe_project.py)")
     src.add_argument("--model", help="project a model directory instead of a shape")
     _dims(j)
     j.add_argument("--bits", type=int, default=4, help="2, 3, 4, 5, 6, 8 or 16 (bf16)")
@@ -131,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--tokens-per-pass", default=None,
                    help="with --verify-rows: tokens kept per pass, e.g. 1.6,2.1 (as `stream-bench "
                    "speculative` measures them)")
+    j.add_argument("--router-skew", default="0,0.5,1",
+                   help="MoE shapes: Zipf exponents of expert popularity for the expert hit "
+                   "rate (0: a uniform router), e.g. 0,0.5,1")
+    j.add_argument("--hit-rate", default=None,
+                   help="MoE shapes: measured expert hit rates (0..1, e.g. 0.76) projected "
+                   "beside the Zipf ones")
     _outputs(j)
 
     s = sub.add_parser("synth", help="write a synthetic model (HF or GGUF) with random weights")
@@ -532,8 +540,108 @@ def layout_hidden(args: argparse.Namespace) -> int:
     return open_model(args.model).index.spec.hidden_size
 
 
+def _floats(text: str | None, flag: str, lo: float, hi: float) -> list[float]:
+    """'0,0.5,1' -> [0.0, 0.5, 1.0], each in [lo, hi] (ValueError names the flag)."""
+    try:
+        out = [float(x) for x in (text or "").split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} must be numbers, e.g. 0,0.5,1, got {text!r}") from None
+    if any(not lo <= x <= hi for x in out):
+        raise ValueError(f"{flag} values must be in {lo:g}..{hi:g}, got {text!r}")
+    return out
+
+
+def moe_project_cmd(args: argparse.Namespace) -> int:
+    """project --shape of an MoE model (bench/moe_project.py)."""
+    from stream_run.bench import moe_project as mp
+    from stream_run.bench.env import run_metadata
+    from stream_run.bench.report import read_jsonl, write_jsonl
+    from stream_run.bench.streaming import parse_budgets, parse_ints
+
+    if args.bits not in (2, 3, 4, 5, 6, 8, 16):
+        raise ValueError(f"--bits must be 2, 3, 4, 5, 6, 8 or 16, got {args.bits}")
+    for flag, value in (("--verify-rows", args.verify_rows), ("--hosts", args.hosts != "1")):
+        if value:
+            raise ValueError(f"{flag} is not supported for MoE shapes ({args.shape})")
+    depths = parse_ints(args.prefetch_depth, "--prefetch-depth", 0, 16)
+    skews = _floats(args.router_skew, "--router-skew", 0, 8)
+    hits = _floats(args.hit_rate, "--hit-rate", 0, 1)
+    if not skews and not hits:
+        raise ValueError("--router-skew and --hit-rate are both empty: nothing to project")
+    spec = mp.moe_spec(args.shape)
+    layout = mp.moe_layout(spec, args.bits, args.group_size, args.backend, args.shape)
+    budgets = parse_budgets(args.budget, layout.compute_bytes, mp.min_budget(layout))
+    if args.disk_json and not os.path.exists(args.disk_json):
+        raise FileNotFoundError(f"{args.disk_json}: no such file (--disk-json)")
+    meta = run_metadata(args.disk or args.scratch or None)
+    _header("project", meta)
+    bits = "bf16" if args.bits >= 16 else f"{args.bits}-bit g{args.group_size}"
+    what = (f"{args.shape} ({spec.arch}, {layout.params / 1e9:.0f}B parameters, "
+            f"{layout.active_params / 1e9:.1f}B active; {layout.n_experts} experts of "
+            f"{format_size(layout.expert.disk_bytes)}, top-{layout.top_k}, "
+            f"{len(layout.sparse_layers)} sparse layers) at {bits}")
+    print(f"{what}: {format_size(layout.disk_bytes)} on disk, dense part "
+          f"{format_size(sum(u.disk_bytes for u in layout.dense))}", flush=True)
+    probe = mp.probe_spec(spec, args.probe_width or (1024 if args.quick else 2048))
+    with mp.probe_model(probe, args.bits, args.group_size, args.scratch) as model_dir:
+        rates = mp.measure_compute(model_dir, probe.num_experts_per_tok, args.backend,
+                                   4 if args.quick else 8)
+        rates.source = (f"measured on a probe {spec.arch} (hidden {probe.hidden_size}, "
+                        f"{probe.num_experts} experts of {probe.moe_intermediate_size}, top-"
+                        f"{probe.num_experts_per_tok}, 2 layers, {bits}, {args.backend}, "
+                        "resident, median of the decode steps)")
+        if args.disk_json:
+            points = read_jsonl(args.disk_json, "disk")
+            disk_source = f"read from {args.disk_json} ({len(points)} points)"
+        else:
+            points, disk_source = _moe_disk(args.disk or model_dir, layout, args.quick)
+    records = []
+    for b in budgets:
+        for d in depths:
+            for how in [*(("skew", s) for s in skews), *(("hit", h) for h in hits)]:
+                p = mp.predict(layout, b.nbytes, d, args.io_workers, rates, points,
+                               skew=how[1] if how[0] == "skew" else 0.0,
+                               measured_hit=how[1] if how[0] == "hit" else None)
+                records.append({**p.to_dict(), "target": what, "rates": vars(rates),
+                                "disk_source": disk_source})
+    write_jsonl(args.json, records, meta)
+    print()
+    print(mp.table(records))
+    print("\nassumptions:")
+    for line in mp.assumptions(rates, disk_source, args.io_workers):
+        print(f"- {line}")
+    return 0
+
+
+def _moe_disk(where: str, layout, quick: bool) -> tuple[list[dict], str]:
+    """Random O_DIRECT reads of one expert's size (1..8 in flight) and sequential reads at the
+    dense units' sizes, measured now on `where`."""
+    from stream_run.bench import disk
+
+    files = disk.list_files(where)
+    nbytes = (64 if quick else 512) * disk.MiB
+    secs = 0.3 if quick else 1.5
+    block = max(4096, layout.expert.disk_bytes // 4096 * 4096)
+    points = [disk.measure_point(files, "direct", "rand", block, t, nbytes, secs)
+              for t in (1, 2, 4, 8)]
+    points += [disk.measure_point(files, "direct", "seq", b, t, nbytes, secs)
+               for b in (4 * disk.MiB, 64 * disk.MiB) for t in (1, 2, 4)]
+    if all(p.skipped for p in points):  # O_DIRECT refused: buffered, page cache evicted
+        points = [disk.measure_point(files, "buffered", pat, b, t, nbytes, secs)
+                  for pat, b in (("rand", block), ("seq", 4 * disk.MiB)) for t in (1, 2, 4, 8)]
+    total = sum(os.path.getsize(f) for f in files)
+    return [p.to_dict() for p in points], (
+        f"measured now on {where} ({format_size(total)}"
+        + ("; a small file: pass --disk PATH (a large file on your SSD) or --disk-json"
+           if total < 1 << 30 else "") + ")")
+
+
 def project_cmd(args: argparse.Namespace) -> int:
     from stream_run.bench import project
+    from stream_run.bench.synth_moe import SHAPES as MOE_SHAPES
+
+    if args.shape in MOE_SHAPES:
+        return moe_project_cmd(args)
     from stream_run.bench.env import run_metadata
     from stream_run.bench.report import project_table, write_jsonl
     from stream_run.bench.streaming import parse_budgets, parse_ints

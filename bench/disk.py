@@ -436,20 +436,22 @@ def sweep(path: str, config: SweepConfig,
     return run
 
 
-def rate_at(points: Iterable[DiskPoint | dict], block: int, threads: int) -> dict | None:
-    """The rate a reader of `block`-byte sequential O_DIRECT requests with up to `threads` in
-    flight would see, from measured direct sequential points: for each thread count <= threads
-    (else the fewest measured), GB/s interpolated linearly in log(block size) between the
-    nearest measured blocks (clamped at the ends); the best thread count wins.
+def rate_at(points: Iterable[DiskPoint | dict], block: int, threads: int,
+            pattern: str = "seq") -> dict | None:
+    """The rate a reader of `block`-byte sequential (pattern "rand": random) O_DIRECT requests
+    with up to `threads` in flight would see, from measured direct points of that pattern: for
+    each thread count <= threads (else the fewest measured), GB/s interpolated linearly in
+    log(block size) between the nearest measured blocks (clamped at the ends); the best thread
+    count wins.
 
-    Buffered sequential points are used where there are no O_DIRECT ones.
+    Buffered points are used where there are no O_DIRECT ones.
 
     Returns {"gbs", "block_bytes", "threads", "mode", "measured_blocks"}, or None.
     """
     def get(p: DiskPoint | dict, k: str):
         return p[k] if isinstance(p, dict) else getattr(p, k)
 
-    seq = [p for p in points if get(p, "pattern") == "seq" and not get(p, "skipped")
+    seq = [p for p in points if get(p, "pattern") == pattern and not get(p, "skipped")
            and get(p, "gbs") > 0]
     # buffered points stand in where the filesystem refused O_DIRECT (the engine falls back)
     pts = [p for p in seq if get(p, "mode") == "direct"] or [

@@ -44,6 +44,9 @@ SHAPES = {
     "qwen3-30b-a3b": MoEShape(("qwen3_moe",), (2048, 6144, 48, 32, 4, 151936), 128, 128, 8, 768),
     # a few GB at 4 bits: Qwen3-30B-A3B's widths, 16 layers, 64 experts, a 32k vocabulary
     "qwen3-moe-mid": MoEShape(("qwen3_moe",), (2048, 6144, 16, 32, 4, 32000), 128, 64, 8, 768),
+    # Qwen/Qwen3-235B-A22B config.json
+    "qwen3-235b-a22b": MoEShape(("qwen3_moe",), (4096, 12288, 94, 64, 4, 151936), 128, 128, 8,
+                                1536),
     # mistralai/Mixtral-8x7B-v0.1 config.json
     "mixtral-8x7b": MoEShape(("mixtral",), (4096, 14336, 32, 32, 8, 32000), 128, 8, 2, 14336),
     # deepseek-ai/DeepSeek-V3 config.json (671B; MLA from head_dim 128: see deepseek_fields)
