@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--disk-json", help="the disk curve from a `disk` or `stream` --json file")
     j.add_argument("--disk", help="measure the disk curve on this file/directory instead")
     j.add_argument("--probe-width", type=int, default=None,
-                   help="hidden size of the compute probe (2048; 1024 with --quick)")
+                   help="hidden size of the compute probe (2048, MoE shapes 4096; 1024 with "
+                   "--quick)")
     j.add_argument("--scratch", default=None, help="where the probe model is written (tmp)")
     j.add_argument("--hosts", default="1", help="pipeline hosts, e.g. 4 or 4,8 (stream-run "
                    "--pipeline: each host its own disk and budget; default 1: no pipeline)")
@@ -582,7 +583,7 @@ def moe_project_cmd(args: argparse.Namespace) -> int:
             f"{len(layout.sparse_layers)} sparse layers) at {bits}")
     print(f"{what}: {format_size(layout.disk_bytes)} on disk, dense part "
           f"{format_size(sum(u.disk_bytes for u in layout.dense))}", flush=True)
-    probe = mp.probe_spec(spec, args.probe_width or (1024 if args.quick else 2048))
+    probe = mp.probe_spec(spec, args.probe_width or (1024 if args.quick else 4096))
     with mp.probe_model(probe, args.bits, args.group_size, args.scratch) as model_dir:
         rates = mp.measure_compute(model_dir, probe.num_experts_per_tok, args.backend,
                                    4 if args.quick else 8)

@@ -242,9 +242,11 @@ def probe_spec(spec: SynthSpec, width: int) -> SynthSpec:
     e = min(E, max(256, width // 256 * 256))
 
     def scaled(n: int) -> int:
-        return max(128, round(n * e / E / 128) * 128)
+        return n if e == E else max(128, round(n * e / E / 128) * 128)
 
     heads = max(1, round(spec.num_attention_heads * e / E))
+    while e % heads:  # synth needs hidden % heads == 0
+        heads -= 1
     kv = max(1, round(spec.num_key_value_heads * heads / spec.num_attention_heads))
     while heads % kv:
         kv -= 1
@@ -254,8 +256,7 @@ def probe_spec(spec: SynthSpec, width: int) -> SynthSpec:
     head_dim = spec.head_dim or E // spec.num_attention_heads
     return SynthSpec(arch=spec.arch, hidden_size=e, intermediate_size=inter,
                      num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv,
-                     vocab_size=4096, head_dim=min(head_dim, e // heads * 2) if e < E
-                     else spec.head_dim, num_experts=n_exp,
+                     vocab_size=4096, head_dim=head_dim, num_experts=n_exp,
                      num_experts_per_tok=min(spec.num_experts_per_tok, n_exp),
                      moe_intermediate_size=moe)
 
