@@ -7,9 +7,9 @@ router, shared experts), then the picked experts that are not in memory are read
 (the engine issues a layer's missing experts together the moment its router has run), then
 the experts compute. The next layer needs this layer's output, so those reads overlap nothing:
 
-    expert_read = sum over sparse layers of m x b / R(b, m):  m = k (1 - h) missed experts of
-                  b bytes each, R the measured random O_DIRECT rate for requests of b bytes
-                  with m of them in flight (at most io_workers)
+    expert_read = sum over sparse layers of E[m x b / R(b, m)]:  m ~ Binomial(k, 1 - h)
+                  missed experts of b bytes each, R the measured random O_DIRECT rate for
+                  requests of b bytes with m of them in flight (at most io_workers)
     dense_read  = the dense units the engine's own residency plan streams / the sequential
                   rate (prefetched behind compute, as for a dense model)
     s/token     = max(dense_read + expert_read, compute + overhead + expert_read)
@@ -366,18 +366,38 @@ class MoEProjection:
                 "bytes_per_token": self.bytes_per_token}
 
 
-def expert_rate(points: Sequence, block: int, in_flight: float, io_workers: int) -> float:
+def expert_rate(points: Sequence, block: int, in_flight: int, io_workers: int) -> float:
     """GB/s of random O_DIRECT reads of `block` bytes with the given reads in flight.
 
     Raises:
         ValueError: the disk points have no random O_DIRECT (or buffered) point.
     """
-    threads = max(1, min(io_workers, round(in_flight)))
+    threads = max(1, min(io_workers, in_flight))
     point = disk.rate_at(points, block, threads, pattern="rand")
     if point is None:
         raise ValueError("the disk curve has no random-read point; run `stream-bench disk PATH "
                          "--patterns rand` (or let project measure the disk)")
     return point["gbs"]
+
+
+def layer_read_s(points: Sequence, top_k: int, hit: float, nbytes: int, io_workers: int,
+                 prepare_s_per_byte: float) -> tuple[float, float]:
+    """(expected seconds a sparse layer waits for its missed experts, the mean GB/s of those
+    reads): each of the top_k picks misses with probability 1 - hit, so m misses are
+    Binomial(top_k, 1 - hit); m reads in flight take m x nbytes / R(nbytes, m), then the last
+    one's preparation."""
+    block = max(4096, nbytes // 4096 * 4096)
+    p = 1.0 - hit
+    wait = read_bytes = read_s = 0.0
+    for m in range(1, top_k + 1):
+        chance = math.comb(top_k, m) * p**m * (1 - p) ** (top_k - m)
+        if chance == 0:
+            continue
+        t = m * nbytes / (expert_rate(points, block, m, io_workers) * 1e9)
+        wait += chance * (t + nbytes * prepare_s_per_byte)
+        read_bytes += chance * m * nbytes
+        read_s += chance * t
+    return wait, (read_bytes / read_s / 1e9 if read_s else 0.0)
 
 
 def predict(layout: MoELayout, budget: int | None, depth: int, io_workers: int,
@@ -400,13 +420,9 @@ def predict(layout: MoELayout, budget: int | None, depth: int, io_workers: int,
         h, model = measured_hit, "measured"
     else:
         h, model = hit_rate(per_layer, layout.n_experts, skew), f"zipf {skew:g}"
-    misses = layout.top_k * (1 - h)  # per sparse layer
-    gbs = expert_rate(points, max(4096, ex.disk_bytes // 4096 * 4096), misses, io_workers) \
-        if misses > 0 else 0.0
-    # the layer waits for its last read, then that expert's preparation
-    per_layer_read = (misses * ex.disk_bytes / (gbs * 1e9)
-                      + min(1.0, misses) * ex.disk_bytes * rates.prepare_s_per_byte
-                      ) if misses > 0 else 0.0
+    misses = layout.top_k * (1 - h)  # per sparse layer, on average
+    per_layer_read, gbs = layer_read_s(points, layout.top_k, h, ex.disk_bytes, io_workers,
+                                       rates.prepare_s_per_byte)
     expert_read_s = per_layer_read * len(layout.sparse_layers)
     dense_bytes = sum(u.disk_bytes for u in streamed)
     if streamed:

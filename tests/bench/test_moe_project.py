@@ -114,17 +114,23 @@ def test_prediction_arithmetic():
     p = mp.predict(layout, None, 2, 8, rates, pts)
     assert p.hit_rate == 1 and p.expert_bytes_read == 0 and p.streamed_dense_bytes == 0
     assert p.s_per_token == pytest.approx(compute + overhead)
-    # a measured hit rate of 0.5: one of two picks missed a layer, read at the 1-thread rate
+    # a measured hit rate of 0.5: a layer misses one pick (chance 1/2, read at the 1-thread
+    # rate) or both (1/4, read together at the 2-thread rate)
     budget = mp.min_budget(layout) + layout.compute_bytes // 2
     p = mp.predict(layout, budget, 2, 8, rates, pts, measured_hit=0.5)
-    assert p.hit_model == "measured" and p.expert_gbs == 0.5
-    assert p.expert_bytes_read == pytest.approx(3 * 1 * e.disk_bytes)
-    assert p.expert_read_s == pytest.approx(3 * e.disk_bytes / 0.5e9)
+    b = e.disk_bytes
+    assert p.hit_model == "measured"
+    assert p.expert_bytes_read == pytest.approx(3 * 1 * b)
+    assert p.expert_read_s == pytest.approx(3 * (0.5 * b / 0.5e9 + 0.25 * 2 * b / 1e9))
+    assert p.expert_gbs == pytest.approx(b / (0.5 * b / 0.5 + 0.25 * 2 * b / 1.0))
     assert p.s_per_token == pytest.approx(compute + overhead + p.expert_read_s)
     # no hits: both picks read together, at the 2-thread rate
     p0 = mp.predict(layout, budget, 2, 8, rates, pts, measured_hit=0.0)
-    assert p0.expert_gbs == 1.0 and p0.expert_read_s == pytest.approx(
-        3 * 2 * e.disk_bytes / 1e9)
+    assert p0.expert_gbs == 1.0 and p0.expert_read_s == pytest.approx(3 * 2 * b / 1e9)
+    # more hits never wait longer
+    waits = [mp.predict(layout, budget, 2, 8, rates, pts, measured_hit=h).expert_read_s
+             for h in (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)]
+    assert waits == sorted(waits, reverse=True) and waits[-1] == 0
     # a uniform router: the hit rate is the share of experts the budget holds
     pu = mp.predict(layout, budget, 2, 8, rates, pts, skew=0.0)
     assert pu.hit_rate == pytest.approx(pu.cached_share) and 0 < pu.cached_share < 1
