@@ -43,17 +43,16 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from stream_run.bench import disk
-from stream_run.bench.project import UnitSize, _tensor
+from stream_run.bench.project import UnitSize, _tensor, sizes_scheduler
 from stream_run.bench.synth import SynthSpec, synthesize
 from stream_run.bench.synth_moe import SHAPES as MOE_SHAPES
-from stream_run.cache import CacheConfig, WeightCache
 from stream_run.engine import Engine, EngineConfig, format_size
 from stream_run.kernels import get_backend
 from stream_run.kernels.sizes import held_nbytes, transient_nbytes
 from stream_run.loaders import EMBED, HEAD, TensorRef
 from stream_run.loaders.spec import ModelSpec
 from stream_run.models import REGISTRY
-from stream_run.scheduler import LayerScheduler, SchedulerConfig
+from stream_run.scheduler import LayerScheduler
 
 EXPERT = ".mlp.experts."
 PROBE_EXPERTS = 16
@@ -139,51 +138,29 @@ def moe_layout(spec: SynthSpec, bits: int, group_size: int = 64, backend: str = 
                         held_nbytes(refs, views_raw, half_scales),
                         transient_nbytes(refs, views_raw, half_scales))
 
-    dense, sparse, expert, n_exp = [], set(), None, 0
-    params = active = 0
+    dense, sparse, expert = [], set(), None
+    params = active = expert_params = 0
     for key, shapes in units.items():
         count = sum(math.prod(s) for s in shapes.values())
         params += count
         if EXPERT in key:
             sparse.add(int(key.split(".")[1]))
             if expert is None:
-                expert = size(key, shapes)
+                expert, expert_params = size(key, shapes), count
             continue
         active += count
         dense.append(size(key, shapes))
     if expert is None:
         raise ValueError(f"{name or spec.arch}: no routed experts in this shape")
-    n_exp = spec.num_experts
-    per_expert = sum(math.prod(s) for k, shapes in units.items() if EXPERT in k
-                     for s in shapes.values()) // max(1, n_exp * len(sparse))
-    active += per_expert * spec.num_experts_per_tok * len(sparse)
+    active += expert_params * spec.num_experts_per_tok * len(sparse)
     order = {EMBED: -1, HEAD: 1 << 30}
     dense.sort(key=lambda u: order.get(u.key, int(u.key.split(".")[1]) if "." in u.key else 0))
-    return MoELayout(name or spec.arch, spec.arch, dense, expert, n_exp,
+    return MoELayout(name or spec.arch, spec.arch, dense, expert, spec.num_experts,
                      spec.num_experts_per_tok, sorted(sparse), params, active)
 
 
-class _Sizes:
-    """The scheduler's UnitLoader reduced to the sizes its residency plan asks for."""
-
-    prepare_off_compute_thread = True
-
-    def __init__(self, layout: MoELayout) -> None:
-        self._layout = layout
-
-    def prepared_nbytes(self, key: str) -> int:
-        return self._layout.size_of(key).compute_bytes
-
-    def transient_nbytes(self, key: str) -> int:
-        return self._layout.size_of(key).transient_bytes
-
-    def raw_nbytes(self, key: str) -> int:
-        return self._layout.size_of(key).disk_bytes
-
-
 def _scheduler(layout: MoELayout, budget: int | None, depth: int) -> LayerScheduler:
-    return LayerScheduler(WeightCache(CacheConfig(compute_bytes=budget)), _Sizes(layout),
-                          SchedulerConfig(prefetch_depth=depth))
+    return sizes_scheduler(layout.size_of, budget, depth)
 
 
 def min_budget(layout: MoELayout) -> int:

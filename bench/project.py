@@ -24,7 +24,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
@@ -148,22 +148,28 @@ class _Sizes:
 
     prepare_off_compute_thread = True
 
-    def __init__(self, layout: Layout) -> None:
-        self._units = {u.key: u for u in layout.units}
+    def __init__(self, size_of: Callable[[str], UnitSize]) -> None:
+        self._size_of = size_of
 
     def prepared_nbytes(self, key: str) -> int:
-        return self._units[key].compute_bytes
+        return self._size_of(key).compute_bytes
 
     def transient_nbytes(self, key: str) -> int:
-        return self._units[key].transient_bytes
+        return self._size_of(key).transient_bytes
 
     def raw_nbytes(self, key: str) -> int:
-        return self._units[key].disk_bytes
+        return self._size_of(key).disk_bytes
+
+
+def sizes_scheduler(size_of: Callable[[str], UnitSize], budget: int | None,
+                    depth: int) -> LayerScheduler:
+    """A scheduler over units of these sizes, for its planner alone (nothing is read)."""
+    return LayerScheduler(WeightCache(CacheConfig(compute_bytes=budget)), _Sizes(size_of),
+                          SchedulerConfig(prefetch_depth=depth))
 
 
 def _scheduler(layout: Layout, budget: int | None, depth: int) -> LayerScheduler:
-    return LayerScheduler(WeightCache(CacheConfig(compute_bytes=budget)), _Sizes(layout),
-                          SchedulerConfig(prefetch_depth=depth))
+    return sizes_scheduler({u.key: u for u in layout.units}.__getitem__, budget, depth)
 
 
 def _steps(layout: Layout) -> list[tuple[str, ...]]:
