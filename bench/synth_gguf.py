@@ -4,7 +4,9 @@ writes it, so that the engine and llama.cpp can run the identical file.
 
 Float types (f32/f16/bf16) hold exactly the HF synth's weights for the same seed (same random
 pool, same order), with attn_q/attn_k rows permuted as the llama converter does; the engine
-un-permutes them at read, so both files give the same logits. Quantized tensors are random
+un-permutes them at read, so both files give the same logits (not gpt_oss: its GGUF splits
+the fused gate_up and draws its own values; its experts are always MXFP4).
+Quantized tensors are random
 blocks made as bytes (bench.synth_quant); their rows are i.i.d., so they are not permuted (a
 permutation of random rows is the same distribution). Tensors stream to the file chunk by
 chunk: memory stays at a few pool slices (one whole q/k matrix for the float permutation).
