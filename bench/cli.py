@@ -155,13 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "ships them, the rest bf16")
     s.add_argument("--quant", default=None,
                    help="with --format gguf: f32, f16, bf16 (default), q8_0, q4_0, q4_1, q5_0, "
-                   "q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, or llama.cpp's mixes q4_k_m, q5_k_m")
+                   "q5_1, q2_k, q3_k, q4_k, q5_k, q6_k, or llama.cpp's mixes q4_k_m, q5_k_m; "
+                   "--arch gpt_oss: experts MXFP4 (as llama.cpp's gpt-oss GGUFs), biases F32, "
+                   "the rest this type")
     s.add_argument("--out", required=True,
                    help="output directory, or .gguf file with --format gguf (must not exist)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--router-skew", type=float, default=0.0,
                    help="MoE: Zipf exponent of expert popularity (0: the uniform routing of "
-                   "random weights; 1: expert of rank r picked about 1/r as often as the top)")
+                   "random weights; 1: expert of rank r picked about 1/r as often as the top; "
+                   "not for gpt_oss)")
     _dims(s)
     for name, what in (("experts", "routed experts per layer"),
                        ("experts-per-tok", "experts each token picks"),

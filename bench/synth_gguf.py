@@ -4,7 +4,9 @@ writes it, so that the engine and llama.cpp can run the identical file.
 
 Float types (f32/f16/bf16) hold exactly the HF synth's weights for the same seed (same random
 pool, same order), with attn_q/attn_k rows permuted as the llama converter does; the engine
-un-permutes them at read, so both files give the same logits. Quantized tensors are random
+un-permutes them at read, so both files give the same logits (not gpt_oss: its GGUF splits
+the fused gate_up and draws its own values; its experts are always MXFP4).
+Quantized tensors are random
 blocks made as bytes (bench.synth_quant); their rows are i.i.d., so they are not permuted (a
 permutation of random rows is the same distribution). Tensors stream to the file chunk by
 chunk: memory stays at a few pool slices (one whole q/k matrix for the float permutation).
@@ -20,7 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from gguf import GGML_QUANT_VERSION, GGUFValueType, GGUFWriter, TokenType
+from gguf import GGML_QUANT_VERSION, GGUFValueType, GGUFWriter, LlamaFileType, TokenType
 from gguf.quants import quantize
 
 from stream_run.bench import synth_moe
@@ -43,17 +45,27 @@ from stream_run.bench.synth_quant import (
     tensor_type,
 )
 from stream_run.loaders import ModelSpec
-from stream_run.models import ARCHITECTURES, REGISTRY
+from stream_run.models import ARCHITECTURES, REGISTRY, gpt_oss_layout
 
-# Architectures written as GGUF: those whose llama.cpp metadata the llama.* keys cover. Gemma
-# is not: llama.cpp stores its norms with +1 and needs sliding-window and softcap keys.
-GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "qwen3_moe", "mixtral", "deepseek_v3")
+# Architectures written as GGUF: those whose llama.cpp metadata the llama.* keys cover (plus
+# deepseek2's and gpt-oss's own keys). Gemma is not: llama.cpp stores its norms with +1 and
+# needs sliding-window and softcap keys.
+GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss")
 # llama.cpp's stacked experts: one tensor (n_experts, rows, cols) per linear of a sparse layer
 EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
 FLOAT_NAMES = {Q.F32: "f32", Q.F16: "f16", Q.BF16: "bf16"}
 # embedding types that can hold the skewed router's [c, 0, ...] first block (gguf-py quantizes)
 SKEW_EMBED = (*FLOATS, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0)
 BOS_TOKEN, EOS_TOKEN = 256, 257  # as SynthSpec.config and make_tokenizer
+MXFP4_ELEMS = block_elems(Q.MXFP4)
+
+
+def gpt_oss_type(name: str, qtype: Q) -> Q:
+    """gpt-oss as llama.cpp's converter writes it (ggml-org's GGUFs): experts MXFP4 as OpenAI
+    ships them, every bias (the experts' are 2-D) F32; the rest keeps the --quant mix."""
+    if name.endswith("_exps.weight"):
+        return Q.MXFP4
+    return Q.F32 if name.endswith(".bias") else qtype
 
 
 @dataclass(frozen=True)
@@ -76,6 +88,11 @@ def check(spec: SynthSpec, quant: str) -> None:
     if spec.arch not in GGUF_ARCHS:
         raise ValueError(f"--format gguf supports --arch {', '.join(GGUF_ARCHS)}, "
                          f"got {spec.arch!r}")
+    if spec.arch == "gpt_oss" and (spec.hidden_size % MXFP4_ELEMS
+                                   or spec.moe_intermediate_size % MXFP4_ELEMS):
+        raise ValueError(f"--arch gpt_oss --format gguf writes MXFP4 experts: --hidden-size and "
+                         f"--expert-size must be multiples of {MXFP4_ELEMS}, got "
+                         f"{spec.hidden_size} and {spec.moe_intermediate_size}")
     if spec.vocab_size < BOS_TOKEN + 2:
         raise ValueError(f"--vocab must be >= {BOS_TOKEN + 2} (the synthetic tokenizer's "
                          f"tokens), got {spec.vocab_size}")
@@ -85,7 +102,10 @@ def plan(spec: SynthSpec, quant: str) -> list[GGUFTensor]:
     """Every tensor of the file in write order (the HF synth's order), with its type."""
     check(spec, quant)
     desc = REGISTRY.for_model_type(spec.arch, "stream-bench synth")
-    mspec = ModelSpec.from_dict({**spec.config(), **desc.config_overrides})
+    cfg = {**spec.config(), **desc.config_overrides}
+    if spec.arch == "gpt_oss":
+        cfg[gpt_oss_layout.GGUF_LAYOUT] = True  # the experts as GGUF holds them: gate, up apart
+    mspec = ModelSpec.from_dict(cfg)
     gguf_of = {entry: name for name, entry in desc.gguf_names.items()}
     gqa = spec.num_key_value_heads != spec.num_attention_heads
     float_mix = QUANTS[quant][0] in FLOATS
@@ -93,13 +113,20 @@ def plan(spec: SynthSpec, quant: str) -> list[GGUFTensor]:
 
     def add(name: str, rel: str, shape: tuple[int, ...], layer: int | None) -> None:
         qtype = tensor_type(quant, name, shape, layer, spec.num_hidden_layers, gqa)
+        if spec.arch == "gpt_oss":
+            qtype = gpt_oss_type(name, qtype)
         if spec.router_skew and name == "token_embd.weight" and qtype not in SKEW_EMBED:
             qtype = Q.Q8_0  # its rows start with a [c, 0, ...] block gguf-py must quantize
         kind = desc.gguf_permuted.get(rel)
         heads = None
         if kind and float_mix:
             heads = spec.num_attention_heads if kind == "q" else spec.num_key_value_heads
-        out.append(GGUFTensor(name, shape, _std(rel, shape), qtype, heads))
+        std = _std(rel, shape)
+        if spec.arch == "gpt_oss" and name.endswith(".bias"):  # the experts' are 2-D
+            std = 0.02
+        elif spec.arch == "gpt_oss" and len(shape) == 3:  # stacked experts: fan-in is the last
+            std = shape[-1] ** -0.5
+        out.append(GGUFTensor(name, shape, std, qtype, heads))
 
     expected = desc.expected_shapes(mspec)
     for key, shapes in expected.items():
@@ -110,10 +137,16 @@ def plan(spec: SynthSpec, quant: str) -> list[GGUFTensor]:
         for rel, shape in shapes.items():
             add(gguf_of[(unit, rel)].replace("{bid}", str(layer)), rel, shape, layer)
         first = f"{key}.mlp.experts.0"
-        for p in EXPERT_LINEARS if first in expected else ():
-            rel = f"mlp.experts.{p}.weight"
-            shape = (spec.num_experts, *expected[first][f"{p}.weight"])
-            add(gguf_of[(unit, rel)].replace("{bid}", str(layer)), f"{p}.weight", shape, layer)
+        if first not in expected:
+            continue
+        if spec.arch == "gpt_oss":  # names without .weight; the stacked biases too
+            stacked = [(f"mlp.experts.{n}", n, s) for n, s in expected[first].items()]
+        else:
+            stacked = [(f"mlp.experts.{p}.weight", f"{p}.weight", expected[first][f"{p}.weight"])
+                       for p in EXPERT_LINEARS]
+        for rel, std_name, shape in stacked:
+            add(gguf_of[(unit, rel)].replace("{bid}", str(layer)), std_name,
+                (spec.num_experts, *shape), layer)
     return out
 
 
@@ -156,7 +189,9 @@ def _add_metadata(w: GGUFWriter, spec: SynthSpec, quant: str, name: str) -> None
     w.add_type("model")
     w.add_name(name)
     w.add_custom_alignment(32)  # llama.cpp's default, written out
-    w.add_file_type(int(QUANTS[quant][1]))
+    # gpt-oss: llama.cpp's file type for MXFP4 experts (informational, as every file_type)
+    w.add_file_type(int(LlamaFileType.MOSTLY_MXFP4_MOE if spec.arch == "gpt_oss"
+                        else QUANTS[quant][1]))
     w.add_quantization_version(GGML_QUANT_VERSION)
     w.add_string("stream_run.synthetic", json.dumps({**asdict(spec), "quant": quant}))
     head_dim = spec.head_dim or spec.hidden_size // spec.num_attention_heads
@@ -175,8 +210,16 @@ def _add_metadata(w: GGUFWriter, spec: SynthSpec, quant: str, name: str) -> None
                  ("expert_used_count", spec.num_experts_per_tok)]
         if spec.arch != "mixtral":
             keys.append(("expert_feed_forward_length", spec.moe_intermediate_size))
-    others: dict[str, float | bool] = {}
-    if spec.arch == "deepseek_v3":
+    others: dict[str, float | bool | str] = {}
+    rope_theta = cfg["rope_theta"]
+    if spec.arch == "gpt_oss":  # as convert_hf_to_gguf's GptOssModel writes them
+        rope = cfg["rope_parameters"]
+        rope_theta = rope["rope_theta"]
+        keys += [("attention.sliding_window", cfg["sliding_window"]),
+                 ("rope.scaling.original_context_length",
+                  rope["original_max_position_embeddings"])]
+        others = {"rope.scaling.type": "yarn", "rope.scaling.factor": rope["factor"]}
+    elif spec.arch == "deepseek_v3":
         ints, others = synth_moe.deepseek_gguf_keys(spec)
         keys = [*((k, v) for k, v in keys if k not in ints), *ints.items()]
     for key, val in keys:
@@ -184,10 +227,12 @@ def _add_metadata(w: GGUFWriter, spec: SynthSpec, quant: str, name: str) -> None
     for key, other in others.items():
         if isinstance(other, bool):
             w.add_bool(f"{arch}.{key}", other)
+        elif isinstance(other, str):
+            w.add_string(f"{arch}.{key}", other)
         else:
             w.add_float32(f"{arch}.{key}", other)
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg["rms_norm_eps"])
-    w.add_float32(f"{arch}.rope.freq_base", cfg["rope_theta"])
+    w.add_float32(f"{arch}.rope.freq_base", rope_theta)
     tokens, types, merges = tokenizer_metadata(spec.vocab_size)
     w.add_string("tokenizer.ggml.model", "gpt2")
     w.add_string("tokenizer.ggml.pre", "gpt-2")  # ByteLevel with the GPT-2 split regex

@@ -15,6 +15,8 @@ Block layouts (ggml, little-endian), bytes per block:
     Q4_K {f16 d, dmin; u8 scales[12]; qs[128]} 144/256
     Q5_K {f16 d, dmin; u8 scales[12]; qh[32]; qs[128]} 176/256
     Q6_K {u8 ql[128]; qh[64]; i8 scales[16]; f16 d} 210/256
+    MXFP4 {u8 e (e8m0); u8 qs[16] (e2m1 codes)} 17/32: its scale is a power of two, so the std
+    asked for is met to within a factor sqrt(2)
 """
 
 from __future__ import annotations
@@ -175,6 +177,11 @@ def _q8_0(b: np.ndarray, d: float) -> None:
     _put_f16(b, 0, d)
 
 
+def _mxfp4(b: np.ndarray, d: float) -> None:
+    # the nearest power of two to d (e 127 is the unit scale); all 16 codes are values (+-0)
+    b[:, 0] = np.uint8(min(254, max(1, 127 + round(float(np.log2(d))))))
+
+
 FILLERS: dict[Q, Callable[[np.ndarray, float], None]] = {
     Q.Q4_0: _q4_0,
     Q.Q4_1: lambda b, d: (_put_f16(b, 0, d), _put_f16(b, 2, -7.5 * d)),
@@ -186,6 +193,7 @@ FILLERS: dict[Q, Callable[[np.ndarray, float], None]] = {
     Q.Q4_K: lambda b, d: _affine_k(b, d, 0, 4, 7.5, 8),
     Q.Q5_K: lambda b, d: _affine_k(b, d, 0, 4, 15.5, 16),
     Q.Q6_K: _q6_k,
+    Q.MXFP4: _mxfp4,
 }
 
 

@@ -104,7 +104,8 @@ def test_random_blocks_dequantize_to_the_asked_std(qtype):
     blocks = np.concatenate(list(BlockPool(1).chunks(qtype, 256 * 512, 0.02)))
     x = dequantize(blocks, qtype)
     assert x.size == 256 * 512
-    assert x.std() == pytest.approx(0.02, rel=0.05)
+    # MXFP4's scale is a power of two: the nearest one to the std asked for
+    assert x.std() == pytest.approx(0.02, rel=0.42 if qtype == Q.MXFP4 else 0.05)
     assert abs(x.mean()) < 0.02 * 0.02 and np.abs(x).max() < 6 * 0.02
 
 
