@@ -487,3 +487,120 @@ def half_rows(data: np.ndarray, dtype: str, rows: np.ndarray | None = None) -> n
     kernel = _half_rows_bf16 if dtype == "BF16" else _half_rows_f16
     kernel(_bits(data), rows, out)
     return out
+
+
+# --- per-head products on row blocks (MLA's absorbed kv_b_proj, models/deepseek.py) ---------
+# w (H * rho, in): head h owns rows h * rho .. (h + 1) * rho. head_t's x (H, L, n) weights n
+# rows of each head's block from `start`: out[h, l] = sum_j x[h, l, j] * w[h * rho + start + j],
+# the transposed product (x @ W_h), accumulated row by row on the stored weight.
+
+
+@njit(**JIT_DOT)
+def _qhead_t_4(x, packed, scales, biases, group_size, rho, start, out):
+    half = group_size // 2
+    for h in prange(x.shape[0]):
+        for li in range(x.shape[1]):
+            acc = out[h, li]
+            acc[:] = 0
+            for j in range(x.shape[2]):
+                xj = x[h, li, j]
+                r = h * rho + start + j
+                row_bytes = packed[r].view(np.uint8)
+                for g in range(scales.shape[1]):
+                    s = widen(scales[r, g]) * xj
+                    b = widen(biases[r, g]) * xj
+                    for t in range(half):
+                        k = g * group_size + 2 * t
+                        v = np.int32(row_bytes[g * half + t])
+                        acc[k] += s * np.float32(v & 15) + b
+                        acc[k + 1] += s * np.float32(v >> 4) + b
+
+
+@njit(**JIT_DOT)
+def _qhead_t_8(x, packed, scales, biases, group_size, rho, start, out):
+    for h in prange(x.shape[0]):
+        for li in range(x.shape[1]):
+            acc = out[h, li]
+            acc[:] = 0
+            for j in range(x.shape[2]):
+                xj = x[h, li, j]
+                r = h * rho + start + j
+                row_bytes = packed[r].view(np.uint8)
+                for g in range(scales.shape[1]):
+                    s = widen(scales[r, g]) * xj
+                    b = widen(biases[r, g]) * xj
+                    for t in range(group_size):
+                        k = g * group_size + t
+                        acc[k] += s * np.float32(row_bytes[k]) + b
+
+
+@njit(**JIT_DOT)
+def _qhead_t_any(x, packed, scales, biases, bits, group_size, rho, start, out):
+    for h in prange(x.shape[0]):
+        for li in range(x.shape[1]):
+            acc = out[h, li]
+            acc[:] = 0
+            for j in range(x.shape[2]):
+                xj = x[h, li, j]
+                r = h * rho + start + j
+                words = packed[r]
+                for g in range(scales.shape[1]):
+                    s = widen(scales[r, g]) * xj
+                    b = widen(biases[r, g]) * xj
+                    for t in range(group_size):
+                        k = g * group_size + t
+                        acc[k] += s * np.float32(_element(words, k, bits)) + b
+
+
+def qhead_t(x: np.ndarray, packed: np.ndarray, scales: np.ndarray, biases: np.ndarray,
+            bits: int, group_size: int, rho: int, start: int) -> np.ndarray:
+    """x (H, L, n) float32 -> (H, L, in): per head h, x[h] @ dequantize(rows h * rho + start ..
+    + n), read from the packed rows (no float32 weight)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n_in = packed.shape[1] * 32 // bits
+    out = np.empty((x.shape[0], x.shape[1], n_in), dtype=np.float32)
+    packed, scales, biases = kernel_array(packed), kernel_array(scales), kernel_array(biases)
+    if bits == 4:
+        _qhead_t_4(x, packed, scales, biases, int(group_size), int(rho), int(start), out)
+    elif bits == 8:
+        _qhead_t_8(x, packed, scales, biases, int(group_size), int(rho), int(start), out)
+    else:
+        _qhead_t_any(x, packed, scales, biases, int(bits), int(group_size), int(rho),
+                     int(start), out)
+    return out
+
+
+@njit(**JIT_DOT)
+def _hhead_t_bf16(x, w, rho, start, out):
+    for h in prange(x.shape[0]):
+        for li in range(x.shape[1]):
+            acc = out[h, li]
+            acc[:] = 0
+            for j in range(x.shape[2]):
+                xj = x[h, li, j]
+                row = w[h * rho + start + j]
+                for k in range(row.shape[0]):
+                    acc[k] += xj * _bf16(row[k])
+
+
+@njit(**JIT_DOT)
+def _hhead_t_f16(x, w, rho, start, out):
+    for h in prange(x.shape[0]):
+        for li in range(x.shape[1]):
+            acc = out[h, li]
+            acc[:] = 0
+            for j in range(x.shape[2]):
+                xj = x[h, li, j]
+                row = w[h * rho + start + j]
+                for k in range(row.shape[0]):
+                    acc[k] += xj * _f16(row[k])
+
+
+def half_head_t(x: np.ndarray, data: np.ndarray, dtype: str, rho: int, start: int
+                ) -> np.ndarray:
+    """qhead_t for a 16-bit weight (HalfWeight's data and dtype)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty((x.shape[0], x.shape[1], data.shape[1]), dtype=np.float32)
+    kernel = _hhead_t_bf16 if dtype == "BF16" else _hhead_t_f16
+    kernel(x, _bits(data), int(rho), int(start), out)
+    return out
