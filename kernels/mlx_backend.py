@@ -37,7 +37,7 @@ from stream_run.kernels.kv_cache import (
     rows_state,
     window_mask,
 )
-from stream_run.kernels.quant import HalfWeight, QuantizedWeight
+from stream_run.kernels.quant import HalfWeight, QuantizedWeight, row_block
 
 DEVICES = ("auto", "cpu", "gpu")
 FUSED_MAX_ROWS = 8  # decode passes (one row per sequence, up to a small batch): fixed shapes
@@ -387,6 +387,37 @@ class MLXBackend:
         else:
             y = x @ _float32(w).T
         return y if bias is None else y + bias
+
+    def head_linear(self, x: mx.array, w: Any, start: int, n: int) -> mx.array | None:
+        """Per-head linears on a weight (H * rho, in) whose row blocks are heads (MLA's
+        kv_b_proj): x (H, L, in) -> (H, L, n) through rows h * rho + start .. + n of head h, as
+        stored (quantized_matmul on each head's rows; a 16-bit weight widens just those rows).
+        None for another form (the caller dequantizes)."""
+        H = x.shape[0]
+        rho = w.shape[0] // H
+        if isinstance(w, QuantizedWeight):
+            return mx.stack([self.linear(x[h], row_block(w, h * rho + start, h * rho + start + n))
+                             for h in range(H)])
+        if isinstance(w, mx.array):
+            return x @ _float32(w.reshape(H, rho, -1)[:, start:start + n]).transpose(0, 2, 1)
+        return None
+
+    def head_linear_t(self, x: mx.array, w: Any, start: int) -> mx.array | None:
+        """The transposed per-head product: x (H, L, n) -> (H, L, in), x[h] @ rows
+        h * rho + start .. + n of w (quantized_matmul with transpose=False on the packed rows).
+        None for another form."""
+        H, n = x.shape[0], x.shape[2]
+        rho = w.shape[0] // H
+        if isinstance(w, QuantizedWeight):
+            return mx.stack([
+                mx.quantized_matmul(x[h], w.packed[h * rho + start:h * rho + start + n],
+                                    w.scales[h * rho + start:h * rho + start + n],
+                                    w.biases[h * rho + start:h * rho + start + n],
+                                    transpose=False, group_size=w.group_size, bits=w.bits)
+                for h in range(H)])
+        if isinstance(w, mx.array):
+            return x @ _float32(w.reshape(H, rho, -1)[:, start:start + n])
+        return None
 
     def rms_norm(self, x: mx.array, weight: mx.array, eps: float) -> mx.array:
         return mx.fast.rms_norm(x, weight, eps)

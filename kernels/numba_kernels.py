@@ -497,23 +497,38 @@ def half_rows(data: np.ndarray, dtype: str, rows: np.ndarray | None = None) -> n
 
 @njit(**JIT_DOT)
 def _qhead_t_4(x, packed, scales, biases, group_size, rho, start, out):
+    # sum_j x_j (s_jg q_jk + b_jg) = sum_j (x_j s_jg) q_jk + sum_j x_j b_jg: the biases' term
+    # is one number per group, added after the rows
     half = group_size // 2
+    n_groups = scales.shape[1]
     for h in prange(x.shape[0]):
+        lo = np.empty(half, dtype=np.float32)
+        hi = np.empty(half, dtype=np.float32)
+        bsum = np.empty(n_groups, dtype=np.float32)
         for li in range(x.shape[1]):
             acc = out[h, li]
             acc[:] = 0
+            bsum[:] = 0
             for j in range(x.shape[2]):
                 xj = x[h, li, j]
                 r = h * rho + start + j
                 row_bytes = packed[r].view(np.uint8)
-                for g in range(scales.shape[1]):
+                for g in range(n_groups):
                     s = widen(scales[r, g]) * xj
-                    b = widen(biases[r, g]) * xj
+                    bsum[g] += widen(biases[r, g]) * xj
+                    b0 = g * half
                     for t in range(half):
-                        k = g * group_size + 2 * t
-                        v = np.int32(row_bytes[g * half + t])
-                        acc[k] += s * np.float32(v & 15) + b
-                        acc[k + 1] += s * np.float32(v >> 4) + b
+                        v = np.int32(row_bytes[b0 + t])
+                        lo[t] = np.float32(v & 15)
+                        hi[t] = np.float32(v >> 4)
+                    k0 = g * group_size
+                    for t in range(half):
+                        acc[k0 + 2 * t] += s * lo[t]
+                        acc[k0 + 2 * t + 1] += s * hi[t]
+            for g in range(n_groups):
+                k0 = g * group_size
+                for t in range(group_size):
+                    acc[k0 + t] += bsum[g]
 
 
 @njit(**JIT_DOT)

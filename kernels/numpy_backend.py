@@ -394,14 +394,17 @@ class NumpyBackend:
             y += bias
         return y.reshape(*lead, y.shape[-1])
 
-    def head_linear(self, x: np.ndarray, w: Any, start: int, n: int) -> np.ndarray:
+    def head_linear(self, x: np.ndarray, w: Any, start: int, n: int) -> np.ndarray | None:
         """Per-head linears on a weight (H * rho, in) whose row blocks are heads (MLA's kv_b_proj):
         x (H, L, in) -> (H, L, n), head h's x[h] through its rows h * rho + start .. + n, read
-        in their stored form as linear reads them (decode's matvecs: no float32 weight)."""
+        in their stored form as linear reads them (decode's matvecs: no float32 weight); None
+        for another form (the caller dequantizes)."""
         H = x.shape[0]
         rho = w.shape[0] // H
         if isinstance(w, np.ndarray):
             return x @ w.reshape(H, rho, -1)[:, start:start + n].transpose(0, 2, 1)
+        if not isinstance(w, (QuantizedWeight, HalfWeight, BlockWeight)):
+            return None
         out = np.empty((H, x.shape[1], n), dtype=np.float32)
         for h in range(H):
             lo = h * rho + start

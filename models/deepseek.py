@@ -344,16 +344,19 @@ class Model(moe.Model):
             if out is None:
                 out = q_nope @ absorbable(ops, kv_b, H, ds.kv_lora_rank)[:, :ds.nope, :]
             return out
-        return ops.head_linear(q_nope, w["self_attn.k_b_proj.weight"], 0, ds.kv_lora_rank)
+        out = ops.head_linear(q_nope, w["self_attn.k_b_proj.weight"], 0, ds.kv_lora_rank)
+        return q_nope @ self._kv_b(w)[0] if out is None else out
 
     def _absorb_v(self, w: Mapping[str, Any], o_lat: Any) -> Any:
         """o_lat (H, L, rank) -> (H, L, v_dim): per-head linears on kv_b_proj's value rows or
-        llama.cpp's attn_v_b, as stored."""
-        ds = self.ds
+        llama.cpp's attn_v_b, as stored (dequantized where head_linear has no path for the
+        weight's form)."""
+        ops, ds = self.ops, self.ds
         if "self_attn.kv_b_proj.weight" in w:
-            return self.ops.head_linear(o_lat, w["self_attn.kv_b_proj.weight"], ds.nope,
-                                        ds.v_dim)
-        return self.ops.head_linear(o_lat, w["self_attn.v_b_proj.weight"], 0, ds.v_dim)
+            out = ops.head_linear(o_lat, w["self_attn.kv_b_proj.weight"], ds.nope, ds.v_dim)
+        else:
+            out = ops.head_linear(o_lat, w["self_attn.v_b_proj.weight"], 0, ds.v_dim)
+        return o_lat @ ops.transpose(self._kv_b(w)[1], (0, 2, 1)) if out is None else out
 
     def _rope(self, x: Any, offset: int) -> Any:
         """RoPE on x (1, h, L, rope) at positions offset.., in the rotate-half layout (pairs
