@@ -33,6 +33,7 @@ from stream_run.kernels.numba_kernels import (
     half_matvec,
     half_rows,
     kernel_weight,
+    qhead,
     qhead_t,
     qmatvec,
 )
@@ -403,6 +404,8 @@ class NumpyBackend:
         rho = w.shape[0] // H
         if isinstance(w, np.ndarray):
             return x @ w.reshape(H, rho, -1)[:, start:start + n].transpose(0, 2, 1)
+        if isinstance(w, QuantizedWeight) and x.shape[1] <= MATVEC_MAX_ROWS:
+            return qhead(x, w.packed, w.scales, w.biases, w.bits, w.group_size, rho, start, n)
         if not isinstance(w, (QuantizedWeight, HalfWeight, BlockWeight)):
             return None
         out = np.empty((H, x.shape[1], n), dtype=np.float32)
