@@ -37,7 +37,7 @@ from stream_run.kernels.kv_cache import (
     rows_state,
     window_mask,
 )
-from stream_run.kernels.quant import HalfWeight, QuantizedWeight, row_block
+from stream_run.kernels.quant import HalfWeight, QuantizedWeight
 
 DEVICES = ("auto", "cpu", "gpu")
 FUSED_MAX_ROWS = 8  # decode passes (one row per sequence, up to a small batch): fixed shapes
@@ -391,32 +391,31 @@ class MLXBackend:
     def head_linear(self, x: mx.array, w: Any, start: int, n: int) -> mx.array | None:
         """Per-head linears on a weight (H * rho, in) whose row blocks are heads (MLA's
         kv_b_proj): x (H, L, in) -> (H, L, n) through rows h * rho + start .. + n of head h, as
-        stored (quantized_matmul on each head's rows; a 16-bit weight widens just those rows).
-        None for another form (the caller dequantizes)."""
-        H = x.shape[0]
-        rho = w.shape[0] // H
-        if isinstance(w, QuantizedWeight):
-            return mx.stack([self.linear(x[h], row_block(w, h * rho + start, h * rho + start + n))
-                             for h in range(H)])
-        if isinstance(w, mx.array):
-            return x @ _float32(w.reshape(H, rho, -1)[:, start:start + n]).transpose(0, 2, 1)
-        return None
+        stored (one batched quantized_matmul over the heads' rows; a 16-bit weight widens just
+        those rows). None for another form (the caller dequantizes)."""
+        return self._heads(x, w, start, n, transpose=True)
 
     def head_linear_t(self, x: mx.array, w: Any, start: int) -> mx.array | None:
         """The transposed per-head product: x (H, L, n) -> (H, L, in), x[h] @ rows
         h * rho + start .. + n of w (quantized_matmul with transpose=False on the packed rows).
         None for another form."""
-        H, n = x.shape[0], x.shape[2]
+        return self._heads(x, w, start, x.shape[2], transpose=False)
+
+    def _heads(self, x: mx.array, w: Any, start: int, n: int, transpose: bool
+               ) -> mx.array | None:
+        H = x.shape[0]
         rho = w.shape[0] // H
+
+        def rows(a: mx.array) -> mx.array:  # (H, n, ...) of the heads' row blocks
+            return a.reshape(H, rho, -1)[:, start:start + n]
+
         if isinstance(w, QuantizedWeight):
-            return mx.stack([
-                mx.quantized_matmul(x[h], w.packed[h * rho + start:h * rho + start + n],
-                                    w.scales[h * rho + start:h * rho + start + n],
-                                    w.biases[h * rho + start:h * rho + start + n],
-                                    transpose=False, group_size=w.group_size, bits=w.bits)
-                for h in range(H)])
+            return mx.quantized_matmul(x, rows(w.packed), rows(w.scales), rows(w.biases),
+                                       transpose=transpose, group_size=w.group_size,
+                                       bits=w.bits)
         if isinstance(w, mx.array):
-            return x @ _float32(w.reshape(H, rho, -1)[:, start:start + n])
+            wf = _float32(rows(w))
+            return x @ (wf.transpose(0, 2, 1) if transpose else wf)
         return None
 
     def rms_norm(self, x: mx.array, weight: mx.array, eps: float) -> mx.array:
