@@ -388,6 +388,36 @@ class MLXBackend:
             y = x @ _float32(w).T
         return y if bias is None else y + bias
 
+    def head_linear(self, x: mx.array, w: Any, start: int, n: int) -> mx.array | None:
+        """Per-head linears on a weight (H * rho, in) whose row blocks are heads (MLA's
+        kv_b_proj): x (H, L, in) -> (H, L, n) through rows h * rho + start .. + n of head h, as
+        stored (one batched quantized_matmul over the heads' rows; a 16-bit weight widens just
+        those rows). None for another form (the caller dequantizes)."""
+        return self._heads(x, w, start, n, transpose=True)
+
+    def head_linear_t(self, x: mx.array, w: Any, start: int) -> mx.array | None:
+        """The transposed per-head product: x (H, L, n) -> (H, L, in), x[h] @ rows
+        h * rho + start .. + n of w (quantized_matmul with transpose=False on the packed rows).
+        None for another form."""
+        return self._heads(x, w, start, x.shape[2], transpose=False)
+
+    def _heads(self, x: mx.array, w: Any, start: int, n: int, transpose: bool
+               ) -> mx.array | None:
+        H = x.shape[0]
+        rho = w.shape[0] // H
+
+        def rows(a: mx.array) -> mx.array:  # (H, n, ...) of the heads' row blocks
+            return a.reshape(H, rho, -1)[:, start:start + n]
+
+        if isinstance(w, QuantizedWeight):
+            return mx.quantized_matmul(x, rows(w.packed), rows(w.scales), rows(w.biases),
+                                       transpose=transpose, group_size=w.group_size,
+                                       bits=w.bits)
+        if isinstance(w, mx.array):
+            wf = _float32(rows(w))
+            return x @ (wf.transpose(0, 2, 1) if transpose else wf)
+        return None
+
     def rms_norm(self, x: mx.array, weight: mx.array, eps: float) -> mx.array:
         return mx.fast.rms_norm(x, weight, eps)
 

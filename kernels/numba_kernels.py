@@ -487,3 +487,174 @@ def half_rows(data: np.ndarray, dtype: str, rows: np.ndarray | None = None) -> n
     kernel = _half_rows_bf16 if dtype == "BF16" else _half_rows_f16
     kernel(_bits(data), rows, out)
     return out
+
+
+# --- per-head products on row blocks (MLA's absorbed kv_b_proj, models/deepseek.py) ---------
+# w (H * rho, in): head h owns rows h * rho .. (h + 1) * rho. head_t's x (H, L, n) weights n
+# rows of each head's block from `start`: out[h, l] = sum_j x[h, l, j] * w[h * rho + start + j],
+# the transposed product (x @ W_h), accumulated row by row on the stored weight.
+
+
+@njit(**JIT_DOT)
+def _qhead_t_4(x, packed, scales, biases, group_size, rho, start, out):
+    # sum_j x_j (s_jg q_jk + b_jg) = sum_j (x_j s_jg) q_jk + sum_j x_j b_jg: the biases' term
+    # is one number per group, added after the rows. Byte i holds elements 2i and 2i + 1: the
+    # even and odd elements accumulate apart (contiguous, so the loop vectorises), then
+    # interleave.
+    half = group_size // 2
+    n_groups = scales.shape[1]
+    n_bytes = n_groups * half
+    for h in prange(x.shape[0]):
+        even = np.empty(n_bytes, dtype=np.float32)
+        odd = np.empty(n_bytes, dtype=np.float32)
+        bsum = np.empty(n_groups, dtype=np.float32)
+        for li in range(x.shape[1]):
+            even[:] = 0
+            odd[:] = 0
+            bsum[:] = 0
+            for j in range(x.shape[2]):
+                xj = x[h, li, j]
+                r = h * rho + start + j
+                row_bytes = packed[r].view(np.uint8)
+                for g in range(n_groups):
+                    s = widen(scales[r, g]) * xj
+                    bsum[g] += widen(biases[r, g]) * xj
+                    b0 = g * half
+                    for t in range(half):
+                        i = b0 + t
+                        v = np.int32(row_bytes[i])
+                        even[i] += s * np.float32(v & 15)
+                        odd[i] += s * np.float32(v >> 4)
+            acc = out[h, li]
+            for g in range(n_groups):
+                b = bsum[g]
+                b0 = g * half
+                for t in range(half):
+                    i = b0 + t
+                    acc[2 * i] = even[i] + b
+                    acc[2 * i + 1] = odd[i] + b
+
+
+@njit(**JIT_DOT)
+def _qhead_t_8(x, packed, scales, biases, group_size, rho, start, out):
+    n_groups = scales.shape[1]
+    for h in prange(x.shape[0]):
+        bsum = np.empty(n_groups, dtype=np.float32)
+        for li in range(x.shape[1]):
+            acc = out[h, li]
+            acc[:] = 0
+            bsum[:] = 0
+            for j in range(x.shape[2]):
+                xj = x[h, li, j]
+                r = h * rho + start + j
+                row_bytes = packed[r].view(np.uint8)
+                for g in range(n_groups):
+                    s = widen(scales[r, g]) * xj
+                    bsum[g] += widen(biases[r, g]) * xj
+                    k0 = g * group_size
+                    for t in range(group_size):
+                        acc[k0 + t] += s * np.float32(row_bytes[k0 + t])
+            for g in range(n_groups):
+                k0 = g * group_size
+                for t in range(group_size):
+                    acc[k0 + t] += bsum[g]
+
+
+@njit(**JIT_DOT)
+def _qhead_t_any(x, packed, scales, biases, bits, group_size, rho, start, out):
+    for h in prange(x.shape[0]):
+        for li in range(x.shape[1]):
+            acc = out[h, li]
+            acc[:] = 0
+            for j in range(x.shape[2]):
+                xj = x[h, li, j]
+                r = h * rho + start + j
+                words = packed[r]
+                for g in range(scales.shape[1]):
+                    s = widen(scales[r, g]) * xj
+                    b = widen(biases[r, g]) * xj
+                    for t in range(group_size):
+                        k = g * group_size + t
+                        acc[k] += s * np.float32(_element(words, k, bits)) + b
+
+
+def qhead_t(x: np.ndarray, packed: np.ndarray, scales: np.ndarray, biases: np.ndarray,
+            bits: int, group_size: int, rho: int, start: int) -> np.ndarray:
+    """x (H, L, n) float32 -> (H, L, in): per head h, x[h] @ dequantize(rows h * rho + start ..
+    + n), read from the packed rows (no float32 weight)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n_in = packed.shape[1] * 32 // bits
+    out = np.empty((x.shape[0], x.shape[1], n_in), dtype=np.float32)
+    packed, scales, biases = kernel_array(packed), kernel_array(scales), kernel_array(biases)
+    if bits == 4:
+        _qhead_t_4(x, packed, scales, biases, int(group_size), int(rho), int(start), out)
+    elif bits == 8:
+        _qhead_t_8(x, packed, scales, biases, int(group_size), int(rho), int(start), out)
+    else:
+        _qhead_t_any(x, packed, scales, biases, int(bits), int(group_size), int(rho),
+                     int(start), out)
+    return out
+
+
+@njit(**JIT_DOT)
+def _hhead_t_bf16(x, w, rho, start, out):
+    for h in prange(x.shape[0]):
+        for li in range(x.shape[1]):
+            acc = out[h, li]
+            acc[:] = 0
+            for j in range(x.shape[2]):
+                xj = x[h, li, j]
+                row = w[h * rho + start + j]
+                for k in range(row.shape[0]):
+                    acc[k] += xj * _bf16(row[k])
+
+
+@njit(**JIT_DOT)
+def _hhead_t_f16(x, w, rho, start, out):
+    for h in prange(x.shape[0]):
+        for li in range(x.shape[1]):
+            acc = out[h, li]
+            acc[:] = 0
+            for j in range(x.shape[2]):
+                xj = x[h, li, j]
+                row = w[h * rho + start + j]
+                for k in range(row.shape[0]):
+                    acc[k] += xj * _f16(row[k])
+
+
+def half_head_t(x: np.ndarray, data: np.ndarray, dtype: str, rho: int, start: int
+                ) -> np.ndarray:
+    """qhead_t for a 16-bit weight (HalfWeight's data and dtype)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty((x.shape[0], x.shape[1], data.shape[1]), dtype=np.float32)
+    kernel = _hhead_t_bf16 if dtype == "BF16" else _hhead_t_f16
+    kernel(x, _bits(data), int(rho), int(start), out)
+    return out
+
+
+@njit(**JIT_DOT)
+def _qhead(x, w, rho, start, n, out):
+    tiles = (n + TILE - 1) // TILE
+    for p in prange(x.shape[0] * tiles):
+        h = p // tiles
+        t = p - h * tiles
+        xh = x[h]
+        xd = deinterleave(xh)
+        xs = group_sums(xh, w[4])
+        o0 = h * rho + start + t * TILE
+        qdot_tile(xh, xd, xs, w, o0, min(o0 + TILE, h * rho + start + n), out[h], t * TILE)
+
+
+def qhead(x: np.ndarray, packed: np.ndarray, scales: np.ndarray, biases: np.ndarray,
+          bits: int, group_size: int, rho: int, start: int, n: int) -> np.ndarray:
+    """x (H, L, in) float32 -> (H, L, n): per head h, qmatvec of x[h] on rows h * rho + start
+    .. + n of the packed weight, all heads' row tiles in one parallel loop."""
+    if bits not in (2, 3, 4, 5, 6, 8) or x.shape[-1] * bits != packed.shape[1] * 32:
+        raise ValueError(f"qhead: x has {x.shape[-1]} features, a {bits}-bit weight of "
+                         f"{packed.shape[1]} words per row holds {packed.shape[1] * 32 // bits}")
+    check_group_size(group_size)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty((x.shape[0], x.shape[1], n), dtype=np.float32)
+    _qhead(x, kernel_weight(packed, scales, biases, bits, group_size), int(rho), int(start),
+           int(n), out)
+    return out

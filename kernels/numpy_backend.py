@@ -29,12 +29,15 @@ from stream_run.kernels.kv_quant import NumpyQuantizedKV
 from stream_run.kernels.numba_kernels import (
     HALF_SCALES,
     dequantize_rows,
+    half_head_t,
     half_matvec,
     half_rows,
     kernel_weight,
+    qhead,
+    qhead_t,
     qmatvec,
 )
-from stream_run.kernels.quant import BlockWeight, HalfWeight, QuantizedWeight
+from stream_run.kernels.quant import BlockWeight, HalfWeight, QuantizedWeight, row_block
 
 # Up to this many rows of x (decode, small batches) a quantized or 16-bit linear runs the fused
 # numba matvec; above it, GGUF blocks run the int8 GEMM (kernels/gguf_gemm.py, x rounded to
@@ -391,6 +394,44 @@ class NumpyBackend:
         if bias is not None:
             y += bias
         return y.reshape(*lead, y.shape[-1])
+
+    def head_linear(self, x: np.ndarray, w: Any, start: int, n: int) -> np.ndarray | None:
+        """Per-head linears on a weight (H * rho, in) whose row blocks are heads (MLA's kv_b_proj):
+        x (H, L, in) -> (H, L, n), head h's x[h] through its rows h * rho + start .. + n, read
+        in their stored form as linear reads them (decode's matvecs: no float32 weight); None
+        for another form (the caller dequantizes)."""
+        H = x.shape[0]
+        rho = w.shape[0] // H
+        if isinstance(w, np.ndarray):
+            return x @ w.reshape(H, rho, -1)[:, start:start + n].transpose(0, 2, 1)
+        if isinstance(w, QuantizedWeight) and x.shape[1] <= MATVEC_MAX_ROWS:
+            return qhead(x, w.packed, w.scales, w.biases, w.bits, w.group_size, rho, start, n)
+        if not isinstance(w, (QuantizedWeight, HalfWeight, BlockWeight)):
+            return None
+        out = np.empty((H, x.shape[1], n), dtype=np.float32)
+        for h in range(H):
+            lo = h * rho + start
+            out[h] = self.linear(x[h], row_block(w, lo, lo + n))
+        return out
+
+    def head_linear_t(self, x: np.ndarray, w: Any, start: int) -> np.ndarray | None:
+        """The transposed per-head product: x (H, L, n) -> (H, L, in), x[h] @ rows
+        h * rho + start .. + n of w (H * rho, in). MLX-affine and 16-bit weights accumulate row
+        by row on the stored form; GGUF blocks dequantize just those rows; None for a form
+        with neither (the caller dequantizes)."""
+        H, n = x.shape[0], x.shape[2]
+        rho = w.shape[0] // H
+        if isinstance(w, np.ndarray):
+            return x @ w.reshape(H, rho, -1)[:, start:start + n]
+        if isinstance(w, QuantizedWeight):
+            return qhead_t(x, w.packed, w.scales, w.biases, w.bits, w.group_size, rho, start)
+        if isinstance(w, HalfWeight):
+            return half_head_t(x, w.data, w.dtype, rho, start)
+        if isinstance(w, BlockWeight):
+            rows = (np.arange(H)[:, None] * rho + start + np.arange(n)).reshape(-1)
+            return np.ascontiguousarray(x, dtype=np.float32) @ _float32_rows(w, rows).reshape(
+                H, n, -1)
+        return None
 
     def _packed_linear(self, x: np.ndarray, w: Packed) -> np.ndarray:
         n_out, n_in = w.shape

@@ -102,6 +102,19 @@ class BlockWeight:
         return int(self.data.nbytes)
 
 
+def row_block(w: Any, lo: int, hi: int) -> Any:
+    """Rows lo..hi of a (out, in) weight in its stored form (QuantizedWeight, HalfWeight,
+    BlockWeight or a plain array; numpy or mx arrays): views of the same bytes, no copy."""
+    if isinstance(w, QuantizedWeight):
+        return QuantizedWeight(w.packed[lo:hi], w.scales[lo:hi], w.biases[lo:hi], w.bits,
+                               w.group_size)
+    if isinstance(w, HalfWeight):
+        return HalfWeight(w.data[lo:hi], w.dtype)
+    if isinstance(w, BlockWeight):
+        return BlockWeight(w.data[lo:hi], w.qtype, w.n_in)
+    return w[lo:hi]
+
+
 def half_to_float32(hw: HalfWeight) -> np.ndarray:
     """Reference widening of a HalfWeight -> float32 (out, in); exact (every half is a float32)."""
     if hw.dtype == "BF16":

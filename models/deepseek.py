@@ -67,6 +67,9 @@ STACKED = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 GGUF_STACKED = tuple(f"mlp.experts.{p}.weight" for p in EXPERT_LINEARS)
 KV_B_SPLIT = "gguf_kv_b_split"  # config: kv_b_proj as llama.cpp's attn_k_b and attn_v_b
 BLOCK = "layers.{bid}"
+# a pass of at most this many rows (decode) computes kv_b_proj's absorbed products on the
+# stored weights, per head (backend head_linear / head_linear_t); more rows dequantize it once
+HEAD_ROWS = 8
 # GGUF tensor name -> (unit, HF name inside the unit): llama.cpp's deepseek2
 GGUF_NAMES: dict[str, tuple[str, str]] = {
     "token_embd.weight": (EMBED, "embed_tokens.weight"),
@@ -284,7 +287,9 @@ class Model(moe.Model):
                          w.get("self_attn.kv_a_proj_with_mqa.bias"))  # (1, T, rank + rope)
         r = ds.kv_lora_rank
         c = ops.rms_norm(kva[..., :r], w["self_attn.kv_a_layernorm.weight"], NORM_EPS)
-        o = attend_rows(ops, batch, partial(self._attend, layer_idx, self._kv_b(w)), q, c,
+        # decode reads kv_b_proj's rows per head as stored; a prompt dequantizes it once
+        kv_b = w if q.shape[1] <= HEAD_ROWS and hasattr(ops, "head_linear") else self._kv_b(w)
+        o = attend_rows(ops, batch, partial(self._attend, layer_idx, kv_b), q, c,
                         kva[..., r:], axis=1)  # (1, T, H * v_dim)
         return ops.add(x, ops.linear(o, w["self_attn.o_proj.weight"],
                                      w.get("self_attn.o_proj.bias")))
@@ -300,11 +305,12 @@ class Model(moe.Model):
         return (self.ops.transpose(k_b, (0, 2, 1)),
                 absorbable(self.ops, w["self_attn.v_b_proj.weight"], H, r))
 
-    def _attend(self, layer_idx: int, kv_b: tuple[Any, Any], kv: LatentKVCache, offset: int,
+    def _attend(self, layer_idx: int, kv_b: Any, kv: LatentKVCache, offset: int,
                 q: Any, c: Any, k_pe: Any) -> Any:
         """One sequence: q (1, L, H * (nope + rope)), c (1, L, rank), k_pe (1, L, rope)
         -> (1, L, H * v_dim), with kv_b's key rows (H, nope, rank) and value rows (H, v_dim,
-        rank) absorbed."""
+        rank) absorbed: kv_b is _kv_b's float32 pair, or the layer's weights (decode), whose
+        kv_b_proj (or attn_k_b / attn_v_b) the products read per head as stored."""
         ops, ds, H = self.ops, self.ds, self.n_heads
         L = q.shape[1]
         q = ops.transpose(ops.reshape(q, (1, L, H, ds.nope + ds.rope)), (0, 2, 1, 3))
@@ -312,14 +318,45 @@ class Model(moe.Model):
         k_pe = self._rope(ops.reshape(k_pe, (1, 1, L, ds.rope)), offset)
         latent = ops.concatenate([ops.reshape(c, (1, 1, L, ds.kv_lora_rank)), k_pe], axis=-1)
         keys, _ = kv.update(layer_idx, latent, None)  # (1, 1, T, rank + rope)
-        wk, wv = kv_b
-        q_lat = q[0, :, :, :ds.nope] @ wk  # (H, L, rank)
+        if isinstance(kv_b, tuple):
+            q_lat = q[0, :, :, :ds.nope] @ kv_b[0]  # (H, L, rank)
+        else:
+            q_lat = self._absorb_k(kv_b, q[0, :, :, :ds.nope])
         q_all = ops.concatenate([ops.reshape(q_lat, (1, H, L, ds.kv_lora_rank)), q_pe],
                                 axis=-1)
         # the values are the latent too: its roped tail is dropped after the weighting
         o = ops.attention(q_all, keys, keys, self.scale, keys.shape[2] - L)  # (1, H, L, r + rope)
-        o = o[0, :, :, :ds.kv_lora_rank] @ ops.transpose(wv, (0, 2, 1))
+        if isinstance(kv_b, tuple):
+            o = o[0, :, :, :ds.kv_lora_rank] @ ops.transpose(kv_b[1], (0, 2, 1))
+        else:
+            o = self._absorb_v(kv_b, o[0, :, :, :ds.kv_lora_rank])  # (H, L, v_dim)
         return ops.reshape(ops.transpose(o, (1, 0, 2)), (1, L, H * ds.v_dim))
+
+    def _absorb_k(self, w: Mapping[str, Any], q_nope: Any) -> Any:
+        """q_nope (H, L, nope) -> (H, L, rank) through kv_b's key rows, on the stored weights:
+        kv_b_proj's rows transposed (the backend's head_linear_t), or llama.cpp's attn_k_b
+        (H * rank, nope) as per-head linears. Dequantizes the key rows where head_linear_t
+        has no kernel for the weight's form."""
+        ops, ds, H = self.ops, self.ds, self.n_heads
+        if "self_attn.kv_b_proj.weight" in w:
+            kv_b = w["self_attn.kv_b_proj.weight"]
+            out = ops.head_linear_t(q_nope, kv_b, 0)
+            if out is None:
+                out = q_nope @ absorbable(ops, kv_b, H, ds.kv_lora_rank)[:, :ds.nope, :]
+            return out
+        out = ops.head_linear(q_nope, w["self_attn.k_b_proj.weight"], 0, ds.kv_lora_rank)
+        return q_nope @ self._kv_b(w)[0] if out is None else out
+
+    def _absorb_v(self, w: Mapping[str, Any], o_lat: Any) -> Any:
+        """o_lat (H, L, rank) -> (H, L, v_dim): per-head linears on kv_b_proj's value rows or
+        llama.cpp's attn_v_b, as stored (dequantized where head_linear has no path for the
+        weight's form)."""
+        ops, ds = self.ops, self.ds
+        if "self_attn.kv_b_proj.weight" in w:
+            out = ops.head_linear(o_lat, w["self_attn.kv_b_proj.weight"], ds.nope, ds.v_dim)
+        else:
+            out = ops.head_linear(o_lat, w["self_attn.v_b_proj.weight"], 0, ds.v_dim)
+        return o_lat @ ops.transpose(self._kv_b(w)[1], (0, 2, 1)) if out is None else out
 
     def _rope(self, x: Any, offset: int) -> Any:
         """RoPE on x (1, h, L, rope) at positions offset.., in the rotate-half layout (pairs
