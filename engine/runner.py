@@ -175,7 +175,9 @@ class PassRunner:
         v, output, residual), the attention scores of one query block (at most
         ATTN_SCORE_BYTES, or one row over every key: kernels.kv_cache.query_blocks) and its
         mask (kernels.kv_cache.window_mask); the logits, and one block of weights dequantized
-        for the matmul, or a GGUF matmul's int8 scratch (kernels/gguf_gemm.py), the larger."""
+        for the matmul, or a GGUF matmul's int8 scratch (kernels/gguf_gemm.py), the larger.
+        With --kv-bits, a sequence's cached keys and values widened to float32 for its prompt
+        rows' attention (kernels.kv_quant: NumpyQuantizedKV.update), over its longest span."""
         spec = self.model.spec
         assert spec.head_dim is not None
         rows = sum(n for _, n in spans)
@@ -188,7 +190,9 @@ class PassRunner:
         dequant = max(min(DEQUANT_BLOCK_BYTES, 4 * spec.intermediate_size * spec.hidden_size),
                       gguf_gemm.scratch_bytes(tile, max(spec.intermediate_size, width),
                                               numba.config.NUMBA_NUM_THREADS))
-        return (4 * rows * (width + spec.head_dim) + attn
+        kv_heads = spec.num_key_value_heads or heads
+        widened = 2 * 4 * kv_heads * spec.head_dim * keys if self.kv_bits else 0
+        return (4 * rows * (width + spec.head_dim) + attn + widened
                 + 4 * tile * (3 * spec.intermediate_size + 6 * width)
                 + 4 * logit_rows * spec.vocab_size + dequant)
 

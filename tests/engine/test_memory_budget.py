@@ -184,3 +184,31 @@ def test_activations_are_reserved_for_prefill_chunks_only(tiny):
         finally:
             await engine.aclose()
     asyncio.run(go())
+
+
+def test_prefill_activations_count_the_quantized_cache_widened_for_attention(tmp_path):
+    """With --kv-bits, a prompt's attention widens the cached keys and values to float32
+    (NumpyQuantizedKV.update): the activation bound holds them. An 8k prompt on a 7B at a
+    4 GiB limit was OOM-killed before they were counted."""
+    from stream_run.bench.synth import SynthSpec, synthesize
+
+    model = str(tmp_path / "m")  # head_dim 32: --kv-bits groups need a multiple of 32
+    synthesize(SynthSpec(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=320), model)
+
+    async def go():
+        plain = await Engine.open(model, EngineConfig(backend="numpy"))
+        quant = await Engine.open(model, EngineConfig(backend="numpy", kv_bits=8))
+        try:
+            spec, n = quant.spec, 2048
+            kv = quant.runner.model.make_kv_cache(n)
+            Hkv, D = spec.num_key_value_heads, spec.head_dim
+            x = np.zeros((1, Hkv, n, D), np.float32)
+            keys, values = kv.layers[0].update(0, x, x)  # what a prompt's attention holds
+            extra = (quant.runner.activation_bytes([(0, n)], 1)
+                     - plain.runner.activation_bytes([(0, n)], 1))
+            assert extra >= keys.nbytes + values.nbytes > 0
+        finally:
+            await plain.aclose()
+            await quant.aclose()
+    asyncio.run(go())
