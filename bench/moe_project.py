@@ -266,6 +266,7 @@ async def _measure(path: str, backend: str, tokens: int, top_k: int) -> MoERates
         kv = engine.model.make_kv_cache(tokens + 2)
         logits, _ = await engine.forward(np.asarray([[1]]), kv, more=True)  # loads, compiles
         size = engine.units.prepared_nbytes
+        key = next(k for k in engine.source.index.units if EXPERT in k)  # all one size
         dense_t, exp_t, heads, embeds, over = [], [], [], [], []
         dense_b = exp_b = 0
         for i in range(tokens):
@@ -283,12 +284,9 @@ async def _measure(path: str, backend: str, tokens: int, top_k: int) -> MoERates
             over.append(max(0.0, wall - rs.compute_s - rs.io_stall_s) / max(1, len(spans)))
             if i == 0:
                 dense_b = sum(size(k) for k in sparse)
-                picked = top_k * len(sparse)
-                key = next(k for k in engine.source.index.units if EXPERT in k)
-                exp_b = picked * size(key)
+                exp_b = top_k * len(sparse) * size(key)
         head_b = size(HEAD) + (size(EMBED) if engine.spec.tie_word_embeddings else 0)
         med = statistics.median
-        key = next(k for k in engine.source.index.units if EXPERT in k)
         prep = []
         for _ in range(3):
             raw = engine.units.read(key)
