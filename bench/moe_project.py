@@ -31,10 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -43,8 +40,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from stream_run.bench import disk
-from stream_run.bench.project import UnitSize, _tensor, sizes_scheduler
-from stream_run.bench.synth import SynthSpec, synthesize
+from stream_run.bench.project import UnitSize, _tensor, sizes_scheduler, synth_probe
+from stream_run.bench.synth import SynthSpec
 from stream_run.bench.synth_moe import SHAPES as MOE_SHAPES
 from stream_run.engine import Engine, EngineConfig, format_size
 from stream_run.kernels import get_backend
@@ -243,20 +240,8 @@ def probe_model(spec: SynthSpec, bits: int, group_size: int, scratch: str | None
                 ) -> Iterator[str]:
     """The probe written under scratch (bf16, converted to `bits` by stream-convert's RTN
     quantizer below 16), deleted on exit."""
-    from stream_run.convert.convert import convert_model
-
-    root = tempfile.mkdtemp(prefix="stream-bench-moe-probe-", dir=scratch)
-    try:
-        src = os.path.join(root, "bf16")
-        synthesize(spec, src)
-        model = src
-        if bits < 16:
-            model = os.path.join(root, f"q{bits}")
-            convert_model(src, model, bits=bits, group_size=group_size, progress=False,
-                          quantizer="rtn")
+    with synth_probe(spec, bits, group_size, scratch, "stream-bench-moe-probe-") as model:
         yield model
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 async def _measure(path: str, backend: str, tokens: int, top_k: int) -> MoERates:

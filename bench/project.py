@@ -302,14 +302,24 @@ def probe_model(dims: tuple[int, ...], bits: int, group_size: int, width: int,
                 scratch: str) -> Iterator[str]:
     """A probe model with probe_dims(dims, width), converted to `bits` by stream-convert's RTN
     quantizer, written under scratch and deleted on exit."""
+    E, I, L, H, KV, V = probe_dims(dims, width)
+    with synth_probe(SynthSpec(hidden_size=E, intermediate_size=I, num_hidden_layers=L,
+                               num_attention_heads=H, num_key_value_heads=KV, vocab_size=V),
+                     bits, group_size, scratch, "stream-bench-probe-") as model:
+        yield model
+
+
+@contextmanager
+def synth_probe(spec: SynthSpec, bits: int, group_size: int, scratch: str | None,
+                prefix: str) -> Iterator[str]:
+    """spec synthesized under scratch (bf16), converted to `bits` below 16 by stream-convert's
+    RTN quantizer; the directory (named prefix...) deleted on exit."""
     from stream_run.convert.convert import convert_model
 
-    E, I, L, H, KV, V = probe_dims(dims, width)
-    root = tempfile.mkdtemp(prefix="stream-bench-probe-", dir=scratch)
+    root = tempfile.mkdtemp(prefix=prefix, dir=scratch)
     try:
         src = os.path.join(root, "bf16")
-        synthesize(SynthSpec(hidden_size=E, intermediate_size=I, num_hidden_layers=L,
-                             num_attention_heads=H, num_key_value_heads=KV, vocab_size=V), src)
+        synthesize(spec, src)
         model = src
         if bits < 16:
             model = os.path.join(root, f"q{bits}")
