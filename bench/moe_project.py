@@ -40,7 +40,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from stream_run.bench import disk
-from stream_run.bench.project import UnitSize, _tensor, sizes_scheduler, synth_probe
+from stream_run.bench.project import (
+    UnitSize,
+    _tensor,
+    steps_min_budget,
+    steps_resident,
+    synth_probe,
+)
 from stream_run.bench.synth import SynthSpec
 from stream_run.bench.synth_moe import SHAPES as MOE_SHAPES
 from stream_run.engine import Engine, EngineConfig, format_size
@@ -49,7 +55,6 @@ from stream_run.kernels.sizes import held_nbytes, transient_nbytes
 from stream_run.loaders import EMBED, HEAD, TensorRef
 from stream_run.loaders.spec import ModelSpec
 from stream_run.models import REGISTRY
-from stream_run.scheduler import LayerScheduler
 
 EXPERT = ".mlp.experts."
 PROBE_EXPERTS = 16
@@ -156,17 +161,9 @@ def moe_layout(spec: SynthSpec, bits: int, group_size: int = 64, backend: str = 
                      spec.num_experts_per_tok, sorted(sparse), params, active)
 
 
-def _scheduler(layout: MoELayout, budget: int | None, depth: int) -> LayerScheduler:
-    return sizes_scheduler(layout.size_of, budget, depth)
-
-
 def min_budget(layout: MoELayout) -> int:
     """The smallest budget the engine runs the layout with (its largest step, picks included)."""
-    sched = _scheduler(layout, None, 0)
-    try:
-        return sched.min_budget_bytes(layout.steps())
-    finally:
-        sched.close()
+    return steps_min_budget(layout.size_of, layout.steps())
 
 
 def plan(layout: MoELayout, budget: int | None, depth: int) -> set[str]:
@@ -175,15 +172,8 @@ def plan(layout: MoELayout, budget: int | None, depth: int) -> set[str]:
     Raises:
         ValueError: the budget is below one step (names the minimum).
     """
-    need = min_budget(layout)
-    if budget is not None and budget < need:
-        raise ValueError(f"--budget {format_size(budget)} is below what one step of "
-                         f"{layout.name} needs ({format_size(need)}); use at least that")
-    sched = _scheduler(layout, budget, depth)
-    try:
-        return {k for k in sched.plan_residency(layout.steps()) if EXPERT not in k}
-    finally:
-        sched.close()
+    return {k for k in steps_resident(layout.size_of, layout.name, layout.steps(), budget,
+                                      depth) if EXPERT not in k}
 
 
 def hit_rate(per_layer: float, n_experts: int, skew: float) -> float:

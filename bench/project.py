@@ -161,28 +161,52 @@ class _Sizes:
         return self._size_of(key).disk_bytes
 
 
-def sizes_scheduler(size_of: Callable[[str], UnitSize], budget: int | None,
-                    depth: int) -> LayerScheduler:
+def _scheduler(size_of: Callable[[str], UnitSize], budget: int | None,
+               depth: int) -> LayerScheduler:
     """A scheduler over units of these sizes, for its planner alone (nothing is read)."""
     return LayerScheduler(WeightCache(CacheConfig(compute_bytes=budget)), _Sizes(size_of),
                           SchedulerConfig(prefetch_depth=depth))
 
 
-def _scheduler(layout: Layout, budget: int | None, depth: int) -> LayerScheduler:
-    return sizes_scheduler({u.key: u for u in layout.units}.__getitem__, budget, depth)
+def steps_min_budget(size_of: Callable[[str], UnitSize], steps: list) -> int:
+    """The smallest budget the engine runs these steps with (its largest step's units; a
+    late-bound step's largest picks), units sized by size_of."""
+    sched = _scheduler(size_of, None, 0)
+    try:
+        return sched.min_budget_bytes(steps)
+    finally:
+        sched.close()
+
+
+def steps_resident(size_of: Callable[[str], UnitSize], name: str, steps: list,
+                   budget: int | None, depth: int) -> set[str]:
+    """The units the engine's own planner keeps resident under `budget` over these steps.
+
+    Raises:
+        ValueError: the budget is below the largest step's units (names the minimum).
+    """
+    need = steps_min_budget(size_of, steps)
+    if budget is not None and budget < need:
+        raise ValueError(f"--budget {format_size(budget)} is below what one step of "
+                         f"{name} needs ({format_size(need)}); use at least that")
+    sched = _scheduler(size_of, budget, depth)
+    try:
+        return set(sched.plan_residency(steps))
+    finally:
+        sched.close()
 
 
 def _steps(layout: Layout) -> list[tuple[str, ...]]:
     return [tuple(units) for units in layout.steps()]
 
 
+def _size_of(layout: Layout) -> Callable[[str], UnitSize]:
+    return {u.key: u for u in layout.units}.__getitem__
+
+
 def min_budget(layout: Layout) -> int:
     """The smallest budget the engine runs the layout with (its largest step's units)."""
-    sched = _scheduler(layout, None, 0)
-    try:
-        return sched.min_budget_bytes(_steps(layout))
-    finally:
-        sched.close()
+    return steps_min_budget(_size_of(layout), _steps(layout))
 
 
 def plan_resident(layout: Layout, budget: int | None, depth: int) -> set[str]:
@@ -191,15 +215,7 @@ def plan_resident(layout: Layout, budget: int | None, depth: int) -> set[str]:
     Raises:
         ValueError: the budget is below the largest step's units (names the minimum).
     """
-    need = min_budget(layout)
-    if budget is not None and budget < need:
-        raise ValueError(f"--budget {format_size(budget)} is below what one step of "
-                         f"{layout.name} needs ({format_size(need)}); use at least that")
-    sched = _scheduler(layout, budget, depth)
-    try:
-        return set(sched.plan_residency(_steps(layout)))
-    finally:
-        sched.close()
+    return steps_resident(_size_of(layout), layout.name, _steps(layout), budget, depth)
 
 
 # --- compute rates -------------------------------------------------------------------------
