@@ -646,6 +646,10 @@ def project_cmd(args: argparse.Namespace) -> int:
 
     if args.shape in MOE_SHAPES:
         return moe_project_cmd(args)
+    if args.hit_rate is not None:
+        what = f"--shape {args.shape}" if args.shape else "--model"
+        raise ValueError("--hit-rate is for Mixture-of-Experts shapes (deepseek-v3, kimi-k2, "
+                         f"qwen3-235b-a22b, ...), not {what}")
     from stream_run.bench.env import run_metadata
     from stream_run.bench.report import project_table, write_jsonl
     from stream_run.bench.streaming import parse_budgets, parse_ints

@@ -184,3 +184,9 @@ def test_cli_bad_input_is_one_line(capsys, args, match):
         argv += [k, v]
     assert bench_main(argv) == 2
     assert_one_line_error(capsys, match)
+
+
+def test_hit_rate_on_a_dense_shape_is_one_line(capsys):
+    assert bench_main(["project", "--shape", "7b", "--budget", "4GB", "--hit-rate", "0.5",
+                       "--quick"]) == 2
+    assert_one_line_error(capsys, "--hit-rate is for Mixture-of-Experts shapes")
